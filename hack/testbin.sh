@@ -1,0 +1,132 @@
+#!/usr/bin/env bash
+# Builds (once) the real components Palisade's tests and demo run against, into
+# ${XDG_CACHE_HOME:-$HOME/.cache}/palisade. Idempotent: each piece is skipped when
+# its stamp matches the pinned version, so a second run is instant.
+#
+#   kube-apiserver, kube-controller-manager, kube-scheduler, kubectl
+#                  from a wrapper Go module over k8s.io/kubernetes
+#   etcd           from a wrapper Go module over go.etcd.io/etcd/server/v3
+#   moto[server]   pinned, in a Python venv
+#   iptables, ipset, nftables, iproute2, conntrack   from Debian (apt)
+set -euo pipefail
+
+KUBE_VERSION="${KUBE_VERSION:-v1.37.2}"
+ETCD_VERSION="${ETCD_VERSION:-v3.6.16}"
+MOTO_VERSION="${MOTO_VERSION:-5.2.5}"
+
+CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/palisade"
+BIN="$CACHE/bin"
+mkdir -p "$BIN" "$CACHE/src"
+log() { printf '[testbin] %s\n' "$*" >&2; }
+stamp_ok() { [[ -f "$BIN/.$1.stamp" && "$(cat "$BIN/.$1.stamp")" == "$2" ]]; }
+stamp() { printf '%s' "$2" >"$BIN/.$1.stamp"; }
+
+apt_tools() {
+  local want=(iptables ipset nftables iproute2 conntrack)
+  local missing=()
+  for p in "${want[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  ((${#missing[@]} == 0)) && return 0
+  log "apt-get install ${missing[*]}"
+  if [[ $(id -u) -ne 0 ]]; then log "need root to install ${missing[*]}"; return 1; fi
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
+kube() {
+  stamp_ok kube "$KUBE_VERSION" && [[ -x "$BIN/kube-apiserver" ]] && return 0
+  local dir="$CACHE/src/kube-$KUBE_VERSION"
+  mkdir -p "$dir"
+  log "building Kubernetes $KUBE_VERSION (first time: several minutes)"
+  (
+    cd "$dir"
+    # The staging modules (k8s.io/api, apimachinery, ...) are replaced by
+    # relative paths inside k8s.io/kubernetes' own go.mod; a consumer must map
+    # each to its published v0.Y.Z. Read the list from that go.mod.
+    local modjson gomod minor
+    modjson=$(go mod download -json "k8s.io/kubernetes@$KUBE_VERSION")
+    gomod=$(printf '%s' "$modjson" | python3 -c 'import json,sys; print(json.load(sys.stdin)["GoMod"])')
+    minor="v0.${KUBE_VERSION#v1.}"
+    {
+      echo "module palisade.dev/testbin/kube"
+      echo
+      echo "go $(go env GOVERSION | sed 's/^go//; s/^\([0-9]*\.[0-9]*\).*/\1/')"
+      echo
+      echo "require k8s.io/kubernetes $KUBE_VERSION"
+      echo
+      grep -E '^\s*k8s\.io/[a-z0-9-]+ => \./staging/' "$gomod" | awk -v v="$minor" '{print "replace " $1 " => " $1 " " v}'
+    } >go.mod
+    cat >tools.go <<'GO'
+//go:build tools
+
+package tools
+
+import (
+	_ "k8s.io/kubernetes/cmd/kube-apiserver"
+	_ "k8s.io/kubernetes/cmd/kube-controller-manager"
+	_ "k8s.io/kubernetes/cmd/kube-scheduler"
+	_ "k8s.io/kubernetes/cmd/kubectl"
+)
+GO
+    GOFLAGS=-mod=mod go mod tidy -e >/dev/null 2>&1 || true
+    local major="${KUBE_VERSION#v}"; major="${major%%.*}"
+    local kminor="${KUBE_VERSION#v*.}"; kminor="${kminor%%.*}"
+    local ld="-s -w"
+    for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+      ld+=" -X $pkg.gitVersion=$KUBE_VERSION -X $pkg.gitMajor=$major -X $pkg.gitMinor=$kminor"
+      ld+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
+    done
+    GOFLAGS=-mod=mod CGO_ENABLED=0 go build -trimpath -tags tools -ldflags "$ld" -o "$BIN/" \
+      k8s.io/kubernetes/cmd/kube-apiserver \
+      k8s.io/kubernetes/cmd/kube-controller-manager \
+      k8s.io/kubernetes/cmd/kube-scheduler \
+      k8s.io/kubernetes/cmd/kubectl
+  )
+  stamp kube "$KUBE_VERSION"
+}
+
+etcd() {
+  stamp_ok etcd "$ETCD_VERSION" && [[ -x "$BIN/etcd" ]] && return 0
+  local dir="$CACHE/src/etcd-$ETCD_VERSION"
+  mkdir -p "$dir"
+  log "building etcd $ETCD_VERSION"
+  (
+    cd "$dir"
+    cat >go.mod <<GOMOD
+module palisade.dev/testbin/etcd
+
+go $(go env GOVERSION | sed 's/^go//; s/^\([0-9]*\.[0-9]*\).*/\1/')
+
+require go.etcd.io/etcd/server/v3 $ETCD_VERSION
+GOMOD
+    cat >main.go <<'GO'
+// Command etcd is the upstream etcd server, built from its published module.
+package main
+
+import (
+	"os"
+
+	"go.etcd.io/etcd/server/v3/etcdmain"
+)
+
+func main() { etcdmain.Main(os.Args) }
+GO
+    GOFLAGS=-mod=mod go mod tidy >/dev/null
+    CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$BIN/etcd" .
+  )
+  stamp etcd "$ETCD_VERSION"
+}
+
+moto() {
+  stamp_ok moto "$MOTO_VERSION" && [[ -x "$CACHE/venv/bin/moto_server" ]] && return 0
+  log "installing moto[server]==$MOTO_VERSION into $CACHE/venv"
+  python3 -m venv "$CACHE/venv"
+  "$CACHE/venv/bin/pip" install -q --disable-pip-version-check "moto[server,ec2]==$MOTO_VERSION"
+  stamp moto "$MOTO_VERSION"
+}
+
+want=("$@")
+((${#want[@]})) || want=(apt_tools etcd moto kube)
+for w in "${want[@]}"; do "$w"; done
+log "ready in $CACHE"

@@ -1,0 +1,38 @@
+//! Condition types and reasons, as named constants so the controller, the
+//! agent, the tests and the Argo CD health check agree on every string.
+//!
+//! Polarity follows kstatus: `Ready=True` is healthy; `Reconciling=True`
+//! means work in progress; `Stalled=True` means stuck until something changes.
+
+/// The policy is fully applied on both layers for its current generation.
+pub const READY: &str = "Ready";
+/// The controller or agents are still working toward the current generation.
+pub const RECONCILING: &str = "Reconciling";
+/// Progress is impossible until the policy or the environment changes.
+pub const STALLED: &str = "Stalled";
+/// The Security Group holds exactly the planned rules.
+pub const CLOUD_SYNCED: &str = "CloudSynced";
+/// Every selected node's agent applied the current generation.
+pub const NODES_SYNCED: &str = "NodesSynced";
+
+/// Reasons (CamelCase, as Kubernetes requires).
+pub mod reason {
+    /// Everything applied.
+    pub const SYNCED: &str = "Synced";
+    /// Work under way.
+    pub const PROGRESSING: &str = "Progressing";
+    /// The policy would exceed a Security Group rule quota.
+    pub const QUOTA_EXCEEDED: &str = "QuotaExceeded";
+    /// A referenced group, prefix list, VPC or instance does not exist.
+    pub const INVALID_REFERENCE: &str = "InvalidReference";
+    /// AWS refused our credentials or permissions.
+    pub const AUTH_FAILED: &str = "AuthFailed";
+    /// The policy is valid for the schema but cannot be compiled.
+    pub const INVALID_POLICY: &str = "InvalidPolicy";
+    /// Some nodes failed to apply the policy.
+    pub const NODES_FAILED: &str = "NodesFailed";
+    /// Waiting on nodes to apply the policy.
+    pub const NODES_PENDING: &str = "NodesPending";
+    /// A transient error; retrying with backoff.
+    pub const RETRYING: &str = "Retrying";
+}

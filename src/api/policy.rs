@@ -1,0 +1,426 @@
+//! `FirewallPolicy` (palisade.dev/v1alpha1): one allow-list, enforced on the
+//! AWS Security Group and on every selected node's iptables.
+//!
+//! Every doc comment here becomes `kubectl explain` text; every
+//! `x_kube(validation = ...)` becomes a CEL rule the apiserver checks at
+//! admission, so a bad policy is refused before any controller sees it.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Largest number of rules one direction of one policy may list. A Security
+/// Group holds 60 rules per direction by default (1000 with a quota raise);
+/// the bound also keeps the CEL cost of the per-rule checks within budget.
+pub const MAX_RULES_PER_DIRECTION: usize = 100;
+/// Largest number of peers one rule may list.
+pub const MAX_PEERS_PER_RULE: usize = 50;
+/// Largest number of port entries one rule may list.
+pub const MAX_PORTS_PER_RULE: usize = 16;
+
+/// Desired state of a FirewallPolicy: which nodes it selects, what it allows
+/// in and out of them, and which Security Group carries its cloud layer.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[kube(
+    group = "palisade.dev",
+    version = "v1alpha1",
+    kind = "FirewallPolicy",
+    plural = "firewallpolicies",
+    singular = "firewallpolicy",
+    shortname = "fwp",
+    category = "palisade",
+    status = "FirewallPolicyStatus",
+    cel,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".spec.mode"}"#,
+    printcolumn = r#"{"name":"SG","type":"string","jsonPath":".status.securityGroup.id"}"#,
+    printcolumn = r#"{"name":"Nodes-Synced","type":"string","jsonPath":".status.nodes.summary"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    validation = Rule::new("size(self.metadata.name) <= 63").message("a FirewallPolicy name must be at most 63 characters (it is written into Security Group names, tags and rule descriptions)")
+)]
+#[x_kube(validation = Rule::new("has(self.ingress) || has(self.egress)").message("a policy must list ingress or egress rules (an empty list denies that direction)"))]
+#[serde(rename_all = "camelCase")]
+pub struct FirewallPolicySpec {
+    /// Which nodes this policy applies to, by their labels. Empty or absent
+    /// selects every node of the cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<LabelSelector>,
+
+    /// `Enforce` (default) drops what no rule allows. `Audit` logs on the
+    /// node what would be dropped and drops nothing; on the cloud layer, Audit
+    /// only ever adds allows (it never revokes the Security Group's default
+    /// egress), so a rollout in Audit cannot cut traffic.
+    #[serde(default)]
+    pub mode: PolicyMode,
+
+    /// Traffic allowed into the selected nodes. When present (even empty),
+    /// inbound traffic on the selected nodes is default-deny apart from what
+    /// the selected policies allow and the agent's failsafe list. Absent:
+    /// this policy says nothing about inbound traffic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 100))]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
+    pub ingress: Option<Vec<FirewallRule>>,
+
+    /// Traffic allowed out of the selected nodes. When present (even empty),
+    /// outbound traffic becomes default-deny apart from what the selected
+    /// policies allow and the failsafe list. Absent: egress stays as it was
+    /// (open), as a Security Group's default egress rule leaves it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 100))]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
+    pub egress: Option<Vec<FirewallRule>>,
+
+    /// The Security Group that carries the cloud layer. Absent: Palisade
+    /// creates and owns one group for this policy, in the VPC of the selected
+    /// nodes, and attaches it to their primary network interfaces.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub security_group: Option<SecurityGroupTarget>,
+}
+
+/// Whether a policy drops what it does not allow, or only reports it.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, Default, JsonSchema)]
+pub enum PolicyMode {
+    /// Drop traffic no rule allows.
+    #[default]
+    Enforce,
+    /// Log what would be dropped; drop nothing.
+    Audit,
+}
+
+/// One allow rule: a protocol, optional ports or ICMP type, and the peers it
+/// applies to. Rules only allow, as Security Group rules do.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[x_kube(validation = Rule::new("!has(self.ports) || self.protocol in ['TCP', 'UDP']").message("ports are only valid with protocol TCP or UDP; use icmp for ICMP/ICMPv6, or drop ports for All"))]
+#[x_kube(validation = Rule::new("!has(self.icmp) || self.protocol in ['ICMP', 'ICMPv6']").message("icmp is only valid with protocol ICMP or ICMPv6"))]
+#[x_kube(validation = Rule::new("!has(self.layers) || 'Node' in self.layers || (!has(self.rateLimit) && !(has(self.log) && self.log))").message("rateLimit and log are enforced by the node layer only: a rule with layers [Cloud] cannot use them (add Node to layers)"))]
+#[x_kube(validation = Rule::new("self.protocol != 'ICMP' || self.peers.all(p, !has(p.cidr) || !isCIDR(p.cidr) || cidr(p.cidr).ip().family() == 4)").message("protocol ICMP is IPv4 only: use protocol ICMPv6 for IPv6 peers"))]
+#[x_kube(validation = Rule::new("self.protocol != 'ICMPv6' || self.peers.all(p, !has(p.cidr) || !isCIDR(p.cidr) || cidr(p.cidr).ip().family() == 6)").message("protocol ICMPv6 is IPv6 only: use protocol ICMP for IPv4 peers"))]
+#[serde(rename_all = "camelCase")]
+pub struct FirewallRule {
+    /// Name of the rule, unique within its direction of this policy. It is
+    /// written into the Security Group rule description and the iptables rule
+    /// comment, so a packet log or an SG rule can be traced back to it.
+    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    pub name: String,
+
+    /// Free text kept with the rule (ASCII letters, digits, spaces and
+    /// `._-:/()#,@[]+=&;{}!$*`, as AWS allows in rule descriptions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 200), regex(pattern = r"^[a-zA-Z0-9. _:/()#,@\[\]+=&;{}!$*-]*$"))]
+    pub description: Option<String>,
+
+    /// IP protocol: `TCP`, `UDP`, `ICMP`, `ICMPv6`, or `All`.
+    pub protocol: Protocol,
+
+    /// Destination ports (TCP/UDP only). Absent: every port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 16))]
+    pub ports: Option<Vec<PortRange>>,
+
+    /// ICMP or ICMPv6 type and code (ICMP/ICMPv6 only). Absent: every type.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub icmp: Option<IcmpMatch>,
+
+    /// Who the rule allows: sources for ingress, destinations for egress. At
+    /// least one; use `cidr: 0.0.0.0/0` (and `::/0`) for anywhere.
+    #[schemars(length(min = 1, max = 50))]
+    pub peers: Vec<Peer>,
+
+    /// Which layers enforce the rule: `Cloud` (the Security Group), `Node`
+    /// (iptables), or both (the default). Effective access is the
+    /// intersection of the layers, so a Node-only rule can narrow what the
+    /// Security Group lets in (SSH from the jump host only, say).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 2))]
+    #[x_kube(merge_strategy = ListMerge::Set)]
+    pub layers: Option<Vec<Layer>>,
+
+    /// Node layer only: limit new connections per peer address; connections
+    /// above the rate are dropped (or logged, in Audit mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
+
+    /// Node layer only: log each new connection this rule accepts, rate
+    /// limited, with a prefix naming the policy and rule.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log: Option<bool>,
+}
+
+/// IP protocol of a rule.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default, JsonSchema)]
+pub enum Protocol {
+    /// TCP.
+    #[default]
+    #[serde(rename = "TCP")]
+    Tcp,
+    /// UDP.
+    #[serde(rename = "UDP")]
+    Udp,
+    /// ICMP (IPv4).
+    #[serde(rename = "ICMP")]
+    Icmp,
+    /// ICMPv6.
+    #[serde(rename = "ICMPv6")]
+    Icmpv6,
+    /// Every protocol.
+    All,
+}
+
+/// A destination port, or a range of them when `endPort` is set.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[x_kube(validation = Rule::new("!has(self.endPort) || self.endPort >= self.port").message("endPort must be greater than or equal to port"))]
+#[serde(rename_all = "camelCase")]
+pub struct PortRange {
+    /// The port, or the first port of the range (1-65535).
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: u16,
+    /// The last port of the range, inclusive (1-65535, at least `port`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub end_port: Option<u16>,
+}
+
+/// ICMP/ICMPv6 type and optional code.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct IcmpMatch {
+    /// ICMP type (0-255), e.g. 8 for echo request, 128 for ICMPv6 echo request.
+    #[serde(rename = "type")]
+    #[schemars(range(min = 0, max = 255))]
+    pub icmp_type: u8,
+    /// ICMP code (0-255). Absent: every code of the type.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 255))]
+    pub code: Option<u8>,
+}
+
+/// One peer of a rule. Exactly one of its fields is set.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[x_kube(validation = Rule::new("[has(self.cidr), has(self.securityGroupId), has(self.prefixListId), has(self.nodeSelector)].filter(x, x).size() == 1").message("a peer sets exactly one of cidr, securityGroupId, prefixListId or nodeSelector"))]
+#[serde(rename_all = "camelCase")]
+pub struct Peer {
+    /// An IPv4 or IPv6 network in canonical CIDR form (no host bits set),
+    /// e.g. `203.0.113.0/24`, `10.0.0.5/32` or `2001:db8::/32`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 43))]
+    #[x_kube(validation = Rule::new("isCIDR(self)").message("cidr must be an IPv4 or IPv6 network such as 203.0.113.0/24 or 2001:db8::/32"))]
+    #[x_kube(validation = Rule::new("!isCIDR(self) || string(cidr(self).masked()) == self").message(Message::Expression("'cidr ' + self + ' is not canonical: write it as ' + string(cidr(self).masked())".into())))]
+    pub cidr: Option<String>,
+
+    /// A Security Group id (`sg-` and 8 or 17 hex digits). The cloud layer
+    /// references the group; the node layer matches the private addresses of
+    /// the interfaces in it, which the controller resolves and publishes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 20))]
+    #[x_kube(validation = Rule::new("self.matches('^sg-([0-9a-f]{8}|[0-9a-f]{17})$')").message("securityGroupId must be a Security Group id such as sg-0123456789abcdef0"))]
+    pub security_group_id: Option<String>,
+
+    /// A managed prefix list id (`pl-` and 8 or 17 hex digits). The cloud
+    /// layer references the list; the node layer matches its entries, which
+    /// the controller resolves and publishes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 20))]
+    #[x_kube(validation = Rule::new("self.matches('^pl-([0-9a-f]{8}|[0-9a-f]{17})$')").message("prefixListId must be a prefix list id such as pl-0123456789abcdef0"))]
+    pub prefix_list_id: Option<String>,
+
+    /// Other nodes of this cluster, by label: their internal addresses (as
+    /// /32 and /128) on both layers, kept current as nodes come and go.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<LabelSelector>,
+}
+
+/// A layer that enforces a rule.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, JsonSchema)]
+pub enum Layer {
+    /// The AWS Security Group, enforced by the hypervisor before traffic
+    /// reaches the instance.
+    Cloud,
+    /// The node's iptables/ip6tables, enforced by its kernel.
+    Node,
+}
+
+/// New-connection rate limit per peer address (node layer, hashlimit).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimit {
+    /// New connections allowed per `per`, per peer address (1-10000).
+    #[schemars(range(min = 1, max = 10000))]
+    pub count: u32,
+    /// The period of `count`: `Second`, `Minute` (default) or `Hour`.
+    #[serde(default)]
+    pub per: RatePeriod,
+    /// Connections allowed in a burst above the rate (1-10000; default 5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub burst: Option<u32>,
+}
+
+/// The period of a rate limit.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, Default, JsonSchema)]
+pub enum RatePeriod {
+    /// Per second.
+    Second,
+    /// Per minute.
+    #[default]
+    Minute,
+    /// Per hour.
+    Hour,
+}
+
+/// The Security Group of the cloud layer: either an existing group to adopt
+/// (`id`), or one Palisade creates and owns (every other field).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[x_kube(validation = Rule::new("!has(self.id) || (!has(self.name) && !has(self.vpcId) && !has(self.tags))").message("securityGroup.id adopts an existing group: name, vpcId and tags only apply to a group Palisade creates"))]
+#[serde(rename_all = "camelCase")]
+pub struct SecurityGroupTarget {
+    /// Adopt this existing Security Group: Palisade adds and removes only the
+    /// rules it created in it (recorded by rule id and description) and never
+    /// touches rules it does not own, nor deletes the group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 20))]
+    #[x_kube(validation = Rule::new("self.matches('^sg-([0-9a-f]{8}|[0-9a-f]{17})$')").message("securityGroup.id must be a Security Group id such as sg-0123456789abcdef0"))]
+    pub id: Option<String>,
+
+    /// Name of the group Palisade creates (default: `palisade-<policy name>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 255))]
+    #[x_kube(validation = Rule::new("!self.startsWith('sg-')").message("AWS refuses Security Group names that start with sg-"))]
+    pub name: Option<String>,
+
+    /// VPC of the group Palisade creates (default: the VPC of the selected
+    /// nodes' instances; they must all be in one VPC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 21))]
+    #[x_kube(validation = Rule::new("self.matches('^vpc-([0-9a-f]{8}|[0-9a-f]{17})$')").message("vpcId must be a VPC id such as vpc-0123456789abcdef0"))]
+    pub vpc_id: Option<String>,
+
+    /// Extra tags on the group Palisade creates. Palisade's own tags
+    /// (`palisade.dev/*`) are always added and cannot be overridden.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.size() <= 40").message("at most 40 extra tags (AWS allows 50 per resource and Palisade uses some)"))]
+    #[x_kube(validation = Rule::new("self.all(k, !k.startsWith('aws:') && !k.startsWith('palisade.dev/') && size(k) <= 128)").message("tag keys must be at most 128 characters and must not start with aws: or palisade.dev/"))]
+    pub tags: Option<BTreeMap<String, String>>,
+
+    /// Attach the group to the primary network interface of every selected
+    /// node, keeping the interface's other groups (default: true for a group
+    /// Palisade creates, false for an adopted group).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attach_to_nodes: Option<bool>,
+
+    /// What happens in AWS when the policy is deleted: `Delete` (default)
+    /// detaches and deletes a created group, or revokes Palisade's rules from
+    /// an adopted one; `Retain` leaves the group and its rules in place.
+    #[serde(default)]
+    pub deletion_policy: DeletionPolicy,
+}
+
+/// What deleting a policy does to its Security Group.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, Default, JsonSchema)]
+pub enum DeletionPolicy {
+    /// Detach and delete a created group; revoke owned rules from an adopted one.
+    #[default]
+    Delete,
+    /// Leave the group and its rules as they are.
+    Retain,
+}
+
+/// Observed state of a FirewallPolicy, written by the controller only.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FirewallPolicyStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+
+    /// `Ready`, `Reconciling` and `Stalled` (kstatus polarity: Flux and
+    /// Argo CD read them), plus `CloudSynced` and `NodesSynced`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+
+    /// The Security Group carrying the cloud layer, once known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub security_group: Option<SecurityGroupStatus>,
+
+    /// How many selected nodes have applied this generation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nodes: Option<NodeCounts>,
+
+    /// Addresses of Security Group and prefix-list peers, resolved by the
+    /// controller for the node layer (which cannot reference them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub resolved_peers: Vec<ResolvedPeer>,
+
+    /// Problems that do not stop the policy from applying: shadowed or
+    /// duplicate rules, a quota nearly reached, unresolvable references.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+}
+
+/// The Security Group of a policy, as last reconciled.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecurityGroupStatus {
+    /// The group id.
+    pub id: String,
+    /// The group's VPC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vpc_id: Option<String>,
+    /// True when Palisade created the group (and will delete it with the
+    /// policy, unless `deletionPolicy: Retain`).
+    pub owned: bool,
+    /// Ingress rules Palisade manages in the group.
+    pub ingress_rules: u32,
+    /// Egress rules Palisade manages in the group.
+    pub egress_rules: u32,
+    /// Instances whose primary interface carries the group.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attached_instances: Vec<String>,
+}
+
+/// Node counts for a policy.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeCounts {
+    /// Nodes the policy selects.
+    pub selected: u32,
+    /// Selected nodes whose agent applied the current generation.
+    pub synced: u32,
+    /// Selected nodes whose agent failed to apply it.
+    pub failed: u32,
+    /// `synced/selected`, for the printer column.
+    pub summary: String,
+}
+
+/// Addresses a Security Group or prefix-list peer stands for.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ResolvedPeer {
+    /// The `sg-...` or `pl-...` id.
+    pub id: String,
+    /// Its addresses, canonical CIDRs, sorted.
+    #[serde(default)]
+    pub cidrs: Vec<String>,
+}
+
+impl FirewallRule {
+    /// The layers that enforce this rule (both when `layers` is absent).
+    pub fn enforced_on(&self, layer: Layer) -> bool {
+        self.layers.as_ref().is_none_or(|l| l.contains(&layer))
+    }
+}
+
+impl SecurityGroupTarget {
+    /// Whether the group is created and owned by Palisade (no `id`).
+    pub fn is_owned(&self) -> bool {
+        self.id.is_none()
+    }
+    /// Whether to attach the group to the selected nodes' interfaces.
+    pub fn attaches(&self) -> bool {
+        self.attach_to_nodes.unwrap_or(self.is_owned())
+    }
+}

@@ -1,0 +1,4 @@
+//! `palisade`: the offline CLI.
+fn main() {
+    print!("{}", palisade::api::crds_yaml().expect("crd"));
+}

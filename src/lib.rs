@@ -1,0 +1,12 @@
+//! Palisade: one `FirewallPolicy`, enforced on both layers that protect an
+//! EC2 node — the AWS Security Group and the node's own iptables.
+//!
+//! Layout (see README.md):
+//! - [`api`]: the CRD types and their admission (CEL) rules. No I/O.
+//! - [`policy`]: pure compilation of policies into a `CloudPlan` and a
+//!   `NodeRuleset`, and pure diffs of current vs desired.
+
+pub mod api;
+pub mod policy;
+#[cfg(feature = "testenv")]
+pub mod testenv;
