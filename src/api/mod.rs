@@ -13,7 +13,7 @@ mod policy;
 pub use node::{AppliedPolicy, FirewallNode, FirewallNodeSpec, FirewallNodeStatus, SyncResult};
 pub use policy::{
     DeletionPolicy, FirewallPolicy, FirewallPolicySpec, FirewallPolicyStatus, FirewallRule, IcmpMatch, Layer,
-    MAX_PEERS_PER_RULE, MAX_PORTS_PER_RULE, MAX_RULES_PER_DIRECTION, NodeCounts, Peer, PolicyMode, PortRange,
+    MAX_PEERS_PER_RULE, MAX_PORTS_PER_RULE, MAX_RULES_PER_DIRECTION, NodeCounts, NodeSelector, NodeSelectorRequirement, Peer, PolicyMode, PortRange,
     Protocol, RateLimit, RatePeriod, ResolvedPeer, SecurityGroupStatus, SecurityGroupTarget,
 };
 
