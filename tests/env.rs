@@ -34,21 +34,42 @@ fn is_forbidden(err: &kube::Error) -> bool {
 #[tokio::test]
 async fn apiserver_is_v1_37_2_and_kubectl_works() {
     let env = env();
-    assert!(env.started_in() < Duration::from_secs(15), "start-up took {:?}", env.started_in());
-    let version = env.client().await.unwrap().apiserver_version().await.unwrap();
+    assert!(
+        env.started_in() < Duration::from_secs(15),
+        "start-up took {:?}",
+        env.started_in()
+    );
+    let version = env
+        .client()
+        .await
+        .unwrap()
+        .apiserver_version()
+        .await
+        .unwrap();
     assert_eq!(version.git_version, "v1.37.2");
 
     let kubectl = std::env::var_os("PALISADE_TESTBIN")
         .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| std::path::PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/palisade/bin"))
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/palisade/bin")
+        })
         .join("kubectl");
     let out = std::process::Command::new(kubectl)
         .arg("--kubeconfig")
         .arg(env.kubeconfig_path())
-        .args(["auth", "whoami", "-o", "jsonpath={.status.userInfo.username}"])
+        .args([
+            "auth",
+            "whoami",
+            "-o",
+            "jsonpath={.status.userInfo.username}",
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(String::from_utf8_lossy(&out.stdout), "palisade-admin");
 }
 
@@ -56,7 +77,13 @@ async fn apiserver_is_v1_37_2_and_kubectl_works() {
 async fn project_crds_install_and_are_served() {
     let env = env();
     let names = env.install_crds(CRDS).await.unwrap();
-    assert_eq!(names, ["firewallpolicies.palisade.dev", "firewallnodes.palisade.dev"]);
+    assert_eq!(
+        names,
+        [
+            "firewallpolicies.palisade.dev",
+            "firewallnodes.palisade.dev"
+        ]
+    );
     // Idempotent, and the kinds are usable right away.
     env.install_crds(CRDS).await.unwrap();
     let client = env.client().await.unwrap();
@@ -64,7 +91,10 @@ async fn project_crds_install_and_are_served() {
         .list(&ListParams::default())
         .await
         .unwrap();
-    Api::<FirewallNode>::all(client).list(&ListParams::default()).await.unwrap();
+    Api::<FirewallNode>::all(client)
+        .list(&ListParams::default())
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -87,7 +117,12 @@ async fn moto_answers_describe_vpcs() {
     let vpcs = env.ec2_client().describe_vpcs().send().await.unwrap();
     assert!(!vpcs.vpcs().is_empty(), "moto has a default VPC");
     let vars: Vec<_> = env.aws_env().into_iter().map(|(k, _)| k).collect();
-    for var in ["AWS_ENDPOINT_URL_EC2", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION"] {
+    for var in [
+        "AWS_ENDPOINT_URL_EC2",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_REGION",
+    ] {
         assert!(vars.contains(&var), "{var} missing");
     }
 }
@@ -96,11 +131,20 @@ async fn moto_answers_describe_vpcs() {
 async fn identities_are_authenticated_and_subject_to_rbac() {
     let env = env();
     // A client certificate with user and two groups.
-    let user = env.user_client("alice", &["ops", "auditors"]).await.unwrap();
+    let user = env
+        .user_client("alice", &["ops", "auditors"])
+        .await
+        .unwrap();
     let (name, groups) = whoami(user.clone()).await;
     assert_eq!(name, "alice");
-    assert!(groups.contains(&"ops".to_string()) && groups.contains(&"auditors".to_string()), "{groups:?}");
-    let err = Api::<Node>::all(user).list(&ListParams::default()).await.unwrap_err();
+    assert!(
+        groups.contains(&"ops".to_string()) && groups.contains(&"auditors".to_string()),
+        "{groups:?}"
+    );
+    let err = Api::<Node>::all(user)
+        .list(&ListParams::default())
+        .await
+        .unwrap_err();
     assert!(is_forbidden(&err), "{err:?}");
 
     // A ServiceAccount token, then RBAC granting it something.
@@ -110,10 +154,16 @@ async fn identities_are_authenticated_and_subject_to_rbac() {
     )
     .await
     .unwrap();
-    let sa = env.service_account_client("identities", "agent").await.unwrap();
+    let sa = env
+        .service_account_client("identities", "agent")
+        .await
+        .unwrap();
     let (name, _) = whoami(sa.clone()).await;
     assert_eq!(name, "system:serviceaccount:identities:agent");
-    let err = Api::<Node>::all(sa.clone()).list(&ListParams::default()).await.unwrap_err();
+    let err = Api::<Node>::all(sa.clone())
+        .list(&ListParams::default())
+        .await
+        .unwrap_err();
     assert!(is_forbidden(&err), "{err:?}");
     env.apply_yaml(
         "apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRole\nmetadata:\n  name: identities-nodes\n\
@@ -125,8 +175,14 @@ async fn identities_are_authenticated_and_subject_to_rbac() {
     .await
     .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while let Err(err) = Api::<Node>::all(sa.clone()).list(&ListParams::default()).await {
-        assert!(Instant::now() < deadline, "RBAC grant never took effect: {err:?}");
+    while let Err(err) = Api::<Node>::all(sa.clone())
+        .list(&ListParams::default())
+        .await
+    {
+        assert!(
+            Instant::now() < deadline,
+            "RBAC grant never took effect: {err:?}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -135,8 +191,12 @@ async fn identities_are_authenticated_and_subject_to_rbac() {
 async fn sim_nodes_are_nodes_and_instances_and_reach_each_other() {
     let env = env();
     let net = SimNet::new().unwrap();
-    let a = SimNode::create(env, &net, "reach-a", [("palisade.dev/role", "web")]).await.unwrap();
-    let b = SimNode::create(env, &net, "reach-b", [("palisade.dev/role", "db")]).await.unwrap();
+    let a = SimNode::create(env, &net, "reach-a", [("palisade.dev/role", "web")])
+        .await
+        .unwrap();
+    let b = SimNode::create(env, &net, "reach-b", [("palisade.dev/role", "db")])
+        .await
+        .unwrap();
     let outsider = net.add_host("reach-outsider").unwrap();
 
     // Node objects: labels, providerID of a moto instance, both InternalIPs.
@@ -155,7 +215,10 @@ async fn sim_nodes_are_nodes_and_instances_and_reach_each_other() {
             .filter(|a| a.type_ == "InternalIP")
             .map(|a| a.address)
             .collect();
-        assert_eq!(addrs, [sim.host().ipv4().to_string(), sim.host().ipv6().to_string()]);
+        assert_eq!(
+            addrs,
+            [sim.host().ipv4().to_string(), sim.host().ipv6().to_string()]
+        );
         let described = env
             .ec2_client()
             .describe_instances()
@@ -164,8 +227,14 @@ async fn sim_nodes_are_nodes_and_instances_and_reach_each_other() {
             .await
             .unwrap();
         let instance = &described.reservations()[0].instances()[0];
-        assert_eq!(instance.private_ip_address(), Some(sim.host().ipv4().to_string().as_str()));
-        assert_eq!(instance.network_interfaces()[0].network_interface_id(), Some(sim.eni_id()));
+        assert_eq!(
+            instance.private_ip_address(),
+            Some(sim.host().ipv4().to_string().as_str())
+        );
+        assert_eq!(
+            instance.network_interfaces()[0].network_interface_id(),
+            Some(sim.eni_id())
+        );
     }
     let web = nodes
         .list(&ListParams::default().labels("palisade.dev/role=web"))
@@ -179,9 +248,21 @@ async fn sim_nodes_are_nodes_and_instances_and_reach_each_other() {
         let udp = to.host().listen_udp(0).unwrap();
         for ip in [IpAddr::V4(to.host().ipv4()), IpAddr::V6(to.host().ipv6())] {
             let reach = from.host().probe_tcp((ip, tcp.port()), PROBE).unwrap();
-            assert_eq!(reach, Reach::Open, "TCP {} -> {ip}:{}", from.name(), tcp.port());
+            assert_eq!(
+                reach,
+                Reach::Open,
+                "TCP {} -> {ip}:{}",
+                from.name(),
+                tcp.port()
+            );
             let reach = from.host().probe_udp((ip, udp.port()), PROBE).unwrap();
-            assert_eq!(reach, Reach::Open, "UDP {} -> {ip}:{}", from.name(), udp.port());
+            assert_eq!(
+                reach,
+                Reach::Open,
+                "UDP {} -> {ip}:{}",
+                from.name(),
+                udp.port()
+            );
         }
     }
 
@@ -193,14 +274,25 @@ async fn sim_nodes_are_nodes_and_instances_and_reach_each_other() {
     assert_eq!(outsider.probe_tcp(closed6, PROBE).unwrap(), Reach::Refused);
 
     // An extra address outside the net, used as a probe's source.
-    outsider.add_address("203.0.113.7/24".parse().unwrap()).unwrap();
+    outsider
+        .add_address("203.0.113.7/24".parse().unwrap())
+        .unwrap();
     let tcp = a.host().listen_tcp(0).unwrap();
     let from = "203.0.113.7".parse().unwrap();
-    let reach = outsider.probe_tcp_from(from, (a.host().ipv4(), tcp.port()), PROBE).unwrap();
+    let reach = outsider
+        .probe_tcp_from(from, (a.host().ipv4(), tcp.port()), PROBE)
+        .unwrap();
     assert_eq!(reach, Reach::Open);
     let udp = b.host().listen_udp(0).unwrap();
-    let reach = a.host().probe_udp(("203.0.113.7".parse::<IpAddr>().unwrap(), udp.port()), PROBE);
-    assert_eq!(reach.unwrap(), Reach::Refused, "nothing listens on the outsider");
+    let reach = a.host().probe_udp(
+        ("203.0.113.7".parse::<IpAddr>().unwrap(), udp.port()),
+        PROBE,
+    );
+    assert_eq!(
+        reach.unwrap(),
+        Reach::Refused,
+        "nothing listens on the outsider"
+    );
 
     // Inside a node, the apiserver is at the same URL as outside.
     let out = a
@@ -211,7 +303,11 @@ async fn sim_nodes_are_nodes_and_instances_and_reach_each_other() {
         .args(["get", "node", "reach-a", "-o", "name"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "node/reach-a");
 
     // Dropping a node deletes its Node object and namespace.
@@ -233,9 +329,15 @@ async fn panicking_child() {
     }
     let env = env();
     let net = SimNet::new().unwrap();
-    let node = SimNode::create(env, &net, "doomed", [("x", "y")]).await.unwrap();
+    let node = SimNode::create(env, &net, "doomed", [("x", "y")])
+        .await
+        .unwrap();
     let _listener = node.host().listen_tcp(0).unwrap();
-    let pids: Vec<String> = env.component_pids().into_iter().map(|(_, p)| p.to_string()).collect();
+    let pids: Vec<String> = env
+        .component_pids()
+        .into_iter()
+        .map(|(_, p)| p.to_string())
+        .collect();
     println!("CHILD-PIDS {}", pids.join(" "));
     println!("CHILD-DIR {}", env.dir().display());
     println!("CHILD-NETNS {} {}", net.fabric_netns(), node.host().netns());
@@ -248,7 +350,9 @@ fn gone(pid: &str) -> bool {
     // init reaps it; it no longer runs either way.
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Err(_) => true,
-        Ok(stat) => stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('Z')),
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z')),
     }
 }
 
@@ -258,7 +362,12 @@ fn a_panicking_test_leaves_nothing_behind() {
         return;
     }
     let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "panicking_child", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "panicking_child",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(CHILD_VAR, "1")
         .output()
         .unwrap();
@@ -267,8 +376,13 @@ fn a_panicking_test_leaves_nothing_behind() {
     let field = |key: &str| -> Vec<String> {
         stdout
             .lines()
-            .find_map(|l| l.strip_prefix(key))
-            .unwrap_or_else(|| panic!("{key} not reported:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr)))
+            .find_map(|l| l.split_once(key).map(|(_, rest)| rest))
+            .unwrap_or_else(|| {
+                panic!(
+                    "{key} not reported:\n{stdout}\n{}",
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            })
             .split_whitespace()
             .map(String::from)
             .collect()

@@ -49,13 +49,10 @@ impl SimCloud {
             .send()
             .await
             .map_err(Error::ec2("CreateVpc"))?;
-        let vpc_id = vpc
-            .vpc
-            .and_then(|v| v.vpc_id)
-            .ok_or_else(|| Error::Ec2 {
-                operation: "CreateVpc",
-                message: "no VPC id in the answer".into(),
-            })?;
+        let vpc_id = vpc.vpc.and_then(|v| v.vpc_id).ok_or_else(|| Error::Ec2 {
+            operation: "CreateVpc",
+            message: "no VPC id in the answer".into(),
+        })?;
         let subnet = ec2
             .create_subnet()
             .vpc_id(&vpc_id)
@@ -75,7 +72,12 @@ impl SimCloud {
         let images = ec2
             .describe_images()
             .owners("amazon")
-            .filters(Filter::builder().name("architecture").values("x86_64").build())
+            .filters(
+                Filter::builder()
+                    .name("architecture")
+                    .values("x86_64")
+                    .build(),
+            )
             .send()
             .await
             .map_err(Error::ec2("DescribeImages"))?;
@@ -96,7 +98,12 @@ impl SimCloud {
     }
 
     /// Runs one instance with private IP `ip` in the subnet.
-    pub(crate) async fn run_instance(&self, ec2: &aws_sdk_ec2::Client, name: &str, ip: Ipv4Addr) -> Result<SimInstance> {
+    pub(crate) async fn run_instance(
+        &self,
+        ec2: &aws_sdk_ec2::Client,
+        name: &str,
+        ip: Ipv4Addr,
+    ) -> Result<SimInstance> {
         let run = ec2
             .run_instances()
             .image_id(&self.image_id)
@@ -122,7 +129,10 @@ impl SimCloud {
             operation: "RunInstances",
             message: format!("instance without {what}"),
         };
-        let instance_id = instance.instance_id.clone().ok_or_else(|| missing("an id"))?;
+        let instance_id = instance
+            .instance_id
+            .clone()
+            .ok_or_else(|| missing("an id"))?;
         let eni_id = instance
             .network_interfaces
             .unwrap_or_default()

@@ -64,7 +64,8 @@ impl std::fmt::Debug for TestEnv {
 /// Reserves a free loopback port; the listener holds it until dropped, so
 /// ports reserved together are distinct.
 fn reserve_port() -> Result<(TcpListener, u16)> {
-    let listener = TcpListener::bind("127.0.0.1:0").map_err(Error::io("reserving a loopback port"))?;
+    let listener =
+        TcpListener::bind("127.0.0.1:0").map_err(Error::io("reserving a loopback port"))?;
     let port = listener
         .local_addr()
         .map_err(Error::io("reading a reserved port"))?
@@ -79,7 +80,13 @@ pub(crate) enum Auth<'a> {
 }
 
 /// Writes a one-context kubeconfig for `user` at `path`.
-pub(crate) fn write_kubeconfig(path: &Path, server: &str, ca: &Path, user: &str, auth: Auth<'_>) -> Result<()> {
+pub(crate) fn write_kubeconfig(
+    path: &Path,
+    server: &str,
+    ca: &Path,
+    user: &str,
+    auth: Auth<'_>,
+) -> Result<()> {
     let credentials = match auth {
         Auth::Cert(files) => serde_json::json!({
             "client-certificate": files.cert,
@@ -95,7 +102,8 @@ pub(crate) fn write_kubeconfig(path: &Path, server: &str, ca: &Path, user: &str,
         "contexts": [{ "name": "palisade-testenv", "context": { "cluster": "palisade-testenv", "user": user } }],
         "current-context": "palisade-testenv",
     });
-    let yaml = serde_yaml::to_string(&doc).map_err(|e| Error::Manifest(format!("serialising a kubeconfig: {e}")))?;
+    let yaml = serde_yaml::to_string(&doc)
+        .map_err(|e| Error::Manifest(format!("serialising a kubeconfig: {e}")))?;
     std::fs::write(path, yaml).map_err(Error::io(format!("writing {}", path.display())))
 }
 
@@ -168,7 +176,10 @@ impl TestEnv {
                     );
                     return Ok(env);
                 }
-                Err(err) if attempt < START_ATTEMPTS && err.to_string().contains("address already in use") => {
+                Err(err)
+                    if attempt < START_ATTEMPTS
+                        && err.to_string().contains("address already in use") =>
+                {
                     eprintln!("palisade testenv: a port was taken meanwhile, retrying: {err}");
                     attempt += 1;
                 }
@@ -195,8 +206,14 @@ impl TestEnv {
         let admin = pki.client_cert("admin", "palisade-admin", &["system:masters"])?;
         let sa = pki.service_account_keys()?;
 
-        let reserved = [reserve_port()?, reserve_port()?, reserve_port()?, reserve_port()?];
-        let [etcd_port, peer_port, apiserver_port, moto_port] = reserved.each_ref().map(|(_, port)| *port);
+        let reserved = [
+            reserve_port()?,
+            reserve_port()?,
+            reserve_port()?,
+            reserve_port()?,
+        ];
+        let [etcd_port, peer_port, apiserver_port, moto_port] =
+            reserved.each_ref().map(|(_, port)| *port);
         drop(reserved);
 
         let etcd_url = format!("http://127.0.0.1:{etcd_port}");
@@ -251,7 +268,13 @@ impl TestEnv {
 
         let kubeconfig = root.join("admin.kubeconfig");
         let server = format!("https://127.0.0.1:{apiserver_port}");
-        write_kubeconfig(&kubeconfig, &server, &pki.ca_cert, "palisade-admin", Auth::Cert(&admin))?;
+        write_kubeconfig(
+            &kubeconfig,
+            &server,
+            &pki.ca_cert,
+            "palisade-admin",
+            Auth::Cert(&admin),
+        )?;
 
         let moto_url = format!("http://127.0.0.1:{moto_port}");
         wait_ready(&mut components, &kubeconfig, &moto_url)?;
@@ -290,7 +313,10 @@ impl TestEnv {
             Ok(c) => c,
             Err(poisoned) => poisoned.into_inner(),
         };
-        components.iter().map(|c| (c.name.clone(), c.pid())).collect()
+        components
+            .iter()
+            .map(|c| (c.name.clone(), c.pid()))
+            .collect()
     }
 
     /// The admin kubeconfig (user `palisade-admin`, group `system:masters`),
@@ -350,7 +376,9 @@ impl TestEnv {
     /// The VPC, subnet and image simulated nodes' instances use, created in
     /// moto on first call.
     pub async fn sim_cloud(&self) -> Result<&SimCloud> {
-        self.cloud.get_or_try_init(|| SimCloud::create(self.ec2_client())).await
+        self.cloud
+            .get_or_try_init(|| SimCloud::create(self.ec2_client()))
+            .await
     }
 
     fn mint_path(&self, stem: &str) -> PathBuf {
@@ -368,7 +396,13 @@ impl TestEnv {
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| "user".to_string());
         let files = self.pki.client_cert(&stem, user, groups)?;
-        write_kubeconfig(&path, &self.apiserver_url(), &self.pki.ca_cert, user, Auth::Cert(&files))?;
+        write_kubeconfig(
+            &path,
+            &self.apiserver_url(),
+            &self.pki.ca_cert,
+            user,
+            Auth::Cert(&files),
+        )?;
         Ok(path)
     }
 
@@ -394,14 +428,23 @@ impl TestEnv {
         let issued = api
             .create_token_request(name, &PostParams::default(), &request)
             .await
-            .map_err(Error::kube(format!("requesting a token for ServiceAccount {namespace}/{name}")))?;
-        let token = issued
-            .status
-            .map(|s| s.token)
-            .ok_or_else(|| Error::Invalid(format!("TokenRequest for {namespace}/{name} returned no token")))?;
+            .map_err(Error::kube(format!(
+                "requesting a token for ServiceAccount {namespace}/{name}"
+            )))?;
+        let token = issued.status.map(|s| s.token).ok_or_else(|| {
+            Error::Invalid(format!(
+                "TokenRequest for {namespace}/{name} returned no token"
+            ))
+        })?;
         let path = self.mint_path(&format!("sa-{namespace}-{name}"));
         let user = format!("system:serviceaccount:{namespace}:{name}");
-        write_kubeconfig(&path, &self.apiserver_url(), &self.pki.ca_cert, &user, Auth::Token(&token))?;
+        write_kubeconfig(
+            &path,
+            &self.apiserver_url(),
+            &self.pki.ca_cert,
+            &user,
+            Auth::Token(&token),
+        )?;
         Ok(path)
     }
 

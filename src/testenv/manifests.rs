@@ -18,11 +18,13 @@ const CRD_TIMEOUT: Duration = Duration::from_secs(30);
 fn documents(yaml: &str) -> Result<Vec<serde_json::Value>> {
     let mut out = Vec::new();
     for doc in serde_yaml::Deserializer::from_str(yaml) {
-        let value = serde_yaml::Value::deserialize(doc).map_err(|e| Error::Manifest(format!("parsing YAML: {e}")))?;
+        let value = serde_yaml::Value::deserialize(doc)
+            .map_err(|e| Error::Manifest(format!("parsing YAML: {e}")))?;
         if value.is_null() {
             continue;
         }
-        let json = serde_json::to_value(value).map_err(|e| Error::Manifest(format!("converting YAML: {e}")))?;
+        let json = serde_json::to_value(value)
+            .map_err(|e| Error::Manifest(format!("converting YAML: {e}")))?;
         out.push(json);
     }
     Ok(out)
@@ -42,13 +44,16 @@ fn gvk_of(obj: &DynamicObject) -> Result<GroupVersionKind> {
 
 async fn wait_established(client: &Client, name: &str) -> Result<()> {
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    tokio::time::timeout(CRD_TIMEOUT, await_condition(crds, name, conditions::is_crd_established()))
-        .await
-        .map_err(|_| Error::Timeout {
-            what: format!("CRD {name} to become Established"),
-            after: CRD_TIMEOUT,
-        })?
-        .map_err(|e| Error::Manifest(format!("watching CRD {name}: {e}")))?;
+    tokio::time::timeout(
+        CRD_TIMEOUT,
+        await_condition(crds, name, conditions::is_crd_established()),
+    )
+    .await
+    .map_err(|_| Error::Timeout {
+        what: format!("CRD {name} to become Established"),
+        after: CRD_TIMEOUT,
+    })?
+    .map_err(|e| Error::Manifest(format!("watching CRD {name}: {e}")))?;
     Ok(())
 }
 
@@ -61,12 +66,16 @@ impl TestEnv {
         let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
         let mut names = Vec::new();
         for doc in documents(yaml)? {
-            let crd: CustomResourceDefinition =
-                serde_json::from_value(doc).map_err(|e| Error::Manifest(format!("not a CRD: {e}")))?;
+            let crd: CustomResourceDefinition = serde_json::from_value(doc)
+                .map_err(|e| Error::Manifest(format!("not a CRD: {e}")))?;
             let name = crd.name_any();
-            crds.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&crd))
-                .await
-                .map_err(Error::kube(format!("applying CRD {name}")))?;
+            crds.patch(
+                &name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&crd),
+            )
+            .await
+            .map_err(Error::kube(format!("applying CRD {name}")))?;
             names.push(name);
         }
         for name in &names {
@@ -84,8 +93,8 @@ impl TestEnv {
         let client = self.client().await?;
         let mut applied = Vec::new();
         for doc in documents(yaml)? {
-            let obj: DynamicObject =
-                serde_json::from_value(doc).map_err(|e| Error::Manifest(format!("not a Kubernetes object: {e}")))?;
+            let obj: DynamicObject = serde_json::from_value(doc)
+                .map_err(|e| Error::Manifest(format!("not a Kubernetes object: {e}")))?;
             let gvk = gvk_of(&obj)?;
             let name = obj.name_any();
             let (resource, caps) = discover(&client, &gvk).await?;
@@ -97,7 +106,11 @@ impl TestEnv {
                 }
             };
             let stored = api
-                .patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&obj))
+                .patch(
+                    &name,
+                    &PatchParams::apply(FIELD_MANAGER).force(),
+                    &Patch::Apply(&obj),
+                )
                 .await
                 .map_err(Error::kube(format!("applying {} {name}", gvk.kind)))?;
             if gvk.group == "apiextensions.k8s.io" && gvk.kind == "CustomResourceDefinition" {
@@ -111,7 +124,10 @@ impl TestEnv {
 
 /// Discovery of one kind, retried briefly: a kind whose CRD was just
 /// established can take a moment to appear.
-async fn discover(client: &Client, gvk: &GroupVersionKind) -> Result<(kube::discovery::ApiResource, discovery::ApiCapabilities)> {
+async fn discover(
+    client: &Client,
+    gvk: &GroupVersionKind,
+) -> Result<(kube::discovery::ApiResource, discovery::ApiCapabilities)> {
     let deadline = tokio::time::Instant::now() + CRD_TIMEOUT;
     loop {
         match discovery::pinned_kind(client, gvk).await {
@@ -131,6 +147,7 @@ async fn discover(client: &Client, gvk: &GroupVersionKind) -> Result<(kube::disc
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -33,7 +33,7 @@
 //!
 //! let env = TestEnv::shared()?;
 //! env.install_crds(include_str!("../../crds/palisade.dev.yaml")).await?;
-//! let net = SimNet::new("demo")?;
+//! let net = SimNet::new()?;
 //! let a = SimNode::create(env, &net, "demo-a", [("role", "web")]).await?;
 //! let b = SimNode::create(env, &net, "demo-b", [("role", "db")]).await?;
 //! let _echo = b.host().listen_tcp(5432)?;
@@ -207,7 +207,12 @@ where
                 Ok(rt.block_on(fut))
             })
             .join()
-            .unwrap_or_else(|payload| Err(Error::Invalid(format!("helper thread panicked: {}", panic_message(&payload)))))
+            .unwrap_or_else(|payload| {
+                Err(Error::Invalid(format!(
+                    "helper thread panicked: {}",
+                    panic_message(&payload)
+                )))
+            })
     })
 }
 

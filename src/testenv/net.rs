@@ -19,7 +19,9 @@ use ipnet::IpNet;
 use socket2::{Domain, SockAddr, Socket, Type};
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{
+    IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket,
+};
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -77,7 +79,9 @@ impl SimNet {
         reaper::sweep_stale();
         reaper::ensure_started();
         let index = NEXT
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_add(1).filter(|n| *n < 255))
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                n.checked_add(1).filter(|n| *n < 255)
+            })
             .map_err(|_| Error::Invalid("more than 254 SimNets in one process".into()))?;
         let fabric = format!("{}{index}-fabric", reaper::netns_prefix());
         ip(&["netns", "add", &fabric])?;
@@ -91,7 +95,17 @@ impl SimNet {
         });
         let f = inner.fabric.as_str();
         ip(&["-n", f, "link", "set", "lo", "up"])?;
-        ip(&["-n", f, "link", "add", "br0", "type", "bridge", "mcast_snooping", "0"])?;
+        ip(&[
+            "-n",
+            f,
+            "link",
+            "add",
+            "br0",
+            "type",
+            "bridge",
+            "mcast_snooping",
+            "0",
+        ])?;
         ip(&["-n", f, "link", "set", "br0", "up"])?;
         Ok(SimNet { inner })
     }
@@ -112,19 +126,34 @@ impl SimNet {
                 .chars()
                 .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
         if !valid {
-            return Err(Error::Invalid(format!("host name {name:?}: use [a-z0-9-], at most 40")));
+            return Err(Error::Invalid(format!(
+                "host name {name:?}: use [a-z0-9-], at most 40"
+            )));
         }
         let number = self
             .inner
             .next_host
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_add(1).filter(|n| *n < 255))
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                n.checked_add(1).filter(|n| *n < 255)
+            })
             .map_err(|_| Error::Invalid("more than 244 hosts on one SimNet".into()))?;
         let ns = format!("{}{}-{name}", reaper::netns_prefix(), self.inner.index);
         let ipv4 = Ipv4Addr::new(198, 18, self.inner.index, number);
-        let ipv6 = Ipv6Addr::new(0x2001, 0xdb8, 0xff, u16::from(self.inner.index), 0, 0, 0, u16::from(number));
+        let ipv6 = Ipv6Addr::new(
+            0x2001,
+            0xdb8,
+            0xff,
+            u16::from(self.inner.index),
+            0,
+            0,
+            0,
+            u16::from(number),
+        );
 
         if std::path::Path::new(&netns::handle(&ns)).exists() {
-            return Err(Error::Invalid(format!("host {name} already exists on this net")));
+            return Err(Error::Invalid(format!(
+                "host {name} already exists on this net"
+            )));
         }
         ip(&["netns", "add", &ns])?;
         lock(&self.inner.hosts).insert(ns.clone());
@@ -146,7 +175,9 @@ impl SimNet {
         ip(&["-n", ns, "link", "set", "lo", "up"])?;
         netns::sysctl(ns, "net.ipv6.conf.all.accept_dad", "0")?;
         netns::sysctl(ns, "net.ipv6.conf.default.accept_dad", "0")?;
-        ip(&["-n", fabric, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", ns])?;
+        ip(&[
+            "-n", fabric, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", ns,
+        ])?;
         ip(&["-n", fabric, "link", "set", &port, "master", "br0", "up"])?;
         ip(&["-n", ns, "addr", "add", &v4, "dev", "eth0"])?;
         ip(&["-n", ns, "addr", "add", &v6, "dev", "eth0", "nodad"])?;
@@ -184,9 +215,9 @@ fn classify(err: &std::io::Error) -> Option<Reach> {
     match err.kind() {
         ErrorKind::ConnectionRefused | ErrorKind::ConnectionReset => Some(Reach::Refused),
         ErrorKind::TimedOut | ErrorKind::WouldBlock => Some(Reach::TimedOut),
-        ErrorKind::HostUnreachable | ErrorKind::NetworkUnreachable | ErrorKind::PermissionDenied => {
-            Some(Reach::Unreachable)
-        }
+        ErrorKind::HostUnreachable
+        | ErrorKind::NetworkUnreachable
+        | ErrorKind::PermissionDenied => Some(Reach::Unreachable),
         _ => match err.raw_os_error() {
             // EPERM (an OUTPUT DROP), ENETUNREACH, EHOSTUNREACH.
             Some(1 | 101 | 113) => Some(Reach::Unreachable),
@@ -221,11 +252,15 @@ fn probe_tcp(src: Option<IpAddr>, target: SocketAddr, timeout: Duration) -> std:
     }
     let mut stream: TcpStream = socket.into();
     let payload = nonce();
-    let remaining = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+    let remaining = deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_millis(1));
     stream.set_read_timeout(Some(remaining))?;
     stream.set_write_timeout(Some(remaining))?;
     let mut echo = vec![0; payload.len()];
-    let exchanged = stream.write_all(&payload).and_then(|()| stream.read_exact(&mut echo));
+    let exchanged = stream
+        .write_all(&payload)
+        .and_then(|()| stream.read_exact(&mut echo));
     match exchanged {
         Ok(()) if echo == payload => Ok(Reach::Open),
         Ok(()) => Ok(Reach::TimedOut),
@@ -320,7 +355,9 @@ impl SimHost {
     fn add_onlink_route(&self, prefix: IpNet) -> Result<()> {
         let family = if prefix.addr().is_ipv4() { "-4" } else { "-6" };
         let prefix = prefix.to_string();
-        ip(&[family, "-n", &self.ns, "route", "replace", &prefix, "dev", "eth0"])
+        ip(&[
+            family, "-n", &self.ns, "route", "replace", &prefix, "dev", "eth0",
+        ])
     }
 
     /// Adds an address (e.g. `203.0.113.7/24`, a peer outside the cluster)
@@ -351,7 +388,9 @@ impl SimHost {
         let family = if prefix.addr().is_ipv4() { "-4" } else { "-6" };
         let prefix = prefix.to_string();
         for ns in others {
-            ip(&[family, "-n", &ns, "route", "replace", &prefix, "dev", "eth0"])?;
+            ip(&[
+                family, "-n", &ns, "route", "replace", &prefix, "dev", "eth0",
+            ])?;
         }
         Ok(())
     }
@@ -367,7 +406,9 @@ impl SimHost {
     /// [`SimHost::command`] for tokio (killed on drop).
     pub fn tokio_command(&self, program: impl AsRef<std::ffi::OsStr>) -> tokio::process::Command {
         let mut cmd = tokio::process::Command::new("ip");
-        cmd.args(["netns", "exec", &self.ns]).arg(program).kill_on_drop(true);
+        cmd.args(["netns", "exec", &self.ns])
+            .arg(program)
+            .kill_on_drop(true);
         cmd
     }
 
@@ -400,7 +441,10 @@ impl SimHost {
             let socket = Socket::new(Domain::IPV6, Type::STREAM, None)?;
             socket.set_only_v6(false)?;
             socket.set_reuse_address(true)?;
-            socket.bind(&SockAddr::from(SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port)))?;
+            socket.bind(&SockAddr::from(SocketAddr::new(
+                IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+                port,
+            )))?;
             socket.listen(128)?;
             socket.set_nonblocking(true)?;
             Ok(TcpListener::from(socket))
@@ -444,7 +488,11 @@ impl SimHost {
                 std::thread::spawn(move || udp_echo(&socket, &flag))
             })
             .collect();
-        Ok(EchoListener { port, stop, threads })
+        Ok(EchoListener {
+            port,
+            stop,
+            threads,
+        })
     }
 
     /// Whether TCP `target` answers from this host within `timeout`
@@ -455,7 +503,12 @@ impl SimHost {
     }
 
     /// [`SimHost::probe_tcp`] from source address `src` (one of this host's).
-    pub fn probe_tcp_from(&self, src: IpAddr, target: impl Into<SocketAddr>, timeout: Duration) -> Result<Reach> {
+    pub fn probe_tcp_from(
+        &self,
+        src: IpAddr,
+        target: impl Into<SocketAddr>,
+        timeout: Duration,
+    ) -> Result<Reach> {
         let target = target.into();
         in_netns(&self.ns, || probe_tcp(Some(src), target, timeout))
     }
@@ -468,7 +521,12 @@ impl SimHost {
     }
 
     /// [`SimHost::probe_udp`] from source address `src` (one of this host's).
-    pub fn probe_udp_from(&self, src: IpAddr, target: impl Into<SocketAddr>, timeout: Duration) -> Result<Reach> {
+    pub fn probe_udp_from(
+        &self,
+        src: IpAddr,
+        target: impl Into<SocketAddr>,
+        timeout: Duration,
+    ) -> Result<Reach> {
         let target = target.into();
         in_netns(&self.ns, || probe_udp(Some(src), target, timeout))
     }
@@ -513,7 +571,9 @@ pub struct EchoListener {
 
 impl std::fmt::Debug for EchoListener {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EchoListener").field("port", &self.port).finish()
+        f.debug_struct("EchoListener")
+            .field("port", &self.port)
+            .finish()
     }
 }
 

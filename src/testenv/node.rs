@@ -54,7 +54,12 @@ impl std::fmt::Debug for SimNode {
 
 impl SimNode {
     /// Creates the host on `net`, the instance in moto and the Node object.
-    pub async fn create<I, K, V>(env: &TestEnv, net: &SimNet, name: &str, labels: I) -> Result<SimNode>
+    pub async fn create<I, K, V>(
+        env: &TestEnv,
+        net: &SimNet,
+        name: &str,
+        labels: I,
+    ) -> Result<SimNode>
     where
         I: IntoIterator<Item = (K, V)>,
         K: Into<String>,
@@ -65,7 +70,10 @@ impl SimNode {
         let ec2 = env.ec2_client();
         let cloud = env.sim_cloud().await?;
         let instance = cloud.run_instance(&ec2, name, host.ipv4()).await?;
-        let provider_id = format!("aws:///{}/{}", instance.availability_zone, instance.instance_id);
+        let provider_id = format!(
+            "aws:///{}/{}",
+            instance.availability_zone, instance.instance_id
+        );
         let node = SimNode {
             host,
             name: name.to_string(),
@@ -82,7 +90,10 @@ impl SimNode {
             ("kubernetes.io/hostname", name),
             ("kubernetes.io/os", "linux"),
             ("kubernetes.io/arch", "amd64"),
-            ("topology.kubernetes.io/zone", instance.availability_zone.as_str()),
+            (
+                "topology.kubernetes.io/zone",
+                instance.availability_zone.as_str(),
+            ),
             ("node.kubernetes.io/instance-type", "t3.micro"),
         ]
         .into_iter()

@@ -5,8 +5,8 @@
 
 use super::{Error, Result};
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, date_time_ymd,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, date_time_ymd,
 };
 use std::path::{Path, PathBuf};
 
@@ -55,7 +55,9 @@ impl Pki {
             KeyUsagePurpose::CrlSign,
             KeyUsagePurpose::DigitalSignature,
         ];
-        let ca = ca_params.self_signed(&ca_key).map_err(Error::pki("CA certificate"))?;
+        let ca = ca_params
+            .self_signed(&ca_key)
+            .map_err(Error::pki("CA certificate"))?;
         let ca_cert = dir.join("ca.crt");
         write(&ca_cert, &ca.pem())?;
         Ok(Pki {
@@ -94,12 +96,16 @@ impl Pki {
             "kubernetes.default.svc",
             "kubernetes.default.svc.cluster.local",
         ];
-        let mut params = CertificateParams::new(sans.map(String::from).to_vec()).map_err(Error::pki("serving SANs"))?;
+        let mut params = CertificateParams::new(sans.map(String::from).to_vec())
+            .map_err(Error::pki("serving SANs"))?;
         let base = base_params("kube-apiserver");
         params.distinguished_name = base.distinguished_name;
         params.not_before = base.not_before;
         params.not_after = base.not_after;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         self.sign("apiserver", &params)
     }
@@ -110,7 +116,12 @@ impl Pki {
     /// At most two groups: the certificate library keeps one value per
     /// attribute type, so the second group is written under the same OID as
     /// a distinct custom attribute.
-    pub(crate) fn client_cert(&self, file_stem: &str, user: &str, groups: &[&str]) -> Result<CertFiles> {
+    pub(crate) fn client_cert(
+        &self,
+        file_stem: &str,
+        user: &str,
+        groups: &[&str],
+    ) -> Result<CertFiles> {
         if groups.len() > 2 {
             return Err(Error::Invalid(format!(
                 "client certificates carry at most two groups, {user} asked for {groups:?}"
@@ -118,14 +129,19 @@ impl Pki {
         }
         let mut params = base_params(user);
         if let Some(first) = groups.first() {
-            params.distinguished_name.push(DnType::OrganizationName, *first);
+            params
+                .distinguished_name
+                .push(DnType::OrganizationName, *first);
         }
         if let Some(second) = groups.get(1) {
             params
                 .distinguished_name
                 .push(DnType::CustomDnType(ORGANIZATION_OID.to_vec()), *second);
         }
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         self.sign(file_stem, &params)
     }

@@ -60,7 +60,8 @@ impl Component {
     /// Starts `program args…` with working directory `dir`.
     pub(crate) fn spawn(name: &str, program: &Path, args: &[String], dir: &Path) -> Result<Self> {
         let log = dir.join(format!("{name}.log"));
-        let out = std::fs::File::create(&log).map_err(Error::io(format!("creating {}", log.display())))?;
+        let out = std::fs::File::create(&log)
+            .map_err(Error::io(format!("creating {}", log.display())))?;
         let err = out
             .try_clone()
             .map_err(Error::io(format!("duplicating {}", log.display())))?;

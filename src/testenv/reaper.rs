@@ -93,7 +93,9 @@ fn tell(line: &str) {
         Err(poisoned) => poisoned.into_inner(),
     };
     if let Some(stdin) = dog.stdin.as_mut()
-        && writeln!(stdin, "{line}").and_then(|()| stdin.flush()).is_err()
+        && writeln!(stdin, "{line}")
+            .and_then(|()| stdin.flush())
+            .is_err()
     {
         dog.stdin = None;
     }
@@ -192,7 +194,9 @@ fn sweep_dirs() {
                 continue;
             };
             if stale.iter().any(|dir| cwd.starts_with(dir)) {
-                let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+                let _ = Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .status();
             }
         }
     }
@@ -202,6 +206,7 @@ fn sweep_dirs() {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
