@@ -7,7 +7,7 @@ use k8s_openapi::api::core::v1::Node;
 use kube::api::{ListParams, PostParams};
 use kube::{Api, Client};
 use palisade::api::{FirewallNode, FirewallPolicy};
-use palisade::testenv::{Reach, SimNet, SimNode, TestEnv};
+use palisade::testenv::{Reach, SimNet, SimNode, TestEnv, testbin};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
@@ -48,15 +48,9 @@ async fn apiserver_is_v1_37_2_and_kubectl_works() {
         .unwrap();
     assert_eq!(version.git_version, "v1.37.2");
 
-    let kubectl = std::env::var_os("PALISADE_TESTBIN")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| {
-            std::path::PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/palisade/bin")
-        })
-        .join("kubectl");
-    let out = std::process::Command::new(kubectl)
-        .arg("--kubeconfig")
-        .arg(env.kubeconfig_path())
+    let out = env
+        .kubectl()
+        .unwrap()
         .args([
             "auth",
             "whoami",
@@ -273,6 +267,46 @@ async fn sim_nodes_are_nodes_and_instances_and_reach_each_other() {
     let closed6: SocketAddr = (b.host().ipv6(), 9).into();
     assert_eq!(outsider.probe_tcp(closed6, PROBE).unwrap(), Reach::Refused);
 
+    // Filtering in a host is seen by the probes: DROP times out, REJECT
+    // is refused, on both families; the host's sysctls are its own.
+    let tcp = b.host().listen_tcp(0).unwrap();
+    let port = tcp.port().to_string();
+    for (tool, ip) in [
+        ("iptables", IpAddr::V4(b.host().ipv4())),
+        ("ip6tables", IpAddr::V6(b.host().ipv6())),
+    ] {
+        let rule = |action: &str, target: &str| {
+            b.host()
+                .exec(&[
+                    tool, action, "INPUT", "-p", "tcp", "--dport", &port, "-j", target,
+                ])
+                .unwrap();
+        };
+        rule("-I", "DROP");
+        let reach = a
+            .host()
+            .probe_tcp((ip, tcp.port()), Duration::from_millis(300))
+            .unwrap();
+        assert_eq!(reach, Reach::TimedOut, "{tool} DROP");
+        rule("-D", "DROP");
+        rule("-I", "REJECT");
+        assert_eq!(
+            a.host().probe_tcp((ip, tcp.port()), PROBE).unwrap(),
+            Reach::Refused,
+            "{tool} REJECT"
+        );
+        rule("-D", "REJECT");
+        assert_eq!(
+            a.host().probe_tcp((ip, tcp.port()), PROBE).unwrap(),
+            Reach::Open
+        );
+    }
+    let dad = b
+        .host()
+        .exec(&["sysctl", "-n", "net.ipv6.conf.eth0.accept_dad"])
+        .unwrap();
+    assert_eq!(dad.trim(), "0");
+
     // An extra address outside the net, used as a probe's source.
     outsider
         .add_address("203.0.113.7/24".parse().unwrap())
@@ -297,7 +331,7 @@ async fn sim_nodes_are_nodes_and_instances_and_reach_each_other() {
     // Inside a node, the apiserver is at the same URL as outside.
     let out = a
         .host()
-        .command(std::env::var("HOME").unwrap() + "/.cache/palisade/bin/kubectl")
+        .command(testbin("kubectl").unwrap())
         .arg("--kubeconfig")
         .arg(env.kubeconfig_path())
         .args(["get", "node", "reach-a", "-o", "name"])
@@ -315,6 +349,57 @@ async fn sim_nodes_are_nodes_and_instances_and_reach_each_other() {
     drop(a);
     assert!(nodes.get_opt("reach-a").await.unwrap().is_none());
     assert!(!std::path::Path::new("/run/netns").join(ns).exists());
+}
+
+#[tokio::test]
+async fn controller_manager_and_scheduler_run_pods_onto_sim_nodes() {
+    let env = env();
+    env.start_controller_manager().await.unwrap();
+    env.start_scheduler().await.unwrap();
+    env.start_scheduler().await.unwrap(); // idempotent
+    let net = SimNet::new().unwrap();
+    let node = SimNode::create(env, &net, "sched-a", [("palisade.dev/sched", "yes")])
+        .await
+        .unwrap();
+    env.apply_yaml(
+        r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: sched}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web, namespace: sched}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      nodeSelector: {palisade.dev/sched: "yes"}
+      containers: [{name: web, image: example.invalid/web}]
+"#,
+    )
+    .await
+    .unwrap();
+    let pods: Api<k8s_openapi::api::core::v1::Pod> =
+        Api::namespaced(env.client().await.unwrap(), "sched");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let bound = pods
+            .list(&ListParams::default().labels("app=web"))
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter_map(|p| p.spec.and_then(|s| s.node_name))
+            .collect::<Vec<_>>();
+        if bound == [node.name()] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "pod never bound: {bound:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Environment variable that turns [`panicking_child`] on.

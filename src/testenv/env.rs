@@ -13,7 +13,7 @@ use kube::{Api, Client, Config};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 /// How long the components may take to become ready.
@@ -63,7 +63,7 @@ impl std::fmt::Debug for TestEnv {
 
 /// Reserves a free loopback port; the listener holds it until dropped, so
 /// ports reserved together are distinct.
-fn reserve_port() -> Result<(TcpListener, u16)> {
+pub(crate) fn reserve_port() -> Result<(TcpListener, u16)> {
     let listener =
         TcpListener::bind("127.0.0.1:0").map_err(Error::io("reserving a loopback port"))?;
     let port = listener
@@ -307,16 +307,32 @@ impl TestEnv {
         self.dir.path().join(format!("{component}.log"))
     }
 
-    /// Process ids of the components, by name (for tests of the cleanup).
-    pub fn component_pids(&self) -> Vec<(String, u32)> {
-        let components = match self.components.lock() {
+    pub(crate) fn components(&self) -> MutexGuard<'_, Vec<Component>> {
+        match self.components.lock() {
             Ok(c) => c,
             Err(poisoned) => poisoned.into_inner(),
-        };
-        components
+        }
+    }
+
+    pub(crate) fn pki(&self) -> &Pki {
+        &self.pki
+    }
+
+    /// Process ids of the running components, by name (for tests of the
+    /// cleanup).
+    pub fn component_pids(&self) -> Vec<(String, u32)> {
+        self.components()
             .iter()
             .map(|c| (c.name.clone(), c.pid()))
             .collect()
+    }
+
+    /// A `kubectl --kubeconfig <admin kubeconfig>` command (the cached
+    /// kubectl of the same Kubernetes version); add arguments and run it.
+    pub fn kubectl(&self) -> Result<std::process::Command> {
+        let mut cmd = std::process::Command::new(testbin("kubectl")?);
+        cmd.arg("--kubeconfig").arg(&self.kubeconfig);
+        Ok(cmd)
     }
 
     /// The admin kubeconfig (user `palisade-admin`, group `system:masters`),

@@ -43,6 +43,7 @@
 //! ```
 
 mod cloud;
+mod control_plane;
 mod env;
 mod manifests;
 mod net;
@@ -56,6 +57,7 @@ pub use cloud::{AVAILABILITY_ZONE, SimCloud, VPC_CIDR};
 pub use env::{AWS_REGION, TestEnv, client_from_kubeconfig};
 pub use net::{EchoListener, Reach, SimHost, SimNet};
 pub use node::SimNode;
+pub use process::testbin;
 
 use std::path::PathBuf;
 use std::time::Duration;

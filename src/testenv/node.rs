@@ -18,8 +18,8 @@ use std::path::PathBuf;
 /// (`kubernetes.io/hostname`, `kubernetes.io/os`,
 /// `topology.kubernetes.io/zone`, `node.kubernetes.io/instance-type`),
 /// `spec.providerID = aws:///<az>/<instance-id>`, and in its status the
-/// host's IPv4 and IPv6 as `InternalIP`, its name as `Hostname`, and
-/// `Ready=True`. The instance's private IP is the host's IPv4.
+/// host's IPv4 and IPv6 as `InternalIP`, its name as `Hostname`,
+/// capacity for 110 Pods, and `Ready=True`. The instance's private IP is the host's IPv4.
 /// `127.0.0.1:<apiserver port>` inside the host forwards to the apiserver,
 /// so an agent started with [`SimHost::command`] uses the env's kubeconfigs
 /// unchanged.
@@ -125,6 +125,10 @@ impl SimNode {
                     { "type": "InternalIP", "address": node.host.ipv6().to_string() },
                     { "type": "Hostname", "address": name },
                 ],
+                // Room for Pods, so kube-scheduler (when a test runs it)
+                // binds Pods to simulated nodes.
+                "capacity": { "cpu": "4", "memory": "8Gi", "pods": "110" },
+                "allocatable": { "cpu": "4", "memory": "8Gi", "pods": "110" },
                 "conditions": [{
                     "type": "Ready",
                     "status": "True",
@@ -139,6 +143,17 @@ impl SimNode {
             .patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
             .await
             .map_err(Error::kube(format!("patching the status of Node {name}")))?;
+        // Admission taints every new Node `not-ready:NoSchedule`; the
+        // node-lifecycle controller would lift it once the kubelet reports
+        // Ready. There is no kubelet and that controller stays off, so lift
+        // it here, as for a healthy node.
+        let untaint = serde_json::json!({ "spec": { "taints": null } });
+        nodes
+            .patch(name, &PatchParams::default(), &Patch::Merge(&untaint))
+            .await
+            .map_err(Error::kube(format!(
+                "removing the start-up taint of Node {name}"
+            )))?;
         Ok(node)
     }
 

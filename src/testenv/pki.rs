@@ -21,6 +21,8 @@ pub(crate) struct Pki {
     pub(crate) dir: PathBuf,
     /// The CA certificate file.
     pub(crate) ca_cert: PathBuf,
+    /// The CA key file (kube-controller-manager's CSR signer needs it).
+    pub(crate) ca_key_file: PathBuf,
 }
 
 /// A certificate and key written to disk.
@@ -60,11 +62,14 @@ impl Pki {
             .map_err(Error::pki("CA certificate"))?;
         let ca_cert = dir.join("ca.crt");
         write(&ca_cert, &ca.pem())?;
+        let ca_key_file = dir.join("ca.key");
+        write(&ca_key_file, &ca_key.serialize_pem())?;
         Ok(Pki {
             ca_params,
             ca_key,
             dir: dir.to_path_buf(),
             ca_cert,
+            ca_key_file,
         })
     }
 

@@ -30,8 +30,10 @@ fn require(what: &str, path: PathBuf, var: &'static str) -> Result<PathBuf> {
     }
 }
 
-/// Path of a Kubernetes/etcd binary (`etcd`, `kube-apiserver`, `kubectl`, …).
-pub(crate) fn testbin(name: &str) -> Result<PathBuf> {
+/// Path of a cached Kubernetes/etcd binary (`etcd`, `kube-apiserver`,
+/// `kubectl`, …) in `$PALISADE_TESTBIN`; fails telling to run `make testbin`
+/// when it is missing.
+pub fn testbin(name: &str) -> Result<PathBuf> {
     let dir = std::env::var_os(TESTBIN_VAR)
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)
