@@ -402,6 +402,27 @@ spec:
     }
 }
 
+#[test]
+fn a_private_env_stops_on_drop() {
+    if std::env::var_os(CHILD_VAR).is_some() {
+        return;
+    }
+    let env = TestEnv::start().unwrap();
+    let pids = env.component_pids();
+    let dir = env.dir().to_path_buf();
+    assert_eq!(pids.len(), 3);
+    assert!(pids.iter().all(|(_, pid)| !gone(&pid.to_string())));
+    drop(env);
+    // Dropping waits for the processes: they are gone (not even zombies).
+    for (name, pid) in pids {
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "{name} survived"
+        );
+    }
+    assert!(!dir.exists());
+}
+
 /// Environment variable that turns [`panicking_child`] on.
 const CHILD_VAR: &str = "PALISADE_TESTENV_PANIC_CHILD";
 

@@ -151,7 +151,13 @@ impl TestEnv {
     pub fn shared() -> Result<&'static TestEnv> {
         static SHARED: OnceLock<std::result::Result<TestEnv, String>> = OnceLock::new();
         SHARED
-            .get_or_init(|| TestEnv::start().map_err(|e| e.to_string()))
+            .get_or_init(|| {
+                TestEnv::start().map_err(|err| {
+                    // Once, readable: callers' `unwrap` shows only Debug.
+                    eprintln!("palisade testenv: start-up failed: {err}");
+                    err.to_string()
+                })
+            })
             .as_ref()
             .map_err(|e| Error::SharedStartFailed(e.clone()))
     }

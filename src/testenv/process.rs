@@ -125,3 +125,27 @@ pub(crate) fn log_tail(path: &Path, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_binary_says_how_to_get_it() {
+        let err = require("etcd", PathBuf::from("/nonexistent/etcd"), TESTBIN_VAR).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("make testbin"), "{msg}");
+        assert!(msg.contains("PALISADE_TESTBIN"), "{msg}");
+        assert!(msg.contains("/nonexistent/etcd"), "{msg}");
+    }
+
+    #[test]
+    fn log_tail_keeps_the_last_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("x.log");
+        std::fs::write(&log, "1\n2\n3\n").unwrap();
+        assert_eq!(log_tail(&log, 2), "2\n3");
+        assert_eq!(log_tail(&dir.path().join("missing"), 2), "");
+    }
+}
