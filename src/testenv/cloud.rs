@@ -11,7 +11,7 @@ pub const VPC_CIDR: &str = "198.18.0.0/16";
 /// The availability zone of the subnet (and every simulated instance).
 pub const AVAILABILITY_ZONE: &str = "us-east-1a";
 /// Tag key set on everything the environment creates in moto.
-pub const TAG_KEY: &str = "palisade.dev/testenv";
+pub(crate) const TAG_KEY: &str = "palisade.dev/testenv";
 
 /// The VPC, subnet and machine image simulated nodes' instances use.
 #[derive(Clone, Debug)]
