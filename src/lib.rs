@@ -6,9 +6,11 @@
 //! - [`policy`]: pure compilation of policies into a `CloudPlan` and a
 //!   `NodeRuleset`, and pure diffs of current vs desired.
 //! - [`cli`]: the offline commands of the `palisade` binary.
+//! - [`node`]: the node dataplane (iptables backend, rendering, applying).
 
 pub mod api;
 pub mod cli;
+pub mod node;
 pub mod policy;
 #[cfg(feature = "testenv")]
 pub mod testenv;
