@@ -5,8 +5,12 @@
 //! - [`api`]: the CRD types and their admission (CEL) rules. No I/O.
 //! - [`policy`]: pure compilation of policies into a `CloudPlan` and a
 //!   `NodeRuleset`, and pure diffs of current vs desired.
+//! - [`cli`]: the offline commands of the `palisade` binary.
+//! - [`node`]: the node dataplane (iptables backend, rendering, applying).
 
 pub mod api;
+pub mod cli;
+pub mod node;
 pub mod policy;
 #[cfg(feature = "testenv")]
 pub mod testenv;

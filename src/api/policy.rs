@@ -104,13 +104,19 @@ pub struct FirewallRule {
     /// Name of the rule, unique within its direction of this policy. It is
     /// written into the Security Group rule description and the iptables rule
     /// comment, so a packet log or an SG rule can be traced back to it.
-    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
     pub name: String,
 
     /// Free text kept with the rule (ASCII letters, digits, spaces and
     /// `._-:/()#,@[]+=&;{}!$*`, as AWS allows in rule descriptions).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 200), regex(pattern = r"^[a-zA-Z0-9. _:/()#,@\[\]+=&;{}!$*-]*$"))]
+    #[schemars(
+        length(max = 200),
+        regex(pattern = r"^[a-zA-Z0-9. _:/()#,@\[\]+=&;{}!$*-]*$")
+    )]
     pub description: Option<String>,
 
     /// IP protocol: `TCP`, `UDP`, `ICMP`, `ICMPv6`, or `All`.
@@ -151,7 +157,20 @@ pub struct FirewallRule {
 }
 
 /// IP protocol of a rule.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default, JsonSchema)]
+#[derive(
+    Serialize,
+    Deserialize,
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Default,
+    JsonSchema,
+)]
 pub enum Protocol {
     /// TCP.
     #[default]
@@ -267,7 +286,9 @@ pub struct NodeSelectorRequirement {
 }
 
 /// A layer that enforces a rule.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, JsonSchema)]
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, JsonSchema,
+)]
 pub enum Layer {
     /// The AWS Security Group, enforced by the hypervisor before traffic
     /// reaches the instance.

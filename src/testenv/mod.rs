@@ -45,6 +45,7 @@
 mod cloud;
 mod control_plane;
 mod env;
+pub mod fault_proxy;
 mod manifests;
 mod net;
 mod netns;

@@ -1,0 +1,5 @@
+//! The node layer's dataplane: detecting the iptables backend, rendering a
+//! `NodeRuleset` to iptables-restore / ipset input, applying it, reading it
+//! back and finding drift.
+
+pub mod backend;
