@@ -53,7 +53,10 @@ async fn every_example_is_accepted() {
 async fn every_invalid_manifest_is_refused_with_its_message() {
     let api = policies().await;
     let files = yaml_files("tests/fixtures/invalid");
-    assert!(files.len() >= 30, "the corpus must hold at least 30 manifests");
+    assert!(
+        files.len() >= 30,
+        "the corpus must hold at least 30 manifests"
+    );
     let mut wrong = Vec::new();
     for file in &files {
         let text = std::fs::read_to_string(file).unwrap();
@@ -62,11 +65,21 @@ async fn every_invalid_manifest_is_refused_with_its_message() {
             .find_map(|l| l.strip_prefix("# expect: "))
             .unwrap_or_else(|| panic!("{}: no `# expect:` line", file.display()));
         let doc = &palisade::cli::read_documents(file).unwrap()[0];
-        match api.create(&PostParams::default(), &object(&doc.value)).await {
+        match api
+            .create(&PostParams::default(), &object(&doc.value))
+            .await
+        {
             Ok(_) => wrong.push(format!("{}: accepted", file.display())),
-            Err(kube::Error::Api(status)) if status.code == 422 && status.message.contains(expect) => {}
+            Err(kube::Error::Api(status))
+                if status.code == 422 && status.message.contains(expect) => {}
             Err(e) => wrong.push(format!("{}: want {expect:?}, got {e}", file.display())),
         }
     }
-    assert!(wrong.is_empty(), "{} of {} wrong:\n{}", wrong.len(), files.len(), wrong.join("\n"));
+    assert!(
+        wrong.is_empty(),
+        "{} of {} wrong:\n{}",
+        wrong.len(),
+        files.len(),
+        wrong.join("\n")
+    );
 }
