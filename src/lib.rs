@@ -5,8 +5,10 @@
 //! - [`api`]: the CRD types and their admission (CEL) rules. No I/O.
 //! - [`policy`]: pure compilation of policies into a `CloudPlan` and a
 //!   `NodeRuleset`, and pure diffs of current vs desired.
+//! - [`cli`]: the offline commands of the `palisade` binary.
 
 pub mod api;
+pub mod cli;
 pub mod policy;
 #[cfg(feature = "testenv")]
 pub mod testenv;

@@ -12,9 +12,10 @@ mod policy;
 
 pub use node::{AppliedPolicy, FirewallNode, FirewallNodeSpec, FirewallNodeStatus, SyncResult};
 pub use policy::{
-    DeletionPolicy, FirewallPolicy, FirewallPolicySpec, FirewallPolicyStatus, FirewallRule, IcmpMatch, Layer,
-    MAX_PEERS_PER_RULE, MAX_PORTS_PER_RULE, MAX_RULES_PER_DIRECTION, NodeCounts, Peer, PolicyMode, PortRange,
-    Protocol, RateLimit, RatePeriod, ResolvedPeer, SecurityGroupStatus, SecurityGroupTarget,
+    DeletionPolicy, FirewallPolicy, FirewallPolicySpec, FirewallPolicyStatus, FirewallRule,
+    IcmpMatch, Layer, MAX_PEERS_PER_RULE, MAX_PORTS_PER_RULE, MAX_RULES_PER_DIRECTION, NodeCounts,
+    NodeSelector, NodeSelectorRequirement, Peer, PolicyMode, PortRange, Protocol, RateLimit,
+    RatePeriod, ResolvedPeer, SecurityGroupStatus, SecurityGroupTarget,
 };
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;

@@ -53,23 +53,23 @@ pub struct FirewallNodeStatus {
 
     /// Number of policies in `policies`, for the printer column.
     #[serde(default)]
-    pub policy_count: u32,
+    pub policy_count: i32,
 
     /// iptables + ip6tables rules Palisade owns on the node.
     #[serde(default)]
-    pub rule_count: u32,
+    pub rule_count: i32,
 
     /// ipsets Palisade owns on the node.
     #[serde(default)]
-    pub set_count: u32,
+    pub set_count: i32,
 
     /// Entries across those ipsets.
     #[serde(default)]
-    pub set_entries: u64,
+    pub set_entries: i64,
 
     /// Out-of-band changes found and repaired since the agent started.
     #[serde(default)]
-    pub drift_repairs: u64,
+    pub drift_repairs: i64,
 
     /// The last sync.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -47,7 +47,7 @@ pub struct FirewallPolicySpec {
     /// Which nodes this policy applies to, by their labels. Empty or absent
     /// selects every node of the cluster.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub node_selector: Option<LabelSelector>,
+    pub node_selector: Option<NodeSelector>,
 
     /// `Enforce` (default) drops what no rule allows. `Audit` logs on the
     /// node what would be dropped and drops nothing; on the cloud layer, Audit
@@ -104,13 +104,19 @@ pub struct FirewallRule {
     /// Name of the rule, unique within its direction of this policy. It is
     /// written into the Security Group rule description and the iptables rule
     /// comment, so a packet log or an SG rule can be traced back to it.
-    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
     pub name: String,
 
     /// Free text kept with the rule (ASCII letters, digits, spaces and
     /// `._-:/()#,@[]+=&;{}!$*`, as AWS allows in rule descriptions).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 200), regex(pattern = r"^[a-zA-Z0-9. _:/()#,@\[\]+=&;{}!$*-]*$"))]
+    #[schemars(
+        length(max = 200),
+        regex(pattern = r"^[a-zA-Z0-9. _:/()#,@\[\]+=&;{}!$*-]*$")
+    )]
     pub description: Option<String>,
 
     /// IP protocol: `TCP`, `UDP`, `ICMP`, `ICMPv6`, or `All`.
@@ -151,7 +157,20 @@ pub struct FirewallRule {
 }
 
 /// IP protocol of a rule.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default, JsonSchema)]
+#[derive(
+    Serialize,
+    Deserialize,
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Default,
+    JsonSchema,
+)]
 pub enum Protocol {
     /// TCP.
     #[default]
@@ -176,11 +195,11 @@ pub enum Protocol {
 #[serde(rename_all = "camelCase")]
 pub struct PortRange {
     /// The port, or the first port of the range (1-65535).
-    #[schemars(range(min = 1, max = 65535))]
+    #[schemars(range(min = 1, max = 65535), extend("format" = "int32"))]
     pub port: u16,
     /// The last port of the range, inclusive (1-65535, at least `port`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1, max = 65535))]
+    #[schemars(range(min = 1, max = 65535), extend("format" = "int32"))]
     pub end_port: Option<u16>,
 }
 
@@ -190,11 +209,11 @@ pub struct PortRange {
 pub struct IcmpMatch {
     /// ICMP type (0-255), e.g. 8 for echo request, 128 for ICMPv6 echo request.
     #[serde(rename = "type")]
-    #[schemars(range(min = 0, max = 255))]
+    #[schemars(range(min = 0, max = 255), extend("format" = "int32"))]
     pub icmp_type: u8,
     /// ICMP code (0-255). Absent: every code of the type.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 0, max = 255))]
+    #[schemars(range(min = 0, max = 255), extend("format" = "int32"))]
     pub code: Option<u8>,
 }
 
@@ -208,7 +227,7 @@ pub struct Peer {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 43))]
     #[x_kube(validation = Rule::new("isCIDR(self)").message("cidr must be an IPv4 or IPv6 network such as 203.0.113.0/24 or 2001:db8::/32"))]
-    #[x_kube(validation = Rule::new("!isCIDR(self) || string(cidr(self).masked()) == self").message(Message::Expression("'cidr ' + self + ' is not canonical: write it as ' + string(cidr(self).masked())".into())))]
+    #[x_kube(validation = Rule::new("!isCIDR(self) || cidr(self) == cidr(self).masked()").message("cidr must be canonical, with no host bits set: e.g. 10.0.0.0/24 rather than 10.0.0.5/24, 2001:db8::/32 rather than 2001:db8::1/32"))]
     pub cidr: Option<String>,
 
     /// A Security Group id (`sg-` and 8 or 17 hex digits). The cloud layer
@@ -230,11 +249,46 @@ pub struct Peer {
     /// Other nodes of this cluster, by label: their internal addresses (as
     /// /32 and /128) on both layers, kept current as nodes come and go.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub node_selector: Option<LabelSelector>,
+    pub node_selector: Option<NodeSelector>,
+}
+
+/// A Kubernetes label selector over Nodes (the same shape as a Deployment's
+/// `selector`): every `matchLabels` pair and every `matchExpressions`
+/// requirement must hold. An empty selector matches every node.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeSelector {
+    /// Labels a node must carry, with exactly these values.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("maxProperties" = 32))]
+    pub match_labels: Option<BTreeMap<String, String>>,
+    /// Requirements on node labels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 16))]
+    pub match_expressions: Option<Vec<NodeSelectorRequirement>>,
+}
+
+/// One requirement of a [`NodeSelector`].
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash, Default)]
+#[x_kube(validation = Rule::new("self.operator in ['In', 'NotIn'] ? (has(self.values) && size(self.values) > 0) : (!has(self.values) || size(self.values) == 0)").message("operators In and NotIn need at least one value; Exists and DoesNotExist take none"))]
+#[serde(rename_all = "camelCase")]
+pub struct NodeSelectorRequirement {
+    /// The label key.
+    #[schemars(length(min = 1, max = 317))]
+    pub key: String,
+    /// `In`, `NotIn`, `Exists` or `DoesNotExist`.
+    #[schemars(extend("enum" = ["In", "NotIn", "Exists", "DoesNotExist"]))]
+    pub operator: String,
+    /// Values for `In` and `NotIn`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    pub values: Option<Vec<String>>,
 }
 
 /// A layer that enforces a rule.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, JsonSchema)]
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, JsonSchema,
+)]
 pub enum Layer {
     /// The AWS Security Group, enforced by the hypervisor before traffic
     /// reaches the instance.
@@ -248,14 +302,14 @@ pub enum Layer {
 #[serde(rename_all = "camelCase")]
 pub struct RateLimit {
     /// New connections allowed per `per`, per peer address (1-10000).
-    #[schemars(range(min = 1, max = 10000))]
+    #[schemars(range(min = 1, max = 10000), extend("format" = "int32"))]
     pub count: u32,
     /// The period of `count`: `Second`, `Minute` (default) or `Hour`.
     #[serde(default)]
     pub per: RatePeriod,
     /// Connections allowed in a burst above the rate (1-10000; default 5).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1, max = 10000))]
+    #[schemars(range(min = 1, max = 10000), extend("format" = "int32"))]
     pub burst: Option<u32>,
 }
 
@@ -301,7 +355,7 @@ pub struct SecurityGroupTarget {
     /// Extra tags on the group Palisade creates. Palisade's own tags
     /// (`palisade.dev/*`) are always added and cannot be overridden.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = Rule::new("self.size() <= 40").message("at most 40 extra tags (AWS allows 50 per resource and Palisade uses some)"))]
+    #[schemars(extend("maxProperties" = 40))]
     #[x_kube(validation = Rule::new("self.all(k, !k.startsWith('aws:') && !k.startsWith('palisade.dev/') && size(k) <= 128)").message("tag keys must be at most 128 characters and must not start with aws: or palisade.dev/"))]
     pub tags: Option<BTreeMap<String, String>>,
 
@@ -374,9 +428,9 @@ pub struct SecurityGroupStatus {
     /// policy, unless `deletionPolicy: Retain`).
     pub owned: bool,
     /// Ingress rules Palisade manages in the group.
-    pub ingress_rules: u32,
+    pub ingress_rules: i32,
     /// Egress rules Palisade manages in the group.
-    pub egress_rules: u32,
+    pub egress_rules: i32,
     /// Instances whose primary interface carries the group.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub attached_instances: Vec<String>,
@@ -387,11 +441,11 @@ pub struct SecurityGroupStatus {
 #[serde(rename_all = "camelCase")]
 pub struct NodeCounts {
     /// Nodes the policy selects.
-    pub selected: u32,
+    pub selected: i32,
     /// Selected nodes whose agent applied the current generation.
-    pub synced: u32,
+    pub synced: i32,
     /// Selected nodes whose agent failed to apply it.
-    pub failed: u32,
+    pub failed: i32,
     /// `synced/selected`, for the printer column.
     pub summary: String,
 }

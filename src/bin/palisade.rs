@@ -1,4 +1,47 @@
-//! `palisade`: the offline CLI.
-fn main() {
-    print!("{}", palisade::api::crds_yaml().expect("crd"));
+//! `palisade`: the offline CLI. Prints the CRDs and validates policy files
+//! without a cluster, with the same CEL rules the apiserver applies at
+//! admission.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use palisade::cli;
+
+/// Palisade's offline tools: nothing here talks to a cluster or to AWS.
+#[derive(Parser)]
+#[command(name = "palisade", version, about)]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the CustomResourceDefinitions (the YAML committed in crds/).
+    Crd,
+    /// Validate FirewallPolicy manifests (YAML, several documents per file
+    /// allowed) with the CRD's admission rules, offline.
+    Validate {
+        /// Files to check; `-` reads standard input.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let result = match args.command {
+        Command::Crd => palisade::api::crds_yaml()
+            .map(|y| print!("{y}"))
+            .map_err(cli::Error::from),
+        Command::Validate { files } => cli::validate_files(&files, &mut std::io::stdout()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("palisade: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -1,1 +1,2 @@
 //! Test environment.
+pub mod fault_proxy;

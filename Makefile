@@ -1,0 +1,46 @@
+# The one entry point for people and CI. `make help` lists the targets.
+SHELL := /bin/bash
+CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/palisade
+export CARGO_TARGET_DIR ?= $(CACHE)/target
+export PALISADE_TESTBIN ?= $(CACHE)/bin
+CARGO ?= cargo
+
+.PHONY: help testbin build fmt fmt-check clippy crds check-generated unit test demo clean-env
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
+
+testbin: ## Build/install the real components tests run against (cached; instant when done)
+	@bash hack/testbin.sh
+
+build: ## Build every binary
+	$(CARGO) build --all-targets --all-features
+
+fmt: ## Format the code
+	$(CARGO) fmt --all
+
+fmt-check: ## Fail if the code is not formatted
+	$(CARGO) fmt --all -- --check
+
+clippy: ## Lint, warnings are errors
+	$(CARGO) clippy --all-targets --all-features -- -D warnings
+
+crds: ## Regenerate crds/ from the Rust types
+	$(CARGO) run --quiet --bin palisade -- crd > crds/palisade.dev.yaml
+
+check-generated: ## Fail if crds/ drifted from the Rust types
+	@$(CARGO) run --quiet --bin palisade -- crd | diff -u crds/palisade.dev.yaml - \
+	  || { echo "crds/ is stale: run 'make crds' and commit the result"; exit 1; }
+
+unit: ## Pure tests only (no apiserver, moto or namespaces)
+	$(CARGO) test --lib --bins
+
+test: testbin fmt-check clippy check-generated ## Everything CI runs: checks, then every test on the real local environment
+	$(CARGO) test --all-features --no-fail-fast
+
+demo: testbin ## Bring up the local environment and run Palisade end to end
+	$(CARGO) run --quiet --features testenv --bin palisade-demo
+
+clean-env: ## Remove leftovers of a crashed test run (processes, namespaces)
+	-pkill -f "$(PALISADE_TESTBIN)/" || true
+	-for ns in $$(ip netns list | awk '/^pal/{print $$1}'); do ip netns del $$ns; done

@@ -1,0 +1,170 @@
+//! The offline CLI's commands, as library functions so they are tested
+//! without spawning the binary.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::api::FirewallPolicy;
+
+/// What can go wrong in an offline command.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file could not be read.
+    #[error("reading {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// YAML that is not even YAML.
+    #[error("{0}")]
+    Yaml(#[from] serde_yaml::Error),
+    /// Writing the output failed.
+    #[error("writing output: {0}")]
+    Write(#[from] std::io::Error),
+    /// Some manifests are invalid; each was reported on the output.
+    #[error("{0} invalid manifest(s)")]
+    Invalid(usize),
+}
+
+/// One YAML document of an input file, with where it came from.
+#[derive(Debug, Clone)]
+pub struct Document {
+    /// `file` or `file#N` (N counts documents from 1) for messages.
+    pub origin: String,
+    /// The document as JSON.
+    pub value: Value,
+}
+
+/// Reads every non-empty YAML document of `path` (`-` is standard input).
+pub fn read_documents(path: &Path) -> Result<Vec<Document>, Error> {
+    let text = if path == Path::new("-") {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .map_err(|source| Error::Read {
+                path: path.into(),
+                source,
+            })?;
+        s
+    } else {
+        std::fs::read_to_string(path).map_err(|source| Error::Read {
+            path: path.into(),
+            source,
+        })?
+    };
+    let mut docs = Vec::new();
+    for (i, de) in serde_yaml::Deserializer::from_str(&text).enumerate() {
+        let value: Value = serde::Deserialize::deserialize(de)?;
+        if value.is_null() {
+            continue;
+        }
+        docs.push(Document {
+            origin: format!("{}#{}", path.display(), i + 1),
+            value,
+        });
+    }
+    Ok(docs)
+}
+
+/// Checks one manifest as admission would: it must be a palisade.dev/v1alpha1
+/// FirewallPolicy, carry no unknown fields, decode into the typed API, and
+/// pass every CEL rule of the CRD. Returns every problem found, one line each.
+pub fn check_policy(value: &Value) -> Vec<String> {
+    let api_version = value
+        .get("apiVersion")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let kind = value
+        .get("kind")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    if api_version != "palisade.dev/v1alpha1" || kind != "FirewallPolicy" {
+        return vec![format!(
+            "not a FirewallPolicy: apiVersion {api_version:?}, kind {kind:?} (want palisade.dev/v1alpha1, FirewallPolicy)"
+        )];
+    }
+    let policy: FirewallPolicy = match serde_json::from_value(value.clone()) {
+        Ok(p) => p,
+        Err(e) => return vec![format!("does not match the FirewallPolicy schema: {e}")],
+    };
+    let mut problems = Vec::new();
+    // serde drops fields it does not know; the apiserver's strict field
+    // validation refuses them. A typo (`prot:` for `port:`) must not vanish.
+    if let Ok(round_trip) = serde_json::to_value(&policy) {
+        unknown_fields(value, &round_trip, "", &mut problems);
+    }
+    if let Err(errors) = policy.validate_cel() {
+        // One line per failed rule: "<field path>: <message>".
+        problems.extend(
+            errors
+                .to_string()
+                .lines()
+                .map(|l| l.trim().trim_start_matches("- ").to_owned())
+                .filter(|l| !l.is_empty() && !l.ends_with("validation error(s):")),
+        );
+    }
+    problems
+}
+
+/// Fields of `input` that `known` (the typed round trip) lost, as paths.
+fn unknown_fields(input: &Value, known: &Value, path: &str, out: &mut Vec<String>) {
+    match (input, known) {
+        (Value::Object(a), Value::Object(b)) => {
+            for (k, v) in a {
+                // metadata and status are not ours to police offline.
+                if path.is_empty() && (k == "metadata" || k == "status") {
+                    continue;
+                }
+                let p = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
+                match b.get(k) {
+                    Some(w) => unknown_fields(v, w, &p, out),
+                    None if v.is_null() => {}
+                    None => out.push(format!("{p}: unknown field")),
+                }
+            }
+        }
+        (Value::Array(a), Value::Array(b)) => {
+            for (i, (v, w)) in a.iter().zip(b).enumerate() {
+                unknown_fields(v, w, &format!("{path}[{i}]"), out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// `palisade validate`: checks every FirewallPolicy document of `files`,
+/// printing `origin: OK` or each problem; fails if any is invalid.
+pub fn validate_files(files: &[PathBuf], out: &mut impl Write) -> Result<(), Error> {
+    let mut invalid = 0;
+    for file in files {
+        for doc in read_documents(file)? {
+            let name = doc
+                .value
+                .pointer("/metadata/name")
+                .and_then(Value::as_str)
+                .unwrap_or("<unnamed>");
+            let problems = check_policy(&doc.value);
+            if problems.is_empty() {
+                writeln!(out, "{} ({name}): OK", doc.origin)?;
+            } else {
+                invalid += 1;
+                for p in problems {
+                    writeln!(out, "{} ({name}): {p}", doc.origin)?;
+                }
+            }
+        }
+    }
+    if invalid > 0 {
+        Err(Error::Invalid(invalid))
+    } else {
+        Ok(())
+    }
+}

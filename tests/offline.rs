@@ -1,0 +1,76 @@
+//! Offline checks that need no cluster: the committed CRDs match the Rust
+//! types, every shipped example is valid, every manifest of the invalid
+//! corpus is refused by `palisade validate` as it is by admission.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+
+use palisade::cli;
+
+fn yaml_files(dir: &str) -> Vec<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn committed_crds_match_the_rust_types() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("crds/palisade.dev.yaml");
+    let committed = std::fs::read_to_string(path).unwrap();
+    let generated = palisade::api::crds_yaml().unwrap();
+    assert!(
+        committed == generated,
+        "crds/palisade.dev.yaml is stale: run `make crds` and commit the result"
+    );
+}
+
+#[test]
+fn every_example_is_valid_offline() {
+    let files = yaml_files("deploy/examples");
+    assert!(files.len() >= 6, "examples missing: {files:?}");
+    for file in files {
+        for doc in cli::read_documents(&file).unwrap() {
+            let problems = cli::check_policy(&doc.value);
+            assert!(problems.is_empty(), "{}: {problems:?}", doc.origin);
+        }
+    }
+}
+
+#[test]
+fn every_invalid_manifest_is_refused_offline() {
+    let files = yaml_files("tests/fixtures/invalid");
+    assert!(
+        files.len() >= 30,
+        "the invalid corpus must hold at least 30 manifests"
+    );
+    let mut accepted = Vec::new();
+    for file in files {
+        let docs = cli::read_documents(&file).unwrap();
+        assert_eq!(docs.len(), 1, "{}: one manifest per file", file.display());
+        if cli::check_policy(&docs[0].value).is_empty() {
+            accepted.push(file.display().to_string());
+        }
+    }
+    assert!(
+        accepted.is_empty(),
+        "accepted offline but invalid: {accepted:#?}"
+    );
+}
+
+#[test]
+fn unknown_fields_are_reported_with_their_path() {
+    let doc: serde_json::Value = serde_yaml::from_str(
+        "apiVersion: palisade.dev/v1alpha1\nkind: FirewallPolicy\nmetadata: {name: typo}\nspec:\n  ingress:\n    - name: ssh\n      protocol: TCP\n      prots: [{port: 22}]\n      peers: [{cidr: 10.0.0.0/8}]\n",
+    )
+    .unwrap();
+    let problems = cli::check_policy(&doc);
+    assert_eq!(
+        problems,
+        vec!["spec.ingress[0].prots: unknown field".to_string()]
+    );
+}
