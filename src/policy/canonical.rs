@@ -1,7 +1,7 @@
 //! Canonical form of a policy spec: the same policy written the same way,
 //! for `palisade fmt`-style output and for comparing two specs by meaning.
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use crate::api::NodeSelector;
 
 use crate::api::{FirewallPolicySpec, FirewallRule, Layer, Peer, PortRange};
 
@@ -39,7 +39,8 @@ fn canonical_rule(rule: &mut FirewallRule) {
     for peer in &mut rule.peers {
         if peer.node_selector.is_some() {
             // An empty selector is meaningful for a peer (every node): keep it.
-            peer.node_selector = Some(canonical_selector(peer.node_selector.as_ref()).unwrap_or_default());
+            peer.node_selector =
+                Some(canonical_selector(peer.node_selector.as_ref()).unwrap_or_default());
         }
     }
     rule.peers.sort_by_key(peer_key);
@@ -60,7 +61,7 @@ fn peer_key(p: &Peer) -> String {
     serde_json::to_string(p).unwrap_or_default()
 }
 
-fn canonical_selector(sel: Option<&LabelSelector>) -> Option<LabelSelector> {
+fn canonical_selector(sel: Option<&NodeSelector>) -> Option<NodeSelector> {
     let sel = sel?;
     let match_labels = sel.match_labels.clone().filter(|m| !m.is_empty());
     let match_expressions = sel
@@ -76,15 +77,21 @@ fn canonical_selector(sel: Option<&LabelSelector>) -> Option<LabelSelector> {
                     e.values = None;
                 }
             }
-            exprs.sort_by(|a, b| (&a.key, &a.operator, &a.values).cmp(&(&b.key, &b.operator, &b.values)));
+            exprs.sort_by(|a, b| {
+                (&a.key, &a.operator, &a.values).cmp(&(&b.key, &b.operator, &b.values))
+            });
             exprs.dedup();
             exprs
         })
         .filter(|e| !e.is_empty());
-    (match_labels.is_some() || match_expressions.is_some()).then_some(LabelSelector { match_labels, match_expressions })
+    (match_labels.is_some() || match_expressions.is_some()).then_some(NodeSelector {
+        match_labels,
+        match_expressions,
+    })
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use pretty_assertions::assert_eq;
 
@@ -102,7 +109,16 @@ mod tests {
         let c = canonicalize_spec(&p.spec);
         let ingress = c.ingress.as_ref().unwrap();
         assert_eq!(ingress[0].name, "a");
-        assert_eq!(ingress[1].ports.as_ref().unwrap().iter().map(|p| p.port).collect::<Vec<_>>(), [80, 443]);
+        assert_eq!(
+            ingress[1]
+                .ports
+                .as_ref()
+                .unwrap()
+                .iter()
+                .map(|p| p.port)
+                .collect::<Vec<_>>(),
+            [80, 443]
+        );
         assert_eq!(ingress[1].peers[0].cidr.as_deref(), Some("0.0.0.0/0"));
         assert_eq!((ingress[1].layers.clone(), ingress[1].log), (None, None));
         assert_eq!(canonicalize_spec(&c), c);

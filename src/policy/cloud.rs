@@ -169,7 +169,8 @@ impl SgPermission {
         to_port: Option<i32>,
         peer: SgPeer,
     ) -> Result<SgPermission, String> {
-        let protocol = SgProtocol::from_aws(ip_protocol).ok_or_else(|| format!("unknown IpProtocol {ip_protocol:?}"))?;
+        let protocol = SgProtocol::from_aws(ip_protocol)
+            .ok_or_else(|| format!("unknown IpProtocol {ip_protocol:?}"))?;
         let (from_port, to_port) = match protocol {
             SgProtocol::All => (-1, -1),
             SgProtocol::Tcp | SgProtocol::Udp => {
@@ -194,7 +195,12 @@ impl SgPermission {
             }
             SgProtocol::Number(_) => (from_port.unwrap_or(-1), to_port.unwrap_or(-1)),
         };
-        Ok(SgPermission { protocol, from_port, to_port, peer })
+        Ok(SgPermission {
+            protocol,
+            from_port,
+            to_port,
+            peer,
+        })
     }
 
     /// The address families this permission counts against in AWS's quota.
@@ -209,8 +215,16 @@ impl SgPermission {
     /// The all-traffic egress rules AWS puts in a new group (`-1` to
     /// `0.0.0.0/0`, and `::/0` where the VPC has IPv6).
     pub fn default_egress() -> [SgPermission; 2] {
-        let all = |peer| SgPermission { protocol: SgProtocol::All, from_port: -1, to_port: -1, peer };
-        [all(SgPeer::Ipv4(Ipv4Net::default())), all(SgPeer::Ipv6(Ipv6Net::default()))]
+        let all = |peer| SgPermission {
+            protocol: SgProtocol::All,
+            from_port: -1,
+            to_port: -1,
+            peer,
+        };
+        [
+            all(SgPeer::Ipv4(Ipv4Net::default())),
+            all(SgPeer::Ipv6(Ipv6Net::default())),
+        ]
     }
 }
 
@@ -224,9 +238,13 @@ impl Covers for SgPermission {
         let traffic = match (self.protocol, other.protocol) {
             (SgProtocol::All, _) => true,
             (a, b) if a != b => false,
-            (SgProtocol::Tcp | SgProtocol::Udp, _) => self.from_port <= other.from_port && other.to_port <= self.to_port,
+            (SgProtocol::Tcp | SgProtocol::Udp, _) => {
+                self.from_port <= other.from_port && other.to_port <= self.to_port
+            }
             (SgProtocol::Icmp | SgProtocol::Icmpv6, _) => {
-                self.from_port == -1 || (self.from_port == other.from_port && (self.to_port == -1 || self.to_port == other.to_port))
+                self.from_port == -1
+                    || (self.from_port == other.from_port
+                        && (self.to_port == -1 || self.to_port == other.to_port))
             }
             _ => self.from_port == other.from_port && self.to_port == other.to_port,
         };
@@ -247,10 +265,18 @@ impl fmt::Display for SgPermission {
             SgProtocol::Tcp | SgProtocol::Udp if self.from_port == self.to_port => {
                 write!(f, "{proto} {} {}", self.from_port, self.peer)
             }
-            SgProtocol::Tcp | SgProtocol::Udp => write!(f, "{proto} {}-{} {}", self.from_port, self.to_port, self.peer),
+            SgProtocol::Tcp | SgProtocol::Udp => write!(
+                f,
+                "{proto} {}-{} {}",
+                self.from_port, self.to_port, self.peer
+            ),
             _ if self.from_port == -1 => write!(f, "{proto} {}", self.peer),
             _ if self.to_port == -1 => write!(f, "{proto} {} {}", self.from_port, self.peer),
-            _ => write!(f, "{proto} {}/{} {}", self.from_port, self.to_port, self.peer),
+            _ => write!(
+                f,
+                "{proto} {}/{} {}",
+                self.from_port, self.to_port, self.peer
+            ),
         }
     }
 }
@@ -390,7 +416,11 @@ fn describe(policy: &str, rule: &ValidRule) -> String {
 fn port_pairs(rule: &ValidRule) -> Vec<(i32, i32)> {
     match rule.protocol {
         Protocol::Tcp | Protocol::Udp if rule.ports.is_empty() => vec![(0, 65535)],
-        Protocol::Tcp | Protocol::Udp => rule.ports.iter().map(|p| (i32::from(p.first), i32::from(p.last))).collect(),
+        Protocol::Tcp | Protocol::Udp => rule
+            .ports
+            .iter()
+            .map(|p| (i32::from(p.first), i32::from(p.last)))
+            .collect(),
         Protocol::Icmp | Protocol::Icmpv6 => vec![rule.icmp.map_or((-1, -1), |m| {
             (i32::from(m.icmp_type), m.code.map_or(-1, i32::from))
         })],
@@ -425,8 +455,12 @@ pub(crate) fn sg_peers(rule: &ValidRule, peer: &PeerRef, facts: &Facts) -> Vec<S
 /// `facts.quota` allows in either family, before any API call could fail
 /// halfway; warns (in the plan) at 80 %.
 pub fn plan_cloud(policy: &ValidPolicy, facts: &Facts) -> Result<CloudPlan, PolicyError> {
-    let keeps_default_egress = policy.mode() == PolicyMode::Audit || policy.rules(Direction::Egress).is_none();
-    let mut quota = QuotaUsage { limit: facts.quota.rules_per_direction, ..Default::default() };
+    let keeps_default_egress =
+        policy.mode() == PolicyMode::Audit || policy.rules(Direction::Egress).is_none();
+    let mut quota = QuotaUsage {
+        limit: facts.quota.rules_per_direction,
+        ..Default::default()
+    };
     let mut warnings = Vec::new();
     let mut plan_direction = |direction: Direction| -> Option<Vec<PlannedPermission>> {
         let rules = policy.rules(direction)?;
@@ -436,26 +470,36 @@ pub fn plan_cloud(policy: &ValidPolicy, facts: &Facts) -> Result<CloudPlan, Poli
         let mut planned: BTreeMap<SgPermission, PlannedPermission> = BTreeMap::new();
         for rule in rules {
             for peer in &rule.peers {
-                if let PeerRef::PrefixList(id) = peer {
-                    if !facts.prefix_lists.contains_key(id) {
-                        warnings.push(Warning::UnresolvedReference {
-                            policy: policy.name().to_string(),
-                            direction,
-                            rule: rule.name.clone(),
-                            id: id.clone(),
-                            layer: Layer::Cloud,
-                        });
-                    }
+                if let PeerRef::PrefixList(id) = peer
+                    && !facts.prefix_lists.contains_key(id)
+                {
+                    warnings.push(Warning::UnresolvedReference {
+                        policy: policy.name().to_string(),
+                        direction,
+                        rule: rule.name.clone(),
+                        id: id.clone(),
+                        layer: Layer::Cloud,
+                    });
                 }
                 for sg_peer in sg_peers(rule, peer, facts) {
                     for (from_port, to_port) in port_pairs(rule) {
-                        let permission =
-                            SgPermission { protocol: SgProtocol::of(rule.protocol), from_port, to_port, peer: sg_peer.clone() };
-                        produced.push(Produced { rule: rule.name.clone(), item: permission.clone(), unconditional: true });
-                        let entry = planned.entry(permission.clone()).or_insert_with(|| PlannedPermission {
-                            permission,
-                            description: describe(policy.name(), rule),
-                            rules: Vec::new(),
+                        let permission = SgPermission {
+                            protocol: SgProtocol::of(rule.protocol),
+                            from_port,
+                            to_port,
+                            peer: sg_peer.clone(),
+                        };
+                        produced.push(Produced {
+                            rule: rule.name.clone(),
+                            item: permission.clone(),
+                            unconditional: true,
+                        });
+                        let entry = planned.entry(permission.clone()).or_insert_with(|| {
+                            PlannedPermission {
+                                permission,
+                                description: describe(policy.name(), rule),
+                                rules: Vec::new(),
+                            }
                         });
                         if !entry.rules.contains(&rule.name) {
                             entry.rules.push(rule.name.clone());
@@ -471,12 +515,19 @@ pub fn plan_cloud(policy: &ValidPolicy, facts: &Facts) -> Result<CloudPlan, Poli
         };
         for p in planned.values() {
             let cost = match &p.permission.peer {
-                SgPeer::PrefixList(id) => facts.prefix_lists.get(id).map(|pl| (pl.family, pl.max_entries)),
+                SgPeer::PrefixList(id) => facts
+                    .prefix_lists
+                    .get(id)
+                    .map(|pl| (pl.family, pl.max_entries)),
                 _ => None,
             };
             match cost {
                 Some((family, n)) => count.add(family, n),
-                None => p.permission.families().iter().for_each(|f| count.add(*f, 1)),
+                None => p
+                    .permission
+                    .families()
+                    .iter()
+                    .for_each(|f| count.add(*f, 1)),
             }
         }
         if direction == Direction::Egress
@@ -498,10 +549,22 @@ pub fn plan_cloud(policy: &ValidPolicy, facts: &Facts) -> Result<CloudPlan, Poli
             let used = quota.direction(direction).get(family);
             let limit = quota.limit;
             if used > limit {
-                return Err(PolicyError::QuotaExceeded { policy: policy.name().to_string(), direction, family, used, limit });
+                return Err(PolicyError::QuotaExceeded {
+                    policy: policy.name().to_string(),
+                    direction,
+                    family,
+                    used,
+                    limit,
+                });
             }
             if u64::from(used) * 5 >= u64::from(limit) * 4 && used > 0 {
-                warnings.push(Warning::QuotaNear { policy: policy.name().to_string(), direction, family, used, limit });
+                warnings.push(Warning::QuotaNear {
+                    policy: policy.name().to_string(),
+                    direction,
+                    family,
+                    used,
+                    limit,
+                });
             }
         }
     }
@@ -519,6 +582,7 @@ pub fn plan_cloud(policy: &ValidPolicy, facts: &Facts) -> Result<CloudPlan, Poli
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use pretty_assertions::assert_eq;
 
@@ -529,7 +593,10 @@ mod tests {
     use crate::policy::validate;
 
     fn texts(perms: &[PlannedPermission]) -> Vec<String> {
-        perms.iter().map(|p| format!("{} [{}]", p.permission, p.description)).collect()
+        perms
+            .iter()
+            .map(|p| format!("{} [{}]", p.permission, p.description))
+            .collect()
     }
 
     #[test]
@@ -556,15 +623,24 @@ mod tests {
     fn seed_jump_host_rule_stays_off_the_security_group() {
         let plan = plan_cloud(&validate(&jump_host_policy()).unwrap(), &Facts::default()).unwrap();
         // The node-only narrowing is not a cloud rule: the SG keeps SSH from the office.
-        assert_eq!(texts(plan.ingress.as_deref().unwrap()), ["tcp 22 203.0.113.0/24 [palisade:bastion/ssh-office]"]);
+        assert_eq!(
+            texts(plan.ingress.as_deref().unwrap()),
+            ["tcp 22 203.0.113.0/24 [palisade:bastion/ssh-office]"]
+        );
     }
 
     #[test]
     fn aws_shapes_for_each_protocol() {
         let mut ping = rule("ping", Protocol::Icmp, &[], &["0.0.0.0/0"]);
-        ping.icmp = Some(crate::api::IcmpMatch { icmp_type: 8, code: None });
+        ping.icmp = Some(crate::api::IcmpMatch {
+            icmp_type: 8,
+            code: None,
+        });
         let mut pmtu = rule("pmtu", Protocol::Icmpv6, &[], &["::/0"]);
-        pmtu.icmp = Some(crate::api::IcmpMatch { icmp_type: 2, code: Some(0) });
+        pmtu.icmp = Some(crate::api::IcmpMatch {
+            icmp_type: 2,
+            code: Some(0),
+        });
         let any6 = rule("any6", Protocol::Icmpv6, &[], &["2001:db8::/32"]);
         let all = rule("all", Protocol::All, &[], &["10.0.0.0/8"]);
         let dns = rule("dns", Protocol::Udp, &[], &["10.0.0.2/32"]);
@@ -574,7 +650,13 @@ mod tests {
             .ingress
             .unwrap()
             .iter()
-            .map(|p| (p.permission.protocol.aws_name(), p.permission.from_port, p.permission.to_port))
+            .map(|p| {
+                (
+                    p.permission.protocol.aws_name(),
+                    p.permission.from_port,
+                    p.permission.to_port,
+                )
+            })
             .collect();
         assert_eq!(
             shapes,
@@ -597,7 +679,10 @@ mod tests {
         let plan = plan_cloud(&validate(&p).unwrap(), &facts).unwrap();
         assert_eq!(
             texts(plan.ingress.as_deref().unwrap()),
-            ["tcp 5432 10.0.2.10/32 [palisade:p/from-db]", "tcp 5432 2001:db8::2:10/128 [palisade:p/from-db]"]
+            [
+                "tcp 5432 10.0.2.10/32 [palisade:p/from-db]",
+                "tcp 5432 2001:db8::2:10/128 [palisade:p/from-db]"
+            ]
         );
     }
 
@@ -628,7 +713,12 @@ mod tests {
 
     #[test]
     fn quota_counts_as_aws_does() {
-        let mut r = rule("refs", Protocol::Tcp, &[443], &["10.0.0.0/8", "2001:db8::/32"]);
+        let mut r = rule(
+            "refs",
+            Protocol::Tcp,
+            &[443],
+            &["10.0.0.0/8", "2001:db8::/32"],
+        );
         r.peers.push(sg_peer("sg-0123456789abcdef0"));
         r.peers.push(pl_peer("pl-0123456789abcdef0"));
         r.peers.push(pl_peer("pl-01234567"));
@@ -636,7 +726,11 @@ mod tests {
         let mut facts = Facts::default();
         facts.prefix_lists.insert(
             "pl-0123456789abcdef0".into(),
-            PrefixListFacts { family: IpFamily::V6, cidrs: vec![], max_entries: 20 },
+            PrefixListFacts {
+                family: IpFamily::V6,
+                cidrs: vec![],
+                max_entries: 20,
+            },
         );
         let plan = plan_cloud(&validate(&p).unwrap(), &facts).unwrap();
         // v4: cidr + sg + unresolved pl; v6: cidr + sg + 20 (pl max entries) + unresolved pl.
@@ -658,12 +752,23 @@ mod tests {
         assert_eq!(err.reason(), "QuotaExceeded");
         facts.quota.rules_per_direction = 25;
         let plan = plan_cloud(&validate(&p).unwrap(), &facts).unwrap();
-        assert!(plan.warnings.iter().any(|w| matches!(w, Warning::QuotaNear { used: 23, limit: 25, .. })));
+        assert!(plan.warnings.iter().any(|w| matches!(
+            w,
+            Warning::QuotaNear {
+                used: 23,
+                limit: 25,
+                ..
+            }
+        )));
     }
 
     #[test]
     fn audit_keeps_default_egress_and_counts_it() {
-        let mut p = policy("p", vec![], Some(vec![rule("https", Protocol::Tcp, &[443], &["0.0.0.0/0"])]));
+        let mut p = policy(
+            "p",
+            vec![],
+            Some(vec![rule("https", Protocol::Tcp, &[443], &["0.0.0.0/0"])]),
+        );
         p.spec.mode = PolicyMode::Audit;
         let plan = plan_cloud(&validate(&p).unwrap(), &Facts::default()).unwrap();
         assert!(plan.keeps_default_egress);
@@ -695,10 +800,15 @@ mod tests {
         let all = SgPermission::from_aws("-1", None, None, peer.clone()).unwrap();
         assert_eq!((all.from_port, all.to_port), (-1, -1));
         let icmp = SgPermission::from_aws("icmpv6", Some(-1), Some(7), peer.clone()).unwrap();
-        assert_eq!((icmp.protocol, icmp.from_port, icmp.to_port), (SgProtocol::Icmpv6, -1, -1));
+        assert_eq!(
+            (icmp.protocol, icmp.from_port, icmp.to_port),
+            (SgProtocol::Icmpv6, -1, -1)
+        );
         let esp = SgPermission::from_aws("50", None, None, peer).unwrap();
         assert_eq!(esp.protocol, SgProtocol::Number(50));
         assert!(SgPeer::from_aws(Some("10.0.0.0/8"), Some("::/0"), None, None).is_err());
-        assert!(SgPermission::from_aws("sctp", None, None, SgPeer::PrefixList("pl-1".into())).is_err());
+        assert!(
+            SgPermission::from_aws("sctp", None, None, SgPeer::PrefixList("pl-1".into())).is_err()
+        );
     }
 }

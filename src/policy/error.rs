@@ -92,7 +92,9 @@ pub enum PolicyError {
     },
 
     /// Two different owners hash to the same chain, set or hashlimit name.
-    #[error("name collision: {name} stands for both {first} and {second}; rename one policy or rule")]
+    #[error(
+        "name collision: {name} stands for both {first} and {second}; rename one policy or rule"
+    )]
     NameCollision {
         /// The colliding name.
         name: String,
@@ -127,7 +129,11 @@ pub enum PolicyError {
 }
 
 fn join_errors(errors: &[PolicyError]) -> String {
-    errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+    errors
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 impl PolicyError {
@@ -144,7 +150,9 @@ impl PolicyError {
     /// Every field-level problem, flattened (an `Invalid` yields its parts).
     pub fn problems(&self) -> Vec<&PolicyError> {
         match self {
-            PolicyError::Invalid { errors, .. } => errors.iter().flat_map(PolicyError::problems).collect(),
+            PolicyError::Invalid { errors, .. } => {
+                errors.iter().flat_map(PolicyError::problems).collect()
+            }
             other => vec![other],
         }
     }
@@ -160,7 +168,15 @@ impl PolicyError {
         }
     }
 
-    pub(crate) fn field(path: impl Into<String>, problem: impl Into<String>, fix: impl Into<String>) -> Self {
-        PolicyError::InvalidField { path: path.into(), problem: problem.into(), fix: fix.into() }
+    pub(crate) fn field(
+        path: impl Into<String>,
+        problem: impl Into<String>,
+        fix: impl Into<String>,
+    ) -> Self {
+        PolicyError::InvalidField {
+            path: path.into(),
+            problem: problem.into(),
+            fix: fix.into(),
+        }
     }
 }

@@ -12,7 +12,9 @@ use serde::Serialize;
 
 use super::cloud::{CloudPlan, SgPeer, SgPermission, SgProtocol};
 use super::facts::Facts;
-use super::node::{Address, AddrSide, BuiltinChain, L4Protocol, NodeAction, NodeMatch, NodeRuleset, RuleOrigin};
+use super::node::{
+    AddrSide, Address, BuiltinChain, L4Protocol, NodeAction, NodeMatch, NodeRuleset, RuleOrigin,
+};
 use super::{Direction, IpFamily};
 
 /// The protocol part of a probe packet.
@@ -79,10 +81,14 @@ pub enum NodeVerdict {
 /// Whether one Security Group permission grants `probe`, with references
 /// resolved through `facts` (an unresolved one grants nothing here).
 pub fn permission_matches(p: &SgPermission, probe: &Probe, facts: &Facts) -> bool {
-    let icmp = |t: u8, c: u8| p.from_port == -1 || (p.from_port == i32::from(t) && (p.to_port == -1 || p.to_port == i32::from(c)));
+    let icmp = |t: u8, c: u8| {
+        p.from_port == -1
+            || (p.from_port == i32::from(t) && (p.to_port == -1 || p.to_port == i32::from(c)))
+    };
     let traffic = match (p.protocol, probe.protocol) {
         (SgProtocol::All, _) => true,
-        (SgProtocol::Tcp, ProbeProtocol::Tcp { port }) | (SgProtocol::Udp, ProbeProtocol::Udp { port }) => {
+        (SgProtocol::Tcp, ProbeProtocol::Tcp { port })
+        | (SgProtocol::Udp, ProbeProtocol::Udp { port }) => {
             p.from_port <= i32::from(port) && i32::from(port) <= p.to_port
         }
         (SgProtocol::Icmp, ProbeProtocol::Icmp { icmp_type, code }) => icmp(icmp_type, code),
@@ -94,8 +100,14 @@ pub fn permission_matches(p: &SgPermission, probe: &Probe, facts: &Facts) -> boo
     let peer = match &p.peer {
         SgPeer::Ipv4(n) => matches!(addr, IpAddr::V4(a) if n.contains(&a)),
         SgPeer::Ipv6(n) => matches!(addr, IpAddr::V6(a) if n.contains(&a)),
-        SgPeer::SecurityGroup(id) => facts.security_groups.get(id).is_some_and(|nets| nets.iter().any(|n| n.contains(&addr))),
-        SgPeer::PrefixList(id) => facts.prefix_lists.get(id).is_some_and(|pl| pl.cidrs.iter().any(|n| n.contains(&addr))),
+        SgPeer::SecurityGroup(id) => facts
+            .security_groups
+            .get(id)
+            .is_some_and(|nets| nets.iter().any(|n| n.contains(&addr))),
+        SgPeer::PrefixList(id) => facts
+            .prefix_lists
+            .get(id)
+            .is_some_and(|pl| pl.cidrs.iter().any(|n| n.contains(&addr))),
     };
     traffic && peer
 }
@@ -105,7 +117,11 @@ pub fn permission_matches(p: &SgPermission, probe: &Probe, facts: &Facts) -> boo
 /// plan keeps is not counted (it is the group's, not the plan's).
 pub fn cloud_permits(plan: &CloudPlan, probe: &Probe, facts: &Facts) -> Option<bool> {
     let perms = plan.permissions(probe.direction)?;
-    Some(perms.iter().any(|p| permission_matches(&p.permission, probe, facts)))
+    Some(
+        perms
+            .iter()
+            .any(|p| permission_matches(&p.permission, probe, facts)),
+    )
 }
 
 /// What the node layer does with `probe`: the walk iptables would make from
@@ -125,7 +141,13 @@ pub fn node_verdict(ruleset: &NodeRuleset, probe: &Probe) -> NodeVerdict {
     walk(ruleset, family, &hook.target, probe, 0).unwrap_or(NodeVerdict::NotFiltered)
 }
 
-fn walk(ruleset: &NodeRuleset, family: IpFamily, chain: &str, probe: &Probe, depth: usize) -> Option<NodeVerdict> {
+fn walk(
+    ruleset: &NodeRuleset,
+    family: IpFamily,
+    chain: &str,
+    probe: &Probe,
+    depth: usize,
+) -> Option<NodeVerdict> {
     // Palisade's chains are three deep; the bound only guards a malformed input.
     if depth > 8 {
         return None;
@@ -136,7 +158,9 @@ fn walk(ruleset: &NodeRuleset, family: IpFamily, chain: &str, probe: &Probe, dep
             continue;
         }
         match &rule.action {
-            NodeAction::Accept if rule.origin == RuleOrigin::AuditDefault => return Some(NodeVerdict::AuditAccept),
+            NodeAction::Accept if rule.origin == RuleOrigin::AuditDefault => {
+                return Some(NodeVerdict::AuditAccept);
+            }
             NodeAction::Accept => return Some(NodeVerdict::Accept),
             NodeAction::Drop => return Some(NodeVerdict::Drop),
             NodeAction::Jump { chain } => {
@@ -145,7 +169,9 @@ fn walk(ruleset: &NodeRuleset, family: IpFamily, chain: &str, probe: &Probe, dep
                 }
             }
             NodeAction::Log { .. } => {}
-            NodeAction::AcceptUnderLimit { .. } if !probe.over_rate => return Some(NodeVerdict::Accept),
+            NodeAction::AcceptUnderLimit { .. } if !probe.over_rate => {
+                return Some(NodeVerdict::Accept);
+            }
             NodeAction::AcceptUnderLimit { .. } => {}
         }
     }
@@ -162,22 +188,26 @@ fn rule_matches(ruleset: &NodeRuleset, m: &NodeMatch, probe: &Probe) -> bool {
     let (l4, port, icmp) = match probe.protocol {
         ProbeProtocol::Tcp { port } => (Some(L4Protocol::Tcp), Some(port), None),
         ProbeProtocol::Udp { port } => (Some(L4Protocol::Udp), Some(port), None),
-        ProbeProtocol::Icmp { icmp_type, code } => (Some(L4Protocol::Icmp), None, Some((icmp_type, code))),
-        ProbeProtocol::Icmpv6 { icmp_type, code } => (Some(L4Protocol::Icmpv6), None, Some((icmp_type, code))),
+        ProbeProtocol::Icmp { icmp_type, code } => {
+            (Some(L4Protocol::Icmp), None, Some((icmp_type, code)))
+        }
+        ProbeProtocol::Icmpv6 { icmp_type, code } => {
+            (Some(L4Protocol::Icmpv6), None, Some((icmp_type, code)))
+        }
         ProbeProtocol::Other(_) => (None, None, None),
     };
     if m.protocol.is_some() && m.protocol != l4 {
         return false;
     }
-    if let Some(span) = m.dports {
-        if !port.is_some_and(|p| span.contains(p)) {
-            return false;
-        }
+    if let Some(span) = m.dports
+        && !port.is_some_and(|p| span.contains(p))
+    {
+        return false;
     }
-    if let Some(want) = m.icmp {
-        if !icmp.is_some_and(|(t, c)| t == want.icmp_type && want.code.is_none_or(|wc| wc == c)) {
-            return false;
-        }
+    if let Some(want) = m.icmp
+        && !icmp.is_some_and(|(t, c)| t == want.icmp_type && want.code.is_none_or(|wc| wc == c))
+    {
+        return false;
     }
     if let Some(peer) = &m.peer {
         let remote = match probe.direction {
@@ -189,7 +219,9 @@ fn rule_matches(ruleset: &NodeRuleset, m: &NodeMatch, probe: &Probe) -> bool {
         }
         let hit = match &peer.address {
             Address::Cidr(n) => n.contains(&probe.peer),
-            Address::Set(name) => ruleset.set(name).is_some_and(|s| s.entries.iter().any(|n| n.contains(&probe.peer))),
+            Address::Set(name) => ruleset
+                .set(name)
+                .is_some_and(|s| s.entries.iter().any(|n| n.contains(&probe.peer))),
         };
         if !hit {
             return false;
@@ -199,6 +231,7 @@ fn rule_matches(ruleset: &NodeRuleset, m: &NodeMatch, probe: &Probe) -> bool {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::policy::testing::*;
@@ -220,14 +253,31 @@ mod tests {
         let plan = plan_cloud(&p, &facts).unwrap();
         let rs = compile_node("web-1", &[p], &facts).unwrap();
         let both = |probe: &Probe| {
-            cloud_permits(&plan, probe, &facts) == Some(true) && node_verdict(&rs, probe) == NodeVerdict::Accept
+            cloud_permits(&plan, probe, &facts) == Some(true)
+                && node_verdict(&rs, probe) == NodeVerdict::Accept
         };
         assert!(both(&tcp_in("203.0.113.10", 22)), "the jump host gets in");
-        assert!(!both(&tcp_in("203.0.113.11", 22)), "the rest of the office does not");
-        assert_eq!(cloud_permits(&plan, &tcp_in("203.0.113.11", 22), &facts), Some(true));
-        assert_eq!(node_verdict(&rs, &tcp_in("203.0.113.11", 22)), NodeVerdict::Drop);
-        assert_eq!(node_verdict(&rs, &tcp_in("198.51.100.1", 10250)), NodeVerdict::Accept, "failsafe kubelet");
-        let out = Probe { direction: Direction::Egress, ..tcp_in("198.51.100.1", 443) };
+        assert!(
+            !both(&tcp_in("203.0.113.11", 22)),
+            "the rest of the office does not"
+        );
+        assert_eq!(
+            cloud_permits(&plan, &tcp_in("203.0.113.11", 22), &facts),
+            Some(true)
+        );
+        assert_eq!(
+            node_verdict(&rs, &tcp_in("203.0.113.11", 22)),
+            NodeVerdict::Drop
+        );
+        assert_eq!(
+            node_verdict(&rs, &tcp_in("198.51.100.1", 10250)),
+            NodeVerdict::Accept,
+            "failsafe kubelet"
+        );
+        let out = Probe {
+            direction: Direction::Egress,
+            ..tcp_in("198.51.100.1", 443)
+        };
         assert_eq!(node_verdict(&rs, &out), NodeVerdict::NotFiltered);
         assert_eq!(cloud_permits(&plan, &out, &facts), None);
     }
@@ -237,15 +287,31 @@ mod tests {
         let facts = facts_with_nodes();
         let p = validate(&web_policy()).unwrap();
         let rs = compile_node("web-1", &[p], &facts).unwrap();
-        assert_eq!(node_verdict(&rs, &tcp_in("2001:db8::99", 443)), NodeVerdict::Accept);
-        assert_eq!(node_verdict(&rs, &tcp_in("2001:db8::99", 22)), NodeVerdict::Drop);
-        assert_eq!(node_verdict(&rs, &tcp_in("203.0.113.99", 22)), NodeVerdict::Accept);
+        assert_eq!(
+            node_verdict(&rs, &tcp_in("2001:db8::99", 443)),
+            NodeVerdict::Accept
+        );
+        assert_eq!(
+            node_verdict(&rs, &tcp_in("2001:db8::99", 22)),
+            NodeVerdict::Drop
+        );
+        assert_eq!(
+            node_verdict(&rs, &tcp_in("203.0.113.99", 22)),
+            NodeVerdict::Accept
+        );
         let nd = Probe {
             direction: Direction::Ingress,
             peer: "fe80::1".parse().unwrap(),
-            protocol: ProbeProtocol::Icmpv6 { icmp_type: 135, code: 0 },
+            protocol: ProbeProtocol::Icmpv6 {
+                icmp_type: 135,
+                code: 0,
+            },
             over_rate: false,
         };
-        assert_eq!(node_verdict(&rs, &nd), NodeVerdict::Accept, "neighbour solicitation is failsafe");
+        assert_eq!(
+            node_verdict(&rs, &nd),
+            NodeVerdict::Accept,
+            "neighbour solicitation is failsafe"
+        );
     }
 }

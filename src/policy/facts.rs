@@ -58,7 +58,12 @@ impl NodeFacts {
     /// The EC2 instance id from `providerID` (`aws:///us-east-1a/i-0abc...`),
     /// or `None` when the node is not an EC2 instance.
     pub fn instance_id(&self) -> Option<&str> {
-        let id = self.provider_id.as_deref()?.strip_prefix("aws://")?.rsplit('/').next()?;
+        let id = self
+            .provider_id
+            .as_deref()?
+            .strip_prefix("aws://")?
+            .rsplit('/')
+            .next()?;
         id.starts_with("i-").then_some(id)
     }
 }
@@ -87,7 +92,9 @@ pub struct SgQuota {
 
 impl Default for SgQuota {
     fn default() -> Self {
-        SgQuota { rules_per_direction: 60 }
+        SgQuota {
+            rules_per_direction: 60,
+        }
     }
 }
 
@@ -105,7 +112,11 @@ pub struct FailsafePort {
 
 impl FailsafePort {
     fn new(name: &str, protocol: Protocol, port: u16, end_port: Option<u16>) -> Self {
-        FailsafePort { name: name.to_string(), protocol, ports: PortRange { port, end_port } }
+        FailsafePort {
+            name: name.to_string(),
+            protocol,
+            ports: PortRange { port, end_port },
+        }
     }
 }
 
@@ -174,7 +185,10 @@ impl Default for Failsafe {
             inbound,
             outbound,
             icmp: vec![icmp(3, Some(4)), icmp(11, None)],
-            icmpv6: [1, 2, 3, 4, 133, 134, 135, 136, 137].into_iter().map(|t| icmp(t, None)).collect(),
+            icmpv6: [1, 2, 3, 4, 133, 134, 135, 136, 137]
+                .into_iter()
+                .map(|t| icmp(t, None))
+                .collect(),
         }
     }
 }
@@ -194,7 +208,11 @@ impl Failsafe {
             }
         }
         if self.ssh_port == 0 {
-            errors.push(PolicyError::field("failsafe.sshPort", "port 0 is not a port", "use 1-65535 (usually 22)"));
+            errors.push(PolicyError::field(
+                "failsafe.sshPort",
+                "port 0 is not a port",
+                "use 1-65535 (usually 22)",
+            ));
         }
         for (list, entries) in [("inbound", &self.inbound), ("outbound", &self.outbound)] {
             for (i, entry) in entries.iter().enumerate() {
@@ -219,7 +237,10 @@ impl Failsafe {
         if errors.is_empty() {
             Ok(())
         } else {
-            Err(PolicyError::Invalid { policy: "<failsafe>".into(), errors })
+            Err(PolicyError::Invalid {
+                policy: "<failsafe>".into(),
+                errors,
+            })
         }
     }
 }
@@ -256,11 +277,21 @@ impl Facts {
             } else if peer.id.starts_with("pl-") {
                 let family = cidrs.first().map_or(IpFamily::V4, IpFamily::of_net);
                 let max_entries = u32::try_from(cidrs.len()).unwrap_or(u32::MAX);
-                self.prefix_lists.insert(peer.id.clone(), PrefixListFacts { family, cidrs, max_entries });
+                self.prefix_lists.insert(
+                    peer.id.clone(),
+                    PrefixListFacts {
+                        family,
+                        cidrs,
+                        max_entries,
+                    },
+                );
             } else {
                 return Err(PolicyError::field(
                     format!("status.resolvedPeers[{i}].id"),
-                    format!("{:?} is neither a Security Group nor a prefix list id", peer.id),
+                    format!(
+                        "{:?} is neither a Security Group nor a prefix list id",
+                        peer.id
+                    ),
                     "use an sg-... or pl-... id",
                 ));
             }
@@ -270,6 +301,7 @@ impl Facts {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -279,9 +311,20 @@ mod tests {
         assert!(fs.validate().is_ok());
         assert!(fs.admin_cidrs.is_empty());
         assert!(fs.inbound.iter().any(|p| p.ports.port == 10250));
-        assert!(fs.inbound.iter().any(|p| p.ports.port == 68 && p.protocol == Protocol::Udp));
-        assert!(fs.outbound.iter().any(|p| p.ports.port == 67 && p.protocol == Protocol::Udp));
-        assert!(fs.icmp.contains(&IcmpMatch { icmp_type: 3, code: Some(4) }));
+        assert!(
+            fs.inbound
+                .iter()
+                .any(|p| p.ports.port == 68 && p.protocol == Protocol::Udp)
+        );
+        assert!(
+            fs.outbound
+                .iter()
+                .any(|p| p.ports.port == 67 && p.protocol == Protocol::Udp)
+        );
+        assert!(fs.icmp.contains(&IcmpMatch {
+            icmp_type: 3,
+            code: Some(4)
+        }));
         assert_eq!(fs.icmpv6.len(), 9);
     }
 
@@ -293,16 +336,27 @@ mod tests {
             ..Failsafe::default()
         };
         let err = fs.validate().unwrap_err().to_string();
-        assert!(err.contains("failsafe.adminCidrs[0]: 10.0.0.1/24 is not a canonical CIDR; write 10.0.0.0/24"), "{err}");
+        assert!(
+            err.contains(
+                "failsafe.adminCidrs[0]: 10.0.0.1/24 is not a canonical CIDR; write 10.0.0.0/24"
+            ),
+            "{err}"
+        );
         assert!(err.contains("failsafe.inbound[0].protocol"), "{err}");
         assert!(err.contains("failsafe.inbound[0].ports"), "{err}");
     }
 
     #[test]
     fn instance_id_from_provider_id() {
-        let node = NodeFacts { provider_id: Some("aws:///eu-west-1a/i-0123456789abcdef0".into()), ..Default::default() };
+        let node = NodeFacts {
+            provider_id: Some("aws:///eu-west-1a/i-0123456789abcdef0".into()),
+            ..Default::default()
+        };
         assert_eq!(node.instance_id(), Some("i-0123456789abcdef0"));
-        let kind = NodeFacts { provider_id: Some("kind://docker/kind/kind-worker".into()), ..Default::default() };
+        let kind = NodeFacts {
+            provider_id: Some("kind://docker/kind/kind-worker".into()),
+            ..Default::default()
+        };
         assert_eq!(kind.instance_id(), None);
     }
 
@@ -311,13 +365,28 @@ mod tests {
         let mut facts = Facts::default();
         facts
             .add_resolved_peers(&[
-                ResolvedPeer { id: "sg-0123456789abcdef0".into(), cidrs: vec!["10.0.1.5/32".into()] },
-                ResolvedPeer { id: "pl-0123456789abcdef0".into(), cidrs: vec!["2001:db8::/32".into()] },
+                ResolvedPeer {
+                    id: "sg-0123456789abcdef0".into(),
+                    cidrs: vec!["10.0.1.5/32".into()],
+                },
+                ResolvedPeer {
+                    id: "pl-0123456789abcdef0".into(),
+                    cidrs: vec!["2001:db8::/32".into()],
+                },
             ])
             .unwrap();
-        assert_eq!(facts.security_groups["sg-0123456789abcdef0"], vec!["10.0.1.5/32".parse::<IpNet>().unwrap()]);
-        assert_eq!(facts.prefix_lists["pl-0123456789abcdef0"].family, IpFamily::V6);
-        let bad = facts.add_resolved_peers(&[ResolvedPeer { id: "vpc-1".into(), cidrs: vec![] }]);
+        assert_eq!(
+            facts.security_groups["sg-0123456789abcdef0"],
+            vec!["10.0.1.5/32".parse::<IpNet>().unwrap()]
+        );
+        assert_eq!(
+            facts.prefix_lists["pl-0123456789abcdef0"].family,
+            IpFamily::V6
+        );
+        let bad = facts.add_resolved_peers(&[ResolvedPeer {
+            id: "vpc-1".into(),
+            cidrs: vec![],
+        }]);
         assert!(bad.is_err());
     }
 }

@@ -23,6 +23,7 @@ pub(crate) fn digest(lines: &[String]) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -92,8 +92,8 @@
 
 mod canonical;
 mod cloud;
-pub mod eval;
 mod error;
+pub mod eval;
 mod facts;
 mod hash;
 pub mod node;
@@ -118,19 +118,22 @@ use crate::api::{FirewallPolicy, Layer};
 
 pub use canonical::canonicalize_spec;
 pub use cloud::{
-    CloudPlan, DESCRIPTION_MARKER, FamilyCount, MAX_DESCRIPTION, PlannedPermission, QuotaUsage, SgPeer, SgPermission,
-    SgProtocol, marker, plan_cloud,
+    CloudPlan, DESCRIPTION_MARKER, FamilyCount, MAX_DESCRIPTION, PlannedPermission, QuotaUsage,
+    SgPeer, SgPermission, SgProtocol, marker, plan_cloud,
 };
 pub use error::PolicyError;
 pub use facts::{Facts, Failsafe, FailsafePort, NodeFacts, PrefixListFacts, SgQuota};
 pub use node::{
-    Address, AddrSide, BuiltinChain, CtState, FamilyRuleset, HashLimit, Hook, IcmpTypeMatch, InterfaceMatch, IpSet,
-    L4Protocol, LogLimit, RateUnit, NodeAction, NodeChain, NodeMatch, NodeRule, NodeRuleset, PeerMatch, PolicyDigest, RuleOrigin,
-    compile_node, lint_node_layer,
+    AddrSide, Address, BuiltinChain, CtState, FamilyRuleset, HashLimit, Hook, IcmpTypeMatch,
+    InterfaceMatch, IpSet, L4Protocol, LogLimit, NodeAction, NodeChain, NodeMatch, NodeRule,
+    NodeRuleset, PeerMatch, PolicyDigest, RateUnit, RuleOrigin, compile_node, lint_node_layer,
 };
 pub use nodediff::{NodeDiff, NodeState, SetState, TableDiff, TableState, diff_node};
 pub use selector::{Requirement, Selector};
-pub use sgdiff::{CurrentSgRule, ForeignMatch, GroupOwnership, PermissionDiff, SgDiff, diff_security_group, owns_rule};
+pub use sgdiff::{
+    CurrentSgRule, ForeignMatch, GroupOwnership, PermissionDiff, SgDiff, diff_security_group,
+    owns_rule,
+};
 pub use validate::{MAX_POLICY_NAME, PeerRef, PortSpan, ValidPolicy, ValidRule, validate};
 pub use warnings::Warning;
 
@@ -154,7 +157,9 @@ impl fmt::Display for Direction {
 }
 
 /// IP address family.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
 pub enum IpFamily {
     /// IPv4.
     #[default]
@@ -216,17 +221,29 @@ pub struct CompiledPolicy {
 /// Contract: pure; fails with [`PolicyError::Invalid`] (every problem with
 /// its field path) or [`PolicyError::QuotaExceeded`]; on success nothing in
 /// the result depends on the order of rules, peers or ports.
-pub fn compile_policy(policy: &FirewallPolicy, facts: &Facts) -> Result<CompiledPolicy, PolicyError> {
+pub fn compile_policy(
+    policy: &FirewallPolicy,
+    facts: &Facts,
+) -> Result<CompiledPolicy, PolicyError> {
     let valid = validate(policy)?;
     let cloud = plan_cloud(&valid, facts)?;
-    let mut selected_nodes: Vec<String> =
-        valid.selector().select(&facts.nodes).into_iter().map(|n| n.name.clone()).collect();
+    let mut selected_nodes: Vec<String> = valid
+        .selector()
+        .select(&facts.nodes)
+        .into_iter()
+        .map(|n| n.name.clone())
+        .collect();
     selected_nodes.sort();
     let mut warnings = cloud.warnings.clone();
     warnings.extend(lint_node_layer(&valid, facts));
     warnings.sort();
     warnings.dedup();
-    Ok(CompiledPolicy { policy: valid, cloud, selected_nodes, warnings })
+    Ok(CompiledPolicy {
+        policy: valid,
+        cloud,
+        selected_nodes,
+        warnings,
+    })
 }
 
 /// The `status.resolvedPeers` a controller publishes for `policy`: for each
@@ -236,7 +253,12 @@ pub fn compile_policy(policy: &FirewallPolicy, facts: &Facts) -> Result<Compiled
 pub fn resolved_peers(policy: &ValidPolicy, facts: &Facts) -> Vec<crate::api::ResolvedPeer> {
     let mut ids = std::collections::BTreeSet::new();
     for direction in [Direction::Ingress, Direction::Egress] {
-        for rule in policy.rules(direction).unwrap_or_default().iter().filter(|r| r.on(Layer::Node)) {
+        for rule in policy
+            .rules(direction)
+            .unwrap_or_default()
+            .iter()
+            .filter(|r| r.on(Layer::Node))
+        {
             for peer in &rule.peers {
                 if let PeerRef::SecurityGroup(id) | PeerRef::PrefixList(id) = peer {
                     ids.insert(id.clone());
@@ -254,12 +276,16 @@ pub fn resolved_peers(policy: &ValidPolicy, facts: &Facts) -> Vec<crate::api::Re
             let mut cidrs: Vec<IpNet> = cidrs.into_iter().map(|n| n.trunc()).collect();
             cidrs.sort();
             cidrs.dedup();
-            Some(crate::api::ResolvedPeer { id, cidrs: cidrs.iter().map(ToString::to_string).collect() })
+            Some(crate::api::ResolvedPeer {
+                id,
+                cidrs: cidrs.iter().map(ToString::to_string).collect(),
+            })
         })
         .collect()
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::testing::*;
     use super::*;
@@ -273,14 +299,28 @@ mod tests {
         let mut facts = facts_with_nodes();
         let compiled = compile_policy(&p, &facts).unwrap();
         assert_eq!(compiled.selected_nodes, ["db-1", "web-1"]);
-        assert!(compiled.warnings.iter().any(|w| matches!(w, Warning::UnresolvedReference { .. })));
+        assert!(
+            compiled
+                .warnings
+                .iter()
+                .any(|w| matches!(w, Warning::UnresolvedReference { .. }))
+        );
         assert_eq!(resolved_peers(&compiled.policy, &facts), vec![]);
 
-        facts.security_groups.insert("sg-0123456789abcdef0".into(), vec!["10.1.0.7/32".parse().unwrap()]);
+        facts.security_groups.insert(
+            "sg-0123456789abcdef0".into(),
+            vec!["10.1.0.7/32".parse().unwrap()],
+        );
         let compiled = compile_policy(&p, &facts).unwrap();
         assert!(compiled.warnings.is_empty(), "{:?}", compiled.warnings);
         let published = resolved_peers(&compiled.policy, &facts);
-        assert_eq!(published, [crate::api::ResolvedPeer { id: "sg-0123456789abcdef0".into(), cidrs: vec!["10.1.0.7/32".into()] }]);
+        assert_eq!(
+            published,
+            [crate::api::ResolvedPeer {
+                id: "sg-0123456789abcdef0".into(),
+                cidrs: vec!["10.1.0.7/32".into()]
+            }]
+        );
         let mut agent = Facts::default();
         agent.add_resolved_peers(&published).unwrap();
         assert_eq!(agent.security_groups, facts.security_groups);

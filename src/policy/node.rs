@@ -49,7 +49,11 @@ pub const SET_THRESHOLD: usize = 4;
 pub const COMMENT_PREFIX: &str = "palisade:";
 /// Rate of every LOG rule (per rule, not per peer): enough to see what
 /// happens, not enough to flood the journal.
-pub const LOG_LIMIT: LogLimit = LogLimit { count: 10, per: RateUnit::Second, burst: 20 };
+pub const LOG_LIMIT: LogLimit = LogLimit {
+    count: 10,
+    per: RateUnit::Second,
+    burst: 20,
+};
 /// Burst of a rate limit that does not set one.
 pub const DEFAULT_BURST: u32 = 5;
 
@@ -71,7 +75,10 @@ pub fn policy_chain_name(policy: &str, direction: Direction) -> String {
         Direction::Ingress => 'I',
         Direction::Egress => 'O',
     };
-    format!("{POLICY_CHAIN_PREFIX}{d}-{}", &short_hash(&["chain", policy])[..10])
+    format!(
+        "{POLICY_CHAIN_PREFIX}{d}-{}",
+        &short_hash(&["chain", policy])[..10]
+    )
 }
 
 /// A built-in chain Palisade hooks into.
@@ -266,7 +273,10 @@ pub struct IcmpTypeMatch {
 
 impl From<IcmpMatch> for IcmpTypeMatch {
     fn from(m: IcmpMatch) -> Self {
-        IcmpTypeMatch { icmp_type: m.icmp_type, code: m.code }
+        IcmpTypeMatch {
+            icmp_type: m.icmp_type,
+            code: m.code,
+        }
     }
 }
 
@@ -410,7 +420,11 @@ impl fmt::Display for RuleOrigin {
             RuleOrigin::FailsafeJump => f.write_str("failsafe"),
             RuleOrigin::Failsafe { name } => write!(f, "failsafe/{name}"),
             RuleOrigin::PolicyJump { policy } => write!(f, "policy/{policy}"),
-            RuleOrigin::Rule { policy, direction, rule } => write!(f, "{policy}/{direction}/{rule}"),
+            RuleOrigin::Rule {
+                policy,
+                direction,
+                rule,
+            } => write!(f, "{policy}/{direction}/{rule}"),
             RuleOrigin::DefaultDrop => f.write_str("default-drop"),
             RuleOrigin::AuditDefault => f.write_str("audit"),
         }
@@ -433,7 +447,13 @@ pub struct NodeRule {
 }
 
 impl NodeRule {
-    fn new(family: IpFamily, chain: &str, origin: RuleOrigin, matches: NodeMatch, action: NodeAction) -> Self {
+    fn new(
+        family: IpFamily,
+        chain: &str,
+        origin: RuleOrigin,
+        matches: NodeMatch,
+        action: NodeAction,
+    ) -> Self {
         let id = short_hash(&[
             "rule",
             family.suffix(),
@@ -442,7 +462,12 @@ impl NodeRule {
             &canonical_action(&action),
             &origin.to_string(),
         ]);
-        NodeRule { id, origin, matches, action }
+        NodeRule {
+            id,
+            origin,
+            matches,
+            action,
+        }
     }
 
     /// The comment to write on the rule (`-m comment --comment`):
@@ -556,7 +581,10 @@ impl NodeRuleset {
 
     /// The hash of a selected policy's share.
     pub fn policy_hash(&self, policy: &str) -> Option<&str> {
-        self.policies.iter().find(|p| p.name == policy).map(|p| p.hash.as_str())
+        self.policies
+            .iter()
+            .find(|p| p.name == policy)
+            .map(|p| p.hash.as_str())
     }
 
     /// 16 hex digits over everything the agent writes (hooks, chains with
@@ -568,7 +596,12 @@ impl NodeRuleset {
                 lines.push(format!("{} hook {}", fam.family.suffix(), h.id()));
             }
             for c in &fam.chains {
-                lines.push(format!("{} chain {} {}", fam.family.suffix(), c.name, c.rule_ids().join(",")));
+                lines.push(format!(
+                    "{} chain {} {}",
+                    fam.family.suffix(),
+                    c.name,
+                    c.rule_ids().join(",")
+                ));
             }
         }
         for s in &self.sets {
@@ -579,7 +612,10 @@ impl NodeRuleset {
 
     /// Number of iptables + ip6tables rules (hooks included).
     pub fn rule_count(&self) -> usize {
-        [&self.ipv4, &self.ipv6].iter().map(|f| f.hooks.len() + f.chains.iter().map(|c| c.rules.len()).sum::<usize>()).sum()
+        [&self.ipv4, &self.ipv6]
+            .iter()
+            .map(|f| f.hooks.len() + f.chains.iter().map(|c| c.rules.len()).sum::<usize>())
+            .sum()
     }
 
     /// Number of entries across the sets.
@@ -631,7 +667,12 @@ fn canonical_action(a: &NodeAction) -> String {
         NodeAction::Drop => "drop".into(),
         NodeAction::Jump { chain } => format!("jump {chain}"),
         NodeAction::Log { prefix, limit } => {
-            format!("log {prefix:?} {}/{} burst {}", limit.count, limit.per.name(), limit.burst)
+            format!(
+                "log {prefix:?} {}/{} burst {}",
+                limit.count,
+                limit.per.name(),
+                limit.burst
+            )
         }
         NodeAction::AcceptUnderLimit { limit } => format!(
             "accept-under {} {}/{} burst {} per {}",
@@ -655,7 +696,9 @@ pub fn normalize_set_entries(entries: impl IntoIterator<Item = IpNet>) -> Vec<Ip
                 IpNet::V4(v4) if v4.prefix_len() == 0 => {
                     halves_v4().into_iter().map(IpNet::V4).collect::<Vec<_>>()
                 }
-                IpNet::V6(v6) if v6.prefix_len() == 0 => halves_v6().into_iter().map(IpNet::V6).collect(),
+                IpNet::V6(v6) if v6.prefix_len() == 0 => {
+                    halves_v6().into_iter().map(IpNet::V6).collect()
+                }
                 other => vec![other],
             }
         })
@@ -674,7 +717,10 @@ pub fn normalize_set_entries(entries: impl IntoIterator<Item = IpNet>) -> Vec<Ip
 }
 
 fn halves_v4() -> [Ipv4Net; 2] {
-    [Ipv4Net::new_assert([0, 0, 0, 0].into(), 1), Ipv4Net::new_assert([128, 0, 0, 0].into(), 1)]
+    [
+        Ipv4Net::new_assert([0, 0, 0, 0].into(), 1),
+        Ipv4Net::new_assert([128, 0, 0, 0].into(), 1),
+    ]
 }
 
 fn halves_v6() -> [Ipv6Net; 2] {
@@ -722,8 +768,17 @@ impl Names {
     }
 
     /// Registers the set of `owner` for `family` and returns its name.
-    fn set(&mut self, owner: &str, family: IpFamily, entries: Vec<IpNet>) -> Result<String, PolicyError> {
-        let name = format!("{SET_PREFIX}{}-{}", short_hash(&["set", owner]), family.suffix());
+    fn set(
+        &mut self,
+        owner: &str,
+        family: IpFamily,
+        entries: Vec<IpNet>,
+    ) -> Result<String, PolicyError> {
+        let name = format!(
+            "{SET_PREFIX}{}-{}",
+            short_hash(&["set", owner]),
+            family.suffix()
+        );
         self.claim(&name, &format!("set {owner}"))?;
         self.sets.entry(name.clone()).or_insert_with(|| IpSet {
             name: name.clone(),
@@ -736,7 +791,12 @@ impl Names {
 }
 
 fn addresses_of(nodes: &[&NodeFacts], family: IpFamily) -> Vec<IpNet> {
-    nodes.iter().flat_map(|n| n.addresses.iter()).filter(|a| IpFamily::of_addr(a) == family).map(|a| IpNet::from(*a)).collect()
+    nodes
+        .iter()
+        .flat_map(|n| n.addresses.iter())
+        .filter(|a| IpFamily::of_addr(a) == family)
+        .map(|a| IpNet::from(*a))
+        .collect()
 }
 
 /// The peer matches of one rule for one family (`None` = any address).
@@ -752,36 +812,63 @@ fn peer_matches(
     facts: &Facts,
     names: &mut Names,
 ) -> Result<Vec<Option<PeerMatch>>, PolicyError> {
-    let literals =
-        normalize_literals(peers.iter().filter_map(|p| match p {
-            PeerRef::Cidr(n) if IpFamily::of_net(n) == family => Some(*n),
-            _ => None,
-        }));
+    let literals = normalize_literals(peers.iter().filter_map(|p| match p {
+        PeerRef::Cidr(n) if IpFamily::of_net(n) == family => Some(*n),
+        _ => None,
+    }));
     if literals.iter().any(|n| n.prefix_len() == 0) {
         return Ok(vec![None]);
     }
     let mut out = Vec::new();
     if literals.len() > SET_THRESHOLD {
         let name = names.set(literal_owner, family, literals)?;
-        out.push(Some(PeerMatch { side, address: Address::Set(name) }));
+        out.push(Some(PeerMatch {
+            side,
+            address: Address::Set(name),
+        }));
     } else {
-        out.extend(literals.into_iter().map(|n| Some(PeerMatch { side, address: Address::Cidr(n) })));
+        out.extend(literals.into_iter().map(|n| {
+            Some(PeerMatch {
+                side,
+                address: Address::Cidr(n),
+            })
+        }));
     }
     for peer in peers {
         let (owner, entries) = match peer {
             PeerRef::Cidr(_) => continue,
             PeerRef::SecurityGroup(id) => (
                 format!("sg:{id}"),
-                facts.security_groups.get(id).into_iter().flatten().filter(|n| IpFamily::of_net(n) == family).copied().collect(),
+                facts
+                    .security_groups
+                    .get(id)
+                    .into_iter()
+                    .flatten()
+                    .filter(|n| IpFamily::of_net(n) == family)
+                    .copied()
+                    .collect(),
             ),
             PeerRef::PrefixList(id) => (
                 format!("pl:{id}"),
-                facts.prefix_lists.get(id).into_iter().flat_map(|pl| pl.cidrs.iter()).filter(|n| IpFamily::of_net(n) == family).copied().collect(),
+                facts
+                    .prefix_lists
+                    .get(id)
+                    .into_iter()
+                    .flat_map(|pl| pl.cidrs.iter())
+                    .filter(|n| IpFamily::of_net(n) == family)
+                    .copied()
+                    .collect(),
             ),
-            PeerRef::Nodes(selector) => (format!("nodes:{selector}"), addresses_of(&selector.select(&facts.nodes), family)),
+            PeerRef::Nodes(selector) => (
+                format!("nodes:{selector}"),
+                addresses_of(&selector.select(&facts.nodes), family),
+            ),
         };
         let name = names.set(&owner, family, entries)?;
-        out.push(Some(PeerMatch { side, address: Address::Set(name) }));
+        out.push(Some(PeerMatch {
+            side,
+            address: Address::Set(name),
+        }));
     }
     out.sort();
     out.dedup();
@@ -814,25 +901,44 @@ fn audit_prefix(direction: Direction) -> &'static str {
 }
 
 /// The (protocol, port, icmp) triples a rule becomes in one family.
-fn traffic(rule: &ValidRule, family: IpFamily) -> Vec<(Option<L4Protocol>, Option<PortSpan>, Option<IcmpTypeMatch>)> {
+fn traffic(
+    rule: &ValidRule,
+    family: IpFamily,
+) -> Vec<(Option<L4Protocol>, Option<PortSpan>, Option<IcmpTypeMatch>)> {
     match (rule.protocol, family) {
         (Protocol::Tcp | Protocol::Udp, _) => {
-            let p = if rule.protocol == Protocol::Tcp { L4Protocol::Tcp } else { L4Protocol::Udp };
+            let p = if rule.protocol == Protocol::Tcp {
+                L4Protocol::Tcp
+            } else {
+                L4Protocol::Udp
+            };
             if rule.ports.is_empty() {
                 vec![(Some(p), None, None)]
             } else {
-                rule.ports.iter().map(|s| (Some(p), Some(*s), None)).collect()
+                rule.ports
+                    .iter()
+                    .map(|s| (Some(p), Some(*s), None))
+                    .collect()
             }
         }
-        (Protocol::Icmp, IpFamily::V4) => vec![(Some(L4Protocol::Icmp), None, rule.icmp.map(Into::into))],
-        (Protocol::Icmpv6, IpFamily::V6) => vec![(Some(L4Protocol::Icmpv6), None, rule.icmp.map(Into::into))],
+        (Protocol::Icmp, IpFamily::V4) => {
+            vec![(Some(L4Protocol::Icmp), None, rule.icmp.map(Into::into))]
+        }
+        (Protocol::Icmpv6, IpFamily::V6) => {
+            vec![(Some(L4Protocol::Icmpv6), None, rule.icmp.map(Into::into))]
+        }
         (Protocol::All, _) => vec![(None, None, None)],
         _ => vec![],
     }
 }
 
 /// A policy rule's iptables rules before ids: an optional LOG and the accept.
-type Block = (Option<(NodeMatch, NodeAction)>, NodeMatch, NodeAction, RuleOrigin);
+type Block = (
+    Option<(NodeMatch, NodeAction)>,
+    NodeMatch,
+    NodeAction,
+    RuleOrigin,
+);
 
 fn policy_chain(
     policy: &ValidPolicy,
@@ -844,12 +950,28 @@ fn policy_chain(
 ) -> Result<NodeChain, PolicyError> {
     let side = AddrSide::of(direction);
     let mut blocks: Vec<Block> = Vec::new();
-    for rule in policy.rules(direction).unwrap_or_default().iter().filter(|r| r.on(Layer::Node)) {
+    for rule in policy
+        .rules(direction)
+        .unwrap_or_default()
+        .iter()
+        .filter(|r| r.on(Layer::Node))
+    {
         let owner = format!("{}/{direction}/{}", policy.name(), rule.name);
-        let peers = peer_matches(&rule.peers, family, side, &format!("rule:{owner}"), facts, names)?;
+        let peers = peer_matches(
+            &rule.peers,
+            family,
+            side,
+            &format!("rule:{owner}"),
+            facts,
+            names,
+        )?;
         let action = match rule.rate_limit {
             Some(rl) => {
-                let name = format!("pl{}-{}", family.suffix(), &short_hash(&["hashlimit", &owner])[..10]);
+                let name = format!(
+                    "pl{}-{}",
+                    family.suffix(),
+                    &short_hash(&["hashlimit", &owner])[..10]
+                );
                 names.claim(&name, &format!("hashlimit {owner}"))?;
                 NodeAction::AcceptUnderLimit {
                     limit: HashLimit {
@@ -864,14 +986,38 @@ fn policy_chain(
             None => NodeAction::Accept,
         };
         // Rate limits and logs count new connections only.
-        let ct_states = if rule.rate_limit.is_some() { vec![CtState::New] } else { vec![] };
-        let origin = RuleOrigin::Rule { policy: policy.name().to_string(), direction, rule: rule.name.clone() };
+        let ct_states = if rule.rate_limit.is_some() {
+            vec![CtState::New]
+        } else {
+            vec![]
+        };
+        let origin = RuleOrigin::Rule {
+            policy: policy.name().to_string(),
+            direction,
+            rule: rule.name.clone(),
+        };
         for (protocol, dports, icmp) in traffic(rule, family) {
             for peer in &peers {
-                let m = NodeMatch { interface: None, ct_states: ct_states.clone(), protocol, dports, icmp, peer: peer.clone() };
+                let m = NodeMatch {
+                    interface: None,
+                    ct_states: ct_states.clone(),
+                    protocol,
+                    dports,
+                    icmp,
+                    peer: peer.clone(),
+                };
                 let log = rule.log.then(|| {
-                    let lm = NodeMatch { ct_states: vec![CtState::New], ..m.clone() };
-                    (lm, NodeAction::Log { prefix: log_prefix(policy.name(), direction, &rule.name), limit: LOG_LIMIT })
+                    let lm = NodeMatch {
+                        ct_states: vec![CtState::New],
+                        ..m.clone()
+                    };
+                    (
+                        lm,
+                        NodeAction::Log {
+                            prefix: log_prefix(policy.name(), direction, &rule.name),
+                            limit: LOG_LIMIT,
+                        },
+                    )
                 });
                 blocks.push((log, m, action.clone(), origin.clone()));
             }
@@ -888,10 +1034,18 @@ fn policy_chain(
         }
         rules.push(NodeRule::new(family, chain, origin, m, action));
     }
-    Ok(NodeChain { name: chain.to_string(), rules })
+    Ok(NodeChain {
+        name: chain.to_string(),
+        rules,
+    })
 }
 
-fn failsafe_chain(direction: Direction, family: IpFamily, facts: &Facts, names: &mut Names) -> Result<NodeChain, PolicyError> {
+fn failsafe_chain(
+    direction: Direction,
+    family: IpFamily,
+    facts: &Facts,
+    names: &mut Names,
+) -> Result<NodeChain, PolicyError> {
     let (chain, ports) = match direction {
         Direction::Ingress => (FAILSAFE_IN_CHAIN, &facts.failsafe.inbound),
         Direction::Egress => (FAILSAFE_OUT_CHAIN, &facts.failsafe.outbound),
@@ -899,20 +1053,53 @@ fn failsafe_chain(direction: Direction, family: IpFamily, facts: &Facts, names: 
     let fs = &facts.failsafe;
     let mut rules = Vec::new();
     let mut push = |name: &str, m: NodeMatch| {
-        rules.push(NodeRule::new(family, chain, RuleOrigin::Failsafe { name: name.to_string() }, m, NodeAction::Accept));
+        rules.push(NodeRule::new(
+            family,
+            chain,
+            RuleOrigin::Failsafe {
+                name: name.to_string(),
+            },
+            m,
+            NodeAction::Accept,
+        ));
     };
     let (l4, icmps) = match family {
         IpFamily::V4 => (L4Protocol::Icmp, &fs.icmp),
         IpFamily::V6 => (L4Protocol::Icmpv6, &fs.icmpv6),
     };
     for icmp in icmps {
-        push("icmp", NodeMatch { protocol: Some(l4), icmp: Some((*icmp).into()), ..Default::default() });
+        push(
+            "icmp",
+            NodeMatch {
+                protocol: Some(l4),
+                icmp: Some((*icmp).into()),
+                ..Default::default()
+            },
+        );
     }
     if direction == Direction::Ingress && fs.ssh_port != 0 {
         let admins: Vec<PeerRef> = fs.admin_cidrs.iter().map(|n| PeerRef::Cidr(*n)).collect();
-        let dports = Some(PortSpan { first: fs.ssh_port, last: fs.ssh_port });
-        for peer in peer_matches(&admins, family, AddrSide::Source, "failsafe:ssh", facts, names)? {
-            push("ssh", NodeMatch { protocol: Some(L4Protocol::Tcp), dports, peer, ..Default::default() });
+        let dports = Some(PortSpan {
+            first: fs.ssh_port,
+            last: fs.ssh_port,
+        });
+        for peer in peer_matches(
+            &admins,
+            family,
+            AddrSide::Source,
+            "failsafe:ssh",
+            facts,
+            names,
+        )? {
+            push(
+                "ssh",
+                NodeMatch {
+                    protocol: Some(L4Protocol::Tcp),
+                    dports,
+                    peer,
+                    ..Default::default()
+                },
+            );
         }
     }
     for p in ports {
@@ -921,51 +1108,114 @@ fn failsafe_chain(direction: Direction, family: IpFamily, facts: &Facts, names: 
             Protocol::Udp => L4Protocol::Udp,
             _ => continue, // Failsafe::validate refuses these.
         };
-        let dports = Some(PortSpan { first: p.ports.port, last: p.ports.end_port.unwrap_or(p.ports.port) });
-        push(&p.name, NodeMatch { protocol: Some(protocol), dports, ..Default::default() });
+        let dports = Some(PortSpan {
+            first: p.ports.port,
+            last: p.ports.end_port.unwrap_or(p.ports.port),
+        });
+        push(
+            &p.name,
+            NodeMatch {
+                protocol: Some(protocol),
+                dports,
+                ..Default::default()
+            },
+        );
     }
-    Ok(NodeChain { name: chain.to_string(), rules })
+    Ok(NodeChain {
+        name: chain.to_string(),
+        rules,
+    })
 }
 
 fn top_chain(direction: Direction, family: IpFamily, speakers: &[&ValidPolicy]) -> NodeChain {
     let (name, fs, lo) = match direction {
-        Direction::Ingress => (INPUT_CHAIN, FAILSAFE_IN_CHAIN, InterfaceMatch::In("lo".into())),
-        Direction::Egress => (OUTPUT_CHAIN, FAILSAFE_OUT_CHAIN, InterfaceMatch::Out("lo".into())),
+        Direction::Ingress => (
+            INPUT_CHAIN,
+            FAILSAFE_IN_CHAIN,
+            InterfaceMatch::In("lo".into()),
+        ),
+        Direction::Egress => (
+            OUTPUT_CHAIN,
+            FAILSAFE_OUT_CHAIN,
+            InterfaceMatch::Out("lo".into()),
+        ),
     };
     let enforce = speakers.iter().any(|p| p.mode() == PolicyMode::Enforce);
     let mut rules = Vec::new();
-    let mut push = |origin, matches, action| rules.push(NodeRule::new(family, name, origin, matches, action));
-    push(RuleOrigin::Loopback, NodeMatch { interface: Some(lo), ..Default::default() }, NodeAction::Accept);
+    let mut push =
+        |origin, matches, action| rules.push(NodeRule::new(family, name, origin, matches, action));
+    push(
+        RuleOrigin::Loopback,
+        NodeMatch {
+            interface: Some(lo),
+            ..Default::default()
+        },
+        NodeAction::Accept,
+    );
     push(
         RuleOrigin::Established,
-        NodeMatch { ct_states: vec![CtState::Established, CtState::Related], ..Default::default() },
+        NodeMatch {
+            ct_states: vec![CtState::Established, CtState::Related],
+            ..Default::default()
+        },
         NodeAction::Accept,
     );
     // The failsafe comes before the INVALID drop: neighbour discovery and
     // unsolicited ICMP errors can be INVALID to conntrack.
-    push(RuleOrigin::FailsafeJump, NodeMatch::default(), NodeAction::Jump { chain: fs.to_string() });
+    push(
+        RuleOrigin::FailsafeJump,
+        NodeMatch::default(),
+        NodeAction::Jump {
+            chain: fs.to_string(),
+        },
+    );
     if enforce {
         // Audit drops nothing, INVALID included.
-        push(RuleOrigin::Invalid, NodeMatch { ct_states: vec![CtState::Invalid], ..Default::default() }, NodeAction::Drop);
+        push(
+            RuleOrigin::Invalid,
+            NodeMatch {
+                ct_states: vec![CtState::Invalid],
+                ..Default::default()
+            },
+            NodeAction::Drop,
+        );
     }
     for p in speakers {
         push(
-            RuleOrigin::PolicyJump { policy: p.name().to_string() },
+            RuleOrigin::PolicyJump {
+                policy: p.name().to_string(),
+            },
             NodeMatch::default(),
-            NodeAction::Jump { chain: policy_chain_name(p.name(), direction) },
+            NodeAction::Jump {
+                chain: policy_chain_name(p.name(), direction),
+            },
         );
     }
     if enforce {
-        push(RuleOrigin::DefaultDrop, NodeMatch::default(), NodeAction::Drop);
+        push(
+            RuleOrigin::DefaultDrop,
+            NodeMatch::default(),
+            NodeAction::Drop,
+        );
     } else {
         push(
             RuleOrigin::AuditDefault,
             NodeMatch::default(),
-            NodeAction::Log { prefix: audit_prefix(direction).to_string(), limit: LOG_LIMIT },
+            NodeAction::Log {
+                prefix: audit_prefix(direction).to_string(),
+                limit: LOG_LIMIT,
+            },
         );
-        push(RuleOrigin::AuditDefault, NodeMatch::default(), NodeAction::Accept);
+        push(
+            RuleOrigin::AuditDefault,
+            NodeMatch::default(),
+            NodeAction::Accept,
+        );
     }
-    NodeChain { name: name.to_string(), rules }
+    NodeChain {
+        name: name.to_string(),
+        rules,
+    }
 }
 
 /// Compiles the node layer of `node` from every policy in `policies` that
@@ -978,12 +1228,23 @@ fn top_chain(direction: Direction, family: IpFamily, speakers: &[&ValidPolicy]) 
 /// agent then removes everything Palisade wrote). Only rules with `Node`
 /// in their layers contribute. Fails on an unknown node, two policies with
 /// one name, or a hash collision of chain, set or hashlimit names.
-pub fn compile_node(node: &str, policies: &[ValidPolicy], facts: &Facts) -> Result<NodeRuleset, PolicyError> {
-    let me = facts.node(node).ok_or_else(|| PolicyError::UnknownNode { node: node.to_string() })?;
-    let mut selected: Vec<&ValidPolicy> = policies.iter().filter(|p| p.selector().matches(&me.labels)).collect();
+pub fn compile_node(
+    node: &str,
+    policies: &[ValidPolicy],
+    facts: &Facts,
+) -> Result<NodeRuleset, PolicyError> {
+    let me = facts.node(node).ok_or_else(|| PolicyError::UnknownNode {
+        node: node.to_string(),
+    })?;
+    let mut selected: Vec<&ValidPolicy> = policies
+        .iter()
+        .filter(|p| p.selector().matches(&me.labels))
+        .collect();
     selected.sort_by(|a, b| a.name().cmp(b.name()));
     if let Some(w) = selected.windows(2).find(|w| w[0].name() == w[1].name()) {
-        return Err(PolicyError::DuplicatePolicy { policy: w[0].name().to_string() });
+        return Err(PolicyError::DuplicatePolicy {
+            policy: w[0].name().to_string(),
+        });
     }
 
     let mut names = Names::default();
@@ -994,8 +1255,11 @@ pub fn compile_node(node: &str, policies: &[ValidPolicy], facts: &Facts) -> Resu
         let mut fails = Vec::new();
         let mut pols = Vec::new();
         for direction in [Direction::Ingress, Direction::Egress] {
-            let speakers: Vec<&ValidPolicy> =
-                selected.iter().copied().filter(|p| p.rules(direction).is_some()).collect();
+            let speakers: Vec<&ValidPolicy> = selected
+                .iter()
+                .copied()
+                .filter(|p| p.rules(direction).is_some())
+                .collect();
             if speakers.is_empty() {
                 continue;
             }
@@ -1012,15 +1276,29 @@ pub fn compile_node(node: &str, policies: &[ValidPolicy], facts: &Facts) -> Resu
             for p in &speakers {
                 let chain = policy_chain_name(p.name(), direction);
                 names.claim(&chain, &format!("chain {}/{direction}", p.name()))?;
-                pols.push(policy_chain(p, direction, family, &chain, facts, &mut names)?);
+                pols.push(policy_chain(
+                    p, direction, family, &chain, facts, &mut names,
+                )?);
             }
         }
         pols.sort_by(|a, b| a.name.cmp(&b.name));
         let chains = tops.into_iter().chain(fails).chain(pols).collect();
-        families.push(FamilyRuleset { family, hooks, chains });
+        families.push(FamilyRuleset {
+            family,
+            hooks,
+            chains,
+        });
     }
-    let ipv6 = families.pop().unwrap_or(FamilyRuleset { family: IpFamily::V6, hooks: vec![], chains: vec![] });
-    let ipv4 = families.pop().unwrap_or(FamilyRuleset { family: IpFamily::V4, hooks: vec![], chains: vec![] });
+    let ipv6 = families.pop().unwrap_or(FamilyRuleset {
+        family: IpFamily::V6,
+        hooks: vec![],
+        chains: vec![],
+    });
+    let ipv4 = families.pop().unwrap_or(FamilyRuleset {
+        family: IpFamily::V4,
+        hooks: vec![],
+        chains: vec![],
+    });
     let sets: Vec<IpSet> = names.sets.into_values().collect();
 
     let policies = selected
@@ -1029,26 +1307,50 @@ pub fn compile_node(node: &str, policies: &[ValidPolicy], facts: &Facts) -> Resu
             let mut lines = vec![format!("policy {}", p.name())];
             for fam in [&ipv4, &ipv6] {
                 for direction in [Direction::Ingress, Direction::Egress] {
-                    let Some(chain) = fam.chain(&policy_chain_name(p.name(), direction)) else { continue };
-                    lines.push(format!("{} chain {} {}", fam.family.suffix(), chain.name, chain.rule_ids().join(",")));
+                    let Some(chain) = fam.chain(&policy_chain_name(p.name(), direction)) else {
+                        continue;
+                    };
+                    lines.push(format!(
+                        "{} chain {} {}",
+                        fam.family.suffix(),
+                        chain.name,
+                        chain.rule_ids().join(",")
+                    ));
                     for rule in &chain.rules {
-                        if let Some(PeerMatch { address: Address::Set(name), .. }) = &rule.matches.peer {
-                            if let Some(set) = sets.iter().find(|s| &s.name == name) {
-                                lines.push(set_line(set));
-                            }
+                        if let Some(PeerMatch {
+                            address: Address::Set(name),
+                            ..
+                        }) = &rule.matches.peer
+                            && let Some(set) = sets.iter().find(|s| &s.name == name)
+                        {
+                            lines.push(set_line(set));
                         }
                     }
                 }
             }
             lines.dedup();
-            PolicyDigest { name: p.name().to_string(), mode: p.mode(), hash: digest(&lines) }
+            PolicyDigest {
+                name: p.name().to_string(),
+                mode: p.mode(),
+                hash: digest(&lines),
+            }
         })
         .collect();
 
-    let mut warnings: Vec<Warning> = selected.iter().flat_map(|p| lint_node_layer(p, facts)).collect();
+    let mut warnings: Vec<Warning> = selected
+        .iter()
+        .flat_map(|p| lint_node_layer(p, facts))
+        .collect();
     warnings.sort();
     warnings.dedup();
-    Ok(NodeRuleset { node: node.to_string(), ipv4, ipv6, sets, policies, warnings })
+    Ok(NodeRuleset {
+        node: node.to_string(),
+        ipv4,
+        ipv6,
+        sets,
+        policies,
+        warnings,
+    })
 }
 
 /// A node-layer match for lint: protocol, port or ICMP, and peer (a CIDR or
@@ -1084,7 +1386,9 @@ impl Covers for NodeAtom {
                 };
                 let icmp = match (self.icmp, o.icmp) {
                     (None, _) => true,
-                    (Some(a), Some(b)) => a.icmp_type == b.icmp_type && (a.code.is_none() || a.code == b.code),
+                    (Some(a), Some(b)) => {
+                        a.icmp_type == b.icmp_type && (a.code.is_none() || a.code == b.code)
+                    }
                     (Some(_), None) => false,
                 };
                 ports && icmp
@@ -1125,14 +1429,17 @@ impl fmt::Display for NodeAtom {
 pub fn lint_node_layer(policy: &ValidPolicy, facts: &Facts) -> Vec<Warning> {
     let mut warnings = Vec::new();
     for direction in [Direction::Ingress, Direction::Egress] {
-        let Some(rules) = policy.rules(direction) else { continue };
+        let Some(rules) = policy.rules(direction) else {
+            continue;
+        };
         let mut produced = Vec::new();
         for rule in rules.iter().filter(|r| r.on(Layer::Node)) {
             for peer in &rule.peers {
                 let atom_peer = match peer {
                     PeerRef::Cidr(n) => AtomPeer::Net(*n),
                     PeerRef::SecurityGroup(id) | PeerRef::PrefixList(id) => {
-                        let resolved = facts.security_groups.contains_key(id) || facts.prefix_lists.contains_key(id);
+                        let resolved = facts.security_groups.contains_key(id)
+                            || facts.prefix_lists.contains_key(id);
                         if !resolved {
                             warnings.push(Warning::UnresolvedReference {
                                 policy: policy.name().to_string(),
@@ -1145,7 +1452,11 @@ pub fn lint_node_layer(policy: &ValidPolicy, facts: &Facts) -> Vec<Warning> {
                         AtomPeer::Ref(id.clone())
                     }
                     PeerRef::Nodes(sel) => {
-                        if sel.select(&facts.nodes).iter().all(|n| n.addresses.is_empty()) {
+                        if sel
+                            .select(&facts.nodes)
+                            .iter()
+                            .all(|n| n.addresses.is_empty())
+                        {
                             warnings.push(Warning::EmptyPeer {
                                 policy: policy.name().to_string(),
                                 direction,
@@ -1156,12 +1467,20 @@ pub fn lint_node_layer(policy: &ValidPolicy, facts: &Facts) -> Vec<Warning> {
                         AtomPeer::Ref(format!("nodes {sel}"))
                     }
                 };
-                let spans: Vec<Option<PortSpan>> =
-                    if rule.ports.is_empty() { vec![None] } else { rule.ports.iter().copied().map(Some).collect() };
+                let spans: Vec<Option<PortSpan>> = if rule.ports.is_empty() {
+                    vec![None]
+                } else {
+                    rule.ports.iter().copied().map(Some).collect()
+                };
                 for ports in spans {
                     produced.push(Produced {
                         rule: rule.name.clone(),
-                        item: NodeAtom { protocol: rule.protocol, ports, icmp: rule.icmp.map(Into::into), peer: atom_peer.clone() },
+                        item: NodeAtom {
+                            protocol: rule.protocol,
+                            ports,
+                            icmp: rule.icmp.map(Into::into),
+                            peer: atom_peer.clone(),
+                        },
                         unconditional: rule.rate_limit.is_none(),
                     });
                 }
@@ -1175,6 +1494,7 @@ pub fn lint_node_layer(policy: &ValidPolicy, facts: &Facts) -> Vec<Warning> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use pretty_assertions::assert_eq;
 
@@ -1193,7 +1513,12 @@ mod tests {
             for r in &c.rules {
                 let m = canonical_match(&r.matches);
                 let sep = if m.is_empty() { "" } else { " " };
-                out.push(format!("{}: {m}{sep}=> {} [{}]", c.name, canonical_action(&r.action), r.origin));
+                out.push(format!(
+                    "{}: {m}{sep}=> {} [{}]",
+                    c.name,
+                    canonical_action(&r.action),
+                    r.origin
+                ));
             }
         }
         out
@@ -1213,7 +1538,10 @@ mod tests {
         let facts = facts_min_failsafe();
         let rs = compile_node("web-1", &[validate(&web_policy()).unwrap()], &facts).unwrap();
         let chain = policy_chain_name("web", Direction::Ingress);
-        assert_eq!(chain, "PAL-I-".to_string() + &short_hash(&["chain", "web"])[..10]);
+        assert_eq!(
+            chain,
+            "PAL-I-".to_string() + &short_hash(&["chain", "web"])[..10]
+        );
         let expected: Vec<String> = [
             "INPUT -> PALISADE-INPUT",
             "PALISADE-INPUT: in=lo => accept [loopback]",
@@ -1234,11 +1562,16 @@ mod tests {
         assert_eq!(render(&rs.ipv4), expected);
         // IPv6: only the web ports (::/0); SSH is IPv4-only.
         let v6 = render(&rs.ipv6);
-        assert!(v6.contains(&format!("{chain}: p=tcp dport=80-80 => accept [web/ingress/http]")));
+        assert!(v6.contains(&format!(
+            "{chain}: p=tcp dport=80-80 => accept [web/ingress/http]"
+        )));
         assert!(!v6.iter().any(|l| l.contains("dport=22-22")));
         assert!(rs.sets.is_empty());
         assert_eq!(rs.policies.len(), 1);
-        assert!(rs.ipv4.chain(OUTPUT_CHAIN).is_none(), "no policy speaks for egress");
+        assert!(
+            rs.ipv4.chain(OUTPUT_CHAIN).is_none(),
+            "no policy speaks for egress"
+        );
     }
 
     #[test]
@@ -1246,8 +1579,16 @@ mod tests {
         let facts = facts_min_failsafe();
         let rs = compile_node("web-1", &[validate(&jump_host_policy()).unwrap()], &facts).unwrap();
         let chain = policy_chain_name("bastion", Direction::Ingress);
-        let lines: Vec<String> = render(&rs.ipv4).into_iter().filter(|l| l.starts_with(&chain)).collect();
-        assert_eq!(lines, [format!("{chain}: p=tcp dport=22-22 src=203.0.113.10/32 => accept [bastion/ingress/ssh-jump]")]);
+        let lines: Vec<String> = render(&rs.ipv4)
+            .into_iter()
+            .filter(|l| l.starts_with(&chain))
+            .collect();
+        assert_eq!(
+            lines,
+            [format!(
+                "{chain}: p=tcp dport=22-22 src=203.0.113.10/32 => accept [bastion/ingress/ssh-jump]"
+            )]
+        );
     }
 
     #[test]
@@ -1255,37 +1596,78 @@ mod tests {
         let mut p = web_policy();
         p.spec.mode = PolicyMode::Audit;
         let rs = compile_node("web-1", &[validate(&p).unwrap()], &facts_min_failsafe()).unwrap();
-        let top: Vec<String> = render(&rs.ipv4).into_iter().filter(|l| l.starts_with("PALISADE-INPUT")).collect();
-        assert_eq!(&top[top.len() - 2..], [
-            "PALISADE-INPUT: => log \"palisade-audit-in: \" 10/second burst 20 [audit]",
-            "PALISADE-INPUT: => accept [audit]",
-        ]);
+        let top: Vec<String> = render(&rs.ipv4)
+            .into_iter()
+            .filter(|l| l.starts_with("PALISADE-INPUT"))
+            .collect();
+        assert_eq!(
+            &top[top.len() - 2..],
+            [
+                "PALISADE-INPUT: => log \"palisade-audit-in: \" 10/second burst 20 [audit]",
+                "PALISADE-INPUT: => accept [audit]",
+            ]
+        );
         assert!(!top.iter().any(|l| l.contains("INVALID")));
     }
 
     #[test]
     fn one_enforcing_policy_makes_the_direction_drop() {
-        let mut audit = policy("a-audit", vec![rule("x", Protocol::Tcp, &[1], &["10.0.0.0/8"])], None);
+        let mut audit = policy(
+            "a-audit",
+            vec![rule("x", Protocol::Tcp, &[1], &["10.0.0.0/8"])],
+            None,
+        );
         audit.spec.mode = PolicyMode::Audit;
-        let enforce = policy("b-enforce", vec![rule("y", Protocol::Tcp, &[2], &["10.0.0.0/8"])], None);
-        let rs = compile_node("web-1", &[validate(&audit).unwrap(), validate(&enforce).unwrap()], &facts_min_failsafe())
-            .unwrap();
+        let enforce = policy(
+            "b-enforce",
+            vec![rule("y", Protocol::Tcp, &[2], &["10.0.0.0/8"])],
+            None,
+        );
+        let rs = compile_node(
+            "web-1",
+            &[validate(&audit).unwrap(), validate(&enforce).unwrap()],
+            &facts_min_failsafe(),
+        )
+        .unwrap();
         let top = rs.ipv4.chain(INPUT_CHAIN).unwrap();
         assert_eq!(top.rules.last().unwrap().action, NodeAction::Drop);
-        let jumps: Vec<String> = top.rules.iter().map(|r| r.origin.to_string()).filter(|o| o.starts_with("policy/")).collect();
+        let jumps: Vec<String> = top
+            .rules
+            .iter()
+            .map(|r| r.origin.to_string())
+            .filter(|o| o.starts_with("policy/"))
+            .collect();
         assert_eq!(jumps, ["policy/a-audit", "policy/b-enforce"]);
     }
 
     #[test]
     fn egress_chain_only_when_spoken_for() {
-        let mut p = policy("dns", vec![], Some(vec![rule("dns", Protocol::Udp, &[53], &["10.0.0.2/32"])]));
+        let mut p = policy(
+            "dns",
+            vec![],
+            Some(vec![rule("dns", Protocol::Udp, &[53], &["10.0.0.2/32"])]),
+        );
         p.spec.ingress = None;
         let rs = compile_node("web-1", &[validate(&p).unwrap()], &facts_with_nodes()).unwrap();
-        assert_eq!(rs.ipv4.hooks, [Hook { builtin: BuiltinChain::Output, target: OUTPUT_CHAIN.into() }]);
-        assert!(rs.ipv4.chain(INPUT_CHAIN).is_none(), "ingress is not spoken for");
+        assert_eq!(
+            rs.ipv4.hooks,
+            [Hook {
+                builtin: BuiltinChain::Output,
+                target: OUTPUT_CHAIN.into()
+            }]
+        );
+        assert!(
+            rs.ipv4.chain(INPUT_CHAIN).is_none(),
+            "ingress is not spoken for"
+        );
         let lines = render(&rs.ipv4);
         assert!(lines.contains(&"PALISADE-OUTPUT: out=lo => accept [loopback]".to_string()));
-        assert!(lines.iter().any(|l| l.starts_with("PALISADE-FS-OUT: p=udp dport=67-67")), "{lines:#?}");
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with("PALISADE-FS-OUT: p=udp dport=67-67")),
+            "{lines:#?}"
+        );
     }
 
     #[test]
@@ -1300,16 +1682,29 @@ mod tests {
 
     #[test]
     fn long_peer_lists_and_references_use_sets() {
-        let cidrs = ["10.0.1.0/24", "10.0.2.0/24", "10.0.3.0/24", "10.0.4.0/24", "10.0.5.0/24"];
+        let cidrs = [
+            "10.0.1.0/24",
+            "10.0.2.0/24",
+            "10.0.3.0/24",
+            "10.0.4.0/24",
+            "10.0.5.0/24",
+        ];
         let mut r = rule("many", Protocol::Tcp, &[22], &cidrs);
         r.peers.push(sg_peer("sg-0123456789abcdef0"));
         r.peers.push(node_peer(&[("role", "db")]));
         let few = rule("few", Protocol::Tcp, &[80], &cidrs[..4]);
         let p = policy("p", vec![r, few], None);
         let mut facts = facts_min_failsafe();
-        facts.security_groups.insert("sg-0123456789abcdef0".into(), vec!["10.9.0.5/32".parse().unwrap()]);
+        facts.security_groups.insert(
+            "sg-0123456789abcdef0".into(),
+            vec!["10.9.0.5/32".parse().unwrap()],
+        );
         let rs = compile_node("web-1", &[validate(&p).unwrap()], &facts).unwrap();
-        let owners: Vec<(String, IpFamily, usize)> = rs.sets.iter().map(|s| (s.owner.clone(), s.family, s.entries.len())).collect();
+        let owners: Vec<(String, IpFamily, usize)> = rs
+            .sets
+            .iter()
+            .map(|s| (s.owner.clone(), s.family, s.entries.len()))
+            .collect();
         let mut expected = vec![
             ("rule:p/ingress/many".to_string(), IpFamily::V4, 5),
             ("sg:sg-0123456789abcdef0".to_string(), IpFamily::V4, 1),
@@ -1322,13 +1717,28 @@ mod tests {
         expected.sort();
         assert_eq!(got, expected);
         for s in &rs.sets {
-            assert!(s.name.len() <= MAX_SET_NAME && s.name.starts_with("PAL-"), "{}", s.name);
+            assert!(
+                s.name.len() <= MAX_SET_NAME && s.name.starts_with("PAL-"),
+                "{}",
+                s.name
+            );
             assert!(s.name.ends_with(&format!("-{}", s.family.suffix())));
         }
-        let chain = rs.ipv4.chain(&policy_chain_name("p", Direction::Ingress)).unwrap();
-        let port80: Vec<_> = chain.rules.iter().filter(|r| r.matches.dports.is_some_and(|d| d.first == 80)).collect();
+        let chain = rs
+            .ipv4
+            .chain(&policy_chain_name("p", Direction::Ingress))
+            .unwrap();
+        let port80: Vec<_> = chain
+            .rules
+            .iter()
+            .filter(|r| r.matches.dports.is_some_and(|d| d.first == 80))
+            .collect();
         assert_eq!(port80.len(), 4, "4 CIDRs stay inline");
-        let port22: Vec<_> = chain.rules.iter().filter(|r| r.matches.dports.is_some_and(|d| d.first == 22)).collect();
+        let port22: Vec<_> = chain
+            .rules
+            .iter()
+            .filter(|r| r.matches.dports.is_some_and(|d| d.first == 22))
+            .collect();
         assert_eq!(port22.len(), 3, "literal set, SG set, node set");
     }
 
@@ -1340,7 +1750,8 @@ mod tests {
         let facts = facts_with_nodes();
         let before = compile_node("web-1", std::slice::from_ref(&p), &facts).unwrap();
         let mut more = facts.clone();
-        more.nodes.push(node("db-2", &[("role", "db")], &["10.0.2.11"]));
+        more.nodes
+            .push(node("db-2", &[("role", "db")], &["10.0.2.11"]));
         let after = compile_node("web-1", &[p], &more).unwrap();
         assert_eq!(before.ipv4, after.ipv4, "chains unchanged");
         assert_ne!(before.sets, after.sets);
@@ -1351,30 +1762,62 @@ mod tests {
     #[test]
     fn rate_limit_and_log() {
         let mut r = rule("ssh", Protocol::Tcp, &[22], &["0.0.0.0/0"]);
-        r.rate_limit = Some(RateLimit { count: 6, per: RatePeriod::Minute, burst: None });
+        r.rate_limit = Some(RateLimit {
+            count: 6,
+            per: RatePeriod::Minute,
+            burst: None,
+        });
         r.log = Some(true);
         let name = "a-rather-long-policy-name-for-logging";
         let p = validate(&policy(name, vec![r], None)).unwrap();
         let rs = compile_node("web-1", &[p], &facts_min_failsafe()).unwrap();
-        let chain = rs.ipv4.chain(&policy_chain_name(name, Direction::Ingress)).unwrap();
+        let chain = rs
+            .ipv4
+            .chain(&policy_chain_name(name, Direction::Ingress))
+            .unwrap();
         assert_eq!(chain.rules.len(), 2);
-        let NodeAction::Log { prefix, .. } = &chain.rules[0].action else { panic!("log first") };
-        assert!(prefix.len() <= MAX_LOG_PREFIX && prefix.starts_with("pal-in:a-rather-long-~") && prefix.ends_with(' '), "{prefix:?}");
-        let NodeAction::AcceptUnderLimit { limit } = &chain.rules[1].action else { panic!("then accept") };
-        assert_eq!((limit.count, limit.per, limit.burst, limit.per_address), (6, RateUnit::Minute, 5, AddrSide::Source));
+        let NodeAction::Log { prefix, .. } = &chain.rules[0].action else {
+            panic!("log first")
+        };
+        assert!(
+            prefix.len() <= MAX_LOG_PREFIX
+                && prefix.starts_with("pal-in:a-rather-long-~")
+                && prefix.ends_with(' '),
+            "{prefix:?}"
+        );
+        let NodeAction::AcceptUnderLimit { limit } = &chain.rules[1].action else {
+            panic!("then accept")
+        };
+        assert_eq!(
+            (limit.count, limit.per, limit.burst, limit.per_address),
+            (6, RateUnit::Minute, 5, AddrSide::Source)
+        );
         assert!(limit.name.len() <= MAX_HASHLIMIT_NAME && limit.name.starts_with("pl4-"));
         assert_eq!(chain.rules[1].matches.ct_states, [CtState::New]);
-        assert_eq!(log_prefix("web", Direction::Egress, "dns"), "pal-out:web/dns ");
+        assert_eq!(
+            log_prefix("web", Direction::Egress, "dns"),
+            "pal-out:web/dns "
+        );
     }
 
     #[test]
     fn names_and_comments_fit_iptables() {
         let name = "x".repeat(63);
         assert!(policy_chain_name(&name, Direction::Egress).len() <= MAX_CHAIN_NAME);
-        for n in [INPUT_CHAIN, OUTPUT_CHAIN, FAILSAFE_IN_CHAIN, FAILSAFE_OUT_CHAIN] {
+        for n in [
+            INPUT_CHAIN,
+            OUTPUT_CHAIN,
+            FAILSAFE_IN_CHAIN,
+            FAILSAFE_OUT_CHAIN,
+        ] {
             assert!(n.len() <= MAX_CHAIN_NAME && is_palisade_chain(n));
         }
-        let rs = compile_node("web-1", &[validate(&web_policy()).unwrap()], &facts_with_nodes()).unwrap();
+        let rs = compile_node(
+            "web-1",
+            &[validate(&web_policy()).unwrap()],
+            &facts_with_nodes(),
+        )
+        .unwrap();
         for c in &rs.ipv4.chains {
             for r in &c.rules {
                 assert_eq!(rule_id_from_comment(&r.comment()), Some(r.id.as_str()));
@@ -1382,13 +1825,25 @@ mod tests {
             }
         }
         assert_eq!(rule_id_from_comment("KUBE-SERVICES"), None);
-        assert_eq!(rule_id_from_comment(&rs.ipv4.hooks[0].comment()), Some(rs.ipv4.hooks[0].id().as_str()));
+        assert_eq!(
+            rule_id_from_comment(&rs.ipv4.hooks[0].comment()),
+            Some(rs.ipv4.hooks[0].id().as_str())
+        );
     }
 
     #[test]
     fn set_entries_are_canonical() {
-        let nets: Vec<IpNet> =
-            ["10.0.0.0/8", "10.1.0.0/16", "192.0.2.7/32", "192.0.2.7/32", "::/0", "2001:db8::/32"].iter().map(|s| s.parse().unwrap()).collect();
+        let nets: Vec<IpNet> = [
+            "10.0.0.0/8",
+            "10.1.0.0/16",
+            "192.0.2.7/32",
+            "192.0.2.7/32",
+            "::/0",
+            "2001:db8::/32",
+        ]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
         let norm = normalize_set_entries(nets);
         let text: Vec<String> = norm.iter().map(ToString::to_string).collect();
         assert_eq!(text, ["10.0.0.0/8", "192.0.2.7/32", "::/1", "8000::/1"]);
@@ -1399,34 +1854,61 @@ mod tests {
     fn cloud_only_rules_stay_off_the_node() {
         let mut r = rule("x", Protocol::Tcp, &[22], &["0.0.0.0/0"]);
         r.layers = Some(vec![Layer::Cloud]);
-        let rs = compile_node("web-1", &[validate(&policy("p", vec![r], None)).unwrap()], &facts_with_nodes()).unwrap();
-        assert!(rs.ipv4.chain(&policy_chain_name("p", Direction::Ingress)).unwrap().rules.is_empty());
+        let rs = compile_node(
+            "web-1",
+            &[validate(&policy("p", vec![r], None)).unwrap()],
+            &facts_with_nodes(),
+        )
+        .unwrap();
+        assert!(
+            rs.ipv4
+                .chain(&policy_chain_name("p", Direction::Ingress))
+                .unwrap()
+                .rules
+                .is_empty()
+        );
     }
 
     #[test]
     fn node_lint() {
         let mut limited = rule("limited", Protocol::Tcp, &[22], &["10.0.0.0/24"]);
-        limited.rate_limit = Some(RateLimit { count: 1, ..Default::default() });
+        limited.rate_limit = Some(RateLimit {
+            count: 1,
+            ..Default::default()
+        });
         let mut r = rule("refs", Protocol::Tcp, &[22], &[]);
         r.peers.push(sg_peer("sg-01234567"));
         r.peers.push(node_peer(&[("role", "nothing")]));
         let wide = rule("wide", Protocol::All, &[], &["10.0.0.0/8"]);
         let p = validate(&policy("p", vec![limited, r, wide], None)).unwrap();
-        let text: Vec<String> = lint_node_layer(&p, &facts_with_nodes()).iter().map(ToString::to_string).collect();
-        assert_eq!(text, [
-            "policy p: rule ingress/limited is shadowed on the Node layer: ingress/wide already allow all of its traffic",
-            "policy p: rule ingress/refs references sg-01234567, which is not resolved to addresses: the node layer matches nobody for it",
-            "policy p: rule ingress/refs peer nodeSelector role=nothing matches no node with an address",
-        ]);
+        let text: Vec<String> = lint_node_layer(&p, &facts_with_nodes())
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            text,
+            [
+                "policy p: rule ingress/limited is shadowed on the Node layer: ingress/wide already allow all of its traffic",
+                "policy p: rule ingress/refs references sg-01234567, which is not resolved to addresses: the node layer matches nobody for it",
+                "policy p: rule ingress/refs peer nodeSelector role=nothing matches no node with an address",
+            ]
+        );
     }
 
     #[test]
     fn unknown_node_and_duplicate_policies() {
         let p = validate(&web_policy()).unwrap();
-        assert_eq!(compile_node("nope", &[], &facts_with_nodes()), Err(PolicyError::UnknownNode { node: "nope".into() }));
+        assert_eq!(
+            compile_node("nope", &[], &facts_with_nodes()),
+            Err(PolicyError::UnknownNode {
+                node: "nope".into()
+            })
+        );
         assert_eq!(
             compile_node("web-1", &[p.clone(), p], &facts_with_nodes()),
-            Err(PolicyError::DuplicatePolicy { policy: "web".into() })
+            Err(PolicyError::DuplicatePolicy {
+                policy: "web".into()
+            })
         );
     }
 }

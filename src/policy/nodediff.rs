@@ -27,7 +27,8 @@ use serde::Serialize;
 
 use super::IpFamily;
 use super::node::{
-    FamilyRuleset, Hook, IpSet, NodeChain, NodeRuleset, is_palisade_chain, is_palisade_set, normalize_set_entries,
+    FamilyRuleset, Hook, IpSet, NodeChain, NodeRuleset, is_palisade_chain, is_palisade_set,
+    normalize_set_entries,
 };
 
 /// An ipset as read back.
@@ -117,7 +118,11 @@ impl NodeState {
     /// The state a node is in once `ruleset` is fully applied.
     pub fn of(ruleset: &NodeRuleset) -> NodeState {
         let table = |f: &FamilyRuleset| TableState {
-            chains: f.chains.iter().map(|c| (c.name.clone(), c.rule_ids())).collect(),
+            chains: f
+                .chains
+                .iter()
+                .map(|c| (c.name.clone(), c.rule_ids()))
+                .collect(),
             hooks: f.hooks.iter().cloned().collect(),
         };
         NodeState {
@@ -126,7 +131,15 @@ impl NodeState {
             sets: ruleset
                 .sets
                 .iter()
-                .map(|s| (s.name.clone(), SetState { family: s.family, entries: s.entries.clone() }))
+                .map(|s| {
+                    (
+                        s.name.clone(),
+                        SetState {
+                            family: s.family,
+                            entries: s.entries.clone(),
+                        },
+                    )
+                })
                 .collect(),
         }
     }
@@ -135,7 +148,13 @@ impl NodeState {
     /// (for tests and dry runs).
     pub fn apply(&mut self, diff: &NodeDiff) {
         for s in diff.create_sets.iter().chain(&diff.swap_sets) {
-            self.sets.insert(s.name.clone(), SetState { family: s.family, entries: s.entries.clone() });
+            self.sets.insert(
+                s.name.clone(),
+                SetState {
+                    family: s.family,
+                    entries: s.entries.clone(),
+                },
+            );
         }
         for (table, d) in [(&mut self.ipv4, &diff.ipv4), (&mut self.ipv6, &diff.ipv6)] {
             for c in &d.write_chains {
@@ -175,8 +194,18 @@ fn diff_table(current: &TableState, desired: &FamilyRuleset) -> TableDiff {
     TableDiff {
         write_chains,
         delete_chains,
-        add_hooks: desired.hooks.iter().filter(|h| !current.hooks.contains(h)).cloned().collect(),
-        remove_hooks: current.hooks.iter().filter(|h| !want_hooks.contains(h)).cloned().collect(),
+        add_hooks: desired
+            .hooks
+            .iter()
+            .filter(|h| !current.hooks.contains(h))
+            .cloned()
+            .collect(),
+        remove_hooks: current
+            .hooks
+            .iter()
+            .filter(|h| !want_hooks.contains(h))
+            .cloned()
+            .collect(),
     }
 }
 
@@ -190,23 +219,35 @@ fn diff_table(current: &TableState, desired: &FamilyRuleset) -> TableDiff {
 /// list differs in any way; a set is swapped when its entries differ as
 /// sets (order and covered duplicates do not count).
 pub fn diff_node(current: &NodeState, desired: &NodeRuleset) -> NodeDiff {
-    let mut diff = NodeDiff { ipv4: diff_table(&current.ipv4, &desired.ipv4), ipv6: diff_table(&current.ipv6, &desired.ipv6), ..Default::default() };
+    let mut diff = NodeDiff {
+        ipv4: diff_table(&current.ipv4, &desired.ipv4),
+        ipv6: diff_table(&current.ipv6, &desired.ipv6),
+        ..Default::default()
+    };
     for s in &desired.sets {
         match current.sets.get(&s.name) {
             None => diff.create_sets.push(s.clone()),
-            Some(have) if have.family != s.family || normalize_set_entries(have.entries.iter().copied()) != s.entries => {
+            Some(have)
+                if have.family != s.family
+                    || normalize_set_entries(have.entries.iter().copied()) != s.entries =>
+            {
                 diff.swap_sets.push(s.clone())
             }
             Some(_) => {}
         }
     }
     let wanted: BTreeSet<&str> = desired.sets.iter().map(|s| s.name.as_str()).collect();
-    diff.destroy_sets =
-        current.sets.keys().filter(|n| is_palisade_set(n) && !wanted.contains(n.as_str())).cloned().collect();
+    diff.destroy_sets = current
+        .sets
+        .keys()
+        .filter(|n| is_palisade_set(n) && !wanted.contains(n.as_str()))
+        .cloned()
+        .collect();
     diff
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use pretty_assertions::assert_eq;
 
@@ -240,7 +281,12 @@ mod tests {
         changed.spec.ingress.as_mut().unwrap()[1].peers[0].cidr = Some("198.51.100.0/24".into());
         let after = ruleset(&[changed]);
         let diff = diff_node(&NodeState::of(&before), &after);
-        let written: Vec<&str> = diff.ipv4.write_chains.iter().map(|c| c.name.as_str()).collect();
+        let written: Vec<&str> = diff
+            .ipv4
+            .write_chains
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect();
         assert_eq!(written, [policy_chain_name("web", Direction::Ingress)]);
         assert!(diff.ipv6.is_empty(), "the SSH rule is IPv4 only");
     }
@@ -253,8 +299,18 @@ mod tests {
         assert_eq!(before.sets.len(), 2);
         let after = ruleset(&[web_policy()]);
         let diff = diff_node(&NodeState::of(&before), &after);
-        assert_eq!(diff.ipv4.delete_chains, [policy_chain_name("db", Direction::Ingress)]);
-        assert_eq!(diff.ipv4.write_chains.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(), [INPUT_CHAIN]);
+        assert_eq!(
+            diff.ipv4.delete_chains,
+            [policy_chain_name("db", Direction::Ingress)]
+        );
+        assert_eq!(
+            diff.ipv4
+                .write_chains
+                .iter()
+                .map(|c| c.name.as_str())
+                .collect::<Vec<_>>(),
+            [INPUT_CHAIN]
+        );
         assert_eq!(diff.destroy_sets.len(), 2);
         let nothing = ruleset(&[]);
         let diff = diff_node(&NodeState::of(&after), &nothing);
@@ -266,23 +322,58 @@ mod tests {
     fn foreign_chains_and_sets_are_never_touched() {
         let desired = ruleset(&[web_policy()]);
         let mut current = NodeState::of(&desired);
-        current.ipv4.chains.insert("KUBE-SERVICES".into(), vec!["x".into()]);
-        current.sets.insert("cali40all-hosts".into(), SetState { family: IpFamily::V4, entries: vec![] });
+        current
+            .ipv4
+            .chains
+            .insert("KUBE-SERVICES".into(), vec!["x".into()]);
+        current.sets.insert(
+            "cali40all-hosts".into(),
+            SetState {
+                family: IpFamily::V4,
+                entries: vec![],
+            },
+        );
         assert!(diff_node(&current, &desired).is_empty());
     }
 
     #[test]
     fn drifted_rule_and_reordered_set_entries() {
-        let r = rule("many", Protocol::Tcp, &[22], &["10.0.1.0/24", "10.0.2.0/24", "10.0.3.0/24", "10.0.4.0/24", "10.0.5.0/24"]);
+        let r = rule(
+            "many",
+            Protocol::Tcp,
+            &[22],
+            &[
+                "10.0.1.0/24",
+                "10.0.2.0/24",
+                "10.0.3.0/24",
+                "10.0.4.0/24",
+                "10.0.5.0/24",
+            ],
+        );
         let desired = ruleset(&[policy("p", vec![r], None)]);
         let mut current = NodeState::of(&desired);
         for s in current.sets.values_mut() {
             s.entries.reverse();
         }
-        assert!(diff_node(&current, &desired).is_empty(), "entry order does not matter");
-        current.ipv4.chains.get_mut(INPUT_CHAIN).unwrap().insert(0, "inserted-by-hand".into());
+        assert!(
+            diff_node(&current, &desired).is_empty(),
+            "entry order does not matter"
+        );
+        current
+            .ipv4
+            .chains
+            .get_mut(INPUT_CHAIN)
+            .unwrap()
+            .insert(0, "inserted-by-hand".into());
         let diff = diff_node(&current, &desired);
-        assert_eq!(diff.ipv4.write_chains.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(), [INPUT_CHAIN]);
+        assert_eq!(
+            diff.ipv4
+                .write_chains
+                .iter()
+                .map(|c| c.name.as_str())
+                .collect::<Vec<_>>(),
+            [INPUT_CHAIN]
+        );
         current.apply(&diff);
         assert_eq!(current.ipv4, NodeState::of(&desired).ipv4);
     }

@@ -1,6 +1,6 @@
 //! Label selectors, parsed once and matched purely.
 //!
-//! The apiserver does not check the syntax of a `LabelSelector` embedded in a
+//! The apiserver does not check the syntax of a `NodeSelector` embedded in a
 //! custom resource, so [`Selector::parse`] does: label keys and values as
 //! Kubernetes defines them, operators `In`, `NotIn`, `Exists`,
 //! `DoesNotExist`, values present exactly when the operator needs them.
@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use crate::api::NodeSelector;
 use serde::Serialize;
 
 use super::PolicyError;
@@ -60,7 +60,9 @@ impl Requirement {
     pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
         match self {
             Requirement::In { key, values } => labels.get(key).is_some_and(|v| values.contains(v)),
-            Requirement::NotIn { key, values } => labels.get(key).is_none_or(|v| !values.contains(v)),
+            Requirement::NotIn { key, values } => {
+                labels.get(key).is_none_or(|v| !values.contains(v))
+            }
             Requirement::Exists { key } => labels.contains_key(key),
             Requirement::DoesNotExist { key } => !labels.contains_key(key),
         }
@@ -84,14 +86,17 @@ impl Selector {
     /// Parses `selector`, checking its syntax. `path` is the field path of
     /// the selector, used in errors (`spec.nodeSelector`). Every problem is
     /// returned, not only the first.
-    pub fn parse(selector: &LabelSelector, path: &str) -> Result<Selector, Vec<PolicyError>> {
+    pub fn parse(selector: &NodeSelector, path: &str) -> Result<Selector, Vec<PolicyError>> {
         let mut errors = Vec::new();
         let mut requirements = Vec::new();
         for (key, value) in selector.match_labels.iter().flatten() {
             let at = format!("{path}.matchLabels[{key}]");
             check_key(key, &at, &mut errors);
             check_value(value, &at, &mut errors);
-            requirements.push(Requirement::In { key: key.clone(), values: BTreeSet::from([value.clone()]) });
+            requirements.push(Requirement::In {
+                key: key.clone(),
+                values: BTreeSet::from([value.clone()]),
+            });
         }
         for (i, expr) in selector.match_expressions.iter().flatten().enumerate() {
             let at = format!("{path}.matchExpressions[{i}]");
@@ -147,7 +152,11 @@ impl Selector {
         // By key first, so the text form reads like what was written.
         requirements.sort_by(|a, b| (a.key(), a).cmp(&(b.key(), b)));
         requirements.dedup();
-        if errors.is_empty() { Ok(Selector { requirements }) } else { Err(errors) }
+        if errors.is_empty() {
+            Ok(Selector { requirements })
+        } else {
+            Err(errors)
+        }
     }
 
     /// The requirements, sorted.
@@ -182,12 +191,20 @@ impl fmt::Display for Selector {
                 Requirement::DoesNotExist { key } => format!("!{key}"),
             })
             .collect();
-        if parts.is_empty() { f.write_str("<all>") } else { f.write_str(&parts.join(",")) }
+        if parts.is_empty() {
+            f.write_str("<all>")
+        } else {
+            f.write_str(&parts.join(","))
+        }
     }
 }
 
 fn join(values: &BTreeSet<String>) -> String {
-    values.iter().map(String::as_str).collect::<Vec<_>>().join(",")
+    values
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// `[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?`, at most 63 characters.
@@ -195,7 +212,8 @@ fn is_label_name(s: &str) -> bool {
     let b = s.as_bytes();
     !b.is_empty()
         && b.len() <= 63
-        && b.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
         && b.first().is_some_and(u8::is_ascii_alphanumeric)
         && b.last().is_some_and(u8::is_ascii_alphanumeric)
 }
@@ -209,7 +227,8 @@ pub(crate) fn is_dns_subdomain(s: &str) -> bool {
             let b = label.as_bytes();
             !b.is_empty()
                 && b.len() <= 63
-                && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+                && b.iter()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
                 && b.first().is_some_and(|c| *c != b'-')
                 && b.last().is_some_and(|c| *c != b'-')
         })
@@ -240,26 +259,34 @@ fn check_value(value: &str, path: &str, errors: &mut Vec<PolicyError>) {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
+    use crate::api::NodeSelectorRequirement;
 
     use super::*;
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
-    fn expr(key: &str, operator: &str, values: &[&str]) -> LabelSelectorRequirement {
-        LabelSelectorRequirement {
+    fn expr(key: &str, operator: &str, values: &[&str]) -> NodeSelectorRequirement {
+        NodeSelectorRequirement {
             key: key.into(),
             operator: operator.into(),
-            values: if values.is_empty() { None } else { Some(values.iter().map(|v| v.to_string()).collect()) },
+            values: if values.is_empty() {
+                None
+            } else {
+                Some(values.iter().map(|v| v.to_string()).collect())
+            },
         }
     }
 
     #[test]
     fn empty_selector_selects_everything() {
-        let sel = Selector::parse(&LabelSelector::default(), "spec.nodeSelector").unwrap();
+        let sel = Selector::parse(&NodeSelector::default(), "spec.nodeSelector").unwrap();
         assert!(sel.matches(&labels(&[])));
         assert_eq!(sel, Selector::everything());
         assert_eq!(sel.to_string(), "<all>");
@@ -267,7 +294,7 @@ mod tests {
 
     #[test]
     fn operators_follow_kubernetes_semantics() {
-        let sel = LabelSelector {
+        let sel = NodeSelector {
             match_labels: Some(labels(&[("role", "web")])),
             match_expressions: Some(vec![
                 expr("zone", "In", &["a", "b"]),
@@ -279,16 +306,29 @@ mod tests {
         let sel = Selector::parse(&sel, "spec.nodeSelector").unwrap();
         assert!(sel.matches(&labels(&[("role", "web"), ("zone", "a"), ("ready", "")])));
         // NotIn matches an absent label, and refuses a listed value.
-        assert!(!sel.matches(&labels(&[("role", "web"), ("zone", "a"), ("ready", ""), ("tier", "db")])));
+        assert!(!sel.matches(&labels(&[
+            ("role", "web"),
+            ("zone", "a"),
+            ("ready", ""),
+            ("tier", "db")
+        ])));
         assert!(!sel.matches(&labels(&[("role", "web"), ("zone", "c"), ("ready", "")])));
         assert!(!sel.matches(&labels(&[("role", "web"), ("zone", "a")])));
-        assert!(!sel.matches(&labels(&[("role", "web"), ("zone", "a"), ("ready", ""), ("cordoned", "1")])));
-        assert_eq!(sel.to_string(), "!cordoned,ready,role=web,tier notin (db),zone in (a,b)");
+        assert!(!sel.matches(&labels(&[
+            ("role", "web"),
+            ("zone", "a"),
+            ("ready", ""),
+            ("cordoned", "1")
+        ])));
+        assert_eq!(
+            sel.to_string(),
+            "!cordoned,ready,role=web,tier notin (db),zone in (a,b)"
+        );
     }
 
     #[test]
     fn syntax_errors_name_the_field_and_the_fix() {
-        let sel = LabelSelector {
+        let sel = NodeSelector {
             match_labels: Some(labels(&[("bad key!", "ok"), ("k", "-bad")])),
             match_expressions: Some(vec![
                 expr("k", "Equals", &["x"]),
@@ -310,13 +350,21 @@ mod tests {
                 "spec.nodeSelector.matchExpressions[3].key",
             ]
         );
-        assert!(errs[2].to_string().contains("use In, NotIn, Exists or DoesNotExist"));
+        assert!(
+            errs[2]
+                .to_string()
+                .contains("use In, NotIn, Exists or DoesNotExist")
+        );
     }
 
     #[test]
     fn prefixed_keys_are_accepted() {
-        let sel = LabelSelector {
-            match_expressions: Some(vec![expr("node-role.kubernetes.io/control-plane", "Exists", &[])]),
+        let sel = NodeSelector {
+            match_expressions: Some(vec![expr(
+                "node-role.kubernetes.io/control-plane",
+                "Exists",
+                &[],
+            )]),
             ..Default::default()
         };
         let sel = Selector::parse(&sel, "p").unwrap();
@@ -325,14 +373,21 @@ mod tests {
 
     #[test]
     fn equivalent_selectors_are_equal() {
-        let a = LabelSelector {
+        let a = NodeSelector {
             match_labels: Some(labels(&[("a", "1")])),
             match_expressions: Some(vec![expr("b", "Exists", &[])]),
         };
-        let b = LabelSelector {
+        let b = NodeSelector {
             match_labels: None,
-            match_expressions: Some(vec![expr("b", "Exists", &[]), expr("a", "In", &["1"]), expr("b", "Exists", &[])]),
+            match_expressions: Some(vec![
+                expr("b", "Exists", &[]),
+                expr("a", "In", &["1"]),
+                expr("b", "Exists", &[]),
+            ]),
         };
-        assert_eq!(Selector::parse(&a, "x").unwrap(), Selector::parse(&b, "x").unwrap());
+        assert_eq!(
+            Selector::parse(&a, "x").unwrap(),
+            Selector::parse(&b, "x").unwrap()
+        );
     }
 }

@@ -146,7 +146,12 @@ impl SgDiff {
             .iter()
             .filter(|r| r.direction == direction)
             .map(|r| &r.permission)
-            .chain(self.direction(direction).authorize.iter().map(|p| &p.permission));
+            .chain(
+                self.direction(direction)
+                    .authorize
+                    .iter()
+                    .map(|p| &p.permission),
+            );
         for p in perms {
             for family in families(p) {
                 match family {
@@ -176,7 +181,11 @@ impl SgDiff {
             }
         }
         for rule in &mut rules {
-            if let Some(desc) = self.direction(rule.direction).update_descriptions.get(&rule.rule_id) {
+            if let Some(desc) = self
+                .direction(rule.direction)
+                .update_descriptions
+                .get(&rule.rule_id)
+            {
                 rule.description = Some(desc.clone());
             }
         }
@@ -203,7 +212,11 @@ fn families(p: &SgPermission) -> &'static [IpFamily] {
 /// carries the desired description, and every foreign rule is untouched.
 /// Never revokes a rule [`owns_rule`] says the policy does not own. A
 /// current state that already matches gives an empty diff.
-pub fn diff_security_group(plan: &CloudPlan, current: &[CurrentSgRule], ownership: GroupOwnership) -> SgDiff {
+pub fn diff_security_group(
+    plan: &CloudPlan,
+    current: &[CurrentSgRule],
+    ownership: GroupOwnership,
+) -> SgDiff {
     SgDiff {
         ingress: diff_direction(plan, current, ownership, Direction::Ingress),
         egress: diff_direction(plan, current, ownership, Direction::Egress),
@@ -217,27 +230,35 @@ fn diff_direction(
     direction: Direction,
 ) -> PermissionDiff {
     let mut diff = PermissionDiff::default();
-    let mut rules: Vec<&CurrentSgRule> = current.iter().filter(|r| r.direction == direction).collect();
+    let mut rules: Vec<&CurrentSgRule> = current
+        .iter()
+        .filter(|r| r.direction == direction)
+        .collect();
     rules.sort();
-    let protected: BTreeSet<SgPermission> = if direction == Direction::Egress && plan.keeps_default_egress {
-        SgPermission::default_egress().into_iter().collect()
-    } else {
-        BTreeSet::new()
-    };
+    let protected: BTreeSet<SgPermission> =
+        if direction == Direction::Egress && plan.keeps_default_egress {
+            SgPermission::default_egress().into_iter().collect()
+        } else {
+            BTreeSet::new()
+        };
 
     let Some(desired) = plan.permissions(direction) else {
         // Not spoken for: only rules carrying the marker were ours to write.
         diff.revoke = rules
             .iter()
-            .filter(|r| carries_marker(&plan.policy, r.description.as_deref()) && !protected.contains(&r.permission))
+            .filter(|r| {
+                carries_marker(&plan.policy, r.description.as_deref())
+                    && !protected.contains(&r.permission)
+            })
             .map(|r| r.rule_id.clone())
             .collect();
         diff.revoke.sort();
         return diff;
     };
 
-    let (owned, foreign): (Vec<&CurrentSgRule>, Vec<&CurrentSgRule>) =
-        rules.into_iter().partition(|r| owns_rule(&plan.policy, ownership, r.description.as_deref()));
+    let (owned, foreign): (Vec<&CurrentSgRule>, Vec<&CurrentSgRule>) = rules
+        .into_iter()
+        .partition(|r| owns_rule(&plan.policy, ownership, r.description.as_deref()));
     let mut owned_by_perm: BTreeMap<&SgPermission, Vec<&CurrentSgRule>> = BTreeMap::new();
     for r in &owned {
         owned_by_perm.entry(&r.permission).or_default().push(r);
@@ -247,14 +268,20 @@ fn diff_direction(
 
     let mut kept: BTreeSet<&str> = BTreeSet::new();
     for want in desired {
-        if let Some(have) = owned_by_perm.get(&want.permission).and_then(|rs| rs.first()) {
+        if let Some(have) = owned_by_perm
+            .get(&want.permission)
+            .and_then(|rs| rs.first())
+        {
             kept.insert(&have.rule_id);
             if have.description.as_deref() != Some(want.description.as_str()) {
-                diff.update_descriptions.insert(have.rule_id.clone(), want.description.clone());
+                diff.update_descriptions
+                    .insert(have.rule_id.clone(), want.description.clone());
             }
         } else if let Some(have) = foreign_by_perm.get(&want.permission) {
-            diff.satisfied_by_foreign
-                .push(ForeignMatch { permission: want.permission.clone(), rule_id: have.rule_id.clone() });
+            diff.satisfied_by_foreign.push(ForeignMatch {
+                permission: want.permission.clone(),
+                rule_id: have.rule_id.clone(),
+            });
         } else {
             diff.authorize.push(want.clone());
         }
@@ -270,6 +297,7 @@ fn diff_direction(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use pretty_assertions::assert_eq;
 
@@ -289,8 +317,18 @@ mod tests {
         }
     }
 
-    fn cur(id: &str, direction: Direction, permission: SgPermission, desc: Option<&str>) -> CurrentSgRule {
-        CurrentSgRule { rule_id: id.into(), direction, permission, description: desc.map(str::to_string) }
+    fn cur(
+        id: &str,
+        direction: Direction,
+        permission: SgPermission,
+        desc: Option<&str>,
+    ) -> CurrentSgRule {
+        CurrentSgRule {
+            rule_id: id.into(),
+            direction,
+            permission,
+            description: desc.map(str::to_string),
+        }
     }
 
     fn web_plan() -> CloudPlan {
@@ -317,46 +355,109 @@ mod tests {
     fn adopted_group_keeps_foreign_rules_and_reports_satisfied() {
         let plan = web_plan();
         let current = vec![
-            cur("sgr-1", Direction::Ingress, tcp(80, "0.0.0.0/0"), Some("opened by ops")),
+            cur(
+                "sgr-1",
+                Direction::Ingress,
+                tcp(80, "0.0.0.0/0"),
+                Some("opened by ops"),
+            ),
             cur("sgr-2", Direction::Ingress, tcp(8080, "0.0.0.0/0"), None),
-            cur("sgr-3", Direction::Ingress, tcp(23, "0.0.0.0/0"), Some("palisade:web/telnet")),
-            cur("sgr-4", Direction::Ingress, tcp(22, "203.0.113.0/24"), Some("palisade:web/old-name")),
-            cur("sgr-5", Direction::Ingress, tcp(25, "0.0.0.0/0"), Some("palisade:other/smtp")),
-            cur("sgr-6", Direction::Egress, SgPermission::default_egress()[0].clone(), None),
+            cur(
+                "sgr-3",
+                Direction::Ingress,
+                tcp(23, "0.0.0.0/0"),
+                Some("palisade:web/telnet"),
+            ),
+            cur(
+                "sgr-4",
+                Direction::Ingress,
+                tcp(22, "203.0.113.0/24"),
+                Some("palisade:web/old-name"),
+            ),
+            cur(
+                "sgr-5",
+                Direction::Ingress,
+                tcp(25, "0.0.0.0/0"),
+                Some("palisade:other/smtp"),
+            ),
+            cur(
+                "sgr-6",
+                Direction::Egress,
+                SgPermission::default_egress()[0].clone(),
+                None,
+            ),
         ];
         let diff = diff_security_group(&plan, &current, GroupOwnership::Adopted);
         assert_eq!(diff.ingress.authorize, []);
         assert_eq!(diff.ingress.revoke, ["sgr-3"]);
-        assert_eq!(diff.ingress.update_descriptions, BTreeMap::from([("sgr-4".into(), "palisade:web/ssh".into())]));
+        assert_eq!(
+            diff.ingress.update_descriptions,
+            BTreeMap::from([("sgr-4".into(), "palisade:web/ssh".into())])
+        );
         assert_eq!(
             diff.ingress.satisfied_by_foreign,
-            [ForeignMatch { permission: tcp(80, "0.0.0.0/0"), rule_id: "sgr-1".into() }]
+            [ForeignMatch {
+                permission: tcp(80, "0.0.0.0/0"),
+                rule_id: "sgr-1".into()
+            }]
         );
         assert!(diff.egress.is_empty(), "egress is not spoken for");
     }
 
     #[test]
     fn created_group_revokes_drift_and_default_egress_in_enforce() {
-        let p = policy("web", vec![], Some(vec![rule("https", Protocol::Tcp, &[443], &["0.0.0.0/0"])]));
+        let p = policy(
+            "web",
+            vec![],
+            Some(vec![rule("https", Protocol::Tcp, &[443], &["0.0.0.0/0"])]),
+        );
         let plan = plan_cloud(&validate(&p).unwrap(), &Facts::default()).unwrap();
         let current = vec![
-            cur("sgr-1", Direction::Egress, SgPermission::default_egress()[0].clone(), None),
-            cur("sgr-2", Direction::Ingress, tcp(3389, "0.0.0.0/0"), Some("added by hand")),
+            cur(
+                "sgr-1",
+                Direction::Egress,
+                SgPermission::default_egress()[0].clone(),
+                None,
+            ),
+            cur(
+                "sgr-2",
+                Direction::Ingress,
+                tcp(3389, "0.0.0.0/0"),
+                Some("added by hand"),
+            ),
         ];
         let diff = diff_security_group(&plan, &current, GroupOwnership::Created);
         assert_eq!(diff.egress.revoke, ["sgr-1"]);
         assert_eq!(diff.egress.authorize.len(), 1);
-        assert_eq!(diff.ingress.revoke, ["sgr-2"], "ingress: [] is default-deny");
+        assert_eq!(
+            diff.ingress.revoke,
+            ["sgr-2"],
+            "ingress: [] is default-deny"
+        );
     }
 
     #[test]
     fn audit_never_revokes_default_egress() {
-        let mut p = policy("web", vec![], Some(vec![rule("https", Protocol::Tcp, &[443], &["0.0.0.0/0"])]));
+        let mut p = policy(
+            "web",
+            vec![],
+            Some(vec![rule("https", Protocol::Tcp, &[443], &["0.0.0.0/0"])]),
+        );
         p.spec.mode = PolicyMode::Audit;
         let plan = plan_cloud(&validate(&p).unwrap(), &Facts::default()).unwrap();
         let current = vec![
-            cur("sgr-1", Direction::Egress, SgPermission::default_egress()[0].clone(), None),
-            cur("sgr-2", Direction::Egress, SgPermission::default_egress()[1].clone(), None),
+            cur(
+                "sgr-1",
+                Direction::Egress,
+                SgPermission::default_egress()[0].clone(),
+                None,
+            ),
+            cur(
+                "sgr-2",
+                Direction::Egress,
+                SgPermission::default_egress()[1].clone(),
+                None,
+            ),
         ];
         let diff = diff_security_group(&plan, &current, GroupOwnership::Created);
         assert_eq!(diff.egress.revoke, Vec::<String>::new());
@@ -366,8 +467,18 @@ mod tests {
     fn direction_no_longer_spoken_for_revokes_marked_rules_only() {
         let plan = web_plan();
         let current = vec![
-            cur("sgr-1", Direction::Egress, tcp(443, "0.0.0.0/0"), Some("palisade:web/https")),
-            cur("sgr-2", Direction::Egress, SgPermission::default_egress()[0].clone(), None),
+            cur(
+                "sgr-1",
+                Direction::Egress,
+                tcp(443, "0.0.0.0/0"),
+                Some("palisade:web/https"),
+            ),
+            cur(
+                "sgr-2",
+                Direction::Egress,
+                SgPermission::default_egress()[0].clone(),
+                None,
+            ),
         ];
         let diff = diff_security_group(&plan, &current, GroupOwnership::Created);
         assert_eq!(diff.egress.revoke, ["sgr-1"]);
@@ -377,12 +488,21 @@ mod tests {
     fn applied_diff_is_a_fixed_point() {
         let plan = web_plan();
         let current = vec![
-            cur("sgr-1", Direction::Ingress, tcp(23, "0.0.0.0/0"), Some("palisade:web/telnet")),
+            cur(
+                "sgr-1",
+                Direction::Ingress,
+                tcp(23, "0.0.0.0/0"),
+                Some("palisade:web/telnet"),
+            ),
             cur("sgr-2", Direction::Ingress, tcp(80, "0.0.0.0/0"), None),
             cur("sgr-3", Direction::Ingress, tcp(80, "0.0.0.0/0"), None),
         ];
         let diff = diff_security_group(&plan, &current, GroupOwnership::Created);
-        assert_eq!(diff.ingress.revoke, ["sgr-1", "sgr-3"], "a duplicate owned rule goes too");
+        assert_eq!(
+            diff.ingress.revoke,
+            ["sgr-1", "sgr-3"],
+            "a duplicate owned rule goes too"
+        );
         assert_eq!(diff.peak_rules(Direction::Ingress, &current), (4, 0));
         let after = diff.apply_to(&current);
         assert!(diff_security_group(&plan, &after, GroupOwnership::Created).is_empty());

@@ -2,15 +2,28 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use crate::api::NodeSelector;
 
-use crate::api::{FirewallPolicy, FirewallPolicySpec, FirewallRule, Layer, Peer, PortRange, Protocol};
+use crate::api::{
+    FirewallPolicy, FirewallPolicySpec, FirewallRule, Layer, Peer, PortRange, Protocol,
+};
 
 use super::facts::{Facts, NodeFacts};
 
 /// A policy named `name` with the given rules (Enforce, every node).
-pub fn policy(name: &str, ingress: Vec<FirewallRule>, egress: Option<Vec<FirewallRule>>) -> FirewallPolicy {
-    FirewallPolicy::new(name, FirewallPolicySpec { ingress: Some(ingress), egress, ..Default::default() })
+pub fn policy(
+    name: &str,
+    ingress: Vec<FirewallRule>,
+    egress: Option<Vec<FirewallRule>>,
+) -> FirewallPolicy {
+    FirewallPolicy::new(
+        name,
+        FirewallPolicySpec {
+            ingress: Some(ingress),
+            egress,
+            ..Default::default()
+        },
+    )
 }
 
 /// A rule on both layers; `ports` empty = no ports field.
@@ -18,8 +31,22 @@ pub fn rule(name: &str, protocol: Protocol, ports: &[u16], cidrs: &[&str]) -> Fi
     FirewallRule {
         name: name.into(),
         protocol,
-        ports: (!ports.is_empty()).then(|| ports.iter().map(|p| PortRange { port: *p, end_port: None }).collect()),
-        peers: cidrs.iter().map(|c| Peer { cidr: Some(c.to_string()), ..Default::default() }).collect(),
+        ports: (!ports.is_empty()).then(|| {
+            ports
+                .iter()
+                .map(|p| PortRange {
+                    port: *p,
+                    end_port: None,
+                })
+                .collect()
+        }),
+        peers: cidrs
+            .iter()
+            .map(|c| Peer {
+                cidr: Some(c.to_string()),
+                ..Default::default()
+            })
+            .collect(),
         ..Default::default()
     }
 }
@@ -47,11 +74,17 @@ pub fn jump_host_policy() -> FirewallPolicy {
 }
 
 pub fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
-pub fn selector(pairs: &[(&str, &str)]) -> LabelSelector {
-    LabelSelector { match_labels: Some(labels(pairs)), match_expressions: None }
+pub fn selector(pairs: &[(&str, &str)]) -> NodeSelector {
+    NodeSelector {
+        match_labels: Some(labels(pairs)),
+        match_expressions: None,
+    }
 }
 
 pub fn node(name: &str, pairs: &[(&str, &str)], addrs: &[&str]) -> NodeFacts {
@@ -67,7 +100,11 @@ pub fn node(name: &str, pairs: &[(&str, &str)], addrs: &[&str]) -> NodeFacts {
 pub fn facts_with_nodes() -> Facts {
     Facts {
         nodes: vec![
-            node("web-1", &[("role", "web")], &["10.0.1.10", "2001:db8::1:10"]),
+            node(
+                "web-1",
+                &[("role", "web")],
+                &["10.0.1.10", "2001:db8::1:10"],
+            ),
             node("db-1", &[("role", "db")], &["10.0.2.10", "2001:db8::2:10"]),
         ],
         ..Default::default()
@@ -75,13 +112,22 @@ pub fn facts_with_nodes() -> Facts {
 }
 
 pub fn sg_peer(id: &str) -> Peer {
-    Peer { security_group_id: Some(id.into()), ..Default::default() }
+    Peer {
+        security_group_id: Some(id.into()),
+        ..Default::default()
+    }
 }
 
 pub fn pl_peer(id: &str) -> Peer {
-    Peer { prefix_list_id: Some(id.into()), ..Default::default() }
+    Peer {
+        prefix_list_id: Some(id.into()),
+        ..Default::default()
+    }
 }
 
 pub fn node_peer(pairs: &[(&str, &str)]) -> Peer {
-    Peer { node_selector: Some(selector(pairs)), ..Default::default() }
+    Peer {
+        node_selector: Some(selector(pairs)),
+        ..Default::default()
+    }
 }

@@ -15,8 +15,8 @@ use ipnet::IpNet;
 use serde::Serialize;
 
 use crate::api::{
-    FirewallPolicy, FirewallRule, IcmpMatch, Layer, MAX_PEERS_PER_RULE, MAX_PORTS_PER_RULE, MAX_RULES_PER_DIRECTION,
-    Peer, PolicyMode, Protocol, RateLimit, SecurityGroupTarget,
+    FirewallPolicy, FirewallRule, IcmpMatch, Layer, MAX_PEERS_PER_RULE, MAX_PORTS_PER_RULE,
+    MAX_RULES_PER_DIRECTION, Peer, PolicyMode, Protocol, RateLimit, SecurityGroupTarget,
 };
 
 use super::selector::{Selector, is_dns_subdomain};
@@ -154,7 +154,11 @@ pub fn validate(policy: &FirewallPolicy) -> Result<ValidPolicy, PolicyError> {
     let mut errors = Vec::new();
     let name = policy.metadata.name.clone().unwrap_or_default();
     if name.is_empty() {
-        errors.push(PolicyError::field("metadata.name", "the policy has no name", "set metadata.name"));
+        errors.push(PolicyError::field(
+            "metadata.name",
+            "the policy has no name",
+            "set metadata.name",
+        ));
     } else if name.len() > MAX_POLICY_NAME || !is_dns_subdomain(&name) {
         errors.push(PolicyError::field(
             "metadata.name",
@@ -177,8 +181,14 @@ pub fn validate(policy: &FirewallPolicy) -> Result<ValidPolicy, PolicyError> {
         }),
         None => Selector::everything(),
     };
-    let ingress = spec.ingress.as_ref().map(|rules| validate_rules(rules, "spec.ingress", &mut errors));
-    let egress = spec.egress.as_ref().map(|rules| validate_rules(rules, "spec.egress", &mut errors));
+    let ingress = spec
+        .ingress
+        .as_ref()
+        .map(|rules| validate_rules(rules, "spec.ingress", &mut errors));
+    let egress = spec
+        .egress
+        .as_ref()
+        .map(|rules| validate_rules(rules, "spec.egress", &mut errors));
     if let Some(sg) = &spec.security_group {
         validate_target(sg, &mut errors);
     }
@@ -192,12 +202,20 @@ pub fn validate(policy: &FirewallPolicy) -> Result<ValidPolicy, PolicyError> {
             security_group: spec.security_group.clone(),
         })
     } else {
-        let policy = if name.is_empty() { "<unnamed>".to_string() } else { name };
+        let policy = if name.is_empty() {
+            "<unnamed>".to_string()
+        } else {
+            name
+        };
         Err(PolicyError::Invalid { policy, errors })
     }
 }
 
-fn validate_rules(rules: &[FirewallRule], path: &str, errors: &mut Vec<PolicyError>) -> Vec<ValidRule> {
+fn validate_rules(
+    rules: &[FirewallRule],
+    path: &str,
+    errors: &mut Vec<PolicyError>,
+) -> Vec<ValidRule> {
     if rules.len() > MAX_RULES_PER_DIRECTION {
         errors.push(PolicyError::Count {
             path: path.to_string(),
@@ -211,14 +229,16 @@ fn validate_rules(rules: &[FirewallRule], path: &str, errors: &mut Vec<PolicyErr
     let mut out = Vec::with_capacity(rules.len());
     for (i, rule) in rules.iter().enumerate() {
         let at = format!("{path}[{i}]");
-        if let Some(first) = seen.insert(&rule.name, i) {
-            seen.insert(&rule.name, first);
-            errors.push(PolicyError::Duplicate {
+        match seen.get(rule.name.as_str()) {
+            Some(first) => errors.push(PolicyError::Duplicate {
                 path: format!("{at}.name"),
                 what: "rule name".into(),
                 value: rule.name.clone(),
                 first: format!("{path}[{first}].name"),
-            });
+            }),
+            None => {
+                seen.insert(&rule.name, i);
+            }
         }
         if let Some(valid) = validate_rule(rule, i, &at, errors) {
             out.push(valid);
@@ -231,23 +251,33 @@ fn is_rule_name(s: &str) -> bool {
     let b = s.as_bytes();
     !b.is_empty()
         && b.len() <= 63
-        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
         && b.first().is_some_and(|c| *c != b'-')
         && b.last().is_some_and(|c| *c != b'-')
 }
 
 /// AWS's character set for Security Group rule descriptions and group names.
 pub(crate) fn is_aws_text(s: &str) -> bool {
-    s.bytes().all(|c| c.is_ascii_alphanumeric() || b". _-:/()#,@[]+=&;{}!$*".contains(&c))
+    s.bytes()
+        .all(|c| c.is_ascii_alphanumeric() || b". _-:/()#,@[]+=&;{}!$*".contains(&c))
 }
 
 fn is_aws_id(s: &str, prefix: &str) -> bool {
     s.strip_prefix(prefix).is_some_and(|hex| {
-        (hex.len() == 8 || hex.len() == 17) && hex.bytes().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
+        (hex.len() == 8 || hex.len() == 17)
+            && hex
+                .bytes()
+                .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
     })
 }
 
-fn validate_rule(rule: &FirewallRule, index: usize, at: &str, errors: &mut Vec<PolicyError>) -> Option<ValidRule> {
+fn validate_rule(
+    rule: &FirewallRule,
+    index: usize,
+    at: &str,
+    errors: &mut Vec<PolicyError>,
+) -> Option<ValidRule> {
     let before = errors.len();
     if !is_rule_name(&rule.name) {
         errors.push(PolicyError::field(
@@ -256,14 +286,14 @@ fn validate_rule(rule: &FirewallRule, index: usize, at: &str, errors: &mut Vec<P
             "use 1-63 lowercase letters, digits and '-', starting and ending alphanumeric (e.g. ssh-from-bastion)",
         ));
     }
-    if let Some(desc) = &rule.description {
-        if desc.len() > 200 || !is_aws_text(desc) {
-            errors.push(PolicyError::field(
-                format!("{at}.description"),
-                "the description is longer than 200 characters or uses characters AWS refuses",
-                "use at most 200 ASCII letters, digits, spaces and ._-:/()#,@[]+=&;{}!$*",
-            ));
-        }
+    if let Some(desc) = &rule.description
+        && (desc.len() > 200 || !is_aws_text(desc))
+    {
+        errors.push(PolicyError::field(
+            format!("{at}.description"),
+            "the description is longer than 200 characters or uses characters AWS refuses",
+            "use at most 200 ASCII letters, digits, spaces and ._-:/()#,@[]+=&;{}!$*",
+        ));
     }
 
     // Ports: TCP/UDP only, 1-16 entries, 1 <= port <= endPort.
@@ -272,7 +302,10 @@ fn validate_rule(rule: &FirewallRule, index: usize, at: &str, errors: &mut Vec<P
         if !matches!(rule.protocol, Protocol::Tcp | Protocol::Udp) {
             errors.push(PolicyError::field(
                 format!("{at}.ports"),
-                format!("ports are only valid with protocol TCP or UDP, not {:?}", rule.protocol),
+                format!(
+                    "ports are only valid with protocol TCP or UDP, not {:?}",
+                    rule.protocol
+                ),
                 "use icmp for ICMP/ICMPv6, or drop ports for All",
             ));
         }
@@ -300,7 +333,10 @@ fn validate_rule(rule: &FirewallRule, index: usize, at: &str, errors: &mut Vec<P
                     format!("write endPort >= {} (or swap them)", p.port),
                 ));
             } else {
-                ports.push(PortSpan { first: p.port, last: end });
+                ports.push(PortSpan {
+                    first: p.port,
+                    last: end,
+                });
             }
         }
         ports.sort();
@@ -310,7 +346,10 @@ fn validate_rule(rule: &FirewallRule, index: usize, at: &str, errors: &mut Vec<P
     if rule.icmp.is_some() && !matches!(rule.protocol, Protocol::Icmp | Protocol::Icmpv6) {
         errors.push(PolicyError::field(
             format!("{at}.icmp"),
-            format!("icmp is only valid with protocol ICMP or ICMPv6, not {:?}", rule.protocol),
+            format!(
+                "icmp is only valid with protocol ICMP or ICMPv6, not {:?}",
+                rule.protocol
+            ),
             "set protocol ICMP or ICMPv6, or drop icmp",
         ));
     }
@@ -405,7 +444,12 @@ fn layers_empty(rule: &FirewallRule) -> bool {
     rule.layers.as_ref().is_some_and(Vec::is_empty)
 }
 
-fn validate_peer(peer: &Peer, protocol: Protocol, at: &str, errors: &mut Vec<PolicyError>) -> Option<PeerRef> {
+fn validate_peer(
+    peer: &Peer,
+    protocol: Protocol,
+    at: &str,
+    errors: &mut Vec<PolicyError>,
+) -> Option<PeerRef> {
     let set = [
         peer.cidr.is_some(),
         peer.security_group_id.is_some(),
@@ -435,13 +479,21 @@ fn validate_peer(peer: &Peer, protocol: Protocol, at: &str, errors: &mut Vec<Pol
         };
         let canonical = net.trunc();
         if canonical.to_string() != *cidr {
-            errors.push(PolicyError::NonCanonicalCidr { path, value: cidr.clone(), canonical: canonical.to_string() });
+            errors.push(PolicyError::NonCanonicalCidr {
+                path,
+                value: cidr.clone(),
+                canonical: canonical.to_string(),
+            });
             return None;
         }
         let family = IpFamily::of_net(&canonical);
         let wrong = match (protocol, family) {
-            (Protocol::Icmp, IpFamily::V6) => Some("protocol ICMP is IPv4 only: use protocol ICMPv6 for IPv6 peers"),
-            (Protocol::Icmpv6, IpFamily::V4) => Some("protocol ICMPv6 is IPv6 only: use protocol ICMP for IPv4 peers"),
+            (Protocol::Icmp, IpFamily::V6) => {
+                Some("protocol ICMP is IPv4 only: use protocol ICMPv6 for IPv6 peers")
+            }
+            (Protocol::Icmpv6, IpFamily::V4) => {
+                Some("protocol ICMPv6 is IPv6 only: use protocol ICMP for IPv4 peers")
+            }
             _ => None,
         };
         if let Some(msg) = wrong {
@@ -492,7 +544,11 @@ fn validate_target(sg: &SecurityGroupTarget, errors: &mut Vec<PolicyError>) {
                 "write sg- and 8 or 17 lowercase hex digits, e.g. sg-0123456789abcdef0",
             ));
         }
-        for (field, set) in [("name", sg.name.is_some()), ("vpcId", sg.vpc_id.is_some()), ("tags", sg.tags.is_some())] {
+        for (field, set) in [
+            ("name", sg.name.is_some()),
+            ("vpcId", sg.vpc_id.is_some()),
+            ("tags", sg.tags.is_some()),
+        ] {
             if set {
                 errors.push(PolicyError::field(
                     format!("{at}.{field}"),
@@ -502,23 +558,23 @@ fn validate_target(sg: &SecurityGroupTarget, errors: &mut Vec<PolicyError>) {
             }
         }
     }
-    if let Some(name) = &sg.name {
-        if name.is_empty() || name.len() > 255 || name.starts_with("sg-") || !is_aws_text(name) {
-            errors.push(PolicyError::field(
-                format!("{at}.name"),
-                format!("{name:?} is not a Security Group name AWS accepts"),
-                "use 1-255 ASCII letters, digits, spaces and ._-:/()#,@[]+=&;{}!$*, not starting with sg-",
-            ));
-        }
+    if let Some(name) = &sg.name
+        && (name.is_empty() || name.len() > 255 || name.starts_with("sg-") || !is_aws_text(name))
+    {
+        errors.push(PolicyError::field(
+            format!("{at}.name"),
+            format!("{name:?} is not a Security Group name AWS accepts"),
+            "use 1-255 ASCII letters, digits, spaces and ._-:/()#,@[]+=&;{}!$*, not starting with sg-",
+        ));
     }
-    if let Some(vpc) = &sg.vpc_id {
-        if !is_aws_id(vpc, "vpc-") {
-            errors.push(PolicyError::field(
-                format!("{at}.vpcId"),
-                format!("{vpc:?} is not a VPC id"),
-                "write vpc- and 8 or 17 lowercase hex digits, e.g. vpc-0123456789abcdef0",
-            ));
-        }
+    if let Some(vpc) = &sg.vpc_id
+        && !is_aws_id(vpc, "vpc-")
+    {
+        errors.push(PolicyError::field(
+            format!("{at}.vpcId"),
+            format!("{vpc:?} is not a VPC id"),
+            "write vpc- and 8 or 17 lowercase hex digits, e.g. vpc-0123456789abcdef0",
+        ));
     }
     if let Some(tags) = &sg.tags {
         if tags.len() > 40 {
@@ -531,7 +587,11 @@ fn validate_target(sg: &SecurityGroupTarget, errors: &mut Vec<PolicyError>) {
             });
         }
         for (key, value) in tags {
-            if key.is_empty() || key.len() > 128 || key.starts_with("aws:") || key.starts_with("palisade.dev/") {
+            if key.is_empty()
+                || key.len() > 128
+                || key.starts_with("aws:")
+                || key.starts_with("palisade.dev/")
+            {
                 errors.push(PolicyError::field(
                     format!("{at}.tags[{key}]"),
                     format!("tag key {key:?} is reserved or too long"),
@@ -550,6 +610,7 @@ fn validate_target(sg: &SecurityGroupTarget, errors: &mut Vec<PolicyError>) {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use pretty_assertions::assert_eq;
 
@@ -563,7 +624,19 @@ mod tests {
         assert_eq!(policy.name(), "web");
         let ingress = policy.rules(Direction::Ingress).unwrap();
         assert_eq!(ingress.len(), 2);
-        assert_eq!(ingress[0].ports, [PortSpan { first: 80, last: 80 }, PortSpan { first: 443, last: 443 }]);
+        assert_eq!(
+            ingress[0].ports,
+            [
+                PortSpan {
+                    first: 80,
+                    last: 80
+                },
+                PortSpan {
+                    first: 443,
+                    last: 443
+                }
+            ]
+        );
         assert!(ingress.iter().all(|r| r.cloud && r.node));
         assert!(policy.rules(Direction::Egress).is_none());
     }
@@ -577,30 +650,61 @@ mod tests {
 
     #[test]
     fn non_canonical_cidr_says_what_to_write() {
-        let p = policy("p", vec![rule("ssh", Protocol::Tcp, &[22], &["203.0.113.7/24"])], None);
-        assert_eq!(
-            problems(&p),
-            ["spec.ingress[0].peers[0].cidr: 203.0.113.7/24 is not a canonical CIDR; write 203.0.113.0/24"]
+        let p = policy(
+            "p",
+            vec![rule("ssh", Protocol::Tcp, &[22], &["203.0.113.7/24"])],
+            None,
         );
-        let p = policy("p", vec![rule("v6", Protocol::Tcp, &[22], &["2001:DB8::/32"])], None);
         assert_eq!(
             problems(&p),
-            ["spec.ingress[0].peers[0].cidr: 2001:DB8::/32 is not a canonical CIDR; write 2001:db8::/32"]
+            [
+                "spec.ingress[0].peers[0].cidr: 203.0.113.7/24 is not a canonical CIDR; write 203.0.113.0/24"
+            ]
+        );
+        let p = policy(
+            "p",
+            vec![rule("v6", Protocol::Tcp, &[22], &["2001:DB8::/32"])],
+            None,
+        );
+        assert_eq!(
+            problems(&p),
+            [
+                "spec.ingress[0].peers[0].cidr: 2001:DB8::/32 is not a canonical CIDR; write 2001:db8::/32"
+            ]
         );
     }
 
     #[test]
     fn every_problem_is_reported_with_its_path() {
-        let mut bad = rule("Bad_Name", Protocol::Icmp, &[], &["2001:db8::/32", "nonsense"]);
-        bad.ports = Some(vec![PortRange { port: 90, end_port: Some(80) }]);
+        let mut bad = rule(
+            "Bad_Name",
+            Protocol::Icmp,
+            &[],
+            &["2001:db8::/32", "nonsense"],
+        );
+        bad.ports = Some(vec![PortRange {
+            port: 90,
+            end_port: Some(80),
+        }]);
         bad.layers = Some(vec![Layer::Cloud, Layer::Cloud]);
         bad.log = Some(true);
-        bad.peers.push(Peer { security_group_id: Some("sg-xyz".into()), ..Default::default() });
-        bad.peers.push(Peer { cidr: Some("10.0.0.0/8".into()), prefix_list_id: Some("pl-12345678".into()), ..Default::default() });
+        bad.peers.push(Peer {
+            security_group_id: Some("sg-xyz".into()),
+            ..Default::default()
+        });
+        bad.peers.push(Peer {
+            cidr: Some("10.0.0.0/8".into()),
+            prefix_list_id: Some("pl-12345678".into()),
+            ..Default::default()
+        });
         let dup = rule("web", Protocol::Tcp, &[80], &["0.0.0.0/0"]);
         let p = policy("p", vec![dup.clone(), bad, dup], None);
         let paths: Vec<String> = match validate(&p) {
-            Err(e) => e.problems().iter().filter_map(|e| e.path().map(str::to_string)).collect(),
+            Err(e) => e
+                .problems()
+                .iter()
+                .filter_map(|e| e.path().map(str::to_string))
+                .collect(),
             Ok(_) => panic!("must fail"),
         };
         assert_eq!(
@@ -626,7 +730,9 @@ mod tests {
         let p = policy("p", vec![r.clone(), r], None);
         assert_eq!(
             problems(&p),
-            ["spec.ingress[1].name: rule name \"web\" is already used at spec.ingress[0].name; give each a distinct rule name"]
+            [
+                "spec.ingress[1].name: rule name \"web\" is already used at spec.ingress[0].name; give each a distinct rule name"
+            ]
         );
         // The same name in the other direction is fine.
         let r = rule("dns", Protocol::Udp, &[53], &["10.0.0.0/8"]);
@@ -637,23 +743,39 @@ mod tests {
     fn node_only_fields_on_cloud_only_rules() {
         let mut r = rule("ssh", Protocol::Tcp, &[22], &["0.0.0.0/0"]);
         r.layers = Some(vec![Layer::Cloud]);
-        r.rate_limit = Some(RateLimit { count: 10, ..Default::default() });
+        r.rate_limit = Some(RateLimit {
+            count: 10,
+            ..Default::default()
+        });
         assert_eq!(
             problems(&policy("p", vec![r], None)),
-            ["spec.ingress[0].rateLimit: rateLimit is enforced by the node layer only, and this rule has layers [Cloud]; add Node to layers, or remove rateLimit"]
+            [
+                "spec.ingress[0].rateLimit: rateLimit is enforced by the node layer only, and this rule has layers [Cloud]; add Node to layers, or remove rateLimit"
+            ]
         );
     }
 
     #[test]
     fn protocol_field_consistency() {
         let mut r = rule("ping", Protocol::Tcp, &[], &["0.0.0.0/0"]);
-        r.icmp = Some(IcmpMatch { icmp_type: 8, code: None });
+        r.icmp = Some(IcmpMatch {
+            icmp_type: 8,
+            code: None,
+        });
         let mut all = rule("all", Protocol::All, &[22], &["0.0.0.0/0"]);
         all.icmp = None;
         let ps = problems(&policy("p", vec![r, all], None));
         assert_eq!(ps.len(), 2);
-        assert!(ps[0].starts_with("spec.ingress[0].icmp: icmp is only valid with protocol ICMP or ICMPv6"));
-        assert!(ps[1].starts_with("spec.ingress[1].ports: ports are only valid with protocol TCP or UDP"));
+        assert!(
+            ps[0].starts_with(
+                "spec.ingress[0].icmp: icmp is only valid with protocol ICMP or ICMPv6"
+            )
+        );
+        assert!(
+            ps[1].starts_with(
+                "spec.ingress[1].ports: ports are only valid with protocol TCP or UDP"
+            )
+        );
     }
 
     #[test]
@@ -669,12 +791,20 @@ mod tests {
         assert_eq!(ps.len(), 3, "{ps:#?}");
         assert!(ps[0].starts_with("metadata.name:"));
         assert!(ps[1].starts_with("spec: the policy lists neither ingress nor egress"));
-        assert!(ps[2].starts_with("spec.securityGroup.name: name only applies to a group Palisade creates"));
+        assert!(
+            ps[2].starts_with(
+                "spec.securityGroup.name: name only applies to a group Palisade creates"
+            )
+        );
     }
 
     #[test]
     fn error_display_and_reason() {
-        let p = policy("p", vec![rule("ssh", Protocol::Tcp, &[22], &["10.0.0.1/8"])], None);
+        let p = policy(
+            "p",
+            vec![rule("ssh", Protocol::Tcp, &[22], &["10.0.0.1/8"])],
+            None,
+        );
         let err = validate(&p).unwrap_err();
         assert_eq!(err.reason(), "InvalidPolicy");
         assert_eq!(

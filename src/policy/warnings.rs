@@ -91,11 +91,26 @@ pub enum Warning {
 impl fmt::Display for Warning {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Warning::DuplicateRule { policy, direction, layer, rules, example, count } => {
+            Warning::DuplicateRule {
+                policy,
+                direction,
+                layer,
+                rules,
+                example,
+                count,
+            } => {
                 let rules: Vec<String> = rules.iter().map(|r| format!("{direction}/{r}")).collect();
-                let more = if *count > 1 { format!(" (and {} more)", count - 1) } else { String::new() };
+                let more = if *count > 1 {
+                    format!(" (and {} more)", count - 1)
+                } else {
+                    String::new()
+                };
                 if rules.len() == 1 {
-                    write!(f, "policy {policy}: rule {} produces {example}{more} twice on the {layer:?} layer", rules[0])
+                    write!(
+                        f,
+                        "policy {policy}: rule {} produces {example}{more} twice on the {layer:?} layer",
+                        rules[0]
+                    )
                 } else {
                     write!(
                         f,
@@ -104,7 +119,13 @@ impl fmt::Display for Warning {
                     )
                 }
             }
-            Warning::ShadowedRule { policy, direction, layer, rule, by } => {
+            Warning::ShadowedRule {
+                policy,
+                direction,
+                layer,
+                rule,
+                by,
+            } => {
                 let by: Vec<String> = by.iter().map(|r| format!("{direction}/{r}")).collect();
                 write!(
                     f,
@@ -112,19 +133,42 @@ impl fmt::Display for Warning {
                     by.join(", ")
                 )
             }
-            Warning::QuotaNear { policy, direction, family, used, limit } => write!(
+            Warning::QuotaNear {
+                policy,
+                direction,
+                family,
+                used,
+                limit,
+            } => write!(
                 f,
                 "policy {policy}: {direction} uses {used} of {limit} {family} Security Group rules (80 % or more of the quota)"
             ),
-            Warning::UnresolvedReference { policy, direction, rule, id, layer: Layer::Node } => write!(
+            Warning::UnresolvedReference {
+                policy,
+                direction,
+                rule,
+                id,
+                layer: Layer::Node,
+            } => write!(
                 f,
                 "policy {policy}: rule {direction}/{rule} references {id}, which is not resolved to addresses: the node layer matches nobody for it"
             ),
-            Warning::UnresolvedReference { policy, direction, rule, id, layer: Layer::Cloud } => write!(
+            Warning::UnresolvedReference {
+                policy,
+                direction,
+                rule,
+                id,
+                layer: Layer::Cloud,
+            } => write!(
                 f,
                 "policy {policy}: rule {direction}/{rule} references {id}, whose size is unknown: it is counted as one rule toward the quota"
             ),
-            Warning::EmptyPeer { policy, direction, rule, selector } => write!(
+            Warning::EmptyPeer {
+                policy,
+                direction,
+                rule,
+                selector,
+            } => write!(
                 f,
                 "policy {policy}: rule {direction}/{rule} peer nodeSelector {selector} matches no node with an address"
             ),
@@ -169,7 +213,10 @@ pub(crate) fn lint<T: Covers + Ord + fmt::Display>(
     for (item, rules) in &by_item {
         if rules.len() > 1 {
             let names: BTreeSet<String> = rules.iter().map(|r| r.to_string()).collect();
-            groups.entry(names.into_iter().collect()).or_default().push(item);
+            groups
+                .entry(names.into_iter().collect())
+                .or_default()
+                .push(item);
         }
     }
     for (rules, items) in groups {
@@ -200,7 +247,10 @@ pub(crate) fn lint<T: Covers + Ord + fmt::Display>(
         let mut by = BTreeSet::new();
         let mut strict = false;
         let covered = items.iter().all(|item| {
-            let coverer = produced.iter().filter(|o| o.unconditional && o.rule != *rule).find(|o| o.item.covers(item));
+            let coverer = produced
+                .iter()
+                .filter(|o| o.unconditional && o.rule != *rule)
+                .find(|o| o.item.covers(item));
             let equal = produced.iter().any(|o| o.rule != *rule && o.item == **item);
             match coverer {
                 Some(o) => {
