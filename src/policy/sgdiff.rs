@@ -256,6 +256,12 @@ fn diff_direction(
         return diff;
     };
 
+    // A protected rule the plan wants anyway is kept like any desired one;
+    // protection only spares the copies the plan does not account for.
+    let protected: BTreeSet<SgPermission> = protected
+        .into_iter()
+        .filter(|p| !desired.iter().any(|d| &d.permission == p))
+        .collect();
     let (owned, foreign): (Vec<&CurrentSgRule>, Vec<&CurrentSgRule>) = rules
         .into_iter()
         .partition(|r| owns_rule(&plan.policy, ownership, r.description.as_deref()));
@@ -461,6 +467,37 @@ mod tests {
         ];
         let diff = diff_security_group(&plan, &current, GroupOwnership::Created);
         assert_eq!(diff.egress.revoke, Vec::<String>::new());
+    }
+
+    #[test]
+    fn audit_desiring_default_egress_keeps_one_copy() {
+        // Found by the property test: a plan that wants `all ::/0` itself
+        // keeps one owned copy and revokes the other.
+        let mut p = policy(
+            "pol",
+            vec![],
+            Some(vec![rule("out0", Protocol::All, &[], &["::/0"])]),
+        );
+        p.spec.ingress = None;
+        p.spec.mode = PolicyMode::Audit;
+        let plan = plan_cloud(&validate(&p).unwrap(), &Facts::default()).unwrap();
+        let all6 = SgPermission::default_egress()[1].clone();
+        let current = vec![
+            cur(
+                "sgr-0",
+                Direction::Egress,
+                all6.clone(),
+                Some("palisade:pol/old"),
+            ),
+            cur("sgr-1", Direction::Egress, all6, Some("palisade:pol/old")),
+        ];
+        let diff = diff_security_group(&plan, &current, GroupOwnership::Created);
+        assert_eq!(diff.egress.revoke, ["sgr-1"]);
+        assert_eq!(diff.egress.update_descriptions.len(), 1);
+        assert!(
+            diff_security_group(&plan, &diff.apply_to(&current), GroupOwnership::Created)
+                .is_empty()
+        );
     }
 
     #[test]

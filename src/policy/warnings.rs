@@ -247,19 +247,16 @@ pub(crate) fn lint<T: Covers + Ord + fmt::Display>(
         let mut by = BTreeSet::new();
         let mut strict = false;
         let covered = items.iter().all(|item| {
-            let coverer = produced
+            // Every coverer is named, not the first found, so the warning
+            // does not depend on the order rules and peers were written in.
+            let coverers: Vec<&Produced<T>> = produced
                 .iter()
-                .filter(|o| o.unconditional && o.rule != *rule)
-                .find(|o| o.item.covers(item));
+                .filter(|o| o.unconditional && o.rule != *rule && o.item.covers(item))
+                .collect();
             let equal = produced.iter().any(|o| o.rule != *rule && o.item == **item);
-            match coverer {
-                Some(o) => {
-                    strict |= !equal;
-                    by.insert(o.rule.clone());
-                    true
-                }
-                None => false,
-            }
+            strict |= !coverers.is_empty() && !equal;
+            by.extend(coverers.iter().map(|o| o.rule.clone()));
+            !coverers.is_empty()
         });
         if covered && strict {
             warnings.push(Warning::ShadowedRule {
