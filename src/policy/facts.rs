@@ -83,7 +83,7 @@ pub struct PrefixListFacts {
 
 /// The Security Group rule quota (per group, per direction, per family).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(default, rename_all = "camelCase")]
 pub struct SgQuota {
     /// Rules per direction per group, counted apart for IPv4 and IPv6.
     /// AWS's default is 60; accounts may have it raised up to 1000.
@@ -126,6 +126,9 @@ impl FailsafePort {
 /// before every policy (and before the INVALID drop, because ND and
 /// unsolicited ICMP errors are not tracked by conntrack).
 ///
+/// Fields missing when read from a file take their default, so a file
+/// may set `adminCidrs` alone.
+///
 /// The defaults ([`Failsafe::default`]):
 /// - inbound SSH (22/tcp) from `admin_cidrs` — empty, so no SSH until set;
 /// - in and out: kubelet 10250/tcp, API server 443/tcp and 6443/tcp, etcd
@@ -138,24 +141,19 @@ impl FailsafePort {
 /// - ICMPv6 types 1-4 (errors, PMTU: packet too big is 2) and 133-137 (router
 ///   and neighbour discovery, redirect), both directions.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(default, rename_all = "camelCase")]
 pub struct Failsafe {
     /// Sources allowed to reach `ssh_port`. Empty: no SSH failsafe.
-    #[serde(default)]
     pub admin_cidrs: Vec<IpNet>,
     /// The SSH port (22).
     pub ssh_port: u16,
     /// Ports allowed in from anywhere.
-    #[serde(default)]
     pub inbound: Vec<FailsafePort>,
     /// Ports allowed out to anywhere.
-    #[serde(default)]
     pub outbound: Vec<FailsafePort>,
     /// ICMP (IPv4) types/codes allowed both ways.
-    #[serde(default)]
     pub icmp: Vec<IcmpMatch>,
     /// ICMPv6 types/codes allowed both ways.
-    #[serde(default)]
     pub icmpv6: Vec<IcmpMatch>,
 }
 
@@ -344,6 +342,17 @@ mod tests {
         );
         assert!(err.contains("failsafe.inbound[0].protocol"), "{err}");
         assert!(err.contains("failsafe.inbound[0].ports"), "{err}");
+    }
+
+    #[test]
+    fn facts_read_from_a_file_fill_defaults() {
+        let facts: Facts = serde_json::from_str(
+            r#"{"nodes":[{"name":"n","addresses":["10.0.0.1"]}],"failsafe":{"adminCidrs":["192.0.2.0/24"]}}"#,
+        )
+        .unwrap();
+        assert_eq!(facts.failsafe.ssh_port, 22);
+        assert_eq!(facts.failsafe.inbound, Failsafe::default().inbound);
+        assert_eq!(facts.quota.rules_per_direction, 60);
     }
 
     #[test]

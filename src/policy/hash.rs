@@ -31,7 +31,13 @@ mod tests {
     fn short_hash_is_stable_and_unambiguous() {
         assert_eq!(short_hash(&["ab", "c"]).len(), 16);
         assert_ne!(short_hash(&["ab", "c"]), short_hash(&["a", "bc"]));
-        // Pinned: a change here rewrites every rule on every node.
-        assert_eq!(short_hash(&["chain", "web"]), short_hash(&["chain", "web"]));
+        // Pinned (and reproducible outside Rust: SHA-256 over u64 big-endian
+        // length + bytes of each part): a change here renames every chain
+        // and rewrites every rule on every node.
+        assert_eq!(short_hash(&["chain", "web"]), "d143f861ec32144e");
+        assert_eq!(
+            crate::policy::node::policy_chain_name("web", crate::policy::Direction::Ingress),
+            "PAL-I-d143f861ec"
+        );
     }
 }

@@ -39,8 +39,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 
-use super::cloud::{CloudPlan, PlannedPermission, SgPermission, marker};
-use super::{Direction, IpFamily};
+use super::cloud::{CloudPlan, PlannedPermission, SgPeer, SgPermission, marker};
+use super::{Direction, IpFamily, PolicyError};
 
 /// Who owns the Security Group a plan is applied to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -66,6 +66,68 @@ pub struct CurrentSgRule {
     pub permission: SgPermission,
     /// `Description`, if any.
     pub description: Option<String>,
+}
+
+/// The fields of an AWS `SecurityGroupRule`, as the cloud module reads
+/// them from `DescribeSecurityGroupRules` (no AWS SDK type crosses into the
+/// compiler).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AwsRuleFields<'a> {
+    /// `SecurityGroupRuleId`.
+    pub rule_id: &'a str,
+    /// `IsEgress`.
+    pub is_egress: bool,
+    /// `IpProtocol`.
+    pub ip_protocol: &'a str,
+    /// `FromPort`.
+    pub from_port: Option<i32>,
+    /// `ToPort`.
+    pub to_port: Option<i32>,
+    /// `CidrIpv4`.
+    pub cidr_ipv4: Option<&'a str>,
+    /// `CidrIpv6`.
+    pub cidr_ipv6: Option<&'a str>,
+    /// `ReferencedGroupInfo.GroupId`.
+    pub referenced_group_id: Option<&'a str>,
+    /// `PrefixListId`.
+    pub prefix_list_id: Option<&'a str>,
+    /// `Description`.
+    pub description: Option<&'a str>,
+}
+
+impl CurrentSgRule {
+    /// Reads one rule as AWS describes it, canonicalising its fields
+    /// ([`SgPermission::from_aws`]). Fails with
+    /// [`PolicyError::UnreadableSgRule`] (naming the rule id) when the peer
+    /// is not exactly one of CIDR/group/prefix list or the protocol or ports
+    /// are out of range; the caller should then leave the group alone
+    /// rather than guess.
+    pub fn from_aws(f: &AwsRuleFields<'_>) -> Result<CurrentSgRule, PolicyError> {
+        let unreadable = |problem: String| PolicyError::UnreadableSgRule {
+            rule_id: f.rule_id.to_string(),
+            problem,
+        };
+        let peer = SgPeer::from_aws(
+            f.cidr_ipv4,
+            f.cidr_ipv6,
+            f.referenced_group_id,
+            f.prefix_list_id,
+        )
+        .map_err(unreadable)?;
+        let permission = SgPermission::from_aws(f.ip_protocol, f.from_port, f.to_port, peer)
+            .map_err(unreadable)?;
+        Ok(CurrentSgRule {
+            rule_id: f.rule_id.to_string(),
+            direction: if f.is_egress {
+                Direction::Egress
+            } else {
+                Direction::Ingress
+            },
+            permission,
+            description: f.description.filter(|d| !d.is_empty()).map(str::to_string),
+        })
+    }
 }
 
 /// Whether a rule with `description` in a group of `ownership` belongs to
@@ -195,7 +257,6 @@ impl SgDiff {
 }
 
 fn families(p: &SgPermission) -> &'static [IpFamily] {
-    use super::cloud::SgPeer;
     match p.peer {
         SgPeer::Ipv4(_) => &[IpFamily::V4],
         SgPeer::Ipv6(_) => &[IpFamily::V6],
@@ -347,6 +408,33 @@ mod tests {
             None,
         );
         plan_cloud(&validate(&p).unwrap(), &Facts::default()).unwrap()
+    }
+
+    #[test]
+    fn rules_read_from_aws() {
+        let fields = AwsRuleFields {
+            rule_id: "sgr-1",
+            is_egress: true,
+            ip_protocol: "-1",
+            cidr_ipv4: Some("0.0.0.0/0"),
+            description: Some(""),
+            ..Default::default()
+        };
+        let rule = CurrentSgRule::from_aws(&fields).unwrap();
+        assert_eq!(rule.permission, SgPermission::default_egress()[0]);
+        assert_eq!(
+            (rule.direction, rule.description),
+            (Direction::Egress, None)
+        );
+        let bad = AwsRuleFields {
+            cidr_ipv4: None,
+            ..fields
+        };
+        let err = CurrentSgRule::from_aws(&bad).unwrap_err();
+        assert!(
+            matches!(&err, PolicyError::UnreadableSgRule { rule_id, .. } if rule_id == "sgr-1"),
+            "{err}"
+        );
     }
 
     #[test]
