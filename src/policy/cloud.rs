@@ -161,7 +161,7 @@ pub struct SgPermission {
 impl SgPermission {
     /// Builds a permission from the fields of an AWS `SecurityGroupRule`,
     /// canonicalising what AWS may spell several ways (`6` for `tcp`, absent
-    /// ports for `-1`). `from_aws` of what [`SgPermission::aws_name`] and the
+    /// ports for `-1`). `from_aws` of what [`SgProtocol::aws_name`] and the
     /// port fields give back is the identity.
     pub fn from_aws(
         ip_protocol: &str,

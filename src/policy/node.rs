@@ -1218,6 +1218,85 @@ fn top_chain(direction: Direction, family: IpFamily, speakers: &[&ValidPolicy]) 
     }
 }
 
+/// One family's hooks and chains: top chains, failsafe chains, then the
+/// policy chains by name.
+fn family_ruleset(
+    family: IpFamily,
+    selected: &[&ValidPolicy],
+    facts: &Facts,
+    names: &mut Names,
+) -> Result<FamilyRuleset, PolicyError> {
+    let (mut hooks, mut tops, mut fails, mut pols) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (direction, builtin) in [
+        (Direction::Ingress, BuiltinChain::Input),
+        (Direction::Egress, BuiltinChain::Output),
+    ] {
+        let speakers: Vec<&ValidPolicy> = selected
+            .iter()
+            .copied()
+            .filter(|p| p.rules(direction).is_some())
+            .collect();
+        if speakers.is_empty() {
+            continue;
+        }
+        let top = top_chain(direction, family, &speakers);
+        hooks.push(Hook {
+            builtin,
+            target: top.name.clone(),
+        });
+        tops.push(top);
+        fails.push(failsafe_chain(direction, family, facts, names)?);
+        for p in &speakers {
+            let chain = policy_chain_name(p.name(), direction);
+            names.claim(&chain, &format!("chain {}/{direction}", p.name()))?;
+            pols.push(policy_chain(p, direction, family, &chain, facts, names)?);
+        }
+    }
+    pols.sort_by(|a, b| a.name.cmp(&b.name));
+    let chains = tops.into_iter().chain(fails).chain(pols).collect();
+    Ok(FamilyRuleset {
+        family,
+        hooks,
+        chains,
+    })
+}
+
+/// A policy's hash: its chains (both families, both directions) with
+/// their rule ids, then the content of every set they match.
+fn policy_hash(policy: &str, families: [&FamilyRuleset; 2], sets: &[IpSet]) -> String {
+    let mut lines = vec![format!("policy {policy}")];
+    let mut used = std::collections::BTreeSet::new();
+    for fam in families {
+        for direction in [Direction::Ingress, Direction::Egress] {
+            let Some(chain) = fam.chain(&policy_chain_name(policy, direction)) else {
+                continue;
+            };
+            let ids = chain.rule_ids().join(",");
+            lines.push(format!(
+                "{} chain {} {ids}",
+                fam.family.suffix(),
+                chain.name
+            ));
+            for rule in &chain.rules {
+                if let Some(PeerMatch {
+                    address: Address::Set(name),
+                    ..
+                }) = &rule.matches.peer
+                {
+                    used.insert(name.as_str());
+                }
+            }
+        }
+    }
+    lines.extend(
+        sets.iter()
+            .filter(|s| used.contains(s.name.as_str()))
+            .map(set_line),
+    );
+    digest(&lines)
+}
+
 /// Compiles the node layer of `node` from every policy in `policies` that
 /// selects it.
 ///
@@ -1248,92 +1327,15 @@ pub fn compile_node(
     }
 
     let mut names = Names::default();
-    let mut families = Vec::new();
-    for family in [IpFamily::V4, IpFamily::V6] {
-        let mut hooks = Vec::new();
-        let mut tops = Vec::new();
-        let mut fails = Vec::new();
-        let mut pols = Vec::new();
-        for direction in [Direction::Ingress, Direction::Egress] {
-            let speakers: Vec<&ValidPolicy> = selected
-                .iter()
-                .copied()
-                .filter(|p| p.rules(direction).is_some())
-                .collect();
-            if speakers.is_empty() {
-                continue;
-            }
-            let top = top_chain(direction, family, &speakers);
-            hooks.push(Hook {
-                builtin: match direction {
-                    Direction::Ingress => BuiltinChain::Input,
-                    Direction::Egress => BuiltinChain::Output,
-                },
-                target: top.name.clone(),
-            });
-            tops.push(top);
-            fails.push(failsafe_chain(direction, family, facts, &mut names)?);
-            for p in &speakers {
-                let chain = policy_chain_name(p.name(), direction);
-                names.claim(&chain, &format!("chain {}/{direction}", p.name()))?;
-                pols.push(policy_chain(
-                    p, direction, family, &chain, facts, &mut names,
-                )?);
-            }
-        }
-        pols.sort_by(|a, b| a.name.cmp(&b.name));
-        let chains = tops.into_iter().chain(fails).chain(pols).collect();
-        families.push(FamilyRuleset {
-            family,
-            hooks,
-            chains,
-        });
-    }
-    let ipv6 = families.pop().unwrap_or(FamilyRuleset {
-        family: IpFamily::V6,
-        hooks: vec![],
-        chains: vec![],
-    });
-    let ipv4 = families.pop().unwrap_or(FamilyRuleset {
-        family: IpFamily::V4,
-        hooks: vec![],
-        chains: vec![],
-    });
+    let ipv4 = family_ruleset(IpFamily::V4, &selected, facts, &mut names)?;
+    let ipv6 = family_ruleset(IpFamily::V6, &selected, facts, &mut names)?;
     let sets: Vec<IpSet> = names.sets.into_values().collect();
-
     let policies = selected
         .iter()
-        .map(|p| {
-            let mut lines = vec![format!("policy {}", p.name())];
-            for fam in [&ipv4, &ipv6] {
-                for direction in [Direction::Ingress, Direction::Egress] {
-                    let Some(chain) = fam.chain(&policy_chain_name(p.name(), direction)) else {
-                        continue;
-                    };
-                    lines.push(format!(
-                        "{} chain {} {}",
-                        fam.family.suffix(),
-                        chain.name,
-                        chain.rule_ids().join(",")
-                    ));
-                    for rule in &chain.rules {
-                        if let Some(PeerMatch {
-                            address: Address::Set(name),
-                            ..
-                        }) = &rule.matches.peer
-                            && let Some(set) = sets.iter().find(|s| &s.name == name)
-                        {
-                            lines.push(set_line(set));
-                        }
-                    }
-                }
-            }
-            lines.dedup();
-            PolicyDigest {
-                name: p.name().to_string(),
-                mode: p.mode(),
-                hash: digest(&lines),
-            }
+        .map(|p| PolicyDigest {
+            name: p.name().to_string(),
+            mode: p.mode(),
+            hash: policy_hash(p.name(), [&ipv4, &ipv6], &sets),
         })
         .collect();
 
