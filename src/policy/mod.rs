@@ -134,7 +134,10 @@ pub use sgdiff::{
     CurrentSgRule, ForeignMatch, GroupOwnership, PermissionDiff, SgDiff, diff_security_group,
     owns_rule,
 };
-pub use validate::{MAX_POLICY_NAME, PeerRef, PortSpan, ValidPolicy, ValidRule, validate};
+pub use validate::{
+    MAX_POLICY_NAME, PeerRef, PortSpan, ValidPolicy, ValidRule, nodes_selected, policies_for_node,
+    validate,
+};
 pub use warnings::Warning;
 
 /// Traffic direction, seen from the node.
@@ -227,13 +230,7 @@ pub fn compile_policy(
 ) -> Result<CompiledPolicy, PolicyError> {
     let valid = validate(policy)?;
     let cloud = plan_cloud(&valid, facts)?;
-    let mut selected_nodes: Vec<String> = valid
-        .selector()
-        .select(&facts.nodes)
-        .into_iter()
-        .map(|n| n.name.clone())
-        .collect();
-    selected_nodes.sort();
+    let selected_nodes = nodes_selected(&valid, facts);
     let mut warnings = cloud.warnings.clone();
     warnings.extend(lint_node_layer(&valid, facts));
     warnings.sort();
@@ -290,6 +287,55 @@ mod tests {
     use super::testing::*;
     use super::*;
     use crate::api::Protocol;
+
+    fn manifests(dir: &str) -> Vec<(String, Result<FirewallPolicy, String>)> {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
+        let mut files: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort();
+        files
+            .into_iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+            .map(|p| {
+                let text = std::fs::read_to_string(&p).unwrap();
+                (
+                    p.display().to_string(),
+                    serde_yaml::from_str::<FirewallPolicy>(&text).map_err(|e| e.to_string()),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn shipped_examples_compile_on_both_layers() {
+        let examples = manifests("deploy/examples");
+        assert!(examples.len() >= 6);
+        let facts = facts_with_nodes();
+        let mut valid = Vec::new();
+        for (file, policy) in examples {
+            let policy = policy.unwrap_or_else(|e| panic!("{file}: {e}"));
+            let compiled =
+                compile_policy(&policy, &facts).unwrap_or_else(|e| panic!("{file}: {e}"));
+            valid.push(compiled.policy);
+        }
+        for node in &facts.nodes {
+            compile_node(&node.name, &valid, &facts).unwrap();
+        }
+    }
+
+    #[test]
+    fn the_invalid_corpus_is_refused() {
+        let corpus = manifests("tests/fixtures/invalid");
+        assert!(corpus.len() >= 30);
+        let accepted: Vec<&str> = corpus
+            .iter()
+            .filter(|(_, p)| p.as_ref().is_ok_and(|p| validate(p).is_ok()))
+            .map(|(f, _)| f.as_str())
+            .collect();
+        assert!(accepted.is_empty(), "accepted but invalid: {accepted:#?}");
+    }
 
     #[test]
     fn compile_policy_gathers_everything() {

@@ -17,7 +17,7 @@ use crate::api::{IcmpMatch, Layer, PolicyMode, Protocol, RatePeriod};
 
 use super::facts::{Facts, NodeFacts};
 use super::hash::{digest, short_hash};
-use super::validate::{PeerRef, PortSpan, ValidPolicy, ValidRule};
+use super::validate::{PeerRef, PortSpan, ValidPolicy, ValidRule, policies_for_node};
 use super::warnings::{Covers, Produced, Warning, lint};
 use super::{Direction, IpFamily, PolicyError};
 
@@ -1315,11 +1315,7 @@ pub fn compile_node(
     let me = facts.node(node).ok_or_else(|| PolicyError::UnknownNode {
         node: node.to_string(),
     })?;
-    let mut selected: Vec<&ValidPolicy> = policies
-        .iter()
-        .filter(|p| p.selector().matches(&me.labels))
-        .collect();
-    selected.sort_by(|a, b| a.name().cmp(b.name()));
+    let selected = policies_for_node(me, policies);
     if let Some(w) = selected.windows(2).find(|w| w[0].name() == w[1].name()) {
         return Err(PolicyError::DuplicatePolicy {
             policy: w[0].name().to_string(),

@@ -89,6 +89,20 @@ impl Selector {
     pub fn parse(selector: &NodeSelector, path: &str) -> Result<Selector, Vec<PolicyError>> {
         let mut errors = Vec::new();
         let mut requirements = Vec::new();
+        // The CRD's bounds, which keep admission's CEL cost in budget.
+        let labels = selector.match_labels.as_ref().map_or(0, |m| m.len());
+        let exprs = selector.match_expressions.as_ref().map_or(0, Vec::len);
+        for (field, found, max) in [("matchLabels", labels, 32), ("matchExpressions", exprs, 16)] {
+            if found > max {
+                errors.push(PolicyError::Count {
+                    path: format!("{path}.{field}"),
+                    what: field.into(),
+                    found,
+                    bound: format!("at most {max} are allowed"),
+                    fix: "select on fewer labels (a dedicated node label is simplest)".into(),
+                });
+            }
+        }
         for (key, value) in selector.match_labels.iter().flatten() {
             let at = format!("{path}.matchLabels[{key}]");
             check_key(key, &at, &mut errors);
@@ -102,6 +116,15 @@ impl Selector {
             let at = format!("{path}.matchExpressions[{i}]");
             check_key(&expr.key, &format!("{at}.key"), &mut errors);
             let values = expr.values.clone().unwrap_or_default();
+            if values.len() > 64 {
+                errors.push(PolicyError::Count {
+                    path: format!("{at}.values"),
+                    what: "values".into(),
+                    found: values.len(),
+                    bound: "at most 64 are allowed".into(),
+                    fix: "label the nodes instead of listing values".into(),
+                });
+            }
             for (j, value) in values.iter().enumerate() {
                 check_value(value, &format!("{at}.values[{j}]"), &mut errors);
             }

@@ -19,6 +19,7 @@ use crate::api::{
     MAX_RULES_PER_DIRECTION, Peer, PolicyMode, Protocol, RateLimit, SecurityGroupTarget,
 };
 
+use super::facts::{Facts, NodeFacts};
 use super::selector::{Selector, is_dns_subdomain};
 use super::{Direction, IpFamily, PolicyError};
 
@@ -145,6 +146,33 @@ impl ValidPolicy {
     pub fn security_group(&self) -> Option<&SecurityGroupTarget> {
         self.security_group.as_ref()
     }
+    /// Whether the policy applies to `node` (its `nodeSelector` matches the
+    /// node's labels).
+    pub fn selects(&self, node: &NodeFacts) -> bool {
+        self.selector.matches(&node.labels)
+    }
+}
+
+/// The policies among `policies` that select `node`, sorted by name.
+pub fn policies_for_node<'a>(
+    node: &NodeFacts,
+    policies: &'a [ValidPolicy],
+) -> Vec<&'a ValidPolicy> {
+    let mut selected: Vec<&ValidPolicy> = policies.iter().filter(|p| p.selects(node)).collect();
+    selected.sort_by(|a, b| a.name.cmp(&b.name));
+    selected
+}
+
+/// The names of the nodes in `facts` that `policy` selects, sorted.
+pub fn nodes_selected(policy: &ValidPolicy, facts: &Facts) -> Vec<String> {
+    let mut names: Vec<String> = policy
+        .selector
+        .select(&facts.nodes)
+        .into_iter()
+        .map(|n| n.name.clone())
+        .collect();
+    names.sort();
+    names
 }
 
 /// Checks `policy` and returns its validated form, or
