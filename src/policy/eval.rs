@@ -1,0 +1,317 @@
+//! Reference evaluators: what a [`CloudPlan`] and a [`NodeRuleset`] do with
+//! one packet, read straight off the compiled values.
+//!
+//! They are a model, not the kernel nor AWS: the property tests compare
+//! them with a direct reading of the policies, the CLI can answer "would
+//! this packet pass?" with them, and the end-to-end tests can check real
+//! packets against them.
+
+use std::net::IpAddr;
+
+use serde::Serialize;
+
+use super::cloud::{CloudPlan, SgPeer, SgPermission, SgProtocol};
+use super::facts::Facts;
+use super::node::{
+    AddrSide, Address, BuiltinChain, L4Protocol, NodeAction, NodeMatch, NodeRuleset, RuleOrigin,
+};
+use super::{Direction, IpFamily};
+
+/// The protocol part of a probe packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ProbeProtocol {
+    /// TCP to a destination port.
+    Tcp {
+        /// Destination port.
+        port: u16,
+    },
+    /// UDP to a destination port.
+    Udp {
+        /// Destination port.
+        port: u16,
+    },
+    /// ICMP (IPv4) with a type and code.
+    Icmp {
+        /// Type.
+        icmp_type: u8,
+        /// Code.
+        code: u8,
+    },
+    /// ICMPv6 with a type and code.
+    Icmpv6 {
+        /// Type.
+        icmp_type: u8,
+        /// Code.
+        code: u8,
+    },
+    /// Any other IP protocol number.
+    Other(u8),
+}
+
+/// The first packet of a new connection, not on loopback, seen from the node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Probe {
+    /// Into or out of the node.
+    pub direction: Direction,
+    /// The remote address: the source of ingress, the destination of egress.
+    pub peer: IpAddr,
+    /// Protocol, port or ICMP type.
+    pub protocol: ProbeProtocol,
+    /// Whether the peer is above every rate limit (a rate-limited rule does
+    /// not accept it).
+    pub over_rate: bool,
+}
+
+/// What the node layer does with a probe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub enum NodeVerdict {
+    /// Accepted by a rule (failsafe or policy).
+    Accept,
+    /// Dropped.
+    Drop,
+    /// No rule accepts it, but every policy of the direction is in Audit:
+    /// logged and accepted.
+    AuditAccept,
+    /// No Palisade chain sees it (no selected policy speaks for the direction).
+    NotFiltered,
+}
+
+/// Whether one Security Group permission grants `probe`, with references
+/// resolved through `facts` (an unresolved one grants nothing here).
+pub fn permission_matches(p: &SgPermission, probe: &Probe, facts: &Facts) -> bool {
+    let icmp = |t: u8, c: u8| {
+        p.from_port == -1
+            || (p.from_port == i32::from(t) && (p.to_port == -1 || p.to_port == i32::from(c)))
+    };
+    let traffic = match (p.protocol, probe.protocol) {
+        (SgProtocol::All, _) => true,
+        (SgProtocol::Tcp, ProbeProtocol::Tcp { port })
+        | (SgProtocol::Udp, ProbeProtocol::Udp { port }) => {
+            p.from_port <= i32::from(port) && i32::from(port) <= p.to_port
+        }
+        (SgProtocol::Icmp, ProbeProtocol::Icmp { icmp_type, code }) => icmp(icmp_type, code),
+        (SgProtocol::Icmpv6, ProbeProtocol::Icmpv6 { icmp_type, code }) => icmp(icmp_type, code),
+        (SgProtocol::Number(n), ProbeProtocol::Other(m)) => n == m,
+        _ => false,
+    };
+    let addr = probe.peer;
+    let peer = match &p.peer {
+        SgPeer::Ipv4(n) => matches!(addr, IpAddr::V4(a) if n.contains(&a)),
+        SgPeer::Ipv6(n) => matches!(addr, IpAddr::V6(a) if n.contains(&a)),
+        SgPeer::SecurityGroup(id) => facts
+            .security_groups
+            .get(id)
+            .is_some_and(|nets| nets.iter().any(|n| n.contains(&addr))),
+        SgPeer::PrefixList(id) => facts
+            .prefix_lists
+            .get(id)
+            .is_some_and(|pl| pl.cidrs.iter().any(|n| n.contains(&addr))),
+    };
+    traffic && peer
+}
+
+/// Whether the plan's permissions grant `probe` in its direction; `None`
+/// when the plan does not speak for that direction. The default egress a
+/// plan keeps is not counted (it is the group's, not the plan's).
+pub fn cloud_permits(plan: &CloudPlan, probe: &Probe, facts: &Facts) -> Option<bool> {
+    let perms = plan.permissions(probe.direction)?;
+    Some(
+        perms
+            .iter()
+            .any(|p| permission_matches(&p.permission, probe, facts)),
+    )
+}
+
+/// What the node layer does with `probe`: the walk iptables would make from
+/// the built-in chain through Palisade's chains. The probe is a NEW,
+/// non-loopback packet; rules matching the node's own address (never
+/// generated) do not match.
+pub fn node_verdict(ruleset: &NodeRuleset, probe: &Probe) -> NodeVerdict {
+    let family = IpFamily::of_addr(&probe.peer);
+    let table = ruleset.family(family);
+    let builtin = match probe.direction {
+        Direction::Ingress => BuiltinChain::Input,
+        Direction::Egress => BuiltinChain::Output,
+    };
+    let Some(hook) = table.hooks.iter().find(|h| h.builtin == builtin) else {
+        return NodeVerdict::NotFiltered;
+    };
+    walk(ruleset, family, &hook.target, probe, 0).unwrap_or(NodeVerdict::NotFiltered)
+}
+
+fn walk(
+    ruleset: &NodeRuleset,
+    family: IpFamily,
+    chain: &str,
+    probe: &Probe,
+    depth: usize,
+) -> Option<NodeVerdict> {
+    // Palisade's chains are three deep; the bound only guards a malformed input.
+    if depth > 8 {
+        return None;
+    }
+    let chain = ruleset.family(family).chain(chain)?;
+    for rule in &chain.rules {
+        if !rule_matches(ruleset, &rule.matches, probe) {
+            continue;
+        }
+        match &rule.action {
+            NodeAction::Accept if rule.origin == RuleOrigin::AuditDefault => {
+                return Some(NodeVerdict::AuditAccept);
+            }
+            NodeAction::Accept => return Some(NodeVerdict::Accept),
+            NodeAction::Drop => return Some(NodeVerdict::Drop),
+            NodeAction::Jump { chain } => {
+                if let Some(v) = walk(ruleset, family, chain, probe, depth + 1) {
+                    return Some(v);
+                }
+            }
+            NodeAction::Log { .. } => {}
+            NodeAction::AcceptUnderLimit { .. } if !probe.over_rate => {
+                return Some(NodeVerdict::Accept);
+            }
+            NodeAction::AcceptUnderLimit { .. } => {}
+        }
+    }
+    None
+}
+
+fn rule_matches(ruleset: &NodeRuleset, m: &NodeMatch, probe: &Probe) -> bool {
+    if m.interface.is_some() {
+        return false;
+    }
+    if !m.ct_states.is_empty() && !m.ct_states.contains(&super::node::CtState::New) {
+        return false;
+    }
+    let (l4, port, icmp) = match probe.protocol {
+        ProbeProtocol::Tcp { port } => (Some(L4Protocol::Tcp), Some(port), None),
+        ProbeProtocol::Udp { port } => (Some(L4Protocol::Udp), Some(port), None),
+        ProbeProtocol::Icmp { icmp_type, code } => {
+            (Some(L4Protocol::Icmp), None, Some((icmp_type, code)))
+        }
+        ProbeProtocol::Icmpv6 { icmp_type, code } => {
+            (Some(L4Protocol::Icmpv6), None, Some((icmp_type, code)))
+        }
+        ProbeProtocol::Other(_) => (None, None, None),
+    };
+    if m.protocol.is_some() && m.protocol != l4 {
+        return false;
+    }
+    if let Some(span) = m.dports
+        && !port.is_some_and(|p| span.contains(p))
+    {
+        return false;
+    }
+    if let Some(want) = m.icmp
+        && !icmp.is_some_and(|(t, c)| t == want.icmp_type && want.code.is_none_or(|wc| wc == c))
+    {
+        return false;
+    }
+    if let Some(peer) = &m.peer {
+        let remote = match probe.direction {
+            Direction::Ingress => AddrSide::Source,
+            Direction::Egress => AddrSide::Destination,
+        };
+        if peer.side != remote {
+            return false;
+        }
+        let hit = match &peer.address {
+            Address::Cidr(n) => n.contains(&probe.peer),
+            Address::Set(name) => ruleset
+                .set(name)
+                .is_some_and(|s| s.entries.iter().any(|n| n.contains(&probe.peer))),
+        };
+        if !hit {
+            return false;
+        }
+    }
+    true
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::policy::testing::*;
+    use crate::policy::{compile_node, plan_cloud, validate};
+
+    fn tcp_in(peer: &str, port: u16) -> Probe {
+        Probe {
+            direction: Direction::Ingress,
+            peer: peer.parse().unwrap(),
+            protocol: ProbeProtocol::Tcp { port },
+            over_rate: false,
+        }
+    }
+
+    #[test]
+    fn seed_jump_host_effective_access_is_the_intersection() {
+        let facts = facts_with_nodes();
+        let p = validate(&jump_host_policy()).unwrap();
+        let plan = plan_cloud(&p, &facts).unwrap();
+        let rs = compile_node("web-1", &[p], &facts).unwrap();
+        let both = |probe: &Probe| {
+            cloud_permits(&plan, probe, &facts) == Some(true)
+                && node_verdict(&rs, probe) == NodeVerdict::Accept
+        };
+        assert!(both(&tcp_in("203.0.113.10", 22)), "the jump host gets in");
+        assert!(
+            !both(&tcp_in("203.0.113.11", 22)),
+            "the rest of the office does not"
+        );
+        assert_eq!(
+            cloud_permits(&plan, &tcp_in("203.0.113.11", 22), &facts),
+            Some(true)
+        );
+        assert_eq!(
+            node_verdict(&rs, &tcp_in("203.0.113.11", 22)),
+            NodeVerdict::Drop
+        );
+        assert_eq!(
+            node_verdict(&rs, &tcp_in("198.51.100.1", 10250)),
+            NodeVerdict::Accept,
+            "failsafe kubelet"
+        );
+        let out = Probe {
+            direction: Direction::Egress,
+            ..tcp_in("198.51.100.1", 443)
+        };
+        assert_eq!(node_verdict(&rs, &out), NodeVerdict::NotFiltered);
+        assert_eq!(cloud_permits(&plan, &out, &facts), None);
+    }
+
+    #[test]
+    fn seed_web_server() {
+        let facts = facts_with_nodes();
+        let p = validate(&web_policy()).unwrap();
+        let rs = compile_node("web-1", &[p], &facts).unwrap();
+        assert_eq!(
+            node_verdict(&rs, &tcp_in("2001:db8::99", 443)),
+            NodeVerdict::Accept
+        );
+        assert_eq!(
+            node_verdict(&rs, &tcp_in("2001:db8::99", 22)),
+            NodeVerdict::Drop
+        );
+        assert_eq!(
+            node_verdict(&rs, &tcp_in("203.0.113.99", 22)),
+            NodeVerdict::Accept
+        );
+        let nd = Probe {
+            direction: Direction::Ingress,
+            peer: "fe80::1".parse().unwrap(),
+            protocol: ProbeProtocol::Icmpv6 {
+                icmp_type: 135,
+                code: 0,
+            },
+            over_rate: false,
+        };
+        assert_eq!(
+            node_verdict(&rs, &nd),
+            NodeVerdict::Accept,
+            "neighbour solicitation is failsafe"
+        );
+    }
+}

@@ -1,0 +1,401 @@
+//! What the compiler needs to know besides the policies: the nodes, the
+//! addresses behind Security Group and prefix-list references, the node
+//! layer's failsafe list and the Security Group quota.
+//!
+//! The controller and the agent gather these (kube watches, EC2 describes);
+//! the compiler only reads them.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use crate::api::{IcmpMatch, PortRange, Protocol, ResolvedPeer};
+
+use super::{IpFamily, PolicyError};
+
+/// Everything the compiler reads besides the policies themselves.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Facts {
+    /// The cluster's nodes (targets of policies and of `nodeSelector` peers).
+    #[serde(default)]
+    pub nodes: Vec<NodeFacts>,
+    /// Security Group id → private addresses of the interfaces in it, as
+    /// resolved by the controller. An id missing here is "unresolved".
+    #[serde(default)]
+    pub security_groups: BTreeMap<String, Vec<IpNet>>,
+    /// Prefix-list id → its entries and size, as resolved by the controller.
+    #[serde(default)]
+    pub prefix_lists: BTreeMap<String, PrefixListFacts>,
+    /// Traffic the node layer always allows, ahead of any policy.
+    #[serde(default)]
+    pub failsafe: Failsafe,
+    /// Security Group rule quota.
+    #[serde(default)]
+    pub quota: SgQuota,
+}
+
+/// One Kubernetes node, as far as the compiler cares.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeFacts {
+    /// `metadata.name`.
+    pub name: String,
+    /// `metadata.labels`.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// The node's `InternalIP` addresses (IPv4 and IPv6).
+    #[serde(default)]
+    pub addresses: Vec<IpAddr>,
+    /// `spec.providerID` (`aws:///<az>/<instance-id>`), when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider_id: Option<String>,
+}
+
+impl NodeFacts {
+    /// The EC2 instance id from `providerID` (`aws:///us-east-1a/i-0abc...`),
+    /// or `None` when the node is not an EC2 instance.
+    pub fn instance_id(&self) -> Option<&str> {
+        let id = self
+            .provider_id
+            .as_deref()?
+            .strip_prefix("aws://")?
+            .rsplit('/')
+            .next()?;
+        id.starts_with("i-").then_some(id)
+    }
+}
+
+/// A managed prefix list as the controller resolved it.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PrefixListFacts {
+    /// Address family of the list (AWS fixes it at creation).
+    pub family: IpFamily,
+    /// Its current entries.
+    #[serde(default)]
+    pub cidrs: Vec<IpNet>,
+    /// Its `MaxEntries`: what a reference to it counts against the quota.
+    pub max_entries: u32,
+}
+
+/// The Security Group rule quota (per group, per direction, per family).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct SgQuota {
+    /// Rules per direction per group, counted apart for IPv4 and IPv6.
+    /// AWS's default is 60; accounts may have it raised up to 1000.
+    pub rules_per_direction: u32,
+}
+
+impl Default for SgQuota {
+    fn default() -> Self {
+        SgQuota {
+            rules_per_direction: 60,
+        }
+    }
+}
+
+/// One port (range) the node layer always allows, from or to anywhere.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FailsafePort {
+    /// Short name written into the rule comment (`kubelet`, `vxlan`, ...).
+    pub name: String,
+    /// `TCP` or `UDP`.
+    pub protocol: Protocol,
+    /// The destination port or range.
+    pub ports: PortRange,
+}
+
+impl FailsafePort {
+    fn new(name: &str, protocol: Protocol, port: u16, end_port: Option<u16>) -> Self {
+        FailsafePort {
+            name: name.to_string(),
+            protocol,
+            ports: PortRange { port, end_port },
+        }
+    }
+}
+
+/// Traffic the node layer keeps allowed whatever the policies say, so a
+/// policy can never cut a node off from its operators, its control plane or
+/// its network. Evaluated after loopback and established/related traffic and
+/// before every policy (and before the INVALID drop, because ND and
+/// unsolicited ICMP errors are not tracked by conntrack).
+///
+/// Fields missing when read from a file take their default, so a file
+/// may set `adminCidrs` alone.
+///
+/// The defaults ([`Failsafe::default`]):
+/// - inbound SSH (22/tcp) from `admin_cidrs` — empty, so no SSH until set;
+/// - in and out: kubelet 10250/tcp, API server 443/tcp and 6443/tcp, etcd
+///   2379-2380/tcp, VXLAN 4789/udp and 8472/udp (Flannel, Cilium), Geneve
+///   6081/udp, BGP 179/tcp (Calico). Both directions because a node in an
+///   egress-deny policy must still reach its control plane and overlay peers;
+/// - DHCP client: 68/udp in, 67/udp out;
+/// - ICMP type 3 code 4 (fragmentation needed: PMTU) and type 11 (time
+///   exceeded), both directions;
+/// - ICMPv6 types 1-4 (errors, PMTU: packet too big is 2) and 133-137 (router
+///   and neighbour discovery, redirect), both directions.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct Failsafe {
+    /// Sources allowed to reach `ssh_port`. Empty: no SSH failsafe.
+    pub admin_cidrs: Vec<IpNet>,
+    /// The SSH port (22).
+    pub ssh_port: u16,
+    /// Ports allowed in from anywhere.
+    pub inbound: Vec<FailsafePort>,
+    /// Ports allowed out to anywhere.
+    pub outbound: Vec<FailsafePort>,
+    /// ICMP (IPv4) types/codes allowed both ways.
+    pub icmp: Vec<IcmpMatch>,
+    /// ICMPv6 types/codes allowed both ways.
+    pub icmpv6: Vec<IcmpMatch>,
+}
+
+impl Default for Failsafe {
+    fn default() -> Self {
+        use Protocol::{Tcp, Udp};
+        let cluster = || {
+            vec![
+                FailsafePort::new("kubelet", Tcp, 10250, None),
+                FailsafePort::new("apiserver", Tcp, 443, None),
+                FailsafePort::new("apiserver", Tcp, 6443, None),
+                FailsafePort::new("etcd", Tcp, 2379, Some(2380)),
+                FailsafePort::new("vxlan", Udp, 4789, None),
+                FailsafePort::new("vxlan", Udp, 8472, None),
+                FailsafePort::new("geneve", Udp, 6081, None),
+                FailsafePort::new("bgp", Tcp, 179, None),
+            ]
+        };
+        let mut inbound = cluster();
+        inbound.push(FailsafePort::new("dhcp-client", Udp, 68, None));
+        let mut outbound = cluster();
+        outbound.push(FailsafePort::new("dhcp-server", Udp, 67, None));
+        let icmp = |icmp_type, code| IcmpMatch { icmp_type, code };
+        Failsafe {
+            admin_cidrs: Vec::new(),
+            ssh_port: 22,
+            inbound,
+            outbound,
+            icmp: vec![icmp(3, Some(4)), icmp(11, None)],
+            icmpv6: [1, 2, 3, 4, 133, 134, 135, 136, 137]
+                .into_iter()
+                .map(|t| icmp(t, None))
+                .collect(),
+        }
+    }
+}
+
+impl Failsafe {
+    /// Checks a failsafe list read from flags: canonical admin CIDRs, TCP or
+    /// UDP ports with `1 <= port <= endPort`, ICMP types only.
+    pub fn validate(&self) -> Result<(), PolicyError> {
+        let mut errors = Vec::new();
+        for (i, cidr) in self.admin_cidrs.iter().enumerate() {
+            if cidr.trunc() != *cidr {
+                errors.push(PolicyError::NonCanonicalCidr {
+                    path: format!("failsafe.adminCidrs[{i}]"),
+                    value: cidr.to_string(),
+                    canonical: cidr.trunc().to_string(),
+                });
+            }
+        }
+        if self.ssh_port == 0 {
+            errors.push(PolicyError::field(
+                "failsafe.sshPort",
+                "port 0 is not a port",
+                "use 1-65535 (usually 22)",
+            ));
+        }
+        for (list, entries) in [("inbound", &self.inbound), ("outbound", &self.outbound)] {
+            for (i, entry) in entries.iter().enumerate() {
+                let path = format!("failsafe.{list}[{i}]");
+                if !matches!(entry.protocol, Protocol::Tcp | Protocol::Udp) {
+                    errors.push(PolicyError::field(
+                        format!("{path}.protocol"),
+                        "failsafe ports are TCP or UDP",
+                        "use protocol TCP or UDP (ICMP goes in failsafe.icmp)",
+                    ));
+                }
+                let end = entry.ports.end_port.unwrap_or(entry.ports.port);
+                if entry.ports.port == 0 || end < entry.ports.port {
+                    errors.push(PolicyError::field(
+                        format!("{path}.ports"),
+                        format!("{}-{end} is not a port range", entry.ports.port),
+                        "use 1 <= port <= endPort <= 65535",
+                    ));
+                }
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(PolicyError::Invalid {
+                policy: "<failsafe>".into(),
+                errors,
+            })
+        }
+    }
+}
+
+impl Facts {
+    /// The node named `name`, if known.
+    pub fn node(&self, name: &str) -> Option<&NodeFacts> {
+        self.nodes.iter().find(|n| n.name == name)
+    }
+
+    /// Adds the resolutions a controller published in a policy's
+    /// `status.resolvedPeers` (how the agent learns what `sg-` and `pl-`
+    /// peers stand for). Prefix lists learnt this way get `max_entries` =
+    /// their size and the family of their first entry (IPv4 when empty): the
+    /// agent does not count quota, so neither matters there.
+    ///
+    /// Fails on an id that is neither `sg-` nor `pl-` or an unparsable CIDR,
+    /// naming `status.resolvedPeers[i]`.
+    pub fn add_resolved_peers(&mut self, peers: &[ResolvedPeer]) -> Result<(), PolicyError> {
+        for (i, peer) in peers.iter().enumerate() {
+            let mut cidrs = Vec::with_capacity(peer.cidrs.len());
+            for (j, cidr) in peer.cidrs.iter().enumerate() {
+                let net: IpNet = cidr.parse().map_err(|_| {
+                    PolicyError::field(
+                        format!("status.resolvedPeers[{i}].cidrs[{j}]"),
+                        format!("{cidr:?} is not a CIDR"),
+                        "the controller publishes canonical CIDRs; re-resolve the reference",
+                    )
+                })?;
+                cidrs.push(net.trunc());
+            }
+            if peer.id.starts_with("sg-") {
+                self.security_groups.insert(peer.id.clone(), cidrs);
+            } else if peer.id.starts_with("pl-") {
+                let family = cidrs.first().map_or(IpFamily::V4, IpFamily::of_net);
+                let max_entries = u32::try_from(cidrs.len()).unwrap_or(u32::MAX);
+                self.prefix_lists.insert(
+                    peer.id.clone(),
+                    PrefixListFacts {
+                        family,
+                        cidrs,
+                        max_entries,
+                    },
+                );
+            } else {
+                return Err(PolicyError::field(
+                    format!("status.resolvedPeers[{i}].id"),
+                    format!(
+                        "{:?} is neither a Security Group nor a prefix list id",
+                        peer.id
+                    ),
+                    "use an sg-... or pl-... id",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_failsafe_is_valid_and_has_no_ssh() {
+        let fs = Failsafe::default();
+        assert!(fs.validate().is_ok());
+        assert!(fs.admin_cidrs.is_empty());
+        assert!(fs.inbound.iter().any(|p| p.ports.port == 10250));
+        assert!(
+            fs.inbound
+                .iter()
+                .any(|p| p.ports.port == 68 && p.protocol == Protocol::Udp)
+        );
+        assert!(
+            fs.outbound
+                .iter()
+                .any(|p| p.ports.port == 67 && p.protocol == Protocol::Udp)
+        );
+        assert!(fs.icmp.contains(&IcmpMatch {
+            icmp_type: 3,
+            code: Some(4)
+        }));
+        assert_eq!(fs.icmpv6.len(), 9);
+    }
+
+    #[test]
+    fn failsafe_validation_names_the_field() {
+        let fs = Failsafe {
+            admin_cidrs: vec!["10.0.0.1/24".parse().unwrap()],
+            inbound: vec![FailsafePort::new("x", Protocol::Icmp, 5, Some(4))],
+            ..Failsafe::default()
+        };
+        let err = fs.validate().unwrap_err().to_string();
+        assert!(
+            err.contains(
+                "failsafe.adminCidrs[0]: 10.0.0.1/24 is not a canonical CIDR; write 10.0.0.0/24"
+            ),
+            "{err}"
+        );
+        assert!(err.contains("failsafe.inbound[0].protocol"), "{err}");
+        assert!(err.contains("failsafe.inbound[0].ports"), "{err}");
+    }
+
+    #[test]
+    fn facts_read_from_a_file_fill_defaults() {
+        let facts: Facts = serde_json::from_str(
+            r#"{"nodes":[{"name":"n","addresses":["10.0.0.1"]}],"failsafe":{"adminCidrs":["192.0.2.0/24"]}}"#,
+        )
+        .unwrap();
+        assert_eq!(facts.failsafe.ssh_port, 22);
+        assert_eq!(facts.failsafe.inbound, Failsafe::default().inbound);
+        assert_eq!(facts.quota.rules_per_direction, 60);
+    }
+
+    #[test]
+    fn instance_id_from_provider_id() {
+        let node = NodeFacts {
+            provider_id: Some("aws:///eu-west-1a/i-0123456789abcdef0".into()),
+            ..Default::default()
+        };
+        assert_eq!(node.instance_id(), Some("i-0123456789abcdef0"));
+        let kind = NodeFacts {
+            provider_id: Some("kind://docker/kind/kind-worker".into()),
+            ..Default::default()
+        };
+        assert_eq!(kind.instance_id(), None);
+    }
+
+    #[test]
+    fn resolved_peers_become_facts() {
+        let mut facts = Facts::default();
+        facts
+            .add_resolved_peers(&[
+                ResolvedPeer {
+                    id: "sg-0123456789abcdef0".into(),
+                    cidrs: vec!["10.0.1.5/32".into()],
+                },
+                ResolvedPeer {
+                    id: "pl-0123456789abcdef0".into(),
+                    cidrs: vec!["2001:db8::/32".into()],
+                },
+            ])
+            .unwrap();
+        assert_eq!(
+            facts.security_groups["sg-0123456789abcdef0"],
+            vec!["10.0.1.5/32".parse::<IpNet>().unwrap()]
+        );
+        assert_eq!(
+            facts.prefix_lists["pl-0123456789abcdef0"].family,
+            IpFamily::V6
+        );
+        let bad = facts.add_resolved_peers(&[ResolvedPeer {
+            id: "vpc-1".into(),
+            cidrs: vec![],
+        }]);
+        assert!(bad.is_err());
+    }
+}

@@ -1,0 +1,843 @@
+//! Validation: a `FirewallPolicy` in, a [`ValidPolicy`] (or every problem
+//! with its field path) out.
+//!
+//! Mirrors the CRD's CEL rules, because a policy may come from a file through
+//! the CLI without an apiserver, and adds what CEL cannot check: label
+//! selector syntax, canonical IPv6 text, unique names in a list that is not
+//! (yet) a map, AWS's character set for group names.
+//!
+//! A [`ValidPolicy`] can only be built here, so the compiler's later stages
+//! take it as proof that these checks passed.
+
+use std::collections::BTreeMap;
+
+use ipnet::IpNet;
+use serde::Serialize;
+
+use crate::api::{
+    FirewallPolicy, FirewallRule, IcmpMatch, Layer, MAX_PEERS_PER_RULE, MAX_PORTS_PER_RULE,
+    MAX_RULES_PER_DIRECTION, Peer, PolicyMode, Protocol, RateLimit, SecurityGroupTarget,
+};
+
+use super::facts::{Facts, NodeFacts};
+use super::selector::{Selector, is_dns_subdomain};
+use super::{Direction, IpFamily, PolicyError};
+
+/// Longest policy name: it is written into Security Group names, tags and
+/// rule descriptions.
+pub const MAX_POLICY_NAME: usize = 63;
+
+/// An inclusive range of ports, `first <= last`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct PortSpan {
+    /// First port.
+    pub first: u16,
+    /// Last port (inclusive).
+    pub last: u16,
+}
+
+impl PortSpan {
+    /// Whether `port` is in the span.
+    pub fn contains(&self, port: u16) -> bool {
+        self.first <= port && port <= self.last
+    }
+    /// Whether `other` lies entirely within this span.
+    pub fn covers(&self, other: &PortSpan) -> bool {
+        self.first <= other.first && other.last <= self.last
+    }
+}
+
+/// One peer of a valid rule.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum PeerRef {
+    /// A canonical CIDR.
+    Cidr(IpNet),
+    /// A Security Group id.
+    SecurityGroup(String),
+    /// A managed prefix list id.
+    PrefixList(String),
+    /// The nodes a selector stands for.
+    Nodes(Selector),
+}
+
+/// A rule that passed validation, with its peers parsed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ValidRule {
+    /// Rule name, unique within its direction.
+    pub name: String,
+    /// Position in the policy's list (for field paths in messages).
+    pub index: usize,
+    /// The rule's free-text description.
+    pub description: Option<String>,
+    /// Protocol.
+    pub protocol: Protocol,
+    /// Destination ports, sorted and de-duplicated; empty = every port
+    /// (always empty unless the protocol is TCP or UDP).
+    pub ports: Vec<PortSpan>,
+    /// ICMP/ICMPv6 type and code; `None` = every type.
+    pub icmp: Option<IcmpMatch>,
+    /// Peers, in the order written.
+    pub peers: Vec<PeerRef>,
+    /// Enforced by the Security Group.
+    pub cloud: bool,
+    /// Enforced by the node's iptables.
+    pub node: bool,
+    /// Node layer: new-connection rate limit per peer address.
+    pub rate_limit: Option<RateLimit>,
+    /// Node layer: log accepted new connections.
+    pub log: bool,
+}
+
+impl ValidRule {
+    /// Whether the rule is enforced on `layer`.
+    pub fn on(&self, layer: Layer) -> bool {
+        match layer {
+            Layer::Cloud => self.cloud,
+            Layer::Node => self.node,
+        }
+    }
+
+    /// The address families this rule can match: ICMP is IPv4 only, ICMPv6
+    /// IPv6 only, the rest both.
+    pub fn families(&self) -> &'static [IpFamily] {
+        match self.protocol {
+            Protocol::Icmp => &[IpFamily::V4],
+            Protocol::Icmpv6 => &[IpFamily::V6],
+            _ => &[IpFamily::V4, IpFamily::V6],
+        }
+    }
+}
+
+/// A policy that passed every check. Only [`validate`] builds one.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ValidPolicy {
+    name: String,
+    mode: PolicyMode,
+    selector: Selector,
+    ingress: Option<Vec<ValidRule>>,
+    egress: Option<Vec<ValidRule>>,
+    security_group: Option<SecurityGroupTarget>,
+}
+
+impl ValidPolicy {
+    /// `metadata.name`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    /// `spec.mode`.
+    pub fn mode(&self) -> PolicyMode {
+        self.mode
+    }
+    /// The parsed `spec.nodeSelector` (everything when absent).
+    pub fn selector(&self) -> &Selector {
+        &self.selector
+    }
+    /// The rules of one direction; `None` when the policy does not speak for it.
+    pub fn rules(&self, direction: Direction) -> Option<&[ValidRule]> {
+        match direction {
+            Direction::Ingress => self.ingress.as_deref(),
+            Direction::Egress => self.egress.as_deref(),
+        }
+    }
+    /// `spec.securityGroup`.
+    pub fn security_group(&self) -> Option<&SecurityGroupTarget> {
+        self.security_group.as_ref()
+    }
+    /// Whether the policy applies to `node` (its `nodeSelector` matches the
+    /// node's labels).
+    pub fn selects(&self, node: &NodeFacts) -> bool {
+        self.selector.matches(&node.labels)
+    }
+}
+
+/// The policies among `policies` that select `node`, sorted by name.
+pub fn policies_for_node<'a>(
+    node: &NodeFacts,
+    policies: &'a [ValidPolicy],
+) -> Vec<&'a ValidPolicy> {
+    let mut selected: Vec<&ValidPolicy> = policies.iter().filter(|p| p.selects(node)).collect();
+    selected.sort_by(|a, b| a.name.cmp(&b.name));
+    selected
+}
+
+/// The names of the nodes in `facts` that `policy` selects, sorted.
+pub fn nodes_selected(policy: &ValidPolicy, facts: &Facts) -> Vec<String> {
+    let mut names: Vec<String> = policy
+        .selector
+        .select(&facts.nodes)
+        .into_iter()
+        .map(|n| n.name.clone())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Checks `policy` and returns its validated form, or
+/// [`PolicyError::Invalid`] listing every problem (field path, what is wrong,
+/// what to write instead). Never panics, whatever the input.
+pub fn validate(policy: &FirewallPolicy) -> Result<ValidPolicy, PolicyError> {
+    let mut errors = Vec::new();
+    let name = policy.metadata.name.clone().unwrap_or_default();
+    if name.is_empty() {
+        errors.push(PolicyError::field(
+            "metadata.name",
+            "the policy has no name",
+            "set metadata.name",
+        ));
+    } else if name.len() > MAX_POLICY_NAME || !is_dns_subdomain(&name) {
+        errors.push(PolicyError::field(
+            "metadata.name",
+            format!("{name:?} is not a valid FirewallPolicy name"),
+            "use at most 63 lowercase letters, digits, '-' and '.', starting and ending alphanumeric",
+        ));
+    }
+    let spec = &policy.spec;
+    if spec.ingress.is_none() && spec.egress.is_none() {
+        errors.push(PolicyError::field(
+            "spec",
+            "the policy lists neither ingress nor egress",
+            "add ingress or egress rules (an empty list denies that direction)",
+        ));
+    }
+    let selector = match &spec.node_selector {
+        Some(sel) => Selector::parse(sel, "spec.nodeSelector").unwrap_or_else(|errs| {
+            errors.extend(errs);
+            Selector::everything()
+        }),
+        None => Selector::everything(),
+    };
+    let ingress = spec
+        .ingress
+        .as_ref()
+        .map(|rules| validate_rules(rules, "spec.ingress", &mut errors));
+    let egress = spec
+        .egress
+        .as_ref()
+        .map(|rules| validate_rules(rules, "spec.egress", &mut errors));
+    if let Some(sg) = &spec.security_group {
+        validate_target(sg, &mut errors);
+    }
+    if errors.is_empty() {
+        Ok(ValidPolicy {
+            name,
+            mode: spec.mode,
+            selector,
+            ingress,
+            egress,
+            security_group: spec.security_group.clone(),
+        })
+    } else {
+        let policy = if name.is_empty() {
+            "<unnamed>".to_string()
+        } else {
+            name
+        };
+        Err(PolicyError::Invalid { policy, errors })
+    }
+}
+
+fn validate_rules(
+    rules: &[FirewallRule],
+    path: &str,
+    errors: &mut Vec<PolicyError>,
+) -> Vec<ValidRule> {
+    if rules.len() > MAX_RULES_PER_DIRECTION {
+        errors.push(PolicyError::Count {
+            path: path.to_string(),
+            what: "rules".into(),
+            found: rules.len(),
+            bound: format!("at most {MAX_RULES_PER_DIRECTION} are allowed"),
+            fix: "merge rules (a rule may list several ports and peers) or split the policy".into(),
+        });
+    }
+    let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut out = Vec::with_capacity(rules.len());
+    for (i, rule) in rules.iter().enumerate() {
+        let at = format!("{path}[{i}]");
+        match seen.get(rule.name.as_str()) {
+            Some(first) => errors.push(PolicyError::Duplicate {
+                path: format!("{at}.name"),
+                what: "rule name".into(),
+                value: rule.name.clone(),
+                first: format!("{path}[{first}].name"),
+            }),
+            None => {
+                seen.insert(&rule.name, i);
+            }
+        }
+        if let Some(valid) = validate_rule(rule, i, &at, errors) {
+            out.push(valid);
+        }
+    }
+    out
+}
+
+fn is_rule_name(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b.first().is_some_and(|c| *c != b'-')
+        && b.last().is_some_and(|c| *c != b'-')
+}
+
+/// AWS's character set for Security Group rule descriptions and group names.
+pub(crate) fn is_aws_text(s: &str) -> bool {
+    s.bytes()
+        .all(|c| c.is_ascii_alphanumeric() || b". _-:/()#,@[]+=&;{}!$*".contains(&c))
+}
+
+fn is_aws_id(s: &str, prefix: &str) -> bool {
+    s.strip_prefix(prefix).is_some_and(|hex| {
+        (hex.len() == 8 || hex.len() == 17)
+            && hex
+                .bytes()
+                .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
+    })
+}
+
+fn validate_rule(
+    rule: &FirewallRule,
+    index: usize,
+    at: &str,
+    errors: &mut Vec<PolicyError>,
+) -> Option<ValidRule> {
+    let before = errors.len();
+    if !is_rule_name(&rule.name) {
+        errors.push(PolicyError::field(
+            format!("{at}.name"),
+            format!("{:?} is not a valid rule name", rule.name),
+            "use 1-63 lowercase letters, digits and '-', starting and ending alphanumeric (e.g. ssh-from-bastion)",
+        ));
+    }
+    if let Some(desc) = &rule.description
+        && (desc.len() > 200 || !is_aws_text(desc))
+    {
+        errors.push(PolicyError::field(
+            format!("{at}.description"),
+            "the description is longer than 200 characters or uses characters AWS refuses",
+            "use at most 200 ASCII letters, digits, spaces and ._-:/()#,@[]+=&;{}!$*",
+        ));
+    }
+
+    // Ports: TCP/UDP only, 1-16 entries, 1 <= port <= endPort.
+    let mut ports = Vec::new();
+    if let Some(list) = &rule.ports {
+        if !matches!(rule.protocol, Protocol::Tcp | Protocol::Udp) {
+            errors.push(PolicyError::field(
+                format!("{at}.ports"),
+                format!(
+                    "ports are only valid with protocol TCP or UDP, not {:?}",
+                    rule.protocol
+                ),
+                "use icmp for ICMP/ICMPv6, or drop ports for All",
+            ));
+        }
+        if list.is_empty() || list.len() > MAX_PORTS_PER_RULE {
+            errors.push(PolicyError::Count {
+                path: format!("{at}.ports"),
+                what: "ports".into(),
+                found: list.len(),
+                bound: format!("between 1 and {MAX_PORTS_PER_RULE} are allowed"),
+                fix: "omit ports for every port, or split the rule".into(),
+            });
+        }
+        for (j, p) in list.iter().enumerate() {
+            let end = p.end_port.unwrap_or(p.port);
+            if p.port == 0 || end == 0 {
+                errors.push(PolicyError::field(
+                    format!("{at}.ports[{j}]"),
+                    "port 0 is not a port",
+                    "use ports 1-65535 (omit ports for every port)",
+                ));
+            } else if end < p.port {
+                errors.push(PolicyError::field(
+                    format!("{at}.ports[{j}].endPort"),
+                    format!("endPort {end} is below port {}", p.port),
+                    format!("write endPort >= {} (or swap them)", p.port),
+                ));
+            } else {
+                ports.push(PortSpan {
+                    first: p.port,
+                    last: end,
+                });
+            }
+        }
+        ports.sort();
+        ports.dedup();
+    }
+
+    if rule.icmp.is_some() && !matches!(rule.protocol, Protocol::Icmp | Protocol::Icmpv6) {
+        errors.push(PolicyError::field(
+            format!("{at}.icmp"),
+            format!(
+                "icmp is only valid with protocol ICMP or ICMPv6, not {:?}",
+                rule.protocol
+            ),
+            "set protocol ICMP or ICMPv6, or drop icmp",
+        ));
+    }
+
+    // Peers: 1-50, exactly one field each, canonical CIDRs of the right family.
+    if rule.peers.is_empty() || rule.peers.len() > MAX_PEERS_PER_RULE {
+        errors.push(PolicyError::Count {
+            path: format!("{at}.peers"),
+            what: "peers".into(),
+            found: rule.peers.len(),
+            bound: format!("between 1 and {MAX_PEERS_PER_RULE} are allowed"),
+            fix: "use cidr 0.0.0.0/0 (and ::/0) for anywhere, a prefix list for long lists, or split the rule".into(),
+        });
+    }
+    let mut peers = Vec::with_capacity(rule.peers.len());
+    for (j, peer) in rule.peers.iter().enumerate() {
+        if let Some(p) = validate_peer(peer, rule.protocol, &format!("{at}.peers[{j}]"), errors) {
+            peers.push(p);
+        }
+    }
+
+    // Layers: 1-2 distinct; node-only features need the node layer.
+    let (mut cloud, mut node) = (true, true);
+    if let Some(layers) = &rule.layers {
+        if layers.is_empty() || layers.len() > 2 {
+            errors.push(PolicyError::Count {
+                path: format!("{at}.layers"),
+                what: "layers".into(),
+                found: layers.len(),
+                bound: "1 or 2 are allowed".into(),
+                fix: "list Cloud, Node, or both (omit layers for both)".into(),
+            });
+        }
+        for (j, layer) in layers.iter().enumerate() {
+            if let Some(first) = layers[..j].iter().position(|l| l == layer) {
+                errors.push(PolicyError::Duplicate {
+                    path: format!("{at}.layers[{j}]"),
+                    what: "layer".into(),
+                    value: format!("{layer:?}"),
+                    first: format!("{at}.layers[{first}]"),
+                });
+            }
+        }
+        cloud = layers.contains(&Layer::Cloud);
+        node = layers.contains(&Layer::Node);
+    }
+    let log = rule.log.unwrap_or(false);
+    if !node && !layers_empty(rule) {
+        for (field, set) in [("rateLimit", rule.rate_limit.is_some()), ("log", log)] {
+            if set {
+                errors.push(PolicyError::field(
+                    format!("{at}.{field}"),
+                    format!("{field} is enforced by the node layer only, and this rule has layers [Cloud]"),
+                    format!("add Node to layers, or remove {field}"),
+                ));
+            }
+        }
+    }
+    if let Some(rl) = &rule.rate_limit {
+        if !(1..=10_000).contains(&rl.count) {
+            errors.push(PolicyError::field(
+                format!("{at}.rateLimit.count"),
+                format!("{} is out of range", rl.count),
+                "use 1-10000 new connections per period",
+            ));
+        }
+        if rl.burst.is_some_and(|b| !(1..=10_000).contains(&b)) {
+            errors.push(PolicyError::field(
+                format!("{at}.rateLimit.burst"),
+                "burst is out of range",
+                "use 1-10000 (or omit it for 5)",
+            ));
+        }
+    }
+
+    (errors.len() == before).then(|| ValidRule {
+        name: rule.name.clone(),
+        index,
+        description: rule.description.clone(),
+        protocol: rule.protocol,
+        ports,
+        icmp: rule.icmp,
+        peers,
+        cloud,
+        node,
+        rate_limit: rule.rate_limit,
+        log,
+    })
+}
+
+fn layers_empty(rule: &FirewallRule) -> bool {
+    rule.layers.as_ref().is_some_and(Vec::is_empty)
+}
+
+fn validate_peer(
+    peer: &Peer,
+    protocol: Protocol,
+    at: &str,
+    errors: &mut Vec<PolicyError>,
+) -> Option<PeerRef> {
+    let set = [
+        peer.cidr.is_some(),
+        peer.security_group_id.is_some(),
+        peer.prefix_list_id.is_some(),
+        peer.node_selector.is_some(),
+    ]
+    .into_iter()
+    .filter(|b| *b)
+    .count();
+    if set != 1 {
+        errors.push(PolicyError::field(
+            at,
+            format!("the peer sets {set} fields"),
+            "set exactly one of cidr, securityGroupId, prefixListId or nodeSelector (one peer per list entry)",
+        ));
+        return None;
+    }
+    if let Some(cidr) = &peer.cidr {
+        let path = format!("{at}.cidr");
+        let Ok(net) = cidr.parse::<IpNet>() else {
+            errors.push(PolicyError::field(
+                path,
+                format!("{cidr:?} is not a CIDR"),
+                "write an IPv4 or IPv6 network such as 203.0.113.0/24, 10.0.0.5/32 or 2001:db8::/32",
+            ));
+            return None;
+        };
+        let canonical = net.trunc();
+        if canonical.to_string() != *cidr {
+            errors.push(PolicyError::NonCanonicalCidr {
+                path,
+                value: cidr.clone(),
+                canonical: canonical.to_string(),
+            });
+            return None;
+        }
+        let family = IpFamily::of_net(&canonical);
+        let wrong = match (protocol, family) {
+            (Protocol::Icmp, IpFamily::V6) => {
+                Some("protocol ICMP is IPv4 only: use protocol ICMPv6 for IPv6 peers")
+            }
+            (Protocol::Icmpv6, IpFamily::V4) => {
+                Some("protocol ICMPv6 is IPv6 only: use protocol ICMP for IPv4 peers")
+            }
+            _ => None,
+        };
+        if let Some(msg) = wrong {
+            errors.push(PolicyError::field(path, format!("{cidr} is {family}"), msg));
+            return None;
+        }
+        return Some(PeerRef::Cidr(canonical));
+    }
+    if let Some(id) = &peer.security_group_id {
+        if !is_aws_id(id, "sg-") {
+            errors.push(PolicyError::field(
+                format!("{at}.securityGroupId"),
+                format!("{id:?} is not a Security Group id"),
+                "write sg- and 8 or 17 lowercase hex digits, e.g. sg-0123456789abcdef0",
+            ));
+            return None;
+        }
+        return Some(PeerRef::SecurityGroup(id.clone()));
+    }
+    if let Some(id) = &peer.prefix_list_id {
+        if !is_aws_id(id, "pl-") {
+            errors.push(PolicyError::field(
+                format!("{at}.prefixListId"),
+                format!("{id:?} is not a prefix list id"),
+                "write pl- and 8 or 17 lowercase hex digits, e.g. pl-0123456789abcdef0",
+            ));
+            return None;
+        }
+        return Some(PeerRef::PrefixList(id.clone()));
+    }
+    let sel = peer.node_selector.as_ref()?;
+    match Selector::parse(sel, &format!("{at}.nodeSelector")) {
+        Ok(s) => Some(PeerRef::Nodes(s)),
+        Err(errs) => {
+            errors.extend(errs);
+            None
+        }
+    }
+}
+
+fn validate_target(sg: &SecurityGroupTarget, errors: &mut Vec<PolicyError>) {
+    let at = "spec.securityGroup";
+    if let Some(id) = &sg.id {
+        if !is_aws_id(id, "sg-") {
+            errors.push(PolicyError::field(
+                format!("{at}.id"),
+                format!("{id:?} is not a Security Group id"),
+                "write sg- and 8 or 17 lowercase hex digits, e.g. sg-0123456789abcdef0",
+            ));
+        }
+        for (field, set) in [
+            ("name", sg.name.is_some()),
+            ("vpcId", sg.vpc_id.is_some()),
+            ("tags", sg.tags.is_some()),
+        ] {
+            if set {
+                errors.push(PolicyError::field(
+                    format!("{at}.{field}"),
+                    format!("{field} only applies to a group Palisade creates, and securityGroup.id adopts an existing one"),
+                    format!("remove {field}, or remove id to let Palisade create the group"),
+                ));
+            }
+        }
+    }
+    if let Some(name) = &sg.name
+        && (name.is_empty() || name.len() > 255 || name.starts_with("sg-") || !is_aws_text(name))
+    {
+        errors.push(PolicyError::field(
+            format!("{at}.name"),
+            format!("{name:?} is not a Security Group name AWS accepts"),
+            "use 1-255 ASCII letters, digits, spaces and ._-:/()#,@[]+=&;{}!$*, not starting with sg-",
+        ));
+    }
+    if let Some(vpc) = &sg.vpc_id
+        && !is_aws_id(vpc, "vpc-")
+    {
+        errors.push(PolicyError::field(
+            format!("{at}.vpcId"),
+            format!("{vpc:?} is not a VPC id"),
+            "write vpc- and 8 or 17 lowercase hex digits, e.g. vpc-0123456789abcdef0",
+        ));
+    }
+    if let Some(tags) = &sg.tags {
+        if tags.len() > 40 {
+            errors.push(PolicyError::Count {
+                path: format!("{at}.tags"),
+                what: "tags".into(),
+                found: tags.len(),
+                bound: "at most 40 are allowed".into(),
+                fix: "AWS allows 50 tags per resource and Palisade uses some: drop tags".into(),
+            });
+        }
+        for (key, value) in tags {
+            if key.is_empty()
+                || key.len() > 128
+                || key.starts_with("aws:")
+                || key.starts_with("palisade.dev/")
+            {
+                errors.push(PolicyError::field(
+                    format!("{at}.tags[{key}]"),
+                    format!("tag key {key:?} is reserved or too long"),
+                    "use 1-128 characters, not starting with aws: or palisade.dev/",
+                ));
+            }
+            if value.len() > 256 {
+                errors.push(PolicyError::field(
+                    format!("{at}.tags[{key}]"),
+                    "the tag value is longer than 256 characters",
+                    "shorten it",
+                ));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use pretty_assertions::assert_eq;
+
+    use super::*;
+    use crate::api::{FirewallPolicySpec, PortRange};
+    use crate::policy::testing::*;
+
+    #[test]
+    fn seed_web_policy_is_valid() {
+        let policy = validate(&web_policy()).unwrap();
+        assert_eq!(policy.name(), "web");
+        let ingress = policy.rules(Direction::Ingress).unwrap();
+        assert_eq!(ingress.len(), 2);
+        assert_eq!(
+            ingress[0].ports,
+            [
+                PortSpan {
+                    first: 80,
+                    last: 80
+                },
+                PortSpan {
+                    first: 443,
+                    last: 443
+                }
+            ]
+        );
+        assert!(ingress.iter().all(|r| r.cloud && r.node));
+        assert!(policy.rules(Direction::Egress).is_none());
+    }
+
+    fn problems(policy: &FirewallPolicy) -> Vec<String> {
+        match validate(policy) {
+            Ok(_) => vec![],
+            Err(e) => e.problems().iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    #[test]
+    fn non_canonical_cidr_says_what_to_write() {
+        let p = policy(
+            "p",
+            vec![rule("ssh", Protocol::Tcp, &[22], &["203.0.113.7/24"])],
+            None,
+        );
+        assert_eq!(
+            problems(&p),
+            [
+                "spec.ingress[0].peers[0].cidr: 203.0.113.7/24 is not a canonical CIDR; write 203.0.113.0/24"
+            ]
+        );
+        let p = policy(
+            "p",
+            vec![rule("v6", Protocol::Tcp, &[22], &["2001:DB8::/32"])],
+            None,
+        );
+        assert_eq!(
+            problems(&p),
+            [
+                "spec.ingress[0].peers[0].cidr: 2001:DB8::/32 is not a canonical CIDR; write 2001:db8::/32"
+            ]
+        );
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_path() {
+        let mut bad = rule(
+            "Bad_Name",
+            Protocol::Icmp,
+            &[],
+            &["2001:db8::/32", "nonsense"],
+        );
+        bad.ports = Some(vec![PortRange {
+            port: 90,
+            end_port: Some(80),
+        }]);
+        bad.layers = Some(vec![Layer::Cloud, Layer::Cloud]);
+        bad.log = Some(true);
+        bad.peers.push(Peer {
+            security_group_id: Some("sg-xyz".into()),
+            ..Default::default()
+        });
+        bad.peers.push(Peer {
+            cidr: Some("10.0.0.0/8".into()),
+            prefix_list_id: Some("pl-12345678".into()),
+            ..Default::default()
+        });
+        let dup = rule("web", Protocol::Tcp, &[80], &["0.0.0.0/0"]);
+        let p = policy("p", vec![dup.clone(), bad, dup], None);
+        let paths: Vec<String> = match validate(&p) {
+            Err(e) => e
+                .problems()
+                .iter()
+                .filter_map(|e| e.path().map(str::to_string))
+                .collect(),
+            Ok(_) => panic!("must fail"),
+        };
+        assert_eq!(
+            paths,
+            [
+                "spec.ingress[1].name",
+                "spec.ingress[1].ports",
+                "spec.ingress[1].ports[0].endPort",
+                "spec.ingress[1].peers[0].cidr",
+                "spec.ingress[1].peers[1].cidr",
+                "spec.ingress[1].peers[2].securityGroupId",
+                "spec.ingress[1].peers[3]",
+                "spec.ingress[1].layers[1]",
+                "spec.ingress[1].log",
+                "spec.ingress[2].name",
+            ]
+        );
+    }
+
+    #[test]
+    fn duplicate_rule_names_point_at_the_first() {
+        let r = rule("web", Protocol::Tcp, &[80], &["0.0.0.0/0"]);
+        let p = policy("p", vec![r.clone(), r], None);
+        assert_eq!(
+            problems(&p),
+            [
+                "spec.ingress[1].name: rule name \"web\" is already used at spec.ingress[0].name; give each a distinct rule name"
+            ]
+        );
+        // The same name in the other direction is fine.
+        let r = rule("dns", Protocol::Udp, &[53], &["10.0.0.0/8"]);
+        assert!(problems(&policy("p", vec![r.clone()], Some(vec![r]))).is_empty());
+    }
+
+    #[test]
+    fn node_only_fields_on_cloud_only_rules() {
+        let mut r = rule("ssh", Protocol::Tcp, &[22], &["0.0.0.0/0"]);
+        r.layers = Some(vec![Layer::Cloud]);
+        r.rate_limit = Some(RateLimit {
+            count: 10,
+            ..Default::default()
+        });
+        assert_eq!(
+            problems(&policy("p", vec![r], None)),
+            [
+                "spec.ingress[0].rateLimit: rateLimit is enforced by the node layer only, and this rule has layers [Cloud]; add Node to layers, or remove rateLimit"
+            ]
+        );
+    }
+
+    #[test]
+    fn protocol_field_consistency() {
+        let mut r = rule("ping", Protocol::Tcp, &[], &["0.0.0.0/0"]);
+        r.icmp = Some(IcmpMatch {
+            icmp_type: 8,
+            code: None,
+        });
+        let mut all = rule("all", Protocol::All, &[22], &["0.0.0.0/0"]);
+        all.icmp = None;
+        let ps = problems(&policy("p", vec![r, all], None));
+        assert_eq!(ps.len(), 2);
+        assert!(
+            ps[0].starts_with(
+                "spec.ingress[0].icmp: icmp is only valid with protocol ICMP or ICMPv6"
+            )
+        );
+        assert!(
+            ps[1].starts_with(
+                "spec.ingress[1].ports: ports are only valid with protocol TCP or UDP"
+            )
+        );
+    }
+
+    #[test]
+    fn policy_level_checks() {
+        let mut p = FirewallPolicy::new("Not_A_Name", FirewallPolicySpec::default());
+        p.spec.node_selector = Some(Default::default());
+        p.spec.security_group = Some(SecurityGroupTarget {
+            id: Some("sg-0123456789abcdef0".into()),
+            name: Some("x".into()),
+            ..Default::default()
+        });
+        let ps = problems(&p);
+        assert_eq!(ps.len(), 3, "{ps:#?}");
+        assert!(ps[0].starts_with("metadata.name:"));
+        assert!(ps[1].starts_with("spec: the policy lists neither ingress nor egress"));
+        assert!(
+            ps[2].starts_with(
+                "spec.securityGroup.name: name only applies to a group Palisade creates"
+            )
+        );
+    }
+
+    #[test]
+    fn error_display_and_reason() {
+        let p = policy(
+            "p",
+            vec![rule("ssh", Protocol::Tcp, &[22], &["10.0.0.1/8"])],
+            None,
+        );
+        let err = validate(&p).unwrap_err();
+        assert_eq!(err.reason(), "InvalidPolicy");
+        assert_eq!(
+            err.to_string(),
+            "policy p: spec.ingress[0].peers[0].cidr: 10.0.0.1/8 is not a canonical CIDR; write 10.0.0.0/8"
+        );
+    }
+}
