@@ -97,6 +97,15 @@ pub fn check_policy(value: &Value) -> Vec<String> {
     if let Ok(round_trip) = serde_json::to_value(&policy) {
         unknown_fields(value, &round_trip, "", &mut problems);
     }
+    // The compiler's own validation: the schema checks (patterns, bounds,
+    // unique names) that CEL leaves to the apiserver, and what no schema can say.
+    match crate::policy::validate(&policy) {
+        Err(crate::policy::PolicyError::Invalid { errors, .. }) => {
+            problems.extend(errors.iter().map(|e| e.to_string()))
+        }
+        Err(e) => problems.push(e.to_string()),
+        Ok(_) => {}
+    }
     if let Err(errors) = policy.validate_cel() {
         // One line per failed rule: "<field path>: <message>".
         problems.extend(
