@@ -55,6 +55,27 @@ pub struct NodeFacts {
 }
 
 impl NodeFacts {
+    /// Reads a Node object: name, labels, every `InternalIP` address that
+    /// parses (others are skipped: an unparsable address cannot be matched
+    /// on either layer), and `providerID`.
+    pub fn from_node(node: &k8s_openapi::api::core::v1::Node) -> Self {
+        let mut addresses: Vec<IpAddr> = node
+            .status
+            .iter()
+            .flat_map(|s| s.addresses.iter().flatten())
+            .filter(|a| a.type_ == "InternalIP")
+            .filter_map(|a| a.address.parse().ok())
+            .collect();
+        addresses.sort();
+        addresses.dedup();
+        Self {
+            name: node.metadata.name.clone().unwrap_or_default(),
+            labels: node.metadata.labels.clone().unwrap_or_default(),
+            addresses,
+            provider_id: node.spec.as_ref().and_then(|s| s.provider_id.clone()),
+        }
+    }
+
     /// The EC2 instance id from `providerID` (`aws:///us-east-1a/i-0abc...`),
     /// or `None` when the node is not an EC2 instance.
     pub fn instance_id(&self) -> Option<&str> {
