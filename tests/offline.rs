@@ -8,14 +8,7 @@ use std::path::{Path, PathBuf};
 use palisade::cli;
 
 fn yaml_files(dir: &str) -> Vec<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
-        .collect();
-    files.sort();
-    files
+    palisade::cli::expand_paths(&[Path::new(env!("CARGO_MANIFEST_DIR")).join(dir)]).unwrap()
 }
 
 #[test]

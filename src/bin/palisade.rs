@@ -23,7 +23,7 @@ enum Command {
     /// Validate FirewallPolicy manifests (YAML, several documents per file
     /// allowed) with the CRD's admission rules, offline.
     Validate {
-        /// Files to check; `-` reads standard input.
+        /// Files or directories (their *.yaml) to check; `-` reads standard input.
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },

@@ -39,6 +39,37 @@ pub struct Document {
     pub value: Value,
 }
 
+/// Expands directories among `paths` into their `*.yaml`/`*.yml` files,
+/// sorted; other paths (files, `-`) are kept as given.
+pub fn expand_paths(paths: &[PathBuf]) -> Result<Vec<PathBuf>, Error> {
+    let mut out = Vec::new();
+    for path in paths {
+        if !path.is_dir() {
+            out.push(path.clone());
+            continue;
+        }
+        let entries = std::fs::read_dir(path).map_err(|source| Error::Read {
+            path: path.clone(),
+            source,
+        })?;
+        let mut files = Vec::new();
+        for entry in entries {
+            let file = entry
+                .map_err(|source| Error::Read {
+                    path: path.clone(),
+                    source,
+                })?
+                .path();
+            if file.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+                files.push(file);
+            }
+        }
+        files.sort();
+        out.extend(files);
+    }
+    Ok(out)
+}
+
 /// Reads every non-empty YAML document of `path` (`-` is standard input).
 pub fn read_documents(path: &Path) -> Result<Vec<Document>, Error> {
     let text = if path == Path::new("-") {
@@ -149,11 +180,12 @@ fn unknown_fields(input: &Value, known: &Value, path: &str, out: &mut Vec<String
     }
 }
 
-/// `palisade validate`: checks every FirewallPolicy document of `files`,
+/// `palisade validate`: checks every FirewallPolicy document of `files`
+/// (directories: their YAML files),
 /// printing `origin: OK` or each problem; fails if any is invalid.
 pub fn validate_files(files: &[PathBuf], out: &mut impl Write) -> Result<(), Error> {
     let mut invalid = 0;
-    for file in files {
+    for file in &expand_paths(files)? {
         for doc in read_documents(file)? {
             let name = doc
                 .value
