@@ -8,6 +8,7 @@
 #   etcd           from a wrapper Go module over go.etcd.io/etcd/server/v3
 #   moto[server]   pinned, in a Python venv
 #   iptables, ipset, nftables, iproute2, conntrack   from Debian (apt)
+#   gitops-check   our kstatus / Argo CD health runner (hack/gitops-check)
 set -euo pipefail
 
 KUBE_VERSION="${KUBE_VERSION:-v1.37.2}"
@@ -15,6 +16,7 @@ ETCD_VERSION="${ETCD_VERSION:-v3.6.16}"
 MOTO_VERSION="${MOTO_VERSION:-5.2.5}"
 
 CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/palisade"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BIN="$CACHE/bin"
 mkdir -p "$BIN" "$CACHE/src"
 log() { printf '[testbin] %s\n' "$*" >&2; }
@@ -126,7 +128,18 @@ moto() {
   stamp moto "$MOTO_VERSION"
 }
 
+# Our own test tool: reads objects as Flux's kstatus and Argo CD's Lua health
+# checks do (see hack/gitops-check/main.go). Rebuilt when its source changes.
+gitops_check() {
+  local src="$ROOT/hack/gitops-check" sum
+  sum=$(cat "$src/go.mod" "$src/go.sum" "$src/main.go" | sha256sum | cut -c1-16)
+  stamp_ok gitops-check "$sum" && [[ -x "$BIN/gitops-check" ]] && return 0
+  log "building gitops-check (kstatus + gopher-lua)"
+  (cd "$src" && CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$BIN/gitops-check" .)
+  stamp gitops-check "$sum"
+}
+
 want=("$@")
-((${#want[@]})) || want=(apt_tools etcd moto kube)
+((${#want[@]})) || want=(apt_tools etcd moto kube gitops_check)
 for w in "${want[@]}"; do "$w"; done
 log "ready in $CACHE"

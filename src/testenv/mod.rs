@@ -46,6 +46,7 @@ mod cloud;
 mod control_plane;
 mod env;
 pub mod fault_proxy;
+pub mod gitops;
 mod manifests;
 mod net;
 mod netns;
