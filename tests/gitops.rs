@@ -90,14 +90,14 @@ async fn kstatus_and_argocd_read_real_status_alike() {
     let created = api.create(&PostParams::default(), &policy).await.unwrap();
     let generation = created.metadata.generation.unwrap();
     let created = serde_json::to_value(created).unwrap();
-    // Before the controller has written anything, Argo CD waits; kstatus
-    // (by design) calls an object without status Current — see README.
+    // Before the controller has written anything, the CRD's defaulted
+    // status keeps both tools waiting (kstatus alone would say Current).
     assert_eq!(
-        argocd_health(&health_dir().join("health.lua"), &created)
-            .unwrap()
-            .status,
-        "Progressing"
+        verdicts(&created),
+        ("InProgress".into(), "Progressing".into())
     );
+    let argo = argocd_health(&health_dir().join("health.lua"), &created).unwrap();
+    assert_eq!(argo.message, palisade::api::PENDING_MESSAGE);
 
     let reconciling = FirewallPolicyStatus {
         observed_generation: Some(generation),

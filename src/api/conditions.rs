@@ -17,6 +17,8 @@ pub const NODES_SYNCED: &str = "NodesSynced";
 
 /// Reasons (CamelCase, as Kubernetes requires).
 pub mod reason {
+    /// Not reconciled yet (the CRD's default status).
+    pub const PENDING: &str = "Pending";
     /// Everything applied.
     pub const SYNCED: &str = "Synced";
     /// Work under way.

@@ -18,7 +18,9 @@ pub use policy::{
     RatePeriod, ResolvedPeer, SecurityGroupStatus, SecurityGroupTarget,
 };
 
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
+    CustomResourceDefinition, JSON,
+};
 use kube::CustomResourceExt;
 
 /// The API group of every Palisade resource.
@@ -26,7 +28,44 @@ pub const GROUP: &str = "palisade.dev";
 
 /// Every CRD Palisade defines, in install order.
 pub fn crds() -> Vec<CustomResourceDefinition> {
-    vec![FirewallPolicy::crd(), FirewallNode::crd()]
+    vec![
+        with_pending_status(FirewallPolicy::crd()),
+        FirewallNode::crd(),
+    ]
+}
+
+/// Message of the status a FirewallPolicy shows before the controller has
+/// written one.
+pub const PENDING_MESSAGE: &str = "waiting for the Palisade controller";
+
+/// Gives a FirewallPolicy without status a defaulted one saying
+/// `Reconciling=True`. kstatus (Flux) calls an object with no status at all
+/// Current, so without this a policy would read as healthy in the seconds
+/// before the controller first reconciles it (or forever, if no controller
+/// runs). The apiserver applies the default when it serves the object; the
+/// controller's first status write replaces it.
+fn with_pending_status(mut crd: CustomResourceDefinition) -> CustomResourceDefinition {
+    let pending = serde_json::json!({
+        "conditions": [{
+            "type": conditions::RECONCILING,
+            "status": "True",
+            "reason": conditions::reason::PENDING,
+            "message": PENDING_MESSAGE,
+            "lastTransitionTime": "1970-01-01T00:00:00Z",
+        }]
+    });
+    for version in &mut crd.spec.versions {
+        let status = version
+            .schema
+            .as_mut()
+            .and_then(|s| s.open_api_v3_schema.as_mut())
+            .and_then(|s| s.properties.as_mut())
+            .and_then(|p| p.get_mut("status"));
+        if let Some(status) = status {
+            status.default = Some(JSON(pending.clone()));
+        }
+    }
+    crd
 }
 
 /// The CRDs as one multi-document YAML stream, exactly as committed in `crds/`.

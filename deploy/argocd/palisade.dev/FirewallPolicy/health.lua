@@ -29,7 +29,7 @@ if stalled ~= nil and stalled.status == "True" then
 end
 
 local generation = obj.metadata.generation
-if generation ~= nil and obj.status.observedGeneration ~= generation then
+if generation ~= nil and obj.status.observedGeneration ~= nil and obj.status.observedGeneration ~= generation then
   hs.message = "Waiting for the controller to observe generation " .. tostring(generation)
   return hs
 end
