@@ -8,12 +8,15 @@
 #   etcd           from a wrapper Go module over go.etcd.io/etcd/server/v3
 #   moto[server]   pinned, in a Python venv
 #   iptables, ipset, nftables, iproute2, conntrack   from Debian (apt)
+#   helm, kwok     by `go install`, pinned
 #   gitops-check   our kstatus / Argo CD health runner (hack/gitops-check)
 set -euo pipefail
 
 KUBE_VERSION="${KUBE_VERSION:-v1.37.2}"
 ETCD_VERSION="${ETCD_VERSION:-v3.6.16}"
 MOTO_VERSION="${MOTO_VERSION:-5.2.5}"
+HELM_VERSION="${HELM_VERSION:-v3.22.0}"
+KWOK_VERSION="${KWOK_VERSION:-v0.8.0}"
 
 CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/palisade"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -128,6 +131,16 @@ moto() {
   stamp moto "$MOTO_VERSION"
 }
 
+# `go install` of a published command into $BIN, pinned.
+go_tool() { # name package version
+  stamp_ok "$1" "$3" && [[ -x "$BIN/$1" ]] && return 0
+  log "building $1 $3"
+  GOBIN="$BIN" CGO_ENABLED=0 go install -trimpath -ldflags "-s -w" "$2@$3"
+  stamp "$1" "$3"
+}
+helm() { go_tool helm helm.sh/helm/v3/cmd/helm "$HELM_VERSION"; }
+kwok() { go_tool kwok sigs.k8s.io/kwok/cmd/kwok "$KWOK_VERSION"; }
+
 # Our own test tool: reads objects as Flux's kstatus and Argo CD's Lua health
 # checks do (see hack/gitops-check/main.go). Rebuilt when its source changes.
 gitops_check() {
@@ -140,6 +153,6 @@ gitops_check() {
 }
 
 want=("$@")
-((${#want[@]})) || want=(apt_tools etcd moto kube gitops_check)
+((${#want[@]})) || want=(apt_tools etcd moto kube gitops_check helm kwok)
 for w in "${want[@]}"; do "$w"; done
 log "ready in $CACHE"
