@@ -25,12 +25,15 @@ fmt-check: ## Fail if the code is not formatted
 clippy: ## Lint, warnings are errors
 	$(CARGO) clippy --all-targets --all-features -- -D warnings
 
-crds: ## Regenerate crds/ from the Rust types
+crds: ## Regenerate crds/ (and the chart's copy) from the Rust types
 	$(CARGO) run --quiet --bin palisade -- crd > crds/palisade.dev.yaml
+	cp crds/palisade.dev.yaml charts/palisade/crds/palisade.dev.yaml
 
 check-generated: ## Fail if crds/ drifted from the Rust types
 	@$(CARGO) run --quiet --bin palisade -- crd | diff -u crds/palisade.dev.yaml - \
 	  || { echo "crds/ is stale: run 'make crds' and commit the result"; exit 1; }
+	@diff -u crds/palisade.dev.yaml charts/palisade/crds/palisade.dev.yaml \
+	  || { echo "charts/palisade/crds is stale: run 'make crds' and commit the result"; exit 1; }
 
 unit: ## Pure tests only (no apiserver, moto or namespaces)
 	$(CARGO) test --lib --bins

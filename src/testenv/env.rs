@@ -438,12 +438,50 @@ impl TestEnv {
     /// Writes a kubeconfig for ServiceAccount `namespace/name` with a token
     /// from the TokenRequest API (valid 24 h). The ServiceAccount must exist.
     pub async fn service_account_kubeconfig(&self, namespace: &str, name: &str) -> Result<PathBuf> {
+        self.issue_service_account_kubeconfig(namespace, name, None)
+            .await
+    }
+
+    /// A kubeconfig for ServiceAccount `namespace/name` with a token bound to
+    /// Pod `namespace/pod`, as a kubelet mounts it: the apiserver adds the
+    /// pod's node (`authentication.kubernetes.io/node-name`) to the token's
+    /// user info when the pod is bound to one, which admission policies
+    /// read. The Pod must exist (it need not run).
+    pub async fn pod_service_account_kubeconfig(
+        &self,
+        namespace: &str,
+        name: &str,
+        pod: &str,
+    ) -> Result<PathBuf> {
+        let pods: Api<k8s_openapi::api::core::v1::Pod> =
+            Api::namespaced(self.client().await?, namespace);
+        let found = pods
+            .get(pod)
+            .await
+            .map_err(Error::kube(format!("reading Pod {namespace}/{pod}")))?;
+        let bound = k8s_openapi::api::authentication::v1::BoundObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Pod".into()),
+            name: Some(pod.into()),
+            uid: found.metadata.uid,
+        };
+        self.issue_service_account_kubeconfig(namespace, name, Some(bound))
+            .await
+    }
+
+    async fn issue_service_account_kubeconfig(
+        &self,
+        namespace: &str,
+        name: &str,
+        bound: Option<k8s_openapi::api::authentication::v1::BoundObjectReference>,
+    ) -> Result<PathBuf> {
         let api: Api<ServiceAccount> = Api::namespaced(self.client().await?, namespace);
+        let pod = bound.as_ref().and_then(|b| b.name.clone());
         let request = TokenRequest {
             spec: TokenRequestSpec {
                 audiences: vec![SA_ISSUER.to_string()],
                 expiration_seconds: Some(24 * 3600),
-                ..Default::default()
+                bound_object_ref: bound,
             },
             ..Default::default()
         };
@@ -458,7 +496,10 @@ impl TestEnv {
                 "TokenRequest for {namespace}/{name} returned no token"
             ))
         })?;
-        let path = self.mint_path(&format!("sa-{namespace}-{name}"));
+        let path = match &pod {
+            Some(pod) => self.mint_path(&format!("sa-{namespace}-{name}-{pod}")),
+            None => self.mint_path(&format!("sa-{namespace}-{name}")),
+        };
         let user = format!("system:serviceaccount:{namespace}:{name}");
         write_kubeconfig(
             &path,
