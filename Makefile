@@ -5,7 +5,7 @@ export CARGO_TARGET_DIR ?= $(CACHE)/target
 export PALISADE_TESTBIN ?= $(CACHE)/bin
 CARGO ?= cargo
 
-.PHONY: help testbin build fmt fmt-check clippy crds check-generated unit test demo clean-env
+.PHONY: help testbin build fmt fmt-check clippy crds manifests check-generated unit test demo clean-env
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -25,15 +25,22 @@ fmt-check: ## Fail if the code is not formatted
 clippy: ## Lint, warnings are errors
 	$(CARGO) clippy --all-targets --all-features -- -D warnings
 
-crds: ## Regenerate crds/ (and the chart's copy) from the Rust types
+crds: ## Regenerate crds/ (and the chart's copy, and deploy/manifests) from the Rust types
 	$(CARGO) run --quiet --bin palisade -- crd > crds/palisade.dev.yaml
 	cp crds/palisade.dev.yaml charts/palisade/crds/palisade.dev.yaml
+	bash hack/manifests.sh
 
-check-generated: ## Fail if crds/ drifted from the Rust types
+manifests: ## Regenerate deploy/manifests (the kustomize base) from the chart
+	bash hack/manifests.sh
+
+check-generated: ## Fail if crds/, the chart's CRDs or deploy/manifests drifted from their sources
 	@$(CARGO) run --quiet --bin palisade -- crd | diff -u crds/palisade.dev.yaml - \
 	  || { echo "crds/ is stale: run 'make crds' and commit the result"; exit 1; }
 	@diff -u crds/palisade.dev.yaml charts/palisade/crds/palisade.dev.yaml \
 	  || { echo "charts/palisade/crds is stale: run 'make crds' and commit the result"; exit 1; }
+	@tmp=$$(mktemp -d) && bash hack/manifests.sh $$tmp && cp deploy/manifests/namespace.yaml $$tmp/ \
+	  && diff -ru deploy/manifests $$tmp && rm -rf $$tmp \
+	  || { echo "deploy/manifests is stale: run 'make manifests' and commit the result"; exit 1; }
 
 unit: ## Pure tests only (no apiserver, moto or namespaces)
 	$(CARGO) test --lib --bins

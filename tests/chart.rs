@@ -402,4 +402,28 @@ async fn install_upgrade_uninstall_with_least_privilege() {
         .unwrap();
     let left = String::from_utf8_lossy(&left.stdout);
     assert!(!left.contains("palisade"), "left behind: {left}");
+
+    // The same install without Helm: the generated kustomize base.
+    let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
+    let out = env
+        .kubectl()
+        .unwrap()
+        .arg("apply")
+        .arg("--server-side")
+        .arg("-k")
+        .arg(&deploy)
+        .output()
+        .unwrap();
+    ok(out);
+    let names = ok(env
+        .kubectl()
+        .unwrap()
+        .args(["-n", NS, "get", "deploy,ds", "-o", "name"])
+        .output()
+        .unwrap());
+    assert!(
+        names.contains("deployment.apps/palisade-controller"),
+        "{names}"
+    );
+    assert!(names.contains("daemonset.apps/palisade-agent"), "{names}");
 }

@@ -20,6 +20,8 @@ use serde::{Deserialize, Serialize};
     plural = "firewallnodes",
     singular = "firewallnode",
     shortname = "fwn",
+    // GitOps: CRDs land before the policies that use them (Argo CD sync waves).
+    annotation("argocd.argoproj.io/sync-wave", "-1"),
     category = "palisade",
     status = "FirewallNodeStatus",
     selectable = ".spec.nodeName",

@@ -31,6 +31,8 @@ pub const MAX_PORTS_PER_RULE: usize = 16;
     plural = "firewallpolicies",
     singular = "firewallpolicy",
     shortname = "fwp",
+    // GitOps: CRDs land before the policies that use them (Argo CD sync waves).
+    annotation("argocd.argoproj.io/sync-wave", "-1"),
     category = "palisade",
     status = "FirewallPolicyStatus",
     cel,
