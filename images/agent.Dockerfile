@@ -1,8 +1,8 @@
+# syntax=docker/dockerfile:1.7
 # The agent: its binary plus the iptables/ip6tables (both the nft and the
 # legacy backend, so it can match whichever the host uses), ipset and nft
 # userspace. It runs with NET_ADMIN/NET_RAW in the host network namespace.
 #   docker buildx build --platform linux/amd64,linux/arm64 -f images/agent.Dockerfile .
-# syntax=docker/dockerfile:1.7
 FROM --platform=$BUILDPLATFORM rust:1.95-bookworm AS build
 ARG TARGETARCH
 RUN apt-get update && apt-get install -y --no-install-recommends musl-tools cmake clang \

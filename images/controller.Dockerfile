@@ -1,7 +1,7 @@
+# syntax=docker/dockerfile:1.7
 # The controller: one static binary on an empty base, run as non-root with a
 # read-only root filesystem (the chart sets both). Multi-arch: build with
 #   docker buildx build --platform linux/amd64,linux/arm64 -f images/controller.Dockerfile .
-# syntax=docker/dockerfile:1.7
 FROM --platform=$BUILDPLATFORM rust:1.95-bookworm AS build
 ARG TARGETARCH
 RUN apt-get update && apt-get install -y --no-install-recommends musl-tools cmake clang \
