@@ -3,3 +3,4 @@
 //! back and finding drift.
 
 pub mod backend;
+pub mod render;
