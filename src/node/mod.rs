@@ -3,4 +3,5 @@
 //! back and finding drift.
 
 pub mod backend;
+pub mod dataplane;
 pub mod render;
