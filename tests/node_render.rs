@@ -169,3 +169,30 @@ fn removing_every_policy_deletes_hooks_then_chains() {
     let diff = diff_node(&NodeState::of(&before), &after);
     check("remove-all", &render_diff(&diff, &[], &[]).to_string());
 }
+
+#[test]
+fn cli_render_prints_both_layers_for_a_node_manifest() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let mut out = Vec::new();
+    palisade::cli::render_files(
+        &dir.join("tests/fixtures/node-web-1.yaml"),
+        &[
+            dir.join("deploy/examples/web-server.yaml"),
+            dir.join("deploy/examples/ssh-jump-host.yaml"),
+            dir.join("deploy/examples/egress-lockdown.yaml"),
+        ],
+        &["192.0.2.0/24".parse().unwrap()],
+        &mut out,
+    )
+    .unwrap();
+    let text = String::from_utf8(out).unwrap();
+    assert!(
+        text.contains("#   selected by: ssh-jump-host (Enforce"),
+        "{text}"
+    );
+    assert!(!text.contains("egress-lockdown"), "not selected: {text}");
+    assert!(text.contains("tcp 22 203.0.113.0/24  \"palisade:web-server/ssh-office"));
+    assert!(text.contains("# iptables-restore --noflush\n*filter\n"));
+    assert!(text.contains("-s 192.0.2.0/24 -m comment --comment \"palisade:"));
+    assert!(text.contains("-I INPUT 1 -m comment"));
+}
