@@ -74,6 +74,14 @@ fn probe(from: &SimHost, to: &SimNode, port: u16) -> Reach {
     from.probe_tcp(addr, OPEN.min(DROP * 4)).unwrap()
 }
 
+/// GET on the agent's metrics server, from inside the node's namespace.
+fn http_get(node: &SimNode, path: &str) -> String {
+    let script = format!(
+        "exec 3<>/dev/tcp/127.0.0.1/9901; printf 'GET {path} HTTP/1.0\\r\\n\\r\\n' >&3; cat <&3"
+    );
+    node.host().exec(&["bash", "-c", &script]).unwrap()
+}
+
 fn save(node: &SimNode) -> String {
     node.host()
         .exec(&["iptables-nft-save", "-t", "filter"])
@@ -180,6 +188,16 @@ async fn agents_filter_follow_labels_repair_drift_and_converge_after_restart() {
         .unwrap();
     let repairs = fwn.status.unwrap().drift_repairs;
     assert!(repairs >= 1, "drift repairs counted: {repairs}");
+    let metrics = http_get(&n2, "/metrics");
+    assert!(
+        metrics.contains("palisade_agent_drift_repairs_total"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("palisade_agent_sync_duration_seconds_bucket"),
+        "{metrics}"
+    );
+    assert!(http_get(&n2, "/healthz").starts_with("HTTP/1.0 200"));
 
     // Agent killed; the policy changes meanwhile; restarted, it converges.
     agents[1].kill().await.unwrap();

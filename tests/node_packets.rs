@@ -541,3 +541,35 @@ fn sets_are_swapped_never_emptied_and_destroyed_when_unused() {
     assert!(!node.host.exec(&["ipset", "save"]).unwrap().contains("PAL-"));
     drop(rs);
 }
+
+#[test]
+fn legacy_backend_round_trips_too() {
+    let net = SimNet::new().unwrap();
+    let mut node = Node::new(&net, "node", None);
+    node.dataplane = Dataplane::new(Backend::Legacy, Some(node.host.netns().to_string()));
+    let peer = net.add_host("peer").unwrap();
+    let svc = node.host.listen_tcp(8080).unwrap();
+    let other = node.host.listen_tcp(9090).unwrap();
+    let p = ingress_policy(
+        "legacy",
+        "    - name: web\n      protocol: TCP\n      ports: [{port: 8080}]\n      peers: [{cidr: 10.1.0.0/16}, {cidr: 10.2.0.0/16}, {cidr: 10.3.0.0/16}, {cidr: 10.4.0.0/16}, {cidr: 10.5.0.0/16}, {cidr: 0.0.0.0/0}]\n      log: true\n",
+    );
+    let rs = node.apply(&[p]);
+    let to = |port| SocketAddr::new(IpAddr::V4(node.host.ipv4()), port);
+    assert_eq!(peer.probe_tcp(to(svc.port()), OPEN).unwrap(), Reach::Open);
+    assert_eq!(
+        peer.probe_tcp(to(other.port()), DROP).unwrap(),
+        Reach::TimedOut
+    );
+    node.host
+        .exec(&["iptables-legacy", "-F", "PALISADE-INPUT"])
+        .unwrap();
+    assert!(node.dataplane.sync(&rs).unwrap().wrote());
+    assert!(!node.dataplane.sync(&rs).unwrap().wrote());
+    node.dataplane.cleanup().unwrap();
+    let save = node
+        .host
+        .exec(&["iptables-legacy-save", "-t", "filter"])
+        .unwrap();
+    assert!(!save.contains("PALISADE"), "{save}");
+}
