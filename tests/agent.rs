@@ -19,12 +19,17 @@ const OPEN: Duration = Duration::from_secs(2);
 const DROP: Duration = Duration::from_millis(300);
 
 fn start_agent(env: &TestEnv, node: &SimNode) -> Child {
+    start_agent_with(env, node, &[])
+}
+
+fn start_agent_with(env: &TestEnv, node: &SimNode, extra: &[&str]) -> Child {
     node.host()
         .tokio_command(env!("CARGO_BIN_EXE_palisade-agent"))
         .env("KUBECONFIG", env.kubeconfig_path())
         .env("NODE_NAME", node.name())
         .env("RUST_LOG", "info")
         .args(["--metrics-addr", "127.0.0.1:9901", "--backend", "nft"])
+        .args(extra)
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap()
@@ -249,5 +254,58 @@ async fn agents_filter_follow_labels_repair_drift_and_converge_after_restart() {
         .await;
     let _ = Api::<FirewallNode>::all(client.clone())
         .delete("agent-n2", &DeleteParams::default())
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn node_selector_peers_follow_other_nodes_labels() {
+    let env = TestEnv::shared().unwrap();
+    env.install_crds(CRDS).await.unwrap();
+    let client = env.client().await.unwrap();
+    let net = SimNet::new().unwrap();
+    let app = SimNode::create(env, &net, "agent-sel-app", [("role", "sel-app")])
+        .await
+        .unwrap();
+    let client_node = SimNode::create(env, &net, "agent-sel-client", [("role", "sel-client")])
+        .await
+        .unwrap();
+    let outsider = net.add_host("agent-sel-out").unwrap();
+    let _l = app.host().listen_tcp(9090).unwrap();
+    let mut agent = start_agent_with(env, &app, &["--resync-seconds", "1"]);
+    env.apply_yaml(
+        "apiVersion: palisade.dev/v1alpha1\nkind: FirewallPolicy\nmetadata:\n  name: agent-sel\nspec:\n  nodeSelector:\n    matchLabels: {role: sel-app}\n  ingress:\n    - name: from-clients\n      protocol: TCP\n      ports: [{port: 9090}]\n      peers:\n        - nodeSelector:\n            matchLabels: {role: sel-client}\n",
+    )
+    .await
+    .unwrap();
+    wait_reported(&client, "agent-sel-app", &[("agent-sel", 1)]).await;
+    assert_eq!(probe(client_node.host(), &app, 9090), Reach::Open);
+    assert_eq!(probe(&outsider, &app, 9090), Reach::TimedOut);
+    // The client node stops being a client: its address leaves the set
+    // within a resync period.
+    Api::<Node>::all(client.clone())
+        .patch(
+            "agent-sel-client",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"role": "sel-other"}}})),
+        )
+        .await
+        .unwrap();
+    let start = Instant::now();
+    while probe(client_node.host(), &app, 9090) == Reach::Open {
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "client still allowed"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    println!("relabelled peer node dropped after {:?}", start.elapsed());
+    Api::<FirewallPolicy>::all(client.clone())
+        .delete("agent-sel", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_reported(&client, "agent-sel-app", &[]).await;
+    let _ = agent.kill().await;
+    let _ = Api::<FirewallNode>::all(client.clone())
+        .delete("agent-sel-app", &DeleteParams::default())
         .await;
 }

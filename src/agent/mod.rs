@@ -10,9 +10,10 @@
 //!    (policies being deleted are left out, so their rules go first and the
 //!    controller may release them), the node's labels and addresses, the
 //!    peers the controller resolved (`status.resolvedPeers`), other nodes'
-//!    addresses when a policy has a `nodeSelector` peer (listed at each sync:
-//!    a change of another node's address is seen at the next resync), and
-//!    the failsafe list from the flags;
+//!    addresses when a selected policy has a `nodeSelector` peer (listed at
+//!    most once per resync period, so a change of another node's labels or
+//!    addresses is seen within one period), and the failsafe list from the
+//!    flags;
 //! 3. the dataplane reads back what Palisade owns, writes only the
 //!    difference (nothing on a no-op) and the result is read back again;
 //! 4. a write while the desired ruleset is the one already applied is a
@@ -214,7 +215,8 @@ struct Agent {
     drift_repairs: i64,
     /// Last status written, without the sync time.
     last_status: Option<FirewallNodeStatus>,
-    ready_since: Option<Time>,
+    /// Other nodes, listed for `nodeSelector` peers, and when.
+    other_nodes: Option<(Instant, Vec<NodeFacts>)>,
 }
 
 impl Agent {
@@ -224,18 +226,38 @@ impl Agent {
             .get(&ObjectRef::new(&self.config.node_name))
             .ok_or_else(|| AgentError::NodeMissing(self.config.node_name.clone()))?;
         let policies = self.policies.state();
-        let mut nodes = vec![node_facts(&me)];
-        if policies.iter().any(|p| has_node_selector_peer(p)) {
-            let all = Api::<Node>::all(self.client.clone())
-                .list(&ListParams::default())
-                .await
-                .map_err(kube_err("listing Nodes for nodeSelector peers"))?;
-            nodes.extend(
-                all.items
+        let me = node_facts(&me);
+        // Other nodes' addresses only matter to a selected policy with a
+        // nodeSelector peer; they are listed at most once per resync period.
+        let needs_nodes = policies.iter().any(|p| {
+            p.metadata.deletion_timestamp.is_none()
+                && has_node_selector_peer(p)
+                && validate(p).is_ok_and(|v| v.selects(&me))
+        });
+        let mut nodes = vec![me];
+        if needs_nodes {
+            let fresh = self
+                .other_nodes
+                .as_ref()
+                .is_some_and(|(at, _)| at.elapsed() < self.config.resync);
+            if !fresh {
+                let all = Api::<Node>::all(self.client.clone())
+                    .list(&ListParams::default())
+                    .await
+                    .map_err(kube_err("listing Nodes for nodeSelector peers"))?;
+                let others = all
+                    .items
                     .iter()
                     .filter(|n| n.name_any() != self.config.node_name)
-                    .map(node_facts),
-            );
+                    .map(node_facts)
+                    .collect();
+                self.other_nodes = Some((Instant::now(), others));
+            }
+            if let Some((_, others)) = &self.other_nodes {
+                nodes.extend(others.iter().cloned());
+            }
+        } else {
+            self.other_nodes = None;
         }
         let want = desired(
             &self.config.node_name,
@@ -310,9 +332,6 @@ impl Agent {
             .map(|c| c.last_transition_time.clone());
         let now = Time(k8s_openapi::jiff::Timestamp::now());
         let since = previous.unwrap_or_else(|| now.clone());
-        if ok {
-            self.ready_since = Some(since.clone());
-        }
         Condition {
             type_: crate::api::conditions::READY.into(),
             status: status.into(),
@@ -415,6 +434,31 @@ async fn follow_nft_monitor(trigger: Arc<Notify>) {
     }
 }
 
+/// Palisade rules in the backend not chosen would be a firewall nobody
+/// sees in the chosen backend's `iptables-save`: say so loudly (they are
+/// never written to, so the agent does not mix backends).
+async fn warn_about_other_backend(chosen: Backend) {
+    let other = match chosen {
+        Backend::Nft => Backend::Legacy,
+        Backend::Legacy => Backend::Nft,
+    };
+    let found = tokio::task::spawn_blocking(move || {
+        Dataplane::new(other, None)
+            .read()
+            .map(|r| !r.state.ipv4.chains.is_empty() || !r.state.ipv6.chains.is_empty())
+            .unwrap_or(false)
+    })
+    .await
+    .unwrap_or(false);
+    if found {
+        warn!(
+            %chosen,
+            %other,
+            "Palisade chains exist in the other iptables backend; they are not managed: remove them with `palisade-agent --backend {other} cleanup`"
+        );
+    }
+}
+
 /// Runs the agent until a watch fails for good.
 pub async fn run(client: Client, config: AgentConfig) -> Result<(), AgentError> {
     let backend = match config.backend {
@@ -424,6 +468,7 @@ pub async fn run(client: Client, config: AgentConfig) -> Result<(), AgentError> 
             .map_err(|e| AgentError::Task(e.to_string()))??,
     };
     info!(node = %config.node_name, %backend, "iptables backend");
+    warn_about_other_backend(backend).await;
     let metrics = Arc::new(Metrics::default());
     if let Some(addr) = config.metrics_addr {
         let m = metrics.clone();
@@ -484,7 +529,7 @@ pub async fn run(client: Client, config: AgentConfig) -> Result<(), AgentError> 
         last_hash: None,
         drift_repairs: 0,
         last_status: None,
-        ready_since: None,
+        other_nodes: None,
         config,
     };
     let sync_loop = async move {
