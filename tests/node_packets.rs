@@ -259,7 +259,17 @@ fn audit_drops_nothing() {
             Reach::Open
         );
     }
-    assert!(node.save().contains("palisade-audit-in: "));
+    // It logs: the audit LOG rule counted the probes it let through.
+    let listing = node
+        .host
+        .exec(&["iptables-nft", "-L", "PALISADE-INPUT", "-v", "-x", "-n"])
+        .unwrap();
+    let log = listing
+        .lines()
+        .find(|l| l.contains("LOG") && l.contains("palisade-audit-in"))
+        .unwrap();
+    let packets: u64 = log.split_whitespace().next().unwrap().parse().unwrap();
+    assert!(packets >= 1, "{listing}");
 }
 
 #[test]

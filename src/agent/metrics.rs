@@ -127,3 +127,26 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<(
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_are_named_for_the_agent() {
+        let m = Metrics::default();
+        m.drift_repairs.inc();
+        m.rules.set(42);
+        m.sync_duration.observe(0.01);
+        let text = m.render();
+        for name in [
+            "palisade_agent_drift_repairs_total 1",
+            "palisade_agent_rules 42",
+            "palisade_agent_set_entries 0",
+            "palisade_agent_restore_failures_total 0",
+            "palisade_agent_sync_duration_seconds_count 1",
+        ] {
+            assert!(text.contains(name), "{name} in {text}");
+        }
+    }
+}
