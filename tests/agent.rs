@@ -137,6 +137,11 @@ async fn agents_filter_follow_labels_repair_drift_and_converge_after_restart() {
         .unwrap();
     let status = fwn.status.unwrap();
     assert_eq!(status.backend.as_deref(), Some("nft"));
+    let owner = &fwn.metadata.owner_references.as_ref().unwrap()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.name.as_str()),
+        ("Node", "agent-n1")
+    );
     assert!(status.rule_count > 0);
 
     // Relabel: the rules move.

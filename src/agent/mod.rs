@@ -217,6 +217,9 @@ struct Agent {
     last_status: Option<FirewallNodeStatus>,
     /// Other nodes, listed for `nodeSelector` peers, and when.
     other_nodes: Option<(Instant, Vec<NodeFacts>)>,
+    /// The uid of this node's Node: the FirewallNode's owner, so it is
+    /// garbage-collected with the Node.
+    node_uid: Option<String>,
 }
 
 impl Agent {
@@ -226,6 +229,7 @@ impl Agent {
             .get(&ObjectRef::new(&self.config.node_name))
             .ok_or_else(|| AgentError::NodeMissing(self.config.node_name.clone()))?;
         let policies = self.policies.state();
+        self.node_uid = me.uid();
         let me = node_facts(&me);
         // Other nodes' addresses only matter to a selected policy with a
         // nodeSelector peer; they are listed at most once per resync period.
@@ -374,13 +378,22 @@ impl Agent {
         let api: Api<FirewallNode> = Api::all(self.client.clone());
         let name = &self.config.node_name;
         let pp = PatchParams::apply(FIELD_MANAGER).force();
+        let mut metadata = json!({"name": name});
+        if let Some(uid) = &self.node_uid {
+            metadata["ownerReferences"] = json!([{
+                "apiVersion": "v1",
+                "kind": "Node",
+                "name": name,
+                "uid": uid,
+            }]);
+        }
         api.patch(
             name,
             &pp,
             &Patch::Apply(json!({
                 "apiVersion": "palisade.dev/v1alpha1",
                 "kind": "FirewallNode",
-                "metadata": {"name": name},
+                "metadata": metadata,
                 "spec": {"nodeName": name},
             })),
         )
@@ -530,6 +543,7 @@ pub async fn run(client: Client, config: AgentConfig) -> Result<(), AgentError> 
         drift_repairs: 0,
         last_status: None,
         other_nodes: None,
+        node_uid: None,
         config,
     };
     let sync_loop = async move {
