@@ -13,7 +13,8 @@
 //!    addresses when a selected policy has a `nodeSelector` peer (listed at
 //!    most once per resync period, so a change of another node's labels or
 //!    addresses is seen within one period), and the failsafe list from the
-//!    flags;
+//!    flags; a policy edited into something invalid keeps its last valid
+//!    version (reported at that generation) instead of losing its rules;
 //! 3. the dataplane reads back what Palisade owns, writes only the
 //!    difference (nothing on a no-op) and the result is read back again;
 //! 4. a write while the desired ruleset is the one already applied is a
@@ -145,14 +146,22 @@ struct Desired {
     ruleset: NodeRuleset,
     applied: Vec<AppliedPolicy>,
     problems: Vec<String>,
+    /// The policy versions used, by name (the next sync's last good).
+    good: BTreeMap<String, Arc<FirewallPolicy>>,
 }
 
 /// Compiles the desired ruleset from the policies and Nodes (pure).
+///
+/// A policy that no longer validates keeps its last valid version (same
+/// uid) rather than losing its rules — dropping them could open a
+/// direction no other policy speaks for — and is reported at that older
+/// generation, so the controller sees the node as not synced.
 fn desired(
     node_name: &str,
     policies: &[Arc<FirewallPolicy>],
     nodes: Vec<NodeFacts>,
     failsafe: &Failsafe,
+    last_good: &BTreeMap<String, Arc<FirewallPolicy>>,
 ) -> Result<Desired, AgentError> {
     let mut facts = Facts {
         nodes,
@@ -162,24 +171,45 @@ fn desired(
     let mut valid = Vec::new();
     let mut problems = Vec::new();
     let mut meta = BTreeMap::new();
+    let mut good = BTreeMap::new();
     for p in policies {
         if p.metadata.deletion_timestamp.is_some() {
             continue;
         }
         let name = p.name_any();
-        match validate(p) {
-            Ok(v) => valid.push(v),
-            Err(e) => {
-                problems.push(format!("policy {name} skipped: {e}"));
-                continue;
+        let used = match validate(p) {
+            Ok(v) => {
+                valid.push(v);
+                p.clone()
             }
-        }
+            Err(e) => {
+                let kept = last_good
+                    .get(&name)
+                    .filter(|old| old.uid() == p.uid())
+                    .and_then(|old| validate(old).ok().map(|v| (old.clone(), v)));
+                let Some((old, v)) = kept else {
+                    problems.push(format!("policy {name} skipped: {e}"));
+                    continue;
+                };
+                problems.push(format!(
+                    "policy {name} generation {} is invalid, keeping generation {}: {e}",
+                    p.metadata.generation.unwrap_or_default(),
+                    old.metadata.generation.unwrap_or_default()
+                ));
+                valid.push(v);
+                old
+            }
+        };
         if let Some(status) = &p.status
             && let Err(e) = facts.add_resolved_peers(&status.resolved_peers)
         {
             problems.push(format!("policy {name}: {e}"));
         }
-        meta.insert(name, (p.uid(), p.metadata.generation.unwrap_or_default()));
+        meta.insert(
+            name.clone(),
+            (used.uid(), used.metadata.generation.unwrap_or_default()),
+        );
+        good.insert(name, used);
     }
     let ruleset = compile_node(node_name, &valid, &facts)?;
     let applied = ruleset
@@ -199,6 +229,7 @@ fn desired(
         ruleset,
         applied,
         problems,
+        good,
     })
 }
 
@@ -215,6 +246,8 @@ struct Agent {
     drift_repairs: i64,
     /// Last status written, without the sync time.
     last_status: Option<FirewallNodeStatus>,
+    /// The policy versions last applied, by name.
+    last_good: BTreeMap<String, Arc<FirewallPolicy>>,
     /// Other nodes, listed for `nodeSelector` peers, and when.
     other_nodes: Option<(Instant, Vec<NodeFacts>)>,
     /// The uid of this node's Node: the FirewallNode's owner, so it is
@@ -268,6 +301,7 @@ impl Agent {
             &policies,
             nodes,
             &self.config.failsafe,
+            &self.last_good,
         )?;
         let hash = want.ruleset.hash();
         let dataplane = self.dataplane.clone();
@@ -308,6 +342,7 @@ impl Agent {
             }
         }
         self.last_hash = Some(hash);
+        self.last_good = want.good;
         self.metrics.rules.set(want.ruleset.rule_count() as i64);
         self.metrics
             .set_entries
@@ -543,6 +578,7 @@ pub async fn run(client: Client, config: AgentConfig) -> Result<(), AgentError> 
         drift_repairs: 0,
         last_status: None,
         other_nodes: None,
+        last_good: BTreeMap::new(),
         node_uid: None,
         config,
     };
@@ -662,9 +698,14 @@ mod tests {
         }
         let d = desired(
             "n1",
-            &[Arc::new(good), Arc::new(gone), Arc::new(bad)],
-            vec![node],
+            &[
+                Arc::new(good.clone()),
+                Arc::new(gone),
+                Arc::new(bad.clone()),
+            ],
+            vec![node.clone()],
             &Failsafe::default(),
+            &BTreeMap::new(),
         )
         .unwrap();
         assert_eq!(d.applied.len(), 1);
@@ -672,5 +713,30 @@ mod tests {
         assert_eq!(d.applied[0].generation, 3);
         assert_eq!(d.applied[0].uid.as_deref(), Some("u1"));
         assert_eq!(d.problems.len(), 1, "{:?}", d.problems);
+
+        // An edit that no longer validates keeps the last valid version.
+        let mut edited = good.clone();
+        edited.metadata.generation = Some(4);
+        edited.spec = bad.spec.clone();
+        let last_good: BTreeMap<String, Arc<FirewallPolicy>> =
+            [("good".to_string(), Arc::new(good))].into_iter().collect();
+        let d = desired(
+            "n1",
+            &[Arc::new(edited)],
+            vec![node],
+            &Failsafe::default(),
+            &last_good,
+        )
+        .unwrap();
+        assert_eq!(d.applied.len(), 1);
+        assert_eq!(
+            d.applied[0].generation, 3,
+            "reported at the kept generation"
+        );
+        assert!(
+            d.problems[0].contains("keeping generation 3"),
+            "{:?}",
+            d.problems
+        );
     }
 }
