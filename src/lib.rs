@@ -7,7 +7,9 @@
 //!   `NodeRuleset`, and pure diffs of current vs desired.
 //! - [`cli`]: the offline commands of the `palisade` binary.
 //! - [`node`]: the node dataplane (iptables backend, rendering, applying).
+//! - [`agent`]: the node agent's sync loop, status and metrics.
 
+pub mod agent;
 pub mod api;
 pub mod cli;
 pub mod node;

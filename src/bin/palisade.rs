@@ -27,6 +27,20 @@ enum Command {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+    /// Print, offline, what policies do to one node: the Security Group
+    /// permissions and the exact ipset / iptables-restore input.
+    Render {
+        /// A Node manifest (labels, InternalIP addresses); further Nodes in
+        /// the file are the other nodes `nodeSelector` peers may match.
+        #[arg(long)]
+        node: PathBuf,
+        /// Failsafe SSH sources the agent is given (`--admin-cidr`).
+        #[arg(long = "admin-cidr", value_delimiter = ',')]
+        admin_cidrs: Vec<ipnet::IpNet>,
+        /// FirewallPolicy manifests.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -36,6 +50,11 @@ fn main() -> ExitCode {
             .map(|y| print!("{y}"))
             .map_err(cli::Error::from),
         Command::Validate { files } => cli::validate_files(&files, &mut std::io::stdout()),
+        Command::Render {
+            node,
+            admin_cidrs,
+            files,
+        } => cli::render_files(&node, &files, &admin_cidrs, &mut std::io::stdout()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -8,6 +8,9 @@ use serde_json::Value;
 
 use crate::api::FirewallPolicy;
 
+mod render;
+pub use render::render_files;
+
 /// What can go wrong in an offline command.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -28,6 +31,9 @@ pub enum Error {
     /// Some manifests are invalid; each was reported on the output.
     #[error("{0} invalid manifest(s)")]
     Invalid(usize),
+    /// `render` could not compile what it was given.
+    #[error("{0}")]
+    Render(String),
 }
 
 /// One YAML document of an input file, with where it came from.

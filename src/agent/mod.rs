@@ -1,0 +1,742 @@
+//! The agent: one per node. Watches every `FirewallPolicy` and its own
+//! `Node` (field selector `metadata.name=<node>`), compiles the node's
+//! [`NodeRuleset`], programs it through the [`Dataplane`] and reports in
+//! its `FirewallNode`.
+//!
+//! Contract of one sync (read → plan, pure → apply → status):
+//! 1. nothing is written before both watches delivered their initial list
+//!    (no half view after a restart);
+//! 2. the desired ruleset is compiled from the policies selecting the node
+//!    (policies being deleted are left out, so their rules go first and the
+//!    controller may release them), the node's labels and addresses, the
+//!    peers the controller resolved (`status.resolvedPeers`), other nodes'
+//!    addresses when a selected policy has a `nodeSelector` peer (listed at
+//!    most once per resync period, so a change of another node's labels or
+//!    addresses is seen within one period), and the failsafe list from the
+//!    flags; a policy edited into something invalid keeps its last valid
+//!    version (reported at that generation) instead of losing its rules;
+//! 3. the dataplane reads back what Palisade owns, writes only the
+//!    difference (nothing on a no-op) and the result is read back again;
+//! 4. a write while the desired ruleset is the one already applied is a
+//!    drift repair, counted;
+//! 5. the `FirewallNode` status is written when anything but the time of
+//!    the sync changed.
+//!
+//! Triggers: watch events, the resync timer (the backstop), and on the nft
+//! backend every `nft monitor` line naming a Palisade chain or the
+//! INPUT/OUTPUT hooks. A failed sync is retried with backoff (the previous
+//! ruleset stays in force: restores are atomic).
+
+pub mod metrics;
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::api::{ListParams, Patch, PatchParams};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, ResourceExt};
+use serde_json::json;
+use tokio::io::AsyncBufReadExt;
+use tokio::sync::Notify;
+use tracing::{info, warn};
+
+use crate::api::{AppliedPolicy, FirewallNode, FirewallNodeStatus, FirewallPolicy, SyncResult};
+use crate::node::backend::{self, Backend};
+use crate::node::dataplane::{Dataplane, DataplaneError, plan};
+use crate::policy::{Facts, Failsafe, NodeFacts, NodeRuleset, PolicyError, compile_node, validate};
+
+use metrics::Metrics;
+
+/// Field manager of everything the agent writes.
+pub const FIELD_MANAGER: &str = "palisade-agent";
+
+/// What can go wrong in the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The iptables backend could not be chosen.
+    #[error("detecting the iptables backend: {0}")]
+    Backend(#[from] backend::DetectError),
+    /// Reading or writing iptables/ipset failed.
+    #[error("dataplane: {0}")]
+    Dataplane(#[from] DataplaneError),
+    /// The policies could not be compiled for this node.
+    #[error("compiling the node ruleset: {0}")]
+    Compile(#[from] PolicyError),
+    /// The node's own Node object is not there.
+    #[error("Node {0} not found")]
+    NodeMissing(String),
+    /// The API server refused or failed a request.
+    #[error("{context}: {source}")]
+    Kube {
+        /// What the agent was doing.
+        context: String,
+        /// The cause.
+        source: kube::Error,
+    },
+    /// A watch ended.
+    #[error("watch of {0} ended")]
+    WatchEnded(&'static str),
+    /// After a write, the read-back still differs from the desired ruleset.
+    #[error("read-back after write still differs: {0}")]
+    NotConverged(String),
+    /// A blocking task panicked or was cancelled.
+    #[error("dataplane task: {0}")]
+    Task(String),
+}
+
+fn kube_err(context: impl Into<String>) -> impl FnOnce(kube::Error) -> AgentError {
+    let context = context.into();
+    move |source| AgentError::Kube { context, source }
+}
+
+/// How the agent runs.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// This node's name (`NODE_NAME`).
+    pub node_name: String,
+    /// Resync period: re-read and repair drift at least this often.
+    pub resync: Duration,
+    /// Traffic always allowed, ahead of any policy.
+    pub failsafe: Failsafe,
+    /// Where `/metrics` and `/healthz` are served; `None`: not served.
+    pub metrics_addr: Option<SocketAddr>,
+    /// Force a backend instead of detecting it.
+    pub backend: Option<Backend>,
+    /// On the nft backend, follow `nft monitor` to repair drift at once.
+    pub nft_monitor: bool,
+}
+
+/// The facts the compiler needs about a Node.
+pub fn node_facts(node: &Node) -> NodeFacts {
+    let addresses: Vec<IpAddr> = node
+        .status
+        .as_ref()
+        .and_then(|s| s.addresses.as_ref())
+        .map(|a| {
+            a.iter()
+                .filter(|a| a.type_ == "InternalIP")
+                .filter_map(|a| a.address.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    NodeFacts {
+        name: node.name_any(),
+        labels: node.labels().clone(),
+        addresses,
+        provider_id: node.spec.as_ref().and_then(|s| s.provider_id.clone()),
+    }
+}
+
+fn has_node_selector_peer(p: &FirewallPolicy) -> bool {
+    [&p.spec.ingress, &p.spec.egress]
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|r| r.peers.iter().any(|peer| peer.node_selector.is_some()))
+}
+
+/// What the agent compiled from the cluster's state.
+struct Desired {
+    ruleset: NodeRuleset,
+    applied: Vec<AppliedPolicy>,
+    problems: Vec<String>,
+    /// The policy versions used, by name (the next sync's last good).
+    good: BTreeMap<String, Arc<FirewallPolicy>>,
+}
+
+/// Compiles the desired ruleset from the policies and Nodes (pure).
+///
+/// A policy that no longer validates keeps its last valid version (same
+/// uid) rather than losing its rules — dropping them could open a
+/// direction no other policy speaks for — and is reported at that older
+/// generation, so the controller sees the node as not synced.
+fn desired(
+    node_name: &str,
+    policies: &[Arc<FirewallPolicy>],
+    nodes: Vec<NodeFacts>,
+    failsafe: &Failsafe,
+    last_good: &BTreeMap<String, Arc<FirewallPolicy>>,
+) -> Result<Desired, AgentError> {
+    let mut facts = Facts {
+        nodes,
+        failsafe: failsafe.clone(),
+        ..Default::default()
+    };
+    let mut valid = Vec::new();
+    let mut problems = Vec::new();
+    let mut meta = BTreeMap::new();
+    let mut good = BTreeMap::new();
+    for p in policies {
+        if p.metadata.deletion_timestamp.is_some() {
+            continue;
+        }
+        let name = p.name_any();
+        let used = match validate(p) {
+            Ok(v) => {
+                valid.push(v);
+                p.clone()
+            }
+            Err(e) => {
+                let kept = last_good
+                    .get(&name)
+                    .filter(|old| old.uid() == p.uid())
+                    .and_then(|old| validate(old).ok().map(|v| (old.clone(), v)));
+                let Some((old, v)) = kept else {
+                    problems.push(format!("policy {name} skipped: {e}"));
+                    continue;
+                };
+                problems.push(format!(
+                    "policy {name} generation {} is invalid, keeping generation {}: {e}",
+                    p.metadata.generation.unwrap_or_default(),
+                    old.metadata.generation.unwrap_or_default()
+                ));
+                valid.push(v);
+                old
+            }
+        };
+        if let Some(status) = &p.status
+            && let Err(e) = facts.add_resolved_peers(&status.resolved_peers)
+        {
+            problems.push(format!("policy {name}: {e}"));
+        }
+        meta.insert(
+            name.clone(),
+            (used.uid(), used.metadata.generation.unwrap_or_default()),
+        );
+        good.insert(name, used);
+    }
+    let ruleset = compile_node(node_name, &valid, &facts)?;
+    let applied = ruleset
+        .policies
+        .iter()
+        .map(|d| {
+            let (uid, generation) = meta.get(&d.name).cloned().unwrap_or_default();
+            AppliedPolicy {
+                name: d.name.clone(),
+                uid,
+                generation,
+                hash: d.hash.clone(),
+            }
+        })
+        .collect();
+    Ok(Desired {
+        ruleset,
+        applied,
+        problems,
+        good,
+    })
+}
+
+/// The running agent's state between syncs.
+struct Agent {
+    client: Client,
+    config: AgentConfig,
+    dataplane: Dataplane,
+    metrics: Arc<Metrics>,
+    policies: Store<FirewallPolicy>,
+    nodes: Store<Node>,
+    /// Hash of the ruleset last applied successfully.
+    last_hash: Option<String>,
+    drift_repairs: i64,
+    /// Last status written, without the sync time.
+    last_status: Option<FirewallNodeStatus>,
+    /// The policy versions last applied, by name.
+    last_good: BTreeMap<String, Arc<FirewallPolicy>>,
+    /// Other nodes, listed for `nodeSelector` peers, and when.
+    other_nodes: Option<(Instant, Vec<NodeFacts>)>,
+    /// The uid of this node's Node: the FirewallNode's owner, so it is
+    /// garbage-collected with the Node.
+    node_uid: Option<String>,
+}
+
+impl Agent {
+    async fn sync(&mut self) -> Result<(FirewallNodeStatus, Vec<String>), AgentError> {
+        let me = self
+            .nodes
+            .get(&ObjectRef::new(&self.config.node_name))
+            .ok_or_else(|| AgentError::NodeMissing(self.config.node_name.clone()))?;
+        let policies = self.policies.state();
+        self.node_uid = me.uid();
+        let me = node_facts(&me);
+        // Other nodes' addresses only matter to a selected policy with a
+        // nodeSelector peer; they are listed at most once per resync period.
+        let needs_nodes = policies.iter().any(|p| {
+            p.metadata.deletion_timestamp.is_none()
+                && has_node_selector_peer(p)
+                && validate(p).is_ok_and(|v| v.selects(&me))
+        });
+        let mut nodes = vec![me];
+        if needs_nodes {
+            let fresh = self
+                .other_nodes
+                .as_ref()
+                .is_some_and(|(at, _)| at.elapsed() < self.config.resync);
+            if !fresh {
+                let all = Api::<Node>::all(self.client.clone())
+                    .list(&ListParams::default())
+                    .await
+                    .map_err(kube_err("listing Nodes for nodeSelector peers"))?;
+                let others = all
+                    .items
+                    .iter()
+                    .filter(|n| n.name_any() != self.config.node_name)
+                    .map(node_facts)
+                    .collect();
+                self.other_nodes = Some((Instant::now(), others));
+            }
+            if let Some((_, others)) = &self.other_nodes {
+                nodes.extend(others.iter().cloned());
+            }
+        } else {
+            self.other_nodes = None;
+        }
+        let want = desired(
+            &self.config.node_name,
+            &policies,
+            nodes,
+            &self.config.failsafe,
+            &self.last_good,
+        )?;
+        let hash = want.ruleset.hash();
+        let dataplane = self.dataplane.clone();
+        let ruleset = want.ruleset.clone();
+        let report = tokio::task::spawn_blocking(move || {
+            let report = dataplane.sync(&ruleset)?;
+            let after = plan(&dataplane.read()?, &ruleset);
+            Ok::<_, DataplaneError>((report, after))
+        })
+        .await
+        .map_err(|e| AgentError::Task(e.to_string()))?
+        .inspect_err(|e| {
+            if e.is_restore_failure() {
+                self.metrics.restore_failures.inc();
+            }
+        })?;
+        let (report, after) = report;
+        if !after.is_empty() {
+            return Err(AgentError::NotConverged(format!("{:?}", after.diff)));
+        }
+        if report.wrote() {
+            if self.last_hash.as_deref() == Some(hash.as_str()) {
+                self.drift_repairs += 1;
+                self.metrics.drift_repairs.inc();
+                warn!(
+                    chains = report.chains_written,
+                    "repaired out-of-band changes to the node's rules"
+                );
+            } else {
+                info!(
+                    chains = report.chains_written,
+                    sets_created = report.plan.diff.create_sets.len(),
+                    sets_swapped = report.plan.diff.swap_sets.len(),
+                    sets_destroyed = report.plan.diff.destroy_sets.len(),
+                    hash,
+                    "applied node ruleset"
+                );
+            }
+        }
+        self.last_hash = Some(hash);
+        self.last_good = want.good;
+        self.metrics.rules.set(want.ruleset.rule_count() as i64);
+        self.metrics
+            .set_entries
+            .set(want.ruleset.set_entries() as i64);
+        let status = FirewallNodeStatus {
+            backend: Some(self.dataplane.backend().to_string()),
+            policy_count: want.applied.len() as i32,
+            policies: want.applied,
+            rule_count: want.ruleset.rule_count() as i32,
+            set_count: want.ruleset.sets.len() as i32,
+            set_entries: want.ruleset.set_entries() as i64,
+            drift_repairs: self.drift_repairs,
+            last_sync: None,
+            conditions: Vec::new(),
+        };
+        Ok((status, want.problems))
+    }
+
+    fn condition(&mut self, ok: bool, message: &str) -> Condition {
+        let status = if ok { "True" } else { "False" };
+        let previous = self
+            .last_status
+            .as_ref()
+            .and_then(|s| s.conditions.first())
+            .filter(|c| c.status == status)
+            .map(|c| c.last_transition_time.clone());
+        let now = Time(k8s_openapi::jiff::Timestamp::now());
+        let since = previous.unwrap_or_else(|| now.clone());
+        Condition {
+            type_: crate::api::conditions::READY.into(),
+            status: status.into(),
+            reason: if ok {
+                crate::api::conditions::reason::SYNCED.into()
+            } else {
+                crate::api::conditions::reason::RETRYING.into()
+            },
+            message: message.into(),
+            last_transition_time: since,
+            observed_generation: None,
+        }
+    }
+
+    /// Writes the FirewallNode status when it changed (ignoring the time).
+    async fn report(&mut self, mut status: FirewallNodeStatus, error: Option<String>) {
+        let ok = error.is_none();
+        let message = error
+            .clone()
+            .unwrap_or_else(|| "node ruleset applied".into());
+        status.conditions = vec![self.condition(ok, &message)];
+        if let Some(last) = &self.last_status
+            && *last == status
+        {
+            return;
+        }
+        let mut written = status.clone();
+        written.last_sync = Some(SyncResult {
+            time: Time(k8s_openapi::jiff::Timestamp::now()),
+            result: if ok { "Success" } else { "Failed" }.into(),
+            message: error,
+        });
+        match self.write_status(&written).await {
+            Ok(()) => self.last_status = Some(status),
+            Err(e) => warn!(error = %e, "writing FirewallNode status"),
+        }
+    }
+
+    async fn write_status(&self, status: &FirewallNodeStatus) -> Result<(), AgentError> {
+        let api: Api<FirewallNode> = Api::all(self.client.clone());
+        let name = &self.config.node_name;
+        let pp = PatchParams::apply(FIELD_MANAGER).force();
+        let mut metadata = json!({"name": name});
+        if let Some(uid) = &self.node_uid {
+            metadata["ownerReferences"] = json!([{
+                "apiVersion": "v1",
+                "kind": "Node",
+                "name": name,
+                "uid": uid,
+            }]);
+        }
+        api.patch(
+            name,
+            &pp,
+            &Patch::Apply(json!({
+                "apiVersion": "palisade.dev/v1alpha1",
+                "kind": "FirewallNode",
+                "metadata": metadata,
+                "spec": {"nodeName": name},
+            })),
+        )
+        .await
+        .map_err(kube_err(format!("creating FirewallNode {name}")))?;
+        api.patch_status(
+            name,
+            &pp,
+            &Patch::Apply(json!({
+                "apiVersion": "palisade.dev/v1alpha1",
+                "kind": "FirewallNode",
+                "status": status,
+            })),
+        )
+        .await
+        .map_err(kube_err(format!("writing FirewallNode {name} status")))?;
+        Ok(())
+    }
+}
+
+/// Follows `nft monitor` and wakes the sync loop on any line about a
+/// Palisade chain or the INPUT/OUTPUT chains. Restarts it if it exits.
+async fn follow_nft_monitor(trigger: Arc<Notify>) {
+    loop {
+        let child = tokio::process::Command::new("nft")
+            .arg("monitor")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn();
+        match child {
+            Ok(mut child) => {
+                if let Some(out) = child.stdout.take() {
+                    let mut lines = tokio::io::BufReader::new(out).lines();
+                    while let Ok(Some(line)) = lines.next_line().await {
+                        if line.contains("PALISADE")
+                            || line.contains("PAL-")
+                            || line.contains(" INPUT")
+                            || line.contains(" OUTPUT")
+                        {
+                            trigger.notify_one();
+                        }
+                    }
+                }
+                let _ = child.kill().await;
+                warn!("nft monitor ended; restarting");
+            }
+            Err(e) => warn!(error = %e, "starting nft monitor"),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Palisade rules in the backend not chosen would be a firewall nobody
+/// sees in the chosen backend's `iptables-save`: say so loudly (they are
+/// never written to, so the agent does not mix backends).
+async fn warn_about_other_backend(chosen: Backend) {
+    let other = match chosen {
+        Backend::Nft => Backend::Legacy,
+        Backend::Legacy => Backend::Nft,
+    };
+    let found = tokio::task::spawn_blocking(move || {
+        Dataplane::new(other, None)
+            .read()
+            .map(|r| !r.state.ipv4.chains.is_empty() || !r.state.ipv6.chains.is_empty())
+            .unwrap_or(false)
+    })
+    .await
+    .unwrap_or(false);
+    if found {
+        warn!(
+            %chosen,
+            %other,
+            "Palisade chains exist in the other iptables backend; they are not managed: remove them with `palisade-agent --backend {other} cleanup`"
+        );
+    }
+}
+
+/// Runs the agent until a watch fails for good.
+pub async fn run(client: Client, config: AgentConfig) -> Result<(), AgentError> {
+    let backend = match config.backend {
+        Some(b) => b,
+        None => tokio::task::spawn_blocking(backend::detect)
+            .await
+            .map_err(|e| AgentError::Task(e.to_string()))??,
+    };
+    info!(node = %config.node_name, %backend, "iptables backend");
+    warn_about_other_backend(backend).await;
+    let metrics = Arc::new(Metrics::default());
+    if let Some(addr) = config.metrics_addr {
+        let m = metrics.clone();
+        tokio::spawn(async move {
+            if let Err(e) = metrics::serve(addr, m).await {
+                warn!(error = %e, %addr, "metrics server stopped");
+            }
+        });
+    }
+    let trigger = Arc::new(Notify::new());
+
+    let (policies, policy_writer) = reflector::store();
+    let policy_watch = reflector::reflector(
+        policy_writer,
+        watcher(
+            Api::<FirewallPolicy>::all(client.clone()),
+            watcher::Config::default(),
+        ),
+    )
+    .default_backoff();
+    let (nodes, node_writer) = reflector::store();
+    let node_watch = reflector::reflector(
+        node_writer,
+        watcher(
+            Api::<Node>::all(client.clone()),
+            watcher::Config::default().fields(&format!("metadata.name={}", config.node_name)),
+        ),
+    )
+    .default_backoff();
+    let watches = {
+        let trigger = trigger.clone();
+        async move {
+            let mut policy_watch = std::pin::pin!(policy_watch);
+            let mut node_watch = std::pin::pin!(node_watch);
+            loop {
+                let (what, event) = tokio::select! {
+                    e = policy_watch.next() => ("FirewallPolicies", e.map(|r| r.map(|_| ()))),
+                    e = node_watch.next() => ("Node", e.map(|r| r.map(|_| ()))),
+                };
+                match event {
+                    Some(Ok(_)) => trigger.notify_one(),
+                    Some(Err(e)) => warn!(error = %e, what, "watch error; retrying"),
+                    None => return AgentError::WatchEnded(what),
+                }
+            }
+        }
+    };
+    if backend == Backend::Nft && config.nft_monitor {
+        tokio::spawn(follow_nft_monitor(trigger.clone()));
+    }
+
+    let mut agent = Agent {
+        client,
+        dataplane: Dataplane::new(backend, None),
+        metrics: metrics.clone(),
+        policies,
+        nodes,
+        last_hash: None,
+        drift_repairs: 0,
+        last_status: None,
+        other_nodes: None,
+        last_good: BTreeMap::new(),
+        node_uid: None,
+        config,
+    };
+    let sync_loop = async move {
+        // No half view: wait for the initial list of both watches.
+        let (a, b) = tokio::join!(
+            agent.policies.wait_until_ready(),
+            agent.nodes.wait_until_ready()
+        );
+        if a.is_err() || b.is_err() {
+            return AgentError::WatchEnded("initial list");
+        }
+        info!(
+            policies = agent.policies.state().len(),
+            "initial lists received; syncing"
+        );
+        let mut failures: u32 = 0;
+        loop {
+            let started = Instant::now();
+            let result = agent.sync().await;
+            agent
+                .metrics
+                .sync_duration
+                .observe(started.elapsed().as_secs_f64());
+            let wait = match result {
+                Ok((status, problems)) => {
+                    failures = 0;
+                    for p in &problems {
+                        warn!(problem = %p, "policy problem");
+                    }
+                    agent
+                        .metrics
+                        .ready
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                    agent.report(status, None).await;
+                    agent.config.resync
+                }
+                Err(e) => {
+                    failures = failures.saturating_add(1);
+                    agent.metrics.sync_failures.inc();
+                    warn!(error = %e, failures, "sync failed; previous ruleset stays in force");
+                    let status = agent.last_status.clone().unwrap_or_default();
+                    agent.report(status, Some(e.to_string())).await;
+                    let backoff = Duration::from_millis(200)
+                        .saturating_mul(1 << failures.min(8))
+                        .min(Duration::from_secs(30));
+                    backoff.min(agent.config.resync)
+                }
+            };
+            tokio::select! {
+                _ = trigger.notified() => {
+                    // Let a burst of events settle into one sync.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    };
+    tokio::select! {
+        e = watches => Err(e),
+        e = sync_loop => Err(e),
+    }
+}
+
+/// Removes everything Palisade wrote on this node (the `cleanup`
+/// subcommand) and nothing else.
+pub fn cleanup(backend: Option<Backend>) -> Result<usize, AgentError> {
+    let backend = match backend {
+        Some(b) => b,
+        None => backend::detect()?,
+    };
+    let report = Dataplane::new(backend, None).cleanup()?;
+    Ok(report.plan.diff.ipv4.delete_chains.len() + report.plan.diff.ipv6.delete_chains.len())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_facts_take_internal_ips() {
+        let node: Node = serde_json::from_value(json!({
+            "metadata": {"name": "n1", "labels": {"role": "web"}},
+            "spec": {"providerID": "aws:///eu-west-1a/i-0123456789abcdef0"},
+            "status": {"addresses": [
+                {"type": "InternalIP", "address": "10.0.0.5"},
+                {"type": "InternalIP", "address": "2001:db8::5"},
+                {"type": "Hostname", "address": "n1"},
+                {"type": "ExternalIP", "address": "198.51.100.1"}
+            ]}
+        }))
+        .unwrap();
+        let f = node_facts(&node);
+        assert_eq!(f.addresses.len(), 2);
+        assert_eq!(f.labels["role"], "web");
+        assert_eq!(f.instance_id(), Some("i-0123456789abcdef0"));
+    }
+
+    #[test]
+    fn deleted_and_invalid_policies_are_left_out() {
+        let node = NodeFacts {
+            name: "n1".into(),
+            ..Default::default()
+        };
+        let good: FirewallPolicy = serde_yaml::from_str(
+            "apiVersion: palisade.dev/v1alpha1\nkind: FirewallPolicy\nmetadata: {name: good, generation: 3, uid: u1}\nspec:\n  ingress:\n    - {name: web, protocol: TCP, ports: [{port: 80}], peers: [{cidr: 0.0.0.0/0}]}\n",
+        )
+        .unwrap();
+        let mut gone = good.clone();
+        gone.metadata.name = Some("gone".into());
+        gone.metadata.deletion_timestamp = Some(Time(k8s_openapi::jiff::Timestamp::now()));
+        let mut bad = good.clone();
+        bad.metadata.name = Some("bad".into());
+        if let Some(rules) = bad.spec.ingress.as_mut() {
+            rules[0].peers[0].cidr = Some("10.0.0.1/8".into());
+        }
+        let d = desired(
+            "n1",
+            &[
+                Arc::new(good.clone()),
+                Arc::new(gone),
+                Arc::new(bad.clone()),
+            ],
+            vec![node.clone()],
+            &Failsafe::default(),
+            &BTreeMap::new(),
+        )
+        .unwrap();
+        assert_eq!(d.applied.len(), 1);
+        assert_eq!(d.applied[0].name, "good");
+        assert_eq!(d.applied[0].generation, 3);
+        assert_eq!(d.applied[0].uid.as_deref(), Some("u1"));
+        assert_eq!(d.problems.len(), 1, "{:?}", d.problems);
+
+        // An edit that no longer validates keeps the last valid version.
+        let mut edited = good.clone();
+        edited.metadata.generation = Some(4);
+        edited.spec = bad.spec.clone();
+        let last_good: BTreeMap<String, Arc<FirewallPolicy>> =
+            [("good".to_string(), Arc::new(good))].into_iter().collect();
+        let d = desired(
+            "n1",
+            &[Arc::new(edited)],
+            vec![node],
+            &Failsafe::default(),
+            &last_good,
+        )
+        .unwrap();
+        assert_eq!(d.applied.len(), 1);
+        assert_eq!(
+            d.applied[0].generation, 3,
+            "reported at the kept generation"
+        );
+        assert!(
+            d.problems[0].contains("keeping generation 3"),
+            "{:?}",
+            d.problems
+        );
+    }
+}

@@ -1,0 +1,116 @@
+//! `palisade render`: what a set of policies does to one node, offline —
+//! the Security Group permissions of every policy selecting it and the
+//! exact `ipset restore` / `iptables-restore` / `ip6tables-restore` input
+//! the agent would write on an empty node. What a reviewer reads in a
+//! GitOps pull request before anything is applied.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1::Node;
+
+use super::{Error, read_documents};
+use crate::agent::node_facts;
+use crate::api::FirewallPolicy;
+use crate::node::render::render_ruleset;
+use crate::policy::{Direction, Facts, compile_node, plan_cloud, validate};
+
+/// Renders `policy_files` for the first Node of `node_file` (further Nodes
+/// in that file are the other nodes `nodeSelector` peers may match).
+/// `admin_cidrs` are the failsafe SSH sources the agent is given.
+pub fn render_files(
+    node_file: &Path,
+    policy_files: &[PathBuf],
+    admin_cidrs: &[IpNet],
+    out: &mut impl Write,
+) -> Result<(), Error> {
+    let mut nodes = Vec::new();
+    for doc in read_documents(node_file)? {
+        let node: Node = serde_json::from_value(doc.value)
+            .map_err(|e| Error::Render(format!("{}: not a Node: {e}", doc.origin)))?;
+        nodes.push(node_facts(&node));
+    }
+    let Some(target) = nodes.first().map(|n| n.name.clone()) else {
+        return Err(Error::Render(format!(
+            "{}: no Node manifest",
+            node_file.display()
+        )));
+    };
+    let mut valid = Vec::new();
+    for file in policy_files {
+        for doc in read_documents(file)? {
+            let policy: FirewallPolicy = serde_json::from_value(doc.value)
+                .map_err(|e| Error::Render(format!("{}: not a FirewallPolicy: {e}", doc.origin)))?;
+            valid.push(
+                validate(&policy).map_err(|e| Error::Render(format!("{}: {e}", doc.origin)))?,
+            );
+        }
+    }
+    let mut facts = Facts {
+        nodes,
+        ..Default::default()
+    };
+    facts
+        .failsafe
+        .admin_cidrs
+        .extend(admin_cidrs.iter().copied());
+    let ruleset =
+        compile_node(&target, &valid, &facts).map_err(|e| Error::Render(e.to_string()))?;
+    if let Some(me) = facts.node(&target) {
+        let labels: Vec<String> = me.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let addrs: Vec<String> = me.addresses.iter().map(ToString::to_string).collect();
+        writeln!(out, "# Node {target}")?;
+        writeln!(out, "#   labels: {}", labels.join(", "))?;
+        writeln!(out, "#   addresses: {}", addrs.join(", "))?;
+    }
+    let selected: Vec<String> = ruleset
+        .policies
+        .iter()
+        .map(|p| format!("{} ({:?}, hash {})", p.name, p.mode, p.hash))
+        .collect();
+    writeln!(
+        out,
+        "#   selected by: {}",
+        if selected.is_empty() {
+            "no policy".to_string()
+        } else {
+            selected.join(", ")
+        }
+    )?;
+    writeln!(out, "\n## Cloud layer: Security Group permissions")?;
+    for p in valid
+        .iter()
+        .filter(|p| ruleset.policies.iter().any(|d| d.name == p.name()))
+    {
+        let plan = plan_cloud(p, &facts).map_err(|e| Error::Render(e.to_string()))?;
+        writeln!(out, "# policy {}", plan.policy)?;
+        for direction in [Direction::Ingress, Direction::Egress] {
+            match plan.permissions(direction) {
+                None => writeln!(out, "{direction}: not managed (left as it is)")?,
+                Some(perms) => {
+                    writeln!(out, "{direction}:")?;
+                    for perm in perms {
+                        writeln!(out, "  {}  \"{}\"", perm.permission, perm.description)?;
+                    }
+                }
+            }
+        }
+        for w in &plan.warnings {
+            writeln!(out, "# warning: {w}")?;
+        }
+    }
+    writeln!(
+        out,
+        "\n## Node layer: {} rules, {} sets ({} entries), ruleset hash {}",
+        ruleset.rule_count(),
+        ruleset.sets.len(),
+        ruleset.set_entries(),
+        ruleset.hash()
+    )?;
+    write!(out, "{}", render_ruleset(&ruleset))?;
+    for w in &ruleset.warnings {
+        writeln!(out, "# warning: {w}")?;
+    }
+    Ok(())
+}

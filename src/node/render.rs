@@ -1,0 +1,357 @@
+//! Rendering, pure: a [`NodeRuleset`] or a [`NodeDiff`] → the exact text fed
+//! to `iptables-restore --noflush` / `ip6tables-restore --noflush` (filter
+//! table) and to `ipset restore`.
+//!
+//! Contract of a table script (one transaction per family):
+//! - every chain written or deleted is declared `:NAME - [0:0]`, which in
+//!   `--noflush` mode creates it if missing and flushes it otherwise;
+//! - hooks to remove are deleted by their full rule text (`-D INPUT <spec>`),
+//!   never by number, before the chains they jump to go away;
+//! - written chains are filled with `-A`;
+//! - hooks to add are inserted at position 1 (`-I INPUT 1 <spec>`);
+//! - deleted chains are removed with `-X` last, once flushed and no longer
+//!   referenced.
+//!
+//! Contract of a set script: a new set is created directly (`-exist`) and
+//! filled; a set whose content changes is built under a temporary name
+//! ([`temporary_set_name`]), swapped in and the temporary destroyed, so the
+//! live set is never empty. Destroying sets is a separate script run after
+//! the tables no longer reference them.
+
+use std::fmt::Write as _;
+
+use crate::policy::node::{
+    AddrSide, Address, Hook, IpSet, L4Protocol, NodeAction, NodeChain, NodeRule, NodeRuleset,
+};
+use crate::policy::{FamilyRuleset, IpFamily, NodeDiff, TableDiff};
+
+/// Suffix of the temporary set a new content is built in before the swap.
+pub const TEMPORARY_SET_SUFFIX: &str = "-new";
+
+/// The largest number of entries a Palisade set accepts.
+pub const SET_MAXELEM: usize = 1 << 20;
+
+/// The temporary name a set's new content is built under (still a
+/// `PAL-` name, so a leftover from a crash is cleaned up as stale).
+pub fn temporary_set_name(set: &str) -> String {
+    format!("{set}{TEMPORARY_SET_SUFFIX}")
+}
+
+/// Quotes a word for iptables-restore when it needs it (spaces, quotes).
+fn quote(word: &str) -> String {
+    if !word.is_empty()
+        && word
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./:,=@+".contains(&b))
+    {
+        return word.to_string();
+    }
+    let mut out = String::with_capacity(word.len() + 2);
+    out.push('"');
+    for c in word.chars() {
+        if c == '"' || c == '\\' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('"');
+    out
+}
+
+/// The rule specification (everything after `-A <chain> `) of a rule.
+/// Order: interface, conntrack, protocol and port or ICMP type, peer,
+/// comment, then the limit match and the target.
+pub fn rule_spec(rule: &NodeRule, family: IpFamily) -> String {
+    let m = &rule.matches;
+    let mut parts: Vec<String> = Vec::new();
+    match &m.interface {
+        Some(crate::policy::InterfaceMatch::In(i)) => parts.push(format!("-i {}", quote(i))),
+        Some(crate::policy::InterfaceMatch::Out(i)) => parts.push(format!("-o {}", quote(i))),
+        None => {}
+    }
+    if !m.ct_states.is_empty() {
+        let states: Vec<&str> = m.ct_states.iter().map(|s| s.name()).collect();
+        parts.push(format!("-m conntrack --ctstate {}", states.join(",")));
+    }
+    if let Some(p) = m.protocol {
+        parts.push(format!("-p {}", p.name()));
+        match p {
+            L4Protocol::Tcp | L4Protocol::Udp => {
+                if let Some(d) = m.dports {
+                    let ports = if d.first == d.last {
+                        d.first.to_string()
+                    } else {
+                        format!("{}:{}", d.first, d.last)
+                    };
+                    parts.push(format!("-m {} --dport {ports}", p.name()));
+                }
+            }
+            L4Protocol::Icmp | L4Protocol::Icmpv6 => {
+                if let Some(i) = m.icmp {
+                    let t = match i.code {
+                        Some(c) => format!("{}/{c}", i.icmp_type),
+                        None => i.icmp_type.to_string(),
+                    };
+                    if family == IpFamily::V6 || p == L4Protocol::Icmpv6 {
+                        parts.push(format!("-m icmp6 --icmpv6-type {t}"));
+                    } else {
+                        parts.push(format!("-m icmp --icmp-type {t}"));
+                    }
+                }
+            }
+        }
+    }
+    if let Some(peer) = &m.peer {
+        match (&peer.address, peer.side) {
+            (Address::Cidr(net), AddrSide::Source) => parts.push(format!("-s {net}")),
+            (Address::Cidr(net), AddrSide::Destination) => parts.push(format!("-d {net}")),
+            (Address::Set(name), AddrSide::Source) => {
+                parts.push(format!("-m set --match-set {} src", quote(name)))
+            }
+            (Address::Set(name), AddrSide::Destination) => {
+                parts.push(format!("-m set --match-set {} dst", quote(name)))
+            }
+        }
+    }
+    parts.push(format!("-m comment --comment {}", quote(&rule.comment())));
+    match &rule.action {
+        NodeAction::Accept => parts.push("-j ACCEPT".into()),
+        NodeAction::Drop => parts.push("-j DROP".into()),
+        NodeAction::Jump { chain } => parts.push(format!("-j {}", quote(chain))),
+        NodeAction::Log { prefix, limit } => parts.push(format!(
+            "-m limit --limit {}/{} --limit-burst {} -j LOG --log-prefix {}",
+            limit.count,
+            limit.per.name(),
+            limit.burst,
+            quote(prefix)
+        )),
+        NodeAction::AcceptUnderLimit { limit } => parts.push(format!(
+            "-m hashlimit --hashlimit-upto {}/{} --hashlimit-burst {} --hashlimit-mode {} --hashlimit-name {} -j ACCEPT",
+            limit.count,
+            limit.per.name(),
+            limit.burst,
+            match limit.per_address {
+                AddrSide::Source => "srcip",
+                AddrSide::Destination => "dstip",
+            },
+            quote(&limit.name)
+        )),
+    }
+    parts.join(" ")
+}
+
+/// The rule specification of a hook (`<builtin> -m comment ... -j <target>`
+/// without the `-A`/`-I`/`-D` verb).
+pub fn hook_spec(hook: &Hook) -> String {
+    format!(
+        "{} -m comment --comment {} -j {}",
+        hook.builtin.name(),
+        quote(&hook.comment()),
+        hook.target
+    )
+}
+
+/// Deletes of rules given by their full text (`INPUT -m comment ...`), used
+/// for stray copies of hooks found on read-back.
+fn push_chain(out: &mut String, chain: &NodeChain, family: IpFamily) {
+    for r in &chain.rules {
+        let _ = writeln!(out, "-A {} {}", chain.name, rule_spec(r, family));
+    }
+}
+
+/// The `iptables-restore --noflush` input for one family's [`TableDiff`],
+/// or `None` when there is nothing to write. `extra_deletes` are full rule
+/// specifications (`INPUT -m comment ... -j X`) to delete before anything
+/// else, e.g. hook copies found away from position 1.
+pub fn render_table(
+    diff: &TableDiff,
+    family: IpFamily,
+    extra_deletes: &[String],
+) -> Option<String> {
+    if diff.is_empty() && extra_deletes.is_empty() {
+        return None;
+    }
+    let mut out = String::from("*filter\n");
+    for c in &diff.write_chains {
+        let _ = writeln!(out, ":{} - [0:0]", c.name);
+    }
+    for name in &diff.delete_chains {
+        let _ = writeln!(out, ":{name} - [0:0]");
+    }
+    for spec in extra_deletes {
+        let _ = writeln!(out, "-D {spec}");
+    }
+    for h in &diff.remove_hooks {
+        let _ = writeln!(out, "-D {}", hook_spec(h));
+    }
+    for c in &diff.write_chains {
+        push_chain(&mut out, c, family);
+    }
+    for h in &diff.add_hooks {
+        let spec = hook_spec(h);
+        let (builtin, rest) = spec.split_once(' ').unwrap_or((spec.as_str(), ""));
+        let _ = writeln!(out, "-I {builtin} 1 {rest}");
+    }
+    for name in &diff.delete_chains {
+        let _ = writeln!(out, "-X {name}");
+    }
+    out.push_str("COMMIT\n");
+    Some(out)
+}
+
+/// The restore input that programs a whole family from empty: what
+/// `palisade render` prints and what a reviewer reads.
+pub fn render_family(ruleset: &FamilyRuleset) -> Option<String> {
+    let diff = TableDiff {
+        write_chains: ruleset.chains.clone(),
+        add_hooks: ruleset.hooks.clone(),
+        ..Default::default()
+    };
+    render_table(&diff, ruleset.family, &[])
+}
+
+fn inet(family: IpFamily) -> &'static str {
+    match family {
+        IpFamily::V4 => "inet",
+        IpFamily::V6 => "inet6",
+    }
+}
+
+fn create_line(out: &mut String, name: &str, set: &IpSet, exist: bool) {
+    let hashsize = set.entries.len().max(1024).next_power_of_two();
+    let _ = writeln!(
+        out,
+        "create {name} hash:net family {} hashsize {hashsize} maxelem {SET_MAXELEM}{}",
+        inet(set.family),
+        if exist { " -exist" } else { "" }
+    );
+}
+
+fn add_lines(out: &mut String, name: &str, set: &IpSet) {
+    for e in &set.entries {
+        let _ = writeln!(out, "add {name} {e}");
+    }
+}
+
+/// The `ipset restore` input creating `create` and swapping in the new
+/// content of `swap`, or `None` when both are empty. A swapped set's
+/// temporary must not exist beforehand (the dataplane destroys leftovers).
+pub fn render_sets(create: &[IpSet], swap: &[IpSet]) -> Option<String> {
+    if create.is_empty() && swap.is_empty() {
+        return None;
+    }
+    let mut out = String::new();
+    for s in create {
+        create_line(&mut out, &s.name, s, true);
+        add_lines(&mut out, &s.name, s);
+    }
+    for s in swap {
+        let tmp = temporary_set_name(&s.name);
+        create_line(&mut out, &tmp, s, false);
+        add_lines(&mut out, &tmp, s);
+        let _ = writeln!(out, "swap {tmp} {}", s.name);
+        let _ = writeln!(out, "destroy {tmp}");
+    }
+    Some(out)
+}
+
+/// The `ipset restore` input destroying `names`, or `None` when empty.
+pub fn render_destroy_sets(names: &[String]) -> Option<String> {
+    if names.is_empty() {
+        return None;
+    }
+    let mut out = String::new();
+    for n in names {
+        let _ = writeln!(out, "destroy {n}");
+    }
+    Some(out)
+}
+
+/// Everything one sync writes, in the apply order of
+/// [`crate::policy::NodeDiff`]: sets, then each family's table, then the
+/// sets to destroy. `None` parts are not run at all.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ApplyScripts {
+    /// `ipset restore` input: creates and swaps.
+    pub sets: Option<String>,
+    /// `iptables-restore --noflush` input.
+    pub ipv4: Option<String>,
+    /// `ip6tables-restore --noflush` input.
+    pub ipv6: Option<String>,
+    /// `ipset restore` input: destroys.
+    pub destroy_sets: Option<String>,
+}
+
+impl ApplyScripts {
+    /// True when nothing would be written.
+    pub fn is_empty(&self) -> bool {
+        self.sets.is_none()
+            && self.ipv4.is_none()
+            && self.ipv6.is_none()
+            && self.destroy_sets.is_none()
+    }
+}
+
+impl std::fmt::Display for ApplyScripts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (title, part) in [
+            ("ipset restore", &self.sets),
+            ("iptables-restore --noflush", &self.ipv4),
+            ("ip6tables-restore --noflush", &self.ipv6),
+            ("ipset restore (destroy)", &self.destroy_sets),
+        ] {
+            if let Some(text) = part {
+                writeln!(f, "# {title}")?;
+                f.write_str(text)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Renders a diff (see [`ApplyScripts`]). `extra_deletes` per family as in
+/// [`render_table`].
+pub fn render_diff(
+    diff: &NodeDiff,
+    extra_deletes_v4: &[String],
+    extra_deletes_v6: &[String],
+) -> ApplyScripts {
+    ApplyScripts {
+        sets: render_sets(&diff.create_sets, &diff.swap_sets),
+        ipv4: render_table(&diff.ipv4, IpFamily::V4, extra_deletes_v4),
+        ipv6: render_table(&diff.ipv6, IpFamily::V6, extra_deletes_v6),
+        destroy_sets: render_destroy_sets(&diff.destroy_sets),
+    }
+}
+
+/// Renders a whole ruleset as programmed on an empty node.
+pub fn render_ruleset(ruleset: &NodeRuleset) -> ApplyScripts {
+    ApplyScripts {
+        sets: render_sets(&ruleset.sets, &[]),
+        ipv4: render_family(&ruleset.ipv4),
+        ipv6: render_family(&ruleset.ipv6),
+        destroy_sets: None,
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting() {
+        assert_eq!(quote("PAL-I-abc"), "PAL-I-abc");
+        assert_eq!(
+            quote("palisade:00 web/ingress/x"),
+            "\"palisade:00 web/ingress/x\""
+        );
+        assert_eq!(quote("a\"b\\c"), "\"a\\\"b\\\\c\"");
+        assert_eq!(quote(""), "\"\"");
+    }
+
+    #[test]
+    fn empty_diff_writes_nothing() {
+        assert!(render_diff(&NodeDiff::default(), &[], &[]).is_empty());
+    }
+}
