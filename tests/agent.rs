@@ -28,7 +28,7 @@ fn start_agent_with(env: &TestEnv, node: &SimNode, extra: &[&str]) -> Child {
         .env("KUBECONFIG", env.kubeconfig_path())
         .env("NODE_NAME", node.name())
         .env("RUST_LOG", "info")
-        .args(["--metrics-addr", "127.0.0.1:9901", "--backend", "nft"])
+        .args(["--metrics-address", "127.0.0.1:9901", "--backend", "nft"])
         .args(extra)
         .stdout(std::process::Stdio::null())
         .spawn()

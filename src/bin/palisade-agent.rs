@@ -67,8 +67,8 @@ struct RunArgs {
     #[arg(long, env = "PALISADE_FAILSAFE_FILE")]
     failsafe_file: Option<PathBuf>,
     /// Address of /metrics and /healthz; "off" to disable.
-    #[arg(long, env = "PALISADE_METRICS_ADDR", default_value = "0.0.0.0:9901")]
-    metrics_addr: String,
+    #[arg(long, env = "PALISADE_METRICS_ADDRESS", default_value = "0.0.0.0:9901")]
+    metrics_address: String,
     /// Use this iptables backend instead of detecting it.
     #[arg(long, env = "PALISADE_BACKEND")]
     backend: Option<BackendArg>,
@@ -96,11 +96,11 @@ async fn run(args: RunArgs) -> Result<(), String> {
         .node_name
         .clone()
         .ok_or("NODE_NAME (or --node-name) is required")?;
-    let metrics_addr = match args.metrics_addr.as_str() {
+    let metrics_addr = match args.metrics_address.as_str() {
         "off" => None,
         a => Some(
             a.parse::<SocketAddr>()
-                .map_err(|e| format!("--metrics-addr {a}: {e}"))?,
+                .map_err(|e| format!("--metrics-address {a}: {e}"))?,
         ),
     };
     let config = AgentConfig {
