@@ -49,7 +49,8 @@ test: testbin fmt-check clippy check-generated ## Everything CI runs: checks, th
 	$(CARGO) test --all-features --no-fail-fast
 
 demo: testbin ## Bring up the local environment and run Palisade end to end
-	$(CARGO) run --quiet --features testenv --bin palisade-demo
+	$(CARGO) build --quiet --features testenv --bins
+	$(CARGO_TARGET_DIR)/debug/palisade-demo
 
 clean-env: ## Remove leftovers of a crashed test run (processes, namespaces)
 	-pkill -f "$(PALISADE_TESTBIN)/" || true
