@@ -7,9 +7,11 @@
 //!   `NodeRuleset`, and pure diffs of current vs desired.
 //! - [`cli`]: the offline commands of the `palisade` binary.
 //! - [`node`]: the node dataplane (iptables backend, rendering, applying).
+//! - [`cloud`]: EC2 behind a small trait, with our retry and error classes.
 
 pub mod api;
 pub mod cli;
+pub mod cloud;
 pub mod node;
 pub mod policy;
 #[cfg(feature = "testenv")]
