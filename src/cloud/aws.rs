@@ -64,7 +64,12 @@ fn host_net(ip: &str) -> Option<IpNet> {
 
 fn tag_map(tags: &[Tag]) -> BTreeMap<String, String> {
     tags.iter()
-        .filter_map(|t| Some((t.key()?.to_string(), t.value().unwrap_or_default().to_string())))
+        .filter_map(|t| {
+            Some((
+                t.key()?.to_string(),
+                t.value().unwrap_or_default().to_string(),
+            ))
+        })
         .collect()
 }
 
@@ -481,9 +486,10 @@ impl Ec2 for AwsEc2 {
                 })
                 .await?;
             for instance in page.reservations().iter().flat_map(|r| r.instances()) {
-                let primary = instance.network_interfaces().iter().find(|ni| {
-                    ni.attachment().and_then(|a| a.device_index()) == Some(0)
-                });
+                let primary = instance
+                    .network_interfaces()
+                    .iter()
+                    .find(|ni| ni.attachment().and_then(|a| a.device_index()) == Some(0));
                 let primary = primary.or(instance.network_interfaces().first());
                 out.push(InstanceInfo {
                     id: instance.instance_id().unwrap_or_default().to_string(),
@@ -496,6 +502,14 @@ impl Ec2 for AwsEc2 {
                             p.private_ip_addresses()
                                 .iter()
                                 .filter_map(|a| a.private_ip_address().map(str::to_string))
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                    eni_groups: primary
+                        .map(|p| {
+                            p.groups()
+                                .iter()
+                                .filter_map(|g| g.group_id().map(str::to_string))
                                 .collect()
                         })
                         .unwrap_or_default(),

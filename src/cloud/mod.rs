@@ -98,7 +98,11 @@ impl CloudError {
         matches!(self.kind, ErrorKind::Throttled | ErrorKind::Transient)
     }
 
-    pub(crate) fn new(operation: &'static str, kind: ErrorKind, message: impl Into<String>) -> Self {
+    pub(crate) fn new(
+        operation: &'static str,
+        kind: ErrorKind,
+        message: impl Into<String>,
+    ) -> Self {
         CloudError {
             operation,
             kind,
@@ -110,15 +114,24 @@ impl CloudError {
 /// Classifies an AWS error code (and the HTTP status, when known).
 pub fn classify(code: Option<&str>, status: Option<u16>) -> ErrorKind {
     match code.unwrap_or_default() {
-        "RequestLimitExceeded" | "Throttling" | "ThrottlingException" | "RequestThrottled"
-        | "TooManyRequestsException" | "SlowDown" => ErrorKind::Throttled,
+        "RequestLimitExceeded"
+        | "Throttling"
+        | "ThrottlingException"
+        | "RequestThrottled"
+        | "TooManyRequestsException"
+        | "SlowDown" => ErrorKind::Throttled,
         "InternalError" | "InternalFailure" | "ServiceUnavailable" | "Unavailable" => {
             ErrorKind::Transient
         }
         "InvalidPermission.Duplicate" | "InvalidGroup.Duplicate" => ErrorKind::Duplicate,
         "DependencyViolation" | "InvalidGroup.InUse" => ErrorKind::DependencyViolation,
-        "AuthFailure" | "UnauthorizedOperation" | "InvalidClientTokenId" | "SignatureDoesNotMatch"
-        | "ExpiredToken" | "OptInRequired" | "Blocked" => ErrorKind::Auth,
+        "AuthFailure"
+        | "UnauthorizedOperation"
+        | "InvalidClientTokenId"
+        | "SignatureDoesNotMatch"
+        | "ExpiredToken"
+        | "OptInRequired"
+        | "Blocked" => ErrorKind::Auth,
         c if c.ends_with(".NotFound") || c.ends_with(".Malformed") => ErrorKind::NotFound {
             what: c.to_string(),
         },
@@ -158,6 +171,8 @@ pub struct InstanceInfo {
     pub primary_eni: Option<String>,
     /// Private IPv4 addresses of the primary ENI.
     pub private_ips: Vec<String>,
+    /// The groups of the primary ENI.
+    pub eni_groups: Vec<String>,
 }
 
 /// A new group to create.
@@ -230,8 +245,7 @@ pub trait Ec2: Send + Sync + 'static {
     ) -> impl Future<Output = Result<String, CloudError>> + Send;
 
     /// Deletes a group.
-    fn delete_group(&self, group_id: &str)
-    -> impl Future<Output = Result<(), CloudError>> + Send;
+    fn delete_group(&self, group_id: &str) -> impl Future<Output = Result<(), CloudError>> + Send;
 
     /// Describes instances by id (unknown ids are left out).
     fn describe_instances(
@@ -281,7 +295,10 @@ mod tests {
             ErrorKind::Throttled
         );
         assert_eq!(classify(None, Some(503)), ErrorKind::Transient);
-        assert_eq!(classify(Some("InternalError"), Some(500)), ErrorKind::Transient);
+        assert_eq!(
+            classify(Some("InternalError"), Some(500)),
+            ErrorKind::Transient
+        );
         assert_eq!(
             classify(Some("InvalidGroup.NotFound"), Some(400)),
             ErrorKind::NotFound {
