@@ -159,7 +159,7 @@ async fn main() -> anyhow::Result<()> {
         policy_selector: args.policy_selector.clone(),
         instance: Some(identity),
     };
-    let ctx = controller::context(client, Arc::new(ec2), config, metrics).await;
+    let ctx = controller::context(client, Arc::new(ec2), config, metrics);
     ready.store(true, Ordering::Relaxed);
 
     let lost = Arc::new(AtomicBool::new(false));

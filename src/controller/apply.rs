@@ -137,7 +137,7 @@ async fn apply_inner<E: Ec2>(policy: &FirewallPolicy, ctx: &Context<E>) -> Resul
     let uid = policy.uid().ok_or(Error::Metadata("uid"))?;
     let generation = policy.metadata.generation.unwrap_or_default();
     let mut facts = Facts {
-        nodes: ctx.node_facts(),
+        nodes: ctx.node_facts().await?,
         quota: ctx.config.quota,
         ..Default::default()
     };
@@ -214,7 +214,7 @@ async fn apply_inner<E: Ec2>(policy: &FirewallPolicy, ctx: &Context<E>) -> Resul
         Some(report.group)
     };
 
-    let reports = ctx.reports.state();
+    let reports = ctx.reports().await?;
     let nodes = status::node_counts(policy, &compiled.selected_nodes, &reports);
     let next = FirewallPolicyStatus {
         observed_generation: Some(generation),
@@ -747,7 +747,7 @@ pub async fn cleanup<E: Ec2>(
             }
         }
     }
-    let waiting = status::nodes_still_enforcing(&policy, &ctx.reports.state());
+    let waiting = status::nodes_still_enforcing(&policy, &ctx.reports().await?);
     if !waiting.is_empty() {
         return Err(Error::WaitingForAgents { nodes: waiting });
     }

@@ -28,18 +28,18 @@ pub mod metrics;
 pub mod server;
 pub mod status;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Node;
-use kube::api::Api;
+use kube::api::{Api, ListParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
-use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 
 use crate::api::{FirewallNode, FirewallPolicy};
@@ -233,8 +233,6 @@ pub struct Context<E: Ec2> {
     /// Metrics.
     pub metrics: Arc<Metrics>,
     pub(crate) recorder: Recorder,
-    pub(crate) nodes: Store<Node>,
-    pub(crate) reports: Store<FirewallNode>,
     pub(crate) memory: Mutex<HashMap<String, SyncMemory>>,
     pub(crate) failures: Mutex<HashMap<String, u32>>,
 }
@@ -280,10 +278,25 @@ impl<E: Ec2> Context<E> {
         }
     }
 
-    pub(crate) fn node_facts(&self) -> Vec<NodeFacts> {
-        let mut nodes: Vec<NodeFacts> = self.nodes.state().iter().map(|n| node_facts(n)).collect();
+    /// Every Node, read from the apiserver (a consistent read, so a
+    /// reconcile woken by a Node change sees that change).
+    pub(crate) async fn node_facts(&self) -> Result<Vec<NodeFacts>, Error> {
+        let nodes = Api::<Node>::all(self.client.clone())
+            .list(&ListParams::default())
+            .await
+            .map_err(Error::kube("listing Nodes"))?;
+        let mut nodes: Vec<NodeFacts> = nodes.items.iter().map(node_facts).collect();
         nodes.sort_by(|a, b| a.name.cmp(&b.name));
-        nodes
+        Ok(nodes)
+    }
+
+    /// Every agent report, read from the apiserver.
+    pub(crate) async fn reports(&self) -> Result<Vec<Arc<FirewallNode>>, Error> {
+        let reports = Api::<FirewallNode>::all(self.client.clone())
+            .list(&ListParams::default())
+            .await
+            .map_err(Error::kube("listing FirewallNodes"))?;
+        Ok(reports.items.into_iter().map(Arc::new).collect())
     }
 
     pub(crate) fn set_rules_managed(&self) {
@@ -412,32 +425,13 @@ fn policies_for_node_change(
         .collect()
 }
 
-/// Builds the context: reflectors for Nodes and FirewallNodes (started
-/// here, ready when this returns), the Event recorder and metrics.
-pub async fn context<E: Ec2>(
+/// Builds the context: the Event recorder, metrics and settings.
+pub fn context<E: Ec2>(
     client: Client,
     ec2: Arc<E>,
     config: Config,
     metrics: Arc<Metrics>,
 ) -> Arc<Context<E>> {
-    let (nodes, node_writer) = reflector::store::<Node>();
-    let (reports, report_writer) = reflector::store::<FirewallNode>();
-    let node_stream = reflector::reflector(
-        node_writer,
-        watcher(Api::<Node>::all(client.clone()), watcher::Config::default()).default_backoff(),
-    );
-    let report_stream = reflector::reflector(
-        report_writer,
-        watcher(
-            Api::<FirewallNode>::all(client.clone()),
-            watcher::Config::default(),
-        )
-        .default_backoff(),
-    );
-    tokio::spawn(node_stream.for_each(|_| async {}));
-    tokio::spawn(report_stream.for_each(|_| async {}));
-    let _ = nodes.wait_until_ready().await;
-    let _ = reports.wait_until_ready().await;
     let reporter = Reporter {
         controller: MANAGER.into(),
         instance: config.instance.clone(),
@@ -448,8 +442,6 @@ pub async fn context<E: Ec2>(
         ec2,
         config,
         metrics,
-        nodes,
-        reports,
         memory: Mutex::new(HashMap::new()),
         failures: Mutex::new(HashMap::new()),
     })
@@ -470,7 +462,6 @@ pub async fn run<E: Ec2>(
     let policies = controller.store();
     let for_nodes = policies.clone();
     let for_reports = policies.clone();
-    let nodes = ctx.nodes.clone();
     controller
         .with_config(
             kube::runtime::controller::Config::default().concurrency(ctx.config.concurrency),
@@ -489,18 +480,19 @@ pub async fn run<E: Ec2>(
                     .iter()
                     .flat_map(|s| s.policies.iter().map(|p| p.name.clone()))
                     .collect();
-                let mut refs: BTreeMap<String, ObjectRef<FirewallPolicy>> = BTreeMap::new();
-                for p in for_reports.state() {
-                    if listed.contains(&p.name_any()) {
-                        refs.insert(p.name_any(), ObjectRef::from_obj(p.as_ref()));
-                    }
-                }
-                if let Some(node) = nodes.get(&ObjectRef::new(&report.name_any())) {
-                    for r in policies_for_node_change(&node, &for_reports) {
-                        refs.insert(r.name.clone(), r);
-                    }
-                }
-                refs.into_values().collect::<Vec<_>>()
+                // The policies it lists, and those still waiting on nodes.
+                for_reports
+                    .state()
+                    .iter()
+                    .filter(|p| {
+                        listed.contains(&p.name_any())
+                            || p.status
+                                .as_ref()
+                                .and_then(|s| s.nodes.as_ref())
+                                .is_none_or(|n| n.synced < n.selected)
+                    })
+                    .map(|p| ObjectRef::from_obj(p.as_ref()))
+                    .collect::<Vec<_>>()
             },
         )
         .graceful_shutdown_on(shutdown)
