@@ -543,48 +543,41 @@ async fn sync_group<E: Ec2>(
     // Attachments.
     let mut attached = BTreeSet::new();
     for instance in &instances {
-        let eni = match &instance.primary_eni {
-            Some(eni) => eni,
-            None => continue,
+        let Some(eni) = &instance.primary_eni else {
+            continue;
         };
         let wanted_here = selected.contains(&instance.id);
         let has = instance.eni_groups.contains(&group_id);
-        if wanted_here && !has {
-            let mut groups = instance.eni_groups.clone();
-            groups.push(group_id.clone());
-            ctx.ec2.set_eni_groups(eni, &groups).await?;
-            ctx.publish(
-                policy,
-                false,
-                "Attached",
-                "ModifyNetworkInterfaceAttribute",
-                format!("attached {group_id} to {eni} of instance {}", instance.id),
-            )
-            .await;
-        } else if !wanted_here && has && (owned || previously_attached.contains(&instance.id)) {
-            let groups: Vec<String> = instance
-                .eni_groups
-                .iter()
-                .filter(|g| **g != group_id)
-                .cloned()
-                .collect();
-            if groups.is_empty() {
-                tracing::warn!(eni = %eni, "not detaching the last group of an ENI");
+        let detach = !wanted_here && has && (owned || previously_attached.contains(&instance.id));
+        if wanted_here {
+            attached.insert(instance.id.clone());
+        }
+        if (wanted_here && !has) || detach {
+            let change = if wanted_here {
+                EniChange::Attach
+            } else {
+                EniChange::Detach
+            };
+            if !set_membership(ctx, eni, &group_id, change).await? {
                 attached.insert(instance.id.clone());
                 continue;
             }
-            ctx.ec2.set_eni_groups(eni, &groups).await?;
+            let (reason, what) = match change {
+                EniChange::Attach => ("Attached", "attached"),
+                EniChange::Detach => ("Detached", "detached"),
+            };
             ctx.publish(
                 policy,
                 false,
-                "Detached",
+                reason,
                 "ModifyNetworkInterfaceAttribute",
-                format!("detached {group_id} from {eni} of instance {}", instance.id),
+                format!(
+                    "{what} {group_id} {} {eni} of instance {}",
+                    if wanted_here { "to" } else { "from" },
+                    instance.id
+                ),
             )
             .await;
-        }
-        if wanted_here {
-            attached.insert(instance.id.clone());
         }
     }
 
@@ -598,6 +591,44 @@ async fn sync_group<E: Ec2>(
             attached_instances: attached.into_iter().collect(),
         },
     })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum EniChange {
+    Attach,
+    Detach,
+}
+
+/// Adds or removes `group` in an ENI's groups, keeping the others.
+///
+/// Several policies may select one node: the read-modify-write of the
+/// ENI's group list runs under a per-ENI lock, on a fresh read, so
+/// concurrent reconciles never drop each other's group. Returns false
+/// when a detach would leave the ENI without any group (AWS requires
+/// one): the group then stays.
+async fn set_membership<E: Ec2>(
+    ctx: &Context<E>,
+    eni: &str,
+    group: &str,
+    change: EniChange,
+) -> Result<bool, Error> {
+    let lock = ctx.eni_lock(eni);
+    let _held = lock.lock().await;
+    let mut groups = ctx.ec2.eni_groups(eni).await?;
+    let has = groups.iter().any(|g| g == group);
+    match change {
+        EniChange::Attach if !has => groups.push(group.to_string()),
+        EniChange::Detach if has => {
+            groups.retain(|g| g != group);
+            if groups.is_empty() {
+                tracing::warn!(eni, group, "not detaching the last group of an ENI");
+                return Ok(false);
+            }
+        }
+        _ => return Ok(true),
+    }
+    ctx.ec2.set_eni_groups(eni, &groups).await?;
+    Ok(true)
 }
 
 /// Applies a diff in the documented order: authorize (per direction),
@@ -664,12 +695,8 @@ pub async fn cleanup<E: Ec2>(
         if spec.deletion_policy == DeletionPolicy::Delete {
             let groups = ctx.ec2.find_groups(&identity_tags(&policy, &ctx)).await?;
             for group in groups {
-                for (eni, eni_groups) in ctx.ec2.enis_in_group(&group.id).await? {
-                    let rest: Vec<String> =
-                        eni_groups.into_iter().filter(|g| *g != group.id).collect();
-                    if !rest.is_empty() {
-                        ctx.ec2.set_eni_groups(&eni, &rest).await?;
-                    }
+                for (eni, _) in ctx.ec2.enis_in_group(&group.id).await? {
+                    set_membership(&ctx, &eni, &group.id, EniChange::Detach).await?;
                 }
                 match ctx.ec2.delete_group(&group.id).await {
                     Ok(()) => {
@@ -735,15 +762,7 @@ pub async fn cleanup<E: Ec2>(
             if let Some(eni) = &instance.primary_eni
                 && instance.eni_groups.contains(&id)
             {
-                let rest: Vec<String> = instance
-                    .eni_groups
-                    .iter()
-                    .filter(|g| **g != id)
-                    .cloned()
-                    .collect();
-                if !rest.is_empty() {
-                    ctx.ec2.set_eni_groups(eni, &rest).await?;
-                }
+                set_membership(&ctx, eni, &id, EniChange::Detach).await?;
             }
         }
     }

@@ -235,6 +235,7 @@ pub struct Context<E: Ec2> {
     pub(crate) recorder: Recorder,
     pub(crate) memory: Mutex<HashMap<String, SyncMemory>>,
     pub(crate) failures: Mutex<HashMap<String, u32>>,
+    pub(crate) eni_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl<E: Ec2> std::fmt::Debug for Context<E> {
@@ -297,6 +298,13 @@ impl<E: Ec2> Context<E> {
             .await
             .map_err(Error::kube("listing FirewallNodes"))?;
         Ok(reports.items.into_iter().map(Arc::new).collect())
+    }
+
+    pub(crate) fn eni_lock(&self, eni: &str) -> Arc<tokio::sync::Mutex<()>> {
+        lock(&self.eni_locks)
+            .entry(eni.to_string())
+            .or_default()
+            .clone()
     }
 
     pub(crate) fn set_rules_managed(&self) {
@@ -444,6 +452,7 @@ pub fn context<E: Ec2>(
         metrics,
         memory: Mutex::new(HashMap::new()),
         failures: Mutex::new(HashMap::new()),
+        eni_locks: Mutex::new(HashMap::new()),
     })
 }
 
