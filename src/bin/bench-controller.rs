@@ -109,7 +109,7 @@ async fn wait_correct(client: &Client, direct: &AwsEc2, name: &str) -> anyhow::R
             }
         }
         if Instant::now() > deadline {
-            bail!("{name} never converged");
+            bail!("{name} never converged: {:?}", p.status);
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -173,7 +173,7 @@ async fn bench(env: &'static TestEnv) -> anyhow::Result<()> {
         resync: Duration::from_secs(3600),
         concurrency: 8,
         quota: SgQuota {
-            rules_per_direction: 200,
+            rules_per_direction: 60,
         },
         policy_selector: Some(format!("{LABEL}=run")),
         ..Config::default()
@@ -193,6 +193,12 @@ async fn bench(env: &'static TestEnv) -> anyhow::Result<()> {
         "{:<24} {:>5} {:>8} {:>10}  by action",
         "scenario", "calls", "mutating", "latency"
     );
+
+    // Warm-up (first watch events, connections), not reported.
+    api.create(&PostParams::default(), &policy("bench-warm", &vpc, &[999]))
+        .await?;
+    wait_correct(&client, &direct, "bench-warm").await?;
+    settle(&proxy, Duration::from_millis(500)).await;
 
     // Create: 10 rules.
     let ports: Vec<u16> = (1000..1010).collect();

@@ -15,8 +15,8 @@ use crate::api::{
 };
 use crate::cloud::{CloudError, Ec2, ErrorKind, InstanceInfo, NewGroup, tags};
 use crate::policy::{
-    CompiledPolicy, CurrentSgRule, Direction, Facts, GroupOwnership, PeerRef, SgDiff,
-    compile_policy, diff_security_group, marker, owns_rule, resolved_peers,
+    CompiledPolicy, CurrentSgRule, Direction, Facts, GroupOwnership, PeerRef, PlannedPermission,
+    SgDiff, SgPeer, compile_policy, diff_security_group, marker, owns_rule, resolved_peers,
 };
 
 const DIRECTIONS: [Direction; 2] = [Direction::Ingress, Direction::Egress];
@@ -631,8 +631,52 @@ async fn set_membership<E: Ec2>(
     Ok(true)
 }
 
-/// Applies a diff in the documented order: authorize (per direction),
-/// update descriptions (one call), revoke (per direction).
+/// Splits the permissions to authorize in one direction into those that
+/// fit the quota next to every rule the group holds now, and the rest.
+///
+/// Authorize-before-revoke needs room for old and new rules at once. When
+/// the quota does not leave it, the rest is authorized after the revoke:
+/// traffic allowed before and after the change is never dropped (those
+/// rules stay throughout); only permissions that are new wait for the
+/// room the revoke makes. The compiler guarantees the final state fits.
+pub(crate) fn split_for_quota(
+    authorize: &[PlannedPermission],
+    current: &[CurrentSgRule],
+    direction: Direction,
+    limit: u32,
+) -> (Vec<PlannedPermission>, Vec<PlannedPermission>) {
+    fn families(peer: &SgPeer) -> (u32, u32) {
+        match peer {
+            SgPeer::Ipv4(_) => (1, 0),
+            SgPeer::Ipv6(_) => (0, 1),
+            _ => (1, 1),
+        }
+    }
+    let (mut v4, mut v6) = current
+        .iter()
+        .filter(|r| r.direction == direction)
+        .map(|r| families(&r.permission.peer))
+        .fold((0u32, 0u32), |(a, b), (x, y)| (a + x, b + y));
+    let mut now = Vec::new();
+    let mut later = Vec::new();
+    for p in authorize {
+        let (x, y) = families(&p.permission.peer);
+        if v4 + x <= limit && v6 + y <= limit {
+            v4 += x;
+            v6 += y;
+            now.push(p.clone());
+        } else {
+            later.push(p.clone());
+        }
+    }
+    (now, later)
+}
+
+/// Applies a diff in the documented order: authorize (one call per
+/// direction), update descriptions (one call), revoke (one call per
+/// direction) — plus, only when the quota leaves no room for old and new
+/// rules side by side, a second authorize after the revoke
+/// ([`split_for_quota`]).
 async fn apply_diff<E: Ec2>(
     policy: &FirewallPolicy,
     ctx: &Context<E>,
@@ -641,12 +685,20 @@ async fn apply_diff<E: Ec2>(
     current: &[CurrentSgRule],
 ) -> Result<(), Error> {
     let name = policy.name_any();
+    let mut deferred = Vec::new();
     for direction in DIRECTIONS {
         let d = diff.direction(direction);
-        if !d.authorize.is_empty() {
-            ctx.ec2
-                .authorize(group_id, direction, &d.authorize, &name)
-                .await?;
+        let (now, later) = split_for_quota(
+            &d.authorize,
+            current,
+            direction,
+            ctx.config.quota.rules_per_direction,
+        );
+        if !now.is_empty() {
+            ctx.ec2.authorize(group_id, direction, &now, &name).await?;
+        }
+        if !later.is_empty() {
+            deferred.push((direction, later));
         }
     }
     let updates: Vec<(CurrentSgRule, String)> = DIRECTIONS
@@ -667,6 +719,11 @@ async fn apply_diff<E: Ec2>(
         if !d.revoke.is_empty() {
             ctx.ec2.revoke(group_id, direction, &d.revoke).await?;
         }
+    }
+    for (direction, later) in deferred {
+        ctx.ec2
+            .authorize(group_id, direction, &later, &name)
+            .await?;
     }
     Ok(())
 }
@@ -775,4 +832,51 @@ pub async fn cleanup<E: Ec2>(
         ctx.set_rules_managed();
     }
     Ok(Action::await_change())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::policy::{SgPermission, SgProtocol};
+
+    fn perm(port: i32, v6: bool) -> SgPermission {
+        SgPermission {
+            protocol: SgProtocol::Tcp,
+            from_port: port,
+            to_port: port,
+            peer: if v6 {
+                SgPeer::Ipv6("2001:db8::/32".parse().unwrap())
+            } else {
+                SgPeer::Ipv4("10.0.0.0/8".parse().unwrap())
+            },
+        }
+    }
+
+    #[test]
+    fn authorizations_wait_for_room_only_when_the_quota_is_short() {
+        let current: Vec<CurrentSgRule> = (0..50)
+            .map(|i| CurrentSgRule {
+                rule_id: format!("sgr-{i}"),
+                direction: Direction::Ingress,
+                permission: perm(i, false),
+                description: None,
+            })
+            .collect();
+        let new: Vec<PlannedPermission> = (100..150)
+            .map(|i| PlannedPermission {
+                permission: perm(i, i % 2 == 0),
+                description: "d".into(),
+                rules: vec![],
+            })
+            .collect();
+        let (now, later) = split_for_quota(&new, &current, Direction::Ingress, 200);
+        assert_eq!((now.len(), later.len()), (50, 0));
+        let (now, later) = split_for_quota(&new, &current, Direction::Ingress, 60);
+        // 10 IPv4 fit next to the 50 held; every IPv6 fits (none held).
+        assert_eq!(now.len(), 25 + 10);
+        assert_eq!(later.len(), 15);
+        let (now, _) = split_for_quota(&new, &current, Direction::Egress, 60);
+        assert_eq!(now.len(), 50);
+    }
 }
