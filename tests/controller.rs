@@ -967,3 +967,170 @@ async fn throttled_ec2_converges_exactly() {
     .await;
     ctl.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_one_replica_holds_the_lease() {
+    use palisade::controller::leader::{LeaderElector, LeaseSettings};
+    let env = env().await;
+    env.apply_yaml("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: ctl-lease\n")
+        .await
+        .unwrap();
+    let settings = |identity: &str| LeaseSettings {
+        name: "ctl-lease-test".into(),
+        namespace: "ctl-lease".into(),
+        identity: identity.into(),
+        lease_duration: Duration::from_secs(3),
+        renew_every: Duration::from_millis(500),
+    };
+    let client = env.client().await.unwrap();
+    let a = LeaderElector::new(client.clone(), settings("replica-a"));
+    let b = LeaderElector::new(client.clone(), settings("replica-b"));
+    // Racing for a fresh lease: exactly one wins.
+    let (ra, rb) = tokio::join!(a.try_acquire_or_renew(), b.try_acquire_or_renew());
+    let (ra, rb) = (ra.unwrap(), rb.unwrap());
+    assert!(ra ^ rb, "a={ra} b={rb}");
+    let (leader, follower) = if ra { (a, b) } else { (b, a) };
+    assert!(
+        leader.try_acquire_or_renew().await.unwrap(),
+        "the holder renews"
+    );
+    assert!(!follower.try_acquire_or_renew().await.unwrap());
+    // Released on shutdown: the other takes over at once.
+    leader.release().await;
+    assert!(follower.try_acquire_or_renew().await.unwrap());
+    assert!(!leader.try_acquire_or_renew().await.unwrap());
+    // A holder that stops renewing loses the lease after it expires.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    assert!(leader.try_acquire_or_renew().await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_elects_reconciles_serves_metrics_and_stops_on_sigterm() {
+    let test = "binary";
+    let env = env().await;
+    env.apply_yaml("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: ctl-binary\n")
+        .await
+        .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_palisade-controller"))
+        .envs(env.aws_env())
+        .env("KUBECONFIG", env.kubeconfig_path())
+        .args([
+            "--cluster-name",
+            "ctl-binary",
+            "--metrics-address",
+            &format!("127.0.0.1:{port}"),
+            "--lease-namespace",
+            "ctl-binary",
+            "--identity",
+            "binary-test",
+            "--policy-selector",
+            &format!("{TEST_LABEL}={test}"),
+        ])
+        .kill_on_drop(true)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut p = policy(
+        test,
+        "ctl-binary",
+        "nobody",
+        vec![tcp("ssh", &[22], &["10.0.0.0/8"])],
+    );
+    p.spec.security_group = Some(SecurityGroupTarget {
+        vpc_id: Some(env.sim_cloud().await.unwrap().vpc_id.clone()),
+        ..Default::default()
+    });
+    policies()
+        .await
+        .create(&PostParams::default(), &p)
+        .await
+        .unwrap();
+    let group = wait_cloud_synced("ctl-binary").await;
+    assert!(group.starts_with("sg-"));
+
+    let get_path = |path: &'static str| async move {
+        let out = tokio::process::Command::new("curl")
+            .args([
+                "-s",
+                "-w",
+                "\n%{http_code}",
+                &format!("http://127.0.0.1:{port}{path}"),
+            ])
+            .output()
+            .await
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    assert!(get_path("/healthz").await.ends_with("200"));
+    assert!(get_path("/readyz").await.ends_with("200"));
+    let metrics = get_path("/metrics").await;
+    assert!(
+        metrics.contains("palisade_controller_ec2_calls_total{operation=\"CreateSecurityGroup\",outcome=\"ok\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("palisade_controller_reconciles_total{result=\"ok\"}"));
+
+    let pid = child.id().unwrap();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    let mut logs = String::new();
+    use tokio::io::AsyncReadExt;
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut logs)
+        .await
+        .unwrap();
+    assert!(logs.contains("became leader"), "{logs}");
+    for line in logs.lines().filter(|l| !l.is_empty()) {
+        assert!(
+            serde_json::from_str::<serde_json::Value>(line).is_ok(),
+            "logs are JSON: {line}"
+        );
+    }
+    let lease = Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(
+        env.client().await.unwrap(),
+        "ctl-binary",
+    )
+    .get("palisade-controller")
+    .await
+    .unwrap();
+    assert_eq!(
+        lease.spec.unwrap().holder_identity,
+        None,
+        "released on SIGTERM"
+    );
+
+    // Clean up with an in-process controller (the finalizer needs one).
+    let ctl = Running::start(test, Duration::from_secs(300), 60).await;
+    policies()
+        .await
+        .delete("ctl-binary", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("policy gone", Duration::from_secs(30), || async {
+        policies()
+            .await
+            .get_opt("ctl-binary")
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    ctl.stop().await;
+}
