@@ -157,8 +157,12 @@ async fn apply_inner<E: Ec2>(policy: &FirewallPolicy, ctx: &Context<E>) -> Resul
     });
 
     let previous = policy.status.clone().unwrap_or_default();
+    let last_group = memory
+        .as_ref()
+        .and_then(|m| m.group.clone())
+        .or_else(|| previous.security_group.clone());
     let group = if fresh {
-        previous.security_group.clone()
+        last_group
     } else {
         // Resolve references, then plan again with their real sizes.
         let (sgs, pls) = referenced_ids(&compiled);
@@ -194,7 +198,15 @@ async fn apply_inner<E: Ec2>(policy: &FirewallPolicy, ctx: &Context<E>) -> Resul
         let drift_possible = memory
             .as_ref()
             .is_some_and(|m| m.generation == generation && m.inputs == inputs);
-        let report = sync_group(policy, ctx, &compiled, &facts, drift_possible).await?;
+        let report = sync_group(
+            policy,
+            ctx,
+            &compiled,
+            &facts,
+            last_group.as_ref(),
+            drift_possible,
+        )
+        .await?;
         let rules = i64::from(report.group.ingress_rules) + i64::from(report.group.egress_rules);
         lock(&ctx.memory).insert(
             uid.clone(),
@@ -208,6 +220,7 @@ async fn apply_inner<E: Ec2>(policy: &FirewallPolicy, ctx: &Context<E>) -> Resul
                     ..Default::default()
                 },
                 rules,
+                group: Some(report.group.clone()),
             },
         );
         ctx.set_rules_managed();
@@ -413,15 +426,13 @@ async fn sync_group<E: Ec2>(
     ctx: &Context<E>,
     compiled: &CompiledPolicy,
     facts: &Facts,
+    previous: Option<&SecurityGroupStatus>,
     drift_possible: bool,
 ) -> Result<CloudReport, Error> {
     let spec = target(policy);
     let owned = spec.is_owned();
     let attaches = spec.attaches();
-    let previous = policy
-        .status
-        .as_ref()
-        .and_then(|s| s.security_group.clone());
+    let previous = previous.cloned();
     let selected = if attaches {
         selected_instances(compiled, facts)
     } else {

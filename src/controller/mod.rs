@@ -220,6 +220,9 @@ pub(crate) struct SyncMemory {
     pub(crate) at: Option<Instant>,
     pub(crate) references: crate::policy::Facts,
     pub(crate) rules: i64,
+    /// The group as that sync left it (newer than a status read from a
+    /// watch cache that may lag behind our own write).
+    pub(crate) group: Option<crate::api::SecurityGroupStatus>,
 }
 
 /// Shared state of every reconcile.
