@@ -47,4 +47,4 @@ clean-env: ## Remove leftovers of a crashed test run (processes, namespaces)
 
 .PHONY: bench-controller
 bench-controller: testbin ## EC2 calls and latency of the controller per scenario (local environment)
-	$(CARGO) run --release --quiet --features testenv --bin bench-controller
+	$(CARGO) run --quiet --features testenv --bin bench-controller

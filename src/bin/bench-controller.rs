@@ -3,7 +3,8 @@
 //! kube-apiserver + moto, every EC2 call counted by the fault proxy).
 //!
 //! Run with `make bench-controller` (or
-//! `cargo run --release --features testenv --bin bench-controller`).
+//! `cargo run --features testenv --bin bench-controller`; a debug build, as
+//! the tests use, so latencies are pessimistic).
 //! Scenarios: create, no-op resync, change of 1 rule, change of 50 rules,
 //! resync of 100 policies.
 
@@ -22,7 +23,7 @@ use palisade::cloud::{AwsEc2, Ec2, RetryPolicy};
 use palisade::controller::{self, Config, Metrics};
 use palisade::policy::{Facts, SgQuota, compile_policy};
 use palisade::testenv::TestEnv;
-use palisade::testenv::fault_proxy::{Call, FaultProxy};
+use palisade::testenv::fault_proxy::{Call, FaultPlan, FaultProxy, Outcome};
 
 const LABEL: &str = "palisade.dev/bench";
 
@@ -145,7 +146,7 @@ fn tally(calls: &[Call]) -> String {
 fn row(scenario: &str, calls: &[Call], latency: Option<Duration>) {
     let mutating = calls.iter().filter(|c| c.is_mutating()).count();
     println!(
-        "{scenario:<24} {:>5} {:>8} {:>10}  {}",
+        "{scenario:<36} {:>5} {:>8} {:>10}  {}",
         calls.len(),
         mutating,
         latency.map_or("-".into(), |l| format!("{} ms", l.as_millis())),
@@ -190,7 +191,7 @@ async fn bench(env: &'static TestEnv) -> anyhow::Result<()> {
     }));
     let api: Api<FirewallPolicy> = Api::all(client.clone());
     println!(
-        "{:<24} {:>5} {:>8} {:>10}  by action",
+        "{:<36} {:>5} {:>8} {:>10}  by action",
         "scenario", "calls", "mutating", "latency"
     );
 
@@ -234,6 +235,55 @@ async fn bench(env: &'static TestEnv) -> anyhow::Result<()> {
     row(
         "change 1 rule",
         &settle(&proxy, Duration::from_millis(500)).await,
+        Some(latency),
+    );
+
+    // Change of 25 rules: 25 → 25 others (old and new fit the quota of 60
+    // side by side).
+    let twenty_five: Vec<u16> = (6000..6025).collect();
+    api.create(
+        &PostParams::default(),
+        &policy("bench-25", &vpc, &twenty_five),
+    )
+    .await?;
+    wait_correct(&client, &direct, "bench-25").await?;
+    settle(&proxy, Duration::from_millis(500)).await;
+    let mut p = api.get("bench-25").await?;
+    let other: Vec<u16> = (7000..7025).collect();
+    p.spec.ingress = policy("x", &vpc, &other).spec.ingress;
+    let started = Instant::now();
+    api.replace("bench-25", &PostParams::default(), &p).await?;
+    wait_correct(&client, &direct, "bench-25").await?;
+    let latency = started.elapsed();
+    row(
+        "change 25 rules",
+        &settle(&proxy, Duration::from_millis(500)).await,
+        Some(latency),
+    );
+
+    // Create under 30 % RequestLimitExceeded.
+    proxy.set_plan(FaultPlan {
+        throttle_ratio: 0.3,
+        seed: 7,
+        ..FaultPlan::default()
+    });
+    let started = Instant::now();
+    api.create(
+        &PostParams::default(),
+        &policy("bench-throttled", &vpc, &(8000..8010).collect::<Vec<u16>>()),
+    )
+    .await?;
+    wait_correct(&client, &direct, "bench-throttled").await?;
+    let latency = started.elapsed();
+    let calls = settle(&proxy, Duration::from_millis(500)).await;
+    proxy.set_plan(FaultPlan::default());
+    let throttled = calls
+        .iter()
+        .filter(|c| c.outcome == Outcome::Throttled)
+        .count();
+    row(
+        &format!("create, 30% throttled ({throttled} throttled)"),
+        &calls,
         Some(latency),
     );
 
