@@ -108,12 +108,24 @@ pub async fn apply<E: Ec2>(
     match apply_inner(&policy, &ctx).await {
         Ok(action) => Ok(action),
         Err(e) => {
+            let previous = policy.status.clone().unwrap_or_default();
             let state = if e.is_permanent() {
-                CloudState::Stalled(e.reason(), e.to_string())
+                CloudState::Stalled(e.reason(), e.advice())
             } else {
+                // Already retrying at this generation: leave the status be.
+                // A message that differs per attempt would otherwise make
+                // each failure a status write, whose watch event cuts the
+                // backoff short.
+                let retrying = previous.observed_generation == policy.metadata.generation
+                    && previous.conditions.iter().any(|c| {
+                        c.type_ == crate::api::conditions::CLOUD_SYNCED
+                            && c.reason == crate::api::conditions::reason::RETRYING
+                    });
+                if retrying {
+                    return Err(e);
+                }
                 CloudState::Retrying(e.to_string())
             };
-            let previous = policy.status.clone().unwrap_or_default();
             let nodes = previous.nodes.clone().unwrap_or_default();
             let mut next = previous.clone();
             next.observed_generation = policy.metadata.generation;
@@ -124,7 +136,7 @@ pub async fn apply<E: Ec2>(
                 &nodes,
             );
             if write_status(&policy, &ctx, &previous, next).await? && e.is_permanent() {
-                ctx.publish(&policy, true, e.reason(), "Reconcile", e.to_string())
+                ctx.publish(&policy, true, e.reason(), "Reconcile", e.advice())
                     .await;
             }
             Err(e)

@@ -184,6 +184,30 @@ impl Error {
         }
     }
 
+    /// The message for a person: the error, and for AWS refusals what to
+    /// check.
+    pub fn advice(&self) -> String {
+        let hint = match self.cloud_kind() {
+            Some(ErrorKind::Auth) => {
+                " (check the controller's AWS identity: IRSA / EKS Pod Identity / instance profile, and that its IAM policy allows ec2:Describe*, ec2:CreateSecurityGroup, ec2:DeleteSecurityGroup, ec2:AuthorizeSecurityGroup*, ec2:RevokeSecurityGroup*, ec2:ModifySecurityGroupRules, ec2:ModifyNetworkInterfaceAttribute, ec2:CreateTags)"
+            }
+            _ => "",
+        };
+        format!("{self}{hint}")
+    }
+
+    fn cloud_kind(&self) -> Option<ErrorKind> {
+        match self {
+            Error::Cloud(e) => Some(e.kind.clone()),
+            Error::Finalizer(f) => match f.as_ref() {
+                kube::runtime::finalizer::Error::ApplyFailed(e)
+                | kube::runtime::finalizer::Error::CleanupFailed(e) => e.cloud_kind(),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
     /// True when retrying cannot help until the policy or the environment
     /// changes: reported as `Stalled`, looked at again only on a change or
     /// after a long interval.
@@ -515,4 +539,43 @@ pub async fn run<E: Ec2>(
             }
         })
         .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_are_classified_for_conditions_and_backoff() {
+        let cloud =
+            |kind| Error::Cloud(CloudError::new("AuthorizeSecurityGroupIngress", kind, "x"));
+        assert!(cloud(ErrorKind::Auth).is_permanent());
+        assert_eq!(cloud(ErrorKind::Auth).reason(), "AuthFailed");
+        assert!(cloud(ErrorKind::Auth).advice().contains("IRSA"));
+        assert!(!cloud(ErrorKind::Throttled).is_permanent());
+        assert!(!cloud(ErrorKind::DependencyViolation).is_permanent());
+        assert_eq!(
+            cloud(ErrorKind::NotFound {
+                what: "InvalidGroup.NotFound".into()
+            })
+            .reason(),
+            "InvalidReference"
+        );
+        let wrapped = Error::Finalizer(Box::new(kube::runtime::finalizer::Error::ApplyFailed(
+            cloud(ErrorKind::QuotaExceeded),
+        )));
+        assert!(wrapped.is_permanent());
+        assert_eq!(wrapped.reason(), "QuotaExceeded");
+        assert!(
+            !Error::WaitingForAgents {
+                nodes: vec!["a".into()]
+            }
+            .is_permanent()
+        );
+        assert!(
+            Error::NoVpc { policy: "p".into() }
+                .to_string()
+                .contains("vpcId")
+        );
+    }
 }
