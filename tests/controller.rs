@@ -1134,3 +1134,135 @@ async fn the_binary_elects_reconciles_serves_metrics_and_stops_on_sigterm() {
     .await;
     ctl.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn node_and_group_peers_are_resolved_for_both_layers() {
+    let test = "peers";
+    let env = env().await;
+    let net = SimNet::new().unwrap();
+    let web = SimNode::create(
+        env,
+        &net,
+        "ctl-peers-web",
+        [(TEST_LABEL, test), ("role", "web")],
+    )
+    .await
+    .unwrap();
+    let db = SimNode::create(
+        env,
+        &net,
+        "ctl-peers-db",
+        [(TEST_LABEL, test), ("role", "db")],
+    )
+    .await
+    .unwrap();
+    // A group with one member (web's ENI), referenced by a rule.
+    let cloud = env.sim_cloud().await.unwrap();
+    let sdk = env.ec2_client();
+    let members = sdk
+        .create_security_group()
+        .group_name("ctl-peers-members")
+        .description("members")
+        .vpc_id(&cloud.vpc_id)
+        .send()
+        .await
+        .unwrap()
+        .group_id()
+        .unwrap()
+        .to_string();
+    let mut groups = eni_groups(&web).await;
+    groups.push(members.clone());
+    direct()
+        .set_eni_groups(web.eni_id(), &groups)
+        .await
+        .unwrap();
+
+    let ctl = Running::start(test, Duration::from_secs(300), 60).await;
+    let mut p = policy(test, "ctl-peers", "web", vec![]);
+    p.spec.ingress = Some(vec![
+        FirewallRule {
+            peers: vec![Peer {
+                node_selector: Some(NodeSelector {
+                    match_labels: Some(BTreeMap::from([
+                        (TEST_LABEL.to_string(), test.to_string()),
+                        ("role".to_string(), "db".to_string()),
+                    ])),
+                    match_expressions: None,
+                }),
+                ..Default::default()
+            }],
+            ..tcp("from-db", &[8080], &[])
+        },
+        FirewallRule {
+            peers: vec![Peer {
+                security_group_id: Some(members.clone()),
+                ..Default::default()
+            }],
+            ..tcp("from-members", &[9090], &[])
+        },
+    ]);
+    policies()
+        .await
+        .create(&PostParams::default(), &p)
+        .await
+        .unwrap();
+    let group = wait_cloud_synced("ctl-peers").await;
+    let ec2 = direct();
+    let peers_of = |rules: Vec<(bool, SgPermission, String)>, port: i32| -> Vec<String> {
+        rules
+            .into_iter()
+            .filter(|r| r.1.from_port == port)
+            .map(|r| r.1.peer.to_string())
+            .collect()
+    };
+    let rules = rules_of(&ec2, &group).await;
+    assert_eq!(
+        peers_of(rules.clone(), 8080),
+        [
+            format!("{}/32", db.host().ipv4()),
+            format!("{}/128", db.host().ipv6())
+        ]
+    );
+    assert_eq!(peers_of(rules, 9090), [members.clone()]);
+    // The group reference, resolved to its members for the agents.
+    let status = get("ctl-peers").await.status.unwrap();
+    let resolved = status
+        .resolved_peers
+        .iter()
+        .find(|r| r.id == members)
+        .unwrap();
+    assert_eq!(resolved.cidrs, [format!("{}/32", web.host().ipv4())]);
+
+    // A second db node joins: the cloud layer follows.
+    let db2 = SimNode::create(
+        env,
+        &net,
+        "ctl-peers-db2",
+        [(TEST_LABEL, test), ("role", "db")],
+    )
+    .await
+    .unwrap();
+    let want = format!("{}/32", db2.host().ipv4());
+    eventually("db2 allowed", Duration::from_secs(30), || async {
+        peers_of(rules_of(&ec2, &group).await, 8080)
+            .contains(&want)
+            .then_some(())
+    })
+    .await;
+    policies()
+        .await
+        .delete("ctl-peers", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("policy gone", Duration::from_secs(30), || async {
+        policies()
+            .await
+            .get_opt("ctl-peers")
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    ctl.stop().await;
+}
