@@ -1223,7 +1223,7 @@ async fn node_and_group_peers_are_resolved_for_both_layers() {
             format!("{}/128", db.host().ipv6())
         ]
     );
-    assert_eq!(peers_of(rules, 9090), [members.clone()]);
+    assert_eq!(peers_of(rules, 9090), vec![members.clone()]);
     // The group reference, resolved to its members for the agents.
     let status = get("ctl-peers").await.status.unwrap();
     let resolved = status
