@@ -1177,6 +1177,29 @@ async fn node_and_group_peers_are_resolved_for_both_layers() {
         .await
         .unwrap();
 
+    let list = sdk
+        .create_managed_prefix_list()
+        .prefix_list_name("ctl-peers-offices")
+        .address_family("IPv4")
+        .max_entries(5)
+        .entries(
+            aws_sdk_ec2::types::AddPrefixListEntry::builder()
+                .cidr("203.0.113.0/24")
+                .build(),
+        )
+        .entries(
+            aws_sdk_ec2::types::AddPrefixListEntry::builder()
+                .cidr("198.51.100.0/24")
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap()
+        .prefix_list
+        .unwrap()
+        .prefix_list_id
+        .unwrap();
+
     let ctl = Running::start(test, Duration::from_secs(300), 60).await;
     let mut p = policy(test, "ctl-peers", "web", vec![]);
     p.spec.ingress = Some(vec![
@@ -1199,6 +1222,13 @@ async fn node_and_group_peers_are_resolved_for_both_layers() {
                 ..Default::default()
             }],
             ..tcp("from-members", &[9090], &[])
+        },
+        FirewallRule {
+            peers: vec![Peer {
+                prefix_list_id: Some(list.clone()),
+                ..Default::default()
+            }],
+            ..tcp("from-offices", &[7070], &[])
         },
     ]);
     policies()
@@ -1232,6 +1262,12 @@ async fn node_and_group_peers_are_resolved_for_both_layers() {
         .find(|r| r.id == members)
         .unwrap();
     assert_eq!(resolved.cidrs, [format!("{}/32", web.host().ipv4())]);
+    assert_eq!(
+        peers_of(rules_of(&ec2, &group).await, 7070),
+        vec![list.clone()]
+    );
+    let offices = status.resolved_peers.iter().find(|r| r.id == list).unwrap();
+    assert_eq!(offices.cidrs, ["198.51.100.0/24", "203.0.113.0/24"]);
 
     // A second db node joins: the cloud layer follows.
     let db2 = SimNode::create(
