@@ -141,6 +141,9 @@ async fn main() -> anyhow::Result<()> {
             },
         )
     });
+    // Ready once connected: a standby replica waiting for the lease is
+    // healthy too (it must not block a rolling update).
+    ready.store(true, Ordering::Relaxed);
     if let Some(elector) = &elector {
         tokio::select! {
             _ = elector.acquire() => {},
@@ -160,7 +163,6 @@ async fn main() -> anyhow::Result<()> {
         instance: Some(identity),
     };
     let ctx = controller::context(client, Arc::new(ec2), config, metrics);
-    ready.store(true, Ordering::Relaxed);
 
     let lost = Arc::new(AtomicBool::new(false));
     let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();

@@ -48,7 +48,8 @@ fn route(path: &str, metrics: &Metrics, ready: &AtomicBool) -> Response<Full<Byt
 }
 
 /// Serves on `listener` until `shutdown` completes. `ready` answers
-/// `/readyz` (true once the caches are filled).
+/// `/readyz` (the binary sets it once connected to the apiserver, leader
+/// or standby, and clears it on shutdown).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
