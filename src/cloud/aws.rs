@@ -718,3 +718,113 @@ impl AwsEc2 {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    //! The SDK glue against a scripted EC2 endpoint on loopback: pagination
+    //! is followed to the end, and a throttled answer is retried.
+
+    use super::*;
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    use hyper::body::Incoming;
+    use hyper::{Request, Response};
+    use hyper_util::rt::TokioIo;
+
+    const THROTTLED: &str = "<Response><Errors><Error><Code>RequestLimitExceeded</Code>\
+        <Message>Request limit exceeded.</Message></Error></Errors><RequestID>r</RequestID></Response>";
+
+    fn page(rule: &str, port: u16, token: Option<&str>) -> String {
+        format!(
+            "<DescribeSecurityGroupRulesResponse xmlns=\"http://ec2.amazonaws.com/doc/2016-11-15/\">\
+             <requestId>r</requestId><securityGroupRuleSet><item>\
+             <securityGroupRuleId>{rule}</securityGroupRuleId><groupId>sg-1</groupId>\
+             <isEgress>false</isEgress><ipProtocol>tcp</ipProtocol><fromPort>{port}</fromPort>\
+             <toPort>{port}</toPort><cidrIpv4>10.0.0.0/8</cidrIpv4>\
+             <description>palisade:p/r{port}</description></item></securityGroupRuleSet>{}\
+             </DescribeSecurityGroupRulesResponse>",
+            token.map_or(String::new(), |t| format!("<nextToken>{t}</nextToken>"))
+        )
+    }
+
+    /// Answers: throttled, page 1 (token), page 2. Records request bodies.
+    async fn scripted() -> (String, std::sync::Arc<Mutex<Vec<String>>>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = std::sync::Arc::new(Mutex::new(Vec::<String>::new()));
+        let record = seen.clone();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                let record = record.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        let record = record.clone();
+                        async move {
+                            let body = req.into_body().collect().await.unwrap().to_bytes();
+                            let body = String::from_utf8_lossy(&body).to_string();
+                            let n = {
+                                let mut seen = record.lock().unwrap();
+                                seen.push(body.clone());
+                                seen.len()
+                            };
+                            let (status, text) = match n {
+                                1 => (503, THROTTLED.to_string()),
+                                _ if body.contains("NextToken=t1") => {
+                                    (200, page("sgr-2", 443, None))
+                                }
+                                _ => (200, page("sgr-1", 22, Some("t1"))),
+                            };
+                            let mut response = Response::new(Full::new(Bytes::from(text)));
+                            *response.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
+                            Ok::<_, std::convert::Infallible>(response)
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        (format!("http://{addr}"), seen)
+    }
+
+    #[tokio::test]
+    async fn rules_are_read_across_pages_after_a_throttle() {
+        let (endpoint, seen) = scripted().await;
+        let config = aws_config::SdkConfig::builder()
+            .behavior_version(aws_config::BehaviorVersion::latest())
+            .region(aws_config::Region::new("us-east-1"))
+            .endpoint_url(endpoint)
+            .credentials_provider(aws_sdk_ec2::config::SharedCredentialsProvider::new(
+                aws_sdk_ec2::config::Credentials::new("a", "b", None, None, "test"),
+            ))
+            .build();
+        let outcomes = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let o = outcomes.clone();
+        let retry = RetryPolicy {
+            sleep: std::sync::Arc::new(|_| Box::pin(async {})),
+            base: Duration::from_millis(1),
+            ..RetryPolicy::default()
+        };
+        let ec2 = AwsEc2::from_sdk_config(&config, retry).with_observer(std::sync::Arc::new(
+            move |op, outcome| o.lock().unwrap().push(format!("{op}:{outcome}")),
+        ));
+        let rules = ec2.describe_rules("sg-1").await.unwrap();
+        let ids: Vec<&str> = rules.iter().map(|r| r.rule_id.as_str()).collect();
+        assert_eq!(ids, ["sgr-1", "sgr-2"]);
+        assert_eq!(seen.lock().unwrap().len(), 3);
+        assert_eq!(
+            *outcomes.lock().unwrap(),
+            [
+                "DescribeSecurityGroupRules:throttled",
+                "DescribeSecurityGroupRules:ok",
+                "DescribeSecurityGroupRules:ok"
+            ]
+        );
+    }
+}
