@@ -92,7 +92,7 @@ fn selected_instances(compiled: &CompiledPolicy, facts: &Facts) -> Vec<String> {
 ///   and prefix-list references from EC2 (at a full sync only).
 /// - Plan: pure ([`compile_policy`]). An invalid policy or a plan over the
 ///   rule quota is reported as `Stalled` before any EC2 call.
-/// - Apply ([`sync_group`]): only at a full sync, i.e. when the inputs
+/// - Apply (the full sync): only at a full sync, i.e. when the inputs
 ///   (generation, plan, selected instances, group settings) changed or the
 ///   last full sync is older than the resync interval.
 /// - Status: written only when it changed.

@@ -7,7 +7,7 @@
 //!
 //! - **Apply** ([`apply`]): read (nodes, references) → plan (pure,
 //!   [`crate::policy::compile_policy`]) → apply to the group
-//!   ([`sync`]: find/create, authorize → re-describe → revoke, attach) →
+//!   (full sync: find/create, authorize → re-describe → revoke, attach) →
 //!   status.
 //! - **Cleanup** ([`cleanup`]): detach and delete the owned group (or
 //!   keep it, `deletionPolicy: Retain`), revoke only our rules in an
@@ -21,6 +21,32 @@
 //! reconcile whose inputs (generation, plan, instances) did not change
 //! since the last full sync, less than a resync interval ago, makes no EC2
 //! call at all: status writes and agent reports cost nothing on AWS.
+//!
+//! When the quota leaves no room for old and new rules side by side, the
+//! new rules that do not fit are authorized right after the revoke (a
+//! second authorize call; see `split_for_quota`): still no traffic
+//! allowed before and after the change is ever dropped.
+//!
+//! # Reads from Kubernetes
+//!
+//! Each reconcile lists Nodes and FirewallNodes (consistent reads): a
+//! reconcile woken by a Node or agent change then always sees that change,
+//! which a second watch cache could lag behind. (With kube's
+//! `unstable-runtime-stream-control`, one Node watch could feed both the
+//! trigger and a cache.)
+//!
+//! # Permissions
+//!
+//! Kubernetes: `firewallpolicies` get/list/watch/patch/update,
+//! `firewallpolicies/status` patch, `firewallnodes` get/list/watch, `nodes`
+//! get/list/watch, `events.k8s.io` events create/patch, and
+//! `coordination.k8s.io` leases get/create/update in the lease namespace.
+//! AWS (IAM): `ec2:DescribeSecurityGroups`, `DescribeSecurityGroupRules`,
+//! `DescribeInstances`, `DescribeNetworkInterfaces`,
+//! `DescribeManagedPrefixLists`, `GetManagedPrefixListEntries`,
+//! `CreateSecurityGroup`, `DeleteSecurityGroup`, `CreateTags`,
+//! `AuthorizeSecurityGroupIngress/Egress`, `RevokeSecurityGroupIngress/Egress`,
+//! `ModifySecurityGroupRules`, `ModifyNetworkInterfaceAttribute`.
 
 mod apply;
 pub mod leader;
