@@ -55,3 +55,7 @@ demo: testbin ## Bring up the local environment and run Palisade end to end
 clean-env: ## Remove leftovers of a crashed test run (processes, namespaces)
 	-pkill -f "$(PALISADE_TESTBIN)/" || true
 	-for ns in $$(ip netns list | awk '/^pal/{print $$1}'); do ip netns del $$ns; done
+
+.PHONY: bench-controller
+bench-controller: testbin ## EC2 calls and latency of the controller per scenario (local environment)
+	$(CARGO) run --quiet --features testenv --bin bench-controller

@@ -8,10 +8,14 @@
 //! - [`cli`]: the offline commands of the `palisade` binary.
 //! - [`node`]: the node dataplane (iptables backend, rendering, applying).
 //! - [`agent`]: the node agent's sync loop, status and metrics.
+//! - [`cloud`]: EC2 behind a small trait, with our retry and error classes.
+//! - [`controller`]: the reconcile loop of policies into Security Groups.
 
 pub mod agent;
 pub mod api;
 pub mod cli;
+pub mod cloud;
+pub mod controller;
 pub mod node;
 pub mod policy;
 #[cfg(feature = "testenv")]

@@ -1,0 +1,197 @@
+//! `palisade-controller`: reconciles every FirewallPolicy into an AWS
+//! Security Group. Leader-elected, JSON logs, `/metrics`, `/healthz`,
+//! `/readyz`; stops gracefully on SIGTERM.
+//!
+//! Kubernetes credentials: in-cluster or `KUBECONFIG`. AWS: the SDK's
+//! standard chain (IRSA, EKS Pod Identity, instance profile, environment;
+//! `AWS_ENDPOINT_URL_EC2` overrides the endpoint).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Parser;
+use palisade::cloud::{AwsEc2, RetryPolicy};
+use palisade::controller::leader::{LeaderElector, LeaseSettings};
+use palisade::controller::{self, Config, Metrics, server};
+use palisade::policy::SgQuota;
+
+/// Reconciles FirewallPolicies into AWS Security Groups.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Cluster name, written into the tags of every Security Group created.
+    #[arg(long, env = "PALISADE_CLUSTER_NAME", default_value = "default")]
+    cluster_name: String,
+    /// AWS region (default: the SDK's chain, e.g. AWS_REGION).
+    #[arg(long, env = "PALISADE_REGION")]
+    region: Option<String>,
+    /// Seconds between full reads of each policy's group (drift repair).
+    #[arg(long, env = "PALISADE_RESYNC_SECONDS", default_value_t = 300)]
+    resync_seconds: u64,
+    /// Seconds before a stalled policy is looked at again without a change.
+    #[arg(long, env = "PALISADE_STALLED_RETRY_SECONDS", default_value_t = 1800)]
+    stalled_retry_seconds: u64,
+    /// Policies reconciled at once.
+    #[arg(long, env = "PALISADE_CONCURRENCY", default_value_t = 4)]
+    concurrency: u16,
+    /// Security Group rules per direction and family the account allows.
+    #[arg(long, env = "PALISADE_SG_RULES_PER_DIRECTION", default_value_t = 60)]
+    sg_rules_per_direction: u32,
+    /// Only reconcile policies with these labels (`k=v,...`).
+    #[arg(long, env = "PALISADE_POLICY_SELECTOR")]
+    policy_selector: Option<String>,
+    /// Address of `/metrics`, `/healthz`, `/readyz`.
+    #[arg(long, env = "PALISADE_METRICS_ADDRESS", default_value = "0.0.0.0:8080")]
+    metrics_address: SocketAddr,
+    /// Elect a leader among replicas through a Lease.
+    #[arg(long, env = "PALISADE_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    leader_election: bool,
+    /// Name of the Lease.
+    #[arg(
+        long,
+        env = "PALISADE_LEASE_NAME",
+        default_value = "palisade-controller"
+    )]
+    lease_name: String,
+    /// Namespace of the Lease.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "palisade-system")]
+    lease_namespace: String,
+    /// This replica's identity in the Lease and in Events.
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+}
+
+async fn terminated() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = tokio::signal::ctrl_c() => {},
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    // kube uses rustls with ring, the AWS SDK brings aws-lc: pick one for
+    // the process before the first TLS connection.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .json()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+
+    let identity = args.identity.clone().unwrap_or_else(|| {
+        std::fs::read_to_string("/etc/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| format!("palisade-controller-{}", std::process::id()))
+    });
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API")?;
+    let metrics = Arc::new(Metrics::default());
+    let ec2 = AwsEc2::from_env(args.region.clone(), RetryPolicy::default())
+        .await
+        .with_observer(metrics.ec2_observer());
+    let ready = Arc::new(AtomicBool::new(false));
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopping = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    tokio::spawn(async move {
+        terminated().await;
+        tracing::info!("SIGTERM: shutting down");
+        let _ = stop_tx.send(true);
+    });
+
+    let listener = server::bind(args.metrics_address)
+        .await
+        .with_context(|| format!("binding {}", args.metrics_address))?;
+    tokio::spawn(server::serve(
+        listener,
+        metrics.clone(),
+        ready.clone(),
+        stopping.clone()(),
+    ));
+
+    let elector = args.leader_election.then(|| {
+        LeaderElector::new(
+            client.clone(),
+            LeaseSettings {
+                name: args.lease_name.clone(),
+                namespace: args.lease_namespace.clone(),
+                identity: identity.clone(),
+                lease_duration: Duration::from_secs(15),
+                renew_every: Duration::from_secs(5),
+            },
+        )
+    });
+    // Ready once connected: a standby replica waiting for the lease is
+    // healthy too (it must not block a rolling update).
+    ready.store(true, Ordering::Relaxed);
+    if let Some(elector) = &elector {
+        tokio::select! {
+            _ = elector.acquire() => {},
+            _ = stopping.clone()() => return Ok(()),
+        }
+    }
+
+    let config = Config {
+        cluster_name: args.cluster_name.clone(),
+        resync: Duration::from_secs(args.resync_seconds.max(1)),
+        stalled_retry: Duration::from_secs(args.stalled_retry_seconds.max(1)),
+        concurrency: args.concurrency.max(1),
+        quota: SgQuota {
+            rules_per_direction: args.sg_rules_per_direction,
+        },
+        policy_selector: args.policy_selector.clone(),
+        instance: Some(identity),
+    };
+    let ctx = controller::context(client, Arc::new(ec2), config, metrics);
+
+    let lost = Arc::new(AtomicBool::new(false));
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    {
+        let elector = elector.clone();
+        let lost = lost.clone();
+        let stop = stopping.clone()();
+        tokio::spawn(async move {
+            match elector {
+                Some(elector) => tokio::select! {
+                    _ = stop => {},
+                    _ = elector.hold() => lost.store(true, Ordering::Relaxed),
+                },
+                None => stop.await,
+            }
+            let _ = done_tx.send(());
+        });
+    }
+    controller::run(ctx, async move {
+        let _ = done_rx.await;
+    })
+    .await;
+    ready.store(false, Ordering::Relaxed);
+    if let Some(elector) = &elector {
+        elector.release().await;
+    }
+    if lost.load(Ordering::Relaxed) {
+        anyhow::bail!("leadership lost; exiting so a fresh replica can campaign");
+    }
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,905 @@
+//! The two branches of the finalizer: [`apply`] and [`cleanup`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kube::ResourceExt;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::Action;
+
+use super::status::{self, CloudState};
+use super::{Context, Error, SyncMemory, lock};
+use crate::api::{
+    DeletionPolicy, FirewallPolicy, FirewallPolicyStatus, SecurityGroupStatus, SecurityGroupTarget,
+};
+use crate::cloud::{CloudError, Ec2, ErrorKind, InstanceInfo, NewGroup, tags};
+use crate::policy::{
+    CompiledPolicy, CurrentSgRule, Direction, Facts, GroupOwnership, PeerRef, PlannedPermission,
+    SgDiff, SgPeer, compile_policy, diff_security_group, marker, owns_rule, resolved_peers,
+};
+
+const DIRECTIONS: [Direction; 2] = [Direction::Ingress, Direction::Egress];
+
+/// What a full cloud sync found and did.
+#[derive(Debug, Clone)]
+struct CloudReport {
+    group: SecurityGroupStatus,
+}
+
+fn target(policy: &FirewallPolicy) -> SecurityGroupTarget {
+    policy.spec.security_group.clone().unwrap_or_default()
+}
+
+fn group_tags<E: Ec2>(policy: &FirewallPolicy, ctx: &Context<E>) -> BTreeMap<String, String> {
+    let mut t = BTreeMap::new();
+    t.insert(tags::CLUSTER.to_string(), ctx.config.cluster_name.clone());
+    t.insert(tags::POLICY.to_string(), policy.name_any());
+    t.insert(
+        tags::POLICY_UID.to_string(),
+        policy.uid().unwrap_or_default(),
+    );
+    t.insert(tags::MANAGED_BY.to_string(), tags::MANAGER.to_string());
+    t
+}
+
+/// The tags that identify the group created for this very policy object.
+fn identity_tags<E: Ec2>(policy: &FirewallPolicy, ctx: &Context<E>) -> BTreeMap<String, String> {
+    let mut t = group_tags(policy, ctx);
+    t.remove(tags::POLICY);
+    t.remove(tags::MANAGED_BY);
+    t
+}
+
+fn referenced_ids(compiled: &CompiledPolicy) -> (Vec<String>, Vec<String>) {
+    let mut sgs = BTreeSet::new();
+    let mut pls = BTreeSet::new();
+    for direction in DIRECTIONS {
+        for rule in compiled.policy.rules(direction).unwrap_or_default() {
+            for peer in &rule.peers {
+                match peer {
+                    PeerRef::SecurityGroup(id) => {
+                        sgs.insert(id.clone());
+                    }
+                    PeerRef::PrefixList(id) => {
+                        pls.insert(id.clone());
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    (sgs.into_iter().collect(), pls.into_iter().collect())
+}
+
+/// The instance ids of the selected nodes (nodes not on EC2 left out).
+fn selected_instances(compiled: &CompiledPolicy, facts: &Facts) -> Vec<String> {
+    let mut ids: Vec<String> = compiled
+        .selected_nodes
+        .iter()
+        .filter_map(|n| facts.node(n)?.instance_id().map(str::to_string))
+        .collect();
+    ids.sort();
+    ids.dedup();
+    ids
+}
+
+/// **Apply**: brings the policy's Security Group to its plan and writes
+/// the status.
+///
+/// Contract:
+/// - Read: Nodes and FirewallNodes from the watch caches; Security Group
+///   and prefix-list references from EC2 (at a full sync only).
+/// - Plan: pure ([`compile_policy`]). An invalid policy or a plan over the
+///   rule quota is reported as `Stalled` before any EC2 call.
+/// - Apply (the full sync): only at a full sync, i.e. when the inputs
+///   (generation, plan, selected instances, group settings) changed or the
+///   last full sync is older than the resync interval.
+/// - Status: written only when it changed.
+///
+/// Idempotent: running it twice in a row makes no EC2 write the second
+/// time. Permanent errors set `Stalled` and are returned (the error policy
+/// then waits for a change); transient ones set `Reconciling` (reason
+/// `Retrying`) and are returned for a backoff.
+pub async fn apply<E: Ec2>(
+    policy: Arc<FirewallPolicy>,
+    ctx: Arc<Context<E>>,
+) -> Result<Action, Error> {
+    match apply_inner(&policy, &ctx).await {
+        Ok(action) => Ok(action),
+        Err(e) => {
+            let previous = policy.status.clone().unwrap_or_default();
+            let state = if e.is_permanent() {
+                CloudState::Stalled(e.reason(), e.advice())
+            } else {
+                // Already retrying at this generation: leave the status be.
+                // A message that differs per attempt would otherwise make
+                // each failure a status write, whose watch event cuts the
+                // backoff short.
+                let retrying = previous.observed_generation == policy.metadata.generation
+                    && previous.conditions.iter().any(|c| {
+                        c.type_ == crate::api::conditions::CLOUD_SYNCED
+                            && c.reason == crate::api::conditions::reason::RETRYING
+                    });
+                if retrying {
+                    return Err(e);
+                }
+                CloudState::Retrying(e.to_string())
+            };
+            let nodes = previous.nodes.clone().unwrap_or_default();
+            let mut next = previous.clone();
+            next.observed_generation = policy.metadata.generation;
+            next.conditions = status::conditions(
+                &previous.conditions,
+                policy.metadata.generation.unwrap_or_default(),
+                &state,
+                &nodes,
+            );
+            if write_status(&policy, &ctx, &previous, next).await? && e.is_permanent() {
+                ctx.publish(&policy, true, e.reason(), "Reconcile", e.advice())
+                    .await;
+            }
+            Err(e)
+        }
+    }
+}
+
+async fn apply_inner<E: Ec2>(policy: &FirewallPolicy, ctx: &Context<E>) -> Result<Action, Error> {
+    let name = policy.name_any();
+    let uid = policy.uid().ok_or(Error::Metadata("uid"))?;
+    let generation = policy.metadata.generation.unwrap_or_default();
+    let mut facts = Facts {
+        nodes: ctx.node_facts().await?,
+        quota: ctx.config.quota,
+        ..Default::default()
+    };
+    let memory = lock(&ctx.memory).get(&uid).cloned();
+    if let Some(m) = &memory {
+        facts.security_groups = m.references.security_groups.clone();
+        facts.prefix_lists = m.references.prefix_lists.clone();
+    }
+    // Pure: an invalid policy or a plan over quota stops here, before EC2.
+    let mut compiled = compile_policy(policy, &facts)?;
+    let mut inputs = sync_inputs(policy, &compiled, &facts);
+    let fresh = memory.as_ref().is_some_and(|m| {
+        m.generation == generation
+            && m.inputs == inputs
+            && m.at
+                .is_some_and(|at| at.elapsed() < ctx.config.resync.mul_f32(0.9))
+    });
+
+    let previous = policy.status.clone().unwrap_or_default();
+    let last_group = memory
+        .as_ref()
+        .and_then(|m| m.group.clone())
+        .or_else(|| previous.security_group.clone());
+    let group = if fresh {
+        last_group
+    } else {
+        // Resolve references, then plan again with their real sizes.
+        let (sgs, pls) = referenced_ids(&compiled);
+        if !sgs.is_empty() {
+            let found = ctx.ec2.describe_groups(&sgs).await?;
+            if let Some(missing) = sgs.iter().find(|id| !found.iter().any(|g| &g.id == *id)) {
+                return Err(CloudError::new(
+                    "DescribeSecurityGroups",
+                    ErrorKind::NotFound {
+                        what: "InvalidGroup.NotFound".into(),
+                    },
+                    format!("the Security Group {missing} referenced by a peer does not exist"),
+                )
+                .into());
+            }
+            facts.security_groups = ctx.ec2.group_members(&sgs).await?;
+        }
+        if !pls.is_empty() {
+            facts.prefix_lists = ctx.ec2.prefix_lists(&pls).await?;
+            if let Some(missing) = pls.iter().find(|id| !facts.prefix_lists.contains_key(*id)) {
+                return Err(CloudError::new(
+                    "DescribeManagedPrefixLists",
+                    ErrorKind::NotFound {
+                        what: "InvalidPrefixListID.NotFound".into(),
+                    },
+                    format!("the prefix list {missing} referenced by a peer does not exist"),
+                )
+                .into());
+            }
+        }
+        compiled = compile_policy(policy, &facts)?;
+        inputs = sync_inputs(policy, &compiled, &facts);
+        let drift_possible = memory
+            .as_ref()
+            .is_some_and(|m| m.generation == generation && m.inputs == inputs);
+        let report = sync_group(
+            policy,
+            ctx,
+            &compiled,
+            &facts,
+            last_group.as_ref(),
+            drift_possible,
+        )
+        .await?;
+        let rules = i64::from(report.group.ingress_rules) + i64::from(report.group.egress_rules);
+        lock(&ctx.memory).insert(
+            uid.clone(),
+            SyncMemory {
+                generation,
+                inputs: inputs.clone(),
+                at: Some(Instant::now()),
+                references: Facts {
+                    security_groups: facts.security_groups.clone(),
+                    prefix_lists: facts.prefix_lists.clone(),
+                    ..Default::default()
+                },
+                rules,
+                group: Some(report.group.clone()),
+            },
+        );
+        ctx.set_rules_managed();
+        Some(report.group)
+    };
+
+    let reports = ctx.reports().await?;
+    let nodes = status::node_counts(policy, &compiled.selected_nodes, &reports);
+    let next = FirewallPolicyStatus {
+        observed_generation: Some(generation),
+        conditions: status::conditions(
+            &previous.conditions,
+            generation,
+            &CloudState::Synced,
+            &nodes,
+        ),
+        security_group: group,
+        nodes: Some(nodes),
+        resolved_peers: resolved_peers(&compiled.policy, &facts),
+        warnings: compiled.warnings.iter().map(ToString::to_string).collect(),
+    };
+    write_status(policy, ctx, &previous, next).await?;
+    tracing::debug!(policy = %name, full_sync = !fresh, "reconciled");
+    let since = lock(&ctx.memory)
+        .get(&uid)
+        .and_then(|m| m.at)
+        .map_or(Duration::ZERO, |at| at.elapsed());
+    Ok(Action::requeue(
+        ctx.config
+            .resync
+            .saturating_sub(since)
+            .max(Duration::from_secs(1)),
+    ))
+}
+
+/// A fingerprint of everything a full sync depends on.
+fn sync_inputs(policy: &FirewallPolicy, compiled: &CompiledPolicy, facts: &Facts) -> String {
+    let instances = selected_instances(compiled, facts);
+    serde_json::json!({
+        "plan": compiled.cloud,
+        "instances": instances,
+        "target": policy.spec.security_group,
+    })
+    .to_string()
+}
+
+/// Writes `next` when it differs from `previous` (transition times
+/// aside). Returns whether it wrote.
+async fn write_status<E: Ec2>(
+    policy: &FirewallPolicy,
+    ctx: &Context<E>,
+    previous: &FirewallPolicyStatus,
+    next: FirewallPolicyStatus,
+) -> Result<bool, Error> {
+    let same = previous.observed_generation == next.observed_generation
+        && previous.security_group == next.security_group
+        && previous.nodes == next.nodes
+        && previous.resolved_peers == next.resolved_peers
+        && previous.warnings == next.warnings
+        && status::same_conditions(&previous.conditions, &next.conditions);
+    if same {
+        return Ok(false);
+    }
+    let api: Api<FirewallPolicy> = Api::all(ctx.client.clone());
+    let patch = serde_json::json!({ "status": next });
+    api.patch_status(
+        &policy.name_any(),
+        &PatchParams::apply(super::MANAGER),
+        &Patch::Merge(&patch),
+    )
+    .await
+    .map_err(Error::kube(format!(
+        "writing the status of FirewallPolicy {}",
+        policy.name_any()
+    )))?;
+    Ok(true)
+}
+
+fn summarize(diff: &SgDiff) -> String {
+    let mut parts = Vec::new();
+    for direction in DIRECTIONS {
+        let d = diff.direction(direction);
+        if !d.authorize.is_empty() {
+            let shown: Vec<String> = d
+                .authorize
+                .iter()
+                .take(5)
+                .map(|p| {
+                    format!(
+                        "{} {}-{} {}",
+                        p.permission.protocol.aws_name(),
+                        p.permission.from_port,
+                        p.permission.to_port,
+                        p.permission.peer
+                    )
+                })
+                .collect();
+            parts.push(format!(
+                "{direction}: {} missing ({}{})",
+                d.authorize.len(),
+                shown.join(", "),
+                if d.authorize.len() > 5 { ", ..." } else { "" }
+            ));
+        }
+        if !d.revoke.is_empty() {
+            parts.push(format!(
+                "{direction}: {} extra ({})",
+                d.revoke.len(),
+                d.revoke.join(", ")
+            ));
+        }
+        if !d.update_descriptions.is_empty() {
+            parts.push(format!(
+                "{direction}: {} description(s) changed",
+                d.update_descriptions.len()
+            ));
+        }
+    }
+    parts.join("; ")
+}
+
+/// Finds the group created for this policy (by its identity tags), or
+/// creates it, tagged, in the VPC of the spec or of the selected nodes.
+async fn owned_group<E: Ec2>(
+    policy: &FirewallPolicy,
+    ctx: &Context<E>,
+    instances: &[InstanceInfo],
+) -> Result<(String, Option<String>), Error> {
+    let found = ctx.ec2.find_groups(&identity_tags(policy, ctx)).await?;
+    if let Some(g) = found.into_iter().min_by(|a, b| a.id.cmp(&b.id)) {
+        return Ok((g.id, g.vpc_id));
+    }
+    let spec = target(policy);
+    let vpc = match spec.vpc_id.clone() {
+        Some(v) => v,
+        None => {
+            let vpcs: BTreeSet<String> =
+                instances.iter().filter_map(|i| i.vpc_id.clone()).collect();
+            match vpcs.len() {
+                0 => {
+                    return Err(Error::NoVpc {
+                        policy: policy.name_any(),
+                    });
+                }
+                1 => vpcs.into_iter().next().unwrap_or_default(),
+                _ => {
+                    return Err(Error::SeveralVpcs {
+                        policy: policy.name_any(),
+                        vpcs: vpcs.into_iter().collect::<Vec<_>>().join(", "),
+                    });
+                }
+            }
+        }
+    };
+    let mut all_tags = spec.tags.clone().unwrap_or_default();
+    all_tags.extend(group_tags(policy, ctx));
+    let name = spec.name.clone().unwrap_or_else(|| {
+        format!("palisade-{}-{}", ctx.config.cluster_name, policy.name_any())
+            .chars()
+            .take(255)
+            .collect()
+    });
+    let new = NewGroup {
+        name: name.clone(),
+        description: format!(
+            "Palisade FirewallPolicy {} (cluster {})",
+            policy.name_any(),
+            ctx.config.cluster_name
+        ),
+        vpc_id: vpc.clone(),
+        tags: all_tags,
+    };
+    let id = match ctx.ec2.create_group(&new).await {
+        Ok(id) => id,
+        Err(e) if e.kind == ErrorKind::Duplicate => {
+            return Err(Error::GroupNameTaken { name, vpc });
+        }
+        Err(e) => return Err(e.into()),
+    };
+    ctx.publish(
+        policy,
+        false,
+        "SecurityGroupCreated",
+        "CreateSecurityGroup",
+        format!("created Security Group {id} ({name}) in {vpc}"),
+    )
+    .await;
+    Ok((id, Some(vpc)))
+}
+
+/// **Full cloud sync**: the group exists, holds exactly the plan, and is
+/// attached to exactly the selected nodes' primary ENIs.
+///
+/// Contract: reads the group's rules once (paginated) and the relevant
+/// instances once; writes in the order authorize → update descriptions →
+/// revoke, one call per group and direction each, and only what differs;
+/// attaches/detaches by rewriting an ENI's group list with every other
+/// group kept. When `drift_possible` (the plan did not change since the
+/// last full sync), any difference is an out-of-band change and is
+/// recorded as a `DriftCorrected` Warning Event.
+async fn sync_group<E: Ec2>(
+    policy: &FirewallPolicy,
+    ctx: &Context<E>,
+    compiled: &CompiledPolicy,
+    facts: &Facts,
+    previous: Option<&SecurityGroupStatus>,
+    drift_possible: bool,
+) -> Result<CloudReport, Error> {
+    let spec = target(policy);
+    let owned = spec.is_owned();
+    let attaches = spec.attaches();
+    let previous = previous.cloned();
+    let selected = if attaches {
+        selected_instances(compiled, facts)
+    } else {
+        Vec::new()
+    };
+    let previously_attached: Vec<String> = previous
+        .as_ref()
+        .map(|g| g.attached_instances.clone())
+        .unwrap_or_default();
+    let known_owned = previous
+        .as_ref()
+        .filter(|g| owned && g.owned)
+        .map(|g| (g.id.clone(), g.vpc_id.clone()));
+    let mut wanted: BTreeSet<String> = selected
+        .iter()
+        .chain(&previously_attached)
+        .cloned()
+        .collect();
+    if owned && known_owned.is_none() && spec.vpc_id.is_none() {
+        // The VPC of the new group comes from the selected nodes.
+        wanted.extend(selected_instances(compiled, facts));
+    }
+    let wanted: Vec<String> = wanted.into_iter().collect();
+    let instances = ctx.ec2.describe_instances(&wanted).await?;
+
+    // The group.
+    let (group_id, vpc_id, current) = if owned {
+        match known_owned {
+            Some((id, vpc)) => {
+                let current = ctx.ec2.describe_rules(&id).await?;
+                // No rule at all may mean the group is gone: check once.
+                let gone = current.is_empty()
+                    && match ctx.ec2.describe_groups(std::slice::from_ref(&id)).await {
+                        Ok(found) => found.is_empty(),
+                        Err(e) if matches!(e.kind, ErrorKind::NotFound { .. }) => true,
+                        Err(e) => return Err(e.into()),
+                    };
+                if gone {
+                    let (id, vpc) = owned_group(policy, ctx, &instances).await?;
+                    let current = ctx.ec2.describe_rules(&id).await?;
+                    (id, vpc, current)
+                } else {
+                    (id, vpc, current)
+                }
+            }
+            None => {
+                let (id, vpc) = owned_group(policy, ctx, &instances).await?;
+                let current = ctx.ec2.describe_rules(&id).await?;
+                (id, vpc, current)
+            }
+        }
+    } else {
+        let id = spec.id.clone().unwrap_or_default();
+        let verified = previous.as_ref().is_some_and(|g| g.id == id && !g.owned);
+        let vpc = if verified {
+            previous.as_ref().and_then(|g| g.vpc_id.clone())
+        } else {
+            let found = ctx.ec2.describe_groups(std::slice::from_ref(&id)).await?;
+            let Some(g) = found.into_iter().next() else {
+                return Err(CloudError::new(
+                    "DescribeSecurityGroups",
+                    ErrorKind::NotFound {
+                        what: "InvalidGroup.NotFound".into(),
+                    },
+                    format!(
+                        "the Security Group {id} named in spec.securityGroup.id does not exist"
+                    ),
+                )
+                .into());
+            };
+            g.vpc_id
+        };
+        let current = ctx.ec2.describe_rules(&id).await?;
+        (id, vpc, current)
+    };
+    let ownership = if owned {
+        GroupOwnership::Created
+    } else {
+        GroupOwnership::Adopted
+    };
+
+    // Rules.
+    let diff = diff_security_group(&compiled.cloud, &current, ownership);
+    if !diff.is_empty() {
+        let summary = summarize(&diff);
+        if drift_possible {
+            ctx.metrics.drift_corrections.inc();
+            ctx.publish(
+                policy,
+                true,
+                "DriftCorrected",
+                "Resync",
+                format!("Security Group {group_id} changed out of band; repairing: {summary}"),
+            )
+            .await;
+        }
+        apply_diff(policy, ctx, &group_id, &diff, &current).await?;
+        ctx.publish(
+            policy,
+            false,
+            "SecurityGroupUpdated",
+            "ModifySecurityGroupRules",
+            format!("Security Group {group_id}: {summary}"),
+        )
+        .await;
+    }
+    let after = diff.apply_to(&current);
+    let count = |direction: Direction| -> i32 {
+        let n = after
+            .iter()
+            .filter(|r| {
+                r.direction == direction
+                    && owns_rule(&compiled.cloud.policy, ownership, r.description.as_deref())
+            })
+            .count();
+        i32::try_from(n).unwrap_or(i32::MAX)
+    };
+
+    // Attachments.
+    let mut attached = BTreeSet::new();
+    for instance in &instances {
+        let Some(eni) = &instance.primary_eni else {
+            continue;
+        };
+        let wanted_here = selected.contains(&instance.id);
+        let has = instance.eni_groups.contains(&group_id);
+        let detach = !wanted_here && has && (owned || previously_attached.contains(&instance.id));
+        if wanted_here {
+            attached.insert(instance.id.clone());
+        }
+        if (wanted_here && !has) || detach {
+            let change = if wanted_here {
+                EniChange::Attach
+            } else {
+                EniChange::Detach
+            };
+            if !set_membership(ctx, eni, &group_id, change).await? {
+                attached.insert(instance.id.clone());
+                continue;
+            }
+            let (reason, what) = match change {
+                EniChange::Attach => ("Attached", "attached"),
+                EniChange::Detach => ("Detached", "detached"),
+            };
+            ctx.publish(
+                policy,
+                false,
+                reason,
+                "ModifyNetworkInterfaceAttribute",
+                format!(
+                    "{what} {group_id} {} {eni} of instance {}",
+                    if wanted_here { "to" } else { "from" },
+                    instance.id
+                ),
+            )
+            .await;
+        }
+    }
+
+    Ok(CloudReport {
+        group: SecurityGroupStatus {
+            id: group_id,
+            vpc_id,
+            owned,
+            ingress_rules: count(Direction::Ingress),
+            egress_rules: count(Direction::Egress),
+            attached_instances: attached.into_iter().collect(),
+        },
+    })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum EniChange {
+    Attach,
+    Detach,
+}
+
+/// Adds or removes `group` in an ENI's groups, keeping the others.
+///
+/// Several policies may select one node: the read-modify-write of the
+/// ENI's group list runs under a per-ENI lock, on a fresh read, so
+/// concurrent reconciles never drop each other's group. Returns false
+/// when a detach would leave the ENI without any group (AWS requires
+/// one): the group then stays.
+async fn set_membership<E: Ec2>(
+    ctx: &Context<E>,
+    eni: &str,
+    group: &str,
+    change: EniChange,
+) -> Result<bool, Error> {
+    let lock = ctx.eni_lock(eni);
+    let _held = lock.lock().await;
+    let mut groups = ctx.ec2.eni_groups(eni).await?;
+    let has = groups.iter().any(|g| g == group);
+    match change {
+        EniChange::Attach if !has => groups.push(group.to_string()),
+        EniChange::Detach if has => {
+            groups.retain(|g| g != group);
+            if groups.is_empty() {
+                tracing::warn!(eni, group, "not detaching the last group of an ENI");
+                return Ok(false);
+            }
+        }
+        _ => return Ok(true),
+    }
+    ctx.ec2.set_eni_groups(eni, &groups).await?;
+    Ok(true)
+}
+
+/// Splits the permissions to authorize in one direction into those that
+/// fit the quota next to every rule the group holds now, and the rest.
+///
+/// Authorize-before-revoke needs room for old and new rules at once. When
+/// the quota does not leave it, the rest is authorized after the revoke:
+/// traffic allowed before and after the change is never dropped (those
+/// rules stay throughout); only permissions that are new wait for the
+/// room the revoke makes. The compiler guarantees the final state fits.
+pub(crate) fn split_for_quota(
+    authorize: &[PlannedPermission],
+    current: &[CurrentSgRule],
+    direction: Direction,
+    limit: u32,
+) -> (Vec<PlannedPermission>, Vec<PlannedPermission>) {
+    fn families(peer: &SgPeer) -> (u32, u32) {
+        match peer {
+            SgPeer::Ipv4(_) => (1, 0),
+            SgPeer::Ipv6(_) => (0, 1),
+            _ => (1, 1),
+        }
+    }
+    let (mut v4, mut v6) = current
+        .iter()
+        .filter(|r| r.direction == direction)
+        .map(|r| families(&r.permission.peer))
+        .fold((0u32, 0u32), |(a, b), (x, y)| (a + x, b + y));
+    let mut now = Vec::new();
+    let mut later = Vec::new();
+    for p in authorize {
+        let (x, y) = families(&p.permission.peer);
+        if v4 + x <= limit && v6 + y <= limit {
+            v4 += x;
+            v6 += y;
+            now.push(p.clone());
+        } else {
+            later.push(p.clone());
+        }
+    }
+    (now, later)
+}
+
+/// Applies a diff in the documented order: authorize (one call per
+/// direction), update descriptions (one call), revoke (one call per
+/// direction) — plus, only when the quota leaves no room for old and new
+/// rules side by side, a second authorize after the revoke
+/// ([`split_for_quota`]).
+async fn apply_diff<E: Ec2>(
+    policy: &FirewallPolicy,
+    ctx: &Context<E>,
+    group_id: &str,
+    diff: &SgDiff,
+    current: &[CurrentSgRule],
+) -> Result<(), Error> {
+    let name = policy.name_any();
+    let mut deferred = Vec::new();
+    for direction in DIRECTIONS {
+        let d = diff.direction(direction);
+        let (now, later) = split_for_quota(
+            &d.authorize,
+            current,
+            direction,
+            ctx.config.quota.rules_per_direction,
+        );
+        if !now.is_empty() {
+            ctx.ec2.authorize(group_id, direction, &now, &name).await?;
+        }
+        if !later.is_empty() {
+            deferred.push((direction, later));
+        }
+    }
+    let updates: Vec<(CurrentSgRule, String)> = DIRECTIONS
+        .iter()
+        .flat_map(|d| diff.direction(*d).update_descriptions.iter())
+        .filter_map(|(id, desc)| {
+            current
+                .iter()
+                .find(|r| &r.rule_id == id)
+                .map(|r| (r.clone(), desc.clone()))
+        })
+        .collect();
+    if !updates.is_empty() {
+        ctx.ec2.update_descriptions(group_id, &updates).await?;
+    }
+    for direction in DIRECTIONS {
+        let d = diff.direction(direction);
+        if !d.revoke.is_empty() {
+            ctx.ec2.revoke(group_id, direction, &d.revoke).await?;
+        }
+    }
+    for (direction, later) in deferred {
+        ctx.ec2
+            .authorize(group_id, direction, &later, &name)
+            .await?;
+    }
+    Ok(())
+}
+
+/// **Cleanup**: removes what the policy put in AWS, then waits for the
+/// agents.
+///
+/// Contract:
+/// - owned group, `deletionPolicy: Delete`: every group carrying this
+///   policy's identity tags is detached from every ENI (other groups kept)
+///   and deleted; `DependencyViolation` is returned as a retriable error
+///   (backoff); a group already gone is success;
+/// - owned group, `Retain`: nothing in AWS changes;
+/// - adopted group: only rules carrying the policy's marker are revoked,
+///   and the group is detached from the instances the policy attached;
+/// - the finalizer goes (`Ok`) only when no FirewallNode lists the policy.
+///
+/// Idempotent, and copes with Apply never having run (nothing found,
+/// nothing done).
+pub async fn cleanup<E: Ec2>(
+    policy: Arc<FirewallPolicy>,
+    ctx: Arc<Context<E>>,
+) -> Result<Action, Error> {
+    let spec = target(&policy);
+    if spec.is_owned() {
+        if spec.deletion_policy == DeletionPolicy::Delete {
+            let groups = ctx.ec2.find_groups(&identity_tags(&policy, &ctx)).await?;
+            for group in groups {
+                for (eni, _) in ctx.ec2.enis_in_group(&group.id).await? {
+                    set_membership(&ctx, &eni, &group.id, EniChange::Detach).await?;
+                }
+                match ctx.ec2.delete_group(&group.id).await {
+                    Ok(()) => {
+                        ctx.publish(
+                            &policy,
+                            false,
+                            "SecurityGroupDeleted",
+                            "DeleteSecurityGroup",
+                            format!("deleted Security Group {}", group.id),
+                        )
+                        .await;
+                    }
+                    Err(e) if matches!(e.kind, ErrorKind::NotFound { .. }) => {}
+                    Err(e) if e.kind == ErrorKind::DependencyViolation => {
+                        return Err(CloudError {
+                            kind: ErrorKind::Transient,
+                            ..e
+                        }
+                        .into());
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+    } else if let Some(id) = spec.id.clone() {
+        match ctx.ec2.describe_rules(&id).await {
+            Ok(rules) => {
+                let mine = marker(&policy.name_any());
+                for direction in DIRECTIONS {
+                    let ids: Vec<String> = rules
+                        .iter()
+                        .filter(|r| {
+                            r.direction == direction
+                                && r.description
+                                    .as_deref()
+                                    .is_some_and(|d| d.starts_with(&mine))
+                        })
+                        .map(|r| r.rule_id.clone())
+                        .collect();
+                    if !ids.is_empty() {
+                        ctx.ec2.revoke(&id, direction, &ids).await?;
+                        ctx.publish(
+                            &policy,
+                            false,
+                            "RulesRevoked",
+                            "RevokeSecurityGroupRules",
+                            format!("revoked {} {direction} rule(s) of {id}", ids.len()),
+                        )
+                        .await;
+                    }
+                }
+            }
+            Err(e) if matches!(e.kind, ErrorKind::NotFound { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let attached = policy
+            .status
+            .as_ref()
+            .and_then(|s| s.security_group.as_ref())
+            .map(|g| g.attached_instances.clone())
+            .unwrap_or_default();
+        for instance in ctx.ec2.describe_instances(&attached).await? {
+            if let Some(eni) = &instance.primary_eni
+                && instance.eni_groups.contains(&id)
+            {
+                set_membership(&ctx, eni, &id, EniChange::Detach).await?;
+            }
+        }
+    }
+    let waiting = status::nodes_still_enforcing(&policy, &ctx.reports().await?);
+    if !waiting.is_empty() {
+        return Err(Error::WaitingForAgents { nodes: waiting });
+    }
+    if let Some(uid) = policy.uid() {
+        lock(&ctx.memory).remove(&uid);
+        ctx.set_rules_managed();
+    }
+    Ok(Action::await_change())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::policy::{SgPermission, SgProtocol};
+
+    fn perm(port: i32, v6: bool) -> SgPermission {
+        SgPermission {
+            protocol: SgProtocol::Tcp,
+            from_port: port,
+            to_port: port,
+            peer: if v6 {
+                SgPeer::Ipv6("2001:db8::/32".parse().unwrap())
+            } else {
+                SgPeer::Ipv4("10.0.0.0/8".parse().unwrap())
+            },
+        }
+    }
+
+    #[test]
+    fn authorizations_wait_for_room_only_when_the_quota_is_short() {
+        let current: Vec<CurrentSgRule> = (0..50)
+            .map(|i| CurrentSgRule {
+                rule_id: format!("sgr-{i}"),
+                direction: Direction::Ingress,
+                permission: perm(i, false),
+                description: None,
+            })
+            .collect();
+        let new: Vec<PlannedPermission> = (100..150)
+            .map(|i| PlannedPermission {
+                permission: perm(i, i % 2 == 0),
+                description: "d".into(),
+                rules: vec![],
+            })
+            .collect();
+        let (now, later) = split_for_quota(&new, &current, Direction::Ingress, 200);
+        assert_eq!((now.len(), later.len()), (50, 0));
+        let (now, later) = split_for_quota(&new, &current, Direction::Ingress, 60);
+        // 10 IPv4 fit next to the 50 held; every IPv6 fits (none held).
+        assert_eq!(now.len(), 25 + 10);
+        assert_eq!(later.len(), 15);
+        let (now, _) = split_for_quota(&new, &current, Direction::Egress, 60);
+        assert_eq!(now.len(), 50);
+    }
+}

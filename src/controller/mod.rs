@@ -1,0 +1,607 @@
+//! The controller: every `FirewallPolicy` into an AWS Security Group.
+//!
+//! One kube-runtime [`Controller`] over FirewallPolicies, also woken by
+//! Nodes (mapped to the policies selecting them, or that attached their
+//! instance, or that match nodes as peers) and by the agents'
+//! FirewallNode objects. Each reconcile is one [`finalizer`] call:
+//!
+//! - **Apply** ([`apply`]): read (nodes, references) → plan (pure,
+//!   [`crate::policy::compile_policy`]) → apply to the group
+//!   (full sync: find/create, authorize → re-describe → revoke, attach) →
+//!   status.
+//! - **Cleanup** ([`cleanup`]): detach and delete the owned group (or
+//!   keep it, `deletionPolicy: Retain`), revoke only our rules in an
+//!   adopted group, and let the finalizer go only once no agent still
+//!   lists the policy.
+//!
+//! # Cost on EC2
+//!
+//! A full cloud sync reads the group's rules once (paginated) and the
+//! selected instances once, and writes nothing when nothing differs. A
+//! reconcile whose inputs (generation, plan, instances) did not change
+//! since the last full sync, less than a resync interval ago, makes no EC2
+//! call at all: status writes and agent reports cost nothing on AWS.
+//!
+//! When the quota leaves no room for old and new rules side by side, the
+//! new rules that do not fit are authorized right after the revoke (a
+//! second authorize call; see `split_for_quota`): still no traffic
+//! allowed before and after the change is ever dropped.
+//!
+//! # Reads from Kubernetes
+//!
+//! Each reconcile lists Nodes and FirewallNodes (consistent reads): a
+//! reconcile woken by a Node or agent change then always sees that change,
+//! which a second watch cache could lag behind. (With kube's
+//! `unstable-runtime-stream-control`, one Node watch could feed both the
+//! trigger and a cache.)
+//!
+//! # Permissions
+//!
+//! Kubernetes: `firewallpolicies` get/list/watch/patch/update,
+//! `firewallpolicies/status` patch, `firewallnodes` get/list/watch, `nodes`
+//! get/list/watch, `events.k8s.io` events create/patch, and
+//! `coordination.k8s.io` leases get/create/update in the lease namespace.
+//! AWS (IAM): `ec2:DescribeSecurityGroups`, `DescribeSecurityGroupRules`,
+//! `DescribeInstances`, `DescribeNetworkInterfaces`,
+//! `DescribeManagedPrefixLists`, `GetManagedPrefixListEntries`,
+//! `CreateSecurityGroup`, `DeleteSecurityGroup`, `CreateTags`,
+//! `AuthorizeSecurityGroupIngress/Egress`, `RevokeSecurityGroupIngress/Egress`,
+//! `ModifySecurityGroupRules`, `ModifyNetworkInterfaceAttribute`.
+
+mod apply;
+pub mod leader;
+pub mod metrics;
+pub mod server;
+pub mod status;
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Api, ListParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
+use kube::{Client, Resource, ResourceExt};
+
+use crate::api::{FirewallNode, FirewallPolicy};
+use crate::cloud::{CloudError, Ec2, ErrorKind};
+use crate::policy::{NodeFacts, PolicyError, SgQuota};
+
+pub use apply::{apply, cleanup};
+pub use metrics::Metrics;
+
+/// The finalizer the controller puts on every policy.
+pub const FINALIZER: &str = "palisade.dev/cleanup";
+/// The field manager of status writes and the Event reporter.
+pub const MANAGER: &str = "palisade-controller";
+
+/// Settings of one controller.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Written into the tags of every group created (`palisade.dev/cluster`).
+    pub cluster_name: String,
+    /// How often a policy's group is read back in full to repair drift.
+    pub resync: Duration,
+    /// How long a stalled policy waits before being looked at again
+    /// without any change.
+    pub stalled_retry: Duration,
+    /// Reconciles run at once.
+    pub concurrency: u16,
+    /// The Security Group rule quota the compiler plans with.
+    pub quota: SgQuota,
+    /// Only policies with these labels (`k=v,k2=v2`), for sharding and tests.
+    pub policy_selector: Option<String>,
+    /// Name of this instance in Events.
+    pub instance: Option<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            cluster_name: "default".into(),
+            resync: Duration::from_secs(300),
+            stalled_retry: Duration::from_secs(1800),
+            concurrency: 4,
+            quota: SgQuota::default(),
+            policy_selector: None,
+            instance: None,
+        }
+    }
+}
+
+/// Everything that stops one reconcile.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The apiserver refused or failed a call.
+    #[error("{context}: {source}")]
+    Kube {
+        /// What was being done.
+        context: String,
+        /// The error.
+        #[source]
+        source: kube::Error,
+    },
+    /// An EC2 call failed after retries.
+    #[error("{0}")]
+    Cloud(#[from] CloudError),
+    /// The policy cannot be compiled or its plan exceeds the quota.
+    #[error("{0}")]
+    Policy(#[from] PolicyError),
+    /// No VPC to create the group in.
+    #[error(
+        "no VPC for the Security Group of policy {policy}: set spec.securityGroup.vpcId, or select at least one node running on EC2 (spec.providerID aws:///<zone>/<instance-id>)"
+    )]
+    NoVpc {
+        /// The policy.
+        policy: String,
+    },
+    /// The selected nodes' instances are in different VPCs.
+    #[error(
+        "the nodes selected by policy {policy} are in several VPCs ({vpcs}); a Security Group lives in one VPC: narrow spec.nodeSelector or set spec.securityGroup.vpcId"
+    )]
+    SeveralVpcs {
+        /// The policy.
+        policy: String,
+        /// The VPCs, comma-separated.
+        vpcs: String,
+    },
+    /// A group named as the owned group exists without our tags.
+    #[error(
+        "a Security Group named {name} already exists in {vpc} and was not created by Palisade for this policy: set spec.securityGroup.name to another name, or adopt it with spec.securityGroup.id"
+    )]
+    GroupNameTaken {
+        /// The group name.
+        name: String,
+        /// The VPC.
+        vpc: String,
+    },
+    /// The policy object has no uid or name (never from the apiserver).
+    #[error("the policy object lacks metadata.{0}")]
+    Metadata(&'static str),
+    /// Cleanup done on AWS; agents still enforce the policy.
+    #[error("waiting for the agents of {} node(s) to remove the policy's rules: {}", nodes.len(), nodes.join(", "))]
+    WaitingForAgents {
+        /// Nodes whose FirewallNode still lists the policy.
+        nodes: Vec<String>,
+    },
+    /// The finalizer helper failed.
+    #[error("finalizer: {0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+}
+
+impl Error {
+    pub(crate) fn kube(context: impl Into<String>) -> impl FnOnce(kube::Error) -> Error {
+        let context = context.into();
+        move |source| Error::Kube { context, source }
+    }
+
+    /// The reason this error is reported under: a condition reason for
+    /// permanent errors, a short word otherwise. Doubles as a metric label.
+    pub fn reason(&self) -> &'static str {
+        use crate::api::conditions::reason;
+        match self {
+            Error::Kube { .. } => "KubeError",
+            Error::Cloud(e) => match e.kind {
+                ErrorKind::Auth => reason::AUTH_FAILED,
+                ErrorKind::NotFound { .. } => reason::INVALID_REFERENCE,
+                ErrorKind::QuotaExceeded => reason::QUOTA_EXCEEDED,
+                ErrorKind::Invalid => "Ec2Invalid",
+                ErrorKind::Throttled => "Ec2Throttled",
+                ErrorKind::Transient => "Ec2Unavailable",
+                ErrorKind::Duplicate => "Ec2Duplicate",
+                ErrorKind::DependencyViolation => "Ec2DependencyViolation",
+            },
+            Error::Policy(e) => e.reason(),
+            Error::NoVpc { .. } | Error::SeveralVpcs { .. } | Error::GroupNameTaken { .. } => {
+                reason::INVALID_REFERENCE
+            }
+            Error::Metadata(_) => reason::INVALID_POLICY,
+            Error::WaitingForAgents { .. } => "WaitingForAgents",
+            Error::Finalizer(e) => match e.as_ref() {
+                kube::runtime::finalizer::Error::ApplyFailed(e)
+                | kube::runtime::finalizer::Error::CleanupFailed(e) => e.reason(),
+                _ => "FinalizerError",
+            },
+        }
+    }
+
+    /// The message for a person: the error, and for AWS refusals what to
+    /// check.
+    pub fn advice(&self) -> String {
+        let hint = match self.cloud_kind() {
+            Some(ErrorKind::Auth) => {
+                " (check the controller's AWS identity: IRSA / EKS Pod Identity / instance profile, and that its IAM policy allows ec2:Describe*, ec2:CreateSecurityGroup, ec2:DeleteSecurityGroup, ec2:AuthorizeSecurityGroup*, ec2:RevokeSecurityGroup*, ec2:ModifySecurityGroupRules, ec2:ModifyNetworkInterfaceAttribute, ec2:CreateTags)"
+            }
+            _ => "",
+        };
+        format!("{self}{hint}")
+    }
+
+    fn cloud_kind(&self) -> Option<ErrorKind> {
+        match self {
+            Error::Cloud(e) => Some(e.kind.clone()),
+            Error::Finalizer(f) => match f.as_ref() {
+                kube::runtime::finalizer::Error::ApplyFailed(e)
+                | kube::runtime::finalizer::Error::CleanupFailed(e) => e.cloud_kind(),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    /// True when retrying cannot help until the policy or the environment
+    /// changes: reported as `Stalled`, looked at again only on a change or
+    /// after a long interval.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            Error::Cloud(e) => matches!(
+                e.kind,
+                ErrorKind::Auth
+                    | ErrorKind::NotFound { .. }
+                    | ErrorKind::QuotaExceeded
+                    | ErrorKind::Invalid
+            ),
+            Error::Policy(_)
+            | Error::NoVpc { .. }
+            | Error::SeveralVpcs { .. }
+            | Error::GroupNameTaken { .. }
+            | Error::Metadata(_) => true,
+            Error::Finalizer(e) => match e.as_ref() {
+                kube::runtime::finalizer::Error::ApplyFailed(e)
+                | kube::runtime::finalizer::Error::CleanupFailed(e) => e.is_permanent(),
+                _ => false,
+            },
+            Error::Kube { .. } | Error::WaitingForAgents { .. } => false,
+        }
+    }
+}
+
+/// What the last full cloud sync of one policy saw, so reconciles with the
+/// same inputs skip EC2 until the next resync.
+#[derive(Debug, Clone)]
+pub(crate) struct SyncMemory {
+    pub(crate) generation: i64,
+    pub(crate) inputs: String,
+    pub(crate) at: Option<Instant>,
+    pub(crate) references: crate::policy::Facts,
+    pub(crate) rules: i64,
+    /// The group as that sync left it (newer than a status read from a
+    /// watch cache that may lag behind our own write).
+    pub(crate) group: Option<crate::api::SecurityGroupStatus>,
+}
+
+/// Shared state of every reconcile.
+pub struct Context<E: Ec2> {
+    /// Kubernetes client.
+    pub client: Client,
+    /// EC2.
+    pub ec2: Arc<E>,
+    /// Settings.
+    pub config: Config,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    pub(crate) recorder: Recorder,
+    pub(crate) memory: Mutex<HashMap<String, SyncMemory>>,
+    pub(crate) failures: Mutex<HashMap<String, u32>>,
+    pub(crate) eni_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl<E: Ec2> std::fmt::Debug for Context<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl<E: Ec2> Context<E> {
+    /// Forgets every policy's last full sync, so the next reconcile of each
+    /// reads its group back from EC2 (what the resync timer does).
+    pub fn expire_sync_memory(&self) {
+        for m in lock(&self.memory).values_mut() {
+            m.at = None;
+        }
+    }
+
+    pub(crate) async fn publish(
+        &self,
+        policy: &FirewallPolicy,
+        warning: bool,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) {
+        let event = Event {
+            type_: if warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: reason.to_string(),
+            note: Some(note.chars().take(1000).collect()),
+            action: action.to_string(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&event, &policy.object_ref(&())).await {
+            tracing::warn!(policy = %policy.name_any(), error = %e, "publishing an Event failed");
+        }
+    }
+
+    /// Every Node, read from the apiserver (a consistent read, so a
+    /// reconcile woken by a Node change sees that change).
+    pub(crate) async fn node_facts(&self) -> Result<Vec<NodeFacts>, Error> {
+        let nodes = Api::<Node>::all(self.client.clone())
+            .list(&ListParams::default())
+            .await
+            .map_err(Error::kube("listing Nodes"))?;
+        let mut nodes: Vec<NodeFacts> = nodes.items.iter().map(node_facts).collect();
+        nodes.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(nodes)
+    }
+
+    /// Every agent report, read from the apiserver.
+    pub(crate) async fn reports(&self) -> Result<Vec<Arc<FirewallNode>>, Error> {
+        let reports = Api::<FirewallNode>::all(self.client.clone())
+            .list(&ListParams::default())
+            .await
+            .map_err(Error::kube("listing FirewallNodes"))?;
+        Ok(reports.items.into_iter().map(Arc::new).collect())
+    }
+
+    pub(crate) fn eni_lock(&self, eni: &str) -> Arc<tokio::sync::Mutex<()>> {
+        lock(&self.eni_locks)
+            .entry(eni.to_string())
+            .or_default()
+            .clone()
+    }
+
+    pub(crate) fn set_rules_managed(&self) {
+        let total: i64 = lock(&self.memory).values().map(|m| m.rules).sum();
+        self.metrics.rules_managed.set(total);
+    }
+}
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A Node as the compiler sees it.
+pub fn node_facts(node: &Node) -> NodeFacts {
+    let addresses = node
+        .status
+        .as_ref()
+        .and_then(|s| s.addresses.as_ref())
+        .map(|a| {
+            a.iter()
+                .filter(|a| a.type_ == "InternalIP")
+                .filter_map(|a| a.address.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    NodeFacts {
+        name: node.name_any(),
+        labels: node.labels().clone(),
+        addresses,
+        provider_id: node.spec.as_ref().and_then(|s| s.provider_id.clone()),
+    }
+}
+
+/// One reconcile of one policy: the finalizer's Apply or Cleanup.
+pub async fn reconcile<E: Ec2>(
+    policy: Arc<FirewallPolicy>,
+    ctx: Arc<Context<E>>,
+) -> Result<Action, Error> {
+    let started = Instant::now();
+    let api: Api<FirewallPolicy> = Api::all(ctx.client.clone());
+    let key = policy.name_any();
+    let result = finalizer(&api, FINALIZER, policy, |event| async {
+        match event {
+            Finalizer::Apply(p) => apply(p, ctx.clone()).await,
+            Finalizer::Cleanup(p) => cleanup(p, ctx.clone()).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)));
+    let outcome = match &result {
+        Ok(_) => "ok",
+        Err(e) if e.is_permanent() => "stalled",
+        Err(_) => "error",
+    };
+    if result.is_ok() {
+        lock(&ctx.failures).remove(&key);
+    }
+    ctx.metrics.reconciled(outcome, started.elapsed());
+    result
+}
+
+/// After a failed reconcile: permanent errors wait for a change (or the
+/// long `stalled_retry`); others back off exponentially with jitter,
+/// per policy, from 1 s up to 5 min.
+pub fn error_policy<E: Ec2>(
+    policy: Arc<FirewallPolicy>,
+    error: &Error,
+    ctx: Arc<Context<E>>,
+) -> Action {
+    ctx.metrics.failed(error.reason());
+    if error.is_permanent() {
+        tracing::warn!(policy = %policy.name_any(), error = %error, "policy stalled");
+        return Action::requeue(ctx.config.stalled_retry);
+    }
+    let n = {
+        let mut failures = lock(&ctx.failures);
+        let n = failures.entry(policy.name_any()).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    };
+    let ceiling = Duration::from_secs(1)
+        .saturating_mul(2u32.saturating_pow(n.min(9)))
+        .min(Duration::from_secs(300));
+    let wait = Duration::from_millis(fastrand::u64(
+        500..=u64::try_from(ceiling.as_millis())
+            .unwrap_or(300_000)
+            .max(500),
+    ));
+    tracing::info!(policy = %policy.name_any(), error = %error, retry_in = ?wait, "reconcile failed; retrying");
+    Action::requeue(wait)
+}
+
+fn instance_of(node: &Node) -> Option<String> {
+    node_facts(node).instance_id().map(str::to_string)
+}
+
+/// The policies a Node change concerns: those selecting it, those whose
+/// group is attached to its instance, and those with node-selector peers.
+fn policies_for_node_change(
+    node: &Node,
+    policies: &Store<FirewallPolicy>,
+) -> Vec<ObjectRef<FirewallPolicy>> {
+    let facts = node_facts(node);
+    let instance = instance_of(node);
+    policies
+        .state()
+        .iter()
+        .filter(|p| {
+            let valid = crate::policy::validate(p);
+            let selects = valid.as_ref().map(|v| v.selects(&facts)).unwrap_or(true);
+            let attached = instance.as_ref().is_some_and(|i| {
+                p.status
+                    .as_ref()
+                    .and_then(|s| s.security_group.as_ref())
+                    .is_some_and(|g| g.attached_instances.contains(i))
+            });
+            let peers = [&p.spec.ingress, &p.spec.egress].iter().any(|rules| {
+                rules
+                    .iter()
+                    .flatten()
+                    .any(|r| r.peers.iter().any(|peer| peer.node_selector.is_some()))
+            });
+            selects || attached || peers
+        })
+        .map(|p| ObjectRef::from_obj(p.as_ref()))
+        .collect()
+}
+
+/// Builds the context: the Event recorder, metrics and settings.
+pub fn context<E: Ec2>(
+    client: Client,
+    ec2: Arc<E>,
+    config: Config,
+    metrics: Arc<Metrics>,
+) -> Arc<Context<E>> {
+    let reporter = Reporter {
+        controller: MANAGER.into(),
+        instance: config.instance.clone(),
+    };
+    Arc::new(Context {
+        recorder: Recorder::new(client.clone(), reporter),
+        client,
+        ec2,
+        config,
+        metrics,
+        memory: Mutex::new(HashMap::new()),
+        failures: Mutex::new(HashMap::new()),
+        eni_locks: Mutex::new(HashMap::new()),
+    })
+}
+
+/// Runs the controller until `shutdown` completes (then finishes the
+/// reconciles in flight and returns).
+pub async fn run<E: Ec2>(
+    ctx: Arc<Context<E>>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let client = ctx.client.clone();
+    let mut policy_watch = watcher::Config::default();
+    if let Some(selector) = &ctx.config.policy_selector {
+        policy_watch = policy_watch.labels(selector);
+    }
+    let controller = Controller::new(Api::<FirewallPolicy>::all(client.clone()), policy_watch);
+    let policies = controller.store();
+    let for_nodes = policies.clone();
+    let for_reports = policies.clone();
+    controller
+        .with_config(
+            kube::runtime::controller::Config::default().concurrency(ctx.config.concurrency),
+        )
+        .watches(
+            Api::<Node>::all(client.clone()),
+            watcher::Config::default(),
+            move |node| policies_for_node_change(&node, &for_nodes),
+        )
+        .watches(
+            Api::<FirewallNode>::all(client),
+            watcher::Config::default(),
+            move |report| {
+                let listed: BTreeSet<String> = report
+                    .status
+                    .iter()
+                    .flat_map(|s| s.policies.iter().map(|p| p.name.clone()))
+                    .collect();
+                // The policies it lists, and those still waiting on nodes.
+                for_reports
+                    .state()
+                    .iter()
+                    .filter(|p| {
+                        listed.contains(&p.name_any())
+                            || p.status
+                                .as_ref()
+                                .and_then(|s| s.nodes.as_ref())
+                                .is_none_or(|n| n.synced < n.selected)
+                    })
+                    .map(|p| ObjectRef::from_obj(p.as_ref()))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "reconcile trigger failed");
+            }
+        })
+        .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_are_classified_for_conditions_and_backoff() {
+        let cloud =
+            |kind| Error::Cloud(CloudError::new("AuthorizeSecurityGroupIngress", kind, "x"));
+        assert!(cloud(ErrorKind::Auth).is_permanent());
+        assert_eq!(cloud(ErrorKind::Auth).reason(), "AuthFailed");
+        assert!(cloud(ErrorKind::Auth).advice().contains("IRSA"));
+        assert!(!cloud(ErrorKind::Throttled).is_permanent());
+        assert!(!cloud(ErrorKind::DependencyViolation).is_permanent());
+        assert_eq!(
+            cloud(ErrorKind::NotFound {
+                what: "InvalidGroup.NotFound".into()
+            })
+            .reason(),
+            "InvalidReference"
+        );
+        let wrapped = Error::Finalizer(Box::new(kube::runtime::finalizer::Error::ApplyFailed(
+            cloud(ErrorKind::QuotaExceeded),
+        )));
+        assert!(wrapped.is_permanent());
+        assert_eq!(wrapped.reason(), "QuotaExceeded");
+        assert!(
+            !Error::WaitingForAgents {
+                nodes: vec!["a".into()]
+            }
+            .is_permanent()
+        );
+        assert!(
+            Error::NoVpc { policy: "p".into() }
+                .to_string()
+                .contains("vpcId")
+        );
+    }
+}

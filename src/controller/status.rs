@@ -1,0 +1,286 @@
+//! Pure status building: conditions with kstatus polarity and node counts
+//! aggregated from the agents' `FirewallNode` objects.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+use crate::api::conditions::{self, reason};
+use crate::api::{FirewallNode, FirewallPolicy, NodeCounts};
+
+/// Where the cloud layer of a policy stands after a reconcile.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CloudState {
+    /// The group holds exactly the plan.
+    Synced,
+    /// Progress impossible until something changes (reason, message).
+    Stalled(&'static str, String),
+    /// A transient failure; retrying (message).
+    Retrying(String),
+}
+
+/// Counts the selected nodes whose agent reports `policy` at its current
+/// generation (synced) or reports a failed last sync (failed).
+pub fn node_counts(
+    policy: &FirewallPolicy,
+    selected: &[String],
+    reports: &[std::sync::Arc<FirewallNode>],
+) -> NodeCounts {
+    let name = policy.metadata.name.as_deref().unwrap_or_default();
+    let uid = policy.metadata.uid.as_deref();
+    let generation = policy.metadata.generation.unwrap_or_default();
+    let mut synced = 0;
+    let mut failed = 0;
+    for node in selected {
+        let Some(report) = reports
+            .iter()
+            .find(|r| r.metadata.name.as_deref() == Some(node.as_str()))
+        else {
+            continue;
+        };
+        let Some(status) = &report.status else {
+            continue;
+        };
+        let applied = status.policies.iter().any(|p| {
+            p.name == name
+                && p.generation == generation
+                && (p.uid.is_none() || uid.is_none() || p.uid.as_deref() == uid)
+        });
+        if applied {
+            synced += 1;
+        } else if status
+            .last_sync
+            .as_ref()
+            .is_some_and(|s| s.result == "Failed")
+        {
+            failed += 1;
+        }
+    }
+    let selected = i32::try_from(selected.len()).unwrap_or(i32::MAX);
+    NodeCounts {
+        selected,
+        synced,
+        failed,
+        summary: format!("{synced}/{selected}"),
+    }
+}
+
+/// Nodes whose agent still lists `policy` (by name, and uid when both
+/// know it): the finalizer stays until this is empty.
+pub fn nodes_still_enforcing(
+    policy: &FirewallPolicy,
+    reports: &[std::sync::Arc<FirewallNode>],
+) -> Vec<String> {
+    let name = policy.metadata.name.as_deref().unwrap_or_default();
+    let uid = policy.metadata.uid.as_deref();
+    let mut nodes: Vec<String> = reports
+        .iter()
+        .filter(|r| {
+            r.status.as_ref().is_some_and(|s| {
+                s.policies.iter().any(|p| {
+                    p.name == name && (p.uid.is_none() || uid.is_none() || p.uid.as_deref() == uid)
+                })
+            })
+        })
+        .filter_map(|r| r.metadata.name.clone())
+        .collect();
+    nodes.sort();
+    nodes
+}
+
+fn condition(type_: &str, ok: bool, reason: &str, message: String, generation: i64) -> Condition {
+    Condition {
+        type_: type_.to_string(),
+        status: if ok { "True" } else { "False" }.to_string(),
+        reason: reason.to_string(),
+        message,
+        observed_generation: Some(generation),
+        last_transition_time: Time(k8s_openapi::jiff::Timestamp::now()),
+    }
+}
+
+/// The five conditions for `cloud` and `nodes`, keeping each previous
+/// `lastTransitionTime` when the status did not flip.
+///
+/// - `Stalled=True` exactly when the cloud state is stalled;
+/// - `Ready=True` when the cloud is synced and every selected node reports
+///   the current generation;
+/// - `Reconciling=True` whenever neither is the case.
+pub fn conditions(
+    previous: &[Condition],
+    generation: i64,
+    cloud: &CloudState,
+    nodes: &NodeCounts,
+) -> Vec<Condition> {
+    let (cloud_ok, cloud_reason, cloud_message) = match cloud {
+        CloudState::Synced => (
+            true,
+            reason::SYNCED,
+            "the Security Group holds exactly the planned rules".to_string(),
+        ),
+        CloudState::Stalled(r, m) => (false, *r, m.clone()),
+        CloudState::Retrying(m) => (false, reason::RETRYING, m.clone()),
+    };
+    let nodes_ok = nodes.synced == nodes.selected;
+    let (nodes_reason, nodes_message) = if nodes_ok {
+        (
+            reason::SYNCED,
+            format!(
+                "{} of {} selected nodes applied generation {generation}",
+                nodes.synced, nodes.selected
+            ),
+        )
+    } else if nodes.failed > 0 {
+        (
+            reason::NODES_FAILED,
+            format!(
+                "{} of {} selected nodes failed to apply the policy (see their FirewallNode objects)",
+                nodes.failed, nodes.selected
+            ),
+        )
+    } else {
+        (
+            reason::NODES_PENDING,
+            format!(
+                "{} of {} selected nodes applied generation {generation}",
+                nodes.synced, nodes.selected
+            ),
+        )
+    };
+    let stalled = matches!(cloud, CloudState::Stalled(..));
+    let ready = cloud_ok && nodes_ok;
+    let (ready_reason, ready_message) = if ready {
+        (reason::SYNCED, "applied on both layers".to_string())
+    } else if !cloud_ok {
+        (cloud_reason, cloud_message.clone())
+    } else {
+        (nodes_reason, nodes_message.clone())
+    };
+    let fresh = vec![
+        condition(
+            conditions::READY,
+            ready,
+            ready_reason,
+            ready_message.clone(),
+            generation,
+        ),
+        condition(
+            conditions::RECONCILING,
+            !ready && !stalled,
+            if ready || stalled {
+                ready_reason
+            } else {
+                reason::PROGRESSING
+            },
+            ready_message.clone(),
+            generation,
+        ),
+        condition(
+            conditions::STALLED,
+            stalled,
+            cloud_reason,
+            cloud_message.clone(),
+            generation,
+        ),
+        condition(
+            conditions::CLOUD_SYNCED,
+            cloud_ok,
+            cloud_reason,
+            cloud_message,
+            generation,
+        ),
+        condition(
+            conditions::NODES_SYNCED,
+            nodes_ok,
+            nodes_reason,
+            nodes_message,
+            generation,
+        ),
+    ];
+    fresh
+        .into_iter()
+        .map(|mut c| {
+            if let Some(old) = previous.iter().find(|o| o.type_ == c.type_)
+                && old.status == c.status
+            {
+                c.last_transition_time = old.last_transition_time.clone();
+            }
+            c
+        })
+        .collect()
+}
+
+/// Conditions equal but for their transition times.
+pub fn same_conditions(a: &[Condition], b: &[Condition]) -> bool {
+    a.len() == b.len()
+        && a.iter().zip(b).all(|(x, y)| {
+            x.type_ == y.type_
+                && x.status == y.status
+                && x.reason == y.reason
+                && x.message == y.message
+                && x.observed_generation == y.observed_generation
+        })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::api::{AppliedPolicy, FirewallNodeSpec, FirewallNodeStatus};
+    use std::sync::Arc;
+
+    fn report(node: &str, policy: &str, generation: i64) -> Arc<FirewallNode> {
+        let mut n = FirewallNode::new(
+            node,
+            FirewallNodeSpec {
+                node_name: node.into(),
+            },
+        );
+        n.status = Some(FirewallNodeStatus {
+            policies: vec![AppliedPolicy {
+                name: policy.into(),
+                uid: None,
+                generation,
+                hash: "h".into(),
+            }],
+            ..Default::default()
+        });
+        Arc::new(n)
+    }
+
+    fn get<'a>(c: &'a [Condition], t: &str) -> &'a Condition {
+        c.iter().find(|c| c.type_ == t).unwrap()
+    }
+
+    #[test]
+    fn kstatus_polarity() {
+        let mut p = FirewallPolicy::new("p", Default::default());
+        p.metadata.generation = Some(3);
+        let reports = vec![report("a", "p", 3), report("b", "p", 2)];
+        let counts = node_counts(&p, &["a".into(), "b".into()], &reports);
+        assert_eq!(
+            (counts.selected, counts.synced, counts.summary.as_str()),
+            (2, 1, "1/2")
+        );
+        let c = conditions(&[], 3, &CloudState::Synced, &counts);
+        assert_eq!(get(&c, "Ready").status, "False");
+        assert_eq!(get(&c, "Reconciling").status, "True");
+        assert_eq!(get(&c, "Stalled").status, "False");
+        assert_eq!(get(&c, "CloudSynced").status, "True");
+
+        let counts = node_counts(&p, &["a".into()], &reports);
+        let c = conditions(&c, 3, &CloudState::Synced, &counts);
+        assert_eq!(get(&c, "Ready").status, "True");
+        assert_eq!(get(&c, "Reconciling").status, "False");
+
+        let c = conditions(
+            &c,
+            3,
+            &CloudState::Stalled("QuotaExceeded", "too many".into()),
+            &counts,
+        );
+        assert_eq!(get(&c, "Ready").status, "False");
+        assert_eq!(get(&c, "Reconciling").status, "False");
+        assert_eq!(get(&c, "Stalled").status, "True");
+        assert_eq!(get(&c, "Stalled").reason, "QuotaExceeded");
+        assert_eq!(nodes_still_enforcing(&p, &reports), ["a", "b"]);
+    }
+}

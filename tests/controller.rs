@@ -1,0 +1,1304 @@
+//! The controller against the real local environment: kube-apiserver +
+//! etcd + moto, simulated nodes backed by moto instances, and the fault
+//! proxy in front of moto (which also records every EC2 call).
+//!
+//! Each test runs its own controller in-process, restricted by a label
+//! selector to the policies the test creates, so tests sharing the one
+//! apiserver and moto do not see each other's policies.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::events::v1::Event as KubeEvent;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use palisade::api::{
+    AppliedPolicy, DeletionPolicy, FirewallNode, FirewallNodeSpec, FirewallPolicy,
+    FirewallPolicySpec, FirewallRule, NodeSelector, Peer, PortRange, Protocol, SecurityGroupTarget,
+};
+use palisade::cloud::{AwsEc2, Ec2, RetryPolicy, tags};
+use palisade::controller::{self, Config, Context, Metrics};
+use palisade::policy::{Facts, GroupOwnership, SgPermission, SgQuota, compile_policy};
+use palisade::testenv::fault_proxy::{FaultPlan, FaultProxy, Outcome};
+use palisade::testenv::{SimNet, SimNode, TestEnv};
+
+const CRDS: &str = include_str!("../crds/palisade.dev.yaml");
+const TEST_LABEL: &str = "palisade.dev/test";
+
+async fn env() -> &'static TestEnv {
+    let env = TestEnv::shared().unwrap();
+    env.install_crds(CRDS).await.unwrap();
+    env
+}
+
+fn ec2_for(endpoint: &str, retry: RetryPolicy) -> AwsEc2 {
+    use aws_sdk_ec2::config::{Credentials, SharedCredentialsProvider};
+    let config = aws_config::SdkConfig::builder()
+        .behavior_version(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new("us-east-1"))
+        .endpoint_url(endpoint)
+        .credentials_provider(SharedCredentialsProvider::new(Credentials::new(
+            "testing", "testing", None, None, "test",
+        )))
+        .build();
+    AwsEc2::from_sdk_config(&config, retry)
+}
+
+fn fast_retry() -> RetryPolicy {
+    RetryPolicy {
+        max_attempts: 12,
+        base: Duration::from_millis(10),
+        cap: Duration::from_millis(200),
+        ..RetryPolicy::default()
+    }
+}
+
+/// One in-process controller for one test, behind its own fault proxy.
+struct Running {
+    ctx: Arc<Context<AwsEc2>>,
+    proxy: Arc<FaultProxy>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Running {
+    async fn start(test: &str, resync: Duration, quota: u32) -> Running {
+        let proxy = Arc::new(FaultProxy::start(&env().await.ec2_endpoint()).unwrap());
+        Running::start_with(test, resync, quota, proxy).await
+    }
+
+    async fn start_with(
+        test: &str,
+        resync: Duration,
+        quota: u32,
+        proxy: Arc<FaultProxy>,
+    ) -> Running {
+        let env = env().await;
+        let metrics = Arc::new(Metrics::default());
+        let ec2 = ec2_for(&proxy.endpoint(), fast_retry()).with_observer(metrics.ec2_observer());
+        let config = Config {
+            cluster_name: "ctrl-tests".into(),
+            resync,
+            stalled_retry: Duration::from_secs(600),
+            concurrency: 4,
+            quota: SgQuota {
+                rules_per_direction: quota,
+            },
+            policy_selector: Some(format!("{TEST_LABEL}={test}")),
+            instance: Some(format!("test-{test}")),
+        };
+        let ctx = controller::context(env.client().await.unwrap(), Arc::new(ec2), config, metrics);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(controller::run(ctx.clone(), async move {
+            let _ = stopped.await;
+        }));
+        Running {
+            ctx,
+            proxy,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+async fn eventually<F, Fut, T>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn tcp(name: &str, ports: &[u16], cidrs: &[&str]) -> FirewallRule {
+    FirewallRule {
+        name: name.into(),
+        protocol: Protocol::Tcp,
+        ports: Some(
+            ports
+                .iter()
+                .map(|p| PortRange {
+                    port: *p,
+                    end_port: None,
+                })
+                .collect(),
+        ),
+        peers: cidrs
+            .iter()
+            .map(|c| Peer {
+                cidr: Some(c.to_string()),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+fn policy(test: &str, name: &str, role: &str, ingress: Vec<FirewallRule>) -> FirewallPolicy {
+    let mut p = FirewallPolicy::new(
+        name,
+        FirewallPolicySpec {
+            node_selector: Some(NodeSelector {
+                match_labels: Some(BTreeMap::from([
+                    (TEST_LABEL.to_string(), test.to_string()),
+                    ("role".to_string(), role.to_string()),
+                ])),
+                match_expressions: None,
+            }),
+            ingress: Some(ingress),
+            ..Default::default()
+        },
+    );
+    p.metadata.labels = Some(BTreeMap::from([(TEST_LABEL.to_string(), test.to_string())]));
+    p
+}
+
+async fn policies() -> Api<FirewallPolicy> {
+    Api::all(env().await.client().await.unwrap())
+}
+
+async fn get(name: &str) -> FirewallPolicy {
+    policies().await.get(name).await.unwrap()
+}
+
+/// kstatus's reading of a policy: `Current`, `InProgress` or `Failed`.
+fn kstatus(p: &FirewallPolicy) -> &'static str {
+    let Some(status) = &p.status else {
+        return "InProgress";
+    };
+    if status.observed_generation != p.metadata.generation {
+        return "InProgress";
+    }
+    let is = |t: &str| {
+        status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == t && c.status == "True")
+    };
+    if is("Stalled") {
+        "Failed"
+    } else if is("Reconciling") {
+        "InProgress"
+    } else if is("Ready") {
+        "Current"
+    } else {
+        "InProgress"
+    }
+}
+
+fn condition(p: &FirewallPolicy, t: &str) -> Option<(String, String, String)> {
+    p.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == t)
+        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+/// The group id once the controller reports the cloud layer synced at the
+/// current generation.
+async fn wait_cloud_synced(name: &str) -> String {
+    eventually(
+        &format!("{name} CloudSynced"),
+        Duration::from_secs(60),
+        || async {
+            let p = get(name).await;
+            let s = p.status.as_ref()?;
+            (s.observed_generation == p.metadata.generation
+                && condition(&p, "CloudSynced")?.0 == "True")
+                .then(|| s.security_group.as_ref().map(|g| g.id.clone()))
+                .flatten()
+        },
+    )
+    .await
+}
+
+/// Plays the agent of `node`: reports `policies` as applied at their
+/// current generation.
+async fn report_applied(client: &Client, node: &str, applied: &[&FirewallPolicy]) {
+    let api: Api<FirewallNode> = Api::all(client.clone());
+    if api.get_opt(node).await.unwrap().is_none() {
+        api.create(
+            &PostParams::default(),
+            &FirewallNode::new(
+                node,
+                FirewallNodeSpec {
+                    node_name: node.into(),
+                },
+            ),
+        )
+        .await
+        .unwrap();
+    }
+    let policies: Vec<AppliedPolicy> = applied
+        .iter()
+        .map(|p| AppliedPolicy {
+            name: p.name_any(),
+            uid: p.uid(),
+            generation: p.metadata.generation.unwrap(),
+            hash: "0123456789abcdef".into(),
+        })
+        .collect();
+    let status = serde_json::json!({ "status": {
+        "policies": policies,
+        "policyCount": policies.len(),
+    }});
+    api.patch_status(node, &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .unwrap();
+}
+
+/// The desired permissions of a policy, per the compiler (no references).
+fn planned(p: &FirewallPolicy) -> Vec<(bool, SgPermission, String)> {
+    let compiled = compile_policy(p, &Facts::default()).unwrap();
+    let mut out = Vec::new();
+    for (egress, perms) in [
+        (false, &compiled.cloud.ingress),
+        (true, &compiled.cloud.egress),
+    ] {
+        for perm in perms.iter().flatten() {
+            out.push((egress, perm.permission.clone(), perm.description.clone()));
+        }
+    }
+    out.sort();
+    out
+}
+
+async fn rules_of(ec2: &AwsEc2, group: &str) -> Vec<(bool, SgPermission, String)> {
+    let mut out: Vec<_> = ec2
+        .describe_rules(group)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| {
+            (
+                r.direction == palisade::policy::Direction::Egress,
+                r.permission,
+                r.description.unwrap_or_default(),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+async fn eni_groups(node: &SimNode) -> Vec<String> {
+    ec2_for(&env().await.ec2_endpoint(), fast_retry())
+        .eni_groups(node.eni_id())
+        .await
+        .unwrap()
+}
+
+fn direct() -> AwsEc2 {
+    let env = TestEnv::shared().unwrap();
+    ec2_for(&env.ec2_endpoint(), fast_retry())
+}
+
+async fn relabel(client: &Client, node: &str, role: &str) {
+    let nodes: Api<Node> = Api::all(client.clone());
+    let patch = serde_json::json!({ "metadata": { "labels": { "role": role } } });
+    nodes
+        .patch(node, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+}
+
+async fn events_for(client: &Client, policy: &str, reason: &str) -> Vec<KubeEvent> {
+    let api: Api<KubeEvent> = Api::namespaced(client.clone(), "default");
+    api.list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| {
+            e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(policy)
+                && e.reason.as_deref() == Some(reason)
+        })
+        .collect()
+}
+
+fn count(calls: &[palisade::testenv::fault_proxy::Call], action: &str) -> usize {
+    calls
+        .iter()
+        .filter(|c| c.action == action && matches!(c.outcome, Outcome::Forwarded(_)))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lifecycle_create_edit_relabel_delete() {
+    let test = "lifecycle";
+    let env = env().await;
+    let client = env.client().await.unwrap();
+    let net = SimNet::new().unwrap();
+    let web = SimNode::create(
+        env,
+        &net,
+        "ctl-life-web",
+        [(TEST_LABEL, test), ("role", "web")],
+    )
+    .await
+    .unwrap();
+    let db = SimNode::create(
+        env,
+        &net,
+        "ctl-life-db",
+        [(TEST_LABEL, test), ("role", "db")],
+    )
+    .await
+    .unwrap();
+    let default_groups = eni_groups(&web).await;
+    let ctl = Running::start(test, Duration::from_secs(300), 60).await;
+
+    // Create.
+    let p = policy(
+        test,
+        "ctl-life",
+        "web",
+        vec![
+            tcp("ssh", &[22], &["10.0.0.0/8"]),
+            tcp("https", &[443], &["0.0.0.0/0", "::/0"]),
+        ],
+    );
+    policies()
+        .await
+        .create(&PostParams::default(), &p)
+        .await
+        .unwrap();
+    let group = wait_cloud_synced("ctl-life").await;
+    let ec2 = direct();
+    let described = ec2
+        .describe_groups(std::slice::from_ref(&group))
+        .await
+        .unwrap();
+    let tags_found = &described[0].tags;
+    assert_eq!(tags_found[tags::CLUSTER], "ctrl-tests");
+    assert_eq!(tags_found[tags::POLICY], "ctl-life");
+    assert_eq!(tags_found[tags::MANAGED_BY], "palisade");
+    let created = get("ctl-life").await;
+    assert_eq!(tags_found[tags::POLICY_UID], created.uid().unwrap());
+    // Exactly the plan: ingress as planned, the default egress kept (no
+    // egress rules in the policy).
+    let mut expected = planned(&created);
+    for perm in SgPermission::default_egress() {
+        if let palisade::policy::SgPeer::Ipv4(_) = perm.peer {
+            expected.push((true, perm, String::new()));
+        }
+    }
+    expected.sort();
+    assert_eq!(rules_of(&ec2, &group).await, expected);
+    // Attached to web only, keeping web's other groups.
+    let mut want = default_groups.clone();
+    want.push(group.clone());
+    assert_eq!(eni_groups(&web).await, want);
+    assert!(!eni_groups(&db).await.contains(&group));
+    // Ready once the agent of web reports the generation.
+    assert_eq!(kstatus(&created), "InProgress");
+    report_applied(&client, "ctl-life-web", &[&created]).await;
+    eventually("Ready", Duration::from_secs(30), || async {
+        (kstatus(&get("ctl-life").await) == "Current").then_some(())
+    })
+    .await;
+    let status = get("ctl-life").await.status.unwrap();
+    let sg = status.security_group.unwrap();
+    assert_eq!(
+        (sg.owned, sg.ingress_rules, sg.attached_instances.clone()),
+        (true, 3, vec![web.instance_id().to_string()])
+    );
+    assert_eq!(status.nodes.unwrap().summary, "1/1");
+
+    // Edit: one rule changed (443 → 8443), one added; minimal calls.
+    ctl.proxy.take_calls();
+    let mut edited = get("ctl-life").await;
+    edited.spec.ingress = Some(vec![
+        tcp("ssh", &[22], &["10.0.0.0/8"]),
+        tcp("https", &[8443], &["0.0.0.0/0", "::/0"]),
+        tcp("dns", &[53], &["192.0.2.0/24"]),
+    ]);
+    let edited = policies()
+        .await
+        .replace("ctl-life", &PostParams::default(), &edited)
+        .await
+        .unwrap();
+    eventually("the edit applied", Duration::from_secs(60), || async {
+        let p = get("ctl-life").await;
+        (p.status.as_ref()?.observed_generation == edited.metadata.generation
+            && condition(&p, "CloudSynced")?.0 == "True")
+            .then_some(())
+    })
+    .await;
+    let calls = ctl.proxy.take_calls();
+    assert_eq!(
+        count(&calls, "AuthorizeSecurityGroupIngress"),
+        1,
+        "{calls:?}"
+    );
+    assert_eq!(count(&calls, "RevokeSecurityGroupIngress"), 1, "{calls:?}");
+    assert_eq!(count(&calls, "CreateSecurityGroup"), 0);
+    let mut expected = planned(&edited);
+    expected.push((
+        true,
+        SgPermission::default_egress()[0].clone(),
+        String::new(),
+    ));
+    expected.sort();
+    assert_eq!(rules_of(&ec2, &group).await, expected);
+
+    // Relabel: db joins, web leaves.
+    relabel(&client, "ctl-life-db", "web").await;
+    eventually("attached to db", Duration::from_secs(30), || async {
+        eni_groups(&db).await.contains(&group).then_some(())
+    })
+    .await;
+    relabel(&client, "ctl-life-web", "db").await;
+    eventually("detached from web", Duration::from_secs(30), || async {
+        (eni_groups(&web).await == default_groups).then_some(())
+    })
+    .await;
+    eventually("status lists db only", Duration::from_secs(30), || async {
+        let s = get("ctl-life").await.status?.security_group?;
+        (s.attached_instances == vec![db.instance_id().to_string()]).then_some(())
+    })
+    .await;
+    // (The recorder folds repeats of one reason into a series.)
+    assert!(!events_for(&client, "ctl-life", "Attached").await.is_empty());
+    assert!(!events_for(&client, "ctl-life", "Detached").await.is_empty());
+    assert!(
+        !events_for(&client, "ctl-life", "SecurityGroupCreated")
+            .await
+            .is_empty()
+    );
+
+    // Delete: detached, deleted; the finalizer waits for web's agent.
+    policies()
+        .await
+        .delete("ctl-life", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("group deleted", Duration::from_secs(30), || async {
+        let found = direct()
+            .find_groups(&BTreeMap::from([(
+                tags::POLICY_UID.to_string(),
+                created.uid().unwrap(),
+            )]))
+            .await
+            .unwrap();
+        found.is_empty().then_some(())
+    })
+    .await;
+    assert!(!eni_groups(&db).await.contains(&group));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        policies()
+            .await
+            .get_opt("ctl-life")
+            .await
+            .unwrap()
+            .is_some(),
+        "the finalizer must stay while an agent lists the policy"
+    );
+    report_applied(&client, "ctl-life-web", &[]).await;
+    eventually("policy gone", Duration::from_secs(30), || async {
+        policies()
+            .await
+            .get_opt("ctl-life")
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    ctl.stop().await;
+    let _ = Api::<FirewallNode>::all(client)
+        .delete("ctl-life-web", &DeleteParams::default())
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn out_of_band_changes_are_repaired_with_an_event() {
+    let test = "drift";
+    let env = env().await;
+    let client = env.client().await.unwrap();
+    let net = SimNet::new().unwrap();
+    let _node = SimNode::create(
+        env,
+        &net,
+        "ctl-drift-a",
+        [(TEST_LABEL, test), ("role", "web")],
+    )
+    .await
+    .unwrap();
+    let ctl = Running::start(test, Duration::from_secs(2), 60).await;
+    let p = policy(
+        test,
+        "ctl-drift",
+        "web",
+        vec![
+            tcp("ssh", &[22], &["10.0.0.0/8"]),
+            tcp("web", &[80], &["192.0.2.0/24"]),
+        ],
+    );
+    policies()
+        .await
+        .create(&PostParams::default(), &p)
+        .await
+        .unwrap();
+    let group = wait_cloud_synced("ctl-drift").await;
+    let ec2 = direct();
+    let before = rules_of(&ec2, &group).await;
+
+    // Out of band: revoke one of ours, add a stranger.
+    let ssh = ec2
+        .describe_rules(&group)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|r| r.permission.from_port == 22)
+        .unwrap();
+    ec2.revoke(&group, palisade::policy::Direction::Ingress, &[ssh.rule_id])
+        .await
+        .unwrap();
+    env.ec2_client()
+        .authorize_security_group_ingress()
+        .group_id(&group)
+        .ip_protocol("tcp")
+        .from_port(3306)
+        .to_port(3306)
+        .cidr_ip("0.0.0.0/0")
+        .send()
+        .await
+        .unwrap();
+    eventually("drift repaired", Duration::from_secs(30), || async {
+        (rules_of(&ec2, &group).await == before).then_some(())
+    })
+    .await;
+    let events = eventually("DriftCorrected", Duration::from_secs(10), || async {
+        let e = events_for(&client, "ctl-drift", "DriftCorrected").await;
+        (!e.is_empty()).then_some(e)
+    })
+    .await;
+    assert_eq!(events[0].type_.as_deref(), Some("Warning"));
+    let note = events[0].note.clone().unwrap_or_default();
+    assert!(note.contains("missing") && note.contains("extra"), "{note}");
+    assert!(
+        ctl.ctx
+            .metrics
+            .encode()
+            .contains("palisade_controller_drift_corrections_total")
+    );
+    policies()
+        .await
+        .delete("ctl-drift", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("policy gone", Duration::from_secs(30), || async {
+        policies()
+            .await
+            .get_opt("ctl-drift")
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    ctl.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_adopted_group_keeps_its_foreign_rules() {
+    let test = "adopt";
+    let env = env().await;
+    let cloud = env.sim_cloud().await.unwrap();
+    let sdk = env.ec2_client();
+    let group = sdk
+        .create_security_group()
+        .group_name("ctl-adopt-existing")
+        .description("made by hand")
+        .vpc_id(&cloud.vpc_id)
+        .send()
+        .await
+        .unwrap()
+        .group_id()
+        .unwrap()
+        .to_string();
+    // A foreign rule, and one that happens to equal a desired permission.
+    for (port, cidr) in [(5432, "198.51.100.0/24"), (22, "10.0.0.0/8")] {
+        sdk.authorize_security_group_ingress()
+            .group_id(&group)
+            .ip_protocol("tcp")
+            .from_port(port)
+            .to_port(port)
+            .cidr_ip(cidr)
+            .send()
+            .await
+            .unwrap();
+    }
+    let ec2 = direct();
+    let foreign = rules_of(&ec2, &group).await;
+    let ctl = Running::start(test, Duration::from_secs(300), 60).await;
+    let mut p = policy(
+        test,
+        "ctl-adopt",
+        "nobody",
+        vec![
+            tcp("ssh", &[22], &["10.0.0.0/8"]),
+            tcp("web", &[443], &["192.0.2.0/24"]),
+        ],
+    );
+    p.spec.security_group = Some(SecurityGroupTarget {
+        id: Some(group.clone()),
+        ..Default::default()
+    });
+    policies()
+        .await
+        .create(&PostParams::default(), &p)
+        .await
+        .unwrap();
+    assert_eq!(wait_cloud_synced("ctl-adopt").await, group);
+    let now = rules_of(&ec2, &group).await;
+    for rule in &foreign {
+        assert!(now.contains(rule), "foreign rule {rule:?} was touched");
+    }
+    let ours: Vec<_> = now
+        .iter()
+        .filter(|r| r.2.starts_with("palisade:ctl-adopt/"))
+        .collect();
+    assert_eq!(
+        ours.len(),
+        1,
+        "only 443 is new (22 is granted by a foreign rule): {now:?}"
+    );
+    let sg = get("ctl-adopt")
+        .await
+        .status
+        .unwrap()
+        .security_group
+        .unwrap();
+    assert!(!sg.owned);
+    assert_eq!(sg.ingress_rules, 1);
+
+    // Delete: ours revoked, the group and its foreign rules stay.
+    policies()
+        .await
+        .delete("ctl-adopt", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("policy gone", Duration::from_secs(30), || async {
+        policies()
+            .await
+            .get_opt("ctl-adopt")
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    assert_eq!(rules_of(&ec2, &group).await, foreign);
+    let _ = GroupOwnership::Adopted;
+    ctl.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restarted_controller_makes_no_twin_and_retain_keeps_the_group() {
+    let test = "restart";
+    let env = env().await;
+    let net = SimNet::new().unwrap();
+    let _node = SimNode::create(
+        env,
+        &net,
+        "ctl-restart-a",
+        [(TEST_LABEL, test), ("role", "web")],
+    )
+    .await
+    .unwrap();
+    let ctl = Running::start(test, Duration::from_secs(300), 60).await;
+    let mut p = policy(
+        test,
+        "ctl-restart",
+        "web",
+        vec![tcp("ssh", &[22], &["10.0.0.0/8"])],
+    );
+    p.spec.security_group = Some(SecurityGroupTarget {
+        deletion_policy: DeletionPolicy::Retain,
+        ..Default::default()
+    });
+    policies()
+        .await
+        .create(&PostParams::default(), &p)
+        .await
+        .unwrap();
+    let group = wait_cloud_synced("ctl-restart").await;
+    let ec2 = direct();
+    let rules = rules_of(&ec2, &group).await;
+    ctl.stop().await;
+
+    // As if the controller died after creating the group but before
+    // writing the status.
+    let wipe = serde_json::json!({ "status": null });
+    policies()
+        .await
+        .patch_status("ctl-restart", &PatchParams::default(), &Patch::Merge(&wipe))
+        .await
+        .unwrap();
+    let proxy = Arc::new(FaultProxy::start(&env.ec2_endpoint()).unwrap());
+    let ctl = Running::start_with(test, Duration::from_secs(300), 60, proxy.clone()).await;
+    assert_eq!(wait_cloud_synced("ctl-restart").await, group);
+    let calls = proxy.take_calls();
+    assert_eq!(count(&calls, "CreateSecurityGroup"), 0, "{calls:?}");
+    assert!(calls.iter().all(|c| !c.is_mutating()), "{calls:?}");
+    assert_eq!(rules_of(&ec2, &group).await, rules);
+    let uid = get("ctl-restart").await.uid().unwrap();
+    let twins = ec2
+        .find_groups(&BTreeMap::from([(tags::POLICY_UID.to_string(), uid)]))
+        .await
+        .unwrap();
+    assert_eq!(twins.len(), 1);
+
+    // Retain: the policy goes, the group stays.
+    policies()
+        .await
+        .delete("ctl-restart", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("policy gone", Duration::from_secs(30), || async {
+        policies()
+            .await
+            .get_opt("ctl-restart")
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        ec2.describe_groups(std::slice::from_ref(&group))
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    ctl.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn quota_and_invalid_references_stall_without_a_partial_apply() {
+    let test = "stall";
+    let ctl = Running::start(test, Duration::from_secs(300), 5).await;
+    ctl.proxy.take_calls();
+    let cidrs: Vec<String> = (0..6).map(|i| format!("192.0.2.{}/32", i)).collect();
+    let refs: Vec<&str> = cidrs.iter().map(String::as_str).collect();
+    let mut p = policy(test, "ctl-quota", "any", vec![tcp("many", &[22], &refs)]);
+    p.spec.security_group = Some(SecurityGroupTarget {
+        vpc_id: Some("vpc-0123456789abcdef0".into()),
+        ..Default::default()
+    });
+    policies()
+        .await
+        .create(&PostParams::default(), &p)
+        .await
+        .unwrap();
+    let (_, reason, message) = eventually("Stalled", Duration::from_secs(30), || async {
+        let p = get("ctl-quota").await;
+        condition(&p, "Stalled").filter(|c| c.0 == "True")
+    })
+    .await;
+    assert_eq!(reason, "QuotaExceeded");
+    assert!(message.contains("quota"), "{message}");
+    assert_eq!(kstatus(&get("ctl-quota").await), "Failed");
+    assert!(ctl.proxy.calls().is_empty(), "{:?}", ctl.proxy.calls());
+
+    let mut bad = policy(test, "ctl-badref", "any", vec![]);
+    bad.spec.ingress = Some(vec![FirewallRule {
+        peers: vec![Peer {
+            security_group_id: Some("sg-0123456789abcdef0".into()),
+            ..Default::default()
+        }],
+        ..tcp("from-group", &[22], &[])
+    }]);
+    policies()
+        .await
+        .create(&PostParams::default(), &bad)
+        .await
+        .unwrap();
+    let (_, reason, message) = eventually("Stalled", Duration::from_secs(30), || async {
+        let p = get("ctl-badref").await;
+        condition(&p, "Stalled").filter(|c| c.0 == "True")
+    })
+    .await;
+    assert_eq!(reason, "InvalidReference");
+    assert!(message.contains("sg-0123456789abcdef0"), "{message}");
+    assert!(ctl.proxy.calls().iter().all(|c| !c.is_mutating()));
+
+    for name in ["ctl-quota", "ctl-badref"] {
+        policies()
+            .await
+            .delete(name, &DeleteParams::default())
+            .await
+            .unwrap();
+    }
+    for name in ["ctl-quota", "ctl-badref"] {
+        eventually("policy gone", Duration::from_secs(30), || async {
+            policies()
+                .await
+                .get_opt(name)
+                .await
+                .unwrap()
+                .is_none()
+                .then_some(())
+        })
+        .await;
+    }
+    ctl.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn throttled_ec2_converges_exactly() {
+    let test = "throttle";
+    let env = env().await;
+    let net = SimNet::new().unwrap();
+    let a = SimNode::create(
+        env,
+        &net,
+        "ctl-throttle-a",
+        [(TEST_LABEL, test), ("role", "web")],
+    )
+    .await
+    .unwrap();
+    let b = SimNode::create(
+        env,
+        &net,
+        "ctl-throttle-b",
+        [(TEST_LABEL, test), ("role", "web")],
+    )
+    .await
+    .unwrap();
+    let proxy = Arc::new(FaultProxy::start(&env.ec2_endpoint()).unwrap());
+    proxy.set_plan(FaultPlan {
+        throttle_ratio: 0.3,
+        unavailable_ratio: 0.05,
+        seed: 7,
+        ..Default::default()
+    });
+    let ctl = Running::start_with(test, Duration::from_secs(300), 60, proxy.clone()).await;
+    let rules: Vec<FirewallRule> = (0..20)
+        .map(|i| {
+            tcp(
+                &format!("r{i}"),
+                &[1000 + i],
+                &["10.0.0.0/8", "2001:db8::/32"],
+            )
+        })
+        .collect();
+    let p = policy(test, "ctl-throttle", "web", rules);
+    policies()
+        .await
+        .create(&PostParams::default(), &p)
+        .await
+        .unwrap();
+    let group = wait_cloud_synced("ctl-throttle").await;
+    let calls = proxy.calls();
+    assert!(
+        calls.iter().any(|c| c.outcome == Outcome::Throttled),
+        "the proxy throttled nothing"
+    );
+    proxy.set_plan(FaultPlan::default());
+    let ec2 = direct();
+    let created = get("ctl-throttle").await;
+    let mut expected = planned(&created);
+    expected.push((
+        true,
+        SgPermission::default_egress()[0].clone(),
+        String::new(),
+    ));
+    expected.sort();
+    assert_eq!(rules_of(&ec2, &group).await, expected);
+    let twins = ec2
+        .find_groups(&BTreeMap::from([(
+            tags::POLICY_UID.to_string(),
+            created.uid().unwrap(),
+        )]))
+        .await
+        .unwrap();
+    assert_eq!(twins.len(), 1);
+    for node in [&a, &b] {
+        let groups = eni_groups(node).await;
+        assert_eq!(groups.iter().filter(|g| **g == group).count(), 1);
+    }
+    policies()
+        .await
+        .delete("ctl-throttle", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("policy gone", Duration::from_secs(30), || async {
+        policies()
+            .await
+            .get_opt("ctl-throttle")
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    ctl.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_one_replica_holds_the_lease() {
+    use palisade::controller::leader::{LeaderElector, LeaseSettings};
+    let env = env().await;
+    env.apply_yaml("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: ctl-lease\n")
+        .await
+        .unwrap();
+    let settings = |identity: &str| LeaseSettings {
+        name: "ctl-lease-test".into(),
+        namespace: "ctl-lease".into(),
+        identity: identity.into(),
+        lease_duration: Duration::from_secs(3),
+        renew_every: Duration::from_millis(500),
+    };
+    let client = env.client().await.unwrap();
+    let a = LeaderElector::new(client.clone(), settings("replica-a"));
+    let b = LeaderElector::new(client.clone(), settings("replica-b"));
+    // Racing for a fresh lease: exactly one wins.
+    let (ra, rb) = tokio::join!(a.try_acquire_or_renew(), b.try_acquire_or_renew());
+    let (ra, rb) = (ra.unwrap(), rb.unwrap());
+    assert!(ra ^ rb, "a={ra} b={rb}");
+    let (leader, follower) = if ra { (a, b) } else { (b, a) };
+    assert!(
+        leader.try_acquire_or_renew().await.unwrap(),
+        "the holder renews"
+    );
+    assert!(!follower.try_acquire_or_renew().await.unwrap());
+    // Released on shutdown: the other takes over at once.
+    leader.release().await;
+    assert!(follower.try_acquire_or_renew().await.unwrap());
+    assert!(!leader.try_acquire_or_renew().await.unwrap());
+    // A holder that stops renewing loses the lease after it expires.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    assert!(leader.try_acquire_or_renew().await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_elects_reconciles_serves_metrics_and_stops_on_sigterm() {
+    let test = "binary";
+    let env = env().await;
+    env.apply_yaml("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: ctl-binary\n")
+        .await
+        .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_palisade-controller"))
+        .envs(env.aws_env())
+        .env("KUBECONFIG", env.kubeconfig_path())
+        .args([
+            "--cluster-name",
+            "ctl-binary",
+            "--metrics-address",
+            &format!("127.0.0.1:{port}"),
+            "--lease-namespace",
+            "ctl-binary",
+            "--identity",
+            "binary-test",
+            "--policy-selector",
+            &format!("{TEST_LABEL}={test}"),
+        ])
+        .kill_on_drop(true)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut p = policy(
+        test,
+        "ctl-binary",
+        "nobody",
+        vec![tcp("ssh", &[22], &["10.0.0.0/8"])],
+    );
+    p.spec.security_group = Some(SecurityGroupTarget {
+        vpc_id: Some(env.sim_cloud().await.unwrap().vpc_id.clone()),
+        ..Default::default()
+    });
+    policies()
+        .await
+        .create(&PostParams::default(), &p)
+        .await
+        .unwrap();
+    let group = wait_cloud_synced("ctl-binary").await;
+    assert!(group.starts_with("sg-"));
+
+    let get_path = |path: &'static str| async move {
+        let out = tokio::process::Command::new("curl")
+            .args([
+                "-s",
+                "-w",
+                "\n%{http_code}",
+                &format!("http://127.0.0.1:{port}{path}"),
+            ])
+            .output()
+            .await
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    assert!(get_path("/healthz").await.ends_with("200"));
+    assert!(get_path("/readyz").await.ends_with("200"));
+    let metrics = get_path("/metrics").await;
+    assert!(
+        metrics.contains("palisade_controller_ec2_calls_total{operation=\"CreateSecurityGroup\",outcome=\"ok\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("palisade_controller_reconciles_total{result=\"ok\"}"));
+
+    let pid = child.id().unwrap();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    let mut logs = String::new();
+    use tokio::io::AsyncReadExt;
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut logs)
+        .await
+        .unwrap();
+    assert!(logs.contains("became leader"), "{logs}");
+    for line in logs.lines().filter(|l| !l.is_empty()) {
+        assert!(
+            serde_json::from_str::<serde_json::Value>(line).is_ok(),
+            "logs are JSON: {line}"
+        );
+    }
+    let lease = Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(
+        env.client().await.unwrap(),
+        "ctl-binary",
+    )
+    .get("palisade-controller")
+    .await
+    .unwrap();
+    assert_eq!(
+        lease.spec.unwrap().holder_identity,
+        None,
+        "released on SIGTERM"
+    );
+
+    // Clean up with an in-process controller (the finalizer needs one).
+    let ctl = Running::start(test, Duration::from_secs(300), 60).await;
+    policies()
+        .await
+        .delete("ctl-binary", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("policy gone", Duration::from_secs(30), || async {
+        policies()
+            .await
+            .get_opt("ctl-binary")
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    ctl.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn node_and_group_peers_are_resolved_for_both_layers() {
+    let test = "peers";
+    let env = env().await;
+    let net = SimNet::new().unwrap();
+    let web = SimNode::create(
+        env,
+        &net,
+        "ctl-peers-web",
+        [(TEST_LABEL, test), ("role", "web")],
+    )
+    .await
+    .unwrap();
+    let db = SimNode::create(
+        env,
+        &net,
+        "ctl-peers-db",
+        [(TEST_LABEL, test), ("role", "db")],
+    )
+    .await
+    .unwrap();
+    // A group with one member (web's ENI), referenced by a rule.
+    let cloud = env.sim_cloud().await.unwrap();
+    let sdk = env.ec2_client();
+    let members = sdk
+        .create_security_group()
+        .group_name("ctl-peers-members")
+        .description("members")
+        .vpc_id(&cloud.vpc_id)
+        .send()
+        .await
+        .unwrap()
+        .group_id()
+        .unwrap()
+        .to_string();
+    let mut groups = eni_groups(&web).await;
+    groups.push(members.clone());
+    direct()
+        .set_eni_groups(web.eni_id(), &groups)
+        .await
+        .unwrap();
+
+    let list = sdk
+        .create_managed_prefix_list()
+        .prefix_list_name("ctl-peers-offices")
+        .address_family("IPv4")
+        .max_entries(5)
+        .entries(
+            aws_sdk_ec2::types::AddPrefixListEntry::builder()
+                .cidr("203.0.113.0/24")
+                .build(),
+        )
+        .entries(
+            aws_sdk_ec2::types::AddPrefixListEntry::builder()
+                .cidr("198.51.100.0/24")
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap()
+        .prefix_list
+        .unwrap()
+        .prefix_list_id
+        .unwrap();
+
+    let ctl = Running::start(test, Duration::from_secs(300), 60).await;
+    let mut p = policy(test, "ctl-peers", "web", vec![]);
+    p.spec.ingress = Some(vec![
+        FirewallRule {
+            peers: vec![Peer {
+                node_selector: Some(NodeSelector {
+                    match_labels: Some(BTreeMap::from([
+                        (TEST_LABEL.to_string(), test.to_string()),
+                        ("role".to_string(), "db".to_string()),
+                    ])),
+                    match_expressions: None,
+                }),
+                ..Default::default()
+            }],
+            ..tcp("from-db", &[8080], &[])
+        },
+        FirewallRule {
+            peers: vec![Peer {
+                security_group_id: Some(members.clone()),
+                ..Default::default()
+            }],
+            ..tcp("from-members", &[9090], &[])
+        },
+        FirewallRule {
+            peers: vec![Peer {
+                prefix_list_id: Some(list.clone()),
+                ..Default::default()
+            }],
+            ..tcp("from-offices", &[7070], &[])
+        },
+    ]);
+    policies()
+        .await
+        .create(&PostParams::default(), &p)
+        .await
+        .unwrap();
+    let group = wait_cloud_synced("ctl-peers").await;
+    let ec2 = direct();
+    let peers_of = |rules: Vec<(bool, SgPermission, String)>, port: i32| -> Vec<String> {
+        rules
+            .into_iter()
+            .filter(|r| r.1.from_port == port)
+            .map(|r| r.1.peer.to_string())
+            .collect()
+    };
+    let rules = rules_of(&ec2, &group).await;
+    assert_eq!(
+        peers_of(rules.clone(), 8080),
+        [
+            format!("{}/32", db.host().ipv4()),
+            format!("{}/128", db.host().ipv6())
+        ]
+    );
+    assert_eq!(peers_of(rules, 9090), vec![members.clone()]);
+    // The group reference, resolved to its members for the agents.
+    let status = get("ctl-peers").await.status.unwrap();
+    let resolved = status
+        .resolved_peers
+        .iter()
+        .find(|r| r.id == members)
+        .unwrap();
+    assert_eq!(resolved.cidrs, [format!("{}/32", web.host().ipv4())]);
+    assert_eq!(
+        peers_of(rules_of(&ec2, &group).await, 7070),
+        vec![list.clone()]
+    );
+    let offices = status.resolved_peers.iter().find(|r| r.id == list).unwrap();
+    assert_eq!(offices.cidrs, ["198.51.100.0/24", "203.0.113.0/24"]);
+
+    // A second db node joins: the cloud layer follows.
+    let db2 = SimNode::create(
+        env,
+        &net,
+        "ctl-peers-db2",
+        [(TEST_LABEL, test), ("role", "db")],
+    )
+    .await
+    .unwrap();
+    let want = format!("{}/32", db2.host().ipv4());
+    eventually("db2 allowed", Duration::from_secs(30), || async {
+        peers_of(rules_of(&ec2, &group).await, 8080)
+            .contains(&want)
+            .then_some(())
+    })
+    .await;
+    policies()
+        .await
+        .delete("ctl-peers", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("policy gone", Duration::from_secs(30), || async {
+        policies()
+            .await
+            .get_opt("ctl-peers")
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    ctl.stop().await;
+}
