@@ -833,6 +833,24 @@ async fn quota_and_invalid_references_stall_without_a_partial_apply() {
     assert_eq!(kstatus(&get("ctl-quota").await), "Failed");
     assert!(ctl.proxy.calls().is_empty(), "{:?}", ctl.proxy.calls());
 
+    // Fixed by its owner: it recovers without any restart.
+    let mut fixed = get("ctl-quota").await;
+    fixed.spec.ingress = Some(vec![tcp("many", &[22], &refs[..5])]);
+    fixed.spec.security_group = Some(SecurityGroupTarget {
+        vpc_id: Some(env().await.sim_cloud().await.unwrap().vpc_id.clone()),
+        ..Default::default()
+    });
+    policies()
+        .await
+        .replace("ctl-quota", &PostParams::default(), &fixed)
+        .await
+        .unwrap();
+    eventually("Current after the fix", Duration::from_secs(30), || async {
+        (kstatus(&get("ctl-quota").await) == "Current").then_some(())
+    })
+    .await;
+    ctl.proxy.take_calls();
+
     let mut bad = policy(test, "ctl-badref", "any", vec![]);
     bad.spec.ingress = Some(vec![FirewallRule {
         peers: vec![Peer {
