@@ -56,6 +56,11 @@ clean-env: ## Remove leftovers of a crashed test run (processes, namespaces)
 	-pkill -f "$(PALISADE_TESTBIN)/" || true
 	-for ns in $$(ip netns list | awk '/^pal/{print $$1}'); do ip netns del $$ns; done
 
-.PHONY: bench-controller
+.PHONY: bench bench-controller bench-node
+bench: bench-controller bench-node ## Both benchmarks (they print figures; nothing asserts on time)
+
 bench-controller: testbin ## EC2 calls and latency of the controller per scenario (local environment)
-	$(CARGO) run --quiet --features testenv --bin bench-controller
+	$(CARGO) run --quiet --features testenv --bin palisade-bench-controller
+
+bench-node: testbin ## iptables/ipset programming times and per-packet cost, ipset vs linear (needs root)
+	$(CARGO) run --quiet --features testenv --bin palisade-bench-node

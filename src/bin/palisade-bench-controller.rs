@@ -1,9 +1,9 @@
-//! `bench-controller`: EC2 calls and apply→Security-Group-correct latency
+//! `palisade-bench-controller`: EC2 calls and apply→Security-Group-correct latency
 //! of the controller, per scenario, on the local environment (real
 //! kube-apiserver + moto, every EC2 call counted by the fault proxy).
 //!
 //! Run with `make bench-controller` (or
-//! `cargo run --features testenv --bin bench-controller`; a debug build, as
+//! `cargo run --features testenv --bin palisade-bench-controller`; a debug build, as
 //! the tests use, so latencies are pessimistic).
 //! Scenarios: create, no-op resync, change of 1 rule, change of 50 rules,
 //! resync of 100 policies.
