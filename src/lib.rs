@@ -10,6 +10,7 @@
 //! - [`agent`]: the node agent's sync loop, status and metrics.
 //! - [`cloud`]: EC2 behind a small trait, with our retry and error classes.
 //! - [`controller`]: the reconcile loop of policies into Security Groups.
+//! - [`telemetry`]: process start-up and the `/metrics` `/healthz` `/readyz` server.
 
 pub mod agent;
 pub mod api;
@@ -18,5 +19,6 @@ pub mod cloud;
 pub mod controller;
 pub mod node;
 pub mod policy;
+pub mod telemetry;
 #[cfg(feature = "testenv")]
 pub mod testenv;

@@ -208,6 +208,7 @@ async fn agents_filter_follow_labels_repair_drift_and_converge_after_restart() {
         "{metrics}"
     );
     assert!(http_get(&n2, "/healthz").starts_with("HTTP/1.0 200"));
+    assert!(http_get(&n2, "/readyz").starts_with("HTTP/1.0 200"));
 
     // Agent killed; the policy changes meanwhile; restarted, it converges.
     agents[1].kill().await.unwrap();

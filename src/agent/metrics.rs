@@ -1,23 +1,14 @@
-//! The agent's metrics (`/metrics`, Prometheus text format) and `/healthz`,
-//! served by a small hyper server.
+//! The agent's metrics (`/metrics`, Prometheus text format), served with
+//! `/healthz` and `/readyz` (ready once the first sync succeeded) by
+//! [`crate::telemetry`].
 
-use std::convert::Infallible;
-use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use tokio::net::TcpListener;
 
 /// Everything the agent measures.
 #[derive(Debug)]
@@ -98,33 +89,13 @@ impl Metrics {
     }
 }
 
-fn respond(metrics: &Metrics, req: &Request<Incoming>) -> Response<Full<Bytes>> {
-    let (status, body) = match req.uri().path() {
-        "/metrics" => (StatusCode::OK, metrics.render()),
-        "/healthz" if metrics.ready.load(Ordering::Relaxed) => (StatusCode::OK, "ok\n".into()),
-        "/healthz" => (StatusCode::SERVICE_UNAVAILABLE, "not synced yet\n".into()),
-        _ => (StatusCode::NOT_FOUND, "not found\n".into()),
-    };
-    let mut resp = Response::new(Full::new(Bytes::from(body)));
-    *resp.status_mut() = status;
-    resp
-}
-
-/// Serves `/metrics` and `/healthz` on `addr` until the task is dropped.
-pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<()> {
-    let listener = TcpListener::bind(addr).await?;
-    loop {
-        let (stream, _) = listener.accept().await?;
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |req| {
-                let metrics = metrics.clone();
-                async move { Ok::<_, Infallible>(respond(&metrics, &req)) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
+impl crate::telemetry::Endpoints for Metrics {
+    fn metrics(&self) -> String {
+        self.render()
+    }
+    /// Ready once the first sync succeeded.
+    fn ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
     }
 }
 

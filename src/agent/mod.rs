@@ -30,7 +30,7 @@
 pub mod metrics;
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -110,27 +110,6 @@ pub struct AgentConfig {
     pub backend: Option<Backend>,
     /// On the nft backend, follow `nft monitor` to repair drift at once.
     pub nft_monitor: bool,
-}
-
-/// The facts the compiler needs about a Node.
-pub fn node_facts(node: &Node) -> NodeFacts {
-    let addresses: Vec<IpAddr> = node
-        .status
-        .as_ref()
-        .and_then(|s| s.addresses.as_ref())
-        .map(|a| {
-            a.iter()
-                .filter(|a| a.type_ == "InternalIP")
-                .filter_map(|a| a.address.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default();
-    NodeFacts {
-        name: node.name_any(),
-        labels: node.labels().clone(),
-        addresses,
-        provider_id: node.spec.as_ref().and_then(|s| s.provider_id.clone()),
-    }
 }
 
 fn has_node_selector_peer(p: &FirewallPolicy) -> bool {
@@ -263,7 +242,7 @@ impl Agent {
             .ok_or_else(|| AgentError::NodeMissing(self.config.node_name.clone()))?;
         let policies = self.policies.state();
         self.node_uid = me.uid();
-        let me = node_facts(&me);
+        let me = NodeFacts::from_node(&me);
         // Other nodes' addresses only matter to a selected policy with a
         // nodeSelector peer; they are listed at most once per resync period.
         let needs_nodes = policies.iter().any(|p| {
@@ -286,7 +265,7 @@ impl Agent {
                     .items
                     .iter()
                     .filter(|n| n.name_any() != self.config.node_name)
-                    .map(node_facts)
+                    .map(NodeFacts::from_node)
                     .collect();
                 self.other_nodes = Some((Instant::now(), others));
             }
@@ -520,11 +499,12 @@ pub async fn run(client: Client, config: AgentConfig) -> Result<(), AgentError> 
     let metrics = Arc::new(Metrics::default());
     if let Some(addr) = config.metrics_addr {
         let m = metrics.clone();
-        tokio::spawn(async move {
-            if let Err(e) = metrics::serve(addr, m).await {
-                warn!(error = %e, %addr, "metrics server stopped");
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(listener) => {
+                tokio::spawn(crate::telemetry::serve(listener, m, std::future::pending()));
             }
-        });
+            Err(e) => warn!(error = %e, %addr, "cannot serve metrics"),
+        }
     }
     let trigger = Arc::new(Notify::new());
 
@@ -658,25 +638,6 @@ pub fn cleanup(backend: Option<Backend>) -> Result<usize, AgentError> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn node_facts_take_internal_ips() {
-        let node: Node = serde_json::from_value(json!({
-            "metadata": {"name": "n1", "labels": {"role": "web"}},
-            "spec": {"providerID": "aws:///eu-west-1a/i-0123456789abcdef0"},
-            "status": {"addresses": [
-                {"type": "InternalIP", "address": "10.0.0.5"},
-                {"type": "InternalIP", "address": "2001:db8::5"},
-                {"type": "Hostname", "address": "n1"},
-                {"type": "ExternalIP", "address": "198.51.100.1"}
-            ]}
-        }))
-        .unwrap();
-        let f = node_facts(&node);
-        assert_eq!(f.addresses.len(), 2);
-        assert_eq!(f.labels["role"], "web");
-        assert_eq!(f.instance_id(), Some("i-0123456789abcdef0"));
-    }
 
     #[test]
     fn deleted_and_invalid_policies_are_left_out() {

@@ -118,15 +118,7 @@ async fn run(args: RunArgs) -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
-    // kube uses ring, the AWS SDK aws-lc: rustls needs to be told.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    tracing_subscriber::fmt()
-        .json()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    palisade::telemetry::init_process();
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::Cleanup) => agent::cleanup(cli.run.backend.map(Backend::from))

@@ -15,8 +15,10 @@ use anyhow::Context as _;
 use clap::Parser;
 use palisade::cloud::{AwsEc2, RetryPolicy};
 use palisade::controller::leader::{LeaderElector, LeaseSettings};
-use palisade::controller::{self, Config, Metrics, server};
+use palisade::controller::metrics::ControllerEndpoints;
+use palisade::controller::{self, Config, Metrics};
 use palisade::policy::SgQuota;
+use palisade::telemetry;
 
 /// Reconciles FirewallPolicies into AWS Security Groups.
 #[derive(Debug, Parser)]
@@ -80,17 +82,8 @@ async fn terminated() {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    // kube uses rustls with ring, the AWS SDK brings aws-lc: pick one for
-    // the process before the first TLS connection.
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    telemetry::init_process();
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .json()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
 
     let identity = args.identity.clone().unwrap_or_else(|| {
         std::fs::read_to_string("/etc/hostname")
@@ -119,13 +112,16 @@ async fn main() -> anyhow::Result<()> {
         let _ = stop_tx.send(true);
     });
 
-    let listener = server::bind(args.metrics_address)
+    let listener = tokio::net::TcpListener::bind(args.metrics_address)
         .await
         .with_context(|| format!("binding {}", args.metrics_address))?;
-    tokio::spawn(server::serve(
+    let endpoints = ControllerEndpoints {
+        metrics: metrics.clone(),
+        ready: ready.clone(),
+    };
+    tokio::spawn(telemetry::serve(
         listener,
-        metrics.clone(),
-        ready.clone(),
+        Arc::new(endpoints),
         stopping.clone()(),
     ));
 

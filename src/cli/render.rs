@@ -11,7 +11,6 @@ use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Node;
 
 use super::{Error, read_documents};
-use crate::agent::node_facts;
 use crate::api::FirewallPolicy;
 use crate::node::render::render_ruleset;
 use crate::policy::{Direction, Facts, compile_node, plan_cloud, validate};
@@ -29,7 +28,7 @@ pub fn render_files(
     for doc in read_documents(node_file)? {
         let node: Node = serde_json::from_value(doc.value)
             .map_err(|e| Error::Render(format!("{}: not a Node: {e}", doc.origin)))?;
-        nodes.push(node_facts(&node));
+        nodes.push(crate::policy::NodeFacts::from_node(&node));
     }
     let Some(target) = nodes.first().map(|n| n.name.clone()) else {
         return Err(Error::Render(format!(

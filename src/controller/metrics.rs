@@ -157,6 +157,24 @@ impl Metrics {
     }
 }
 
+/// The controller's `/metrics`, `/healthz` and `/readyz`: ready once
+/// connected to the apiserver (leader or standby), until shutdown.
+pub struct ControllerEndpoints {
+    /// The registry.
+    pub metrics: std::sync::Arc<Metrics>,
+    /// Set by the binary.
+    pub ready: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl crate::telemetry::Endpoints for ControllerEndpoints {
+    fn metrics(&self) -> String {
+        self.metrics.encode()
+    }
+    fn ready(&self) -> bool {
+        self.ready.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

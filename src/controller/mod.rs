@@ -51,7 +51,6 @@
 mod apply;
 pub mod leader;
 pub mod metrics;
-pub mod server;
 pub mod status;
 
 use std::collections::{BTreeSet, HashMap};
@@ -339,7 +338,7 @@ impl<E: Ec2> Context<E> {
             .list(&ListParams::default())
             .await
             .map_err(Error::kube("listing Nodes"))?;
-        let mut nodes: Vec<NodeFacts> = nodes.items.iter().map(node_facts).collect();
+        let mut nodes: Vec<NodeFacts> = nodes.items.iter().map(NodeFacts::from_node).collect();
         nodes.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(nodes)
     }
@@ -368,27 +367,6 @@ impl<E: Ec2> Context<E> {
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// A Node as the compiler sees it.
-pub fn node_facts(node: &Node) -> NodeFacts {
-    let addresses = node
-        .status
-        .as_ref()
-        .and_then(|s| s.addresses.as_ref())
-        .map(|a| {
-            a.iter()
-                .filter(|a| a.type_ == "InternalIP")
-                .filter_map(|a| a.address.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default();
-    NodeFacts {
-        name: node.name_any(),
-        labels: node.labels().clone(),
-        addresses,
-        provider_id: node.spec.as_ref().and_then(|s| s.provider_id.clone()),
-    }
 }
 
 /// One reconcile of one policy: the finalizer's Apply or Cleanup.
@@ -451,7 +429,7 @@ pub fn error_policy<E: Ec2>(
 }
 
 fn instance_of(node: &Node) -> Option<String> {
-    node_facts(node).instance_id().map(str::to_string)
+    NodeFacts::from_node(node).instance_id().map(str::to_string)
 }
 
 /// The policies a Node change concerns: those selecting it, those whose
@@ -460,7 +438,7 @@ fn policies_for_node_change(
     node: &Node,
     policies: &Store<FirewallPolicy>,
 ) -> Vec<ObjectRef<FirewallPolicy>> {
-    let facts = node_facts(node);
+    let facts = NodeFacts::from_node(node);
     let instance = instance_of(node);
     policies
         .state()
