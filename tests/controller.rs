@@ -188,29 +188,12 @@ async fn get(name: &str) -> FirewallPolicy {
     policies().await.get(name).await.unwrap()
 }
 
-/// kstatus's reading of a policy: `Current`, `InProgress` or `Failed`.
-fn kstatus(p: &FirewallPolicy) -> &'static str {
-    let Some(status) = &p.status else {
-        return "InProgress";
-    };
-    if status.observed_generation != p.metadata.generation {
-        return "InProgress";
-    }
-    let is = |t: &str| {
-        status
-            .conditions
-            .iter()
-            .any(|c| c.type_ == t && c.status == "True")
-    };
-    if is("Stalled") {
-        "Failed"
-    } else if is("Reconciling") {
-        "InProgress"
-    } else if is("Ready") {
-        "Current"
-    } else {
-        "InProgress"
-    }
+/// How Flux reads a policy: the real kstatus (sigs.k8s.io/cli-utils),
+/// `Current`, `InProgress` or `Failed`.
+fn kstatus(p: &FirewallPolicy) -> String {
+    palisade::testenv::gitops::kstatus(&serde_json::to_value(p).unwrap())
+        .unwrap()
+        .status
 }
 
 fn condition(p: &FirewallPolicy, t: &str) -> Option<(String, String, String)> {
