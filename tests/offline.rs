@@ -67,3 +67,52 @@ fn unknown_fields_are_reported_with_their_path() {
         vec!["spec.ingress[0].prots: unknown field".to_string()]
     );
 }
+
+#[test]
+fn the_iam_policy_allows_every_ec2_action_the_controller_calls() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let source = std::fs::read_to_string(root.join("src/cloud/aws.rs")).unwrap();
+    // Every EC2 call in the SDK glue is named by a `const ...: &str = "Action"`.
+    let called: std::collections::BTreeSet<String> = source
+        .lines()
+        .filter_map(|l| {
+            l.trim()
+                .strip_prefix("const ")?
+                .split_once(": &str = \"")?
+                .1
+                .strip_suffix("\";")
+                .map(str::to_owned)
+        })
+        .collect();
+    assert!(called.len() >= 10, "found only {called:?}");
+    let policy: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("deploy/iam/controller-policy.json")).unwrap(),
+    )
+    .unwrap();
+    let allowed: std::collections::BTreeSet<String> = policy["Statement"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|s| match &s["Action"] {
+            serde_json::Value::String(a) => vec![a.clone()],
+            serde_json::Value::Array(a) => {
+                a.iter().map(|v| v.as_str().unwrap().to_owned()).collect()
+            }
+            _ => vec![],
+        })
+        .filter_map(|a| a.strip_prefix("ec2:").map(str::to_owned))
+        .collect();
+    let missing: Vec<_> = called.difference(&allowed).collect();
+    assert!(
+        missing.is_empty(),
+        "deploy/iam/controller-policy.json lacks {missing:?}"
+    );
+    let unused: Vec<_> = allowed
+        .difference(&called)
+        .filter(|a| *a != "CreateTags")
+        .collect();
+    assert!(
+        unused.is_empty(),
+        "deploy/iam/controller-policy.json grants unused {unused:?}"
+    );
+}
