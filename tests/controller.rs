@@ -23,7 +23,7 @@ use palisade::api::{
 use palisade::cloud::{AwsEc2, Ec2, RetryPolicy, tags};
 use palisade::controller::{self, Config, Context, Metrics};
 use palisade::policy::{Facts, GroupOwnership, SgPermission, SgQuota, compile_policy};
-use palisade::testenv::fault_proxy::{FaultPlan, FaultProxy, Outcome};
+use palisade::testenv::fault_proxy::{FaultPlan, FaultProxy, Outcome, ScriptedError};
 use palisade::testenv::{SimNet, SimNode, TestEnv};
 
 const CRDS: &str = include_str!("../crds/palisade.dev.yaml");
@@ -1301,5 +1301,81 @@ async fn node_and_group_peers_are_resolved_for_both_layers() {
             .then_some(())
     })
     .await;
+    ctl.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn deletion_waits_out_dependency_violation() {
+    let test = "depviol";
+    let env = env().await;
+    let net = SimNet::new().unwrap();
+    let _node = SimNode::create(
+        env,
+        &net,
+        "ctl-depviol-a",
+        [(TEST_LABEL, test), ("role", "web")],
+    )
+    .await
+    .unwrap();
+    let proxy = Arc::new(FaultProxy::start(&env.ec2_endpoint()).unwrap());
+    let ctl = Running::start_with(test, Duration::from_secs(300), 60, proxy.clone()).await;
+    let p = policy(
+        test,
+        "ctl-depviol",
+        "web",
+        vec![tcp("ssh", &[22], &["203.0.113.0/24"])],
+    );
+    policies()
+        .await
+        .create(&PostParams::default(), &p)
+        .await
+        .unwrap();
+    let group = wait_cloud_synced("ctl-depviol").await;
+
+    // EC2 refuses to delete a group an interface still holds for a while
+    // after the detach (moto never does): the controller must keep trying.
+    proxy.set_plan(FaultPlan {
+        scripted: vec![ScriptedError {
+            action: "DeleteSecurityGroup".into(),
+            code: "DependencyViolation".into(),
+            times: 2,
+        }],
+        ..Default::default()
+    });
+    proxy.take_calls();
+    policies()
+        .await
+        .delete("ctl-depviol", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("policy gone", Duration::from_secs(90), || async {
+        policies()
+            .await
+            .get_opt("ctl-depviol")
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    let deletes: Vec<Outcome> = proxy
+        .calls()
+        .iter()
+        .filter(|c| c.action == "DeleteSecurityGroup")
+        .map(|c| c.outcome)
+        .collect();
+    assert_eq!(
+        deletes,
+        vec![
+            Outcome::Scripted,
+            Outcome::Scripted,
+            Outcome::Forwarded(200)
+        ]
+    );
+    let left = direct().describe_groups(std::slice::from_ref(&group)).await;
+    assert!(
+        left.map(|g| g.is_empty()).unwrap_or(true),
+        "{group} still exists"
+    );
     ctl.stop().await;
 }

@@ -35,6 +35,22 @@ pub struct FaultPlan {
     pub actions: Vec<String>,
     /// Seed of the fault dice, so a failing run can be replayed.
     pub seed: u64,
+    /// Scripted errors, answered before any dice are rolled: the next
+    /// `times` calls of `action` get this EC2 error code (e.g.
+    /// `DependencyViolation` for `DeleteSecurityGroup` while an interface
+    /// still holds the group, which moto never says).
+    pub scripted: Vec<ScriptedError>,
+}
+
+/// An error the proxy answers a given number of times for one action.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScriptedError {
+    /// The EC2 action.
+    pub action: String,
+    /// The EC2 error code.
+    pub code: String,
+    /// How many calls still get it.
+    pub times: u32,
 }
 
 impl Default for FaultPlan {
@@ -45,6 +61,7 @@ impl Default for FaultPlan {
             delay: Duration::ZERO,
             actions: Vec::new(),
             seed: 1,
+            scripted: Vec::new(),
         }
     }
 }
@@ -60,6 +77,8 @@ pub enum Outcome {
     Unavailable,
     /// moto could not be reached.
     UpstreamError,
+    /// Answered with a scripted EC2 error (HTTP 400).
+    Scripted,
 }
 
 /// One call through the proxy.
@@ -240,8 +259,17 @@ async fn handle(
         .map(|b| b.to_bytes())
         .unwrap_or_default();
     let action = action_of(&body);
-    let (delay, fault) = {
+    let (delay, fault, scripted) = {
         let mut s = lock(&state);
+        let scripted = s
+            .plan
+            .scripted
+            .iter_mut()
+            .find(|e| e.action == action && e.times > 0)
+            .map(|e| {
+                e.times -= 1;
+                e.code.clone()
+            });
         let applies = s.plan.actions.is_empty() || s.plan.actions.contains(&action);
         let roll = s.rng.f64();
         let fault = if !applies {
@@ -253,7 +281,7 @@ async fn handle(
         } else {
             None
         };
-        (s.plan.delay, fault)
+        (s.plan.delay, fault, scripted)
     };
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
@@ -264,6 +292,14 @@ async fn handle(
             outcome,
         })
     };
+    if let Some(code) = scripted {
+        record(Outcome::Scripted);
+        return Ok(ec2_error(
+            StatusCode::BAD_REQUEST,
+            &code,
+            "scripted by the fault proxy",
+        ));
+    }
     match fault {
         Some(Outcome::Throttled) => {
             record(Outcome::Throttled);
