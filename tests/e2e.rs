@@ -11,11 +11,10 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::api::{Api, DeleteParams, PostParams};
 use palisade::api::{FirewallNode, FirewallPolicy, conditions};
 use palisade::testenv::gitops::{argocd_health, kstatus};
-use palisade::testenv::{Reach, SimNet, SimNode, TestEnv, testbin};
+use palisade::testenv::{Reach, SimNet, SimNode, TestEnv};
 use tokio::process::{Child, Command};
 
 const NS: &str = "palisade-system";
@@ -43,53 +42,13 @@ fn ready(p: &FirewallPolicy) -> bool {
             .any(|c| c.type_ == conditions::READY && c.status == "True")
 }
 
-/// A pod of the agent DaemonSet bound to `node`, so the token the agent
-/// gets names the node, as on a real cluster.
-async fn agent_token(env: &TestEnv, node: &str) -> std::path::PathBuf {
-    let name = format!("palisade-agent-{node}");
-    let pod: Pod = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": name, "namespace": NS},
-        "spec": {"nodeName": node, "serviceAccountName": "palisade-agent",
-                 "containers": [{"name": "agent", "image": "palisade/agent:test"}]}
-    }))
-    .unwrap();
-    Api::<Pod>::namespaced(env.client().await.unwrap(), NS)
-        .create(&PostParams::default(), &pod)
-        .await
-        .unwrap();
-    env.pod_service_account_kubeconfig(NS, "palisade-agent", &name)
-        .await
-        .unwrap()
-}
-
 #[tokio::test]
 async fn helm_install_then_controller_and_agents_enforce_a_policy() {
     let env = TestEnv::shared().unwrap();
     let client = env.client().await.unwrap();
-    let ns: Namespace =
-        serde_json::from_value(serde_json::json!({"metadata": {"name": NS}})).unwrap();
-    Api::<Namespace>::all(client.clone())
-        .create(&PostParams::default(), &ns)
+    env.helm_install("palisade", NS, &["clusterName=e2e"])
         .await
         .unwrap();
-    let chart = Path::new(env!("CARGO_MANIFEST_DIR")).join("charts/palisade");
-    let out = std::process::Command::new(testbin("helm").unwrap())
-        .env("KUBECONFIG", env.kubeconfig_path())
-        .env(
-            "HELM_CACHE_HOME",
-            std::env::temp_dir().join("palisade-helm-cache"),
-        )
-        .arg("install")
-        .arg("palisade")
-        .arg(&chart)
-        .args(["--namespace", NS, "--set", "clusterName=e2e"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let policies = Api::<FirewallPolicy>::all(client.clone());
     eventually("the chart's CRDs", Duration::from_secs(20), || {
         let policies = policies.clone();
@@ -140,7 +99,10 @@ async fn helm_install_then_controller_and_agents_enforce_a_policy() {
             .unwrap(),
     ];
     for node in [&web1, &web2] {
-        let kubeconfig = agent_token(env, node.name()).await;
+        let kubeconfig = env
+            .agent_pod_kubeconfig(NS, "palisade-agent", node.name())
+            .await
+            .unwrap();
         processes.push(
             node.host()
                 .tokio_command(env!("CARGO_BIN_EXE_palisade-agent"))

@@ -15,7 +15,8 @@ use palisade::api::{FirewallNode, FirewallPolicy, conditions};
 use palisade::testenv::{Reach, SimHost, SimNet, SimNode, TestEnv};
 use tokio::process::{Child, Command};
 
-const CRDS: &str = include_str!("../../crds/palisade.dev.yaml");
+const NS: &str = "palisade-system";
+const RELEASE: &str = "palisade";
 const EXAMPLE: &str = include_str!("../../deploy/examples/web-server.yaml");
 const INVALID: &str = include_str!("../../tests/fixtures/invalid/host-bits-ipv4.yaml");
 /// The admin network of the agents' failsafe list.
@@ -86,10 +87,26 @@ async fn main() -> Result<()> {
     );
     let client = env.client().await?;
 
-    step("Installing the CRDs");
-    for name in env.install_crds(CRDS).await? {
-        println!("established: {name}");
-    }
+    step(
+        "helm install charts/palisade (CRDs, RBAC, admission policies, controller, agent DaemonSet)",
+    );
+    env.helm_install(
+        RELEASE,
+        NS,
+        &["clusterName=demo", &format!("agent.adminCidrs={{{ADMIN}}}")],
+    )
+    .await?;
+    print!("{}", env.helm(&["list", "--namespace", NS])?);
+    let crds = Api::<FirewallPolicy>::all(client.clone());
+    wait_until(
+        "the chart's CRDs to be served",
+        Duration::from_secs(30),
+        || {
+            let crds = crds.clone();
+            async move { crds.list(&Default::default()).await.is_ok() }
+        },
+    )
+    .await?;
 
     step(
         "Simulated nodes (network namespaces + Node objects + moto instances) and two outside hosts",
@@ -113,17 +130,26 @@ async fn main() -> Result<()> {
     internet.add_address("198.51.100.7/24".parse()?)?;
     println!("office: 203.0.113.10 (the policy's SSH network); internet: 198.51.100.7");
 
-    step("Starting the controller (host) and an agent in each node");
+    step(
+        "Starting the controller (host) and an agent in each node, with the chart's service accounts",
+    );
+    // No kubelet runs the chart's pods here: the binaries run as processes
+    // with the identities (and so the RBAC and admission policies) the
+    // chart gives them; each agent's token is bound to a pod on its node.
     let mut processes: Vec<Child> = Vec::new();
+    let controller_kubeconfig = env
+        .service_account_kubeconfig(NS, &format!("{RELEASE}-controller"))
+        .await?;
     processes.push(
         Command::new(sibling("palisade-controller")?)
             .envs(env.aws_env())
-            .env("KUBECONFIG", env.kubeconfig_path())
+            .env("KUBECONFIG", &controller_kubeconfig)
+            .env("POD_NAMESPACE", NS)
             .args([
                 "--cluster-name",
                 "demo",
-                "--leader-election",
-                "false",
+                "--identity",
+                "demo",
                 "--metrics-address",
                 "127.0.0.1:0",
             ])
@@ -133,10 +159,13 @@ async fn main() -> Result<()> {
             .spawn()?,
     );
     for node in &nodes {
+        let kubeconfig = env
+            .agent_pod_kubeconfig(NS, &format!("{RELEASE}-agent"), node.name())
+            .await?;
         processes.push(
             node.host()
                 .tokio_command(sibling("palisade-agent")?)
-                .env("KUBECONFIG", env.kubeconfig_path())
+                .env("KUBECONFIG", &kubeconfig)
                 .env("NODE_NAME", node.name())
                 .args(["--admin-cidr", ADMIN, "--metrics-address", "127.0.0.1:9901"])
                 .stdout(log_file(&env, &format!("agent-{}", node.name()))?)
@@ -187,7 +216,7 @@ async fn main() -> Result<()> {
             "Ready on both layers {:.1}s after apply",
             applied.elapsed().as_secs_f64()
         ),
-        Err(e) => println!("not Ready: {e} (see the logs)"),
+        Err(e) => bail!("not Ready: {e} (logs in {})", env.dir().display()),
     }
     let out = env
         .kubectl()?
@@ -282,10 +311,7 @@ async fn main() -> Result<()> {
         async move { matches!(policies.get_opt("web-server").await, Ok(None)) }
     })
     .await;
-    match gone {
-        Ok(t) => println!("policy gone after {:.1}s", t.as_secs_f64()),
-        Err(e) => println!("{e}"),
-    }
+    println!("policy gone after {:.1}s", gone?.as_secs_f64());
     let fwn = Api::<FirewallNode>::all(client.clone())
         .list(&Default::default())
         .await?;
@@ -298,6 +324,9 @@ async fn main() -> Result<()> {
             s.rule_count
         );
     }
+
+    step("helm uninstall");
+    print!("{}", env.helm(&["uninstall", RELEASE, "--namespace", NS])?);
 
     step("Tearing down");
     drop(processes);

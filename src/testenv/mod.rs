@@ -47,6 +47,7 @@ mod control_plane;
 mod env;
 pub mod fault_proxy;
 pub mod gitops;
+mod install;
 mod manifests;
 mod net;
 mod netns;
@@ -57,6 +58,7 @@ pub mod reaper;
 
 pub use cloud::{AVAILABILITY_ZONE, SimCloud, VPC_CIDR};
 pub use env::{AWS_REGION, TestEnv, client_from_kubeconfig};
+pub use install::chart_dir;
 pub use net::{EchoListener, Reach, SimHost, SimNet};
 pub use node::SimNode;
 pub use process::testbin;
