@@ -122,6 +122,27 @@ impl Drop for Running {
     }
 }
 
+/// Waits until the finalizer let policy `name` go.
+async fn wait_gone(name: &str, timeout: Duration) {
+    eventually("policy gone", timeout, || async {
+        policies()
+            .await
+            .get_opt(name)
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+}
+
+/// A simulated node labelled for test `test` with `role`.
+async fn sim_node(net: &SimNet, test: &str, name: &str, role: &str) -> SimNode {
+    SimNode::create(env().await, net, name, [(TEST_LABEL, test), ("role", role)])
+        .await
+        .unwrap()
+}
+
 async fn eventually<F, Fut, T>(what: &str, timeout: Duration, mut f: F) -> T
 where
     F: FnMut() -> Fut,
@@ -340,22 +361,8 @@ async fn lifecycle_create_edit_relabel_delete() {
     let env = env().await;
     let client = env.client().await.unwrap();
     let net = SimNet::new().unwrap();
-    let web = SimNode::create(
-        env,
-        &net,
-        "ctl-life-web",
-        [(TEST_LABEL, test), ("role", "web")],
-    )
-    .await
-    .unwrap();
-    let db = SimNode::create(
-        env,
-        &net,
-        "ctl-life-db",
-        [(TEST_LABEL, test), ("role", "db")],
-    )
-    .await
-    .unwrap();
+    let web = sim_node(&net, test, "ctl-life-web", "web").await;
+    let db = sim_node(&net, test, "ctl-life-db", "db").await;
     let default_groups = eni_groups(&web).await;
     let ctl = Running::start(test, Duration::from_secs(300), 60).await;
 
@@ -507,16 +514,7 @@ async fn lifecycle_create_edit_relabel_delete() {
         "the finalizer must stay while an agent lists the policy"
     );
     report_applied(&client, "ctl-life-web", &[]).await;
-    eventually("policy gone", Duration::from_secs(30), || async {
-        policies()
-            .await
-            .get_opt("ctl-life")
-            .await
-            .unwrap()
-            .is_none()
-            .then_some(())
-    })
-    .await;
+    wait_gone("ctl-life", Duration::from_secs(30)).await;
     ctl.stop().await;
     let _ = Api::<FirewallNode>::all(client)
         .delete("ctl-life-web", &DeleteParams::default())
@@ -529,14 +527,7 @@ async fn out_of_band_changes_are_repaired_with_an_event() {
     let env = env().await;
     let client = env.client().await.unwrap();
     let net = SimNet::new().unwrap();
-    let _node = SimNode::create(
-        env,
-        &net,
-        "ctl-drift-a",
-        [(TEST_LABEL, test), ("role", "web")],
-    )
-    .await
-    .unwrap();
+    let _node = sim_node(&net, test, "ctl-drift-a", "web").await;
     let ctl = Running::start(test, Duration::from_secs(2), 60).await;
     let p = policy(
         test,
@@ -600,16 +591,7 @@ async fn out_of_band_changes_are_repaired_with_an_event() {
         .delete("ctl-drift", &DeleteParams::default())
         .await
         .unwrap();
-    eventually("policy gone", Duration::from_secs(30), || async {
-        policies()
-            .await
-            .get_opt("ctl-drift")
-            .await
-            .unwrap()
-            .is_none()
-            .then_some(())
-    })
-    .await;
+    wait_gone("ctl-drift", Duration::from_secs(30)).await;
     ctl.stop().await;
 }
 
@@ -692,16 +674,7 @@ async fn an_adopted_group_keeps_its_foreign_rules() {
         .delete("ctl-adopt", &DeleteParams::default())
         .await
         .unwrap();
-    eventually("policy gone", Duration::from_secs(30), || async {
-        policies()
-            .await
-            .get_opt("ctl-adopt")
-            .await
-            .unwrap()
-            .is_none()
-            .then_some(())
-    })
-    .await;
+    wait_gone("ctl-adopt", Duration::from_secs(30)).await;
     assert_eq!(rules_of(&ec2, &group).await, foreign);
     let _ = GroupOwnership::Adopted;
     ctl.stop().await;
@@ -712,14 +685,7 @@ async fn a_restarted_controller_makes_no_twin_and_retain_keeps_the_group() {
     let test = "restart";
     let env = env().await;
     let net = SimNet::new().unwrap();
-    let _node = SimNode::create(
-        env,
-        &net,
-        "ctl-restart-a",
-        [(TEST_LABEL, test), ("role", "web")],
-    )
-    .await
-    .unwrap();
+    let _node = sim_node(&net, test, "ctl-restart-a", "web").await;
     let ctl = Running::start(test, Duration::from_secs(300), 60).await;
     let mut p = policy(
         test,
@@ -769,16 +735,7 @@ async fn a_restarted_controller_makes_no_twin_and_retain_keeps_the_group() {
         .delete("ctl-restart", &DeleteParams::default())
         .await
         .unwrap();
-    eventually("policy gone", Duration::from_secs(30), || async {
-        policies()
-            .await
-            .get_opt("ctl-restart")
-            .await
-            .unwrap()
-            .is_none()
-            .then_some(())
-    })
-    .await;
+    wait_gone("ctl-restart", Duration::from_secs(30)).await;
     assert_eq!(
         ec2.describe_groups(std::slice::from_ref(&group))
             .await
@@ -864,16 +821,7 @@ async fn quota_and_invalid_references_stall_without_a_partial_apply() {
             .unwrap();
     }
     for name in ["ctl-quota", "ctl-badref"] {
-        eventually("policy gone", Duration::from_secs(30), || async {
-            policies()
-                .await
-                .get_opt(name)
-                .await
-                .unwrap()
-                .is_none()
-                .then_some(())
-        })
-        .await;
+        wait_gone(name, Duration::from_secs(30)).await;
     }
     ctl.stop().await;
 }
@@ -883,22 +831,8 @@ async fn throttled_ec2_converges_exactly() {
     let test = "throttle";
     let env = env().await;
     let net = SimNet::new().unwrap();
-    let a = SimNode::create(
-        env,
-        &net,
-        "ctl-throttle-a",
-        [(TEST_LABEL, test), ("role", "web")],
-    )
-    .await
-    .unwrap();
-    let b = SimNode::create(
-        env,
-        &net,
-        "ctl-throttle-b",
-        [(TEST_LABEL, test), ("role", "web")],
-    )
-    .await
-    .unwrap();
+    let a = sim_node(&net, test, "ctl-throttle-a", "web").await;
+    let b = sim_node(&net, test, "ctl-throttle-b", "web").await;
     let proxy = Arc::new(FaultProxy::start(&env.ec2_endpoint()).unwrap());
     proxy.set_plan(FaultPlan {
         throttle_ratio: 0.3,
@@ -956,16 +890,7 @@ async fn throttled_ec2_converges_exactly() {
         .delete("ctl-throttle", &DeleteParams::default())
         .await
         .unwrap();
-    eventually("policy gone", Duration::from_secs(30), || async {
-        policies()
-            .await
-            .get_opt("ctl-throttle")
-            .await
-            .unwrap()
-            .is_none()
-            .then_some(())
-    })
-    .await;
+    wait_gone("ctl-throttle", Duration::from_secs(30)).await;
     ctl.stop().await;
 }
 
@@ -1123,16 +1048,7 @@ async fn the_binary_elects_reconciles_serves_metrics_and_stops_on_sigterm() {
         .delete("ctl-binary", &DeleteParams::default())
         .await
         .unwrap();
-    eventually("policy gone", Duration::from_secs(30), || async {
-        policies()
-            .await
-            .get_opt("ctl-binary")
-            .await
-            .unwrap()
-            .is_none()
-            .then_some(())
-    })
-    .await;
+    wait_gone("ctl-binary", Duration::from_secs(30)).await;
     ctl.stop().await;
 }
 
@@ -1141,22 +1057,8 @@ async fn node_and_group_peers_are_resolved_for_both_layers() {
     let test = "peers";
     let env = env().await;
     let net = SimNet::new().unwrap();
-    let web = SimNode::create(
-        env,
-        &net,
-        "ctl-peers-web",
-        [(TEST_LABEL, test), ("role", "web")],
-    )
-    .await
-    .unwrap();
-    let db = SimNode::create(
-        env,
-        &net,
-        "ctl-peers-db",
-        [(TEST_LABEL, test), ("role", "db")],
-    )
-    .await
-    .unwrap();
+    let web = sim_node(&net, test, "ctl-peers-web", "web").await;
+    let db = sim_node(&net, test, "ctl-peers-db", "db").await;
     // A group with one member (web's ENI), referenced by a rule.
     let cloud = env.sim_cloud().await.unwrap();
     let sdk = env.ec2_client();
@@ -1271,14 +1173,7 @@ async fn node_and_group_peers_are_resolved_for_both_layers() {
     assert_eq!(offices.cidrs, ["198.51.100.0/24", "203.0.113.0/24"]);
 
     // A second db node joins: the cloud layer follows.
-    let db2 = SimNode::create(
-        env,
-        &net,
-        "ctl-peers-db2",
-        [(TEST_LABEL, test), ("role", "db")],
-    )
-    .await
-    .unwrap();
+    let db2 = sim_node(&net, test, "ctl-peers-db2", "db").await;
     let want = format!("{}/32", db2.host().ipv4());
     eventually("db2 allowed", Duration::from_secs(30), || async {
         peers_of(rules_of(&ec2, &group).await, 8080)
@@ -1291,16 +1186,7 @@ async fn node_and_group_peers_are_resolved_for_both_layers() {
         .delete("ctl-peers", &DeleteParams::default())
         .await
         .unwrap();
-    eventually("policy gone", Duration::from_secs(30), || async {
-        policies()
-            .await
-            .get_opt("ctl-peers")
-            .await
-            .unwrap()
-            .is_none()
-            .then_some(())
-    })
-    .await;
+    wait_gone("ctl-peers", Duration::from_secs(30)).await;
     ctl.stop().await;
 }
 
@@ -1309,14 +1195,7 @@ async fn deletion_waits_out_dependency_violation() {
     let test = "depviol";
     let env = env().await;
     let net = SimNet::new().unwrap();
-    let _node = SimNode::create(
-        env,
-        &net,
-        "ctl-depviol-a",
-        [(TEST_LABEL, test), ("role", "web")],
-    )
-    .await
-    .unwrap();
+    let _node = sim_node(&net, test, "ctl-depviol-a", "web").await;
     let proxy = Arc::new(FaultProxy::start(&env.ec2_endpoint()).unwrap());
     let ctl = Running::start_with(test, Duration::from_secs(300), 60, proxy.clone()).await;
     let p = policy(
@@ -1348,16 +1227,7 @@ async fn deletion_waits_out_dependency_violation() {
         .delete("ctl-depviol", &DeleteParams::default())
         .await
         .unwrap();
-    eventually("policy gone", Duration::from_secs(90), || async {
-        policies()
-            .await
-            .get_opt("ctl-depviol")
-            .await
-            .unwrap()
-            .is_none()
-            .then_some(())
-    })
-    .await;
+    wait_gone("ctl-depviol", Duration::from_secs(90)).await;
     let deletes: Vec<Outcome> = proxy
         .calls()
         .iter()
