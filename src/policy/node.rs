@@ -688,32 +688,14 @@ fn canonical_action(a: &NodeAction) -> String {
 /// Canonical set entries: truncated, sorted, covered entries removed, `/0`
 /// split into two `/1` halves. Idempotent.
 pub fn normalize_set_entries(entries: impl IntoIterator<Item = IpNet>) -> Vec<IpNet> {
-    let mut nets: Vec<IpNet> = entries
-        .into_iter()
-        .flat_map(|n| {
-            let n = n.trunc();
-            match n {
-                IpNet::V4(v4) if v4.prefix_len() == 0 => {
-                    halves_v4().into_iter().map(IpNet::V4).collect::<Vec<_>>()
-                }
-                IpNet::V6(v6) if v6.prefix_len() == 0 => {
-                    halves_v6().into_iter().map(IpNet::V6).collect()
-                }
-                other => vec![other],
-            }
-        })
-        .collect();
-    nets.sort();
-    nets.dedup();
-    // Networks are nested or disjoint and sort parents first, so a net is
-    // covered iff the last kept one contains it.
-    let mut kept: Vec<IpNet> = Vec::with_capacity(nets.len());
-    for n in nets {
-        if !kept.last().is_some_and(|k| k.contains(&n)) {
-            kept.push(n);
+    // ipset's hash:net cannot hold a /0: split it into its two /1 halves.
+    normalize_literals(entries.into_iter().flat_map(|n| match n.trunc() {
+        IpNet::V4(v4) if v4.prefix_len() == 0 => {
+            halves_v4().into_iter().map(IpNet::V4).collect::<Vec<_>>()
         }
-    }
-    kept
+        IpNet::V6(v6) if v6.prefix_len() == 0 => halves_v6().into_iter().map(IpNet::V6).collect(),
+        other => vec![other],
+    }))
 }
 
 fn halves_v4() -> [Ipv4Net; 2] {
@@ -735,6 +717,8 @@ fn normalize_literals(nets: impl IntoIterator<Item = IpNet>) -> Vec<IpNet> {
     let mut nets: Vec<IpNet> = nets.into_iter().map(|n| n.trunc()).collect();
     nets.sort();
     nets.dedup();
+    // Networks are nested or disjoint and sort parents first, so a net is
+    // covered iff the last kept one contains it.
     let mut kept: Vec<IpNet> = Vec::with_capacity(nets.len());
     for n in nets {
         if !kept.last().is_some_and(|k| k.contains(&n)) {
