@@ -5,7 +5,7 @@ export CARGO_TARGET_DIR ?= $(CACHE)/target
 export PALISADE_TESTBIN ?= $(CACHE)/bin
 CARGO ?= cargo
 
-.PHONY: help testbin build fmt fmt-check clippy crds manifests check-generated unit test demo clean-env
+.PHONY: help testbin build fmt fmt-check clippy crds manifests chart-readme check-generated unit test demo clean-env
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -33,7 +33,10 @@ crds: ## Regenerate crds/ (and the chart's copy, and deploy/manifests) from the 
 manifests: ## Regenerate deploy/manifests (the kustomize base) from the chart
 	bash hack/manifests.sh
 
-check-generated: ## Fail if crds/, the chart's CRDs or deploy/manifests drifted from their sources
+chart-readme: ## Regenerate charts/palisade/README.md from its README.md.in and values.yaml
+	python3 hack/chart-readme.py charts/palisade
+
+check-generated: ## Fail if crds/, the chart's CRDs, deploy/manifests or the chart README drifted from their sources
 	@$(CARGO) run --quiet --bin palisade -- crd | diff -u crds/palisade.dev.yaml - \
 	  || { echo "crds/ is stale: run 'make crds' and commit the result"; exit 1; }
 	@diff -u crds/palisade.dev.yaml charts/palisade/crds/palisade.dev.yaml \
@@ -41,6 +44,8 @@ check-generated: ## Fail if crds/, the chart's CRDs or deploy/manifests drifted 
 	@tmp=$$(mktemp -d) && bash hack/manifests.sh $$tmp && cp deploy/manifests/namespace.yaml $$tmp/ \
 	  && diff -ru deploy/manifests $$tmp && rm -rf $$tmp \
 	  || { echo "deploy/manifests is stale: run 'make manifests' and commit the result"; exit 1; }
+	@set -o pipefail; python3 hack/chart-readme.py charts/palisade -o - | diff -u charts/palisade/README.md - \
+	  || { echo "charts/palisade/README.md is stale: run 'make chart-readme' and commit the result"; exit 1; }
 
 unit: ## Pure tests only (no apiserver, moto or namespaces)
 	$(CARGO) test --lib --bins
