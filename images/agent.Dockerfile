@@ -16,7 +16,7 @@ RUN --mount=type=cache,target=/root/.cargo/registry --mount=type=cache,target=/s
 
 FROM debian:bookworm-slim
 RUN apt-get update \
- && apt-get install -y --no-install-recommends iptables ipset nftables \
+ && apt-get install -y --no-install-recommends iptables ipset nftables conntrack \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /palisade-agent /usr/local/bin/palisade-agent
 ENTRYPOINT ["/usr/local/bin/palisade-agent"]

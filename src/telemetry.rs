@@ -94,6 +94,22 @@ pub async fn serve(
     }
 }
 
+/// Completes on SIGTERM (what the kubelet sends a pod being stopped) or
+/// SIGINT. Both binaries stop on it instead of waiting out the grace period.
+pub async fn terminated() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = tokio::signal::ctrl_c() => {},
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -122,7 +122,7 @@ async fn agents_filter_follow_labels_repair_drift_and_converge_after_restart() {
 
     let policies: Api<FirewallPolicy> = Api::all(client.clone());
     env.apply_yaml(
-        "apiVersion: palisade.dev/v1alpha1\nkind: FirewallPolicy\nmetadata:\n  name: agent-web\nspec:\n  nodeSelector:\n    matchLabels: {role: web}\n  ingress:\n    - name: http\n      protocol: TCP\n      ports: [{port: 8080}]\n      peers: [{cidr: 0.0.0.0/0}, {cidr: '::/0'}]\n",
+        "apiVersion: palisade.dev/v1alpha1\nkind: FirewallPolicy\nmetadata:\n  name: agent-web\nspec:\n  policyTypes: [Ingress]\n  nodeSelector:\n    matchLabels: {role: web}\n  ingress:\n    - name: http\n      protocol: TCP\n      ports: [{port: 8080}]\n      peers: [{cidr: 0.0.0.0/0}, {cidr: '::/0'}]\n",
     )
     .await
     .unwrap();
@@ -279,7 +279,7 @@ async fn node_selector_peers_follow_other_nodes_labels() {
     let _l = app.host().listen_tcp(9090).unwrap();
     let mut agent = start_agent_with(env, &app, &["--resync-seconds", "1"]);
     env.apply_yaml(
-        "apiVersion: palisade.dev/v1alpha1\nkind: FirewallPolicy\nmetadata:\n  name: agent-sel\nspec:\n  nodeSelector:\n    matchLabels: {role: sel-app}\n  ingress:\n    - name: from-clients\n      protocol: TCP\n      ports: [{port: 9090}]\n      peers:\n        - nodeSelector:\n            matchLabels: {role: sel-client}\n",
+        "apiVersion: palisade.dev/v1alpha1\nkind: FirewallPolicy\nmetadata:\n  name: agent-sel\nspec:\n  policyTypes: [Ingress]\n  nodeSelector:\n    matchLabels: {role: sel-app}\n  ingress:\n    - name: from-clients\n      protocol: TCP\n      ports: [{port: 9090}]\n      peers:\n        - nodeSelector:\n            matchLabels: {role: sel-client}\n",
     )
     .await
     .unwrap();

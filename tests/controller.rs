@@ -193,6 +193,7 @@ fn policy(test: &str, name: &str, role: &str, ingress: Vec<FirewallRule>) -> Fir
                 ])),
                 match_expressions: None,
             }),
+            policy_types: vec![palisade::api::PolicyType::Ingress],
             ingress: Some(ingress),
             ..Default::default()
         },
@@ -268,6 +269,7 @@ async fn report_applied(client: &Client, node: &str, applied: &[&FirewallPolicy]
             uid: p.uid(),
             generation: p.metadata.generation.unwrap(),
             hash: "0123456789abcdef".into(),
+            ..Default::default()
         })
         .collect();
     let status = serde_json::json!({ "status": {

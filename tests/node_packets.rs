@@ -11,10 +11,8 @@ use std::time::{Duration, Instant};
 use palisade::api::FirewallPolicy;
 use palisade::node::backend::Backend;
 use palisade::node::dataplane::{Dataplane, plan};
-use palisade::policy::{
-    Facts, IpFamily, NodeFacts, NodeRuleset, PrefixListFacts, compile_node, validate,
-};
-use palisade::testenv::{Reach, SimHost, SimNet};
+use palisade::policy::{Facts, IpFamily, NodeRuleset, PrefixListFacts};
+use palisade::testenv::{DataplaneNode, Reach, SimHost, SimNet};
 
 const OPEN: Duration = Duration::from_secs(2);
 const DROP: Duration = Duration::from_millis(300);
@@ -25,60 +23,41 @@ fn policy(yaml: &str) -> FirewallPolicy {
 
 fn ingress_policy(name: &str, rules: &str) -> FirewallPolicy {
     policy(&format!(
-        "apiVersion: palisade.dev/v1alpha1\nkind: FirewallPolicy\nmetadata:\n  name: {name}\nspec:\n  ingress:\n{rules}"
+        "apiVersion: palisade.dev/v1alpha1\nkind: FirewallPolicy\nmetadata:\n  name: {name}\nspec:\n  policyTypes: [Ingress]\n  ingress:\n{rules}"
     ))
 }
 
 /// A node host, its dataplane and the facts naming it.
-struct Node {
-    host: SimHost,
-    dataplane: Dataplane,
-    facts: Facts,
+struct Node(DataplaneNode);
+
+impl std::ops::Deref for Node {
+    type Target = DataplaneNode;
+    fn deref(&self) -> &DataplaneNode {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Node {
+    fn deref_mut(&mut self) -> &mut DataplaneNode {
+        &mut self.0
+    }
 }
 
 impl Node {
     fn new(net: &SimNet, name: &str, admin: Option<&SimHost>) -> Node {
-        let host = net.add_host(name).unwrap();
-        let dataplane = Dataplane::new(Backend::Nft, Some(host.netns().to_string()));
-        let mut facts = Facts {
-            nodes: vec![NodeFacts {
-                name: "node".into(),
-                addresses: host.addresses(),
-                ..Default::default()
-            }],
-            ..Default::default()
-        };
-        if let Some(admin) = admin {
-            facts.failsafe.admin_cidrs = vec![IpAddr::V4(admin.ipv4()).into()];
-        }
-        Node {
-            host,
-            dataplane,
-            facts,
-        }
+        Node(DataplaneNode::new(net, name, admin).unwrap())
     }
 
     fn compile(&self, policies: &[FirewallPolicy]) -> NodeRuleset {
-        let valid: Vec<_> = policies.iter().map(|p| validate(p).unwrap()).collect();
-        compile_node("node", &valid, &self.facts).unwrap()
+        self.0.compile(policies).unwrap()
     }
 
     fn apply(&self, policies: &[FirewallPolicy]) -> NodeRuleset {
-        let rs = self.compile(policies);
-        self.dataplane.sync(&rs).unwrap();
-        let again = self.dataplane.sync(&rs).unwrap();
-        assert!(!again.wrote(), "second sync is a no-op: {:?}", again.plan);
-        rs
+        self.0.apply(policies).unwrap()
     }
 
     fn save(&self) -> String {
-        self.host
-            .exec(&["iptables-nft-save", "-t", "filter"])
-            .unwrap()
-            + &self
-                .host
-                .exec(&["ip6tables-nft-save", "-t", "filter"])
-                .unwrap()
+        self.0.save().unwrap()
     }
 
     /// A pretend kube-proxy chain and a user's own INPUT rule.
@@ -223,7 +202,7 @@ fn egress_lockdown_keeps_return_traffic() {
     let other = peer.listen_tcp(9090).unwrap();
     let inbound = node.host.listen_tcp(7070).unwrap();
     let p = policy(&format!(
-        "apiVersion: palisade.dev/v1alpha1\nkind: FirewallPolicy\nmetadata:\n  name: out\nspec:\n  egress:\n    - name: app\n      protocol: TCP\n      ports: [{{port: 8080}}]\n      peers: [{{cidr: {}/32}}]\n",
+        "apiVersion: palisade.dev/v1alpha1\nkind: FirewallPolicy\nmetadata:\n  name: out\nspec:\n  policyTypes: [Egress]\n  egress:\n    - name: app\n      protocol: TCP\n      ports: [{{port: 8080}}]\n      peers: [{{cidr: {}/32}}]\n",
         peer.ipv4()
     ));
     node.apply(&[p]);
@@ -259,14 +238,16 @@ fn audit_drops_nothing() {
             Reach::Open
         );
     }
-    // It logs: the audit LOG rule counted the probes it let through.
+    // It logs and counts: its would-be drops reached its LOG and counter.
+    let chain =
+        palisade::policy::node::policy_chain_name("audit", palisade::policy::Direction::Ingress);
     let listing = node
         .host
-        .exec(&["iptables-nft", "-L", "PALISADE-INPUT", "-v", "-x", "-n"])
+        .exec(&["iptables-nft", "-L", &chain, "-v", "-x", "-n"])
         .unwrap();
     let log = listing
         .lines()
-        .find(|l| l.contains("LOG") && l.contains("palisade-audit-in"))
+        .find(|l| l.contains("LOG") && l.contains("pal-audit:audit"))
         .unwrap();
     let packets: u64 = log.split_whitespace().next().unwrap().parse().unwrap();
     assert!(packets >= 1, "{listing}");

@@ -87,9 +87,12 @@ fn golden_ruleset(name: &str, policies: &[FirewallPolicy]) -> NodeRuleset {
 #[test]
 fn seed_web_server() {
     let rs = golden_ruleset("web-server", &[example("web-server")]);
+    // One admin CIDR and few peers: all inline; the only sets are the
+    // failsafe's cluster scope (the nodes' addresses).
     assert!(
-        rs.sets.is_empty(),
-        "one admin CIDR and few peers: all inline"
+        rs.sets.iter().all(|s| s.owner == "failsafe:cluster"),
+        "{:?}",
+        rs.sets
     );
 }
 
@@ -119,7 +122,7 @@ fn egress_lockdown() {
 fn large_cidr_list_goes_through_a_set() {
     // 50 peers at most per rule: long lists come from a prefix list.
     let p = parse(
-        "apiVersion: palisade.dev/v1alpha1\nkind: FirewallPolicy\nmetadata:\n  name: partners\nspec:\n  ingress:\n    - name: api\n      protocol: TCP\n      ports: [{port: 8443}]\n      peers:\n        - prefixListId: pl-0123456789abcdef0\n",
+        "apiVersion: palisade.dev/v1alpha1\nkind: FirewallPolicy\nmetadata:\n  name: partners\nspec:\n  policyTypes: [Ingress]\n  ingress:\n    - name: api\n      protocol: TCP\n      ports: [{port: 8443}]\n      peers:\n        - prefixListId: pl-0123456789abcdef0\n",
     );
     let mut facts = facts();
     facts.prefix_lists.insert(
@@ -181,7 +184,10 @@ fn cli_render_prints_both_layers_for_a_node_manifest() {
             dir.join("deploy/examples/ssh-jump-host.yaml"),
             dir.join("deploy/examples/egress-lockdown.yaml"),
         ],
-        &["192.0.2.0/24".parse().unwrap()],
+        &palisade::cli::AgentSettings {
+            admin_cidrs: vec!["192.0.2.0/24".parse().unwrap()],
+            ..Default::default()
+        },
         &mut out,
     )
     .unwrap();
@@ -195,4 +201,103 @@ fn cli_render_prints_both_layers_for_a_node_manifest() {
     assert!(text.contains("# iptables-restore --noflush\n*filter\n"));
     assert!(text.contains("-s 192.0.2.0/24 -m comment --comment \"palisade:"));
     assert!(text.contains("-I INPUT 1 -m comment"));
+    // Palisade only removes access: its allows hand back to the host.
+    assert!(!text.contains("-j ACCEPT"), "{text}");
+    assert!(text.contains("-j RETURN"), "{text}");
+}
+
+#[test]
+fn every_accepted_icmp_type_renders_a_rule_for_that_type_only() {
+    for (protocol, cidr, flag, family_rules) in [
+        ("ICMP", "0.0.0.0/0", "--icmp-type", 4usize),
+        ("ICMPv6", "'::/0'", "--icmpv6-type", 6),
+    ] {
+        for t in 0..=255u16 {
+            let p = parse(&format!(
+                "apiVersion: palisade.dev/v1alpha1\nkind: FirewallPolicy\nmetadata: {{name: icmp}}\nspec:\n  policyTypes: [Ingress]\n  ingress:\n    - {{name: t, protocol: {protocol}, icmp: {{type: {t}}}, peers: [{{cidr: {cidr}}}]}}\n"
+            ));
+            let valid = validate(&p);
+            if t == 255 {
+                // iptables reads 255 as "every type": refused, never rendered.
+                let err = valid.unwrap_err().to_string();
+                assert!(err.contains("wildcard"), "{err}");
+                continue;
+            }
+            let rs = compile_node("node-1", &[valid.unwrap()], &facts()).unwrap();
+            let text = render_ruleset(&rs).to_string();
+            let lines: Vec<&str> = text
+                .lines()
+                .filter(|l| l.contains("icmp/ingress/t\""))
+                .collect();
+            assert_eq!(lines.len(), 1, "{protocol} {t}: {lines:?}");
+            assert!(
+                lines[0].contains(&format!("{flag} {t} ")),
+                "{protocol} {t}: {}",
+                lines[0]
+            );
+            let _ = family_rules;
+        }
+    }
+}
+
+#[test]
+fn the_egress_lockdown_example_leaves_its_allows_and_the_scoped_failsafe() {
+    use palisade::policy::eval::{NodeVerdict, Probe, ProbeProtocol, node_verdict};
+    let mut facts = facts();
+    facts.failsafe = palisade::policy::Failsafe::default();
+    // Outside the example's own 10.0.0.0/16, so only the failsafe can
+    // admit them.
+    facts.api_servers = vec!["172.20.0.10".parse().unwrap()];
+    facts.nameservers = vec!["172.20.0.2".parse().unwrap()];
+    facts.nodes.push(NodeFacts {
+        name: "node-3".into(),
+        addresses: vec!["172.21.0.5".parse().unwrap()],
+        ..Default::default()
+    });
+    let valid = validate(&example("egress-lockdown")).unwrap();
+    let rs = compile_node("node-1", &[valid], &facts).unwrap();
+    let out = |peer: &str, protocol| Probe {
+        direction: palisade::policy::Direction::Egress,
+        peer: peer.parse().unwrap(),
+        protocol,
+        over_rate: false,
+    };
+    let tcp = |port| ProbeProtocol::Tcp { port };
+    let udp = |port| ProbeProtocol::Udp { port };
+    let cases = [
+        // The example's own allows.
+        ("198.51.100.7", tcp(443), true),
+        ("10.0.0.2", udp(53), true),
+        ("10.0.77.1", tcp(5432), true),
+        // The scoped failsafe: the API server, the other node, EC2's services.
+        ("172.20.0.10", tcp(443), true),
+        ("172.20.0.2", udp(53), true),
+        ("172.20.0.2", tcp(53), true),
+        ("172.21.0.5", tcp(10250), true),
+        ("172.21.0.5", udp(8472), true),
+        ("172.21.0.5", tcp(443), false),
+        ("172.20.0.10", tcp(10250), false),
+        ("169.254.169.254", tcp(80), true),
+        ("169.254.169.253", udp(53), true),
+        ("169.254.169.123", udp(123), true),
+        ("fd00:ec2::254", tcp(80), true),
+        // Nothing else: no exfiltration on 443, no DNS or time elsewhere.
+        ("203.0.113.5", tcp(443), false),
+        ("203.0.113.5", tcp(6443), false),
+        ("203.0.113.5", udp(53), false),
+        ("203.0.113.5", udp(123), false),
+        ("203.0.113.5", tcp(10250), false),
+        ("203.0.113.5", udp(4789), false),
+        ("2001:db8:ffff::1", tcp(443), false),
+        ("169.254.169.254", tcp(443), false),
+    ];
+    for (peer, protocol, allowed) in cases {
+        let v = node_verdict(&rs, &out(peer, protocol));
+        let want = if allowed {
+            NodeVerdict::Accept
+        } else {
+            NodeVerdict::Drop
+        };
+        assert_eq!(v, want, "egress {protocol:?} to {peer}");
+    }
 }

@@ -58,7 +58,7 @@ fn every_invalid_manifest_is_refused_offline() {
 #[test]
 fn unknown_fields_are_reported_with_their_path() {
     let doc: serde_json::Value = serde_yaml::from_str(
-        "apiVersion: palisade.dev/v1alpha1\nkind: FirewallPolicy\nmetadata: {name: typo}\nspec:\n  ingress:\n    - name: ssh\n      protocol: TCP\n      prots: [{port: 22}]\n      peers: [{cidr: 10.0.0.0/8}]\n",
+        "apiVersion: palisade.dev/v1alpha1\nkind: FirewallPolicy\nmetadata: {name: typo}\nspec:\n  policyTypes: [Ingress]\n  ingress:\n    - name: ssh\n      protocol: TCP\n      prots: [{port: 22}]\n      peers: [{cidr: 10.0.0.0/8}]\n",
     )
     .unwrap();
     let problems = cli::check_policy(&doc);

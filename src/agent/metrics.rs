@@ -4,8 +4,10 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
@@ -26,8 +28,22 @@ pub struct Metrics {
     pub drift_repairs: Counter,
     /// Syncs that failed, whatever the cause.
     pub sync_failures: Counter,
+    /// Packets each Audit policy would have dropped, per direction, since
+    /// its rules were last programmed (read from rule counters).
+    pub audit_would_drop: Family<AuditLabels, Gauge>,
+    /// Established flows cut after a narrowing (`existingConnections: Cut`).
+    pub flows_cut: Counter,
     /// Set once the agent has seen every policy and its Node and synced.
     pub ready: AtomicBool,
+}
+
+/// Labels of an Audit policy's would-be drops.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuditLabels {
+    /// The policy.
+    pub policy: String,
+    /// `ingress` or `egress`.
+    pub direction: String,
 }
 
 impl Default for Metrics {
@@ -65,7 +81,21 @@ impl Default for Metrics {
             drift_repairs.clone(),
         );
         registry.register("sync_failures", "Syncs that failed", sync_failures.clone());
+        let audit_would_drop = Family::<AuditLabels, Gauge>::default();
+        registry.register(
+            "audit_would_drop_packets",
+            "Packets an Audit policy would have dropped had it been in Enforce",
+            audit_would_drop.clone(),
+        );
+        let flows_cut = Counter::default();
+        registry.register(
+            "flows_cut",
+            "Established flows cut after a narrowing (existingConnections: Cut)",
+            flows_cut.clone(),
+        );
         Metrics {
+            audit_would_drop,
+            flows_cut,
             registry,
             sync_duration,
             rules,

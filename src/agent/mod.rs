@@ -9,18 +9,22 @@
 //! 2. the desired ruleset is compiled from the policies selecting the node
 //!    (policies being deleted are left out, so their rules go first and the
 //!    controller may release them), the node's labels and addresses, the
-//!    peers the controller resolved (`status.resolvedPeers`), other nodes'
-//!    addresses when a selected policy has a `nodeSelector` peer (listed at
-//!    most once per resync period, so a change of another node's labels or
-//!    addresses is seen within one period), and the failsafe list from the
-//!    flags; a policy edited into something invalid keeps its last valid
-//!    version (reported at that generation) instead of losing its rules;
+//!    peers the controller resolved (`status.resolvedPeers`), the node
+//!    addresses the controller publishes per `nodeSelector` in
+//!    FirewallPeerSlices (watched: the agent never lists Nodes), the API
+//!    server's endpoints (flags, then the `kubernetes` EndpointSlice), the
+//!    node's nameservers, and the failsafe list from the flags; a policy
+//!    edited into something invalid keeps its last valid version (reported
+//!    at that generation) instead of losing its rules;
 //! 3. the dataplane reads back what Palisade owns, writes only the
 //!    difference (nothing on a no-op) and the result is read back again;
 //! 4. a write while the desired ruleset is the one already applied is a
 //!    drift repair, counted;
-//! 5. the `FirewallNode` status is written when anything but the time of
-//!    the sync changed.
+//! 5. after a write, flows the new ruleset no longer admits are cut in the
+//!    directions a selected policy asks for it (`existingConnections: Cut`);
+//! 6. the `FirewallNode` status is written when anything but the time of
+//!    the sync changed; the Audit policies' would-be drops are read from
+//!    rule counters on their own timer and reported with it.
 //!
 //! Triggers: watch events, the resync timer (the backstop), and on the nft
 //! backend every `nft monitor` line naming a Palisade chain or the
@@ -29,15 +33,16 @@
 
 pub mod metrics;
 
-use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use kube::api::{ListParams, Patch, PatchParams};
+use kube::api::{Patch, PatchParams};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
@@ -46,10 +51,18 @@ use tokio::io::AsyncBufReadExt;
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
-use crate::api::{AppliedPolicy, FirewallNode, FirewallNodeStatus, FirewallPolicy, SyncResult};
+use crate::api::{
+    AppliedPolicy, FirewallNode, FirewallNodeStatus, FirewallPeerSlice, FirewallPolicy, PolicyMode,
+    SyncResult, WouldDrop,
+};
 use crate::node::backend::{self, Backend};
+use crate::node::conntrack;
 use crate::node::dataplane::{Dataplane, DataplaneError, plan};
-use crate::policy::{Facts, Failsafe, NodeFacts, NodeRuleset, PolicyError, compile_node, validate};
+use crate::policy::node::{NodeAction, RuleOrigin};
+use crate::policy::{
+    AllowVerdict, Direction, Facts, Failsafe, NodeFacts, NodeRuleset, PolicyError, compile_node,
+    validate,
+};
 
 use metrics::Metrics;
 
@@ -110,14 +123,81 @@ pub struct AgentConfig {
     pub backend: Option<Backend>,
     /// On the nft backend, follow `nft monitor` to repair drift at once.
     pub nft_monitor: bool,
+    /// API server addresses known from the configuration (the configured
+    /// server, the in-cluster service host); the `kubernetes` EndpointSlice
+    /// adds its endpoints. The `ApiServer` failsafe scope.
+    pub api_servers: Vec<IpAddr>,
+    /// The node's nameservers (resolv.conf): the `Nameservers` scope.
+    pub nameservers: Vec<IpAddr>,
+    /// What the node layer's allows do.
+    pub allow: AllowVerdict,
+    /// How often the Audit policies' rule counters are read.
+    pub audit_report: Duration,
 }
 
-fn has_node_selector_peer(p: &FirewallPolicy) -> bool {
-    [&p.spec.ingress, &p.spec.egress]
-        .into_iter()
-        .flatten()
-        .flatten()
-        .any(|r| r.peers.iter().any(|peer| peer.node_selector.is_some()))
+/// The nameservers of a resolv.conf text (pure): every `nameserver`
+/// line's address that parses.
+pub fn nameservers(resolv_conf: &str) -> Vec<IpAddr> {
+    resolv_conf
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            (w.next() == Some("nameserver"))
+                .then(|| w.next()?.split('%').next()?.parse().ok())
+                .flatten()
+        })
+        .collect()
+}
+
+/// The node addresses the controller published, by selector (pure).
+pub fn node_peers(slices: &[Arc<FirewallPeerSlice>]) -> BTreeMap<String, Vec<IpAddr>> {
+    let mut out: BTreeMap<String, BTreeSet<IpAddr>> = BTreeMap::new();
+    for slice in slices {
+        let entry = out.entry(slice.spec.selector.clone()).or_default();
+        for node in &slice.spec.nodes {
+            entry.extend(
+                node.addresses
+                    .iter()
+                    .filter_map(|a| a.parse::<IpAddr>().ok()),
+            );
+        }
+    }
+    out.into_iter()
+        .map(|(k, v)| (k, v.into_iter().collect()))
+        .collect()
+}
+
+/// The endpoint addresses of the `kubernetes` EndpointSlices (pure).
+fn api_endpoints(slices: &[Arc<EndpointSlice>]) -> Vec<IpAddr> {
+    slices
+        .iter()
+        .flat_map(|s| s.endpoints.iter())
+        .flat_map(|e| e.addresses.iter())
+        .filter_map(|a| a.parse().ok())
+        .collect()
+}
+
+/// The Audit policies' would-be drop counters in `ruleset`: rule id →
+/// (policy, direction).
+fn audit_counters(ruleset: &NodeRuleset) -> BTreeMap<String, (String, Direction)> {
+    let mut out = BTreeMap::new();
+    for fam in [&ruleset.ipv4, &ruleset.ipv6] {
+        for chain in &fam.chains {
+            for rule in &chain.rules {
+                if let (RuleOrigin::WouldDrop { policy }, NodeAction::Count) =
+                    (&rule.origin, &rule.action)
+                {
+                    let direction = if chain.name.starts_with("PAL-I-") {
+                        Direction::Ingress
+                    } else {
+                        Direction::Egress
+                    };
+                    out.insert(rule.id.clone(), (policy.clone(), direction));
+                }
+            }
+        }
+    }
+    out
 }
 
 /// What the agent compiled from the cluster's state.
@@ -138,15 +218,9 @@ struct Desired {
 fn desired(
     node_name: &str,
     policies: &[Arc<FirewallPolicy>],
-    nodes: Vec<NodeFacts>,
-    failsafe: &Failsafe,
+    mut facts: Facts,
     last_good: &BTreeMap<String, Arc<FirewallPolicy>>,
 ) -> Result<Desired, AgentError> {
-    let mut facts = Facts {
-        nodes,
-        failsafe: failsafe.clone(),
-        ..Default::default()
-    };
     let mut valid = Vec::new();
     let mut problems = Vec::new();
     let mut meta = BTreeMap::new();
@@ -201,6 +275,8 @@ fn desired(
                 uid,
                 generation,
                 hash: d.hash.clone(),
+                mode: Some(d.mode),
+                would_drop: None,
             }
         })
         .collect();
@@ -220,6 +296,12 @@ struct Agent {
     metrics: Arc<Metrics>,
     policies: Store<FirewallPolicy>,
     nodes: Store<Node>,
+    peer_slices: Store<FirewallPeerSlice>,
+    api_slices: Store<EndpointSlice>,
+    /// The ruleset last applied successfully.
+    last_ruleset: Option<NodeRuleset>,
+    /// Would-be drops of the Audit policies, as last read.
+    would_drop: BTreeMap<String, WouldDrop>,
     /// Hash of the ruleset last applied successfully.
     last_hash: Option<String>,
     drift_repairs: i64,
@@ -227,8 +309,6 @@ struct Agent {
     last_status: Option<FirewallNodeStatus>,
     /// The policy versions last applied, by name.
     last_good: BTreeMap<String, Arc<FirewallPolicy>>,
-    /// Other nodes, listed for `nodeSelector` peers, and when.
-    other_nodes: Option<(Instant, Vec<NodeFacts>)>,
     /// The uid of this node's Node: the FirewallNode's owner, so it is
     /// garbage-collected with the Node.
     node_uid: Option<String>,
@@ -243,45 +323,21 @@ impl Agent {
         let policies = self.policies.state();
         self.node_uid = me.uid();
         let me = NodeFacts::from_node(&me);
-        // Other nodes' addresses only matter to a selected policy with a
-        // nodeSelector peer; they are listed at most once per resync period.
-        let needs_nodes = policies.iter().any(|p| {
-            p.metadata.deletion_timestamp.is_none()
-                && has_node_selector_peer(p)
-                && validate(p).is_ok_and(|v| v.selects(&me))
-        });
-        let mut nodes = vec![me];
-        if needs_nodes {
-            let fresh = self
-                .other_nodes
-                .as_ref()
-                .is_some_and(|(at, _)| at.elapsed() < self.config.resync);
-            if !fresh {
-                let all = Api::<Node>::all(self.client.clone())
-                    .list(&ListParams::default())
-                    .await
-                    .map_err(kube_err("listing Nodes for nodeSelector peers"))?;
-                let others = all
-                    .items
-                    .iter()
-                    .filter(|n| n.name_any() != self.config.node_name)
-                    .map(NodeFacts::from_node)
-                    .collect();
-                self.other_nodes = Some((Instant::now(), others));
-            }
-            if let Some((_, others)) = &self.other_nodes {
-                nodes.extend(others.iter().cloned());
-            }
-        } else {
-            self.other_nodes = None;
-        }
-        let want = desired(
-            &self.config.node_name,
-            &policies,
-            nodes,
-            &self.config.failsafe,
-            &self.last_good,
-        )?;
+        let local = me.addresses.clone();
+        let mut api_servers = self.config.api_servers.clone();
+        api_servers.extend(api_endpoints(&self.api_slices.state()));
+        api_servers.sort();
+        api_servers.dedup();
+        let facts = Facts {
+            nodes: vec![me],
+            failsafe: self.config.failsafe.clone(),
+            node_peers: node_peers(&self.peer_slices.state()),
+            api_servers,
+            nameservers: self.config.nameservers.clone(),
+            allow: self.config.allow,
+            ..Default::default()
+        };
+        let want = desired(&self.config.node_name, &policies, facts, &self.last_good)?;
         let hash = want.ruleset.hash();
         let dataplane = self.dataplane.clone();
         let ruleset = want.ruleset.clone();
@@ -320,7 +376,19 @@ impl Agent {
                 );
             }
         }
+        let cut: Vec<Direction> = want
+            .ruleset
+            .policies
+            .iter()
+            .flat_map(|p| p.cut_established.iter().copied())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        if report.wrote() && !cut.is_empty() {
+            self.cut_flows(&want.ruleset, local, cut).await;
+        }
         self.last_hash = Some(hash);
+        self.last_ruleset = Some(want.ruleset.clone());
         self.last_good = want.good;
         self.metrics.rules.set(want.ruleset.rule_count() as i64);
         self.metrics
@@ -337,7 +405,94 @@ impl Agent {
             last_sync: None,
             conditions: Vec::new(),
         };
-        Ok((status, want.problems))
+        Ok((self.with_audit(status), want.problems))
+    }
+
+    /// Deletes the conntrack entries of flows `ruleset` no longer admits in
+    /// `directions` (it is programmed already, so they cannot come back).
+    async fn cut_flows(
+        &self,
+        ruleset: &NodeRuleset,
+        local: Vec<IpAddr>,
+        directions: Vec<Direction>,
+    ) {
+        let dataplane = self.dataplane.clone();
+        let ruleset = ruleset.clone();
+        let cut = tokio::task::spawn_blocking(move || {
+            conntrack::cut_flows(&dataplane, &ruleset, &local, &directions)
+        })
+        .await;
+        match cut {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => {
+                self.metrics.flows_cut.inc_by(n as u64);
+                info!(
+                    flows = n,
+                    "cut established flows the narrowed ruleset no longer allows"
+                );
+            }
+            Ok(Err(e)) => warn!(error = %e, "cutting established flows"),
+            Err(e) => warn!(error = %e, "cutting established flows"),
+        }
+    }
+
+    /// Reads the Audit policies' would-be drop counters; true when they
+    /// changed.
+    async fn refresh_audit(&mut self) -> bool {
+        let Some(ruleset) = &self.last_ruleset else {
+            return false;
+        };
+        let counters = audit_counters(ruleset);
+        if counters.is_empty() {
+            let changed = !self.would_drop.is_empty();
+            self.would_drop.clear();
+            return changed;
+        }
+        let dataplane = self.dataplane.clone();
+        let read = tokio::task::spawn_blocking(move || dataplane.read_counters()).await;
+        let packets = match read {
+            Ok(Ok(p)) => p,
+            Ok(Err(e)) => {
+                warn!(error = %e, "reading Audit counters");
+                return false;
+            }
+            Err(e) => {
+                warn!(error = %e, "reading Audit counters");
+                return false;
+            }
+        };
+        let mut fresh: BTreeMap<String, WouldDrop> = BTreeMap::new();
+        for (id, (policy, direction)) in counters {
+            let n = i64::try_from(packets.get(&id).copied().unwrap_or(0)).unwrap_or(i64::MAX);
+            let entry = fresh.entry(policy).or_default();
+            match direction {
+                Direction::Ingress => entry.ingress = entry.ingress.saturating_add(n),
+                Direction::Egress => entry.egress = entry.egress.saturating_add(n),
+            }
+        }
+        for (policy, w) in &fresh {
+            for (direction, n) in [("ingress", w.ingress), ("egress", w.egress)] {
+                self.metrics
+                    .audit_would_drop
+                    .get_or_create(&metrics::AuditLabels {
+                        policy: policy.clone(),
+                        direction: direction.into(),
+                    })
+                    .set(n);
+            }
+        }
+        let changed = fresh != self.would_drop;
+        self.would_drop = fresh;
+        changed
+    }
+
+    /// `status` with the Audit policies' would-be drops filled in.
+    fn with_audit(&self, mut status: FirewallNodeStatus) -> FirewallNodeStatus {
+        for p in &mut status.policies {
+            p.would_drop = (p.mode == Some(PolicyMode::Audit))
+                .then(|| self.would_drop.get(&p.name).cloned().unwrap_or_default());
+        }
+        status
     }
 
     fn condition(&mut self, ok: bool, message: &str) -> Condition {
@@ -426,6 +581,45 @@ impl Agent {
         .map_err(kube_err(format!("writing FirewallNode {name} status")))?;
         Ok(())
     }
+}
+
+/// Whether a policy watch event can change what the agent enforces: any
+/// event but an applied object whose spec, generation, deletion and
+/// resolved peers are those it had. kube's reflector has already stored
+/// it; a status-only write of the controller (node counts, conditions)
+/// wakes nothing. Conservative: an event it cannot compare wakes the sync.
+fn spec_event(seen: &mut BTreeMap<String, String>, event: &watcher::Event<FirewallPolicy>) -> bool {
+    match event {
+        watcher::Event::Apply(p) | watcher::Event::InitApply(p) => {
+            let fingerprint = policy_fingerprint(p);
+            let name = p.name_any();
+            let changed = seen.get(&name) != Some(&fingerprint);
+            seen.insert(name, fingerprint);
+            changed
+        }
+        watcher::Event::Delete(p) => {
+            seen.remove(&p.name_any());
+            true
+        }
+        _ => true,
+    }
+}
+
+/// What of a policy the agent's ruleset depends on.
+fn policy_fingerprint(p: &FirewallPolicy) -> String {
+    let resolved = p
+        .status
+        .as_ref()
+        .map(|s| s.resolved_peers.as_slice())
+        .unwrap_or_default();
+    serde_json::to_string(&(
+        p.uid(),
+        p.metadata.generation,
+        p.metadata.deletion_timestamp.is_some(),
+        &p.spec,
+        resolved,
+    ))
+    .unwrap_or_default()
 }
 
 /// Follows `nft monitor` and wakes the sync loop on any line about a
@@ -526,18 +720,47 @@ pub async fn run(client: Client, config: AgentConfig) -> Result<(), AgentError> 
         ),
     )
     .default_backoff();
+    // The controller's published node addresses: small objects that change
+    // only when a selected node joins, leaves or changes address.
+    let (peer_slices, slice_writer) = reflector::store();
+    let slice_watch = reflector::reflector(
+        slice_writer,
+        watcher(
+            Api::<FirewallPeerSlice>::all(client.clone()),
+            watcher::Config::default(),
+        ),
+    )
+    .default_backoff();
+    // The API server's endpoints (one small object).
+    let (api_slices, api_writer) = reflector::store();
+    let api_watch = reflector::reflector(
+        api_writer,
+        watcher(
+            Api::<EndpointSlice>::namespaced(client.clone(), "default"),
+            watcher::Config::default().labels("kubernetes.io/service-name=kubernetes"),
+        ),
+    )
+    .default_backoff();
     let watches = {
         let trigger = trigger.clone();
         async move {
             let mut policy_watch = std::pin::pin!(policy_watch);
             let mut node_watch = std::pin::pin!(node_watch);
+            let mut slice_watch = std::pin::pin!(slice_watch);
+            let mut api_watch = std::pin::pin!(api_watch);
+            let mut seen = BTreeMap::new();
             loop {
+                // Only changes wake the sync: a policy's status-only write
+                // leaves spec and generation alone (see `spec_changed`).
                 let (what, event) = tokio::select! {
-                    e = policy_watch.next() => ("FirewallPolicies", e.map(|r| r.map(|_| ()))),
-                    e = node_watch.next() => ("Node", e.map(|r| r.map(|_| ()))),
+                    e = policy_watch.next() => ("FirewallPolicies", e.map(|r| r.map(|ev| spec_event(&mut seen, &ev)))),
+                    e = node_watch.next() => ("Node", e.map(|r| r.map(|_| true))),
+                    e = slice_watch.next() => ("FirewallPeerSlices", e.map(|r| r.map(|_| true))),
+                    e = api_watch.next() => ("EndpointSlices", e.map(|r| r.map(|_| true))),
                 };
                 match event {
-                    Some(Ok(_)) => trigger.notify_one(),
+                    Some(Ok(true)) => trigger.notify_one(),
+                    Some(Ok(false)) => {}
                     Some(Err(e)) => warn!(error = %e, what, "watch error; retrying"),
                     None => return AgentError::WatchEnded(what),
                 }
@@ -554,21 +777,25 @@ pub async fn run(client: Client, config: AgentConfig) -> Result<(), AgentError> 
         metrics: metrics.clone(),
         policies,
         nodes,
+        peer_slices,
+        api_slices,
+        last_ruleset: None,
+        would_drop: BTreeMap::new(),
         last_hash: None,
         drift_repairs: 0,
         last_status: None,
-        other_nodes: None,
         last_good: BTreeMap::new(),
         node_uid: None,
         config,
     };
     let sync_loop = async move {
         // No half view: wait for the initial list of both watches.
-        let (a, b) = tokio::join!(
+        let (a, b, c) = tokio::join!(
             agent.policies.wait_until_ready(),
-            agent.nodes.wait_until_ready()
+            agent.nodes.wait_until_ready(),
+            agent.peer_slices.wait_until_ready()
         );
-        if a.is_err() || b.is_err() {
+        if a.is_err() || b.is_err() || c.is_err() {
             return AgentError::WatchEnded("initial list");
         }
         info!(
@@ -576,6 +803,8 @@ pub async fn run(client: Client, config: AgentConfig) -> Result<(), AgentError> 
             "initial lists received; syncing"
         );
         let mut failures: u32 = 0;
+        let mut audit_tick = tokio::time::interval(agent.config.audit_report);
+        audit_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let started = Instant::now();
             let result = agent.sync().await;
@@ -608,12 +837,29 @@ pub async fn run(client: Client, config: AgentConfig) -> Result<(), AgentError> 
                     backoff.min(agent.config.resync)
                 }
             };
-            tokio::select! {
-                _ = trigger.notified() => {
-                    // Let a burst of events settle into one sync.
-                    tokio::time::sleep(Duration::from_millis(20)).await;
+            let deadline = tokio::time::sleep(wait);
+            tokio::pin!(deadline);
+            loop {
+                tokio::select! {
+                    _ = trigger.notified() => {
+                        // Let a burst of events settle into one sync.
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    _ = &mut deadline => {}
+                    _ = audit_tick.tick() => {
+                        if agent.refresh_audit().await
+                            && let Some(status) = agent.last_status.clone()
+                        {
+                            let status = agent.with_audit(status);
+                            let error = (status.conditions.first().map(|c| c.status.as_str())
+                                == Some("False"))
+                            .then(|| status.conditions[0].message.clone());
+                            agent.report(status, error).await;
+                        }
+                        continue;
+                    }
                 }
-                _ = tokio::time::sleep(wait) => {}
+                break;
             }
         }
     };
@@ -639,6 +885,56 @@ pub fn cleanup(backend: Option<Backend>) -> Result<usize, AgentError> {
 mod tests {
     use super::*;
 
+    fn facts(node: &NodeFacts) -> Facts {
+        Facts {
+            nodes: vec![node.clone()],
+            failsafe: Failsafe::default(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn nameservers_come_from_resolv_conf() {
+        let text = "# generated\nsearch ec2.internal\nnameserver 10.0.0.2\nnameserver fe80::1%eth0\nnameserver bogus\noptions ndots:5\n";
+        assert_eq!(
+            nameservers(text),
+            vec![
+                "10.0.0.2".parse::<IpAddr>().unwrap(),
+                "fe80::1".parse().unwrap()
+            ]
+        );
+    }
+
+    #[test]
+    fn status_only_writes_wake_nothing() {
+        let p: FirewallPolicy = serde_yaml::from_str(
+            "apiVersion: palisade.dev/v1alpha1\nkind: FirewallPolicy\nmetadata: {name: p, generation: 1, uid: u1}\nspec: {policyTypes: [Ingress]}\n",
+        )
+        .unwrap();
+        let mut seen = BTreeMap::new();
+        assert!(spec_event(&mut seen, &watcher::Event::Apply(p.clone())));
+        let mut status_only = p.clone();
+        status_only.status = Some(crate::api::FirewallPolicyStatus {
+            warnings: vec!["x".into()],
+            ..Default::default()
+        });
+        assert!(!spec_event(
+            &mut seen,
+            &watcher::Event::Apply(status_only.clone())
+        ));
+        let mut resolved = status_only.clone();
+        if let Some(s) = resolved.status.as_mut() {
+            s.resolved_peers = vec![crate::api::ResolvedPeer {
+                id: "sg-01234567".into(),
+                cidrs: vec!["10.0.0.1/32".into()],
+            }];
+        }
+        assert!(spec_event(&mut seen, &watcher::Event::Apply(resolved)));
+        let mut edited = p;
+        edited.metadata.generation = Some(2);
+        assert!(spec_event(&mut seen, &watcher::Event::Apply(edited)));
+    }
+
     #[test]
     fn deleted_and_invalid_policies_are_left_out() {
         let node = NodeFacts {
@@ -646,7 +942,7 @@ mod tests {
             ..Default::default()
         };
         let good: FirewallPolicy = serde_yaml::from_str(
-            "apiVersion: palisade.dev/v1alpha1\nkind: FirewallPolicy\nmetadata: {name: good, generation: 3, uid: u1}\nspec:\n  ingress:\n    - {name: web, protocol: TCP, ports: [{port: 80}], peers: [{cidr: 0.0.0.0/0}]}\n",
+            "apiVersion: palisade.dev/v1alpha1\nkind: FirewallPolicy\nmetadata: {name: good, generation: 3, uid: u1}\nspec:\n  policyTypes: [Ingress]\n  ingress:\n    - {name: web, protocol: TCP, ports: [{port: 80}], peers: [{cidr: 0.0.0.0/0}]}\n",
         )
         .unwrap();
         let mut gone = good.clone();
@@ -664,8 +960,7 @@ mod tests {
                 Arc::new(gone),
                 Arc::new(bad.clone()),
             ],
-            vec![node.clone()],
-            &Failsafe::default(),
+            facts(&node),
             &BTreeMap::new(),
         )
         .unwrap();
@@ -681,14 +976,7 @@ mod tests {
         edited.spec = bad.spec.clone();
         let last_good: BTreeMap<String, Arc<FirewallPolicy>> =
             [("good".to_string(), Arc::new(good))].into_iter().collect();
-        let d = desired(
-            "n1",
-            &[Arc::new(edited)],
-            vec![node],
-            &Failsafe::default(),
-            &last_good,
-        )
-        .unwrap();
+        let d = desired("n1", &[Arc::new(edited)], facts(&node), &last_good).unwrap();
         assert_eq!(d.applied.len(), 1);
         assert_eq!(
             d.applied[0].generation, 3,

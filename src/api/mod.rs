@@ -8,14 +8,21 @@
 
 pub mod conditions;
 mod node;
+mod peers;
 mod policy;
 
-pub use node::{AppliedPolicy, FirewallNode, FirewallNodeSpec, FirewallNodeStatus, SyncResult};
+pub use node::{
+    AppliedPolicy, FirewallNode, FirewallNodeSpec, FirewallNodeStatus, SyncResult, WouldDrop,
+};
+pub use peers::{
+    FirewallPeerSlice, FirewallPeerSliceSpec, MAX_PEER_SLICE_NODES, PeerNode, SELECTOR_HASH_LABEL,
+};
 pub use policy::{
-    DeletionPolicy, FirewallPolicy, FirewallPolicySpec, FirewallPolicyStatus, FirewallRule,
-    IcmpMatch, Layer, MAX_PEERS_PER_RULE, MAX_PORTS_PER_RULE, MAX_RULES_PER_DIRECTION, NodeCounts,
-    NodeSelector, NodeSelectorRequirement, Peer, PolicyMode, PortRange, Protocol, RateLimit,
-    RatePeriod, ResolvedPeer, SecurityGroupStatus, SecurityGroupTarget,
+    DeletionPolicy, ExistingConnections, FirewallPolicy, FirewallPolicySpec, FirewallPolicyStatus,
+    FirewallRule, ICMP_TYPE_ANY, IcmpMatch, Layer, MAX_PEERS_PER_RULE, MAX_PORTS_PER_RULE,
+    MAX_RULES_PER_DIRECTION, NodeCounts, NodeSelector, NodeSelectorRequirement, Peer, PolicyMode,
+    PolicyType, PortRange, Protocol, RateLimit, RatePeriod, ResolvedPeer, SecurityGroupStatus,
+    SecurityGroupTarget,
 };
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
@@ -31,6 +38,7 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
     vec![
         with_pending_status(FirewallPolicy::crd()),
         FirewallNode::crd(),
+        FirewallPeerSlice::crd(),
     ]
 }
 

@@ -97,6 +97,27 @@ pub struct AppliedPolicy {
     pub generation: i64,
     /// Hash of the compiled node rules of this policy, as applied.
     pub hash: String,
+    /// `Enforce` or `Audit`, as applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<crate::api::PolicyMode>,
+    /// Audit policies only: packets this policy would have dropped on this
+    /// node had it been in Enforce (packets no Enforce policy, no failsafe
+    /// entry and none of its own rules allowed), read from the counters of
+    /// its rules since the agent last programmed them. The packets
+    /// themselves are logged, rate-limited, with the prefix
+    /// `pal-audit:<policy>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub would_drop: Option<WouldDrop>,
+}
+
+/// Packets an Audit policy would have dropped, per direction.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WouldDrop {
+    /// Inbound packets (IPv4 and IPv6).
+    pub ingress: i64,
+    /// Outbound packets (IPv4 and IPv6).
+    pub egress: i64,
 }
 
 /// Outcome of one agent sync.

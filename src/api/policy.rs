@@ -20,6 +20,9 @@ pub const MAX_RULES_PER_DIRECTION: usize = 100;
 pub const MAX_PEERS_PER_RULE: usize = 50;
 /// Largest number of port entries one rule may list.
 pub const MAX_PORTS_PER_RULE: usize = 16;
+/// The ICMP type iptables reads as "every type" (`--icmp-type 255` is
+/// `any`): refused in rules, so a rule matches exactly what it names.
+pub const ICMP_TYPE_ANY: u8 = 255;
 
 /// Desired state of a FirewallPolicy: which nodes it selects, what it allows
 /// in and out of them, and which Security Group carries its cloud layer.
@@ -43,7 +46,8 @@ pub const MAX_PORTS_PER_RULE: usize = 16;
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
     validation = Rule::new("size(self.metadata.name) <= 63").message("a FirewallPolicy name must be at most 63 characters (it is written into Security Group names, tags and rule descriptions)")
 )]
-#[x_kube(validation = Rule::new("has(self.ingress) || has(self.egress)").message("a policy must list ingress or egress rules (an empty list denies that direction)"))]
+#[x_kube(validation = Rule::new("!has(self.ingress) || 'Ingress' in self.policyTypes").message("ingress rules are listed but policyTypes does not name Ingress: add Ingress to policyTypes, or remove the ingress rules"))]
+#[x_kube(validation = Rule::new("!has(self.egress) || 'Egress' in self.policyTypes").message("egress rules are listed but policyTypes does not name Egress: add Egress to policyTypes, or remove the egress rules"))]
 #[serde(rename_all = "camelCase")]
 pub struct FirewallPolicySpec {
     /// Which nodes this policy applies to, by their labels. Empty or absent
@@ -58,19 +62,36 @@ pub struct FirewallPolicySpec {
     #[serde(default)]
     pub mode: PolicyMode,
 
-    /// Traffic allowed into the selected nodes. When present (even empty),
-    /// inbound traffic on the selected nodes is default-deny apart from what
-    /// the selected policies allow and the agent's failsafe list. Absent:
-    /// this policy says nothing about inbound traffic.
+    /// The directions this policy governs: `Ingress`, `Egress` or both. A
+    /// governed direction is default-deny on the selected nodes apart from
+    /// what the selected policies allow (and the agent's scoped failsafe);
+    /// a direction no selected policy governs is left as it was. Naming a
+    /// direction with no rules for it denies it: deny-all is this value,
+    /// not an empty list, so it survives server-side apply and merges by
+    /// any number of field managers.
+    #[schemars(length(min = 1, max = 2))]
+    #[x_kube(merge_strategy = ListMerge::Set)]
+    pub policy_types: Vec<PolicyType>,
+
+    /// What happens to connections already established when an edit
+    /// narrows the node layer: `Keep` (default) lets them run to their end,
+    /// as a Security Group does; `Cut` deletes the conntrack entries of
+    /// flows the new ruleset no longer allows, once it is programmed (for
+    /// an incident: the attacker's open session ends within a second).
+    #[serde(default)]
+    pub existing_connections: ExistingConnections,
+
+    /// Traffic allowed into the selected nodes, when `policyTypes` names
+    /// `Ingress`. Absent or empty with `Ingress` governed: only the
+    /// failsafe gets in.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 100))]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
     pub ingress: Option<Vec<FirewallRule>>,
 
-    /// Traffic allowed out of the selected nodes. When present (even empty),
-    /// outbound traffic becomes default-deny apart from what the selected
-    /// policies allow and the failsafe list. Absent: egress stays as it was
-    /// (open), as a Security Group's default egress rule leaves it.
+    /// Traffic allowed out of the selected nodes, when `policyTypes` names
+    /// `Egress`. With `Egress` not governed, egress stays as it was (open),
+    /// as a Security Group's default egress rule leaves it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 100))]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
@@ -81,6 +102,27 @@ pub struct FirewallPolicySpec {
     /// nodes, and attaches it to their primary network interfaces.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub security_group: Option<SecurityGroupTarget>,
+}
+
+/// A direction of traffic a policy governs.
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, JsonSchema,
+)]
+pub enum PolicyType {
+    /// Traffic into the selected nodes.
+    Ingress,
+    /// Traffic out of the selected nodes.
+    Egress,
+}
+
+/// What an edit that narrows the node layer does to established flows.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, Default, JsonSchema)]
+pub enum ExistingConnections {
+    /// Established connections run to their end (a Security Group's behaviour).
+    #[default]
+    Keep,
+    /// Established connections the new ruleset does not allow are cut.
+    Cut,
 }
 
 /// Whether a policy drops what it does not allow, or only reports it.
@@ -209,9 +251,11 @@ pub struct PortRange {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct IcmpMatch {
-    /// ICMP type (0-255), e.g. 8 for echo request, 128 for ICMPv6 echo request.
+    /// ICMP type (0-254), e.g. 8 for echo request, 128 for ICMPv6 echo
+    /// request. 255 is refused: iptables reads it as every type; leave
+    /// `icmp` out to allow every type.
     #[serde(rename = "type")]
-    #[schemars(range(min = 0, max = 255), extend("format" = "int32"))]
+    #[schemars(range(min = 0, max = 254), extend("format" = "int32"))]
     pub icmp_type: u8,
     /// ICMP code (0-255). Absent: every code of the type.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -260,9 +304,13 @@ pub struct Peer {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct NodeSelector {
-    /// Labels a node must carry, with exactly these values.
+    /// Labels a node must carry, with exactly these values. Neither the
+    /// map nor a value may be empty: a value left blank (an unset Helm
+    /// value renders as null, and null is pruned) would otherwise widen
+    /// the selector to every node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(extend("maxProperties" = 32))]
+    #[schemars(extend("maxProperties" = 32, "minProperties" = 1))]
+    #[x_kube(validation = Rule::new("self.all(k, size(self[k]) > 0)").message("matchLabels values must not be empty: an empty or null value would widen the selector; write the value, or use matchExpressions with Exists"))]
     pub match_labels: Option<BTreeMap<String, String>>,
     /// Requirements on node labels.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -273,6 +321,7 @@ pub struct NodeSelector {
 /// One requirement of a [`NodeSelector`].
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash, Default)]
 #[x_kube(validation = Rule::new("self.operator in ['In', 'NotIn'] ? (has(self.values) && size(self.values) > 0) : (!has(self.values) || size(self.values) == 0)").message("operators In and NotIn need at least one value; Exists and DoesNotExist take none"))]
+#[x_kube(validation = Rule::new("!has(self.values) || self.values.all(v, size(v) > 0)").message("matchExpressions values must not be empty: an empty or null value would change what the selector matches; write the value"))]
 #[serde(rename_all = "camelCase")]
 pub struct NodeSelectorRequirement {
     /// The label key.
@@ -461,6 +510,13 @@ pub struct ResolvedPeer {
     /// Its addresses, canonical CIDRs, sorted.
     #[serde(default)]
     pub cidrs: Vec<String>,
+}
+
+impl FirewallPolicySpec {
+    /// Whether the policy governs `direction` (names it in `policyTypes`).
+    pub fn governs(&self, direction: PolicyType) -> bool {
+        self.policy_types.contains(&direction)
+    }
 }
 
 impl FirewallRule {

@@ -3,7 +3,7 @@
 //! from the FirewallPolicies selecting it; `cleanup` removes everything
 //! Palisade wrote on the node, for uninstall.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
 use palisade::agent::{self, AgentConfig};
 use palisade::node::backend::Backend;
-use palisade::policy::Failsafe;
+use palisade::policy::{AllowVerdict, Failsafe};
 use tracing::error;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -28,6 +28,16 @@ impl From<BackendArg> for Backend {
             BackendArg::Legacy => Backend::Legacy,
         }
     }
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum AllowArg {
+    /// Allows hand packets back to the host's own rules (default).
+    Return,
+    /// Allows accept outright: Palisade becomes the node's only firewall
+    /// where an Enforce policy governs. Overrides the host's rules and
+    /// kube-proxy's KUBE-FIREWALL for what a policy or the failsafe allows.
+    Accept,
 }
 
 #[derive(Debug, Parser)]
@@ -62,8 +72,40 @@ struct RunArgs {
         value_delimiter = ','
     )]
     admin_cidrs: Vec<IpNet>,
+    /// Control-plane and VPC CIDRs: with every node's address, who the
+    /// cluster failsafe entries (kubelet, overlays, ...) admit (repeat or
+    /// comma-separate).
+    #[arg(
+        long = "cluster-cidr",
+        env = "PALISADE_CLUSTER_CIDRS",
+        value_delimiter = ','
+    )]
+    cluster_cidrs: Vec<IpNet>,
+    /// API server addresses the failsafe lets the node reach, besides the
+    /// configured server and the `kubernetes` EndpointSlice's endpoints.
+    #[arg(
+        long = "api-server-address",
+        env = "PALISADE_API_SERVER_ADDRESSES",
+        value_delimiter = ','
+    )]
+    api_server_addresses: Vec<IpAddr>,
+    /// The resolv.conf whose nameservers the failsafe lets the node reach.
+    #[arg(long, env = "PALISADE_RESOLV_CONF", default_value = "/etc/resolv.conf")]
+    resolv_conf: PathBuf,
+    /// What an allow does: `return` to the host's own rules (default), or
+    /// `accept` outright (Palisade as the node's only firewall).
+    #[arg(
+        long,
+        env = "PALISADE_ALLOW_VERDICT",
+        value_enum,
+        default_value = "return"
+    )]
+    allow_verdict: AllowArg,
+    /// How often the Audit policies' would-be drops are read, in seconds.
+    #[arg(long, env = "PALISADE_AUDIT_REPORT_SECONDS", default_value_t = 60.0)]
+    audit_report_seconds: f64,
     /// A YAML/JSON file with the whole failsafe list (see `Failsafe`);
-    /// `--admin-cidr` adds to its adminCidrs.
+    /// `--admin-cidr` and `--cluster-cidr` add to it.
     #[arg(long, env = "PALISADE_FAILSAFE_FILE")]
     failsafe_file: Option<PathBuf>,
     /// Address of /metrics and /healthz; "off" to disable.
@@ -87,6 +129,7 @@ fn failsafe(args: &RunArgs) -> Result<Failsafe, String> {
         None => Failsafe::default(),
     };
     fs.admin_cidrs.extend(args.admin_cidrs.iter().copied());
+    fs.cluster_cidrs.extend(args.cluster_cidrs.iter().copied());
     fs.validate().map_err(|e| e.to_string())?;
     Ok(fs)
 }
@@ -103,6 +146,26 @@ async fn run(args: RunArgs) -> Result<(), String> {
                 .map_err(|e| format!("--metrics-address {a}: {e}"))?,
         ),
     };
+    let kube_config = kube::Config::infer()
+        .await
+        .map_err(|e| format!("reading the Kubernetes client configuration: {e}"))?;
+    let mut api_servers = args.api_server_addresses.clone();
+    // The configured server and the in-cluster service address (the DNAT
+    // target is the EndpointSlice's, which the agent watches).
+    let host = kube_config.cluster_url.host().unwrap_or_default();
+    api_servers.extend(host.trim_matches(['[', ']']).parse::<IpAddr>().ok());
+    api_servers.extend(
+        std::env::var("KUBERNETES_SERVICE_HOST")
+            .ok()
+            .and_then(|h| h.parse::<IpAddr>().ok()),
+    );
+    let nameservers = match std::fs::read_to_string(&args.resolv_conf) {
+        Ok(text) => agent::nameservers(&text),
+        Err(e) => {
+            tracing::warn!(error = %e, path = %args.resolv_conf.display(), "no nameservers for the DNS failsafe");
+            Vec::new()
+        }
+    };
     let config = AgentConfig {
         node_name,
         resync: Duration::from_secs_f64(args.resync_seconds.max(0.1)),
@@ -110,11 +173,26 @@ async fn run(args: RunArgs) -> Result<(), String> {
         metrics_addr,
         backend: args.backend.map(Backend::from),
         nft_monitor: !args.no_nft_monitor,
+        api_servers,
+        nameservers,
+        allow: match args.allow_verdict {
+            AllowArg::Return => AllowVerdict::Return,
+            AllowArg::Accept => AllowVerdict::Accept,
+        },
+        audit_report: Duration::from_secs_f64(args.audit_report_seconds.max(1.0)),
     };
-    let client = kube::Client::try_default()
-        .await
+    let client = kube::Client::try_from(kube_config)
         .map_err(|e| format!("connecting to the API server: {e}"))?;
-    agent::run(client, config).await.map_err(|e| e.to_string())
+    // SIGTERM (a pod stopped, a rolling update) stops the watches and leaves
+    // the node's rules in place: they must outlive a restart. `cleanup` is
+    // the explicit removal.
+    tokio::select! {
+        result = agent::run(client, config) => result.map_err(|e| e.to_string()),
+        _ = palisade::telemetry::terminated() => {
+            tracing::info!("terminated: stopping; the node's rules stay in force");
+            Ok(())
+        }
+    }
 }
 
 fn main() -> ExitCode {

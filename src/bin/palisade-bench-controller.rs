@@ -64,6 +64,7 @@ fn policy(name: &str, vpc: &str, ports: &[u16]) -> FirewallPolicy {
                 match_labels: Some(BTreeMap::from([(LABEL.into(), "none".into())])),
                 match_expressions: None,
             }),
+            policy_types: vec![palisade::api::PolicyType::Ingress],
             ingress: Some(ports.iter().map(|p| rule(&format!("p{p}"), *p)).collect()),
             security_group: Some(SecurityGroupTarget {
                 vpc_id: Some(vpc.into()),

@@ -49,6 +49,7 @@ fn policy(name: &str, rules: Vec<FirewallRule>) -> FirewallPolicy {
     FirewallPolicy::new(
         name,
         FirewallPolicySpec {
+            policy_types: vec![palisade::api::PolicyType::Ingress],
             ingress: Some(rules),
             ..Default::default()
         },

@@ -66,20 +66,6 @@ struct Args {
     identity: Option<String>,
 }
 
-async fn terminated() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = tokio::signal::ctrl_c() => {},
-    }
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     telemetry::init_process();
@@ -107,7 +93,7 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     tokio::spawn(async move {
-        terminated().await;
+        telemetry::terminated().await;
         tracing::info!("SIGTERM: shutting down");
         let _ = stop_tx.send(true);
     });

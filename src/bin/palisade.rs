@@ -37,6 +37,14 @@ enum Command {
         /// Failsafe SSH sources the agent is given (`--admin-cidr`).
         #[arg(long = "admin-cidr", value_delimiter = ',')]
         admin_cidrs: Vec<ipnet::IpNet>,
+        /// Control-plane/VPC CIDRs of the failsafe's cluster scope the agent
+        /// is given (`--cluster-cidr`).
+        #[arg(long = "cluster-cidr", value_delimiter = ',')]
+        cluster_cidrs: Vec<ipnet::IpNet>,
+        /// Render allows as ACCEPT, as an agent run with
+        /// `--allow-verdict=accept` programs them (default: RETURN).
+        #[arg(long)]
+        accept: bool,
         /// FirewallPolicy manifests.
         #[arg(required = true)]
         files: Vec<PathBuf>,
@@ -53,8 +61,21 @@ fn main() -> ExitCode {
         Command::Render {
             node,
             admin_cidrs,
+            cluster_cidrs,
+            accept,
             files,
-        } => cli::render_files(&node, &files, &admin_cidrs, &mut std::io::stdout()),
+        } => {
+            let settings = cli::AgentSettings {
+                admin_cidrs,
+                cluster_cidrs,
+                allow: if accept {
+                    palisade::policy::AllowVerdict::Accept
+                } else {
+                    palisade::policy::AllowVerdict::Return
+                },
+            };
+            cli::render_files(&node, &files, &settings, &mut std::io::stdout())
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -9,7 +9,7 @@ use serde_json::Value;
 use crate::api::FirewallPolicy;
 
 mod render;
-pub use render::render_files;
+pub use render::{AgentSettings, render_files};
 
 /// What can go wrong in an offline command.
 #[derive(Debug, thiserror::Error)]

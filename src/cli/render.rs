@@ -13,15 +13,26 @@ use k8s_openapi::api::core::v1::Node;
 use super::{Error, read_documents};
 use crate::api::FirewallPolicy;
 use crate::node::render::render_ruleset;
-use crate::policy::{Direction, Facts, compile_node, plan_cloud, validate};
+use crate::policy::{AllowVerdict, Direction, Facts, compile_node, plan_cloud, validate};
+
+/// What the agent is told besides the policies, for `render`.
+#[derive(Debug, Clone, Default)]
+pub struct AgentSettings {
+    /// Failsafe SSH sources (`--admin-cidr`).
+    pub admin_cidrs: Vec<IpNet>,
+    /// The cluster failsafe scope's CIDRs (`--cluster-cidr`).
+    pub cluster_cidrs: Vec<IpNet>,
+    /// What allows do (`--allow-verdict`).
+    pub allow: AllowVerdict,
+}
 
 /// Renders `policy_files` for the first Node of `node_file` (further Nodes
-/// in that file are the other nodes `nodeSelector` peers may match).
-/// `admin_cidrs` are the failsafe SSH sources the agent is given.
+/// in that file are the other nodes `nodeSelector` peers may match, and
+/// the cluster failsafe scope), with the agent's `settings`.
 pub fn render_files(
     node_file: &Path,
     policy_files: &[PathBuf],
-    admin_cidrs: &[IpNet],
+    settings: &AgentSettings,
     out: &mut impl Write,
 ) -> Result<(), Error> {
     let mut nodes = Vec::new();
@@ -48,12 +59,14 @@ pub fn render_files(
     }
     let mut facts = Facts {
         nodes,
+        allow: settings.allow,
         ..Default::default()
     };
-    facts
-        .failsafe
-        .admin_cidrs
-        .extend(admin_cidrs.iter().copied());
+    let fs = &mut facts.failsafe;
+    fs.admin_cidrs.extend(settings.admin_cidrs.iter().copied());
+    fs.cluster_cidrs
+        .extend(settings.cluster_cidrs.iter().copied());
+    fs.validate().map_err(|e| Error::Render(e.to_string()))?;
     let ruleset =
         compile_node(&target, &valid, &facts).map_err(|e| Error::Render(e.to_string()))?;
     if let Some(me) = facts.node(&target) {

@@ -14,7 +14,10 @@ use aws_sdk_ec2::types::{
 use ipnet::IpNet;
 
 use super::retry::RetryPolicy;
-use super::{CloudError, Ec2, ErrorKind, GroupInfo, InstanceInfo, NewGroup, classify, tags};
+use super::{
+    CloudError, Ec2, ErrorKind, GroupInfo, InstanceInfo, MAX_FILTER_VALUES, NewGroup, classify,
+    tags,
+};
 use crate::policy::{
     CurrentSgRule, Direction, IpFamily, PlannedPermission, PrefixListFacts, SgPeer, SgPermission,
     sgdiff::AwsRuleFields,
@@ -230,20 +233,22 @@ impl Ec2 for AwsEc2 {
 
     async fn describe_groups(&self, ids: &[String]) -> Result<Vec<GroupInfo>, CloudError> {
         const OP: &str = "DescribeSecurityGroups";
-        if ids.is_empty() {
-            return Ok(Vec::new());
+        let mut groups = Vec::new();
+        // EC2 takes at most MAX_FILTER_VALUES ids per call.
+        for chunk in ids.chunks(MAX_FILTER_VALUES) {
+            let out = self
+                .call(OP, || async {
+                    self.client
+                        .describe_security_groups()
+                        .set_group_ids(Some(chunk.to_vec()))
+                        .send()
+                        .await
+                        .map_err(|e| sdk_error(OP, e))
+                })
+                .await?;
+            groups.extend(out.security_groups().iter().map(group_info));
         }
-        let out = self
-            .call(OP, || async {
-                self.client
-                    .describe_security_groups()
-                    .set_group_ids(Some(ids.to_vec()))
-                    .send()
-                    .await
-                    .map_err(|e| sdk_error(OP, e))
-            })
-            .await?;
-        Ok(out.security_groups().iter().map(group_info).collect())
+        Ok(groups)
     }
 
     async fn describe_rules(&self, group_id: &str) -> Result<Vec<CurrentSgRule>, CloudError> {
@@ -463,62 +468,10 @@ impl Ec2 for AwsEc2 {
     }
 
     async fn describe_instances(&self, ids: &[String]) -> Result<Vec<InstanceInfo>, CloudError> {
-        const OP: &str = "DescribeInstances";
-        if ids.is_empty() {
-            return Ok(Vec::new());
-        }
-        let filter = Filter::builder()
-            .name("instance-id")
-            .set_values(Some(ids.to_vec()))
-            .build();
         let mut out = Vec::new();
-        let mut token: Option<String> = None;
-        loop {
-            let page = self
-                .call(OP, || async {
-                    self.client
-                        .describe_instances()
-                        .filters(filter.clone())
-                        .set_next_token(token.clone())
-                        .send()
-                        .await
-                        .map_err(|e| sdk_error(OP, e))
-                })
-                .await?;
-            for instance in page.reservations().iter().flat_map(|r| r.instances()) {
-                let primary = instance
-                    .network_interfaces()
-                    .iter()
-                    .find(|ni| ni.attachment().and_then(|a| a.device_index()) == Some(0));
-                let primary = primary.or(instance.network_interfaces().first());
-                out.push(InstanceInfo {
-                    id: instance.instance_id().unwrap_or_default().to_string(),
-                    vpc_id: instance.vpc_id().map(str::to_string),
-                    primary_eni: primary
-                        .and_then(|p| p.network_interface_id())
-                        .map(str::to_string),
-                    private_ips: primary
-                        .map(|p| {
-                            p.private_ip_addresses()
-                                .iter()
-                                .filter_map(|a| a.private_ip_address().map(str::to_string))
-                                .collect()
-                        })
-                        .unwrap_or_default(),
-                    eni_groups: primary
-                        .map(|p| {
-                            p.groups()
-                                .iter()
-                                .filter_map(|g| g.group_id().map(str::to_string))
-                                .collect()
-                        })
-                        .unwrap_or_default(),
-                });
-            }
-            match page.next_token() {
-                Some(t) if !t.is_empty() => token = Some(t.to_string()),
-                _ => break,
-            }
+        // EC2 refuses more than MAX_FILTER_VALUES values in one filter.
+        for chunk in ids.chunks(MAX_FILTER_VALUES) {
+            out.extend(self.describe_instance_chunk(chunk).await?);
         }
         Ok(out)
     }
@@ -664,6 +617,68 @@ impl Ec2 for AwsEc2 {
 }
 
 impl AwsEc2 {
+    /// One DescribeInstances of at most [`MAX_FILTER_VALUES`] ids, all pages.
+    async fn describe_instance_chunk(
+        &self,
+        ids: &[String],
+    ) -> Result<Vec<InstanceInfo>, CloudError> {
+        const OP: &str = "DescribeInstances";
+        let filter = Filter::builder()
+            .name("instance-id")
+            .set_values(Some(ids.to_vec()))
+            .build();
+        let mut out = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let page = self
+                .call(OP, || async {
+                    self.client
+                        .describe_instances()
+                        .filters(filter.clone())
+                        .set_next_token(token.clone())
+                        .send()
+                        .await
+                        .map_err(|e| sdk_error(OP, e))
+                })
+                .await?;
+            for instance in page.reservations().iter().flat_map(|r| r.instances()) {
+                let primary = instance
+                    .network_interfaces()
+                    .iter()
+                    .find(|ni| ni.attachment().and_then(|a| a.device_index()) == Some(0));
+                let primary = primary.or(instance.network_interfaces().first());
+                out.push(InstanceInfo {
+                    id: instance.instance_id().unwrap_or_default().to_string(),
+                    vpc_id: instance.vpc_id().map(str::to_string),
+                    primary_eni: primary
+                        .and_then(|p| p.network_interface_id())
+                        .map(str::to_string),
+                    private_ips: primary
+                        .map(|p| {
+                            p.private_ip_addresses()
+                                .iter()
+                                .filter_map(|a| a.private_ip_address().map(str::to_string))
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                    eni_groups: primary
+                        .map(|p| {
+                            p.groups()
+                                .iter()
+                                .filter_map(|g| g.group_id().map(str::to_string))
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                });
+            }
+            match page.next_token() {
+                Some(t) if !t.is_empty() => token = Some(t.to_string()),
+                _ => break,
+            }
+        }
+        Ok(out)
+    }
+
     /// Interfaces whose groups include `group_id`: (id, groups, addresses).
     async fn interfaces_in_group(
         &self,

@@ -25,6 +25,10 @@ use crate::policy::{CurrentSgRule, Direction, PlannedPermission, PrefixListFacts
 pub use aws::{AwsEc2, CallObserver};
 pub use retry::{RetryPolicy, Sleeper};
 
+/// Most values EC2 accepts in one filter (and ids in one Describe call):
+/// every Describe of many ids is split into calls of at most this many.
+pub const MAX_FILTER_VALUES: usize = 200;
+
 /// Tag keys Palisade writes on the groups it creates.
 pub mod tags {
     /// The cluster a group belongs to (`--cluster-name`).

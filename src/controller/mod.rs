@@ -51,6 +51,7 @@
 mod apply;
 pub mod leader;
 pub mod metrics;
+pub mod peers;
 pub mod status;
 
 use std::collections::{BTreeSet, HashMap};
@@ -498,11 +499,14 @@ pub async fn run<E: Ec2>(
     if let Some(selector) = &ctx.config.policy_selector {
         policy_watch = policy_watch.labels(selector);
     }
+    // Node addresses for the agents' nodeSelector peers and failsafe,
+    // published while this instance leads.
+    let publisher = peers::publish(client.clone());
     let controller = Controller::new(Api::<FirewallPolicy>::all(client.clone()), policy_watch);
     let policies = controller.store();
     let for_nodes = policies.clone();
     let for_reports = policies.clone();
-    controller
+    let reconciles = controller
         .with_config(
             kube::runtime::controller::Config::default().concurrency(ctx.config.concurrency),
         )
@@ -541,8 +545,11 @@ pub async fn run<E: Ec2>(
             if let Err(e) = result {
                 tracing::debug!(error = %e, "reconcile trigger failed");
             }
-        })
-        .await;
+        });
+    tokio::select! {
+        _ = reconciles => {}
+        _ = publisher => {}
+    }
 }
 
 #[cfg(test)]

@@ -240,6 +240,7 @@ mod tests {
                 uid: None,
                 generation,
                 hash: "h".into(),
+                ..Default::default()
             }],
             ..Default::default()
         });

@@ -18,6 +18,7 @@
 //! its full text as read back and the wanted hooks are inserted again at
 //! position 1, in the same transaction.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::process::{Command, Stdio};
 
@@ -162,6 +163,22 @@ fn known_hooks() -> [Hook; 2] {
             target: OUTPUT_CHAIN.into(),
         },
     ]
+}
+
+/// The packet counters of Palisade's rules in `iptables-save -c` output
+/// (`[packets:bytes] -A CHAIN ... --comment "palisade:<id> ..."`), by id
+/// (pure). Rules without a Palisade id are skipped.
+pub fn parse_counters(save: &str) -> Vec<(String, u64)> {
+    save.lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix('[')?;
+            let (counters, rule) = rest.split_once("] ")?;
+            let packets: u64 = counters.split(':').next()?.parse().ok()?;
+            let w = words(rule.strip_prefix("-A ")?);
+            let id = comment_of(&w).and_then(rule_id_from_comment)?;
+            Some((id.to_string(), packets))
+        })
+        .collect()
 }
 
 /// Reads the Palisade part of one family's `iptables-save -t filter`
@@ -444,6 +461,37 @@ impl Dataplane {
             &["-t", "filter"],
             None,
         )
+    }
+
+    /// Packet counters of Palisade's rules, by rule id, both families
+    /// (`iptables-save -c`): how the agent counts an Audit policy's
+    /// would-be drops. Spawns two processes; called on its own timer.
+    pub fn read_counters(&self) -> Result<BTreeMap<String, u64>, DataplaneError> {
+        let mut out = BTreeMap::new();
+        for family in [Family::V4, Family::V6] {
+            let save = self.run(
+                &self.backend.command(family, "save"),
+                &["-c", "-t", "filter"],
+                None,
+            )?;
+            for (id, packets) in parse_counters(&save) {
+                *out.entry(id).or_insert(0) += packets;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Runs `conntrack` with `args` (list or delete flows); a delete of a
+    /// flow already gone is not an error.
+    pub fn conntrack(&self, args: &[&str]) -> Result<String, DataplaneError> {
+        match self.run("conntrack", args, None) {
+            Err(DataplaneError::Failed { stderr, .. })
+                if args.first() == Some(&"-D") && stderr.contains("0 flow entries") =>
+            {
+                Ok(String::new())
+            }
+            other => other,
+        }
     }
 
     /// Reads back what Palisade owns.

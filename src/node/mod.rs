@@ -8,5 +8,6 @@
 //!   comments), plan (pure), apply in the documented order.
 
 pub mod backend;
+pub mod conntrack;
 pub mod dataplane;
 pub mod render;

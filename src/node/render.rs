@@ -23,7 +23,7 @@ use std::fmt::Write as _;
 use crate::policy::node::{
     AddrSide, Address, Hook, IpSet, L4Protocol, NodeAction, NodeChain, NodeRule, NodeRuleset,
 };
-use crate::policy::{FamilyRuleset, IpFamily, NodeDiff, TableDiff};
+use crate::policy::{AllowVerdict, FamilyRuleset, IpFamily, NodeDiff, TableDiff};
 
 /// Suffix of the temporary set a new content is built in before the swap.
 pub const TEMPORARY_SET_SUFFIX: &str = "-new";
@@ -116,8 +116,11 @@ pub fn rule_spec(rule: &NodeRule, family: IpFamily) -> String {
     parts.push(format!("-m comment --comment {}", quote(&rule.comment())));
     match &rule.action {
         NodeAction::Accept => parts.push("-j ACCEPT".into()),
+        NodeAction::Return => parts.push("-j RETURN".into()),
         NodeAction::Drop => parts.push("-j DROP".into()),
         NodeAction::Jump { chain } => parts.push(format!("-j {}", quote(chain))),
+        NodeAction::Goto { chain } => parts.push(format!("-g {}", quote(chain))),
+        NodeAction::Count => {}
         NodeAction::Log { prefix, limit } => parts.push(format!(
             "-m limit --limit {}/{} --limit-burst {} -j LOG --log-prefix {}",
             limit.count,
@@ -125,8 +128,8 @@ pub fn rule_spec(rule: &NodeRule, family: IpFamily) -> String {
             limit.burst,
             quote(prefix)
         )),
-        NodeAction::AcceptUnderLimit { limit } => parts.push(format!(
-            "-m hashlimit --hashlimit-upto {}/{} --hashlimit-burst {} --hashlimit-mode {} --hashlimit-name {} -j ACCEPT",
+        NodeAction::AllowUnderLimit { limit, allow } => parts.push(format!(
+            "-m hashlimit --hashlimit-upto {}/{} --hashlimit-burst {} --hashlimit-mode {} --hashlimit-name {} -j {}",
             limit.count,
             limit.per.name(),
             limit.burst,
@@ -134,7 +137,11 @@ pub fn rule_spec(rule: &NodeRule, family: IpFamily) -> String {
                 AddrSide::Source => "srcip",
                 AddrSide::Destination => "dstip",
             },
-            quote(&limit.name)
+            quote(&limit.name),
+            match allow {
+                AllowVerdict::Return => "RETURN",
+                AllowVerdict::Accept => "ACCEPT",
+            }
         )),
     }
     parts.join(" ")

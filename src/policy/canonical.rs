@@ -17,6 +17,8 @@ use crate::api::{FirewallPolicySpec, FirewallRule, Layer, Peer, PortRange};
 pub fn canonicalize_spec(spec: &FirewallPolicySpec) -> FirewallPolicySpec {
     let mut out = spec.clone();
     out.node_selector = canonical_selector(spec.node_selector.as_ref());
+    out.policy_types.sort();
+    out.policy_types.dedup();
     for rules in [&mut out.ingress, &mut out.egress].into_iter().flatten() {
         for rule in rules.iter_mut() {
             canonical_rule(rule);

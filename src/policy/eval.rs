@@ -13,7 +13,7 @@ use serde::Serialize;
 use super::cloud::{CloudPlan, SgPeer, SgPermission, SgProtocol};
 use super::facts::Facts;
 use super::node::{
-    AddrSide, Address, BuiltinChain, L4Protocol, NodeAction, NodeMatch, NodeRuleset, RuleOrigin,
+    AddrSide, Address, BuiltinChain, L4Protocol, NodeAction, NodeMatch, NodeRuleset,
 };
 use super::{Direction, IpFamily};
 
@@ -67,12 +67,15 @@ pub struct Probe {
 /// What the node layer does with a probe.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 pub enum NodeVerdict {
-    /// Accepted by a rule (failsafe or policy).
+    /// Allowed by a rule (failsafe or Enforce policy): handed back to the
+    /// host's own rules (or accepted, with [`AllowVerdict::Accept`]).
+    ///
+    /// [`AllowVerdict::Accept`]: super::AllowVerdict::Accept
     Accept,
     /// Dropped.
     Drop,
-    /// No rule accepts it, but every policy of the direction is in Audit:
-    /// logged and accepted.
+    /// No rule allows it, but no Enforce policy governs the direction: it
+    /// passes on, counted as a would-be drop of the Audit policies.
     AuditAccept,
     /// No Palisade chain sees it (no selected policy speaks for the direction).
     NotFiltered,
@@ -138,44 +141,57 @@ pub fn node_verdict(ruleset: &NodeRuleset, probe: &Probe) -> NodeVerdict {
     let Some(hook) = table.hooks.iter().find(|h| h.builtin == builtin) else {
         return NodeVerdict::NotFiltered;
     };
-    walk(ruleset, family, &hook.target, probe, 0).unwrap_or(NodeVerdict::NotFiltered)
+    match walk(ruleset, family, &hook.target, probe, 0) {
+        Flow::Final(v) => v,
+        Flow::Return { allowed: true } => NodeVerdict::Accept,
+        Flow::Return { allowed: false } => NodeVerdict::AuditAccept,
+    }
 }
 
-fn walk(
-    ruleset: &NodeRuleset,
-    family: IpFamily,
-    chain: &str,
-    probe: &Probe,
-    depth: usize,
-) -> Option<NodeVerdict> {
-    // Palisade's chains are three deep; the bound only guards a malformed input.
-    if depth > 8 {
-        return None;
+/// How a walk through one chain ended.
+enum Flow {
+    /// A terminal verdict (ACCEPT or DROP).
+    Final(NodeVerdict),
+    /// Back to the caller: `allowed` when an allow's RETURN sent it there,
+    /// not when the chain simply ran out of rules.
+    Return { allowed: bool },
+}
+
+fn walk(ruleset: &NodeRuleset, family: IpFamily, chain: &str, probe: &Probe, depth: usize) -> Flow {
+    // Palisade's paths are a handful of chains long; the bound only guards a
+    // malformed input.
+    if depth > 64 {
+        return Flow::Return { allowed: false };
     }
-    let chain = ruleset.family(family).chain(chain)?;
+    let Some(chain) = ruleset.family(family).chain(chain) else {
+        return Flow::Return { allowed: false };
+    };
     for rule in &chain.rules {
         if !rule_matches(ruleset, &rule.matches, probe) {
             continue;
         }
         match &rule.action {
-            NodeAction::Accept if rule.origin == RuleOrigin::AuditDefault => {
-                return Some(NodeVerdict::AuditAccept);
-            }
-            NodeAction::Accept => return Some(NodeVerdict::Accept),
-            NodeAction::Drop => return Some(NodeVerdict::Drop),
+            NodeAction::Accept => return Flow::Final(NodeVerdict::Accept),
+            NodeAction::Drop => return Flow::Final(NodeVerdict::Drop),
+            NodeAction::Return => return Flow::Return { allowed: true },
             NodeAction::Jump { chain } => {
-                if let Some(v) = walk(ruleset, family, chain, probe, depth + 1) {
-                    return Some(v);
+                // A jump's RETURN resumes here, allowed or not.
+                if let Flow::Final(v) = walk(ruleset, family, chain, probe, depth + 1) {
+                    return Flow::Final(v);
                 }
             }
-            NodeAction::Log { .. } => {}
-            NodeAction::AcceptUnderLimit { .. } if !probe.over_rate => {
-                return Some(NodeVerdict::Accept);
+            NodeAction::Goto { chain } => return walk(ruleset, family, chain, probe, depth + 1),
+            NodeAction::Log { .. } | NodeAction::Count => {}
+            NodeAction::AllowUnderLimit { allow, .. } if !probe.over_rate => {
+                return match allow {
+                    super::AllowVerdict::Return => Flow::Return { allowed: true },
+                    super::AllowVerdict::Accept => Flow::Final(NodeVerdict::Accept),
+                };
             }
-            NodeAction::AcceptUnderLimit { .. } => {}
+            NodeAction::AllowUnderLimit { .. } => {}
         }
     }
-    None
+    Flow::Return { allowed: false }
 }
 
 fn rule_matches(ruleset: &NodeRuleset, m: &NodeMatch, probe: &Probe) -> bool {
@@ -270,9 +286,14 @@ mod tests {
             NodeVerdict::Drop
         );
         assert_eq!(
-            node_verdict(&rs, &tcp_in("198.51.100.1", 10250)),
+            node_verdict(&rs, &tcp_in("10.0.2.10", 10250)),
             NodeVerdict::Accept,
-            "failsafe kubelet"
+            "failsafe kubelet, from another node of the cluster"
+        );
+        assert_eq!(
+            node_verdict(&rs, &tcp_in("198.51.100.1", 10250)),
+            NodeVerdict::Drop,
+            "the failsafe is scoped: not from outside the cluster"
         );
         let out = Probe {
             direction: Direction::Egress,

@@ -35,6 +35,41 @@ pub struct Facts {
     /// Security Group rule quota.
     #[serde(default)]
     pub quota: SgQuota,
+    /// Addresses of the nodes a `nodeSelector` peer stands for, keyed by
+    /// the selector's canonical text (`<all>` for every node), as the
+    /// controller publishes them in FirewallPeerSlices. A selector found
+    /// here is not evaluated against `nodes` (the agent knows only its own
+    /// Node); one missing here is.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_peers: BTreeMap<String, Vec<IpAddr>>,
+    /// The API server's endpoint addresses (the `ApiServer` failsafe scope).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub api_servers: Vec<IpAddr>,
+    /// The node's nameservers (the `Nameservers` failsafe scope).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nameservers: Vec<IpAddr>,
+    /// What the node layer's allows do (default: hand back to the host).
+    #[serde(default)]
+    pub allow: AllowVerdict,
+}
+
+/// What a node-layer allow does with a packet.
+///
+/// `Return` (the default) hands it back to the built-in chain, so the
+/// host's own rules and other tools' chains (kube-proxy's `KUBE-FIREWALL`,
+/// a user's INPUT rules) still decide: Palisade only ever removes access.
+/// `Accept` ends the walk at Palisade's allow, making Palisade the node's
+/// only firewall for the directions an Enforce policy governs; it overrides
+/// every rule after Palisade's hook, which is why it is opt-in.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
+pub enum AllowVerdict {
+    /// `-j RETURN`.
+    #[default]
+    Return,
+    /// `-j ACCEPT`.
+    Accept,
 }
 
 /// One Kubernetes node, as far as the compiler cares.
@@ -119,7 +154,22 @@ impl Default for SgQuota {
     }
 }
 
-/// One port (range) the node layer always allows, from or to anywhere.
+/// Who a failsafe entry admits (inbound: sources; outbound: destinations).
+/// An entry's peers are the union of its scopes and its CIDRs; an entry
+/// with neither admits nobody. Nothing here can be `0.0.0.0/0` or `::/0`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum FailsafeScope {
+    /// The cluster: every node's InternalIP (kept current by the agent)
+    /// and [`Failsafe::cluster_cidrs`] (control plane, VPC).
+    Cluster,
+    /// The API server's endpoints (the `kubernetes` EndpointSlice, the
+    /// in-cluster service address, the agent's configured server).
+    ApiServer,
+    /// The nameservers of the node's resolv.conf.
+    Nameservers,
+}
+
+/// One port (range) the node layer always allows, to or from its scope only.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct FailsafePort {
@@ -129,6 +179,13 @@ pub struct FailsafePort {
     pub protocol: Protocol,
     /// The destination port or range.
     pub ports: PortRange,
+    /// Scopes whose addresses the entry admits (default: `[Cluster]` when
+    /// `cidrs` is empty too).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub scope: Vec<FailsafeScope>,
+    /// Fixed addresses the entry admits (canonical CIDRs, never `/0`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cidrs: Vec<IpNet>,
 }
 
 impl FailsafePort {
@@ -137,28 +194,64 @@ impl FailsafePort {
             name: name.to_string(),
             protocol,
             ports: PortRange { port, end_port },
+            scope: vec![FailsafeScope::Cluster],
+            cidrs: Vec::new(),
+        }
+    }
+
+    fn to(mut self, scope: &[FailsafeScope], cidrs: &[&str]) -> Self {
+        self.scope = scope.to_vec();
+        self.cidrs = cidrs.iter().filter_map(|c| c.parse().ok()).collect();
+        self
+    }
+
+    /// The scopes the entry admits: `[Cluster]` when neither scope nor
+    /// CIDRs are given (a file that names only ports stays scoped).
+    pub fn scopes(&self) -> Vec<FailsafeScope> {
+        if self.scope.is_empty() && self.cidrs.is_empty() {
+            vec![FailsafeScope::Cluster]
+        } else {
+            self.scope.clone()
         }
     }
 }
 
+/// The EC2 instance metadata service (IMDS), IPv4 and IPv6 (Nitro).
+pub const EC2_METADATA: [&str; 2] = ["169.254.169.254/32", "fd00:ec2::254/128"];
+/// The VPC DNS resolver (Route 53 Resolver at the link-local address).
+pub const EC2_DNS: [&str; 2] = ["169.254.169.253/32", "fd00:ec2::253/128"];
+/// The Amazon Time Sync Service.
+pub const EC2_TIME: [&str; 2] = ["169.254.169.123/32", "fd00:ec2::123/128"];
+
 /// Traffic the node layer keeps allowed whatever the policies say, so a
 /// policy can never cut a node off from its operators, its control plane or
-/// its network. Evaluated after loopback and established/related traffic and
-/// before every policy (and before the INVALID drop, because ND and
-/// unsolicited ICMP errors are not tracked by conntrack).
+/// its network — and nothing more: every entry is scoped to who needs it,
+/// none is open to `0.0.0.0/0` or `::/0`. Evaluated after loopback and
+/// established/related traffic and before every policy (and before the
+/// INVALID drop, because ND and unsolicited ICMP errors are not tracked by
+/// conntrack). An allow here, like every Palisade allow, only hands the
+/// packet back to the host's own rules: the failsafe never opens what the
+/// host's firewall closes.
 ///
 /// Fields missing when read from a file take their default, so a file
 /// may set `adminCidrs` alone.
 ///
-/// The defaults ([`Failsafe::default`]):
+/// The defaults ([`Failsafe::default`]); "cluster" is every node's
+/// InternalIP plus `clusterCidrs`:
 /// - inbound SSH (22/tcp) from `admin_cidrs` — empty, so no SSH until set;
-/// - in and out: kubelet 10250/tcp, API server 443/tcp and 6443/tcp, etcd
-///   2379-2380/tcp, VXLAN 4789/udp and 8472/udp (Flannel, Cilium), Geneve
-///   6081/udp, BGP 179/tcp (Calico). Both directions because a node in an
-///   egress-deny policy must still reach its control plane and overlay peers;
-/// - DHCP client: 68/udp in, 67/udp out;
+/// - inbound from the cluster: kubelet 10250/tcp, the agent's metrics
+///   9901/tcp, API server 443/tcp and 6443/tcp and etcd 2379-2380/tcp (self-
+///   managed control planes), VXLAN 4789/udp and 8472/udp (Flannel,
+///   Cilium), Geneve 6081/udp, BGP 179/tcp (Calico), DHCP replies 68/udp;
+/// - outbound to the API server's endpoints: 443/tcp and 6443/tcp;
+/// - outbound to the cluster: kubelet, etcd, the overlays and BGP as above,
+///   DHCP 67/udp (to the cluster and the limited broadcast address);
+/// - outbound to EC2's link-local services: instance metadata 80/tcp, DNS
+///   53/udp+tcp (the VPC resolver and resolv.conf's nameservers), time
+///   123/udp;
 /// - ICMP type 3 code 4 (fragmentation needed: PMTU) and type 11 (time
-///   exceeded), both directions;
+///   exceeded), both directions, from anywhere (they carry no payload of
+///   their own and PMTU discovery breaks without them);
 /// - ICMPv6 types 1-4 (errors, PMTU: packet too big is 2) and 133-137 (router
 ///   and neighbour discovery, redirect), both directions.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -168,9 +261,12 @@ pub struct Failsafe {
     pub admin_cidrs: Vec<IpNet>,
     /// The SSH port (22).
     pub ssh_port: u16,
-    /// Ports allowed in from anywhere.
+    /// Control-plane and VPC CIDRs: with the node addresses, the `Cluster`
+    /// scope. Empty: the node addresses alone.
+    pub cluster_cidrs: Vec<IpNet>,
+    /// Ports allowed in, each from its scope.
     pub inbound: Vec<FailsafePort>,
-    /// Ports allowed out to anywhere.
+    /// Ports allowed out, each to its scope.
     pub outbound: Vec<FailsafePort>,
     /// ICMP (IPv4) types/codes allowed both ways.
     pub icmp: Vec<IcmpMatch>,
@@ -180,12 +276,11 @@ pub struct Failsafe {
 
 impl Default for Failsafe {
     fn default() -> Self {
+        use FailsafeScope::{ApiServer, Cluster, Nameservers};
         use Protocol::{Tcp, Udp};
-        let cluster = || {
+        let overlay = || {
             vec![
                 FailsafePort::new("kubelet", Tcp, 10250, None),
-                FailsafePort::new("apiserver", Tcp, 443, None),
-                FailsafePort::new("apiserver", Tcp, 6443, None),
                 FailsafePort::new("etcd", Tcp, 2379, Some(2380)),
                 FailsafePort::new("vxlan", Udp, 4789, None),
                 FailsafePort::new("vxlan", Udp, 8472, None),
@@ -193,14 +288,28 @@ impl Default for Failsafe {
                 FailsafePort::new("bgp", Tcp, 179, None),
             ]
         };
-        let mut inbound = cluster();
-        inbound.push(FailsafePort::new("dhcp-client", Udp, 68, None));
-        let mut outbound = cluster();
-        outbound.push(FailsafePort::new("dhcp-server", Udp, 67, None));
+        let mut inbound = overlay();
+        inbound.extend([
+            FailsafePort::new("palisade-metrics", Tcp, 9901, None),
+            FailsafePort::new("apiserver", Tcp, 443, None),
+            FailsafePort::new("apiserver", Tcp, 6443, None),
+            FailsafePort::new("dhcp-client", Udp, 68, None),
+        ]);
+        let mut outbound = overlay();
+        outbound.extend([
+            FailsafePort::new("apiserver", Tcp, 443, None).to(&[ApiServer], &[]),
+            FailsafePort::new("apiserver", Tcp, 6443, None).to(&[ApiServer], &[]),
+            FailsafePort::new("dhcp-server", Udp, 67, None).to(&[Cluster], &["255.255.255.255/32"]),
+            FailsafePort::new("ec2-metadata", Tcp, 80, None).to(&[], &EC2_METADATA),
+            FailsafePort::new("dns", Udp, 53, None).to(&[Nameservers], &EC2_DNS),
+            FailsafePort::new("dns", Tcp, 53, None).to(&[Nameservers], &EC2_DNS),
+            FailsafePort::new("ec2-time", Udp, 123, None).to(&[], &EC2_TIME),
+        ]);
         let icmp = |icmp_type, code| IcmpMatch { icmp_type, code };
         Failsafe {
             admin_cidrs: Vec::new(),
             ssh_port: 22,
+            cluster_cidrs: Vec::new(),
             inbound,
             outbound,
             icmp: vec![icmp(3, Some(4)), icmp(11, None)],
@@ -213,19 +322,31 @@ impl Default for Failsafe {
 }
 
 impl Failsafe {
-    /// Checks a failsafe list read from flags: canonical admin CIDRs, TCP or
-    /// UDP ports with `1 <= port <= endPort`, ICMP types only.
+    /// Checks a failsafe list read from flags or a file: canonical CIDRs,
+    /// none of them `/0` (the failsafe never opens to the world), TCP or
+    /// UDP ports with `1 <= port <= endPort`, ICMP types that match exactly
+    /// (type 255 is iptables' wildcard).
     pub fn validate(&self) -> Result<(), PolicyError> {
         let mut errors = Vec::new();
-        for (i, cidr) in self.admin_cidrs.iter().enumerate() {
-            if cidr.trunc() != *cidr {
-                errors.push(PolicyError::NonCanonicalCidr {
-                    path: format!("failsafe.adminCidrs[{i}]"),
-                    value: cidr.to_string(),
-                    canonical: cidr.trunc().to_string(),
-                });
+        let check_cidrs = |path: &str, cidrs: &[IpNet], errors: &mut Vec<PolicyError>| {
+            for (i, cidr) in cidrs.iter().enumerate() {
+                if cidr.trunc() != *cidr {
+                    errors.push(PolicyError::NonCanonicalCidr {
+                        path: format!("{path}[{i}]"),
+                        value: cidr.to_string(),
+                        canonical: cidr.trunc().to_string(),
+                    });
+                } else if cidr.prefix_len() == 0 {
+                    errors.push(PolicyError::field(
+                        format!("{path}[{i}]"),
+                        format!("{cidr} is the whole internet"),
+                        "the failsafe never opens to 0.0.0.0/0 or ::/0; name the admin or cluster networks",
+                    ));
+                }
             }
-        }
+        };
+        check_cidrs("failsafe.adminCidrs", &self.admin_cidrs, &mut errors);
+        check_cidrs("failsafe.clusterCidrs", &self.cluster_cidrs, &mut errors);
         if self.ssh_port == 0 {
             errors.push(PolicyError::field(
                 "failsafe.sshPort",
@@ -251,6 +372,18 @@ impl Failsafe {
                         "use 1 <= port <= endPort <= 65535",
                     ));
                 }
+                check_cidrs(&format!("{path}.cidrs"), &entry.cidrs, &mut errors);
+            }
+        }
+        for (list, entries) in [("icmp", &self.icmp), ("icmpv6", &self.icmpv6)] {
+            for (i, m) in entries.iter().enumerate() {
+                if m.icmp_type == crate::api::ICMP_TYPE_ANY {
+                    errors.push(PolicyError::field(
+                        format!("failsafe.{list}[{i}].type"),
+                        "ICMP type 255 is iptables' wildcard for every type",
+                        "name the type to allow (0-254)",
+                    ));
+                }
             }
         }
         if errors.is_empty() {
@@ -265,6 +398,19 @@ impl Failsafe {
 }
 
 impl Facts {
+    /// Addresses of the nodes `selector` stands for: the controller's
+    /// published list when there is one, else those of `nodes` it selects.
+    pub fn selected_addresses(&self, selector: &super::Selector) -> Vec<IpAddr> {
+        match self.node_peers.get(&selector.to_string()) {
+            Some(published) => published.clone(),
+            None => selector
+                .select(&self.nodes)
+                .iter()
+                .flat_map(|n| n.addresses.iter().copied())
+                .collect(),
+        }
+    }
+
     /// The node named `name`, if known.
     pub fn node(&self, name: &str) -> Option<&NodeFacts> {
         self.nodes.iter().find(|n| n.name == name)

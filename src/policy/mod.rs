@@ -21,9 +21,21 @@
 //!
 //! Rules only allow; several rules and several policies on one node are the
 //! union of their allows. A direction is default-deny on a node as soon as
-//! one selected policy lists rules for it (even an empty list); a direction
-//! no selected policy speaks for is left alone. A rule applies on both
-//! layers unless `layers` names one; effective access is the intersection.
+//! one selected Enforce policy governs it (`policyTypes` names it, with or
+//! without rules); a direction no selected policy governs is left alone. A
+//! rule applies on both layers unless `layers` names one; effective access
+//! is the intersection.
+//!
+//! **Palisade only removes access.** On the node an allow hands the packet
+//! back to the built-in chain (`RETURN`), so the host's own rules and other
+//! tools' chains (kube-proxy's `KUBE-FIREWALL`, a user's INPUT rules) still
+//! decide; only Palisade's default-drop is terminal. Effective access = SG
+//! union ∩ Palisade ∩ the host's own rules. [`AllowVerdict::Accept`] (opt-in)
+//! makes allows terminal where an Enforce policy governs.
+//!
+//! **Audit is a dry run.** An Audit policy neither allows nor drops: its
+//! chain is walked only by packets nothing else allowed, and it counts (and
+//! logs, rate-limited) those its own rules would not have allowed either.
 //!
 //! # The cloud layer
 //!
@@ -35,30 +47,46 @@
 //!
 //! # The node layer: shape of a [`NodeRuleset`]
 //!
-//! Per family (iptables for IPv4, ip6tables for IPv6), `filter` table only:
+//! Per family (iptables for IPv4, ip6tables for IPv6), `filter` table only.
+//! "allow" is `RETURN` (default) or `ACCEPT` ([`AllowVerdict`]). The allow
+//! path is entered by one jump from the built-in chain and its chains are
+//! linked by gotos (`-g`), so a RETURN anywhere on it resumes the built-in
+//! chain right after Palisade's hook:
 //!
 //! ```text
-//! INPUT  ─(rule 1)─▶ PALISADE-INPUT      only when a selected policy has ingress
-//! OUTPUT ─(rule 1)─▶ PALISADE-OUTPUT     only when a selected policy has egress
+//! INPUT  ─(rule 1, -j)─▶ PALISADE-INPUT    only when a selected policy governs ingress
+//! OUTPUT ─(rule 1, -j)─▶ PALISADE-OUTPUT   only when a selected policy governs egress
 //!
 //! PALISADE-INPUT / PALISADE-OUTPUT
-//!   -i lo / -o lo                          ACCEPT
-//!   ctstate ESTABLISHED,RELATED            ACCEPT
-//!   jump PALISADE-FS-IN / PALISADE-FS-OUT  (failsafe; before INVALID, since ND
-//!                                           and unsolicited ICMP errors may be INVALID)
-//!   ctstate INVALID                        DROP      (Enforce only: Audit drops nothing)
-//!   jump PAL-I-<h> / PAL-O-<h>             one per selected policy speaking for
-//!                                           the direction, by policy name
-//!   DROP                                   if any of them is in Enforce, else
-//!   LOG "palisade-audit-in: " + ACCEPT     (rate-limited LOG)
+//!   -i lo / -o lo                          allow
+//!   ctstate ESTABLISHED,RELATED            allow
+//!   goto PALISADE-FS-IN / PALISADE-FS-OUT
 //!
-//! PALISADE-FS-IN / -OUT: ACCEPT the failsafe list (see [`Failsafe`]).
+//! PALISADE-FS-IN / -OUT   the failsafe (see [`Failsafe`]), each entry scoped
+//!   ICMP/ICMPv6 errors and ND, SSH from admin CIDRs, cluster ports from
+//!   the cluster's nodes and CIDRs, the API server, EC2's link-local
+//!   services                                allow
+//!   ctstate INVALID                        DROP   (Enforce only; after the
+//!                                            failsafe: ND and unsolicited ICMP
+//!                                            errors may be INVALID)
+//!   goto the first Enforce policy's chain, or the end chain
 //!
-//! PAL-I-<h> / PAL-O-<h>   (<h> = 10 hex of SHA-256 of the policy name)
+//! PAL-I-<h> / PAL-O-<h>   an Enforce policy (<h> = 10 hex of SHA-256 of its name)
 //!   per Node-layer rule × (protocol, port range or ICMP type) × peer match:
 //!     [ctstate NEW, LOG "pal-in:<policy>/<rule> "]      when log: true
-//!     ACCEPT, or ACCEPT under a hashlimit per peer        when rateLimit is set
-//!   sorted by content, so the order of rules in the policy does not matter.
+//!     allow, or allow under a hashlimit per peer         when rateLimit is set
+//!   sorted by content, so the order of rules in the policy does not matter;
+//!   goto the next Enforce policy's chain (by name), or the end chain
+//!
+//! PALISADE-END-IN / -OUT
+//!   jump PAL-I-<h> / PAL-O-<h>             per Audit policy, by name
+//!   DROP                                   when an Enforce policy governs
+//!                                           the direction; else nothing: the
+//!                                           packet returns unchanged
+//!
+//! PAL-I-<h> / PAL-O-<h>   an Audit policy (entered by a jump from the end chain)
+//!   its rules as above, each RETURN (back to the end chain)
+//!   LOG "pal-audit:<policy> " (rate-limited), then a counter: would-be drops
 //! ```
 //!
 //! A rule's peers of one family are matched inline (`-s`/`-d`) when they
@@ -67,13 +95,14 @@
 //! `nodeSelector` peer always gets its own set (present even when empty or
 //! unresolved), so membership changes are set swaps, never chain rewrites.
 //! Set names are `PAL-<16 hex of the owner>-4|-6`; owners are `sg:<id>`,
-//! `pl:<id>`, `nodes:<selector>`, `rule:<policy>/<direction>/<rule>` and
-//! `failsafe:ssh`.
+//! `pl:<id>`, `nodes:<selector>`, `rule:<policy>/<direction>/<rule>`,
+//! `failsafe:ssh`, `failsafe:cluster`, `failsafe:apiserver` and
+//! `failsafe:nameservers`.
 //!
-//! A rate-limited rule accepts while the peer is under its rate; above it,
+//! A rate-limited rule allows while the peer is under its rate; above it,
 //! the packet continues to the next rule rather than being dropped on the
 //! spot, so that the outcome is the union of allows whatever the order, and
-//! the top chain's default drops it (or logs it, in Audit).
+//! the end chain drops it (or counts it, for an Audit policy).
 //!
 //! # Ids and hashes
 //!
@@ -122,7 +151,11 @@ pub use cloud::{
     SgPeer, SgPermission, SgProtocol, marker, plan_cloud,
 };
 pub use error::PolicyError;
-pub use facts::{Facts, Failsafe, FailsafePort, NodeFacts, PrefixListFacts, SgQuota};
+pub use facts::{
+    AllowVerdict, EC2_DNS, EC2_METADATA, EC2_TIME, Facts, Failsafe, FailsafePort, FailsafeScope,
+    NodeFacts, PrefixListFacts, SgQuota,
+};
+pub(crate) use hash::short_hash;
 pub use node::{
     AddrSide, Address, BuiltinChain, CtState, FamilyRuleset, HashLimit, Hook, IcmpTypeMatch,
     InterfaceMatch, IpSet, L4Protocol, LogLimit, NodeAction, NodeChain, NodeMatch, NodeRule,

@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use crate::api::{IcmpMatch, Layer, PolicyMode, Protocol, RatePeriod};
 
-use super::facts::{Facts, NodeFacts};
+use super::facts::{AllowVerdict, Facts, FailsafeScope};
 use super::hash::{digest, short_hash};
 use super::validate::{PeerRef, PortSpan, ValidPolicy, ValidRule, policies_for_node};
 use super::warnings::{Covers, Produced, Warning, lint};
@@ -29,6 +29,11 @@ pub const OUTPUT_CHAIN: &str = "PALISADE-OUTPUT";
 pub const FAILSAFE_IN_CHAIN: &str = "PALISADE-FS-IN";
 /// Failsafe chain for outbound traffic.
 pub const FAILSAFE_OUT_CHAIN: &str = "PALISADE-FS-OUT";
+/// Last chain for inbound traffic: the Audit policies' accounting, then
+/// the default-drop.
+pub const END_IN_CHAIN: &str = "PALISADE-END-IN";
+/// Last chain for outbound traffic.
+pub const END_OUT_CHAIN: &str = "PALISADE-END-OUT";
 /// Prefix of every chain Palisade owns besides the `PALISADE-` ones: a
 /// policy chain is `PAL-I-<10 hex>` or `PAL-O-<10 hex>`.
 pub const POLICY_CHAIN_PREFIX: &str = "PAL-";
@@ -102,7 +107,8 @@ impl BuiltinChain {
 
 /// A jump from a built-in chain to a Palisade top chain, inserted as the
 /// first rule of the built-in chain (`-I INPUT 1 -j PALISADE-INPUT`) so no
-/// other rule can accept traffic a policy denies.
+/// other rule can accept traffic a policy denies. What Palisade allows
+/// returns to the next rule of the built-in chain (see [`AllowVerdict`]).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Hook {
@@ -347,8 +353,14 @@ pub struct HashLimit {
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(tag = "verdict", rename_all = "camelCase")]
 pub enum NodeAction {
-    /// `-j ACCEPT`.
+    /// `-j ACCEPT`: only with [`AllowVerdict::Accept`].
     Accept,
+    /// `-j RETURN`: an allow. Palisade's chains are entered by one jump from
+    /// the built-in chain and chained by gotos, so a RETURN anywhere on that
+    /// path resumes the built-in chain after Palisade's hook; inside an Audit
+    /// policy's chain (entered by a jump from the end chain) it resumes the
+    /// end chain.
+    Return,
     /// `-j DROP`.
     Drop,
     /// `-j <chain>`; an unmatched packet returns and goes on.
@@ -356,6 +368,15 @@ pub enum NodeAction {
         /// The target chain.
         chain: String,
     },
+    /// `-g <chain>`: continue in `chain`; when it returns, return from
+    /// this chain too.
+    Goto {
+        /// The target chain.
+        chain: String,
+    },
+    /// No target: the rule only counts the packets reaching it (an Audit
+    /// policy's would-be drops).
+    Count,
     /// `-m limit ... -j LOG --log-prefix <prefix>`: logs and goes on.
     Log {
         /// At most 29 characters, ending in a space.
@@ -363,15 +384,26 @@ pub enum NodeAction {
         /// Log rate.
         limit: LogLimit,
     },
-    /// `-m hashlimit --hashlimit-upto ... -j ACCEPT`: accepts while the
-    /// peer is under its rate; above it, the packet goes on to the next
+    /// `-m hashlimit --hashlimit-upto ... -j RETURN|ACCEPT`: allows while
+    /// the peer is under its rate; above it, the packet goes on to the next
     /// rule (so another rule may still allow it, as the union of allows
-    /// requires) and, if none does, to the top chain's default — DROP, or
-    /// LOG + ACCEPT in Audit.
-    AcceptUnderLimit {
+    /// requires) and, if none does, to the end chain — dropped, or counted
+    /// as an Audit policy's would-be drop.
+    AllowUnderLimit {
         /// The limit.
         limit: HashLimit,
+        /// What the allow does.
+        allow: AllowVerdict,
     },
+}
+
+impl NodeAction {
+    fn allow(verdict: AllowVerdict) -> NodeAction {
+        match verdict {
+            AllowVerdict::Return => NodeAction::Return,
+            AllowVerdict::Accept => NodeAction::Accept,
+        }
+    }
 }
 
 /// Why a rule exists; written after the id in its comment.
@@ -396,7 +428,14 @@ pub enum RuleOrigin {
         /// The policy.
         policy: String,
     },
-    /// A policy rule (its LOG or its accept).
+    /// The goto from a chain of the allow path to the next one.
+    Next,
+    /// An Audit policy's LOG and count of what it would drop.
+    WouldDrop {
+        /// The policy.
+        policy: String,
+    },
+    /// A policy rule (its LOG or its allow).
     Rule {
         /// The policy.
         policy: String,
@@ -405,10 +444,9 @@ pub enum RuleOrigin {
         /// The rule name.
         rule: String,
     },
-    /// The top chain's default in Enforce: DROP.
+    /// The end chain's default when an Enforce policy governs the
+    /// direction: DROP.
     DefaultDrop,
-    /// The top chain's default in Audit: LOG, then ACCEPT.
-    AuditDefault,
 }
 
 impl fmt::Display for RuleOrigin {
@@ -425,8 +463,9 @@ impl fmt::Display for RuleOrigin {
                 direction,
                 rule,
             } => write!(f, "{policy}/{direction}/{rule}"),
+            RuleOrigin::Next => f.write_str("next"),
+            RuleOrigin::WouldDrop { policy } => write!(f, "audit/{policy}"),
             RuleOrigin::DefaultDrop => f.write_str("default-drop"),
-            RuleOrigin::AuditDefault => f.write_str("audit"),
         }
     }
 }
@@ -544,6 +583,10 @@ pub struct PolicyDigest {
     /// and the content of the sets they match: what the agent reports as
     /// "policy X at generation G, hash H".
     pub hash: String,
+    /// Directions whose established flows the policy asks to cut when the
+    /// node layer narrows (`existingConnections: Cut`, Enforce only).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub cut_established: Vec<Direction>,
 }
 
 /// Everything the node layer enforces on one node.
@@ -664,8 +707,11 @@ fn canonical_match(m: &NodeMatch) -> String {
 fn canonical_action(a: &NodeAction) -> String {
     match a {
         NodeAction::Accept => "accept".into(),
+        NodeAction::Return => "return".into(),
         NodeAction::Drop => "drop".into(),
         NodeAction::Jump { chain } => format!("jump {chain}"),
+        NodeAction::Goto { chain } => format!("goto {chain}"),
+        NodeAction::Count => "count".into(),
         NodeAction::Log { prefix, limit } => {
             format!(
                 "log {prefix:?} {}/{} burst {}",
@@ -674,8 +720,12 @@ fn canonical_action(a: &NodeAction) -> String {
                 limit.burst
             )
         }
-        NodeAction::AcceptUnderLimit { limit } => format!(
-            "accept-under {} {}/{} burst {} per {}",
+        NodeAction::AllowUnderLimit { limit, allow } => format!(
+            "{} {} {}/{} burst {} per {}",
+            match allow {
+                AllowVerdict::Return => "return-under",
+                AllowVerdict::Accept => "accept-under",
+            },
             limit.name,
             limit.count,
             limit.per.name(),
@@ -774,15 +824,6 @@ impl Names {
     }
 }
 
-fn addresses_of(nodes: &[&NodeFacts], family: IpFamily) -> Vec<IpNet> {
-    nodes
-        .iter()
-        .flat_map(|n| n.addresses.iter())
-        .filter(|a| IpFamily::of_addr(a) == family)
-        .map(|a| IpNet::from(*a))
-        .collect()
-}
-
 /// The peer matches of one rule for one family (`None` = any address).
 /// Literal CIDRs are matched one by one up to [`SET_THRESHOLD`], through a
 /// set beyond; every reference (group, prefix list, node selector) through
@@ -845,7 +886,12 @@ fn peer_matches(
             ),
             PeerRef::Nodes(selector) => (
                 format!("nodes:{selector}"),
-                addresses_of(&selector.select(&facts.nodes), family),
+                facts
+                    .selected_addresses(selector)
+                    .iter()
+                    .filter(|a| IpFamily::of_addr(a) == family)
+                    .map(|a| IpNet::from(*a))
+                    .collect(),
             ),
         };
         let name = names.set(&owner, family, entries)?;
@@ -876,11 +922,16 @@ fn log_prefix(policy: &str, direction: Direction, rule: &str) -> String {
     }
 }
 
-/// The audit default's LOG prefix.
-fn audit_prefix(direction: Direction) -> &'static str {
-    match direction {
-        Direction::Ingress => "palisade-audit-in: ",
-        Direction::Egress => "palisade-audit-out: ",
+/// LOG prefix of an Audit policy's would-be drops: `pal-audit:<policy> `
+/// (shortened like [`log_prefix`] when too long).
+fn audit_prefix(policy: &str) -> String {
+    let head = "pal-audit:";
+    let room = MAX_LOG_PREFIX - head.len() - 1;
+    if policy.len() <= room {
+        format!("{head}{policy} ")
+    } else {
+        let keep: String = policy.chars().take(room - 7).collect();
+        format!("{head}{keep}~{} ", &short_hash(&["audit", policy])[..6])
     }
 }
 
@@ -924,11 +975,22 @@ type Block = (
     RuleOrigin,
 );
 
+/// Where a chain of the allow path goes when nothing in it matched.
+#[derive(Clone, Copy)]
+struct ChainPlace<'a> {
+    /// What its allows do.
+    verdict: AllowVerdict,
+    /// The next chain of the path (`None`: an Audit policy's chain, which
+    /// counts what falls through and returns to the end chain).
+    next: Option<&'a str>,
+}
+
 fn policy_chain(
     policy: &ValidPolicy,
     direction: Direction,
     family: IpFamily,
     chain: &str,
+    place: ChainPlace<'_>,
     facts: &Facts,
     names: &mut Names,
 ) -> Result<NodeChain, PolicyError> {
@@ -957,7 +1019,7 @@ fn policy_chain(
                     &short_hash(&["hashlimit", &owner])[..10]
                 );
                 names.claim(&name, &format!("hashlimit {owner}"))?;
-                NodeAction::AcceptUnderLimit {
+                NodeAction::AllowUnderLimit {
                     limit: HashLimit {
                         name,
                         count: rl.count,
@@ -965,9 +1027,10 @@ fn policy_chain(
                         burst: rl.burst.unwrap_or(DEFAULT_BURST),
                         per_address: side,
                     },
+                    allow: place.verdict,
                 }
             }
-            None => NodeAction::Accept,
+            None => NodeAction::allow(place.verdict),
         };
         // Rate limits and logs count new connections only.
         let ct_states = if rule.rate_limit.is_some() {
@@ -1011,12 +1074,42 @@ fn policy_chain(
     // (keeping the first origin by name); duplicates are linted elsewhere.
     blocks.sort();
     blocks.dedup_by(|b, a| a.0 == b.0 && a.1 == b.1 && a.2 == b.2);
-    let mut rules = Vec::with_capacity(blocks.len());
+    let mut rules = Vec::with_capacity(blocks.len() + 2);
     for (log, m, action, origin) in blocks {
         if let Some((lm, la)) = log {
             rules.push(NodeRule::new(family, chain, origin.clone(), lm, la));
         }
         rules.push(NodeRule::new(family, chain, origin, m, action));
+    }
+    let mut push = |origin, action| {
+        rules.push(NodeRule::new(
+            family,
+            chain,
+            origin,
+            NodeMatch::default(),
+            action,
+        ))
+    };
+    match place.next {
+        Some(next) => push(
+            RuleOrigin::Next,
+            NodeAction::Goto {
+                chain: next.to_string(),
+            },
+        ),
+        None => {
+            let origin = RuleOrigin::WouldDrop {
+                policy: policy.name().to_string(),
+            };
+            push(
+                origin.clone(),
+                NodeAction::Log {
+                    prefix: audit_prefix(policy.name()),
+                    limit: LOG_LIMIT,
+                },
+            );
+            push(origin, NodeAction::Count);
+        }
     }
     Ok(NodeChain {
         name: chain.to_string(),
@@ -1024,9 +1117,75 @@ fn policy_chain(
     })
 }
 
+/// The addresses of one failsafe scope, as set entries of `family`.
+fn scope_entries(scope: FailsafeScope, family: IpFamily, facts: &Facts) -> Vec<IpNet> {
+    let addrs: Vec<std::net::IpAddr> = match scope {
+        FailsafeScope::Cluster => {
+            let mut a = facts.selected_addresses(&super::Selector::everything());
+            a.extend(facts.nodes.iter().flat_map(|n| n.addresses.iter().copied()));
+            return a
+                .into_iter()
+                .map(IpNet::from)
+                .chain(facts.failsafe.cluster_cidrs.iter().copied())
+                .filter(|n| IpFamily::of_net(n) == family)
+                .collect();
+        }
+        FailsafeScope::ApiServer => facts.api_servers.clone(),
+        FailsafeScope::Nameservers => facts.nameservers.clone(),
+    };
+    addrs
+        .into_iter()
+        .filter(|a| IpFamily::of_addr(a) == family)
+        .map(IpNet::from)
+        .collect()
+}
+
+/// The peer matches of one failsafe entry: each scope through its own set
+/// (`failsafe:cluster`, `failsafe:apiserver`, `failsafe:nameservers`; the
+/// membership changes as nodes come and go, so it is a set update, never a
+/// chain rewrite), fixed CIDRs inline. Never "any address".
+fn failsafe_peers(
+    entry: &crate::policy::FailsafePort,
+    family: IpFamily,
+    side: AddrSide,
+    facts: &Facts,
+    names: &mut Names,
+) -> Result<Vec<PeerMatch>, PolicyError> {
+    let mut out = Vec::new();
+    for scope in entry.scopes() {
+        let owner = match scope {
+            FailsafeScope::Cluster => "failsafe:cluster",
+            FailsafeScope::ApiServer => "failsafe:apiserver",
+            FailsafeScope::Nameservers => "failsafe:nameservers",
+        };
+        let name = names.set(owner, family, scope_entries(scope, family, facts))?;
+        out.push(PeerMatch {
+            side,
+            address: Address::Set(name),
+        });
+    }
+    for net in normalize_literals(
+        entry
+            .cidrs
+            .iter()
+            .copied()
+            .filter(|n| IpFamily::of_net(n) == family && n.prefix_len() > 0),
+    ) {
+        out.push(PeerMatch {
+            side,
+            address: Address::Cidr(net),
+        });
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
 fn failsafe_chain(
     direction: Direction,
     family: IpFamily,
+    place: ChainPlace<'_>,
+    invalid_drop: bool,
     facts: &Facts,
     names: &mut Names,
 ) -> Result<NodeChain, PolicyError> {
@@ -1034,18 +1193,15 @@ fn failsafe_chain(
         Direction::Ingress => (FAILSAFE_IN_CHAIN, &facts.failsafe.inbound),
         Direction::Egress => (FAILSAFE_OUT_CHAIN, &facts.failsafe.outbound),
     };
+    let side = AddrSide::of(direction);
     let fs = &facts.failsafe;
+    let allow = NodeAction::allow(place.verdict);
     let mut rules = Vec::new();
-    let mut push = |name: &str, m: NodeMatch| {
-        rules.push(NodeRule::new(
-            family,
-            chain,
-            RuleOrigin::Failsafe {
-                name: name.to_string(),
-            },
-            m,
-            NodeAction::Accept,
-        ));
+    let mut push = |origin: RuleOrigin, m: NodeMatch, action: NodeAction| {
+        rules.push(NodeRule::new(family, chain, origin, m, action));
+    };
+    let entry = |name: &str| RuleOrigin::Failsafe {
+        name: name.to_string(),
     };
     let (l4, icmps) = match family {
         IpFamily::V4 => (L4Protocol::Icmp, &fs.icmp),
@@ -1053,37 +1209,42 @@ fn failsafe_chain(
     };
     for icmp in icmps {
         push(
-            "icmp",
+            entry("icmp"),
             NodeMatch {
                 protocol: Some(l4),
                 icmp: Some((*icmp).into()),
                 ..Default::default()
             },
+            allow.clone(),
         );
     }
     if direction == Direction::Ingress && fs.ssh_port != 0 {
-        let admins: Vec<PeerRef> = fs.admin_cidrs.iter().map(|n| PeerRef::Cidr(*n)).collect();
+        let admins: Vec<PeerRef> = fs
+            .admin_cidrs
+            .iter()
+            .filter(|n| n.prefix_len() > 0)
+            .map(|n| PeerRef::Cidr(*n))
+            .collect();
         let dports = Some(PortSpan {
             first: fs.ssh_port,
             last: fs.ssh_port,
         });
-        for peer in peer_matches(
-            &admins,
-            family,
-            AddrSide::Source,
-            "failsafe:ssh",
-            facts,
-            names,
-        )? {
-            push(
-                "ssh",
-                NodeMatch {
-                    protocol: Some(L4Protocol::Tcp),
-                    dports,
-                    peer,
-                    ..Default::default()
-                },
-            );
+        if admins.iter().any(|p| match p {
+            PeerRef::Cidr(n) => IpFamily::of_net(n) == family,
+            _ => false,
+        }) {
+            for peer in peer_matches(&admins, family, side, "failsafe:ssh", facts, names)? {
+                push(
+                    entry("ssh"),
+                    NodeMatch {
+                        protocol: Some(L4Protocol::Tcp),
+                        dports,
+                        peer,
+                        ..Default::default()
+                    },
+                    allow.clone(),
+                );
+            }
         }
     }
     for p in ports {
@@ -1096,12 +1257,37 @@ fn failsafe_chain(
             first: p.ports.port,
             last: p.ports.end_port.unwrap_or(p.ports.port),
         });
+        for peer in failsafe_peers(p, family, side, facts, names)? {
+            push(
+                entry(&p.name),
+                NodeMatch {
+                    protocol: Some(protocol),
+                    dports,
+                    peer: Some(peer),
+                    ..Default::default()
+                },
+                allow.clone(),
+            );
+        }
+    }
+    if invalid_drop {
+        // After the failsafe (ND and unsolicited ICMP errors can be INVALID
+        // to conntrack), before any policy allow.
         push(
-            &p.name,
+            RuleOrigin::Invalid,
             NodeMatch {
-                protocol: Some(protocol),
-                dports,
+                ct_states: vec![CtState::Invalid],
                 ..Default::default()
+            },
+            NodeAction::Drop,
+        );
+    }
+    if let Some(next) = place.next {
+        push(
+            RuleOrigin::Next,
+            NodeMatch::default(),
+            NodeAction::Goto {
+                chain: next.to_string(),
             },
         );
     }
@@ -1111,7 +1297,7 @@ fn failsafe_chain(
     })
 }
 
-fn top_chain(direction: Direction, family: IpFamily, speakers: &[&ValidPolicy]) -> NodeChain {
+fn top_chain(direction: Direction, family: IpFamily, verdict: AllowVerdict) -> NodeChain {
     let (name, fs, lo) = match direction {
         Direction::Ingress => (
             INPUT_CHAIN,
@@ -1124,7 +1310,6 @@ fn top_chain(direction: Direction, family: IpFamily, speakers: &[&ValidPolicy]) 
             InterfaceMatch::Out("lo".into()),
         ),
     };
-    let enforce = speakers.iter().any(|p| p.mode() == PolicyMode::Enforce);
     let mut rules = Vec::new();
     let mut push =
         |origin, matches, action| rules.push(NodeRule::new(family, name, origin, matches, action));
@@ -1134,7 +1319,7 @@ fn top_chain(direction: Direction, family: IpFamily, speakers: &[&ValidPolicy]) 
             interface: Some(lo),
             ..Default::default()
         },
-        NodeAction::Accept,
+        NodeAction::allow(verdict),
     );
     push(
         RuleOrigin::Established,
@@ -1142,30 +1327,40 @@ fn top_chain(direction: Direction, family: IpFamily, speakers: &[&ValidPolicy]) 
             ct_states: vec![CtState::Established, CtState::Related],
             ..Default::default()
         },
-        NodeAction::Accept,
+        NodeAction::allow(verdict),
     );
-    // The failsafe comes before the INVALID drop: neighbour discovery and
-    // unsolicited ICMP errors can be INVALID to conntrack.
     push(
         RuleOrigin::FailsafeJump,
         NodeMatch::default(),
-        NodeAction::Jump {
+        NodeAction::Goto {
             chain: fs.to_string(),
         },
     );
-    if enforce {
-        // Audit drops nothing, INVALID included.
-        push(
-            RuleOrigin::Invalid,
-            NodeMatch {
-                ct_states: vec![CtState::Invalid],
-                ..Default::default()
-            },
-            NodeAction::Drop,
-        );
+    NodeChain {
+        name: name.to_string(),
+        rules,
     }
-    for p in speakers {
-        push(
+}
+
+/// The end chain: every Audit policy's chain by a jump (each counts what it
+/// would drop and returns), then the default-drop when an Enforce policy
+/// governs the direction. With Audit policies alone, the packet returns to
+/// the built-in chain as it came: Audit changes no verdict.
+fn end_chain(
+    direction: Direction,
+    family: IpFamily,
+    audits: &[&ValidPolicy],
+    enforce: bool,
+) -> NodeChain {
+    let name = match direction {
+        Direction::Ingress => END_IN_CHAIN,
+        Direction::Egress => END_OUT_CHAIN,
+    };
+    let mut rules = Vec::new();
+    for p in audits {
+        rules.push(NodeRule::new(
+            family,
+            name,
             RuleOrigin::PolicyJump {
                 policy: p.name().to_string(),
             },
@@ -1173,28 +1368,16 @@ fn top_chain(direction: Direction, family: IpFamily, speakers: &[&ValidPolicy]) 
             NodeAction::Jump {
                 chain: policy_chain_name(p.name(), direction),
             },
-        );
+        ));
     }
     if enforce {
-        push(
+        rules.push(NodeRule::new(
+            family,
+            name,
             RuleOrigin::DefaultDrop,
             NodeMatch::default(),
             NodeAction::Drop,
-        );
-    } else {
-        push(
-            RuleOrigin::AuditDefault,
-            NodeMatch::default(),
-            NodeAction::Log {
-                prefix: audit_prefix(direction).to_string(),
-                limit: LOG_LIMIT,
-            },
-        );
-        push(
-            RuleOrigin::AuditDefault,
-            NodeMatch::default(),
-            NodeAction::Accept,
-        );
+        ));
     }
     NodeChain {
         name: name.to_string(),
@@ -1202,16 +1385,16 @@ fn top_chain(direction: Direction, family: IpFamily, speakers: &[&ValidPolicy]) 
     }
 }
 
-/// One family's hooks and chains: top chains, failsafe chains, then the
-/// policy chains by name.
+/// One family's hooks and chains, per governed direction: the top chain,
+/// the failsafe chain, then the Enforce policies' chains by name linked by
+/// gotos, then the end chain (which jumps to the Audit policies' chains).
 fn family_ruleset(
     family: IpFamily,
     selected: &[&ValidPolicy],
     facts: &Facts,
     names: &mut Names,
 ) -> Result<FamilyRuleset, PolicyError> {
-    let (mut hooks, mut tops, mut fails, mut pols) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut hooks, mut spine, mut pols) = (Vec::new(), Vec::new(), Vec::new());
     for (direction, builtin) in [
         (Direction::Ingress, BuiltinChain::Input),
         (Direction::Egress, BuiltinChain::Output),
@@ -1224,21 +1407,66 @@ fn family_ruleset(
         if speakers.is_empty() {
             continue;
         }
-        let top = top_chain(direction, family, &speakers);
+        let (enforcing, audits): (Vec<&ValidPolicy>, Vec<&ValidPolicy>) = speakers
+            .iter()
+            .partition(|p| p.mode() == PolicyMode::Enforce);
+        let enforce = !enforcing.is_empty();
+        // Accepting outright is for directions Palisade enforces; with
+        // Audit alone every allow hands back, so nothing changes.
+        let verdict = if enforce {
+            facts.allow
+        } else {
+            AllowVerdict::Return
+        };
+        let end = match direction {
+            Direction::Ingress => END_IN_CHAIN,
+            Direction::Egress => END_OUT_CHAIN,
+        };
+        let chain_names: Vec<String> = enforcing
+            .iter()
+            .map(|p| policy_chain_name(p.name(), direction))
+            .collect();
+        let top = top_chain(direction, family, verdict);
         hooks.push(Hook {
             builtin,
             target: top.name.clone(),
         });
-        tops.push(top);
-        fails.push(failsafe_chain(direction, family, facts, names)?);
-        for p in &speakers {
+        spine.push(top);
+        let first = chain_names.first().map_or(end, String::as_str);
+        let fs_place = ChainPlace {
+            verdict,
+            next: Some(first),
+        };
+        spine.push(failsafe_chain(
+            direction, family, fs_place, enforce, facts, names,
+        )?);
+        for (i, p) in enforcing.iter().enumerate() {
+            let chain = &chain_names[i];
+            names.claim(chain, &format!("chain {}/{direction}", p.name()))?;
+            let next = chain_names.get(i + 1).map_or(end, String::as_str);
+            let place = ChainPlace {
+                verdict,
+                next: Some(next),
+            };
+            pols.push(policy_chain(
+                p, direction, family, chain, place, facts, names,
+            )?);
+        }
+        for p in &audits {
             let chain = policy_chain_name(p.name(), direction);
             names.claim(&chain, &format!("chain {}/{direction}", p.name()))?;
-            pols.push(policy_chain(p, direction, family, &chain, facts, names)?);
+            let place = ChainPlace {
+                verdict: AllowVerdict::Return,
+                next: None,
+            };
+            pols.push(policy_chain(
+                p, direction, family, &chain, place, facts, names,
+            )?);
         }
+        spine.push(end_chain(direction, family, &audits, enforce));
     }
     pols.sort_by(|a, b| a.name.cmp(&b.name));
-    let chains = tops.into_iter().chain(fails).chain(pols).collect();
+    let chains = spine.into_iter().chain(pols).collect();
     Ok(FamilyRuleset {
         family,
         hooks,
@@ -1256,7 +1484,15 @@ fn policy_hash(policy: &str, families: [&FamilyRuleset; 2], sets: &[IpSet]) -> S
             let Some(chain) = fam.chain(&policy_chain_name(policy, direction)) else {
                 continue;
             };
-            let ids = chain.rule_ids().join(",");
+            // The goto to the next policy's chain is the path's, not the
+            // policy's: a neighbour coming or going leaves this hash alone.
+            let ids: Vec<&str> = chain
+                .rules
+                .iter()
+                .filter(|r| r.origin != RuleOrigin::Next)
+                .map(|r| r.id.as_str())
+                .collect();
+            let ids = ids.join(",");
             lines.push(format!(
                 "{} chain {} {ids}",
                 fam.family.suffix(),
@@ -1316,6 +1552,12 @@ pub fn compile_node(
             name: p.name().to_string(),
             mode: p.mode(),
             hash: policy_hash(p.name(), [&ipv4, &ipv6], &sets),
+            cut_established: [Direction::Ingress, Direction::Egress]
+                .into_iter()
+                .filter(|d| {
+                    p.cuts_established() && p.mode() == PolicyMode::Enforce && p.rules(*d).is_some()
+                })
+                .collect(),
         })
         .collect();
 
@@ -1520,23 +1762,25 @@ mod tests {
         let facts = facts_min_failsafe();
         let rs = compile_node("web-1", &[validate(&web_policy()).unwrap()], &facts).unwrap();
         let chain = policy_chain_name("web", Direction::Ingress);
+        let cluster = format!("{SET_PREFIX}{}-4", short_hash(&["set", "failsafe:cluster"]));
         assert_eq!(
             chain,
             "PAL-I-".to_string() + &short_hash(&["chain", "web"])[..10]
         );
         let expected: Vec<String> = [
             "INPUT -> PALISADE-INPUT",
-            "PALISADE-INPUT: in=lo => accept [loopback]",
-            "PALISADE-INPUT: ct=ESTABLISHED,RELATED => accept [established]",
-            "PALISADE-INPUT: => jump PALISADE-FS-IN [failsafe]",
-            "PALISADE-INPUT: ct=INVALID => drop [invalid]",
-            &format!("PALISADE-INPUT: => jump {chain} [policy/web]"),
-            "PALISADE-INPUT: => drop [default-drop]",
-            "PALISADE-FS-IN: p=icmp icmp=3/4 => accept [failsafe/icmp]",
-            "PALISADE-FS-IN: p=tcp dport=10250-10250 => accept [failsafe/kubelet]",
-            &format!("{chain}: p=tcp dport=22-22 src=203.0.113.0/24 => accept [web/ingress/ssh]"),
-            &format!("{chain}: p=tcp dport=80-80 => accept [web/ingress/http]"),
-            &format!("{chain}: p=tcp dport=443-443 => accept [web/ingress/http]"),
+            "PALISADE-INPUT: in=lo => return [loopback]",
+            "PALISADE-INPUT: ct=ESTABLISHED,RELATED => return [established]",
+            "PALISADE-INPUT: => goto PALISADE-FS-IN [failsafe]",
+            "PALISADE-FS-IN: p=icmp icmp=3/4 => return [failsafe/icmp]",
+            &format!("PALISADE-FS-IN: p=tcp dport=10250-10250 src-set={cluster} => return [failsafe/kubelet]"),
+            "PALISADE-FS-IN: ct=INVALID => drop [invalid]",
+            &format!("PALISADE-FS-IN: => goto {chain} [next]"),
+            "PALISADE-END-IN: => drop [default-drop]",
+            &format!("{chain}: p=tcp dport=22-22 src=203.0.113.0/24 => return [web/ingress/ssh]"),
+            &format!("{chain}: p=tcp dport=80-80 => return [web/ingress/http]"),
+            &format!("{chain}: p=tcp dport=443-443 => return [web/ingress/http]"),
+            &format!("{chain}: => goto PALISADE-END-IN [next]"),
         ]
         .iter()
         .map(|s| s.to_string())
@@ -1545,10 +1789,12 @@ mod tests {
         // IPv6: only the web ports (::/0); SSH is IPv4-only.
         let v6 = render(&rs.ipv6);
         assert!(v6.contains(&format!(
-            "{chain}: p=tcp dport=80-80 => accept [web/ingress/http]"
+            "{chain}: p=tcp dport=80-80 => return [web/ingress/http]"
         )));
         assert!(!v6.iter().any(|l| l.contains("dport=22-22")));
-        assert!(rs.sets.is_empty());
+        // One set: the failsafe's cluster scope (every node's address).
+        assert_eq!(rs.sets.len(), 2, "{:?}", rs.sets);
+        assert!(rs.sets.iter().all(|s| s.owner == "failsafe:cluster"));
         assert_eq!(rs.policies.len(), 1);
         assert!(
             rs.ipv4.chain(OUTPUT_CHAIN).is_none(),
@@ -1567,29 +1813,57 @@ mod tests {
             .collect();
         assert_eq!(
             lines,
-            [format!(
-                "{chain}: p=tcp dport=22-22 src=203.0.113.10/32 => accept [bastion/ingress/ssh-jump]"
-            )]
+            [
+                format!(
+                    "{chain}: p=tcp dport=22-22 src=203.0.113.10/32 => return [bastion/ingress/ssh-jump]"
+                ),
+                format!("{chain}: => goto PALISADE-END-IN [next]")
+            ]
         );
     }
 
     #[test]
-    fn audit_logs_and_accepts_and_keeps_invalid() {
+    fn audit_alone_allows_nothing_drops_nothing_and_counts() {
         let mut p = web_policy();
         p.spec.mode = PolicyMode::Audit;
         let rs = compile_node("web-1", &[validate(&p).unwrap()], &facts_min_failsafe()).unwrap();
-        let top: Vec<String> = render(&rs.ipv4)
-            .into_iter()
-            .filter(|l| l.starts_with("PALISADE-INPUT"))
+        let chain = policy_chain_name("web", Direction::Ingress);
+        let lines = render(&rs.ipv4);
+        // No drop anywhere, INVALID included; the end chain only jumps to
+        // the Audit policy's chain, whose rules return to it.
+        assert!(!lines.iter().any(|l| l.contains("=> drop")), "{lines:#?}");
+        let end: Vec<&String> = lines
+            .iter()
+            .filter(|l| l.starts_with("PALISADE-END-IN"))
             .collect();
         assert_eq!(
-            &top[top.len() - 2..],
+            end,
+            [&format!("PALISADE-END-IN: => jump {chain} [policy/web]")]
+        );
+        let own: Vec<&String> = lines.iter().filter(|l| l.starts_with(&chain)).collect();
+        assert_eq!(
+            &own[own.len() - 2..],
             [
-                "PALISADE-INPUT: => log \"palisade-audit-in: \" 10/second burst 20 [audit]",
-                "PALISADE-INPUT: => accept [audit]",
+                &format!("{chain}: => log \"pal-audit:web \" 10/second burst 20 [audit/web]"),
+                &format!("{chain}: => count [audit/web]"),
             ]
         );
-        assert!(!top.iter().any(|l| l.contains("INVALID")));
+        assert!(own[..own.len() - 2].iter().all(|l| l.contains("=> return")));
+        assert!(lines.contains(&"PALISADE-FS-IN: => goto PALISADE-END-IN [next]".to_string()));
+    }
+
+    #[test]
+    fn accept_mode_accepts_only_where_an_enforce_policy_governs() {
+        let mut facts = facts_min_failsafe();
+        facts.allow = AllowVerdict::Accept;
+        let mut audit = web_policy();
+        audit.spec.mode = PolicyMode::Audit;
+        let rs = compile_node("web-1", &[validate(&audit).unwrap()], &facts).unwrap();
+        assert!(!render(&rs.ipv4).iter().any(|l| l.contains("=> accept")));
+        let rs = compile_node("web-1", &[validate(&web_policy()).unwrap()], &facts).unwrap();
+        let lines = render(&rs.ipv4);
+        assert!(lines.contains(&"PALISADE-INPUT: in=lo => accept [loopback]".to_string()));
+        assert!(!lines.iter().any(|l| l.contains("=> return")), "{lines:#?}");
     }
 
     #[test]
@@ -1611,15 +1885,24 @@ mod tests {
             &facts_min_failsafe(),
         )
         .unwrap();
-        let top = rs.ipv4.chain(INPUT_CHAIN).unwrap();
-        assert_eq!(top.rules.last().unwrap().action, NodeAction::Drop);
-        let jumps: Vec<String> = top
+        let end = rs.ipv4.chain(END_IN_CHAIN).unwrap();
+        assert_eq!(end.rules.last().unwrap().action, NodeAction::Drop);
+        // Only the Audit policy is jumped to from the end chain; the Enforce
+        // one is on the allow path, after the failsafe.
+        let jumps: Vec<String> = end
             .rules
             .iter()
             .map(|r| r.origin.to_string())
             .filter(|o| o.starts_with("policy/"))
             .collect();
-        assert_eq!(jumps, ["policy/a-audit", "policy/b-enforce"]);
+        assert_eq!(jumps, ["policy/a-audit"]);
+        let fs = rs.ipv4.chain(FAILSAFE_IN_CHAIN).unwrap();
+        assert_eq!(
+            fs.rules.last().unwrap().action,
+            NodeAction::Goto {
+                chain: policy_chain_name("b-enforce", Direction::Ingress)
+            }
+        );
     }
 
     #[test]
@@ -1630,6 +1913,7 @@ mod tests {
             Some(vec![rule("dns", Protocol::Udp, &[53], &["10.0.0.2/32"])]),
         );
         p.spec.ingress = None;
+        p.spec.policy_types = vec![crate::api::PolicyType::Egress];
         let rs = compile_node("web-1", &[validate(&p).unwrap()], &facts_with_nodes()).unwrap();
         assert_eq!(
             rs.ipv4.hooks,
@@ -1643,7 +1927,7 @@ mod tests {
             "ingress is not spoken for"
         );
         let lines = render(&rs.ipv4);
-        assert!(lines.contains(&"PALISADE-OUTPUT: out=lo => accept [loopback]".to_string()));
+        assert!(lines.contains(&"PALISADE-OUTPUT: out=lo => return [loopback]".to_string()));
         assert!(
             lines
                 .iter()
@@ -1693,6 +1977,9 @@ mod tests {
             ("sg:sg-0123456789abcdef0".to_string(), IpFamily::V6, 0),
             ("nodes:role=db".to_string(), IpFamily::V4, 1),
             ("nodes:role=db".to_string(), IpFamily::V6, 1),
+            // The failsafe's cluster scope: both nodes, each family.
+            ("failsafe:cluster".to_string(), IpFamily::V4, 2),
+            ("failsafe:cluster".to_string(), IpFamily::V6, 2),
         ];
         let mut got = owners.clone();
         got.sort();
@@ -1757,7 +2044,8 @@ mod tests {
             .ipv4
             .chain(&policy_chain_name(name, Direction::Ingress))
             .unwrap();
-        assert_eq!(chain.rules.len(), 2);
+        // The LOG, the allow, then the goto to the end chain.
+        assert_eq!(chain.rules.len(), 3);
         let NodeAction::Log { prefix, .. } = &chain.rules[0].action else {
             panic!("log first")
         };
@@ -1767,8 +2055,12 @@ mod tests {
                 && prefix.ends_with(' '),
             "{prefix:?}"
         );
-        let NodeAction::AcceptUnderLimit { limit } = &chain.rules[1].action else {
-            panic!("then accept")
+        let NodeAction::AllowUnderLimit {
+            limit,
+            allow: AllowVerdict::Return,
+        } = &chain.rules[1].action
+        else {
+            panic!("then allow, handing back to the host")
         };
         assert_eq!(
             (limit.count, limit.per, limit.burst, limit.per_address),
@@ -1842,13 +2134,13 @@ mod tests {
             &facts_with_nodes(),
         )
         .unwrap();
-        assert!(
-            rs.ipv4
-                .chain(&policy_chain_name("p", Direction::Ingress))
-                .unwrap()
-                .rules
-                .is_empty()
-        );
+        // Only the goto to the end chain: no rule of its own.
+        let chain = rs
+            .ipv4
+            .chain(&policy_chain_name("p", Direction::Ingress))
+            .unwrap();
+        assert_eq!(chain.rules.len(), 1);
+        assert_eq!(chain.rules[0].origin, RuleOrigin::Next);
     }
 
     #[test]

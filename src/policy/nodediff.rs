@@ -253,7 +253,7 @@ mod tests {
 
     use super::*;
     use crate::api::Protocol;
-    use crate::policy::node::{INPUT_CHAIN, compile_node, policy_chain_name};
+    use crate::policy::node::{FAILSAFE_IN_CHAIN, INPUT_CHAIN, compile_node, policy_chain_name};
     use crate::policy::testing::*;
     use crate::policy::{Direction, validate};
 
@@ -266,7 +266,8 @@ mod tests {
     fn fresh_node_gets_everything_then_nothing() {
         let desired = ruleset(&[web_policy()]);
         let diff = diff_node(&NodeState::default(), &desired);
-        assert_eq!(diff.ipv4.write_chains.len(), 3);
+        // Top, failsafe, end, the policy's.
+        assert_eq!(diff.ipv4.write_chains.len(), 4);
         assert_eq!(diff.ipv4.add_hooks, desired.ipv4.hooks);
         let mut state = NodeState::default();
         state.apply(&diff);
@@ -296,7 +297,8 @@ mod tests {
         let mut r = rule("db", Protocol::Tcp, &[5432], &[]);
         r.peers.push(node_peer(&[("role", "db")]));
         let before = ruleset(&[web_policy(), policy("db", vec![r], None)]);
-        assert_eq!(before.sets.len(), 2);
+        // nodes:role=db and failsafe:cluster, each family.
+        assert_eq!(before.sets.len(), 4);
         let after = ruleset(&[web_policy()]);
         let diff = diff_node(&NodeState::of(&before), &after);
         assert_eq!(
@@ -309,13 +311,14 @@ mod tests {
                 .iter()
                 .map(|c| c.name.as_str())
                 .collect::<Vec<_>>(),
-            [INPUT_CHAIN]
+            // The failsafe chain's goto now names the web policy's chain.
+            [FAILSAFE_IN_CHAIN]
         );
         assert_eq!(diff.destroy_sets.len(), 2);
         let nothing = ruleset(&[]);
         let diff = diff_node(&NodeState::of(&after), &nothing);
         assert_eq!(diff.ipv4.remove_hooks, after.ipv4.hooks);
-        assert_eq!(diff.ipv4.delete_chains.len(), 3);
+        assert_eq!(diff.ipv4.delete_chains.len(), 4);
     }
 
     #[test]

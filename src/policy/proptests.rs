@@ -21,13 +21,14 @@ use proptest::prelude::*;
 use proptest::sample::select;
 
 use super::eval::{NodeVerdict, Probe, ProbeProtocol, cloud_permits, node_verdict};
-use super::facts::{Facts, NodeFacts, PrefixListFacts, SgQuota};
+use super::facts::{Facts, FailsafeScope, NodeFacts, PrefixListFacts, SgQuota};
 use super::node::{is_palisade_chain, is_palisade_set, normalize_set_entries};
 use super::testing::node;
 use super::*;
 use crate::api::{
     FirewallPolicy, FirewallPolicySpec, FirewallRule, IcmpMatch, Layer, NodeSelector,
-    NodeSelectorRequirement, Peer, PolicyMode, PortRange, Protocol, RateLimit, RatePeriod,
+    NodeSelectorRequirement, Peer, PolicyMode, PolicyType, PortRange, Protocol, RateLimit,
+    RatePeriod,
 };
 
 // ---------------------------------------------------------------- facts
@@ -87,6 +88,10 @@ fn facts() -> Facts {
     .iter()
     .map(|s| s.parse().unwrap())
     .collect();
+    // The failsafe's scopes: some probe addresses are in them, most not.
+    f.failsafe.cluster_cidrs = vec!["10.1.2.0/24".parse().unwrap()];
+    f.api_servers = vec!["10.0.0.200".parse().unwrap()];
+    f.nameservers = vec!["192.0.2.200".parse().unwrap(), "fd00::5".parse().unwrap()];
     f
 }
 
@@ -311,6 +316,14 @@ fn arb_spec() -> impl Strategy<Value = FirewallPolicySpec> {
             FirewallPolicySpec {
                 node_selector,
                 mode,
+                policy_types: [
+                    ingress.is_some().then_some(PolicyType::Ingress),
+                    egress.is_some().then_some(PolicyType::Egress),
+                ]
+                .into_iter()
+                .flatten()
+                .collect(),
+                existing_connections: Default::default(),
                 ingress: ingress.map(|r| named(r, "in")),
                 egress: egress.map(|r| named(r, "out")),
                 security_group: None,
@@ -350,7 +363,9 @@ fn arb_probe() -> impl Strategy<Value = Probe> {
         "fd00::5",
         "2001:db8:9::1",
     ];
-    let ports = vec![22u16, 80, 443, 8085, 8095, 53, 10250, 68, 67, 1, 65535];
+    let ports = vec![
+        22u16, 80, 443, 8085, 8095, 53, 10250, 68, 67, 1, 65535, 6443, 123, 9901,
+    ];
     let addr = prop_oneof![
         select(v4).prop_map(|a| a.parse::<IpAddr>().unwrap()),
         select(v6).prop_map(|a| a.parse::<IpAddr>().unwrap()),
@@ -476,11 +491,15 @@ fn traffic_matches(rule: &FirewallRule, probe: &ProbeProtocol) -> bool {
     }
 }
 
+/// The rules of a direction the policy governs (`policyTypes`), possibly
+/// none; `None` when it does not govern it.
 fn rules_of(p: &FirewallPolicy, d: Direction) -> Option<&Vec<FirewallRule>> {
-    match d {
-        Direction::Ingress => p.spec.ingress.as_ref(),
-        Direction::Egress => p.spec.egress.as_ref(),
-    }
+    static NONE: Vec<FirewallRule> = Vec::new();
+    let (t, rules) = match d {
+        Direction::Ingress => (PolicyType::Ingress, p.spec.ingress.as_ref()),
+        Direction::Egress => (PolicyType::Egress, p.spec.egress.as_ref()),
+    };
+    p.spec.governs(t).then(|| rules.unwrap_or(&NONE))
 }
 
 fn rule_allows(rule: &FirewallRule, layer: Layer, probe: &Probe, facts: &Facts) -> bool {
@@ -509,11 +528,25 @@ fn failsafe_allows(facts: &Facts, probe: &Probe) -> bool {
         Direction::Ingress => &fs.inbound,
         Direction::Egress => &fs.outbound,
     };
+    // Who each scope is, read straight off the facts.
+    let in_scope = |scope: FailsafeScope| match scope {
+        FailsafeScope::Cluster => {
+            facts
+                .nodes
+                .iter()
+                .any(|n| n.addresses.contains(&probe.peer))
+                || fs.cluster_cidrs.iter().any(|c| c.contains(&probe.peer))
+        }
+        FailsafeScope::ApiServer => facts.api_servers.contains(&probe.peer),
+        FailsafeScope::Nameservers => facts.nameservers.contains(&probe.peer),
+    };
     let in_list = |proto: Protocol, port: u16| {
         list.iter().any(|e| {
             e.protocol == proto
                 && e.ports.port <= port
                 && port <= e.ports.end_port.unwrap_or(e.ports.port)
+                && (e.scopes().into_iter().any(in_scope)
+                    || e.cidrs.iter().any(|c| c.contains(&probe.peer)))
         })
     };
     let icmp = |l: &[IcmpMatch], t: u8, c: u8| {
@@ -552,8 +585,10 @@ fn spec_node(
     if failsafe_allows(facts, probe) {
         return NodeVerdict::Accept;
     }
+    // Audit policies allow nothing: only Enforce policies' rules count.
     let allowed = speakers
         .iter()
+        .filter(|p| p.spec.mode == PolicyMode::Enforce)
         .flat_map(|p| rules_of(p, probe.direction).into_iter().flatten())
         .any(|r| {
             rule_allows(r, Layer::Node, probe, facts)
@@ -583,6 +618,37 @@ proptest! {
     fn generated_policies_are_valid(policies in arb_policies()) {
         for p in &policies {
             prop_assert!(validate(p).is_ok(), "{:?}", validate(p).err());
+        }
+    }
+
+    #[test]
+    fn no_policy_cuts_the_failsafe_and_the_failsafe_opens_nothing_beyond_its_scope(
+        policies in arb_policies(),
+        probe in arb_probe(),
+    ) {
+        let f = facts();
+        let a = valid(&policies);
+        for n in &f.nodes {
+            let v = node_verdict(&compile_node(&n.name, &a, &f).unwrap(), &probe);
+            if failsafe_allows(&f, &probe) {
+                prop_assert!(matches!(v, NodeVerdict::Accept | NodeVerdict::NotFiltered), "{v:?}");
+            }
+            // Whatever Palisade allows, the failsafe or an Enforce rule
+            // allowed: an Audit policy never widens, the failsafe never
+            // reaches past its scope.
+            if v == NodeVerdict::Accept {
+                let enforce_allows = policies.iter().any(|p| {
+                    p.spec.mode == PolicyMode::Enforce
+                        && labels_match(p.spec.node_selector.as_ref(), &n.labels)
+                        && rules_of(p, probe.direction).is_some_and(|rules| {
+                            rules.iter().any(|r| {
+                                rule_allows(r, Layer::Node, &probe, &f)
+                                    && !(r.rate_limit.is_some() && probe.over_rate)
+                            })
+                        })
+                });
+                prop_assert!(failsafe_allows(&f, &probe) || enforce_allows, "{probe:?}");
+            }
         }
     }
 

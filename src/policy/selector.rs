@@ -103,6 +103,17 @@ impl Selector {
                 });
             }
         }
+        if selector
+            .match_labels
+            .as_ref()
+            .is_some_and(BTreeMap::is_empty)
+        {
+            errors.push(PolicyError::field(
+                format!("{path}.matchLabels"),
+                "matchLabels is empty",
+                "list the labels to match, or remove matchLabels (a label whose value was left null is pruned, which would widen the selector)",
+            ));
+        }
         for (key, value) in selector.match_labels.iter().flatten() {
             let at = format!("{path}.matchLabels[{key}]");
             check_key(key, &at, &mut errors);
@@ -272,11 +283,19 @@ fn check_key(key: &str, path: &str, errors: &mut Vec<PolicyError>) {
 }
 
 fn check_value(value: &str, path: &str, errors: &mut Vec<PolicyError>) {
-    if !(value.is_empty() || is_label_name(value)) {
+    if value.is_empty() {
+        // An unset Helm value renders as null, which the apiserver prunes
+        // to nothing: refused, so a blank never widens a selector.
+        errors.push(PolicyError::field(
+            path,
+            "the label value is empty",
+            "write the value (an empty or null value would widen the selector), or use matchExpressions with Exists",
+        ));
+    } else if !is_label_name(value) {
         errors.push(PolicyError::field(
             path,
             format!("{value:?} is not a label value"),
-            "write at most 63 letters, digits, '-', '_' or '.', starting and ending alphanumeric (or an empty value)",
+            "write at most 63 letters, digits, '-', '_' or '.', starting and ending alphanumeric",
         ));
     }
 }

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use crate::api::NodeSelector;
 
 use crate::api::{
-    FirewallPolicy, FirewallPolicySpec, FirewallRule, Layer, Peer, PortRange, Protocol,
+    FirewallPolicy, FirewallPolicySpec, FirewallRule, Layer, Peer, PolicyType, PortRange, Protocol,
 };
 
 use super::facts::{Facts, NodeFacts};
@@ -19,6 +19,11 @@ pub fn policy(
     FirewallPolicy::new(
         name,
         FirewallPolicySpec {
+            policy_types: if egress.is_some() {
+                vec![PolicyType::Ingress, PolicyType::Egress]
+            } else {
+                vec![PolicyType::Ingress]
+            },
             ingress: Some(ingress),
             egress,
             ..Default::default()

@@ -15,8 +15,9 @@ use ipnet::IpNet;
 use serde::Serialize;
 
 use crate::api::{
-    FirewallPolicy, FirewallRule, IcmpMatch, Layer, MAX_PEERS_PER_RULE, MAX_PORTS_PER_RULE,
-    MAX_RULES_PER_DIRECTION, Peer, PolicyMode, Protocol, RateLimit, SecurityGroupTarget,
+    ExistingConnections, FirewallPolicy, FirewallRule, ICMP_TYPE_ANY, IcmpMatch, Layer,
+    MAX_PEERS_PER_RULE, MAX_PORTS_PER_RULE, MAX_RULES_PER_DIRECTION, Peer, PolicyMode, PolicyType,
+    Protocol, RateLimit, SecurityGroupTarget,
 };
 
 use super::facts::{Facts, NodeFacts};
@@ -120,6 +121,7 @@ pub struct ValidPolicy {
     ingress: Option<Vec<ValidRule>>,
     egress: Option<Vec<ValidRule>>,
     security_group: Option<SecurityGroupTarget>,
+    cut_established: bool,
 }
 
 impl ValidPolicy {
@@ -135,7 +137,14 @@ impl ValidPolicy {
     pub fn selector(&self) -> &Selector {
         &self.selector
     }
-    /// The rules of one direction; `None` when the policy does not speak for it.
+    /// Whether narrowing this policy cuts established flows it no longer
+    /// allows (`existingConnections: Cut`).
+    pub fn cuts_established(&self) -> bool {
+        self.cut_established
+    }
+    /// The rules of one direction; `None` when the policy does not govern
+    /// it (`policyTypes` does not name it), possibly empty (deny-all) when
+    /// it does.
     pub fn rules(&self, direction: Direction) -> Option<&[ValidRule]> {
         match direction {
             Direction::Ingress => self.ingress.as_deref(),
@@ -195,12 +204,24 @@ pub fn validate(policy: &FirewallPolicy) -> Result<ValidPolicy, PolicyError> {
         ));
     }
     let spec = &policy.spec;
-    if spec.ingress.is_none() && spec.egress.is_none() {
+    if spec.policy_types.is_empty() {
         errors.push(PolicyError::field(
-            "spec",
-            "the policy lists neither ingress nor egress",
-            "add ingress or egress rules (an empty list denies that direction)",
+            "spec.policyTypes",
+            "the policy governs no direction",
+            "name Ingress, Egress or both in policyTypes (a direction named with no rules denies it)",
         ));
+    }
+    for (listed, direction, field) in [
+        (spec.ingress.is_some(), PolicyType::Ingress, "spec.ingress"),
+        (spec.egress.is_some(), PolicyType::Egress, "spec.egress"),
+    ] {
+        if listed && !spec.governs(direction) {
+            errors.push(PolicyError::field(
+                field,
+                format!("{field} rules are listed but policyTypes does not name {direction:?}"),
+                format!("add {direction:?} to spec.policyTypes, or remove {field}"),
+            ));
+        }
     }
     let selector = match &spec.node_selector {
         Some(sel) => Selector::parse(sel, "spec.nodeSelector").unwrap_or_else(|errs| {
@@ -209,14 +230,20 @@ pub fn validate(policy: &FirewallPolicy) -> Result<ValidPolicy, PolicyError> {
         }),
         None => Selector::everything(),
     };
-    let ingress = spec
-        .ingress
-        .as_ref()
-        .map(|rules| validate_rules(rules, "spec.ingress", &mut errors));
-    let egress = spec
-        .egress
-        .as_ref()
-        .map(|rules| validate_rules(rules, "spec.egress", &mut errors));
+    let ingress = spec.governs(PolicyType::Ingress).then(|| {
+        validate_rules(
+            spec.ingress.as_deref().unwrap_or_default(),
+            "spec.ingress",
+            &mut errors,
+        )
+    });
+    let egress = spec.governs(PolicyType::Egress).then(|| {
+        validate_rules(
+            spec.egress.as_deref().unwrap_or_default(),
+            "spec.egress",
+            &mut errors,
+        )
+    });
     if let Some(sg) = &spec.security_group {
         validate_target(sg, &mut errors);
     }
@@ -228,6 +255,7 @@ pub fn validate(policy: &FirewallPolicy) -> Result<ValidPolicy, PolicyError> {
             ingress,
             egress,
             security_group: spec.security_group.clone(),
+            cut_established: spec.existing_connections == ExistingConnections::Cut,
         })
     } else {
         let policy = if name.is_empty() {
@@ -371,6 +399,13 @@ fn validate_rule(
         ports.dedup();
     }
 
+    if rule.icmp.is_some_and(|m| m.icmp_type == ICMP_TYPE_ANY) {
+        errors.push(PolicyError::field(
+            format!("{at}.icmp.type"),
+            "ICMP type 255 is iptables' wildcard: it would allow every ICMP type",
+            "name the type to allow (0-254), or leave icmp out to allow every type on purpose",
+        ));
+    }
     if rule.icmp.is_some() && !matches!(rule.protocol, Protocol::Icmp | Protocol::Icmpv6) {
         errors.push(PolicyError::field(
             format!("{at}.icmp"),
@@ -818,7 +853,21 @@ mod tests {
         let ps = problems(&p);
         assert_eq!(ps.len(), 3, "{ps:#?}");
         assert!(ps[0].starts_with("metadata.name:"));
-        assert!(ps[1].starts_with("spec: the policy lists neither ingress nor egress"));
+        // Rules for a direction policyTypes does not name are refused too.
+        let mut q = p.clone();
+        q.metadata.name = Some("q".into());
+        q.spec.security_group = None;
+        q.spec.policy_types = vec![PolicyType::Ingress];
+        q.spec.egress = Some(vec![]);
+        let qs = problems(&q);
+        assert_eq!(qs.len(), 1, "{qs:#?}");
+        assert!(
+            qs[0].starts_with(
+                "spec.egress: spec.egress rules are listed but policyTypes does not name Egress"
+            ),
+            "{qs:#?}"
+        );
+        assert!(ps[1].starts_with("spec.policyTypes: the policy governs no direction"));
         assert!(
             ps[2].starts_with(
                 "spec.securityGroup.name: name only applies to a group Palisade creates"

@@ -44,6 +44,7 @@
 
 mod cloud;
 mod control_plane;
+mod dataplane_node;
 mod env;
 pub mod fault_proxy;
 pub mod gitops;
@@ -57,6 +58,7 @@ mod process;
 pub mod reaper;
 
 pub use cloud::{AVAILABILITY_ZONE, SimCloud, VPC_CIDR};
+pub use dataplane_node::DataplaneNode;
 pub use env::{AWS_REGION, TestEnv, client_from_kubeconfig};
 pub use install::chart_dir;
 pub use net::{EchoListener, Reach, SimHost, SimNet};

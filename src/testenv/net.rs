@@ -531,6 +531,92 @@ impl SimHost {
         in_netns(&self.ns, || probe_udp(Some(src), target, timeout))
     }
 
+    /// A TCP connection from this host to `target`, kept open by the
+    /// caller (the socket lives in this host's namespace).
+    pub fn connect_tcp(
+        &self,
+        target: impl Into<SocketAddr>,
+        timeout: Duration,
+    ) -> Result<TcpStream> {
+        let target = target.into();
+        in_netns(&self.ns, || {
+            let socket = Socket::new(Domain::for_address(target), Type::STREAM, None)?;
+            socket.connect_timeout(&target.into(), timeout)?;
+            Ok(socket.into())
+        })
+    }
+
+    /// Whether an ICMP (IPv4) or ICMPv6 message of `icmp_type`/`code`, sent
+    /// by `from` to `to` (one of this host's addresses), reaches this host's
+    /// ICMP layer (a raw socket here, which sees what INPUT let through)
+    /// within `timeout`. The message carries a nonce, so only this probe
+    /// counts.
+    pub fn icmp_arrives(
+        &self,
+        from: &SimHost,
+        to: IpAddr,
+        icmp_type: u8,
+        code: u8,
+        timeout: Duration,
+    ) -> Result<bool> {
+        let (domain, protocol) = match to {
+            IpAddr::V4(_) => (Domain::IPV4, socket2::Protocol::ICMPV4),
+            IpAddr::V6(_) => (Domain::IPV6, socket2::Protocol::ICMPV6),
+        };
+        let rx = in_netns(&self.ns, || Socket::new(domain, Type::RAW, Some(protocol)))?;
+        let payload = nonce();
+        // A fresh identifier per probe: conntrack tracks ICMP requests by
+        // (type, code, id), and an earlier probe's flow must not make this
+        // one ESTABLISHED.
+        static ICMP_ID: AtomicU64 = AtomicU64::new(1);
+        let id = (ICMP_ID.fetch_add(1, Ordering::Relaxed) as u16).to_be_bytes();
+        let mut msg = vec![icmp_type, code, 0, 0, id[0], id[1], 0, 1];
+        msg.extend_from_slice(&payload);
+        if to.is_ipv4() {
+            // ICMPv6's checksum is the kernel's; ICMP's is ours.
+            let sum = checksum(&msg);
+            msg[2..4].copy_from_slice(&sum.to_be_bytes());
+        }
+        in_netns(&from.ns, || {
+            let tx = Socket::new(domain, Type::RAW, Some(protocol))?;
+            tx.send_to(&msg, &SockAddr::from(SocketAddr::new(to, 0)))
+        })?;
+        let deadline = Instant::now() + timeout;
+        let mut buf = [0u8; 2048];
+        let mut rx = rx;
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            rx.set_read_timeout(Some(left.max(Duration::from_millis(1))))
+                .map_err(Error::io("raw socket timeout"))?;
+            let n = match rx.read(&mut buf) {
+                Ok(n) => n,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    break;
+                }
+                Err(e) => return Err(Error::io("reading the raw socket")(e)),
+            };
+            // IPv4 raw sockets deliver the IP header too.
+            let icmp = match to {
+                IpAddr::V4(_) => buf
+                    .get(usize::from(buf[0] & 0x0f) * 4..n)
+                    .unwrap_or_default(),
+                IpAddr::V6(_) => &buf[..n],
+            };
+            if icmp.len() >= 8 + payload.len()
+                && icmp[0] == icmp_type
+                && icmp[1] == code
+                && icmp[8..8 + payload.len()] == payload[..]
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     /// Makes `127.0.0.1:port` inside the namespace forward to `127.0.0.1:port`
     /// of the test process's namespace, so a process in the host (an agent)
     /// reaches the apiserver or moto with the same URL and kubeconfig as the
@@ -600,9 +686,13 @@ fn tcp_echo(listener: &TcpListener, stop: &AtomicBool) {
                 std::thread::spawn(move || {
                     let _ = stream.set_nonblocking(false);
                     let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+                    // Echo until the peer closes (or 5 s of silence), so a
+                    // long-lived connection can be checked again later.
                     let mut buf = [0u8; 512];
-                    if let Ok(n) = stream.read(&mut buf) {
-                        let _ = stream.write_all(&buf[..n]);
+                    while let Ok(n) = stream.read(&mut buf) {
+                        if n == 0 || stream.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
                     }
                 });
             }
@@ -675,4 +765,16 @@ fn forward(listener: &TcpListener, port: u16, stop: &AtomicBool, conns: &Mutex<V
 fn pipe(mut from: TcpStream, mut to: TcpStream) {
     let _ = std::io::copy(&mut from, &mut to);
     let _ = to.shutdown(Shutdown::Write);
+}
+
+/// The Internet checksum (RFC 1071) of `data`.
+fn checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = data
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], c.get(1).copied().unwrap_or(0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
 }

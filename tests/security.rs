@@ -1,0 +1,513 @@
+//! The security contract of the node layer, with real packets between
+//! network namespaces made here (nothing on the test machine changes):
+//! Palisade never admits what the host's own firewall drops, Audit changes
+//! no verdict, the failsafe opens nothing beyond its scope, ICMP rules
+//! match exactly the type written, and `existingConnections: Cut` cuts.
+#![allow(clippy::unwrap_used)]
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use palisade::api::{FirewallPolicy, PolicyMode};
+use palisade::node::conntrack;
+use palisade::policy::node::{NodeAction, RuleOrigin};
+use palisade::policy::{Direction, NodeFacts, NodeRuleset};
+use palisade::testenv::{DataplaneNode, Reach, SimHost, SimNet};
+
+const OPEN: Duration = Duration::from_secs(2);
+const DROP: Duration = Duration::from_millis(500);
+
+fn policy(yaml: &str) -> FirewallPolicy {
+    serde_yaml::from_str(yaml).unwrap()
+}
+
+fn spec(name: &str, mode: &str, body: &str) -> FirewallPolicy {
+    policy(&format!(
+        "apiVersion: palisade.dev/v1alpha1\nkind: FirewallPolicy\nmetadata:\n  name: {name}\nspec:\n  mode: {mode}\n{body}"
+    ))
+}
+
+/// What one probe is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Proto {
+    Tcp(u16),
+    Udp(u16),
+    /// ICMP echo request (ICMPv6 for IPv6 targets).
+    Echo,
+}
+
+/// Whether `proto` from `from` reaches `to` (the listeners are up).
+fn reaches(host: &SimHost, from: &SimHost, to: IpAddr, proto: Proto, expect_open: bool) -> bool {
+    let timeout = if expect_open { OPEN } else { DROP };
+    match proto {
+        Proto::Tcp(port) => {
+            from.probe_tcp(SocketAddr::new(to, port), timeout).unwrap() == Reach::Open
+        }
+        Proto::Udp(port) => {
+            from.probe_udp(SocketAddr::new(to, port), timeout).unwrap() == Reach::Open
+        }
+        Proto::Echo => {
+            let t = if to.is_ipv4() { 8 } else { 128 };
+            host.icmp_arrives(from, to, t, 0, timeout).unwrap()
+        }
+    }
+}
+
+/// The host's own firewall: INPUT and OUTPUT policy DROP but for
+/// established flows, loopback and TCP 80, and in INPUT first a
+/// `KUBE-FIREWALL`-style chain dropping TCP 8443 from anywhere but
+/// loopback (as kube-proxy's localnet drop does for 127.0.0.0/8) ahead of
+/// the host's own allow of 8443; plus ICMPv6 (IPv6 needs neighbour
+/// discovery).
+fn host_firewall(host: &SimHost) {
+    for tool in ["iptables-nft", "ip6tables-nft"] {
+        let run = |args: &[&str]| {
+            let mut a = vec![tool];
+            a.extend_from_slice(args);
+            host.exec(&a).unwrap();
+        };
+        run(&["-N", "KUBE-FIREWALL"]);
+        run(&[
+            "-A",
+            "KUBE-FIREWALL",
+            "-p",
+            "tcp",
+            "--dport",
+            "8443",
+            "!",
+            "-i",
+            "lo",
+            "-j",
+            "DROP",
+        ]);
+        run(&["-A", "INPUT", "-j", "KUBE-FIREWALL"]);
+        for (chain, lo) in [("INPUT", "-i"), ("OUTPUT", "-o")] {
+            run(&[
+                "-A",
+                chain,
+                "-m",
+                "conntrack",
+                "--ctstate",
+                "ESTABLISHED,RELATED",
+                "-j",
+                "ACCEPT",
+            ]);
+            run(&["-A", chain, lo, "lo", "-j", "ACCEPT"]);
+            run(&["-A", chain, "-p", "tcp", "--dport", "80", "-j", "ACCEPT"]);
+            run(&["-A", chain, "-p", "tcp", "--dport", "8443", "-j", "ACCEPT"]);
+            if tool == "ip6tables-nft" {
+                run(&["-A", chain, "-p", "ipv6-icmp", "-j", "ACCEPT"]);
+            }
+            run(&["-P", chain, "DROP"]);
+        }
+    }
+}
+
+/// Allows TCP 80, 443, 8080, 8443, UDP 5353 and ICMP echo from anywhere.
+fn wide_open(name: &str, mode: &str) -> FirewallPolicy {
+    spec(
+        name,
+        mode,
+        "  policyTypes: [Ingress, Egress]
+  ingress:
+    - {name: web, protocol: TCP, ports: [{port: 80}, {port: 443}, {port: 8080}, {port: 8443}], peers: [{cidr: 0.0.0.0/0}, {cidr: '::/0'}]}
+    - {name: mdns, protocol: UDP, ports: [{port: 5353}], peers: [{cidr: 0.0.0.0/0}, {cidr: '::/0'}]}
+    - {name: ping, protocol: ICMP, icmp: {type: 8}, peers: [{cidr: 0.0.0.0/0}]}
+    - {name: ping6, protocol: ICMPv6, icmp: {type: 128}, peers: [{cidr: '::/0'}]}
+  egress:
+    - {name: web, protocol: TCP, ports: [{port: 80}, {port: 443}, {port: 8080}, {port: 8443}], peers: [{cidr: 0.0.0.0/0}, {cidr: '::/0'}]}
+    - {name: mdns, protocol: UDP, ports: [{port: 5353}], peers: [{cidr: 0.0.0.0/0}, {cidr: '::/0'}]}
+",
+    )
+}
+
+const PROBES: [Proto; 7] = [
+    Proto::Tcp(80),
+    Proto::Tcp(8080),
+    Proto::Tcp(8443),
+    Proto::Tcp(10250),
+    Proto::Udp(5353),
+    Proto::Udp(4789),
+    Proto::Echo,
+];
+
+/// Every probe of the matrix, run at once (each has its own socket and
+/// nonce): (direction, family, peer, protocol) → open.
+fn matrix(node: &DataplaneNode, peers: &[&SimHost]) -> Vec<(String, bool)> {
+    let mut cases = Vec::new();
+    for peer in peers {
+        for (to_node, to_peer) in [
+            (IpAddr::V4(node.host.ipv4()), IpAddr::V4(peer.ipv4())),
+            (IpAddr::V6(node.host.ipv6()), IpAddr::V6(peer.ipv6())),
+        ] {
+            for proto in PROBES {
+                cases.push((
+                    format!("in {proto:?} {} -> {to_node}", peer.name()),
+                    &node.host,
+                    *peer,
+                    to_node,
+                    proto,
+                ));
+                if proto != Proto::Echo {
+                    cases.push((
+                        format!("out {proto:?} -> {to_peer}"),
+                        *peer,
+                        &node.host,
+                        to_peer,
+                        proto,
+                    ));
+                }
+            }
+        }
+    }
+    std::thread::scope(|s| {
+        let handles: Vec<_> = cases
+            .into_iter()
+            .map(|(label, host, from, to, proto)| {
+                s.spawn(move || (label, reaches(host, from, to, proto, false)))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+fn listen_everywhere(hosts: &[&SimHost]) -> Vec<palisade::testenv::EchoListener> {
+    let mut l = Vec::new();
+    for h in hosts {
+        for proto in PROBES {
+            match proto {
+                Proto::Tcp(p) => l.push(h.listen_tcp(p).unwrap()),
+                Proto::Udp(p) => l.push(h.listen_udp(p).unwrap()),
+                Proto::Echo => {}
+            }
+        }
+    }
+    l
+}
+
+#[test]
+fn palisade_never_admits_what_the_host_drops_and_audit_changes_no_verdict() {
+    let net = SimNet::new().unwrap();
+    let mut node = DataplaneNode::new(&net, "node", None).unwrap();
+    let member = net.add_host("member").unwrap();
+    let outsider = net.add_host("outsider").unwrap();
+    // The member is another node of the cluster: inside the failsafe's scope.
+    node.facts.nodes.push(NodeFacts {
+        name: "member".into(),
+        addresses: member.addresses(),
+        ..Default::default()
+    });
+    let _listeners = listen_everywhere(&[&node.host, &member, &outsider]);
+    host_firewall(&node.host);
+    let peers = [&member, &outsider];
+
+    let host_only = matrix(&node, &peers);
+    let mut sent = host_only.len();
+    let mut mismatches = Vec::new();
+    let mut check = |label: &str, got: &[(String, bool)], same: bool| {
+        for ((probe, host), (_, with)) in host_only.iter().zip(got) {
+            // Never more than the host allows; Audit alone: exactly it.
+            if (*with && !host) || (same && with != host) {
+                mismatches.push(format!(
+                    "{label}: {probe}: host {host}, with Palisade {with}"
+                ));
+            }
+        }
+    };
+    for (label, policies, same) in [
+        ("enforce", vec![wide_open("wide", "Enforce")], false),
+        ("audit", vec![wide_open("wide", "Audit")], true),
+        (
+            "audit+enforce",
+            vec![wide_open("a", "Audit"), wide_open("e", "Enforce")],
+            false,
+        ),
+    ] {
+        node.apply(&policies).unwrap();
+        let got = matrix(&node, &peers);
+        sent += got.len();
+        check(label, &got, same);
+        node.apply(&[]).unwrap();
+    }
+    println!("probes sent: {sent}, mismatches: {}", mismatches.len());
+    assert!(mismatches.is_empty(), "{}", mismatches.join("\n"));
+    // The host's rules decided: 80 in passes, 8443 (its KUBE-FIREWALL) does
+    // not, whatever the policy allowed.
+    node.apply(&[wide_open("wide", "Enforce")]).unwrap();
+    let to = |p| SocketAddr::new(IpAddr::V4(node.host.ipv4()), p);
+    assert_eq!(member.probe_tcp(to(80), OPEN).unwrap(), Reach::Open);
+    assert_eq!(member.probe_tcp(to(8443), DROP).unwrap(), Reach::TimedOut);
+}
+
+#[test]
+fn audit_with_enforce_gives_enforce_verdicts_and_counts_would_be_drops() {
+    let net = SimNet::new().unwrap();
+    let node = DataplaneNode::new(&net, "node", None).unwrap();
+    let peer = net.add_host("peer").unwrap();
+    let _l = [8080, 9090, 7070].map(|p| node.host.listen_tcp(p).unwrap());
+    let enforce = spec(
+        "enforced",
+        "Enforce",
+        "  policyTypes: [Ingress]\n  ingress:\n    - {name: web, protocol: TCP, ports: [{port: 8080}], peers: [{cidr: 0.0.0.0/0}]}\n",
+    );
+    let audit = spec(
+        "trial",
+        "Audit",
+        "  policyTypes: [Ingress]\n  ingress:\n    - {name: api, protocol: TCP, ports: [{port: 9090}], peers: [{cidr: 0.0.0.0/0}]}\n",
+    );
+    let both = node.apply(&[enforce.clone(), audit]).unwrap();
+    let alone = node.compile(&[enforce]).unwrap();
+    let to = |p| SocketAddr::new(IpAddr::V4(node.host.ipv4()), p);
+    for (port, open) in [(8080, true), (9090, false), (7070, false)] {
+        let verdict = palisade::policy::eval::node_verdict(
+            &alone,
+            &palisade::policy::eval::Probe {
+                direction: Direction::Ingress,
+                peer: IpAddr::V4(peer.ipv4()),
+                protocol: palisade::policy::eval::ProbeProtocol::Tcp { port },
+                over_rate: false,
+            },
+        );
+        let reach = peer
+            .probe_tcp(to(port), if open { OPEN } else { DROP })
+            .unwrap();
+        assert_eq!(reach.is_open(), open, "port {port}");
+        assert_eq!(
+            verdict == palisade::policy::eval::NodeVerdict::Accept,
+            open,
+            "Enforce alone agrees on {port}"
+        );
+    }
+    // 9090 is allowed by the Audit policy: not its would-be drop. 7070 is.
+    for _ in 0..3 {
+        peer.probe_tcp(to(7070), DROP).unwrap();
+    }
+    let counters = node.dataplane.read_counters().unwrap();
+    let would_drop: u64 = audit_rules(&both)
+        .iter()
+        .map(|id| counters.get(id).copied().unwrap_or(0))
+        .sum();
+    // SYN retries of the dropped connects count too: at least one per probe.
+    assert!(would_drop >= 4, "would-be drops counted: {would_drop}");
+}
+
+fn audit_rules(rs: &NodeRuleset) -> Vec<String> {
+    rs.ipv4
+        .chains
+        .iter()
+        .chain(&rs.ipv6.chains)
+        .flat_map(|c| &c.rules)
+        .filter(|r| {
+            matches!(r.origin, RuleOrigin::WouldDrop { .. }) && r.action == NodeAction::Count
+        })
+        .map(|r| r.id.clone())
+        .collect()
+}
+
+#[test]
+fn the_failsafe_admits_its_scope_and_nobody_else() {
+    let net = SimNet::new().unwrap();
+    let mut node = DataplaneNode::new(&net, "node", None).unwrap();
+    let member = net.add_host("member").unwrap();
+    let apiserver = net.add_host("apiserver").unwrap();
+    let dns = net.add_host("dns").unwrap();
+    let outsider = net.add_host("outsider").unwrap();
+    node.facts.nodes.push(NodeFacts {
+        name: "member".into(),
+        addresses: member.addresses(),
+        ..Default::default()
+    });
+    node.facts.api_servers = vec![IpAddr::V4(apiserver.ipv4())];
+    node.facts.nameservers = vec![IpAddr::V4(dns.ipv4())];
+    let _l = (
+        [10250, 9901].map(|p| node.host.listen_tcp(p).unwrap()),
+        node.host.listen_udp(4789).unwrap(),
+        [&member, &apiserver, &outsider].map(|h| h.listen_tcp(443).unwrap()),
+        [&member, &outsider].map(|h| h.listen_tcp(10250).unwrap()),
+        [&dns, &outsider].map(|h| h.listen_udp(53).unwrap()),
+    );
+    // Deny-all both ways: only the failsafe is left.
+    node.apply(&[spec(
+        "lockdown",
+        "Enforce",
+        "  policyTypes: [Ingress, Egress]\n",
+    )])
+    .unwrap();
+    let at = |h: &SimHost, p| SocketAddr::new(IpAddr::V4(h.ipv4()), p);
+    let tcp = |from: &SimHost, to, open| {
+        from.probe_tcp(to, if open { OPEN } else { DROP })
+            .unwrap()
+            .is_open()
+    };
+    let udp = |from: &SimHost, to, open| {
+        from.probe_udp(to, if open { OPEN } else { DROP })
+            .unwrap()
+            .is_open()
+    };
+    let cases = [
+        (
+            "kubelet from a node",
+            tcp(&member, at(&node.host, 10250), true),
+            true,
+        ),
+        (
+            "kubelet from outside",
+            tcp(&outsider, at(&node.host, 10250), false),
+            false,
+        ),
+        (
+            "agent metrics from a node",
+            tcp(&member, at(&node.host, 9901), true),
+            true,
+        ),
+        (
+            "agent metrics from outside",
+            tcp(&outsider, at(&node.host, 9901), false),
+            false,
+        ),
+        (
+            "vxlan from a node",
+            udp(&member, at(&node.host, 4789), true),
+            true,
+        ),
+        (
+            "vxlan from outside",
+            udp(&outsider, at(&node.host, 4789), false),
+            false,
+        ),
+        (
+            "443 to the API server",
+            tcp(&node.host, at(&apiserver, 443), true),
+            true,
+        ),
+        (
+            "443 to another node",
+            tcp(&node.host, at(&member, 443), false),
+            false,
+        ),
+        (
+            "443 to anywhere else",
+            tcp(&node.host, at(&outsider, 443), false),
+            false,
+        ),
+        (
+            "kubelet of another node",
+            tcp(&node.host, at(&member, 10250), true),
+            true,
+        ),
+        (
+            "10250 anywhere else",
+            tcp(&node.host, at(&outsider, 10250), false),
+            false,
+        ),
+        (
+            "DNS to the nameserver",
+            udp(&node.host, at(&dns, 53), true),
+            true,
+        ),
+        (
+            "DNS anywhere else",
+            udp(&node.host, at(&outsider, 53), false),
+            false,
+        ),
+    ];
+    let wrong: Vec<String> = cases
+        .iter()
+        .filter(|(_, got, want)| got != want)
+        .map(|(what, got, want)| format!("{what}: got {got}, want {want}"))
+        .collect();
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+#[test]
+fn icmp_rules_match_exactly_the_type_written() {
+    let net = SimNet::new().unwrap();
+    let node = DataplaneNode::new(&net, "node", None).unwrap();
+    let peer = net.add_host("peer").unwrap();
+    let v4 = IpAddr::V4(node.host.ipv4());
+    let v6 = IpAddr::V6(node.host.ipv6());
+    // The types conntrack lets start a flow (a request); every other type
+    // is INVALID to conntrack unless it is a reply or an error about a
+    // tracked flow, and the INVALID drop precedes every policy allow.
+    for (protocol, to, pairs) in [
+        ("ICMP", v4, vec![(8u8, 13u8), (13, 8), (15, 17), (17, 15)]),
+        ("ICMPv6", v6, vec![(128u8, 139u8), (139, 128)]),
+    ] {
+        for (t, other) in pairs {
+            let cidr = if to.is_ipv4() { "0.0.0.0/0" } else { "'::/0'" };
+            node.apply(&[spec(
+                "icmp",
+                "Enforce",
+                &format!(
+                    "  policyTypes: [Ingress]\n  ingress:\n    - {{name: t, protocol: {protocol}, icmp: {{type: {t}}}, peers: [{{cidr: {cidr}}}]}}\n"
+                ),
+            )])
+            .unwrap();
+            assert!(
+                node.host.icmp_arrives(&peer, to, t, 0, OPEN).unwrap(),
+                "{protocol} type {t} allowed"
+            );
+            assert!(
+                !node.host.icmp_arrives(&peer, to, other, 0, DROP).unwrap(),
+                "{protocol} type {other} dropped by a rule for type {t}"
+            );
+        }
+    }
+}
+
+/// A connection from `peer` to the node's echo server on 8080, checked
+/// with one round trip.
+fn round_trip(stream: &mut std::net::TcpStream, timeout: Duration) -> bool {
+    stream.set_read_timeout(Some(timeout)).unwrap();
+    let msg = b"still there?\n";
+    if stream.write_all(msg).is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 13];
+    stream.read_exact(&mut buf).is_ok() && &buf == msg
+}
+
+#[test]
+fn narrowing_cuts_established_flows_only_when_asked() {
+    for cut in [false, true] {
+        let net = SimNet::new().unwrap();
+        let node = DataplaneNode::new(&net, "node", None).unwrap();
+        let peer = net.add_host("peer").unwrap();
+        let _l = node.host.listen_tcp(8080).unwrap();
+        let mode = if cut { "Cut" } else { "Keep" };
+        let open = spec(
+            "web",
+            "Enforce",
+            &format!(
+                "  existingConnections: {mode}\n  policyTypes: [Ingress]\n  ingress:\n    - {{name: web, protocol: TCP, ports: [{{port: 8080}}], peers: [{{cidr: 0.0.0.0/0}}]}}\n"
+            ),
+        );
+        node.apply(&[open]).unwrap();
+        let to = SocketAddr::new(IpAddr::V4(node.host.ipv4()), 8080);
+        let mut stream = peer.connect_tcp(to, OPEN).unwrap();
+        assert!(round_trip(&mut stream, OPEN));
+        let narrow = spec(
+            "web",
+            "Enforce",
+            &format!("  existingConnections: {mode}\n  policyTypes: [Ingress]\n"),
+        );
+        let rs = node.apply(&[narrow]).unwrap();
+        let directions = rs
+            .policies
+            .iter()
+            .flat_map(|p| p.cut_established.clone())
+            .collect::<Vec<_>>();
+        let n = conntrack::cut_flows(&node.dataplane, &rs, &node.host.addresses(), &directions)
+            .unwrap();
+        assert_eq!(n, usize::from(cut), "flows cut with {mode}");
+        // New connections are refused either way; the open one lives on only with Keep.
+        assert_ne!(peer.probe_tcp(to, DROP).unwrap(), Reach::Open);
+        assert_eq!(
+            round_trip(&mut stream, Duration::from_secs(1)),
+            !cut,
+            "{mode}"
+        );
+        let _ = PolicyMode::Enforce;
+    }
+}
