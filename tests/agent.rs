@@ -277,7 +277,10 @@ async fn node_selector_peers_follow_other_nodes_labels() {
         .unwrap();
     let outsider = net.add_host("agent-sel-out").unwrap();
     let _l = app.host().listen_tcp(9090).unwrap();
-    let mut agent = start_agent_with(env, &app, &["--resync-seconds", "1"]);
+    // The controller's publisher of node addresses (FirewallPeerSlices):
+    // the agent watches those and never lists Nodes.
+    let publisher = tokio::spawn(palisade::controller::peers::publish(client.clone()));
+    let mut agent = start_agent_with(env, &app, &["--resync-seconds", "30"]);
     env.apply_yaml(
         "apiVersion: palisade.dev/v1alpha1\nkind: FirewallPolicy\nmetadata:\n  name: agent-sel\nspec:\n  policyTypes: [Ingress]\n  nodeSelector:\n    matchLabels: {role: sel-app}\n  ingress:\n    - name: from-clients\n      protocol: TCP\n      ports: [{port: 9090}]\n      peers:\n        - nodeSelector:\n            matchLabels: {role: sel-client}\n",
     )
@@ -286,8 +289,8 @@ async fn node_selector_peers_follow_other_nodes_labels() {
     wait_reported(&client, "agent-sel-app", &[("agent-sel", 1)]).await;
     assert_eq!(probe(client_node.host(), &app, 9090), Reach::Open);
     assert_eq!(probe(&outsider, &app, 9090), Reach::TimedOut);
-    // The client node stops being a client: its address leaves the set
-    // within a resync period.
+    // The client node stops being a client: its address leaves the set as
+    // soon as the published slice changes (the resync period is 30 s).
     Api::<Node>::all(client.clone())
         .patch(
             "agent-sel-client",
@@ -305,6 +308,7 @@ async fn node_selector_peers_follow_other_nodes_labels() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     println!("relabelled peer node dropped after {:?}", start.elapsed());
+    publisher.abort();
     Api::<FirewallPolicy>::all(client.clone())
         .delete("agent-sel", &DeleteParams::default())
         .await

@@ -75,7 +75,8 @@ async fn project_crds_install_and_are_served() {
         names,
         [
             "firewallpolicies.palisade.dev",
-            "firewallnodes.palisade.dev"
+            "firewallnodes.palisade.dev",
+            "firewallpeerslices.palisade.dev"
         ]
     );
     // Idempotent, and the kinds are usable right away.

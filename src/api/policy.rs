@@ -309,8 +309,11 @@ pub struct NodeSelector {
     /// value renders as null, and null is pruned) would otherwise widen
     /// the selector to every node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(extend("maxProperties" = 32, "minProperties" = 1))]
-    #[x_kube(validation = Rule::new("self.all(k, size(self[k]) > 0)").message("matchLabels values must not be empty: an empty or null value would widen the selector; write the value, or use matchExpressions with Exists"))]
+    #[schemars(extend(
+        "maxProperties" = 32,
+        "minProperties" = 1,
+        "additionalProperties" = {"type": "string", "minLength": 1, "maxLength": 63}
+    ))]
     pub match_labels: Option<BTreeMap<String, String>>,
     /// Requirements on node labels.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -321,7 +324,6 @@ pub struct NodeSelector {
 /// One requirement of a [`NodeSelector`].
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash, Default)]
 #[x_kube(validation = Rule::new("self.operator in ['In', 'NotIn'] ? (has(self.values) && size(self.values) > 0) : (!has(self.values) || size(self.values) == 0)").message("operators In and NotIn need at least one value; Exists and DoesNotExist take none"))]
-#[x_kube(validation = Rule::new("!has(self.values) || self.values.all(v, size(v) > 0)").message("matchExpressions values must not be empty: an empty or null value would change what the selector matches; write the value"))]
 #[serde(rename_all = "camelCase")]
 pub struct NodeSelectorRequirement {
     /// The label key.
@@ -330,9 +332,9 @@ pub struct NodeSelectorRequirement {
     /// `In`, `NotIn`, `Exists` or `DoesNotExist`.
     #[schemars(extend("enum" = ["In", "NotIn", "Exists", "DoesNotExist"]))]
     pub operator: String,
-    /// Values for `In` and `NotIn`.
+    /// Values for `In` and `NotIn`; none may be empty.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 64))]
+    #[schemars(length(max = 64), inner(length(min = 1, max = 63)))]
     pub values: Option<Vec<String>>,
 }
 

@@ -70,6 +70,14 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     telemetry::init_process();
     let args = Args::parse();
+    // The cluster name scopes every group the controller creates, finds and
+    // deletes (and the IAM policy's conditions): an empty one is refused
+    // rather than guessed.
+    if args.cluster_name.trim().is_empty() {
+        anyhow::bail!(
+            "--cluster-name (PALISADE_CLUSTER_NAME, the chart's clusterName) is empty: set it to the name the IAM policy was rendered with"
+        );
+    }
 
     let identity = args.identity.clone().unwrap_or_else(|| {
         std::fs::read_to_string("/etc/hostname")
