@@ -289,6 +289,29 @@ async fn node_selector_peers_follow_other_nodes_labels() {
     wait_reported(&client, "agent-sel-app", &[("agent-sel", 1)]).await;
     assert_eq!(probe(client_node.host(), &app, 9090), Reach::Open);
     assert_eq!(probe(&outsider, &app, 9090), Reach::TimedOut);
+    // A status-only write of the policy (what the controller does on every
+    // node count change) changes nothing the agent enforces: no sync.
+    let syncs = || {
+        http_get(&app, "/metrics")
+            .lines()
+            .find_map(|l| l.strip_prefix("palisade_agent_sync_duration_seconds_count "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap()
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = syncs();
+    for i in 0..5 {
+        Api::<FirewallPolicy>::all(client.clone())
+            .patch_status(
+                "agent-sel",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"status": {"warnings": [format!("status write {i}")]}})),
+            )
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(syncs(), before, "status-only writes woke the agent");
     // The client node stops being a client: its address leaves the set as
     // soon as the published slice changes (the resync period is 30 s).
     Api::<Node>::all(client.clone())

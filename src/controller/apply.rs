@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
@@ -122,6 +122,7 @@ pub async fn apply<E: Ec2>(
                             && c.reason == crate::api::conditions::reason::RETRYING
                     });
                 if retrying {
+                    ctx.metrics.observe_status(&policy.name_any(), &previous);
                     return Err(e);
                 }
                 CloudState::Retrying(e.to_string())
@@ -236,6 +237,7 @@ async fn apply_inner<E: Ec2>(policy: &FirewallPolicy, ctx: &Context<E>) -> Resul
             },
         );
         ctx.set_rules_managed();
+        ctx.metrics.synced(&name, SystemTime::now());
         Some(report.group)
     };
 
@@ -280,13 +282,15 @@ fn sync_inputs(policy: &FirewallPolicy, compiled: &CompiledPolicy, facts: &Facts
 }
 
 /// Writes `next` when it differs from `previous` (transition times
-/// aside). Returns whether it wrote.
+/// aside), and feeds the per-policy gauges from it either way. Returns
+/// whether it wrote.
 async fn write_status<E: Ec2>(
     policy: &FirewallPolicy,
     ctx: &Context<E>,
     previous: &FirewallPolicyStatus,
     next: FirewallPolicyStatus,
 ) -> Result<bool, Error> {
+    ctx.metrics.observe_status(&policy.name_any(), &next);
     let same = previous.observed_generation == next.observed_generation
         && previous.security_group == next.security_group
         && previous.nodes == next.nodes
@@ -854,6 +858,7 @@ pub async fn cleanup<E: Ec2>(
         lock(&ctx.memory).remove(&uid);
         ctx.set_rules_managed();
     }
+    ctx.metrics.forget_policy(&policy.name_any());
     Ok(Action::await_change())
 }
 

@@ -29,11 +29,12 @@
 //!
 //! # Reads from Kubernetes
 //!
-//! Each reconcile lists Nodes and FirewallNodes (consistent reads): a
-//! reconcile woken by a Node or agent change then always sees that change,
-//! which a second watch cache could lag behind. (With kube's
-//! `unstable-runtime-stream-control`, one Node watch could feed both the
-//! trigger and a cache.)
+//! Nodes and FirewallNodes come from one watch each ([`cache`]): listed once
+//! at start (and on a failover or an expired watch), then followed. The
+//! task that updates the cache is also what wakes policies (kube's
+//! `reconcile_on`), after the update, so a reconcile woken by a Node or
+//! agent change always sees that change; Node heartbeats change no fact
+//! Palisade uses and wake nothing. No reconcile lists anything.
 //!
 //! # Permissions
 //!
@@ -49,6 +50,7 @@
 //! `ModifySecurityGroupRules`, `ModifyNetworkInterfaceAttribute`.
 
 mod apply;
+pub mod cache;
 pub mod leader;
 pub mod metrics;
 pub mod peers;
@@ -59,12 +61,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Node;
-use kube::api::{Api, ListParams};
+use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
-use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 
@@ -289,6 +290,8 @@ pub struct Context<E: Ec2> {
     pub(crate) memory: Mutex<HashMap<String, SyncMemory>>,
     pub(crate) failures: Mutex<HashMap<String, u32>>,
     pub(crate) eni_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Nodes and agent reports, from watches.
+    pub cache: Arc<cache::ClusterCache>,
 }
 
 impl<E: Ec2> std::fmt::Debug for Context<E> {
@@ -332,25 +335,17 @@ impl<E: Ec2> Context<E> {
         }
     }
 
-    /// Every Node, read from the apiserver (a consistent read, so a
-    /// reconcile woken by a Node change sees that change).
+    /// Every Node's facts, by name, from the watch cache (once its initial
+    /// list is in: never a half view).
     pub(crate) async fn node_facts(&self) -> Result<Vec<NodeFacts>, Error> {
-        let nodes = Api::<Node>::all(self.client.clone())
-            .list(&ListParams::default())
-            .await
-            .map_err(Error::kube("listing Nodes"))?;
-        let mut nodes: Vec<NodeFacts> = nodes.items.iter().map(NodeFacts::from_node).collect();
-        nodes.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(nodes)
+        self.cache.ready().await;
+        Ok(self.cache.nodes())
     }
 
-    /// Every agent report, read from the apiserver.
+    /// Every agent report, from the watch cache.
     pub(crate) async fn reports(&self) -> Result<Vec<Arc<FirewallNode>>, Error> {
-        let reports = Api::<FirewallNode>::all(self.client.clone())
-            .list(&ListParams::default())
-            .await
-            .map_err(Error::kube("listing FirewallNodes"))?;
-        Ok(reports.items.into_iter().map(Arc::new).collect())
+        self.cache.ready().await;
+        Ok(self.cache.reports())
     }
 
     pub(crate) fn eni_lock(&self, eni: &str) -> Arc<tokio::sync::Mutex<()>> {
@@ -429,42 +424,6 @@ pub fn error_policy<E: Ec2>(
     Action::requeue(wait)
 }
 
-fn instance_of(node: &Node) -> Option<String> {
-    NodeFacts::from_node(node).instance_id().map(str::to_string)
-}
-
-/// The policies a Node change concerns: those selecting it, those whose
-/// group is attached to its instance, and those with node-selector peers.
-fn policies_for_node_change(
-    node: &Node,
-    policies: &Store<FirewallPolicy>,
-) -> Vec<ObjectRef<FirewallPolicy>> {
-    let facts = NodeFacts::from_node(node);
-    let instance = instance_of(node);
-    policies
-        .state()
-        .iter()
-        .filter(|p| {
-            let valid = crate::policy::validate(p);
-            let selects = valid.as_ref().map(|v| v.selects(&facts)).unwrap_or(true);
-            let attached = instance.as_ref().is_some_and(|i| {
-                p.status
-                    .as_ref()
-                    .and_then(|s| s.security_group.as_ref())
-                    .is_some_and(|g| g.attached_instances.contains(i))
-            });
-            let peers = [&p.spec.ingress, &p.spec.egress].iter().any(|rules| {
-                rules
-                    .iter()
-                    .flatten()
-                    .any(|r| r.peers.iter().any(|peer| peer.node_selector.is_some()))
-            });
-            selects || attached || peers
-        })
-        .map(|p| ObjectRef::from_obj(p.as_ref()))
-        .collect()
-}
-
 /// Builds the context: the Event recorder, metrics and settings.
 pub fn context<E: Ec2>(
     client: Client,
@@ -485,6 +444,7 @@ pub fn context<E: Ec2>(
         memory: Mutex::new(HashMap::new()),
         failures: Mutex::new(HashMap::new()),
         eni_locks: Mutex::new(HashMap::new()),
+        cache: Arc::default(),
     })
 }
 
@@ -495,50 +455,25 @@ pub async fn run<E: Ec2>(
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let client = ctx.client.clone();
+    let ctx_metrics = ctx.metrics.clone();
     let mut policy_watch = watcher::Config::default();
     if let Some(selector) = &ctx.config.policy_selector {
         policy_watch = policy_watch.labels(selector);
     }
-    // Node addresses for the agents' nodeSelector peers and failsafe,
-    // published while this instance leads.
-    let publisher = peers::publish(client.clone());
     let controller = Controller::new(Api::<FirewallPolicy>::all(client.clone()), policy_watch);
     let policies = controller.store();
-    let for_nodes = policies.clone();
-    let for_reports = policies.clone();
+    // Nodes and agent reports: one watch each, into the cache; the same
+    // task wakes the policies a change concerns, after the cache has it.
+    let (wake, woken) = futures::channel::mpsc::unbounded();
+    let follower = cache::follow(client.clone(), ctx.cache.clone(), policies.clone(), wake);
+    // Node addresses for the agents' nodeSelector peers and failsafe,
+    // published while this instance leads.
+    let publisher = peers::publish_from(client, ctx.cache.clone());
     let reconciles = controller
         .with_config(
             kube::runtime::controller::Config::default().concurrency(ctx.config.concurrency),
         )
-        .watches(
-            Api::<Node>::all(client.clone()),
-            watcher::Config::default(),
-            move |node| policies_for_node_change(&node, &for_nodes),
-        )
-        .watches(
-            Api::<FirewallNode>::all(client),
-            watcher::Config::default(),
-            move |report| {
-                let listed: BTreeSet<String> = report
-                    .status
-                    .iter()
-                    .flat_map(|s| s.policies.iter().map(|p| p.name.clone()))
-                    .collect();
-                // The policies it lists, and those still waiting on nodes.
-                for_reports
-                    .state()
-                    .iter()
-                    .filter(|p| {
-                        listed.contains(&p.name_any())
-                            || p.status
-                                .as_ref()
-                                .and_then(|s| s.nodes.as_ref())
-                                .is_none_or(|n| n.synced < n.selected)
-                    })
-                    .map(|p| ObjectRef::from_obj(p.as_ref()))
-                    .collect::<Vec<_>>()
-            },
-        )
+        .reconcile_on(woken)
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
@@ -546,10 +481,30 @@ pub async fn run<E: Ec2>(
                 tracing::debug!(error = %e, "reconcile trigger failed");
             }
         });
+    let pruner = prune_policy_series(ctx_metrics, policies);
     tokio::select! {
         _ = reconciles => {}
+        _ = follower => {}
         _ = publisher => {}
+        _ = pruner => {}
     }
+}
+
+/// Drops, once a minute, the metric series of policies gone from the watch
+/// cache without a cleanup (a finalizer removed by hand, a label moved out
+/// of `policySelector`), so a deleted policy never stays counted as
+/// stalled. Never completes.
+async fn prune_policy_series(metrics: Arc<Metrics>, policies: Store<FirewallPolicy>) {
+    if policies.wait_until_ready().await.is_ok() {
+        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let names: BTreeSet<String> = policies.state().iter().map(|p| p.name_any()).collect();
+            metrics.retain_policies(|p| names.contains(p));
+        }
+    }
+    std::future::pending::<()>().await;
 }
 
 #[cfg(test)]

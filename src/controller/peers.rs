@@ -18,10 +18,10 @@
 //!   agent receives that object alone.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
@@ -35,6 +35,7 @@ use crate::api::{
 use crate::policy::{Direction, NodeFacts, PeerRef, Selector, short_hash, validate};
 
 use super::MANAGER;
+use super::cache::ClusterCache;
 
 /// Slices to write and to delete.
 #[derive(Debug, Default)]
@@ -230,35 +231,17 @@ async fn write(api: &Api<FirewallPeerSlice>, plan: SlicePlan) -> Result<(), kube
     Ok(())
 }
 
-/// What the publisher knows: trimmed nodes, each policy's selectors, the
-/// slices that exist, and whether each initial list is in.
+/// What the publisher knows besides the nodes (which come from the
+/// controller's [`ClusterCache`]): each policy's selectors, the slices that
+/// exist, and whether each initial list is in.
 #[derive(Default)]
 struct Known {
-    nodes: BTreeMap<String, NodeFacts>,
     selectors: BTreeMap<String, BTreeMap<String, Selector>>,
     slices: BTreeMap<String, FirewallPeerSlice>,
-    ready: [bool; 3],
+    ready: [bool; 2],
 }
 
 impl Known {
-    /// Folds one event in; true when a published fact changed.
-    fn node(&mut self, event: watcher::Event<Node>) -> bool {
-        match event {
-            watcher::Event::Apply(n) | watcher::Event::InitApply(n) => {
-                let facts = NodeFacts::from_node(&n);
-                // Only what is published counts: heartbeats change nothing here.
-                let old = self.nodes.insert(facts.name.clone(), facts.clone());
-                old.as_ref() != Some(&facts)
-            }
-            watcher::Event::Delete(n) => self.nodes.remove(&n.name_any()).is_some(),
-            watcher::Event::Init => false,
-            watcher::Event::InitDone => {
-                self.ready[0] = true;
-                true
-            }
-        }
-    }
-
     fn policy(&mut self, event: watcher::Event<FirewallPolicy>) -> bool {
         match event {
             watcher::Event::Apply(p) | watcher::Event::InitApply(p) => {
@@ -270,7 +253,7 @@ impl Known {
             watcher::Event::Delete(p) => self.selectors.remove(&p.name_any()).is_some(),
             watcher::Event::Init => false,
             watcher::Event::InitDone => {
-                self.ready[1] = true;
+                self.ready[0] = true;
                 true
             }
         }
@@ -288,44 +271,56 @@ impl Known {
             }
             watcher::Event::Init => false,
             watcher::Event::InitDone => {
-                self.ready[2] = true;
+                self.ready[1] = true;
                 true
             }
         }
     }
 
-    fn plan(&self) -> SlicePlan {
+    fn plan(&self, nodes: &[NodeFacts]) -> SlicePlan {
         let mut selectors = BTreeMap::new();
         for s in self.selectors.values() {
             selectors.extend(s.iter().map(|(k, v)| (k.clone(), v.clone())));
         }
-        let nodes: Vec<NodeFacts> = self.nodes.values().cloned().collect();
         let existing: Vec<FirewallPeerSlice> = self.slices.values().cloned().collect();
-        plan_slices(&wanted(&selectors, &nodes), &existing)
+        plan_slices(&wanted(&selectors, nodes), &existing)
     }
 }
 
-/// Runs the publisher forever (the caller stops it with the controller).
+/// Runs a publisher with a node cache of its own (for a process that runs
+/// no controller, such as a test): forever.
 pub async fn publish(client: Client) {
+    let cache = Arc::new(ClusterCache::default());
+    let (wake, mut woken) = futures::channel::mpsc::unbounded();
+    let (policies, _writer) = kube::runtime::reflector::store();
+    let follower = super::cache::follow(client.clone(), cache.clone(), policies, wake);
+    let drain = async move { while woken.next().await.is_some() {} };
+    tokio::select! {
+        _ = follower => {}
+        _ = drain => {}
+        _ = publish_from(client, cache) => {}
+    }
+}
+
+/// Runs the publisher over the controller's `cache` forever (the caller
+/// stops it with the controller).
+pub async fn publish_from(client: Client, cache: Arc<ClusterCache>) {
     let api: Api<FirewallPeerSlice> = Api::all(client.clone());
-    let nodes =
-        watcher(Api::<Node>::all(client.clone()), watcher::Config::default()).default_backoff();
     let policies = watcher(
         Api::<FirewallPolicy>::all(client.clone()),
         watcher::Config::default(),
     )
     .default_backoff();
     let slices = watcher(api.clone(), watcher::Config::default()).default_backoff();
-    let mut nodes = std::pin::pin!(nodes);
     let mut policies = std::pin::pin!(policies);
     let mut slices = std::pin::pin!(slices);
     let mut known = Known::default();
     let mut dirty = false;
     loop {
         let changed = tokio::select! {
-            Some(e) = nodes.next() => e.map(|e| known.node(e)),
             Some(e) = policies.next() => e.map(|e| known.policy(e)),
             Some(e) = slices.next() => e.map(|e| known.slice(e)),
+            _ = cache.nodes_changed.notified() => Ok(true),
             // Let a burst of events settle into one plan.
             _ = tokio::time::sleep(Duration::from_millis(100)), if dirty => Ok(false),
             else => return,
@@ -342,11 +337,11 @@ pub async fn publish(client: Client) {
                 continue;
             }
         }
-        if !known.ready.iter().all(|r| *r) {
+        if !known.ready.iter().all(|r| *r) || !cache.is_ready() {
             continue;
         }
         dirty = false;
-        let plan = known.plan();
+        let plan = known.plan(&cache.nodes());
         if plan.apply.is_empty() && plan.delete.is_empty() {
             continue;
         }

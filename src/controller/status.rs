@@ -17,6 +17,57 @@ pub enum CloudState {
     Retrying(String),
 }
 
+/// Where a policy stands, read from its conditions as kstatus reads them:
+/// what `kubectl get fwp` shows and `palisade_controller_policies{state}`
+/// counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum PolicyState {
+    /// `Ready=True`: applied on both layers.
+    Ready,
+    /// Neither ready nor stalled: progressing, retrying, or not reconciled
+    /// yet.
+    Reconciling,
+    /// `Stalled=True`: no progress until the policy or its environment
+    /// changes.
+    Stalled,
+}
+
+impl PolicyState {
+    /// Every state, in label order.
+    pub const ALL: [PolicyState; 3] = [
+        PolicyState::Ready,
+        PolicyState::Reconciling,
+        PolicyState::Stalled,
+    ];
+
+    /// The state of a policy with these conditions. `Stalled` wins over
+    /// `Ready` (they never hold together in a status this controller
+    /// wrote); no conditions at all is `Reconciling`.
+    pub fn of(conditions: &[Condition]) -> PolicyState {
+        let holds = |t: &str| {
+            conditions
+                .iter()
+                .any(|c| c.type_ == t && c.status == "True")
+        };
+        if holds(conditions::STALLED) {
+            PolicyState::Stalled
+        } else if holds(conditions::READY) {
+            PolicyState::Ready
+        } else {
+            PolicyState::Reconciling
+        }
+    }
+
+    /// The metric label: `ready`, `reconciling` or `stalled`.
+    pub fn label(self) -> &'static str {
+        match self {
+            PolicyState::Ready => "ready",
+            PolicyState::Reconciling => "reconciling",
+            PolicyState::Stalled => "stalled",
+        }
+    }
+}
+
 /// Counts the selected nodes whose agent reports `policy` at its current
 /// generation (synced) or reports a failed last sync (failed).
 pub fn node_counts(
@@ -283,5 +334,30 @@ mod tests {
         assert_eq!(get(&c, "Stalled").status, "True");
         assert_eq!(get(&c, "Stalled").reason, "QuotaExceeded");
         assert_eq!(nodes_still_enforcing(&p, &reports), ["a", "b"]);
+    }
+
+    #[test]
+    fn policy_state_follows_the_conditions() {
+        let counts = |synced| NodeCounts {
+            selected: 2,
+            synced,
+            ..Default::default()
+        };
+        assert_eq!(PolicyState::of(&[]), PolicyState::Reconciling);
+        let ready = conditions(&[], 1, &CloudState::Synced, &counts(2));
+        assert_eq!(PolicyState::of(&ready), PolicyState::Ready);
+        let pending = conditions(&ready, 1, &CloudState::Synced, &counts(1));
+        assert_eq!(PolicyState::of(&pending), PolicyState::Reconciling);
+        let retrying = conditions(&[], 1, &CloudState::Retrying("x".into()), &counts(2));
+        assert_eq!(PolicyState::of(&retrying), PolicyState::Reconciling);
+        let stalled = conditions(
+            &[],
+            1,
+            &CloudState::Stalled("QuotaExceeded", "x".into()),
+            &counts(2),
+        );
+        assert_eq!(PolicyState::of(&stalled), PolicyState::Stalled);
+        let labels: Vec<_> = PolicyState::ALL.iter().map(|s| s.label()).collect();
+        assert_eq!(labels, ["ready", "reconciling", "stalled"]);
     }
 }

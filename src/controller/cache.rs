@@ -1,0 +1,446 @@
+//! The controller's view of the cluster: Nodes (trimmed to the facts
+//! Palisade uses) and the agents' FirewallNodes, kept by watches, and the
+//! reconcile triggers derived from them.
+//!
+//! Contract:
+//! - **No LIST per reconcile.** Each resource is listed once by its watch
+//!   (at start and after a failover or an expired watch), then followed by
+//!   events; a reconcile reads [`ClusterCache::nodes`] and
+//!   [`ClusterCache::reports`].
+//! - **Never older than the trigger.** A trigger for a policy is sent by the
+//!   task that updates the cache, after the update: a reconcile woken by a
+//!   Node or FirewallNode change always sees that change. Reconciles wait
+//!   for [`ClusterCache::ready`] (both initial lists in), so a restart never
+//!   plans with a half view (which could detach a group from nodes not yet
+//!   seen).
+//! - **Heartbeats wake nothing.** A Node is kept as [`NodeFacts`] (name,
+//!   labels, InternalIPs, providerID); an event that leaves those equal —
+//!   status conditions, images, resourceVersion — triggers no reconcile. A
+//!   Node change wakes the policies that select it before or after, that
+//!   match it as a peer before or after, or whose group is attached to its
+//!   instance. A FirewallNode wakes the policies it lists (before or after)
+//!   and those still waiting on nodes.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, RwLock};
+
+use futures::StreamExt;
+use futures::channel::mpsc::UnboundedSender;
+use k8s_openapi::api::core::v1::Node;
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, ResourceExt};
+use tokio::sync::{Notify, watch};
+use tracing::warn;
+
+use crate::api::{FirewallNode, FirewallPolicy};
+use crate::policy::{NodeFacts, PeerRef, Selector, validate};
+
+/// Nodes and agent reports, as the watches last delivered them.
+#[derive(Debug)]
+pub struct ClusterCache {
+    nodes: RwLock<Table<NodeFacts>>,
+    reports: RwLock<Table<Arc<FirewallNode>>>,
+    ready: watch::Sender<[bool; 2]>,
+    /// Woken when a node fact changes (the peer-slice publisher waits on it).
+    pub(crate) nodes_changed: Notify,
+}
+
+impl Default for ClusterCache {
+    fn default() -> Self {
+        ClusterCache {
+            nodes: RwLock::default(),
+            reports: RwLock::default(),
+            ready: watch::channel([false; 2]).0,
+            nodes_changed: Notify::new(),
+        }
+    }
+}
+
+/// One resource's objects, and during a (re-)list the names seen so far:
+/// when the list is done, objects it did not deliver are gone.
+#[derive(Debug)]
+struct Table<T> {
+    items: BTreeMap<String, T>,
+    listing: Option<BTreeSet<String>>,
+}
+
+impl<T> Default for Table<T> {
+    fn default() -> Self {
+        Table {
+            items: BTreeMap::new(),
+            listing: None,
+        }
+    }
+}
+
+impl<T: Clone> Table<T> {
+    /// Applies one watch event with `same` deciding whether a new version
+    /// changes anything; returns the (old, new) pairs that changed.
+    fn apply(
+        &mut self,
+        event: watcher::Event<(String, T)>,
+        same: impl Fn(&T, &T) -> bool,
+    ) -> Vec<(Option<T>, Option<T>)> {
+        match event {
+            watcher::Event::Init => {
+                self.listing = Some(BTreeSet::new());
+                vec![]
+            }
+            watcher::Event::InitApply((name, item)) | watcher::Event::Apply((name, item)) => {
+                if let Some(seen) = &mut self.listing {
+                    seen.insert(name.clone());
+                }
+                let old = self.items.insert(name, item.clone());
+                match old {
+                    Some(o) if same(&o, &item) => vec![],
+                    o => vec![(o, Some(item))],
+                }
+            }
+            watcher::Event::Delete((name, _)) => match self.items.remove(&name) {
+                Some(o) => vec![(Some(o), None)],
+                None => vec![],
+            },
+            watcher::Event::InitDone => {
+                let seen = self.listing.take().unwrap_or_default();
+                let gone: Vec<String> = self
+                    .items
+                    .keys()
+                    .filter(|k| !seen.contains(*k))
+                    .cloned()
+                    .collect();
+                gone.into_iter()
+                    .filter_map(|k| self.items.remove(&k))
+                    .map(|o| (Some(o), None))
+                    .collect()
+            }
+        }
+    }
+}
+
+fn keyed<K: kube::Resource, T>(
+    event: watcher::Event<K>,
+    f: impl Fn(K) -> T,
+) -> watcher::Event<(String, T)> {
+    let pair = |k: K| (k.name_any(), f(k));
+    match event {
+        watcher::Event::Apply(k) => watcher::Event::Apply(pair(k)),
+        watcher::Event::InitApply(k) => watcher::Event::InitApply(pair(k)),
+        watcher::Event::Delete(k) => watcher::Event::Delete(pair(k)),
+        watcher::Event::Init => watcher::Event::Init,
+        watcher::Event::InitDone => watcher::Event::InitDone,
+    }
+}
+
+fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl ClusterCache {
+    /// Every node's facts, by name.
+    pub fn nodes(&self) -> Vec<NodeFacts> {
+        read(&self.nodes).items.values().cloned().collect()
+    }
+
+    /// Every agent report.
+    pub fn reports(&self) -> Vec<Arc<FirewallNode>> {
+        read(&self.reports).items.values().cloned().collect()
+    }
+
+    /// Completes once both initial lists are in.
+    pub async fn ready(&self) {
+        let mut rx = self.ready.subscribe();
+        let _ = rx.wait_for(|r| r.iter().all(|x| *x)).await;
+    }
+
+    /// Whether both initial lists are in.
+    pub fn is_ready(&self) -> bool {
+        self.ready.borrow().iter().all(|x| *x)
+    }
+
+    fn set_ready(&self, which: usize) {
+        self.ready.send_modify(|r| r[which] = true);
+    }
+
+    /// Folds a Node event in; returns the (old, new) facts of each node
+    /// whose facts Palisade uses changed.
+    fn node_event(
+        &self,
+        event: watcher::Event<Node>,
+    ) -> Vec<(Option<NodeFacts>, Option<NodeFacts>)> {
+        let event = keyed(event, |n| NodeFacts::from_node(&n));
+        write(&self.nodes).apply(event, |a, b| a == b)
+    }
+
+    /// Folds a FirewallNode event in; returns the (old, new) reports whose
+    /// status changed.
+    fn report_event(
+        &self,
+        event: watcher::Event<FirewallNode>,
+    ) -> Vec<(Option<Arc<FirewallNode>>, Option<Arc<FirewallNode>>)> {
+        let event = keyed(event, Arc::new);
+        write(&self.reports).apply(event, |a, b| a.status == b.status)
+    }
+}
+
+/// The selectors of a policy's `nodeSelector` peers (either layer).
+fn peer_selectors(policy: &FirewallPolicy) -> Vec<Selector> {
+    let Ok(valid) = validate(policy) else {
+        return Vec::new();
+    };
+    [
+        crate::policy::Direction::Ingress,
+        crate::policy::Direction::Egress,
+    ]
+    .into_iter()
+    .flat_map(|d| valid.rules(d).unwrap_or_default().to_vec())
+    .flat_map(|r| r.peers)
+    .filter_map(|p| match p {
+        PeerRef::Nodes(sel) => Some(sel),
+        _ => None,
+    })
+    .collect()
+}
+
+/// The policies a change of one node's facts concerns (pure): those that
+/// select it before or after (an invalid policy counts as selecting, so it
+/// is re-judged), that match it as a peer before or after, or whose group
+/// is attached to its instance.
+pub fn policies_for_node_change(
+    old: Option<&NodeFacts>,
+    new: Option<&NodeFacts>,
+    policies: &[Arc<FirewallPolicy>],
+) -> Vec<ObjectRef<FirewallPolicy>> {
+    let versions: Vec<&NodeFacts> = old.into_iter().chain(new).collect();
+    let instances: BTreeSet<&str> = versions.iter().filter_map(|n| n.instance_id()).collect();
+    policies
+        .iter()
+        .filter(|p| {
+            let selects = match validate(p) {
+                Ok(v) => versions.iter().any(|n| v.selects(n)),
+                Err(_) => true,
+            };
+            let peer = peer_selectors(p)
+                .iter()
+                .any(|sel| versions.iter().any(|n| sel.matches(&n.labels)));
+            let attached = p
+                .status
+                .as_ref()
+                .and_then(|s| s.security_group.as_ref())
+                .is_some_and(|g| {
+                    g.attached_instances
+                        .iter()
+                        .any(|i| instances.contains(i.as_str()))
+                });
+            selects || peer || attached
+        })
+        .map(|p| ObjectRef::from_obj(p.as_ref()))
+        .collect()
+}
+
+/// The policies a change of one agent report concerns (pure): those it
+/// lists before or after, and those still waiting on nodes.
+pub fn policies_for_report_change(
+    old: Option<&FirewallNode>,
+    new: Option<&FirewallNode>,
+    policies: &[Arc<FirewallPolicy>],
+) -> Vec<ObjectRef<FirewallPolicy>> {
+    let listed: BTreeSet<String> = old
+        .into_iter()
+        .chain(new)
+        .flat_map(|r| r.status.iter())
+        .flat_map(|s| s.policies.iter().map(|p| p.name.clone()))
+        .collect();
+    policies
+        .iter()
+        .filter(|p| {
+            listed.contains(&p.name_any())
+                || p.status
+                    .as_ref()
+                    .and_then(|s| s.nodes.as_ref())
+                    .is_none_or(|n| n.synced < n.selected)
+        })
+        .map(|p| ObjectRef::from_obj(p.as_ref()))
+        .collect()
+}
+
+/// Follows Nodes and FirewallNodes into `cache` and sends the policies each
+/// change concerns on `trigger`, after the cache holds the change. Runs
+/// until the trigger's receiver is gone.
+pub async fn follow(
+    client: Client,
+    cache: Arc<ClusterCache>,
+    policies: Store<FirewallPolicy>,
+    trigger: UnboundedSender<ObjectRef<FirewallPolicy>>,
+) {
+    let nodes =
+        watcher(Api::<Node>::all(client.clone()), watcher::Config::default()).default_backoff();
+    let reports =
+        watcher(Api::<FirewallNode>::all(client), watcher::Config::default()).default_backoff();
+    let mut nodes = std::pin::pin!(nodes);
+    let mut reports = std::pin::pin!(reports);
+    loop {
+        let wake: Vec<ObjectRef<FirewallPolicy>> = tokio::select! {
+            Some(e) = nodes.next() => match e {
+                Ok(e) => {
+                    let done = matches!(e, watcher::Event::InitDone);
+                    let changes = cache.node_event(e);
+                    if done {
+                        cache.set_ready(0);
+                        cache.nodes_changed.notify_one();
+                    }
+                    if !changes.is_empty() {
+                        cache.nodes_changed.notify_one();
+                    }
+                    let state = policies.state();
+                    changes
+                        .iter()
+                        .flat_map(|(o, n)| policies_for_node_change(o.as_ref(), n.as_ref(), &state))
+                        .collect()
+                }
+                Err(e) => {
+                    warn!(error = %e, "Node watch error; retrying");
+                    vec![]
+                }
+            },
+            Some(e) = reports.next() => match e {
+                Ok(e) => {
+                    let done = matches!(e, watcher::Event::InitDone);
+                    let changes = cache.report_event(e);
+                    if done {
+                        cache.set_ready(1);
+                    }
+                    let state = policies.state();
+                    changes
+                        .iter()
+                        .flat_map(|(o, n)| policies_for_report_change(o.as_deref(), n.as_deref(), &state))
+                        .collect()
+                }
+                Err(e) => {
+                    warn!(error = %e, "FirewallNode watch error; retrying");
+                    vec![]
+                }
+            },
+            else => return,
+        };
+        // Before the initial lists are in, reconciles wait anyway; the
+        // policy watch's own initial list wakes every policy once.
+        if !cache.is_ready() {
+            continue;
+        }
+        let unique: std::collections::HashSet<ObjectRef<FirewallPolicy>> =
+            wake.into_iter().collect();
+        for r in unique {
+            if trigger.unbounded_send(r).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::policy::testing::{node_peer, policy, rule, selector};
+
+    fn node(name: &str, role: &str) -> NodeFacts {
+        NodeFacts {
+            name: name.into(),
+            labels: [("role".to_string(), role.to_string())]
+                .into_iter()
+                .collect(),
+            addresses: vec!["10.0.0.1".parse().unwrap()],
+            provider_id: Some(format!("aws:///eu-west-1a/i-{name}")),
+        }
+    }
+
+    fn names(refs: Vec<ObjectRef<FirewallPolicy>>) -> Vec<String> {
+        let mut n: Vec<String> = refs.into_iter().map(|r| r.name).collect();
+        n.sort();
+        n
+    }
+
+    #[test]
+    fn a_node_change_wakes_only_the_policies_it_concerns() {
+        let mut web = policy(
+            "web",
+            vec![rule(
+                "http",
+                crate::api::Protocol::Tcp,
+                &[80],
+                &["0.0.0.0/0"],
+            )],
+            None,
+        );
+        web.spec.node_selector = Some(selector(&[("role", "web")]));
+        let mut db = policy("db", vec![], None);
+        db.spec.node_selector = Some(selector(&[("role", "db")]));
+        let mut r = rule("from-web", crate::api::Protocol::Tcp, &[5432], &[]);
+        r.peers.push(node_peer(&[("role", "web")]));
+        let mut db_peers = policy("db-peers", vec![r], None);
+        db_peers.spec.node_selector = Some(selector(&[("role", "db")]));
+        let all: Vec<Arc<FirewallPolicy>> = [web, db, db_peers].into_iter().map(Arc::new).collect();
+
+        // A web node joins: the policy selecting it, and the one matching it as a peer.
+        let new = node("n1", "web");
+        assert_eq!(
+            names(policies_for_node_change(None, Some(&new), &all)),
+            ["db-peers", "web"]
+        );
+        // Relabelled web -> db: both the old and the new selectors care.
+        let moved = node("n1", "db");
+        assert_eq!(
+            names(policies_for_node_change(Some(&new), Some(&moved), &all)),
+            ["db", "db-peers", "web"]
+        );
+        // A db node leaves: only db and db-peers (selecting it).
+        assert_eq!(
+            names(policies_for_node_change(
+                Some(&node("n2", "db")),
+                None,
+                &all
+            )),
+            ["db", "db-peers"]
+        );
+    }
+
+    #[test]
+    fn heartbeats_change_no_fact() {
+        let cache = ClusterCache::default();
+        let mut n = Node::default();
+        n.metadata.name = Some("n1".into());
+        assert_eq!(cache.node_event(watcher::Event::Apply(n.clone())).len(), 1);
+        // A heartbeat: conditions and resourceVersion move, the facts do not.
+        n.metadata.resource_version = Some("42".into());
+        n.status = Some(k8s_openapi::api::core::v1::NodeStatus {
+            conditions: Some(vec![Default::default()]),
+            ..Default::default()
+        });
+        assert!(
+            cache
+                .node_event(watcher::Event::Apply(n.clone()))
+                .is_empty()
+        );
+        n.metadata.labels = Some(
+            [("role".to_string(), "web".to_string())]
+                .into_iter()
+                .collect(),
+        );
+        assert_eq!(cache.node_event(watcher::Event::Apply(n)).len(), 1);
+        // A re-list (after a failover or an expired watch) that no longer
+        // delivers n1: it is gone, and that is a change.
+        assert!(cache.node_event(watcher::Event::Init).is_empty());
+        let mut m = Node::default();
+        m.metadata.name = Some("n2".into());
+        assert_eq!(cache.node_event(watcher::Event::InitApply(m)).len(), 1);
+        let gone = cache.node_event(watcher::Event::InitDone);
+        assert_eq!(gone.len(), 1);
+        assert_eq!(gone[0].0.as_ref().map(|n| n.name.as_str()), Some("n1"));
+        assert_eq!(cache.nodes().len(), 1);
+    }
+}

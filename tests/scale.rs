@@ -1,0 +1,181 @@
+//! The controller at rest on watches, counted where it counts: LISTs by the
+//! kube-apiserver's own `apiserver_request_total`, reconciles by the
+//! controller's metrics. One test in this binary, so its apiserver serves
+//! nobody else while it counts.
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use palisade::api::FirewallPolicy;
+use palisade::cloud::{AwsEc2, RetryPolicy};
+use palisade::controller::{self, Config, Metrics};
+use palisade::policy::SgQuota;
+use palisade::testenv::TestEnv;
+use serde_json::json;
+
+const CRDS: &str = include_str!("../crds/palisade.dev.yaml");
+
+fn ec2_for(endpoint: &str) -> AwsEc2 {
+    use aws_sdk_ec2::config::{Credentials, SharedCredentialsProvider};
+    let config = aws_config::SdkConfig::builder()
+        .behavior_version(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new("us-east-1"))
+        .endpoint_url(endpoint)
+        .credentials_provider(SharedCredentialsProvider::new(Credentials::new(
+            "testing", "testing", None, None, "test",
+        )))
+        .build();
+    AwsEc2::from_sdk_config(&config, RetryPolicy::default())
+}
+
+/// `apiserver_request_total` summed over the series with these labels.
+async fn requests(client: &kube::Client, verb: &str, resource: &str) -> u64 {
+    let text = client
+        .request_text(http::Request::get("/metrics").body(Vec::new()).unwrap())
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| l.starts_with("apiserver_request_total{"))
+        .filter(|l| {
+            l.contains(&format!("verb=\"{verb}\""))
+                && l.contains(&format!("resource=\"{resource}\""))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+fn reconciles(metrics: &Metrics) -> u64 {
+    metrics
+        .encode()
+        .lines()
+        .filter(|l| l.starts_with("palisade_controller_reconciles_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+async fn node(api: &Api<Node>, i: usize, role: &str) {
+    let name = format!("scale-n{i}");
+    let n: Node = serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": {"role": role}},
+    }))
+    .unwrap();
+    api.create(&PostParams::default(), &n).await.unwrap();
+    heartbeat(api, &name, &format!("10.77.0.{}", i + 1)).await;
+}
+
+/// What a kubelet's status update writes: the Ready condition's heartbeat.
+async fn heartbeat(api: &Api<Node>, name: &str, address: &str) {
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    api.patch_status(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": {
+            "addresses": [{"type": "InternalIP", "address": address}],
+            "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
+                "lastHeartbeatTime": now, "lastTransitionTime": "2026-01-01T00:00:00Z"}],
+        }})),
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn node_heartbeats_cause_no_list_and_no_reconcile() {
+    let env = TestEnv::shared().unwrap();
+    env.install_crds(CRDS).await.unwrap();
+    let client = env.client().await.unwrap();
+    let nodes: Api<Node> = Api::all(client.clone());
+    for i in 0..12 {
+        node(&nodes, i, if i % 3 == 0 { "db" } else { "web" }).await;
+    }
+    let metrics = Arc::new(Metrics::default());
+    let config = Config {
+        cluster_name: "scale".into(),
+        resync: Duration::from_secs(300),
+        stalled_retry: Duration::from_secs(600),
+        concurrency: 4,
+        quota: SgQuota::default(),
+        policy_selector: None,
+        instance: Some("scale".into()),
+    };
+    let ctx = controller::context(
+        client.clone(),
+        Arc::new(ec2_for(&env.ec2_endpoint())),
+        config,
+        metrics.clone(),
+    );
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(controller::run(ctx, async move {
+        let _ = stopped.await;
+    }));
+    // A policy selecting nodes and one with a nodeSelector peer: before,
+    // every Node event woke both and each reconcile listed every Node.
+    for yaml in [
+        "apiVersion: palisade.dev/v1alpha1\nkind: FirewallPolicy\nmetadata: {name: scale-web}\nspec:\n  policyTypes: [Ingress]\n  nodeSelector: {matchLabels: {role: web}}\n  ingress:\n    - {name: http, protocol: TCP, ports: [{port: 80}], peers: [{cidr: 0.0.0.0/0}]}\n",
+        "apiVersion: palisade.dev/v1alpha1\nkind: FirewallPolicy\nmetadata: {name: scale-db}\nspec:\n  policyTypes: [Ingress]\n  nodeSelector: {matchLabels: {role: db}}\n  ingress:\n    - name: from-web\n      protocol: TCP\n      ports: [{port: 5432}]\n      peers: [{nodeSelector: {matchLabels: {role: web}}}]\n",
+    ] {
+        let p: FirewallPolicy = serde_yaml::from_str(yaml).unwrap();
+        Api::<FirewallPolicy>::all(client.clone())
+            .create(&PostParams::default(), &p)
+            .await
+            .unwrap();
+    }
+    // Let the first reconciles and slice writes settle.
+    let mut last = u64::MAX;
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = reconciles(&metrics);
+        if now == last && now > 0 {
+            break;
+        }
+        last = now;
+    }
+    let (lists_before, reconciles_before) = (
+        requests(&client, "LIST", "nodes").await + requests(&client, "LIST", "firewallnodes").await,
+        reconciles(&metrics),
+    );
+    assert!(lists_before > 0, "the watches' initial lists are counted");
+    // 20 s of heartbeats: every node, twice a second in all.
+    let beats = 40;
+    for b in 0..beats {
+        let i = b % 12;
+        heartbeat(
+            &nodes,
+            &format!("scale-n{i}"),
+            &format!("10.77.0.{}", i + 1),
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let lists = requests(&client, "LIST", "nodes").await
+        + requests(&client, "LIST", "firewallnodes").await
+        - lists_before;
+    let woken = reconciles(&metrics) - reconciles_before;
+    println!("{beats} heartbeats: {lists} LISTs of nodes/firewallnodes, {woken} reconciles");
+    assert_eq!(lists, 0, "no LIST in steady state");
+    assert_eq!(woken, 0, "heartbeats wake nothing");
+    // A fact Palisade uses does wake exactly the policies it concerns.
+    nodes
+        .patch(
+            "scale-n1",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"role": "db"}}})),
+        )
+        .await
+        .unwrap();
+    let mut woken = 0;
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        woken = reconciles(&metrics) - reconciles_before;
+        if woken >= 2 {
+            break;
+        }
+    }
+    assert!(woken >= 2, "a relabel wakes both policies: {woken}");
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+}
