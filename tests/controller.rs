@@ -1251,3 +1251,77 @@ async fn deletion_waits_out_dependency_violation() {
     );
     ctl.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn audit_is_a_dry_run_on_the_cloud_layer_too() {
+    let test = "audit";
+    env().await;
+    let net = SimNet::new().unwrap();
+    let web = sim_node(&net, test, "ctl-audit-web", "web").await;
+    let default_groups = eni_groups(&web).await;
+    let ctl = Running::start(test, Duration::from_secs(300), 60).await;
+    let mut p = policy(
+        test,
+        "ctl-audit",
+        "web",
+        vec![tcp("ssh", &[22], &["0.0.0.0/0"])],
+    );
+    p.spec.mode = palisade::api::PolicyMode::Audit;
+    policies()
+        .await
+        .create(&PostParams::default(), &p)
+        .await
+        .unwrap();
+    let group = wait_cloud_synced("ctl-audit").await;
+    let ec2 = direct();
+    // The group exists, carries no Palisade permission (only its default
+    // egress) and is on no interface: nothing widened.
+    let only_default: Vec<_> = rules_of(&ec2, &group)
+        .await
+        .into_iter()
+        .filter(|(_, _, description)| !description.is_empty())
+        .collect();
+    assert!(only_default.is_empty(), "{only_default:?}");
+    assert_eq!(eni_groups(&web).await, default_groups);
+    let warnings = get("ctl-audit").await.status.unwrap().warnings;
+    assert!(
+        warnings.iter().any(|w| w
+            .contains("Audit: the cloud layer is a dry run: 1 Security Group permissions planned")),
+        "{warnings:?}"
+    );
+    // Enforce: the permission is authorized and the group attached.
+    let mut enforced = get("ctl-audit").await;
+    enforced.spec.mode = palisade::api::PolicyMode::Enforce;
+    policies()
+        .await
+        .replace("ctl-audit", &PostParams::default(), &enforced)
+        .await
+        .unwrap();
+    eventually("enforced in the group", Duration::from_secs(30), || async {
+        let attached = eni_groups(&web).await.contains(&group);
+        let rules = rules_of(&ec2, &group).await;
+        (attached && rules.iter().any(|(_, _, d)| d.contains("ctl-audit/ssh"))).then_some(())
+    })
+    .await;
+    // Back to Audit: revoked and detached.
+    let mut audit = get("ctl-audit").await;
+    audit.spec.mode = palisade::api::PolicyMode::Audit;
+    policies()
+        .await
+        .replace("ctl-audit", &PostParams::default(), &audit)
+        .await
+        .unwrap();
+    eventually("dry run again", Duration::from_secs(30), || async {
+        let attached = eni_groups(&web).await.contains(&group);
+        let rules = rules_of(&ec2, &group).await;
+        (!attached && !rules.iter().any(|(_, _, d)| d.contains("ctl-audit/ssh"))).then_some(())
+    })
+    .await;
+    policies()
+        .await
+        .delete("ctl-audit", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_gone("ctl-audit", Duration::from_secs(30)).await;
+    ctl.stop().await;
+}

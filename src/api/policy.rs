@@ -55,10 +55,12 @@ pub struct FirewallPolicySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_selector: Option<NodeSelector>,
 
-    /// `Enforce` (default) drops what no rule allows. `Audit` logs on the
-    /// node what would be dropped and drops nothing; on the cloud layer, Audit
-    /// only ever adds allows (it never revokes the Security Group's default
-    /// egress), so a rollout in Audit cannot cut traffic.
+    /// `Enforce` (default) drops what no rule allows. `Audit` is a dry run
+    /// that changes no verdict on either layer: on the node it neither
+    /// allows nor drops, and logs and counts what it would drop (the
+    /// FirewallNode's `wouldDrop`); on the cloud its Security Group gets no
+    /// permission and is attached to no node (a group can only widen
+    /// access), while the status says how many permissions are planned.
     #[serde(default)]
     pub mode: PolicyMode,
 

@@ -11,7 +11,8 @@ use kube::runtime::controller::Action;
 use super::status::{self, CloudState};
 use super::{Context, Error, SyncMemory, lock};
 use crate::api::{
-    DeletionPolicy, FirewallPolicy, FirewallPolicyStatus, SecurityGroupStatus, SecurityGroupTarget,
+    DeletionPolicy, FirewallPolicy, FirewallPolicyStatus, PolicyMode, SecurityGroupStatus,
+    SecurityGroupTarget,
 };
 use crate::cloud::{CloudError, Ec2, ErrorKind, InstanceInfo, NewGroup, tags};
 use crate::policy::{
@@ -254,7 +255,12 @@ async fn apply_inner<E: Ec2>(policy: &FirewallPolicy, ctx: &Context<E>) -> Resul
         security_group: group,
         nodes: Some(nodes),
         resolved_peers: resolved_peers(&compiled.policy, &facts),
-        warnings: compiled.warnings.iter().map(ToString::to_string).collect(),
+        warnings: compiled
+            .warnings
+            .iter()
+            .map(ToString::to_string)
+            .chain(audit_note(&compiled))
+            .collect(),
     };
     write_status(policy, ctx, &previous, next).await?;
     tracing::debug!(policy = %name, full_sync = !fresh, "reconciled");
@@ -268,6 +274,16 @@ async fn apply_inner<E: Ec2>(policy: &FirewallPolicy, ctx: &Context<E>) -> Resul
             .saturating_sub(since)
             .max(Duration::from_secs(1)),
     ))
+}
+
+/// What an Audit policy's status says of its cloud layer.
+fn audit_note(compiled: &CompiledPolicy) -> Option<String> {
+    (compiled.cloud.mode == PolicyMode::Audit).then(|| {
+        format!(
+            "Audit: the cloud layer is a dry run: {} Security Group permissions planned, none authorized, the group attached to no node (switch to Enforce to apply them; `palisade render` shows them)",
+            compiled.cloud.planned()
+        )
+    })
 }
 
 /// A fingerprint of everything a full sync depends on.
@@ -447,7 +463,10 @@ async fn sync_group<E: Ec2>(
 ) -> Result<CloudReport, Error> {
     let spec = target(policy);
     let owned = spec.is_owned();
-    let attaches = spec.attaches();
+    // An Audit policy's group carries no permission and is attached to no
+    // interface: the cloud side of a dry run changes no verdict.
+    let audit = compiled.cloud.mode == PolicyMode::Audit;
+    let attaches = spec.attaches() && !audit;
     let previous = previous.cloned();
     let selected = if attaches {
         selected_instances(compiled, facts)
@@ -531,7 +550,7 @@ async fn sync_group<E: Ec2>(
     };
 
     // Rules.
-    let diff = diff_security_group(&compiled.cloud, &current, ownership);
+    let diff = diff_security_group(&compiled.cloud.applied(), &current, ownership);
     if !diff.is_empty() {
         let summary = summarize(&diff);
         if drift_possible {

@@ -374,6 +374,29 @@ pub struct CloudPlan {
 }
 
 impl CloudPlan {
+    /// What the controller writes to the group: the plan itself in
+    /// Enforce. In Audit, no permission at all — on a Security Group every
+    /// allow can only widen access (groups on an interface are a union),
+    /// so the cloud side of a dry run authorizes nothing, and Palisade's
+    /// own rules in the group are revoked (switching Enforce to Audit
+    /// removes them); the group's default egress stays.
+    pub fn applied(&self) -> CloudPlan {
+        if self.mode == PolicyMode::Enforce {
+            return self.clone();
+        }
+        CloudPlan {
+            ingress: self.ingress.as_ref().map(|_| Vec::new()),
+            egress: self.egress.as_ref().map(|_| Vec::new()),
+            keeps_default_egress: true,
+            ..self.clone()
+        }
+    }
+
+    /// Number of permissions planned, both directions.
+    pub fn planned(&self) -> usize {
+        self.ingress.iter().chain(&self.egress).map(Vec::len).sum()
+    }
+
     /// The permissions of one direction (`None` when the plan does not
     /// speak for it).
     pub fn permissions(&self, direction: Direction) -> Option<&[PlannedPermission]> {
