@@ -9,6 +9,8 @@
 #   moto[server]   pinned, in a Python venv
 #   iptables, ipset, nftables, iproute2, conntrack   from Debian (apt)
 #   helm, kwok     by `go install`, pinned
+#   promtool       by `go install`, pinned, without the service-discovery
+#                  plugins (`-tags remove_all_sd`: minutes less to build)
 #   gitops-check   our kstatus / Argo CD health runner (hack/gitops-check)
 set -euo pipefail
 
@@ -17,6 +19,8 @@ ETCD_VERSION="${ETCD_VERSION:-v3.6.16}"
 MOTO_VERSION="${MOTO_VERSION:-5.2.5}"
 HELM_VERSION="${HELM_VERSION:-v3.22.0}"
 KWOK_VERSION="${KWOK_VERSION:-v0.8.0}"
+# Prometheus 3.x publishes its Go module as v0.3MM.P (v0.316.0 is 3.16.0).
+PROMETHEUS_VERSION="${PROMETHEUS_VERSION:-v0.316.0}"
 
 CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/palisade"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -131,15 +135,20 @@ moto() {
   stamp moto "$MOTO_VERSION"
 }
 
-# `go install` of a published command into $BIN, pinned.
-go_tool() { # name package version
-  stamp_ok "$1" "$3" && [[ -x "$BIN/$1" ]] && return 0
-  log "building $1 $3"
-  GOBIN="$BIN" CGO_ENABLED=0 go install -trimpath -ldflags "-s -w" "$2@$3"
-  stamp "$1" "$3"
+# `go install` of a published command into $BIN, pinned; any further
+# arguments are extra `go install` flags.
+go_tool() { # name package version [flags...]
+  local name=$1 pkg=$2 version=$3
+  shift 3
+  stamp_ok "$name" "$version" && [[ -x "$BIN/$name" ]] && return 0
+  log "building $name $version"
+  GOBIN="$BIN" CGO_ENABLED=0 go install -trimpath -ldflags "-s -w" "$@" "$pkg@$version"
+  stamp "$name" "$version"
 }
 helm() { go_tool helm helm.sh/helm/v3/cmd/helm "$HELM_VERSION"; }
 kwok() { go_tool kwok sigs.k8s.io/kwok/cmd/kwok "$KWOK_VERSION"; }
+# Checks and unit-tests the chart's PrometheusRule (tests/observability.rs).
+promtool() { go_tool promtool github.com/prometheus/prometheus/cmd/promtool "$PROMETHEUS_VERSION" -tags remove_all_sd; }
 
 # Our own test tool: reads objects as Flux's kstatus and Argo CD's Lua health
 # checks do (see hack/gitops-check/main.go). Rebuilt when its source changes.
@@ -153,6 +162,6 @@ gitops_check() {
 }
 
 want=("$@")
-((${#want[@]})) || want=(apt_tools etcd moto kube gitops_check helm kwok)
+((${#want[@]})) || want=(apt_tools etcd moto kube gitops_check helm kwok promtool)
 for w in "${want[@]}"; do "$w"; done
 log "ready in $CACHE"
