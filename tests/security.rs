@@ -55,51 +55,37 @@ fn reaches(host: &SimHost, from: &SimHost, to: IpAddr, proto: Proto, expect_open
 }
 
 /// The host's own firewall: INPUT and OUTPUT policy DROP but for
-/// established flows, loopback and TCP 80, and in INPUT first a
-/// `KUBE-FIREWALL`-style chain dropping TCP 8443 from anywhere but
-/// loopback (as kube-proxy's localnet drop does for 127.0.0.0/8) ahead of
-/// the host's own allow of 8443; plus ICMPv6 (IPv6 needs neighbour
-/// discovery).
+/// established flows, loopback and TCP 80; in INPUT first a
+/// `KUBE-FIREWALL` chain with kube-proxy's localnet drop (CVE-2020-8558:
+/// 127.0.0.0/8 from off the node) and a drop of TCP 8443 from anywhere but
+/// loopback, ahead of the host's own allow of 8443; plus ICMPv6 (IPv6
+/// needs neighbour discovery).
 fn host_firewall(host: &SimHost) {
     for tool in ["iptables-nft", "ip6tables-nft"] {
-        let run = |args: &[&str]| {
+        let run = |rule: &str| {
             let mut a = vec![tool];
-            a.extend_from_slice(args);
+            a.extend(rule.split_whitespace());
             host.exec(&a).unwrap();
         };
-        run(&["-N", "KUBE-FIREWALL"]);
-        run(&[
-            "-A",
-            "KUBE-FIREWALL",
-            "-p",
-            "tcp",
-            "--dport",
-            "8443",
-            "!",
-            "-i",
-            "lo",
-            "-j",
-            "DROP",
-        ]);
-        run(&["-A", "INPUT", "-j", "KUBE-FIREWALL"]);
+        run("-N KUBE-FIREWALL");
+        if tool == "iptables-nft" {
+            run(
+                "-A KUBE-FIREWALL -d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP",
+            );
+        }
+        run("-A KUBE-FIREWALL -p tcp --dport 8443 ! -i lo -j DROP");
+        run("-A INPUT -j KUBE-FIREWALL");
         for (chain, lo) in [("INPUT", "-i"), ("OUTPUT", "-o")] {
-            run(&[
-                "-A",
-                chain,
-                "-m",
-                "conntrack",
-                "--ctstate",
-                "ESTABLISHED,RELATED",
-                "-j",
-                "ACCEPT",
-            ]);
-            run(&["-A", chain, lo, "lo", "-j", "ACCEPT"]);
-            run(&["-A", chain, "-p", "tcp", "--dport", "80", "-j", "ACCEPT"]);
-            run(&["-A", chain, "-p", "tcp", "--dport", "8443", "-j", "ACCEPT"]);
+            run(&format!(
+                "-A {chain} -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT"
+            ));
+            run(&format!("-A {chain} {lo} lo -j ACCEPT"));
+            run(&format!("-A {chain} -p tcp --dport 80 -j ACCEPT"));
+            run(&format!("-A {chain} -p tcp --dport 8443 -j ACCEPT"));
             if tool == "ip6tables-nft" {
-                run(&["-A", chain, "-p", "ipv6-icmp", "-j", "ACCEPT"]);
+                run(&format!("-A {chain} -p ipv6-icmp -j ACCEPT"));
             }
-            run(&["-P", chain, "DROP"]);
+            run(&format!("-P {chain} DROP"));
         }
     }
 }
@@ -200,9 +186,24 @@ fn palisade_never_admits_what_the_host_drops_and_audit_changes_no_verdict() {
     });
     let _listeners = listen_everywhere(&[&node.host, &member, &outsider]);
     host_firewall(&node.host);
+    // The node routes 127.0.0.0/8 from the wire (route_localnet, as kubelets
+    // once set it for NodePorts on localhost); the member sends to the
+    // node's 127.0.0.2 through it.
+    node.host
+        .exec(&["sysctl", "-qw", "net.ipv4.conf.all.route_localnet=1"])
+        .unwrap();
+    member
+        .route_localnet_via(
+            "127.0.0.2/32".parse().unwrap(),
+            IpAddr::V4(node.host.ipv4()),
+        )
+        .unwrap();
+    let localnet = SocketAddr::new("127.0.0.2".parse().unwrap(), 5353);
+    let reaches_localnet = || node.host.udp_arrives(&member, localnet, DROP).unwrap();
     let peers = [&member, &outsider];
 
-    let host_only = matrix(&node, &peers);
+    let mut host_only = matrix(&node, &peers);
+    host_only.push(("localnet udp 5353 -> 127.0.0.2".into(), reaches_localnet()));
     let mut sent = host_only.len();
     let mut mismatches = Vec::new();
     let mut check = |label: &str, got: &[(String, bool)], same: bool| {
@@ -225,7 +226,8 @@ fn palisade_never_admits_what_the_host_drops_and_audit_changes_no_verdict() {
         ),
     ] {
         node.apply(&policies).unwrap();
-        let got = matrix(&node, &peers);
+        let mut got = matrix(&node, &peers);
+        got.push(("localnet udp 5353 -> 127.0.0.2".into(), reaches_localnet()));
         sent += got.len();
         check(label, &got, same);
         node.apply(&[]).unwrap();

@@ -531,6 +531,63 @@ impl SimHost {
         in_netns(&self.ns, || probe_udp(Some(src), target, timeout))
     }
 
+    /// Sends this host's traffic for `dst` (a loopback address such as
+    /// `127.0.0.2/32`) to `gateway` over `eth0`, and accepts loopback
+    /// addresses on the wire (`route_localnet`): what an attacker next to a
+    /// node does to reach the node's 127.0.0.0/8 services (CVE-2020-8558).
+    /// Changes this host's namespace only.
+    pub fn route_localnet_via(&self, dst: IpNet, gateway: IpAddr) -> Result<()> {
+        self.exec(&["sysctl", "-qw", "net.ipv4.conf.all.route_localnet=1"])?;
+        self.exec(&["sysctl", "-qw", "net.ipv4.conf.eth0.route_localnet=1"])?;
+        let (dst, gw, src) = (dst.to_string(), gateway.to_string(), self.ipv4.to_string());
+        // The local table would answer for 127.0.0.0/8 first: look up a
+        // table of our own before it.
+        ip(&[
+            "-n", &self.ns, "rule", "add", "pref", "50", "to", &dst, "lookup", "50",
+        ])?;
+        ip(&[
+            "-n", &self.ns, "rule", "del", "pref", "0", "lookup", "local",
+        ])?;
+        ip(&[
+            "-n", &self.ns, "rule", "add", "pref", "100", "lookup", "local",
+        ])?;
+        ip(&[
+            "-n", &self.ns, "route", "add", &dst, "via", &gw, "dev", "eth0", "src", &src, "table",
+            "50",
+        ])
+    }
+
+    /// Whether one UDP datagram sent by `from` to `to` (an address of this
+    /// host, bound here for the check) arrives within `timeout`: a one-way
+    /// probe, for destinations a reply could not come back from.
+    pub fn udp_arrives(&self, from: &SimHost, to: SocketAddr, timeout: Duration) -> Result<bool> {
+        let rx = in_netns(&self.ns, || UdpSocket::bind(to))?;
+        let payload = nonce();
+        in_netns(&from.ns, || {
+            let tx = UdpSocket::bind(SocketAddr::new(
+                if to.is_ipv4() {
+                    IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+                } else {
+                    IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+                },
+                0,
+            ))?;
+            tx.send_to(&payload, to)
+        })?;
+        let deadline = Instant::now() + timeout;
+        let mut buf = [0u8; 256];
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            rx.set_read_timeout(Some(left.max(Duration::from_millis(1))))
+                .map_err(Error::io("udp timeout"))?;
+            match rx.recv(&mut buf) {
+                Ok(n) if buf[..n] == payload[..] => return Ok(true),
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        Ok(false)
+    }
+
     /// A TCP connection from this host to `target`, kept open by the
     /// caller (the socket lives in this host's namespace).
     pub fn connect_tcp(
