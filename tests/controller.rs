@@ -87,6 +87,7 @@ impl Running {
             concurrency: 4,
             quota: SgQuota {
                 rules_per_direction: quota,
+                ..SgQuota::default()
             },
             policy_selector: Some(format!("{TEST_LABEL}={test}")),
             instance: Some(format!("test-{test}")),
@@ -1323,5 +1324,89 @@ async fn audit_is_a_dry_run_on_the_cloud_layer_too() {
         .await
         .unwrap();
     wait_gone("ctl-audit", Duration::from_secs(30)).await;
+    ctl.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_interface_is_reported_before_any_write() {
+    let test = "eni-full";
+    let env = env().await;
+    let net = SimNet::new().unwrap();
+    let web = sim_node(&net, test, "ctl-full-web", "web").await;
+    // Fill the node's interface to AWS's default of 5 groups.
+    let raw = env.ec2_client();
+    let vpc = env.sim_cloud().await.unwrap().vpc_id.clone();
+    let mut groups = eni_groups(&web).await;
+    for i in 0..(5 - groups.len()) {
+        let g = raw
+            .create_security_group()
+            .group_name(format!("ctl-full-extra-{i}"))
+            .description("filler")
+            .vpc_id(&vpc)
+            .send()
+            .await
+            .unwrap();
+        groups.push(g.group_id().unwrap().to_string());
+    }
+    let ec2 = direct();
+    ec2.set_eni_groups(web.eni_id(), &groups).await.unwrap();
+    let ctl = Running::start(test, Duration::from_secs(300), 60).await;
+    ctl.proxy.take_calls();
+    policies()
+        .await
+        .create(
+            &PostParams::default(),
+            &policy(
+                test,
+                "ctl-full",
+                "web",
+                vec![tcp("ssh", &[22], &["10.0.0.0/8"])],
+            ),
+        )
+        .await
+        .unwrap();
+    let stalled = eventually("Stalled", Duration::from_secs(30), || async {
+        let p = get("ctl-full").await;
+        condition(&p, "Stalled").filter(|c| c.0 == "True")
+    })
+    .await;
+    assert!(
+        stalled.2.contains("ctl-full-web") && stalled.2.contains("5 groups"),
+        "{stalled:?}"
+    );
+    // Nothing was written: no group made, no rule, no interface changed.
+    let calls = ctl.proxy.take_calls();
+    for write in [
+        "CreateSecurityGroup",
+        "AuthorizeSecurityGroupIngress",
+        "ModifyNetworkInterfaceAttribute",
+    ] {
+        assert_eq!(count(&calls, write), 0, "{write}");
+    }
+    assert_eq!(eni_groups(&web).await, groups);
+    // Room made (a filler group removed) and the policy touched: it converges.
+    groups.pop();
+    ec2.set_eni_groups(web.eni_id(), &groups).await.unwrap();
+    let mut p = get("ctl-full").await;
+    p.metadata
+        .annotations
+        .get_or_insert_default()
+        .insert("touch".into(), "1".into());
+    policies()
+        .await
+        .replace("ctl-full", &PostParams::default(), &p)
+        .await
+        .unwrap();
+    let group = wait_cloud_synced("ctl-full").await;
+    eventually("attached", Duration::from_secs(30), || async {
+        eni_groups(&web).await.contains(&group).then_some(())
+    })
+    .await;
+    policies()
+        .await
+        .delete("ctl-full", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_gone("ctl-full", Duration::from_secs(30)).await;
     ctl.stop().await;
 }

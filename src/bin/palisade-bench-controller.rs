@@ -176,6 +176,7 @@ async fn bench(env: &'static TestEnv) -> anyhow::Result<()> {
         concurrency: 8,
         quota: SgQuota {
             rules_per_direction: 60,
+            ..SgQuota::default()
         },
         policy_selector: Some(format!("{LABEL}=run")),
         ..Config::default()

@@ -42,6 +42,10 @@ struct Args {
     /// Security Group rules per direction and family the account allows.
     #[arg(long, env = "PALISADE_SG_RULES_PER_DIRECTION", default_value_t = 60)]
     sg_rules_per_direction: u32,
+    /// Security Groups per network interface the account allows (AWS's
+    /// default 5): a node that cannot take one more is reported, not tried.
+    #[arg(long, env = "PALISADE_GROUPS_PER_INTERFACE", default_value_t = 5)]
+    groups_per_interface: u32,
     /// Only reconcile policies with these labels (`k=v,...`).
     #[arg(long, env = "PALISADE_POLICY_SELECTOR")]
     policy_selector: Option<String>,
@@ -148,6 +152,7 @@ async fn main() -> anyhow::Result<()> {
         concurrency: args.concurrency.max(1),
         quota: SgQuota {
             rules_per_direction: args.sg_rules_per_direction,
+            groups_per_interface: args.groups_per_interface,
         },
         policy_selector: args.policy_selector.clone(),
         instance: Some(identity),

@@ -492,6 +492,18 @@ async fn sync_group<E: Ec2>(
     }
     let wanted: Vec<String> = wanted.into_iter().collect();
     let instances = ctx.ec2.describe_instances(&wanted).await?;
+    let known_group = previous
+        .as_ref()
+        .map(|g| g.id.clone())
+        .or_else(|| spec.id.clone());
+    check_interfaces(
+        policy,
+        ctx,
+        facts,
+        &instances,
+        &selected,
+        known_group.as_deref(),
+    )?;
 
     // The group.
     let (group_id, vpc_id, current) = if owned {
@@ -637,6 +649,48 @@ async fn sync_group<E: Ec2>(
             attached_instances: attached.into_iter().collect(),
         },
     })
+}
+
+/// Refuses, before any EC2 write, to attach the group to an interface that
+/// already holds as many groups as the account allows (AWS would refuse the
+/// call after the group and its rules were made): names every such node.
+fn check_interfaces<E: Ec2>(
+    policy: &FirewallPolicy,
+    ctx: &Context<E>,
+    facts: &Facts,
+    instances: &[InstanceInfo],
+    selected: &[String],
+    group: Option<&str>,
+) -> Result<(), Error> {
+    let limit = ctx.config.quota.groups_per_interface;
+    let full: Vec<String> = instances
+        .iter()
+        .filter(|i| selected.contains(&i.id) && i.primary_eni.is_some())
+        .filter(|i| group.is_none_or(|g| !i.eni_groups.iter().any(|e| e == g)))
+        .filter(|i| i.eni_groups.len() >= limit as usize)
+        .map(|i| {
+            let node = facts
+                .nodes
+                .iter()
+                .find(|n| n.instance_id() == Some(i.id.as_str()))
+                .map_or("?", |n| n.name.as_str());
+            format!(
+                "{node} ({}, {}: {})",
+                i.id,
+                i.primary_eni.as_deref().unwrap_or_default(),
+                i.eni_groups.join(" ")
+            )
+        })
+        .collect();
+    if full.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::InterfaceFull {
+            policy: policy.name_any(),
+            limit,
+            nodes: full,
+        })
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -161,6 +161,19 @@ pub enum Error {
         /// The VPC.
         vpc: String,
     },
+    /// Selected nodes whose primary interface already holds as many groups
+    /// as the account allows: found before any EC2 write.
+    #[error(
+        "{} node(s) cannot take the Security Group of policy {policy}: their interface already holds {limit} groups, AWS's limit per interface ({}); attach fewer policies' groups to them (narrow a nodeSelector, or adopt one shared group with spec.securityGroup.id), or raise the 'Security groups per network interface' quota and --groups-per-interface", nodes.len(), nodes.join("; ")
+    )]
+    InterfaceFull {
+        /// The policy.
+        policy: String,
+        /// The limit.
+        limit: u32,
+        /// `node (instance, eni: groups)` of each full interface.
+        nodes: Vec<String>,
+    },
     /// The policy object has no uid or name (never from the apiserver).
     #[error("the policy object lacks metadata.{0}")]
     Metadata(&'static str),
@@ -201,6 +214,7 @@ impl Error {
             Error::NoVpc { .. } | Error::SeveralVpcs { .. } | Error::GroupNameTaken { .. } => {
                 reason::INVALID_REFERENCE
             }
+            Error::InterfaceFull { .. } => reason::QUOTA_EXCEEDED,
             Error::Metadata(_) => reason::INVALID_POLICY,
             Error::WaitingForAgents { .. } => "WaitingForAgents",
             Error::Finalizer(e) => match e.as_ref() {
@@ -251,6 +265,7 @@ impl Error {
             | Error::NoVpc { .. }
             | Error::SeveralVpcs { .. }
             | Error::GroupNameTaken { .. }
+            | Error::InterfaceFull { .. }
             | Error::Metadata(_) => true,
             Error::Finalizer(e) => match e.as_ref() {
                 kube::runtime::finalizer::Error::ApplyFailed(e)

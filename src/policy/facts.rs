@@ -144,12 +144,17 @@ pub struct SgQuota {
     /// Rules per direction per group, counted apart for IPv4 and IPv6.
     /// AWS's default is 60; accounts may have it raised up to 1000.
     pub rules_per_direction: u32,
+    /// Security Groups per network interface. AWS's default is 5 (16 with
+    /// a quota raise): a node whose primary interface is full cannot take
+    /// one more policy's group.
+    pub groups_per_interface: u32,
 }
 
 impl Default for SgQuota {
     fn default() -> Self {
         SgQuota {
             rules_per_direction: 60,
+            groups_per_interface: 5,
         }
     }
 }

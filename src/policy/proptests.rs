@@ -55,6 +55,7 @@ fn facts() -> Facts {
         ],
         quota: SgQuota {
             rules_per_direction: 10_000,
+            ..SgQuota::default()
         },
         ..Default::default()
     };
