@@ -2,7 +2,8 @@
 //! `/healthz` and `/readyz` (ready once the first sync succeeded) by
 //! [`crate::telemetry`].
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::SystemTime;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::text::encode;
@@ -33,6 +34,9 @@ pub struct Metrics {
     pub audit_would_drop: Family<AuditLabels, Gauge>,
     /// Established flows cut after a narrowing (`existingConnections: Cut`).
     pub flows_cut: Counter,
+    /// Unix time of the last sync that left the node holding exactly its
+    /// ruleset; 0 until the first.
+    pub last_successful_sync: Gauge<f64, AtomicU64>,
     /// Set once the agent has seen every policy and its Node and synced.
     pub ready: AtomicBool,
 }
@@ -93,9 +97,16 @@ impl Default for Metrics {
             "Established flows cut after a narrowing (existingConnections: Cut)",
             flows_cut.clone(),
         );
+        let last_successful_sync = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "last_successful_sync_timestamp_seconds",
+            "Unix time of the last sync that left the node holding exactly its ruleset (0: none yet)",
+            last_successful_sync.clone(),
+        );
         Metrics {
             audit_would_drop,
             flows_cut,
+            last_successful_sync,
             registry,
             sync_duration,
             rules,
@@ -109,6 +120,25 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Records a successful sync, finished `at`.
+    pub fn synced(&self, at: SystemTime) {
+        let seconds = at
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        self.last_successful_sync.set(seconds);
+    }
+
+    /// Removes the would-be-drop series of a policy no longer in Audit on
+    /// this node (edited to Enforce, deselected or deleted).
+    pub fn forget_audit(&self, policy: &str) {
+        for direction in ["ingress", "egress"] {
+            self.audit_would_drop.remove(&AuditLabels {
+                policy: policy.to_string(),
+                direction: direction.to_string(),
+            });
+        }
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -146,8 +176,31 @@ mod tests {
             "palisade_agent_set_entries 0",
             "palisade_agent_restore_failures_total 0",
             "palisade_agent_sync_duration_seconds_count 1",
+            "palisade_agent_last_successful_sync_timestamp_seconds 0",
         ] {
             assert!(text.contains(name), "{name} in {text}");
         }
+    }
+
+    #[test]
+    fn sync_time_and_audit_series() {
+        let m = Metrics::default();
+        m.synced(SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_700_000_000_500));
+        for direction in ["ingress", "egress"] {
+            m.audit_would_drop
+                .get_or_create(&AuditLabels {
+                    policy: "audit".into(),
+                    direction: direction.into(),
+                })
+                .set(3);
+        }
+        let text = m.render();
+        assert!(
+            text.contains("palisade_agent_last_successful_sync_timestamp_seconds 1700000000.5"),
+            "{text}"
+        );
+        assert!(text.contains("policy=\"audit\""), "{text}");
+        m.forget_audit("audit");
+        assert!(!m.render().contains("policy=\"audit\""));
     }
 }

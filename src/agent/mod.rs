@@ -30,13 +30,17 @@
 //! backend every `nft monitor` line naming a Palisade chain or the
 //! INPUT/OUTPUT hooks. A failed sync is retried with backoff (the previous
 //! ruleset stays in force: restores are atomic).
+//!
+//! Drift repairs and refused restores are also Events on the node's
+//! `FirewallNode` ([`events`]).
 
+pub mod events;
 pub mod metrics;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Node;
@@ -101,6 +105,13 @@ pub enum AgentError {
     /// A blocking task panicked or was cancelled.
     #[error("dataplane task: {0}")]
     Task(String),
+}
+
+impl AgentError {
+    /// True when the kernel refused a restore (iptables, ip6tables, ipset).
+    pub fn is_restore_failure(&self) -> bool {
+        matches!(self, AgentError::Dataplane(e) if e.is_restore_failure())
+    }
 }
 
 fn kube_err(context: impl Into<String>) -> impl FnOnce(kube::Error) -> AgentError {
@@ -312,6 +323,8 @@ struct Agent {
     /// The uid of this node's Node: the FirewallNode's owner, so it is
     /// garbage-collected with the Node.
     node_uid: Option<String>,
+    /// Events on this node's FirewallNode.
+    events: events::NodeEvents,
 }
 
 impl Agent {
@@ -365,6 +378,10 @@ impl Agent {
                     chains = report.chains_written,
                     "repaired out-of-band changes to the node's rules"
                 );
+                let note = events::drift_note(&report.plan.diff);
+                self.events
+                    .warn(events::DRIFT_REPAIRED, "Repair", &note)
+                    .await;
             } else {
                 info!(
                     chains = report.chains_written,
@@ -445,6 +462,9 @@ impl Agent {
         let counters = audit_counters(ruleset);
         if counters.is_empty() {
             let changed = !self.would_drop.is_empty();
+            for policy in self.would_drop.keys() {
+                self.metrics.forget_audit(policy);
+            }
             self.would_drop.clear();
             return changed;
         }
@@ -479,6 +499,11 @@ impl Agent {
                         direction: direction.into(),
                     })
                     .set(n);
+            }
+        }
+        for policy in self.would_drop.keys() {
+            if !fresh.contains_key(policy) {
+                self.metrics.forget_audit(policy);
             }
         }
         let changed = fresh != self.would_drop;
@@ -543,7 +568,7 @@ impl Agent {
         }
     }
 
-    async fn write_status(&self, status: &FirewallNodeStatus) -> Result<(), AgentError> {
+    async fn write_status(&mut self, status: &FirewallNodeStatus) -> Result<(), AgentError> {
         let api: Api<FirewallNode> = Api::all(self.client.clone());
         let name = &self.config.node_name;
         let pp = PatchParams::apply(FIELD_MANAGER).force();
@@ -556,18 +581,20 @@ impl Agent {
                 "uid": uid,
             }]);
         }
-        api.patch(
-            name,
-            &pp,
-            &Patch::Apply(json!({
-                "apiVersion": "palisade.dev/v1alpha1",
-                "kind": "FirewallNode",
-                "metadata": metadata,
-                "spec": {"nodeName": name},
-            })),
-        )
-        .await
-        .map_err(kube_err(format!("creating FirewallNode {name}")))?;
+        let written = api
+            .patch(
+                name,
+                &pp,
+                &Patch::Apply(json!({
+                    "apiVersion": "palisade.dev/v1alpha1",
+                    "kind": "FirewallNode",
+                    "metadata": metadata,
+                    "spec": {"nodeName": name},
+                })),
+            )
+            .await
+            .map_err(kube_err(format!("creating FirewallNode {name}")))?;
+        self.events.set_uid(written.metadata.uid);
         api.patch_status(
             name,
             &pp,
@@ -772,7 +799,6 @@ pub async fn run(client: Client, config: AgentConfig) -> Result<(), AgentError> 
     }
 
     let mut agent = Agent {
-        client,
         dataplane: Dataplane::new(backend, None),
         metrics: metrics.clone(),
         policies,
@@ -786,6 +812,8 @@ pub async fn run(client: Client, config: AgentConfig) -> Result<(), AgentError> 
         last_status: None,
         last_good: BTreeMap::new(),
         node_uid: None,
+        events: events::NodeEvents::new(client.clone(), &config.node_name),
+        client,
         config,
     };
     let sync_loop = async move {
@@ -822,6 +850,7 @@ pub async fn run(client: Client, config: AgentConfig) -> Result<(), AgentError> 
                         .metrics
                         .ready
                         .store(true, std::sync::atomic::Ordering::Relaxed);
+                    agent.metrics.synced(SystemTime::now());
                     agent.report(status, None).await;
                     agent.config.resync
                 }
@@ -831,6 +860,14 @@ pub async fn run(client: Client, config: AgentConfig) -> Result<(), AgentError> 
                     warn!(error = %e, failures, "sync failed; previous ruleset stays in force");
                     let status = agent.last_status.clone().unwrap_or_default();
                     agent.report(status, Some(e.to_string())).await;
+                    // After the report: the FirewallNode the Event is about
+                    // exists by then.
+                    if e.is_restore_failure() {
+                        agent
+                            .events
+                            .warn(events::RESTORE_FAILED, "Restore", &e.to_string())
+                            .await;
+                    }
                     let backoff = Duration::from_millis(200)
                         .saturating_mul(1 << failures.min(8))
                         .min(Duration::from_secs(30));
