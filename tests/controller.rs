@@ -36,16 +36,7 @@ async fn env() -> &'static TestEnv {
 }
 
 fn ec2_for(endpoint: &str, retry: RetryPolicy) -> AwsEc2 {
-    use aws_sdk_ec2::config::{Credentials, SharedCredentialsProvider};
-    let config = aws_config::SdkConfig::builder()
-        .behavior_version(aws_config::BehaviorVersion::latest())
-        .region(aws_config::Region::new("us-east-1"))
-        .endpoint_url(endpoint)
-        .credentials_provider(SharedCredentialsProvider::new(Credentials::new(
-            "testing", "testing", None, None, "test",
-        )))
-        .build();
-    AwsEc2::from_sdk_config(&config, retry)
+    palisade::testenv::aws_ec2_for(endpoint, retry)
 }
 
 fn fast_retry() -> RetryPolicy {

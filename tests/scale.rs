@@ -19,16 +19,7 @@ use serde_json::json;
 const CRDS: &str = include_str!("../crds/palisade.dev.yaml");
 
 fn ec2_for(endpoint: &str) -> AwsEc2 {
-    use aws_sdk_ec2::config::{Credentials, SharedCredentialsProvider};
-    let config = aws_config::SdkConfig::builder()
-        .behavior_version(aws_config::BehaviorVersion::latest())
-        .region(aws_config::Region::new("us-east-1"))
-        .endpoint_url(endpoint)
-        .credentials_provider(SharedCredentialsProvider::new(Credentials::new(
-            "testing", "testing", None, None, "test",
-        )))
-        .build();
-    AwsEc2::from_sdk_config(&config, RetryPolicy::default())
+    palisade::testenv::aws_ec2_for(endpoint, RetryPolicy::default())
 }
 
 /// `apiserver_request_total` summed over the series with these labels.

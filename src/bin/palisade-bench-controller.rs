@@ -28,16 +28,7 @@ use palisade::testenv::fault_proxy::{Call, FaultPlan, FaultProxy, Outcome};
 const LABEL: &str = "palisade.dev/bench";
 
 fn ec2_for(endpoint: &str) -> AwsEc2 {
-    use aws_sdk_ec2::config::{Credentials, SharedCredentialsProvider};
-    let config = aws_config::SdkConfig::builder()
-        .behavior_version(aws_config::BehaviorVersion::latest())
-        .region(aws_config::Region::new("us-east-1"))
-        .endpoint_url(endpoint)
-        .credentials_provider(SharedCredentialsProvider::new(Credentials::new(
-            "testing", "testing", None, None, "bench",
-        )))
-        .build();
-    AwsEc2::from_sdk_config(&config, RetryPolicy::default())
+    palisade::testenv::aws_ec2_for(endpoint, RetryPolicy::default())
 }
 
 fn rule(name: &str, port: u16) -> FirewallRule {

@@ -57,6 +57,9 @@ impl Default for ClusterCache {
     }
 }
 
+/// One object before and after a change (`None`: absent).
+type Change<T> = (Option<T>, Option<T>);
+
 /// One resource's objects, and during a (re-)list the names seen so far:
 /// when the list is done, objects it did not deliver are gone.
 #[derive(Debug)]
@@ -81,7 +84,7 @@ impl<T: Clone> Table<T> {
         &mut self,
         event: watcher::Event<(String, T)>,
         same: impl Fn(&T, &T) -> bool,
-    ) -> Vec<(Option<T>, Option<T>)> {
+    ) -> Vec<Change<T>> {
         match event {
             watcher::Event::Init => {
                 self.listing = Some(BTreeSet::new());
@@ -178,10 +181,7 @@ impl ClusterCache {
 
     /// Folds a FirewallNode event in; returns the (old, new) reports whose
     /// status changed.
-    fn report_event(
-        &self,
-        event: watcher::Event<FirewallNode>,
-    ) -> Vec<(Option<Arc<FirewallNode>>, Option<Arc<FirewallNode>>)> {
+    fn report_event(&self, event: watcher::Event<FirewallNode>) -> Vec<Change<Arc<FirewallNode>>> {
         let event = keyed(event, Arc::new);
         write(&self.reports).apply(event, |a, b| a.status == b.status)
     }

@@ -124,6 +124,28 @@ pub async fn client_from_kubeconfig(path: &Path) -> Result<Client> {
 }
 
 /// An EC2 client for moto at `endpoint`.
+/// Palisade's own EC2 layer ([`crate::cloud::AwsEc2`]) against `endpoint`
+/// (moto, or a fault proxy in front of it), with `retry`: what the
+/// controller uses, as tests and benchmarks run it in-process.
+pub fn aws_ec2_for(endpoint: &str, retry: crate::cloud::RetryPolicy) -> crate::cloud::AwsEc2 {
+    super::install_crypto_provider();
+    let config = aws_config::SdkConfig::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new(AWS_REGION))
+        .endpoint_url(endpoint)
+        .credentials_provider(aws_sdk_ec2::config::SharedCredentialsProvider::new(
+            Credentials::new(
+                AWS_ACCESS_KEY_ID,
+                AWS_SECRET_ACCESS_KEY,
+                None,
+                None,
+                "palisade-testenv",
+            ),
+        ))
+        .build();
+    crate::cloud::AwsEc2::from_sdk_config(&config, retry)
+}
+
 pub(crate) fn ec2_client_for(endpoint: &str, retries: bool) -> aws_sdk_ec2::Client {
     super::install_crypto_provider();
     let mut config = aws_sdk_ec2::Config::builder()

@@ -59,7 +59,7 @@ pub mod reaper;
 
 pub use cloud::{AVAILABILITY_ZONE, SimCloud, VPC_CIDR};
 pub use dataplane_node::DataplaneNode;
-pub use env::{AWS_REGION, TestEnv, client_from_kubeconfig};
+pub use env::{AWS_REGION, TestEnv, aws_ec2_for, client_from_kubeconfig};
 pub use install::chart_dir;
 pub use net::{EchoListener, Reach, SimHost, SimNet};
 pub use node::SimNode;
