@@ -46,8 +46,9 @@ pub const ICMP_TYPE_ANY: u8 = 255;
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
     validation = Rule::new("size(self.metadata.name) <= 63").message("a FirewallPolicy name must be at most 63 characters (it is written into Security Group names, tags and rule descriptions)")
 )]
-#[x_kube(validation = Rule::new("!has(self.ingress) || 'Ingress' in self.policyTypes").message("ingress rules are listed but policyTypes does not name Ingress: add Ingress to policyTypes, or remove the ingress rules"))]
-#[x_kube(validation = Rule::new("!has(self.egress) || 'Egress' in self.policyTypes").message("egress rules are listed but policyTypes does not name Egress: add Egress to policyTypes, or remove the egress rules"))]
+#[x_kube(validation = Rule::new("has(self.policyTypes)").message("policyTypes is required: name the directions this policy governs (Ingress, Egress or both; a direction named with no rules denies it)"))]
+#[x_kube(validation = Rule::new("!has(self.ingress) || (has(self.policyTypes) && 'Ingress' in self.policyTypes)").message("ingress rules are listed but policyTypes does not name Ingress: add Ingress to policyTypes, or remove the ingress rules"))]
+#[x_kube(validation = Rule::new("!has(self.egress) || (has(self.policyTypes) && 'Egress' in self.policyTypes)").message("egress rules are listed but policyTypes does not name Egress: add Egress to policyTypes, or remove the egress rules"))]
 #[serde(rename_all = "camelCase")]
 pub struct FirewallPolicySpec {
     /// Which nodes this policy applies to, by their labels. Empty or absent
@@ -70,7 +71,10 @@ pub struct FirewallPolicySpec {
     /// a direction no selected policy governs is left as it was. Naming a
     /// direction with no rules for it denies it: deny-all is this value,
     /// not an empty list, so it survives server-side apply and merges by
-    /// any number of field managers.
+    /// any number of field managers. Required on every write; a policy
+    /// stored before the field existed is read as governing the directions
+    /// it lists rules for, as it was enforced then.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(min = 1, max = 2))]
     #[x_kube(merge_strategy = ListMerge::Set)]
     pub policy_types: Vec<PolicyType>,
@@ -517,8 +521,17 @@ pub struct ResolvedPeer {
 }
 
 impl FirewallPolicySpec {
-    /// Whether the policy governs `direction` (names it in `policyTypes`).
+    /// Whether the policy governs `direction`: names it in `policyTypes`,
+    /// or, for a policy stored before `policyTypes` existed (none named),
+    /// lists rules for it (what it meant then), so an upgrade never drops
+    /// a rule.
     pub fn governs(&self, direction: PolicyType) -> bool {
+        if self.policy_types.is_empty() {
+            return match direction {
+                PolicyType::Ingress => self.ingress.is_some(),
+                PolicyType::Egress => self.egress.is_some(),
+            };
+        }
         self.policy_types.contains(&direction)
     }
 }

@@ -204,7 +204,7 @@ pub fn validate(policy: &FirewallPolicy) -> Result<ValidPolicy, PolicyError> {
         ));
     }
     let spec = &policy.spec;
-    if spec.policy_types.is_empty() {
+    if !spec.governs(PolicyType::Ingress) && !spec.governs(PolicyType::Egress) {
         errors.push(PolicyError::field(
             "spec.policyTypes",
             "the policy governs no direction",
@@ -839,6 +839,27 @@ mod tests {
                 "spec.ingress[1].ports: ports are only valid with protocol TCP or UDP"
             )
         );
+    }
+
+    #[test]
+    fn a_policy_stored_before_policy_types_keeps_its_meaning() {
+        // Written before the field existed: admission now refuses it, but
+        // the stored object must keep being enforced as it was on upgrade.
+        let mut p = FirewallPolicy::new("legacy", FirewallPolicySpec::default());
+        p.spec.egress = Some(vec![]);
+        let v = validate(&p).unwrap();
+        assert_eq!(
+            v.rules(Direction::Egress),
+            Some(&[][..]),
+            "egress: [] was deny-all"
+        );
+        assert!(v.rules(Direction::Ingress).is_none());
+        // Named explicitly, policyTypes wins over the lists.
+        p.spec.policy_types = vec![PolicyType::Ingress];
+        p.spec.egress = None;
+        let v = validate(&p).unwrap();
+        assert_eq!(v.rules(Direction::Ingress), Some(&[][..]));
+        assert!(v.rules(Direction::Egress).is_none());
     }
 
     #[test]
