@@ -1,5 +1,6 @@
-//! The Helm chart: lint, a values matrix, and install / upgrade / uninstall
-//! into a real kube-apiserver, with least-privilege RBAC checked by
+//! The Helm chart: lint, a values matrix, a render with no flags as CI runs
+//! it, and install / upgrade / uninstall into a real kube-apiserver, with
+//! least-privilege RBAC (the agent's Events included) checked by
 //! `kubectl auth can-i` as each service account and the admission policies
 //! refusing what they must.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -68,6 +69,12 @@ fn lint_and_values_matrix() {
         ],
         &[
             "clusterName=a",
+            "metrics.prometheusRule.enabled=true",
+            "metrics.prometheusRule.labels.release=kube-prometheus-stack",
+            "metrics.prometheusRule.alertLabels.team=platform",
+        ],
+        &[
+            "clusterName=a",
             "agent.adminCidrs={203.0.113.0/24,2001:db8::/32}",
             "agent.backend=legacy",
         ],
@@ -118,6 +125,14 @@ fn lint_and_values_matrix() {
             pdb,
             "{values:?}"
         );
+        let rule = values
+            .iter()
+            .any(|v| v.contains("prometheusRule.enabled=true"));
+        assert_eq!(
+            rendered.contains("kind: PrometheusRule"),
+            rule,
+            "{values:?}"
+        );
         let vap = !values
             .iter()
             .any(|v| v.contains("admissionPolicies.enabled=false"));
@@ -132,6 +147,7 @@ fn lint_and_values_matrix() {
         &["agent.backend=iptables"][..],
         &["clusterName="][..],
         &["controller.replicas=0", "clusterName=a"][..],
+        &["metrics.prometheusRule.runbookUrl=docs/runbook.md"][..],
     ] {
         let mut args = vec!["template", RELEASE, c, "--kube-version", "1.37.2"];
         for v in bad {
@@ -146,7 +162,49 @@ fn lint_and_values_matrix() {
     }
 }
 
+/// `helm template charts/palisade` as a CI pipeline runs it: no release
+/// name, no values, no `--kube-version` (Helm then assumes an old
+/// Kubernetes, which a `kubeVersion:` constraint would refuse).
+#[test]
+fn renders_with_no_flags_as_ci_would() {
+    let out = Command::new(testbin("helm").unwrap())
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env(
+            "HELM_CACHE_HOME",
+            std::env::temp_dir().join("palisade-helm-cache"),
+        )
+        .args(["template", "charts/palisade"])
+        .output()
+        .unwrap();
+    let rendered = ok(out);
+    let kinds: Vec<String> = serde_yaml::Deserializer::from_str(&rendered)
+        .map(|doc| {
+            let v: serde_json::Value = serde::Deserialize::deserialize(doc).unwrap();
+            v["kind"].as_str().unwrap_or_default().to_string()
+        })
+        .filter(|k| !k.is_empty())
+        .collect();
+    for kind in [
+        "Deployment",
+        "DaemonSet",
+        "ClusterRole",
+        "ServiceAccount",
+        "ValidatingAdmissionPolicy",
+    ] {
+        assert!(kinds.iter().any(|k| k == kind), "no {kind} in {kinds:?}");
+    }
+    // The prometheus-operator objects are opt-in: a cluster without its
+    // CRDs installs the defaults.
+    for kind in ["ServiceMonitor", "PrometheusRule"] {
+        assert!(!kinds.iter().any(|k| k == kind), "{kind} by default");
+    }
+}
+
 fn can_i(env: &TestEnv, sa: &str, verb: &str, resource: &str) -> bool {
+    can_i_in(env, NS, sa, verb, resource)
+}
+
+fn can_i_in(env: &TestEnv, namespace: &str, sa: &str, verb: &str, resource: &str) -> bool {
     let out = env
         .kubectl()
         .unwrap()
@@ -154,7 +212,7 @@ fn can_i(env: &TestEnv, sa: &str, verb: &str, resource: &str) -> bool {
             "auth",
             "can-i",
             "-n",
-            NS,
+            namespace,
             verb,
             resource,
             "--as",
@@ -255,6 +313,25 @@ async fn install_upgrade_uninstall_with_least_privilege() {
     ));
     assert!(!can_i(env, &agent, "update", "nodes"));
     assert!(!can_i(env, &agent, "get", "secrets"));
+    // Events about its FirewallNode (cluster-scoped: they go to `default`),
+    // and nowhere else.
+    for verb in ["create", "patch"] {
+        assert!(can_i_in(
+            env,
+            "default",
+            &agent,
+            verb,
+            "events.events.k8s.io"
+        ));
+    }
+    assert!(!can_i(env, &agent, "create", "events.events.k8s.io"));
+    assert!(!can_i_in(
+        env,
+        "default",
+        &agent,
+        "delete",
+        "events.events.k8s.io"
+    ));
     assert!(can_i(
         env,
         &controller,
