@@ -11,6 +11,8 @@
 //!   and every dashboard query parses.
 //! - Every alert links a section of docs/runbook.md that exists, and every
 //!   alert section of the runbook has its alert.
+//! - The controller's gauges follow its policies (ready, stalled, nodes,
+//!   last sync) and forget a deleted one.
 //! - An agent that repairs drift says so in an Event on its FirewallNode,
 //!   which `kubectl describe fwn` shows.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -474,6 +476,124 @@ fn dashboard_queries_parse_and_cover_the_exported_metrics() {
     )
     .unwrap();
     promtool(&["check", "rules", "dashboard.yaml"], dir.path());
+}
+
+// --- The controller's gauges, against moto --------------------------------
+
+/// The value of the sample `line_prefix` (name and labels) in `text`.
+fn sample(text: &str, line_prefix: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(line_prefix)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn controller_gauges_follow_policies_and_forget_deleted_ones() {
+    use palisade::cloud::RetryPolicy;
+    use palisade::controller::{self, Config, Metrics};
+    let env = TestEnv::shared().unwrap();
+    env.install_crds(CRDS).await.unwrap();
+    let client = env.client().await.unwrap();
+    let vpc = env.sim_cloud().await.unwrap().vpc_id.clone();
+    let metrics = Arc::new(Metrics::default());
+    let retry = RetryPolicy {
+        max_attempts: 4,
+        base: Duration::from_millis(10),
+        cap: Duration::from_millis(100),
+        ..RetryPolicy::default()
+    };
+    let ec2 = palisade::testenv::aws_ec2_for(&env.ec2_endpoint(), retry)
+        .with_observer(metrics.ec2_observer());
+    let config = Config {
+        cluster_name: "obs-tests".into(),
+        policy_selector: Some("palisade.dev/test=obs".into()),
+        instance: Some("test-obs".into()),
+        ..Config::default()
+    };
+    let ctx = controller::context(client.clone(), Arc::new(ec2), config, metrics.clone());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(controller::run(ctx, async move {
+        let _ = stopped.await;
+    }));
+
+    // One policy that can be applied (it selects no node: 0/0 synced), one
+    // whose peer group does not exist (Stalled).
+    let policy = |name: &str, peer: &str| {
+        format!(
+            "apiVersion: palisade.dev/v1alpha1\nkind: FirewallPolicy\nmetadata:\n  name: {name}\n  labels: {{palisade.dev/test: obs}}\nspec:\n  policyTypes: [Ingress]\n  nodeSelector:\n    matchLabels: {{role: obs-nothing}}\n  securityGroup: {{vpcId: {vpc}}}\n  ingress:\n    - name: ssh\n      protocol: TCP\n      ports: [{{port: 22}}]\n      peers: [{peer}]\n"
+        )
+    };
+    env.apply_yaml(&policy("obs-ready", "{cidr: 192.0.2.0/24}"))
+        .await
+        .unwrap();
+    env.apply_yaml(&policy(
+        "obs-stalled",
+        "{securityGroupId: sg-0123456789abcdef0}",
+    ))
+    .await
+    .unwrap();
+    let text = wait_until("both policies counted", Duration::from_secs(60), || async {
+        let text = metrics.encode();
+        (sample(&text, r#"palisade_controller_policies{state="ready"}"#) == Some(1.0)
+            && sample(&text, r#"palisade_controller_policies{state="stalled"}"#) == Some(1.0))
+        .then_some(text)
+    })
+    .await;
+    println!("{text}");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let synced = sample(
+        &text,
+        r#"palisade_controller_last_successful_sync_timestamp_seconds{policy="obs-ready"}"#,
+    )
+    .unwrap();
+    assert!(
+        (now - synced).abs() < 120.0,
+        "synced at {synced}, now {now}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            r#"palisade_controller_last_successful_sync_timestamp_seconds{policy="obs-stalled"}"#
+        ),
+        Some(0.0),
+        "a policy never synced reads 0"
+    );
+    for state in ["selected", "synced", "failed"] {
+        let series =
+            format!(r#"palisade_controller_policy_nodes{{policy="obs-ready",state="{state}"}}"#);
+        assert_eq!(sample(&text, &series), Some(0.0), "{series}");
+    }
+    assert_eq!(
+        sample(
+            &text,
+            r#"palisade_controller_policies{state="reconciling"}"#
+        ),
+        Some(0.0)
+    );
+
+    // Deleted: the policies' series go, and they are counted no more.
+    let api = Api::<palisade::api::FirewallPolicy>::all(client.clone());
+    for name in ["obs-ready", "obs-stalled"] {
+        api.delete(name, &DeleteParams::default()).await.unwrap();
+    }
+    let text = wait_until(
+        "the policies forgotten",
+        Duration::from_secs(60),
+        || async {
+            let text = metrics.encode();
+            (!text.contains("policy=\"obs-")).then_some(text)
+        },
+    )
+    .await;
+    for state in ["ready", "reconciling", "stalled"] {
+        let series = format!(r#"palisade_controller_policies{{state="{state}"}}"#);
+        assert_eq!(sample(&text, &series), Some(0.0), "{series}");
+    }
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
 }
 
 // --- The agent's Events, on a simulated node -----------------------------
