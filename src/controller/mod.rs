@@ -345,7 +345,11 @@ impl<E: Ec2> Context<E> {
             action: action.to_string(),
             secondary: None,
         };
-        if let Err(e) = self.recorder.publish(&event, &policy.object_ref(&())).await {
+        // Without the resourceVersion (which every status write moves), so
+        // a repeated Event joins its series instead of making a new object.
+        let mut reference = policy.object_ref(&());
+        reference.resource_version = None;
+        if let Err(e) = self.recorder.publish(&event, &reference).await {
             tracing::warn!(policy = %policy.name_any(), error = %e, "publishing an Event failed");
         }
     }
