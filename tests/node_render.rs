@@ -188,6 +188,7 @@ fn cli_render_prints_both_layers_for_a_node_manifest() {
             admin_cidrs: vec!["192.0.2.0/24".parse().unwrap()],
             ..Default::default()
         },
+        palisade::cli::OutputFormat::Rules,
         &mut out,
     )
     .unwrap();

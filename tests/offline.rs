@@ -116,3 +116,92 @@ fn the_iam_policy_allows_every_ec2_action_the_controller_calls() {
         "deploy/iam/controller-policy.json grants unused {unused:?}"
     );
 }
+
+#[test]
+fn validate_walks_a_gitops_repository() {
+    let repo = tempfile::tempdir().unwrap();
+    let nested = repo.path().join("clusters/prod/palisade");
+    std::fs::create_dir_all(&nested).unwrap();
+    std::fs::create_dir_all(repo.path().join(".git")).unwrap();
+    let web = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/examples/web-server.yaml"),
+    )
+    .unwrap();
+    // A policy in a subdirectory, with a Deployment beside it in the same
+    // file; a JSON policy with a duplicate rule; a file in .git (ignored).
+    std::fs::write(
+        nested.join("web.yaml"),
+        format!("{web}---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: app}}\n"),
+    )
+    .unwrap();
+    std::fs::write(
+        repo.path().join("dup.json"),
+        r#"{"apiVersion":"palisade.dev/v1alpha1","kind":"FirewallPolicy","metadata":{"name":"dup"},
+            "spec":{"policyTypes":["Ingress"],"ingress":[
+              {"name":"a","protocol":"TCP","ports":[{"port":80}],"peers":[{"cidr":"10.0.0.0/8"}]},
+              {"name":"b","protocol":"TCP","ports":[{"port":80}],"peers":[{"cidr":"10.1.0.0/16"}]}]}}"#,
+    )
+    .unwrap();
+    std::fs::write(repo.path().join(".git/broken.yaml"), "{{{").unwrap();
+    let mut out = Vec::new();
+    cli::validate_files(&[repo.path().to_path_buf()], &mut out).unwrap();
+    let text = String::from_utf8(out).unwrap();
+    assert!(text.contains("web.yaml#1 (web-server): OK"), "{text}");
+    assert!(text.contains("dup.json#1 (dup): OK"), "{text}");
+    assert!(text.contains("dup.json#1 (dup): warning:"), "{text}");
+    assert!(
+        text.contains(
+            "2 valid, 0 invalid FirewallPolicy manifest(s); 1 document(s) of other kinds skipped"
+        ),
+        "{text}"
+    );
+    // Nothing to check is an error, not a silent pass.
+    let empty = tempfile::tempdir().unwrap();
+    assert!(cli::validate_files(&[empty.path().to_path_buf()], &mut Vec::new()).is_err());
+}
+
+#[test]
+fn render_summarises_flags_risks_and_refuses_an_unselected_node() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let node = dir.join("tests/fixtures/node-web-1.yaml");
+    let settings = cli::AgentSettings::default();
+    let mut out = Vec::new();
+    cli::render_files(
+        &node,
+        &[dir.join("deploy/examples/web-server.yaml")],
+        &settings,
+        cli::OutputFormat::Summary,
+        &mut out,
+    )
+    .unwrap();
+    let text = String::from_utf8(out).unwrap();
+    assert!(
+        text.contains("Inbound (web-server): default deny"),
+        "{text}"
+    );
+    assert!(text.contains("tcp/443"), "{text}");
+    assert!(!text.contains("iptables-restore"), "summary only: {text}");
+    let mut out = Vec::new();
+    cli::render_files(
+        &node,
+        &[dir.join("deploy/examples/web-server.yaml")],
+        &settings,
+        cli::OutputFormat::Json,
+        &mut out,
+    )
+    .unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    assert!(json["openings"].as_array().unwrap().len() >= 3, "{json}");
+    assert!(json["nodeLayer"]["ipv4"]["chains"].is_array(), "{json}");
+    // egress-lockdown selects nodes labelled palisade.dev/egress only.
+    let err = cli::render_files(
+        &node,
+        &[dir.join("deploy/examples/egress-lockdown.yaml")],
+        &settings,
+        cli::OutputFormat::Rules,
+        &mut Vec::new(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("no policy given selects node"), "{err}");
+}

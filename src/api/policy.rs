@@ -40,10 +40,13 @@ pub const ICMP_TYPE_ANY: u8 = 255;
     status = "FirewallPolicyStatus",
     cel,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
     printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".spec.mode"}"#,
     printcolumn = r#"{"name":"SG","type":"string","jsonPath":".status.securityGroup.id"}"#,
-    printcolumn = r#"{"name":"Nodes-Synced","type":"string","jsonPath":".status.nodes.summary"}"#,
+    printcolumn = r#"{"name":"Nodes","type":"string","description":"nodes synced / selected","jsonPath":".status.nodes.summary"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    printcolumn = r#"{"name":"Reconciling","type":"string","priority":1,"jsonPath":".status.conditions[?(@.type==\"Reconciling\")].reason"}"#,
+    printcolumn = r#"{"name":"Message","type":"string","priority":1,"jsonPath":".status.conditions[?(@.type==\"Ready\")].message"}"#,
     validation = Rule::new("size(self.metadata.name) <= 63").message("a FirewallPolicy name must be at most 63 characters (it is written into Security Group names, tags and rule descriptions)")
 )]
 #[x_kube(validation = Rule::new("has(self.policyTypes)").message("policyTypes is required: name the directions this policy governs (Ingress, Egress or both; a direction named with no rules denies it)"))]

@@ -16,6 +16,13 @@ struct Args {
     command: Command,
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum OutputArg {
+    Summary,
+    Rules,
+    Json,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Print the CustomResourceDefinitions (the YAML committed in crds/).
@@ -45,6 +52,12 @@ enum Command {
         /// `--allow-verdict=accept` programs them (default: RETURN).
         #[arg(long)]
         accept: bool,
+        /// `summary` (what is open, to whom, on which layer, and risks; the
+        /// default on a terminal), `rules` (the summary, the Security Group
+        /// permissions and the exact restore input; the default otherwise)
+        /// or `json`.
+        #[arg(long, short)]
+        output: Option<OutputArg>,
         /// FirewallPolicy manifests.
         #[arg(required = true)]
         files: Vec<PathBuf>,
@@ -63,8 +76,17 @@ fn main() -> ExitCode {
             admin_cidrs,
             cluster_cidrs,
             accept,
+            output,
             files,
         } => {
+            use std::io::IsTerminal;
+            let format = match output {
+                Some(OutputArg::Summary) => cli::OutputFormat::Summary,
+                Some(OutputArg::Rules) => cli::OutputFormat::Rules,
+                Some(OutputArg::Json) => cli::OutputFormat::Json,
+                None if std::io::stdout().is_terminal() => cli::OutputFormat::Summary,
+                None => cli::OutputFormat::Rules,
+            };
             let settings = cli::AgentSettings {
                 admin_cidrs,
                 cluster_cidrs,
@@ -74,7 +96,7 @@ fn main() -> ExitCode {
                     palisade::policy::AllowVerdict::Return
                 },
             };
-            cli::render_files(&node, &files, &settings, &mut std::io::stdout())
+            cli::render_files(&node, &files, &settings, format, &mut std::io::stdout())
         }
     };
     match result {

@@ -9,7 +9,9 @@ use serde_json::Value;
 use crate::api::FirewallPolicy;
 
 mod render;
-pub use render::{AgentSettings, render_files};
+mod summary;
+pub use render::{AgentSettings, OutputFormat, render_files};
+pub use summary::{Opening, Risk, openings, risks, summary_text};
 
 /// What can go wrong in an offline command.
 #[derive(Debug, thiserror::Error)]
@@ -45,35 +47,47 @@ pub struct Document {
     pub value: Value,
 }
 
-/// Expands directories among `paths` into their `*.yaml`/`*.yml` files,
-/// sorted; other paths (files, `-`) are kept as given.
+/// Expands directories among `paths` into their `*.yaml`, `*.yml` and
+/// `*.json` files, recursively (hidden directories such as `.git` are
+/// skipped), sorted; other paths (files, `-`) are kept as given.
 pub fn expand_paths(paths: &[PathBuf]) -> Result<Vec<PathBuf>, Error> {
     let mut out = Vec::new();
     for path in paths {
-        if !path.is_dir() {
+        if path.is_dir() {
+            let mut files = Vec::new();
+            walk(path, &mut files)?;
+            files.sort();
+            out.extend(files);
+        } else {
             out.push(path.clone());
-            continue;
         }
-        let entries = std::fs::read_dir(path).map_err(|source| Error::Read {
-            path: path.clone(),
-            source,
-        })?;
-        let mut files = Vec::new();
-        for entry in entries {
-            let file = entry
-                .map_err(|source| Error::Read {
-                    path: path.clone(),
-                    source,
-                })?
-                .path();
-            if file.extension().is_some_and(|e| e == "yaml" || e == "yml") {
-                files.push(file);
-            }
-        }
-        files.sort();
-        out.extend(files);
     }
     Ok(out)
+}
+
+fn walk(dir: &Path, files: &mut Vec<PathBuf>) -> Result<(), Error> {
+    let read_err = |source| Error::Read {
+        path: dir.to_path_buf(),
+        source,
+    };
+    for entry in std::fs::read_dir(dir).map_err(read_err)? {
+        let path = entry.map_err(read_err)?.path();
+        let hidden = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with('.'));
+        if path.is_dir() {
+            if !hidden {
+                walk(&path, files)?;
+            }
+        } else if path
+            .extension()
+            .is_some_and(|e| e == "yaml" || e == "yml" || e == "json")
+        {
+            files.push(path);
+        }
+    }
+    Ok(())
 }
 
 /// Reads every non-empty YAML document of `path` (`-` is standard input).
@@ -186,13 +200,29 @@ fn unknown_fields(input: &Value, known: &Value, path: &str, out: &mut Vec<String
     }
 }
 
+/// Whether a document is a FirewallPolicy (any other kind — a Deployment
+/// beside the policies in a GitOps repository — is skipped and counted).
+fn is_policy(value: &Value) -> bool {
+    value.get("kind").and_then(Value::as_str) == Some("FirewallPolicy")
+        || value
+            .get("apiVersion")
+            .and_then(Value::as_str)
+            .is_some_and(|v| v.starts_with("palisade.dev/"))
+}
+
 /// `palisade validate`: checks every FirewallPolicy document of `files`
-/// (directories: their YAML files),
-/// printing `origin: OK` or each problem; fails if any is invalid.
+/// (directories: their YAML and JSON files, recursively), printing
+/// `origin: OK` or each problem, then the compiler's warnings (duplicate or
+/// shadowed rules, quota near); documents of other kinds are skipped and
+/// counted. Fails if any policy is invalid, or if no policy was found.
 pub fn validate_files(files: &[PathBuf], out: &mut impl Write) -> Result<(), Error> {
-    let mut invalid = 0;
+    let (mut invalid, mut valid, mut other) = (0, 0, 0);
     for file in &expand_paths(files)? {
         for doc in read_documents(file)? {
+            if !is_policy(&doc.value) {
+                other += 1;
+                continue;
+            }
             let name = doc
                 .value
                 .pointer("/metadata/name")
@@ -200,7 +230,11 @@ pub fn validate_files(files: &[PathBuf], out: &mut impl Write) -> Result<(), Err
                 .unwrap_or("<unnamed>");
             let problems = check_policy(&doc.value);
             if problems.is_empty() {
+                valid += 1;
                 writeln!(out, "{} ({name}): OK", doc.origin)?;
+                for w in offline_warnings(&doc.value) {
+                    writeln!(out, "{} ({name}): warning: {w}", doc.origin)?;
+                }
             } else {
                 invalid += 1;
                 for p in problems {
@@ -209,9 +243,42 @@ pub fn validate_files(files: &[PathBuf], out: &mut impl Write) -> Result<(), Err
             }
         }
     }
+    writeln!(
+        out,
+        "{valid} valid, {invalid} invalid FirewallPolicy manifest(s); {other} document(s) of other kinds skipped"
+    )?;
     if invalid > 0 {
         Err(Error::Invalid(invalid))
+    } else if valid == 0 {
+        Err(Error::Render(
+            "no FirewallPolicy found in the files given".into(),
+        ))
     } else {
         Ok(())
     }
+}
+
+/// The compiler's warnings about a valid policy that need no cluster:
+/// duplicate and shadowed rules, a quota nearly reached.
+fn offline_warnings(value: &Value) -> Vec<String> {
+    let Ok(policy) = serde_json::from_value::<FirewallPolicy>(value.clone()) else {
+        return Vec::new();
+    };
+    let Ok(compiled) = crate::policy::compile_policy(&policy, &crate::policy::Facts::default())
+    else {
+        return Vec::new();
+    };
+    compiled
+        .warnings
+        .iter()
+        .filter(|w| {
+            matches!(
+                w,
+                crate::policy::Warning::DuplicateRule { .. }
+                    | crate::policy::Warning::ShadowedRule { .. }
+                    | crate::policy::Warning::QuotaNear { .. }
+            )
+        })
+        .map(ToString::to_string)
+        .collect()
 }

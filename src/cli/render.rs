@@ -1,8 +1,10 @@
 //! `palisade render`: what a set of policies does to one node, offline —
+//! a summary of what is open on each layer (the default on a terminal),
 //! the Security Group permissions of every policy selecting it and the
 //! exact `ipset restore` / `iptables-restore` / `ip6tables-restore` input
-//! the agent would write on an empty node. What a reviewer reads in a
-//! GitOps pull request before anything is applied.
+//! the agent would write on an empty node (`--output rules`), or all of it
+//! as JSON for tools. What a reviewer reads in a GitOps pull request
+//! before anything is applied.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -14,6 +16,20 @@ use super::{Error, read_documents};
 use crate::api::FirewallPolicy;
 use crate::node::render::render_ruleset;
 use crate::policy::{AllowVerdict, Direction, Facts, compile_node, plan_cloud, validate};
+
+/// What `render` prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OutputFormat {
+    /// What is open, to whom, on which layer, and the risks (the default on
+    /// a terminal).
+    Summary,
+    /// The summary, the Security Group permissions and the exact restore
+    /// input (the default elsewhere).
+    #[default]
+    Rules,
+    /// Everything as one JSON document.
+    Json,
+}
 
 /// What the agent is told besides the policies, for `render`.
 #[derive(Debug, Clone, Default)]
@@ -33,6 +49,7 @@ pub fn render_files(
     node_file: &Path,
     policy_files: &[PathBuf],
     settings: &AgentSettings,
+    format: OutputFormat,
     out: &mut impl Write,
 ) -> Result<(), Error> {
     let mut nodes = Vec::new();
@@ -69,6 +86,44 @@ pub fn render_files(
     fs.validate().map_err(|e| Error::Render(e.to_string()))?;
     let ruleset =
         compile_node(&target, &valid, &facts).map_err(|e| Error::Render(e.to_string()))?;
+    let selected: Vec<&crate::policy::ValidPolicy> = valid
+        .iter()
+        .filter(|p| ruleset.policies.iter().any(|d| d.name == p.name()))
+        .collect();
+    if selected.is_empty() {
+        let labels: Vec<String> = facts
+            .node(&target)
+            .map(|n| n.labels.iter().map(|(k, v)| format!("{k}={v}")).collect())
+            .unwrap_or_default();
+        return Err(Error::Render(format!(
+            "no policy given selects node {target} (labels: {}): check the policies' nodeSelector",
+            labels.join(", ")
+        )));
+    }
+    if format == OutputFormat::Json {
+        let plans: Vec<_> = selected
+            .iter()
+            .map(|p| plan_cloud(p, &facts).map_err(|e| e.to_string()))
+            .collect();
+        let doc = serde_json::json!({
+            "node": target,
+            "openings": super::summary::openings(&selected),
+            "risks": super::summary::risks(&selected),
+            "cloud": plans,
+            "nodeLayer": ruleset,
+        });
+        writeln!(
+            out,
+            "{}",
+            serde_json::to_string_pretty(&doc).map_err(|e| Error::Render(e.to_string()))?
+        )?;
+        return Ok(());
+    }
+    write!(out, "{}", super::summary::summary_text(&target, &selected))?;
+    if format == OutputFormat::Summary {
+        return Ok(());
+    }
+    writeln!(out)?;
     if let Some(me) = facts.node(&target) {
         let labels: Vec<String> = me.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
         let addrs: Vec<String> = me.addresses.iter().map(ToString::to_string).collect();
