@@ -1401,3 +1401,76 @@ async fn a_full_interface_is_reported_before_any_write() {
     wait_gone("ctl-full", Duration::from_secs(30)).await;
     ctl.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn drift_made_while_the_controller_is_down_is_known_after_a_restart() {
+    let test = "drift-restart";
+    let env = env().await;
+    let client = env.client().await.unwrap();
+    let net = SimNet::new().unwrap();
+    let _node = sim_node(&net, test, "ctl-drift-r", "web").await;
+    let ctl = Running::start(test, Duration::from_secs(300), 60).await;
+    policies()
+        .await
+        .create(
+            &PostParams::default(),
+            &policy(
+                test,
+                "ctl-drift-r",
+                "web",
+                vec![tcp("ssh", &[22], &["10.0.0.0/8"])],
+            ),
+        )
+        .await
+        .unwrap();
+    let group = wait_cloud_synced("ctl-drift-r").await;
+    eventually("sync recorded", Duration::from_secs(30), || async {
+        get("ctl-drift-r").await.status?.cloud_sync
+    })
+    .await;
+    let ec2 = direct();
+    let before = rules_of(&ec2, &group).await;
+    // The controller goes away (its memory with it), the group is changed.
+    drop(ctl);
+    let ssh = ec2
+        .describe_rules(&group)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|r| r.permission.from_port == 22)
+        .unwrap();
+    ec2.revoke(&group, palisade::policy::Direction::Ingress, &[ssh.rule_id])
+        .await
+        .unwrap();
+    // A new controller: it repairs, and knows it was drift.
+    let ctl = Running::start(test, Duration::from_secs(300), 60).await;
+    eventually("drift repaired", Duration::from_secs(30), || async {
+        (rules_of(&ec2, &group).await == before).then_some(())
+    })
+    .await;
+    let events = eventually("DriftCorrected", Duration::from_secs(10), || async {
+        let e = events_for(&client, "ctl-drift-r", "DriftCorrected").await;
+        (!e.is_empty()).then_some(e)
+    })
+    .await;
+    assert_eq!(events.len(), 1, "{events:?}");
+    let repairs = eventually("counted in status", Duration::from_secs(10), || async {
+        let c = get("ctl-drift-r").await.status?.cloud_sync?;
+        (c.drift_repairs == 1).then_some(c.drift_repairs)
+    })
+    .await;
+    assert_eq!(repairs, 1);
+    assert!(
+        ctl.ctx
+            .metrics
+            .encode()
+            .contains("palisade_controller_drift_corrections_total 1")
+    );
+    policies()
+        .await
+        .delete("ctl-drift-r", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_gone("ctl-drift-r", Duration::from_secs(30)).await;
+    ctl.stop().await;
+}

@@ -46,6 +46,8 @@ pub const ICMP_TYPE_ANY: u8 = 255;
     printcolumn = r#"{"name":"Nodes","type":"string","description":"nodes synced / selected","jsonPath":".status.nodes.summary"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
     printcolumn = r#"{"name":"Reconciling","type":"string","priority":1,"jsonPath":".status.conditions[?(@.type==\"Reconciling\")].reason"}"#,
+    printcolumn = r#"{"name":"Drift-Repairs","type":"integer","priority":1,"jsonPath":".status.cloudSync.driftRepairs"}"#,
+    printcolumn = r#"{"name":"Last-Sync","type":"date","priority":1,"jsonPath":".status.cloudSync.time"}"#,
     printcolumn = r#"{"name":"Message","type":"string","priority":1,"jsonPath":".status.conditions[?(@.type==\"Ready\")].message"}"#,
     validation = Rule::new("size(self.metadata.name) <= 63").message("a FirewallPolicy name must be at most 63 characters (it is written into Security Group names, tags and rule descriptions)")
 )]
@@ -475,6 +477,29 @@ pub struct FirewallPolicyStatus {
     /// duplicate rules, a quota nearly reached, unresolvable references.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+
+    /// The last full sync of the cloud layer: what it applied, when, and
+    /// how many out-of-band changes have been repaired. Kept here (not only
+    /// in the controller's memory) so a restarted controller still tells
+    /// drift from a change of the policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud_sync: Option<CloudSync>,
+}
+
+/// The last full sync of a policy's Security Group.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CloudSync {
+    /// The generation synced.
+    pub generation: i64,
+    /// 16 hex digits over everything that sync applied (plan, instances,
+    /// target): equal on the next sync means any difference found is drift.
+    pub inputs: String,
+    /// When the group was last read back in full and found (or made) as
+    /// planned.
+    pub time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time,
+    /// Out-of-band changes to the group found and repaired, in all.
+    pub drift_repairs: i64,
 }
 
 /// The Security Group of a policy, as last reconciled.

@@ -26,6 +26,8 @@ const DIRECTIONS: [Direction; 2] = [Direction::Ingress, Direction::Egress];
 #[derive(Debug, Clone)]
 struct CloudReport {
     group: SecurityGroupStatus,
+    /// The sync found the group changed out of band and repaired it.
+    drift_repaired: bool,
 }
 
 fn target(policy: &FirewallPolicy) -> SecurityGroupTarget {
@@ -175,8 +177,12 @@ async fn apply_inner<E: Ec2>(policy: &FirewallPolicy, ctx: &Context<E>) -> Resul
         .as_ref()
         .and_then(|m| m.group.clone())
         .or_else(|| previous.security_group.clone());
-    let group = if fresh {
-        last_group
+    let last_sync = memory
+        .as_ref()
+        .and_then(|m| m.cloud_sync.clone())
+        .or_else(|| previous.cloud_sync.clone());
+    let (group, cloud_sync) = if fresh {
+        (last_group, last_sync)
     } else {
         // Resolve references, then plan again with their real sizes.
         let (sgs, pls) = referenced_ids(&compiled);
@@ -209,9 +215,16 @@ async fn apply_inner<E: Ec2>(policy: &FirewallPolicy, ctx: &Context<E>) -> Resul
         }
         compiled = compile_policy(policy, &facts)?;
         inputs = sync_inputs(policy, &compiled, &facts);
+        // Drift is a difference found when nothing we apply changed since
+        // the last full sync: known from memory, or — after a restart —
+        // from the record that sync left in the status.
+        let inputs_hash = crate::policy::short_hash(&[&inputs]);
         let drift_possible = memory
             .as_ref()
-            .is_some_and(|m| m.generation == generation && m.inputs == inputs);
+            .is_some_and(|m| m.generation == generation && m.inputs == inputs)
+            || last_sync
+                .as_ref()
+                .is_some_and(|c| c.generation == generation && c.inputs == inputs_hash);
         let report = sync_group(
             policy,
             ctx,
@@ -222,6 +235,15 @@ async fn apply_inner<E: Ec2>(policy: &FirewallPolicy, ctx: &Context<E>) -> Resul
         )
         .await?;
         let rules = i64::from(report.group.ingress_rules) + i64::from(report.group.egress_rules);
+        let cloud_sync = crate::api::CloudSync {
+            generation,
+            inputs: inputs_hash,
+            time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::now(),
+            ),
+            drift_repairs: last_sync.as_ref().map_or(0, |c| c.drift_repairs)
+                + i64::from(report.drift_repaired),
+        };
         lock(&ctx.memory).insert(
             uid.clone(),
             SyncMemory {
@@ -235,11 +257,12 @@ async fn apply_inner<E: Ec2>(policy: &FirewallPolicy, ctx: &Context<E>) -> Resul
                 },
                 rules,
                 group: Some(report.group.clone()),
+                cloud_sync: Some(cloud_sync.clone()),
             },
         );
         ctx.set_rules_managed();
         ctx.metrics.synced(&name, SystemTime::now());
-        Some(report.group)
+        (Some(report.group), Some(cloud_sync))
     };
 
     let reports = ctx.reports().await?;
@@ -261,6 +284,7 @@ async fn apply_inner<E: Ec2>(policy: &FirewallPolicy, ctx: &Context<E>) -> Resul
             .map(ToString::to_string)
             .chain(audit_note(&compiled))
             .collect(),
+        cloud_sync,
     };
     write_status(policy, ctx, &previous, next).await?;
     tracing::debug!(policy = %name, full_sync = !fresh, "reconciled");
@@ -312,6 +336,7 @@ async fn write_status<E: Ec2>(
         && previous.nodes == next.nodes
         && previous.resolved_peers == next.resolved_peers
         && previous.warnings == next.warnings
+        && previous.cloud_sync == next.cloud_sync
         && status::same_conditions(&previous.conditions, &next.conditions);
     if same {
         return Ok(false);
@@ -563,6 +588,7 @@ async fn sync_group<E: Ec2>(
 
     // Rules.
     let diff = diff_security_group(&compiled.cloud.applied(), &current, ownership);
+    let drift_repaired = drift_possible && !diff.is_empty();
     if !diff.is_empty() {
         let summary = summarize(&diff);
         if drift_possible {
@@ -648,6 +674,7 @@ async fn sync_group<E: Ec2>(
             egress_rules: count(Direction::Egress),
             attached_instances: attached.into_iter().collect(),
         },
+        drift_repaired,
     })
 }
 

@@ -289,6 +289,8 @@ pub(crate) struct SyncMemory {
     /// The group as that sync left it (newer than a status read from a
     /// watch cache that may lag behind our own write).
     pub(crate) group: Option<crate::api::SecurityGroupStatus>,
+    /// The status record of that sync (same reason).
+    pub(crate) cloud_sync: Option<crate::api::CloudSync>,
 }
 
 /// Shared state of every reconcile.
