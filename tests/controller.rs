@@ -128,6 +128,39 @@ async fn wait_gone(name: &str, timeout: Duration) {
     .await;
 }
 
+/// Deletes policy `name` and waits until its finalizer let it go.
+async fn delete_and_wait(name: &str) {
+    policies()
+        .await
+        .delete(name, &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_gone(name, Duration::from_secs(30)).await;
+}
+
+/// Revokes, behind the controller's back, our ingress rule for `port`.
+async fn revoke_out_of_band(ec2: &AwsEc2, group: &str, port: i32) {
+    let rule = ec2
+        .describe_rules(group)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|r| r.permission.from_port == port)
+        .unwrap();
+    ec2.revoke(group, palisade::policy::Direction::Ingress, &[rule.rule_id])
+        .await
+        .unwrap();
+}
+
+/// The `DriftCorrected` Events of `policy`, once there is one.
+async fn drift_corrected(client: &Client, policy: &str) -> Vec<KubeEvent> {
+    eventually("DriftCorrected", Duration::from_secs(10), || async {
+        let e = events_for(client, policy, "DriftCorrected").await;
+        (!e.is_empty()).then_some(e)
+    })
+    .await
+}
+
 /// A simulated node labelled for test `test` with `role`.
 async fn sim_node(net: &SimNet, test: &str, name: &str, role: &str) -> SimNode {
     SimNode::create(env().await, net, name, [(TEST_LABEL, test), ("role", role)])
@@ -542,16 +575,7 @@ async fn out_of_band_changes_are_repaired_with_an_event() {
     let before = rules_of(&ec2, &group).await;
 
     // Out of band: revoke one of ours, add a stranger.
-    let ssh = ec2
-        .describe_rules(&group)
-        .await
-        .unwrap()
-        .into_iter()
-        .find(|r| r.permission.from_port == 22)
-        .unwrap();
-    ec2.revoke(&group, palisade::policy::Direction::Ingress, &[ssh.rule_id])
-        .await
-        .unwrap();
+    revoke_out_of_band(&ec2, &group, 22).await;
     env.ec2_client()
         .authorize_security_group_ingress()
         .group_id(&group)
@@ -566,11 +590,7 @@ async fn out_of_band_changes_are_repaired_with_an_event() {
         (rules_of(&ec2, &group).await == before).then_some(())
     })
     .await;
-    let events = eventually("DriftCorrected", Duration::from_secs(10), || async {
-        let e = events_for(&client, "ctl-drift", "DriftCorrected").await;
-        (!e.is_empty()).then_some(e)
-    })
-    .await;
+    let events = drift_corrected(&client, "ctl-drift").await;
     assert_eq!(events[0].type_.as_deref(), Some("Warning"));
     let note = events[0].note.clone().unwrap_or_default();
     assert!(note.contains("missing") && note.contains("extra"), "{note}");
@@ -580,12 +600,7 @@ async fn out_of_band_changes_are_repaired_with_an_event() {
             .encode()
             .contains("palisade_controller_drift_corrections_total")
     );
-    policies()
-        .await
-        .delete("ctl-drift", &DeleteParams::default())
-        .await
-        .unwrap();
-    wait_gone("ctl-drift", Duration::from_secs(30)).await;
+    delete_and_wait("ctl-drift").await;
     ctl.stop().await;
 }
 
@@ -663,12 +678,7 @@ async fn an_adopted_group_keeps_its_foreign_rules() {
     assert_eq!(sg.ingress_rules, 1);
 
     // Delete: ours revoked, the group and its foreign rules stay.
-    policies()
-        .await
-        .delete("ctl-adopt", &DeleteParams::default())
-        .await
-        .unwrap();
-    wait_gone("ctl-adopt", Duration::from_secs(30)).await;
+    delete_and_wait("ctl-adopt").await;
     assert_eq!(rules_of(&ec2, &group).await, foreign);
     let _ = GroupOwnership::Adopted;
     ctl.stop().await;
@@ -724,12 +734,7 @@ async fn a_restarted_controller_makes_no_twin_and_retain_keeps_the_group() {
     assert_eq!(twins.len(), 1);
 
     // Retain: the policy goes, the group stays.
-    policies()
-        .await
-        .delete("ctl-restart", &DeleteParams::default())
-        .await
-        .unwrap();
-    wait_gone("ctl-restart", Duration::from_secs(30)).await;
+    delete_and_wait("ctl-restart").await;
     assert_eq!(
         ec2.describe_groups(std::slice::from_ref(&group))
             .await
@@ -879,12 +884,7 @@ async fn throttled_ec2_converges_exactly() {
         let groups = eni_groups(node).await;
         assert_eq!(groups.iter().filter(|g| **g == group).count(), 1);
     }
-    policies()
-        .await
-        .delete("ctl-throttle", &DeleteParams::default())
-        .await
-        .unwrap();
-    wait_gone("ctl-throttle", Duration::from_secs(30)).await;
+    delete_and_wait("ctl-throttle").await;
     ctl.stop().await;
 }
 
@@ -1037,12 +1037,7 @@ async fn the_binary_elects_reconciles_serves_metrics_and_stops_on_sigterm() {
 
     // Clean up with an in-process controller (the finalizer needs one).
     let ctl = Running::start(test, Duration::from_secs(300), 60).await;
-    policies()
-        .await
-        .delete("ctl-binary", &DeleteParams::default())
-        .await
-        .unwrap();
-    wait_gone("ctl-binary", Duration::from_secs(30)).await;
+    delete_and_wait("ctl-binary").await;
     ctl.stop().await;
 }
 
@@ -1175,12 +1170,7 @@ async fn node_and_group_peers_are_resolved_for_both_layers() {
             .then_some(())
     })
     .await;
-    policies()
-        .await
-        .delete("ctl-peers", &DeleteParams::default())
-        .await
-        .unwrap();
-    wait_gone("ctl-peers", Duration::from_secs(30)).await;
+    delete_and_wait("ctl-peers").await;
     ctl.stop().await;
 }
 
@@ -1309,12 +1299,7 @@ async fn audit_is_a_dry_run_on_the_cloud_layer_too() {
         (!attached && !rules.iter().any(|(_, _, d)| d.contains("ctl-audit/ssh"))).then_some(())
     })
     .await;
-    policies()
-        .await
-        .delete("ctl-audit", &DeleteParams::default())
-        .await
-        .unwrap();
-    wait_gone("ctl-audit", Duration::from_secs(30)).await;
+    delete_and_wait("ctl-audit").await;
     ctl.stop().await;
 }
 
@@ -1393,12 +1378,7 @@ async fn a_full_interface_is_reported_before_any_write() {
         eni_groups(&web).await.contains(&group).then_some(())
     })
     .await;
-    policies()
-        .await
-        .delete("ctl-full", &DeleteParams::default())
-        .await
-        .unwrap();
-    wait_gone("ctl-full", Duration::from_secs(30)).await;
+    delete_and_wait("ctl-full").await;
     ctl.stop().await;
 }
 
@@ -1432,27 +1412,14 @@ async fn drift_made_while_the_controller_is_down_is_known_after_a_restart() {
     let before = rules_of(&ec2, &group).await;
     // The controller goes away (its memory with it), the group is changed.
     drop(ctl);
-    let ssh = ec2
-        .describe_rules(&group)
-        .await
-        .unwrap()
-        .into_iter()
-        .find(|r| r.permission.from_port == 22)
-        .unwrap();
-    ec2.revoke(&group, palisade::policy::Direction::Ingress, &[ssh.rule_id])
-        .await
-        .unwrap();
+    revoke_out_of_band(&ec2, &group, 22).await;
     // A new controller: it repairs, and knows it was drift.
     let ctl = Running::start(test, Duration::from_secs(300), 60).await;
     eventually("drift repaired", Duration::from_secs(30), || async {
         (rules_of(&ec2, &group).await == before).then_some(())
     })
     .await;
-    let events = eventually("DriftCorrected", Duration::from_secs(10), || async {
-        let e = events_for(&client, "ctl-drift-r", "DriftCorrected").await;
-        (!e.is_empty()).then_some(e)
-    })
-    .await;
+    let events = drift_corrected(&client, "ctl-drift-r").await;
     assert_eq!(events.len(), 1, "{events:?}");
     let repairs = eventually("counted in status", Duration::from_secs(10), || async {
         let c = get("ctl-drift-r").await.status?.cloud_sync?;
@@ -1466,11 +1433,6 @@ async fn drift_made_while_the_controller_is_down_is_known_after_a_restart() {
             .encode()
             .contains("palisade_controller_drift_corrections_total 1")
     );
-    policies()
-        .await
-        .delete("ctl-drift-r", &DeleteParams::default())
-        .await
-        .unwrap();
-    wait_gone("ctl-drift-r", Duration::from_secs(30)).await;
+    delete_and_wait("ctl-drift-r").await;
     ctl.stop().await;
 }
