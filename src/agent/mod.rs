@@ -198,7 +198,9 @@ fn audit_counters(ruleset: &NodeRuleset) -> BTreeMap<String, (String, Direction)
                 if let (RuleOrigin::WouldDrop { policy }, NodeAction::Count) =
                     (&rule.origin, &rule.action)
                 {
-                    let direction = if chain.name.starts_with("PAL-I-") {
+                    let ingress =
+                        crate::policy::node::policy_chain_name(policy, Direction::Ingress);
+                    let direction = if chain.name == ingress {
                         Direction::Ingress
                     } else {
                         Direction::Egress
@@ -928,6 +930,32 @@ mod tests {
             failsafe: Failsafe::default(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn audit_counters_name_their_policy_and_direction() {
+        let p: FirewallPolicy = serde_yaml::from_str(
+            "apiVersion: palisade.dev/v1alpha1\nkind: FirewallPolicy\nmetadata: {name: trial}\nspec: {mode: Audit, policyTypes: [Ingress, Egress]}\n",
+        )
+        .unwrap();
+        let node = NodeFacts {
+            name: "n1".into(),
+            ..Default::default()
+        };
+        let rs = compile_node("n1", &[validate(&p).unwrap()], &facts(&node)).unwrap();
+        let mut found: Vec<(String, Direction)> = audit_counters(&rs).into_values().collect();
+        found.sort();
+        // One counter per family and direction.
+        let t = |d| ("trial".to_string(), d);
+        assert_eq!(
+            found,
+            [
+                t(Direction::Ingress),
+                t(Direction::Ingress),
+                t(Direction::Egress),
+                t(Direction::Egress)
+            ]
+        );
     }
 
     #[test]
