@@ -513,3 +513,118 @@ fn narrowing_cuts_established_flows_only_when_asked() {
         let _ = PolicyMode::Enforce;
     }
 }
+
+#[test]
+fn every_default_failsafe_entry_admits_its_scope_and_nobody_else() {
+    use palisade::api::Protocol;
+    use palisade::policy::{Failsafe, FailsafeScope};
+    let net = SimNet::new().unwrap();
+    let admin = net.add_host("admin").unwrap();
+    let mut node = DataplaneNode::new(&net, "node", Some(&admin)).unwrap();
+    let member = net.add_host("member").unwrap();
+    let apiserver = net.add_host("apiserver").unwrap();
+    let dns = net.add_host("dns").unwrap();
+    // EC2's link-local services, stood up on a host of the test's own net.
+    let ec2 = net.add_host("ec2").unwrap();
+    for a in [
+        "169.254.169.254/32",
+        "169.254.169.253/32",
+        "169.254.169.123/32",
+    ] {
+        ec2.add_address(a.parse().unwrap()).unwrap();
+    }
+    let outsider = net.add_host("outsider").unwrap();
+    node.facts.nodes.push(NodeFacts {
+        name: "member".into(),
+        addresses: member.addresses(),
+        ..Default::default()
+    });
+    node.facts.api_servers = vec![IpAddr::V4(apiserver.ipv4())];
+    node.facts.nameservers = vec![IpAddr::V4(dns.ipv4())];
+    let fs = Failsafe::default();
+    node.apply(&[spec(
+        "lockdown",
+        "Enforce",
+        "  policyTypes: [Ingress, Egress]\n",
+    )])
+    .unwrap();
+    let mut listeners = std::collections::BTreeMap::new();
+    let mut listen = |host: &SimHost, tcp: bool, port: u16| {
+        listeners
+            .entry((host.name().to_string(), tcp, port))
+            .or_insert_with(|| {
+                if tcp {
+                    host.listen_tcp(port).unwrap()
+                } else {
+                    host.listen_udp(port).unwrap()
+                }
+            });
+    };
+    let reach = |from: &SimHost, to: IpAddr, tcp: bool, port: u16, open: bool| {
+        let t = if open { OPEN } else { DROP };
+        let to = SocketAddr::new(to, port);
+        let r = if tcp {
+            from.probe_tcp(to, t).unwrap()
+        } else {
+            from.probe_udp(to, t).unwrap()
+        };
+        r.is_open()
+    };
+    let mut wrong = Vec::new();
+    let mut probes = 0;
+    let node_v4 = IpAddr::V4(node.host.ipv4());
+    // Inbound: from the scope (a node of the cluster, or the admin host for
+    // SSH) and never from outside.
+    let mut inbound: Vec<(String, bool, u16, &SimHost)> = fs
+        .inbound
+        .iter()
+        .map(|e| {
+            (
+                e.name.clone(),
+                e.protocol == Protocol::Tcp,
+                e.ports.port,
+                &member,
+            )
+        })
+        .collect();
+    inbound.push(("ssh".into(), true, fs.ssh_port, &admin));
+    for (name, tcp, port, from) in inbound {
+        listen(&node.host, tcp, port);
+        for (who, host, want) in [("scope", from, true), ("outside", &outsider, false)] {
+            probes += 1;
+            if reach(host, node_v4, tcp, port, want) != want {
+                wrong.push(format!("in {name} {port} from {who}: want {want}"));
+            }
+        }
+    }
+    // Outbound: to the scope's address, and to nobody else on that port.
+    for e in &fs.outbound {
+        let tcp = e.protocol == Protocol::Tcp;
+        let port = e.ports.port;
+        let target: (&SimHost, IpAddr) = match e.scopes().first() {
+            Some(FailsafeScope::Cluster) => (&member, IpAddr::V4(member.ipv4())),
+            Some(FailsafeScope::ApiServer) => (&apiserver, IpAddr::V4(apiserver.ipv4())),
+            Some(FailsafeScope::Nameservers) => (&dns, IpAddr::V4(dns.ipv4())),
+            None => (
+                &ec2,
+                e.cidrs.iter().find(|c| c.addr().is_ipv4()).unwrap().addr(),
+            ),
+        };
+        listen(target.0, tcp, port);
+        listen(&outsider, tcp, port);
+        for (who, to, want) in [
+            ("scope", target.1, true),
+            ("outside", IpAddr::V4(outsider.ipv4()), false),
+        ] {
+            probes += 1;
+            if reach(&node.host, to, tcp, port, want) != want {
+                wrong.push(format!(
+                    "out {} {port} to {who} ({to}): want {want}",
+                    e.name
+                ));
+            }
+        }
+    }
+    println!("failsafe entries: {probes} probes, {} wrong", wrong.len());
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
