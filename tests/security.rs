@@ -308,121 +308,6 @@ fn audit_rules(rs: &NodeRuleset) -> Vec<String> {
 }
 
 #[test]
-fn the_failsafe_admits_its_scope_and_nobody_else() {
-    let net = SimNet::new().unwrap();
-    let mut node = DataplaneNode::new(&net, "node", None).unwrap();
-    let member = net.add_host("member").unwrap();
-    let apiserver = net.add_host("apiserver").unwrap();
-    let dns = net.add_host("dns").unwrap();
-    let outsider = net.add_host("outsider").unwrap();
-    node.facts.nodes.push(NodeFacts {
-        name: "member".into(),
-        addresses: member.addresses(),
-        ..Default::default()
-    });
-    node.facts.api_servers = vec![IpAddr::V4(apiserver.ipv4())];
-    node.facts.nameservers = vec![IpAddr::V4(dns.ipv4())];
-    let _l = (
-        [10250, 9901].map(|p| node.host.listen_tcp(p).unwrap()),
-        node.host.listen_udp(4789).unwrap(),
-        [&member, &apiserver, &outsider].map(|h| h.listen_tcp(443).unwrap()),
-        [&member, &outsider].map(|h| h.listen_tcp(10250).unwrap()),
-        [&dns, &outsider].map(|h| h.listen_udp(53).unwrap()),
-    );
-    // Deny-all both ways: only the failsafe is left.
-    node.apply(&[spec(
-        "lockdown",
-        "Enforce",
-        "  policyTypes: [Ingress, Egress]\n",
-    )])
-    .unwrap();
-    let at = |h: &SimHost, p| SocketAddr::new(IpAddr::V4(h.ipv4()), p);
-    let tcp = |from: &SimHost, to, open| {
-        from.probe_tcp(to, if open { OPEN } else { DROP })
-            .unwrap()
-            .is_open()
-    };
-    let udp = |from: &SimHost, to, open| {
-        from.probe_udp(to, if open { OPEN } else { DROP })
-            .unwrap()
-            .is_open()
-    };
-    let cases = [
-        (
-            "kubelet from a node",
-            tcp(&member, at(&node.host, 10250), true),
-            true,
-        ),
-        (
-            "kubelet from outside",
-            tcp(&outsider, at(&node.host, 10250), false),
-            false,
-        ),
-        (
-            "agent metrics from a node",
-            tcp(&member, at(&node.host, 9901), true),
-            true,
-        ),
-        (
-            "agent metrics from outside",
-            tcp(&outsider, at(&node.host, 9901), false),
-            false,
-        ),
-        (
-            "vxlan from a node",
-            udp(&member, at(&node.host, 4789), true),
-            true,
-        ),
-        (
-            "vxlan from outside",
-            udp(&outsider, at(&node.host, 4789), false),
-            false,
-        ),
-        (
-            "443 to the API server",
-            tcp(&node.host, at(&apiserver, 443), true),
-            true,
-        ),
-        (
-            "443 to another node",
-            tcp(&node.host, at(&member, 443), false),
-            false,
-        ),
-        (
-            "443 to anywhere else",
-            tcp(&node.host, at(&outsider, 443), false),
-            false,
-        ),
-        (
-            "kubelet of another node",
-            tcp(&node.host, at(&member, 10250), true),
-            true,
-        ),
-        (
-            "10250 anywhere else",
-            tcp(&node.host, at(&outsider, 10250), false),
-            false,
-        ),
-        (
-            "DNS to the nameserver",
-            udp(&node.host, at(&dns, 53), true),
-            true,
-        ),
-        (
-            "DNS anywhere else",
-            udp(&node.host, at(&outsider, 53), false),
-            false,
-        ),
-    ];
-    let wrong: Vec<String> = cases
-        .iter()
-        .filter(|(_, got, want)| got != want)
-        .map(|(what, got, want)| format!("{what}: got {got}, want {want}"))
-        .collect();
-    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
-}
-
-#[test]
 fn icmp_rules_match_exactly_the_type_written() {
     let net = SimNet::new().unwrap();
     let node = DataplaneNode::new(&net, "node", None).unwrap();
@@ -514,16 +399,133 @@ fn narrowing_cuts_established_flows_only_when_asked() {
     }
 }
 
+/// A node under deny-all both ways (only the failsafe left), and a host in
+/// each failsafe scope: another node of the cluster, the API server, the
+/// nameserver; plus one outside every scope.
+struct Scoped {
+    node: DataplaneNode,
+    member: SimHost,
+    apiserver: SimHost,
+    dns: SimHost,
+    outsider: SimHost,
+}
+
+fn scoped(net: &SimNet, admin: Option<&SimHost>) -> Scoped {
+    let mut node = DataplaneNode::new(net, "node", admin).unwrap();
+    let member = net.add_host("member").unwrap();
+    let apiserver = net.add_host("apiserver").unwrap();
+    let dns = net.add_host("dns").unwrap();
+    let outsider = net.add_host("outsider").unwrap();
+    node.facts.nodes.push(NodeFacts {
+        name: "member".into(),
+        addresses: member.addresses(),
+        ..Default::default()
+    });
+    node.facts.api_servers = vec![IpAddr::V4(apiserver.ipv4())];
+    node.facts.nameservers = vec![IpAddr::V4(dns.ipv4())];
+    node.apply(&[spec(
+        "lockdown",
+        "Enforce",
+        "  policyTypes: [Ingress, Egress]\n",
+    )])
+    .unwrap();
+    Scoped {
+        node,
+        member,
+        apiserver,
+        dns,
+        outsider,
+    }
+}
+
+/// Whether `port` (TCP or UDP) on `to` answers `from`.
+fn answers(from: &SimHost, to: IpAddr, tcp: bool, port: u16, expect_open: bool) -> bool {
+    let t = if expect_open { OPEN } else { DROP };
+    let to = SocketAddr::new(to, port);
+    let r = if tcp {
+        from.probe_tcp(to, t).unwrap()
+    } else {
+        from.probe_udp(to, t).unwrap()
+    };
+    r.is_open()
+}
+
+#[test]
+fn the_failsafe_admits_its_scope_and_nobody_else() {
+    let net = SimNet::new().unwrap();
+    let w = scoped(&net, None);
+    let node = &w.node.host;
+    let _l = (
+        [10250, 9901].map(|p| node.listen_tcp(p).unwrap()),
+        node.listen_udp(4789).unwrap(),
+        [&w.member, &w.apiserver, &w.outsider].map(|h| h.listen_tcp(443).unwrap()),
+        [&w.member, &w.outsider].map(|h| h.listen_tcp(10250).unwrap()),
+        [&w.dns, &w.outsider].map(|h| h.listen_udp(53).unwrap()),
+    );
+    let v4 = |h: &SimHost| IpAddr::V4(h.ipv4());
+    // (what, from, to, tcp, port, open)
+    let cases: [(&str, &SimHost, &SimHost, bool, u16, bool); 13] = [
+        ("kubelet from a node", &w.member, node, true, 10250, true),
+        (
+            "kubelet from outside",
+            &w.outsider,
+            node,
+            true,
+            10250,
+            false,
+        ),
+        (
+            "agent metrics from a node",
+            &w.member,
+            node,
+            true,
+            9901,
+            true,
+        ),
+        (
+            "agent metrics from outside",
+            &w.outsider,
+            node,
+            true,
+            9901,
+            false,
+        ),
+        ("vxlan from a node", &w.member, node, false, 4789, true),
+        ("vxlan from outside", &w.outsider, node, false, 4789, false),
+        ("443 to the API server", node, &w.apiserver, true, 443, true),
+        ("443 to another node", node, &w.member, true, 443, false),
+        ("443 to anywhere else", node, &w.outsider, true, 443, false),
+        (
+            "kubelet of another node",
+            node,
+            &w.member,
+            true,
+            10250,
+            true,
+        ),
+        ("10250 anywhere else", node, &w.outsider, true, 10250, false),
+        ("DNS to the nameserver", node, &w.dns, false, 53, true),
+        ("DNS anywhere else", node, &w.outsider, false, 53, false),
+    ];
+    let wrong: Vec<String> = cases
+        .iter()
+        .filter_map(|&(what, from, to, tcp, port, want)| {
+            let got = answers(from, v4(to), tcp, port, want);
+            (got != want).then(|| format!("{what}: got {got}, want {want}"))
+        })
+        .collect();
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
 #[test]
 fn every_default_failsafe_entry_admits_its_scope_and_nobody_else() {
     use palisade::api::Protocol;
     use palisade::policy::{Failsafe, FailsafeScope};
     let net = SimNet::new().unwrap();
     let admin = net.add_host("admin").unwrap();
-    let mut node = DataplaneNode::new(&net, "node", Some(&admin)).unwrap();
-    let member = net.add_host("member").unwrap();
-    let apiserver = net.add_host("apiserver").unwrap();
-    let dns = net.add_host("dns").unwrap();
+    let w = scoped(&net, Some(&admin));
+    let (node, member, apiserver, dns, outsider) =
+        (&w.node, &w.member, &w.apiserver, &w.dns, &w.outsider);
     // EC2's link-local services, stood up on a host of the test's own net.
     let ec2 = net.add_host("ec2").unwrap();
     for a in [
@@ -533,21 +535,7 @@ fn every_default_failsafe_entry_admits_its_scope_and_nobody_else() {
     ] {
         ec2.add_address(a.parse().unwrap()).unwrap();
     }
-    let outsider = net.add_host("outsider").unwrap();
-    node.facts.nodes.push(NodeFacts {
-        name: "member".into(),
-        addresses: member.addresses(),
-        ..Default::default()
-    });
-    node.facts.api_servers = vec![IpAddr::V4(apiserver.ipv4())];
-    node.facts.nameservers = vec![IpAddr::V4(dns.ipv4())];
     let fs = Failsafe::default();
-    node.apply(&[spec(
-        "lockdown",
-        "Enforce",
-        "  policyTypes: [Ingress, Egress]\n",
-    )])
-    .unwrap();
     let mut listeners = std::collections::BTreeMap::new();
     let mut listen = |host: &SimHost, tcp: bool, port: u16| {
         listeners
@@ -559,16 +547,6 @@ fn every_default_failsafe_entry_admits_its_scope_and_nobody_else() {
                     host.listen_udp(port).unwrap()
                 }
             });
-    };
-    let reach = |from: &SimHost, to: IpAddr, tcp: bool, port: u16, open: bool| {
-        let t = if open { OPEN } else { DROP };
-        let to = SocketAddr::new(to, port);
-        let r = if tcp {
-            from.probe_tcp(to, t).unwrap()
-        } else {
-            from.probe_udp(to, t).unwrap()
-        };
-        r.is_open()
     };
     let mut wrong = Vec::new();
     let mut probes = 0;
@@ -583,16 +561,16 @@ fn every_default_failsafe_entry_admits_its_scope_and_nobody_else() {
                 e.name.clone(),
                 e.protocol == Protocol::Tcp,
                 e.ports.port,
-                &member,
+                member,
             )
         })
         .collect();
     inbound.push(("ssh".into(), true, fs.ssh_port, &admin));
     for (name, tcp, port, from) in inbound {
         listen(&node.host, tcp, port);
-        for (who, host, want) in [("scope", from, true), ("outside", &outsider, false)] {
+        for (who, host, want) in [("scope", from, true), ("outside", outsider, false)] {
             probes += 1;
-            if reach(host, node_v4, tcp, port, want) != want {
+            if answers(host, node_v4, tcp, port, want) != want {
                 wrong.push(format!("in {name} {port} from {who}: want {want}"));
             }
         }
@@ -602,22 +580,22 @@ fn every_default_failsafe_entry_admits_its_scope_and_nobody_else() {
         let tcp = e.protocol == Protocol::Tcp;
         let port = e.ports.port;
         let target: (&SimHost, IpAddr) = match e.scopes().first() {
-            Some(FailsafeScope::Cluster) => (&member, IpAddr::V4(member.ipv4())),
-            Some(FailsafeScope::ApiServer) => (&apiserver, IpAddr::V4(apiserver.ipv4())),
-            Some(FailsafeScope::Nameservers) => (&dns, IpAddr::V4(dns.ipv4())),
+            Some(FailsafeScope::Cluster) => (member, IpAddr::V4(member.ipv4())),
+            Some(FailsafeScope::ApiServer) => (apiserver, IpAddr::V4(apiserver.ipv4())),
+            Some(FailsafeScope::Nameservers) => (dns, IpAddr::V4(dns.ipv4())),
             None => (
                 &ec2,
                 e.cidrs.iter().find(|c| c.addr().is_ipv4()).unwrap().addr(),
             ),
         };
         listen(target.0, tcp, port);
-        listen(&outsider, tcp, port);
+        listen(outsider, tcp, port);
         for (who, to, want) in [
             ("scope", target.1, true),
             ("outside", IpAddr::V4(outsider.ipv4()), false),
         ] {
             probes += 1;
-            if reach(&node.host, to, tcp, port, want) != want {
+            if answers(&node.host, to, tcp, port, want) != want {
                 wrong.push(format!(
                     "out {} {port} to {who} ({to}): want {want}",
                     e.name
