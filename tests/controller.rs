@@ -128,6 +128,15 @@ async fn wait_gone(name: &str, timeout: Duration) {
     .await;
 }
 
+/// Creates policy `p` (as `kubectl create` would).
+async fn create_policy(p: &FirewallPolicy) -> FirewallPolicy {
+    policies()
+        .await
+        .create(&PostParams::default(), p)
+        .await
+        .unwrap()
+}
+
 /// Deletes policy `name` and waits until its finalizer let it go.
 async fn delete_and_wait(name: &str) {
     policies()
@@ -403,11 +412,7 @@ async fn lifecycle_create_edit_relabel_delete() {
             tcp("https", &[443], &["0.0.0.0/0", "::/0"]),
         ],
     );
-    policies()
-        .await
-        .create(&PostParams::default(), &p)
-        .await
-        .unwrap();
+    create_policy(&p).await;
     let group = wait_cloud_synced("ctl-life").await;
     let ec2 = direct();
     let described = ec2
@@ -565,11 +570,7 @@ async fn out_of_band_changes_are_repaired_with_an_event() {
             tcp("web", &[80], &["192.0.2.0/24"]),
         ],
     );
-    policies()
-        .await
-        .create(&PostParams::default(), &p)
-        .await
-        .unwrap();
+    create_policy(&p).await;
     let group = wait_cloud_synced("ctl-drift").await;
     let ec2 = direct();
     let before = rules_of(&ec2, &group).await;
@@ -649,11 +650,7 @@ async fn an_adopted_group_keeps_its_foreign_rules() {
         id: Some(group.clone()),
         ..Default::default()
     });
-    policies()
-        .await
-        .create(&PostParams::default(), &p)
-        .await
-        .unwrap();
+    create_policy(&p).await;
     assert_eq!(wait_cloud_synced("ctl-adopt").await, group);
     let now = rules_of(&ec2, &group).await;
     for rule in &foreign {
@@ -701,11 +698,7 @@ async fn a_restarted_controller_makes_no_twin_and_retain_keeps_the_group() {
         deletion_policy: DeletionPolicy::Retain,
         ..Default::default()
     });
-    policies()
-        .await
-        .create(&PostParams::default(), &p)
-        .await
-        .unwrap();
+    create_policy(&p).await;
     let group = wait_cloud_synced("ctl-restart").await;
     let ec2 = direct();
     let rules = rules_of(&ec2, &group).await;
@@ -757,11 +750,7 @@ async fn quota_and_invalid_references_stall_without_a_partial_apply() {
         vpc_id: Some("vpc-0123456789abcdef0".into()),
         ..Default::default()
     });
-    policies()
-        .await
-        .create(&PostParams::default(), &p)
-        .await
-        .unwrap();
+    create_policy(&p).await;
     let (_, reason, message) = eventually("Stalled", Duration::from_secs(30), || async {
         let p = get("ctl-quota").await;
         condition(&p, "Stalled").filter(|c| c.0 == "True")
@@ -798,11 +787,7 @@ async fn quota_and_invalid_references_stall_without_a_partial_apply() {
         }],
         ..tcp("from-group", &[22], &[])
     }]);
-    policies()
-        .await
-        .create(&PostParams::default(), &bad)
-        .await
-        .unwrap();
+    create_policy(&bad).await;
     let (_, reason, message) = eventually("Stalled", Duration::from_secs(30), || async {
         let p = get("ctl-badref").await;
         condition(&p, "Stalled").filter(|c| c.0 == "True")
@@ -850,11 +835,7 @@ async fn throttled_ec2_converges_exactly() {
         })
         .collect();
     let p = policy(test, "ctl-throttle", "web", rules);
-    policies()
-        .await
-        .create(&PostParams::default(), &p)
-        .await
-        .unwrap();
+    create_policy(&p).await;
     let group = wait_cloud_synced("ctl-throttle").await;
     let calls = proxy.calls();
     assert!(
@@ -966,11 +947,7 @@ async fn the_binary_elects_reconciles_serves_metrics_and_stops_on_sigterm() {
         vpc_id: Some(env.sim_cloud().await.unwrap().vpc_id.clone()),
         ..Default::default()
     });
-    policies()
-        .await
-        .create(&PostParams::default(), &p)
-        .await
-        .unwrap();
+    create_policy(&p).await;
     let group = wait_cloud_synced("ctl-binary").await;
     assert!(group.starts_with("sg-"));
 
@@ -1123,11 +1100,7 @@ async fn node_and_group_peers_are_resolved_for_both_layers() {
             ..tcp("from-offices", &[7070], &[])
         },
     ]);
-    policies()
-        .await
-        .create(&PostParams::default(), &p)
-        .await
-        .unwrap();
+    create_policy(&p).await;
     let group = wait_cloud_synced("ctl-peers").await;
     let ec2 = direct();
     let peers_of = |rules: Vec<(bool, SgPermission, String)>, port: i32| -> Vec<String> {
@@ -1188,11 +1161,7 @@ async fn deletion_waits_out_dependency_violation() {
         "web",
         vec![tcp("ssh", &[22], &["203.0.113.0/24"])],
     );
-    policies()
-        .await
-        .create(&PostParams::default(), &p)
-        .await
-        .unwrap();
+    create_policy(&p).await;
     let group = wait_cloud_synced("ctl-depviol").await;
 
     // EC2 refuses to delete a group an interface still holds for a while
@@ -1249,11 +1218,7 @@ async fn audit_is_a_dry_run_on_the_cloud_layer_too() {
         vec![tcp("ssh", &[22], &["0.0.0.0/0"])],
     );
     p.spec.mode = palisade::api::PolicyMode::Audit;
-    policies()
-        .await
-        .create(&PostParams::default(), &p)
-        .await
-        .unwrap();
+    create_policy(&p).await;
     let group = wait_cloud_synced("ctl-audit").await;
     let ec2 = direct();
     // The group exists, carries no Palisade permission (only its default
@@ -1328,19 +1293,13 @@ async fn a_full_interface_is_reported_before_any_write() {
     ec2.set_eni_groups(web.eni_id(), &groups).await.unwrap();
     let ctl = Running::start(test, Duration::from_secs(300), 60).await;
     ctl.proxy.take_calls();
-    policies()
-        .await
-        .create(
-            &PostParams::default(),
-            &policy(
-                test,
-                "ctl-full",
-                "web",
-                vec![tcp("ssh", &[22], &["10.0.0.0/8"])],
-            ),
-        )
-        .await
-        .unwrap();
+    create_policy(&policy(
+        test,
+        "ctl-full",
+        "web",
+        vec![tcp("ssh", &[22], &["10.0.0.0/8"])],
+    ))
+    .await;
     let stalled = eventually("Stalled", Duration::from_secs(30), || async {
         let p = get("ctl-full").await;
         condition(&p, "Stalled").filter(|c| c.0 == "True")
@@ -1390,19 +1349,13 @@ async fn drift_made_while_the_controller_is_down_is_known_after_a_restart() {
     let net = SimNet::new().unwrap();
     let _node = sim_node(&net, test, "ctl-drift-r", "web").await;
     let ctl = Running::start(test, Duration::from_secs(300), 60).await;
-    policies()
-        .await
-        .create(
-            &PostParams::default(),
-            &policy(
-                test,
-                "ctl-drift-r",
-                "web",
-                vec![tcp("ssh", &[22], &["10.0.0.0/8"])],
-            ),
-        )
-        .await
-        .unwrap();
+    create_policy(&policy(
+        test,
+        "ctl-drift-r",
+        "web",
+        vec![tcp("ssh", &[22], &["10.0.0.0/8"])],
+    ))
+    .await;
     let group = wait_cloud_synced("ctl-drift-r").await;
     eventually("sync recorded", Duration::from_secs(30), || async {
         get("ctl-drift-r").await.status?.cloud_sync
