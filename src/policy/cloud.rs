@@ -73,7 +73,7 @@ impl SgProtocol {
         })
     }
 
-    fn of(protocol: Protocol) -> SgProtocol {
+    pub(crate) fn of(protocol: Protocol) -> SgProtocol {
         match protocol {
             Protocol::Tcp => SgProtocol::Tcp,
             Protocol::Udp => SgProtocol::Udp,
@@ -436,7 +436,7 @@ fn describe(policy: &str, rule: &ValidRule) -> String {
 }
 
 /// The (from, to) port pairs a rule becomes on AWS.
-fn port_pairs(rule: &ValidRule) -> Vec<(i32, i32)> {
+pub(crate) fn port_pairs(rule: &ValidRule) -> Vec<(i32, i32)> {
     match rule.protocol {
         Protocol::Tcp | Protocol::Udp if rule.ports.is_empty() => vec![(0, 65535)],
         Protocol::Tcp | Protocol::Udp => rule

@@ -121,6 +121,7 @@
 
 mod canonical;
 mod cloud;
+pub mod effective;
 mod error;
 pub mod eval;
 mod facts;
