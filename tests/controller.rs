@@ -1389,3 +1389,145 @@ async fn drift_made_while_the_controller_is_down_is_known_after_a_restart() {
     delete_and_wait("ctl-drift-r").await;
     ctl.stop().await;
 }
+
+/// A foreign group on the selected nodes' interfaces, with `rules` (ingress).
+async fn foreign_group(name: &str, rules: &[(i32, &str, &str)]) -> String {
+    let env = env().await;
+    let vpc = env.sim_cloud().await.unwrap().vpc_id.clone();
+    let id = env
+        .ec2_client()
+        .create_security_group()
+        .group_name(name)
+        .description("not Palisade's")
+        .vpc_id(&vpc)
+        .send()
+        .await
+        .unwrap()
+        .group_id()
+        .unwrap()
+        .to_string();
+    let permissions: Vec<palisade::policy::PlannedPermission> = rules
+        .iter()
+        .map(
+            |(port, cidr, description)| palisade::policy::PlannedPermission {
+                permission: SgPermission {
+                    protocol: palisade::policy::SgProtocol::Tcp,
+                    from_port: *port,
+                    to_port: *port,
+                    peer: palisade::policy::SgPeer::Ipv4(cidr.parse().unwrap()),
+                },
+                description: description.to_string(),
+                rules: Vec::new(),
+            },
+        )
+        .collect();
+    direct()
+        .authorize(
+            &id,
+            palisade::policy::Direction::Ingress,
+            &permissions,
+            "none",
+        )
+        .await
+        .unwrap();
+    id
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn other_groups_that_widen_access_are_reported_and_never_touched() {
+    let test = "effective";
+    let net = SimNet::new().unwrap();
+    let a = sim_node(&net, test, "ctl-eff-a", "web").await;
+    let b = sim_node(&net, test, "ctl-eff-b", "web").await;
+    // An EKS-like cluster group on both nodes: SSH from anywhere (wider
+    // than the policy), and from one office address (narrower).
+    let cluster = foreign_group(
+        "eks-cluster-sg-eff",
+        &[
+            (22, "0.0.0.0/0", "ssh anywhere"),
+            (22, "203.0.113.7/32", "office host"),
+        ],
+    )
+    .await;
+    // A node-group group on one node, equal to the policy: not reported.
+    let equal = foreign_group("nodegroup-eff", &[(22, "203.0.113.0/24", "office")]).await;
+    let ec2 = direct();
+    ec2.set_eni_groups(a.eni_id(), &[cluster.clone(), equal.clone()])
+        .await
+        .unwrap();
+    ec2.set_eni_groups(b.eni_id(), std::slice::from_ref(&cluster))
+        .await
+        .unwrap();
+    let before = (rules_of(&ec2, &cluster).await, rules_of(&ec2, &equal).await);
+
+    let ctl = Running::start(test, Duration::from_secs(2), 60).await;
+    create_policy(&policy(
+        test,
+        "ctl-eff",
+        "web",
+        vec![tcp("ssh", &[22], &["203.0.113.0/24"])],
+    ))
+    .await;
+    let widened = eventually("EffectiveAccess=False", Duration::from_secs(30), || async {
+        let p = get("ctl-eff").await;
+        condition(&p, "EffectiveAccess")
+            .filter(|c| c.0 == "False")
+            .map(|c| (c, p))
+    })
+    .await;
+    assert_eq!(widened.0.1, "WidenedByOtherGroups");
+    assert!(widened.0.2.contains(&cluster), "{:?}", widened.0);
+    let warnings = widened.1.status.clone().unwrap().warnings;
+    let wide_rule = ec2
+        .describe_rules(&cluster)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|r| r.description.as_deref() == Some("ssh anywhere"))
+        .unwrap()
+        .rule_id;
+    let expected = format!(
+        "{cluster} (eks-cluster-sg-eff) on 2 nodes allows inbound tcp/22 from 0.0.0.0/0 (rule {wide_rule}); ctl-eff allows it only from 203.0.113.0/24 (the node layer still blocks it)"
+    );
+    assert!(warnings.contains(&expected), "{warnings:#?}");
+    // Only that rule: the narrower one and the equal group are not reported.
+    let reported: Vec<&String> = warnings
+        .iter()
+        .filter(|w| w.contains(" allows inbound "))
+        .collect();
+    assert_eq!(reported.len(), 1, "{warnings:#?}");
+    let gauge = ctl.ctx.metrics.encode();
+    assert!(
+        gauge.contains("palisade_controller_policy_widening_rules{policy=\"ctl-eff\"} 1"),
+        "{gauge}"
+    );
+
+    // The wide rule removed out of band: the warning clears at the next
+    // full sync, and the condition turns True.
+    ec2.revoke(&cluster, palisade::policy::Direction::Ingress, &[wide_rule])
+        .await
+        .unwrap();
+    let cleared = eventually("EffectiveAccess=True", Duration::from_secs(30), || async {
+        let p = get("ctl-eff").await;
+        condition(&p, "EffectiveAccess")
+            .filter(|c| c.0 == "True")
+            .map(|_| p)
+    })
+    .await;
+    let warnings = cleared.status.unwrap().warnings;
+    assert!(
+        !warnings.iter().any(|w| w.contains(" allows inbound ")),
+        "{warnings:#?}"
+    );
+    // The other groups were only read: their rules are as the test left
+    // them, and no write named them.
+    let after = (rules_of(&ec2, &cluster).await, rules_of(&ec2, &equal).await);
+    assert_eq!(after.1, before.1);
+    assert_eq!(after.0.len(), before.0.len() - 1);
+    // Its group joined the interfaces, which kept the other groups.
+    let own = wait_cloud_synced("ctl-eff").await;
+    let groups = eni_groups(&a).await;
+    assert!(groups.contains(&own) && groups.contains(&cluster) && groups.contains(&equal));
+    delete_and_wait("ctl-eff").await;
+    ctl.stop().await;
+}

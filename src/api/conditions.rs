@@ -15,6 +15,10 @@ pub const CLOUD_SYNCED: &str = "CloudSynced";
 /// Every selected node's agent applied the current generation.
 pub const NODES_SYNCED: &str = "NodesSynced";
 
+/// No other Security Group on the selected nodes' interfaces admits more
+/// than the policy (`False`: one does; see the policy's warnings).
+pub const EFFECTIVE_ACCESS: &str = "EffectiveAccess";
+
 /// Reasons (CamelCase, as Kubernetes requires).
 pub mod reason {
     /// Not reconciled yet (the CRD's default status).
@@ -35,6 +39,12 @@ pub mod reason {
     pub const NODES_FAILED: &str = "NodesFailed";
     /// Waiting on nodes to apply the policy.
     pub const NODES_PENDING: &str = "NodesPending";
+    /// `EffectiveAccess`: nothing wider than the policy on the interfaces.
+    pub const AS_INTENDED: &str = "AsIntended";
+    /// `EffectiveAccess`: another group on the interfaces admits more.
+    pub const WIDENED_BY_OTHER_GROUPS: &str = "WidenedByOtherGroups";
+    /// `EffectiveAccess`: the policy's group is attached to no node.
+    pub const NOT_ATTACHED: &str = "NotAttached";
     /// A transient error; retrying with backoff.
     pub const RETRYING: &str = "Retrying";
 }

@@ -8,13 +8,15 @@ use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 
+use super::effective::Effective;
 use super::status::{self, CloudState};
 use super::{Context, Error, SyncMemory, lock};
 use crate::api::{
-    DeletionPolicy, FirewallPolicy, FirewallPolicyStatus, PolicyMode, SecurityGroupStatus,
+    DeletionPolicy, FirewallPolicy, FirewallPolicyStatus, Layer, PolicyMode, SecurityGroupStatus,
     SecurityGroupTarget,
 };
 use crate::cloud::{CloudError, Ec2, ErrorKind, InstanceInfo, NewGroup, tags};
+use crate::policy::effective::{Intent, widenings};
 use crate::policy::{
     CompiledPolicy, CurrentSgRule, Direction, Facts, GroupOwnership, PeerRef, PlannedPermission,
     SgDiff, SgPeer, compile_policy, diff_security_group, marker, owns_rule, resolved_peers,
@@ -28,6 +30,8 @@ struct CloudReport {
     group: SecurityGroupStatus,
     /// The sync found the group changed out of band and repaired it.
     drift_repaired: bool,
+    /// What other groups on the selected interfaces admit beyond the policy.
+    effective: Effective,
 }
 
 fn target(policy: &FirewallPolicy) -> SecurityGroupTarget {
@@ -139,6 +143,13 @@ pub async fn apply<E: Ec2>(
                 &state,
                 &nodes,
             );
+            next.conditions.extend(
+                previous
+                    .conditions
+                    .iter()
+                    .filter(|c| c.type_ == crate::api::conditions::EFFECTIVE_ACCESS)
+                    .cloned(),
+            );
             if write_status(&policy, &ctx, &previous, next).await? && e.is_permanent() {
                 ctx.publish(&policy, true, e.reason(), "Reconcile", e.advice())
                     .await;
@@ -181,8 +192,11 @@ async fn apply_inner<E: Ec2>(policy: &FirewallPolicy, ctx: &Context<E>) -> Resul
         .as_ref()
         .and_then(|m| m.cloud_sync.clone())
         .or_else(|| previous.cloud_sync.clone());
-    let (group, cloud_sync) = if fresh {
-        (last_group, last_sync)
+    let (group, cloud_sync, effective) = if fresh {
+        let effective = memory
+            .as_ref()
+            .map_or(Effective::NotAttached, |m| m.effective.clone());
+        (last_group, last_sync, effective)
     } else {
         // Resolve references, then plan again with their real sizes.
         let (sgs, pls) = referenced_ids(&compiled);
@@ -258,23 +272,32 @@ async fn apply_inner<E: Ec2>(policy: &FirewallPolicy, ctx: &Context<E>) -> Resul
                 rules,
                 group: Some(report.group.clone()),
                 cloud_sync: Some(cloud_sync.clone()),
+                effective: report.effective.clone(),
             },
         );
         ctx.set_rules_managed();
         ctx.metrics.synced(&name, SystemTime::now());
-        (Some(report.group), Some(cloud_sync))
+        (Some(report.group), Some(cloud_sync), report.effective)
     };
+    ctx.metrics
+        .widened(&name, super::effective::count(&effective));
 
     let reports = ctx.reports().await?;
     let nodes = status::node_counts(policy, &compiled.selected_nodes, &reports);
+    let mut conditions = status::conditions(
+        &previous.conditions,
+        generation,
+        &CloudState::Synced,
+        &nodes,
+    );
+    conditions.push(super::effective::condition(
+        &previous.conditions,
+        generation,
+        &effective,
+    ));
     let next = FirewallPolicyStatus {
         observed_generation: Some(generation),
-        conditions: status::conditions(
-            &previous.conditions,
-            generation,
-            &CloudState::Synced,
-            &nodes,
-        ),
+        conditions,
         security_group: group,
         nodes: Some(nodes),
         resolved_peers: resolved_peers(&compiled.policy, &facts),
@@ -283,6 +306,7 @@ async fn apply_inner<E: Ec2>(policy: &FirewallPolicy, ctx: &Context<E>) -> Resul
             .iter()
             .map(ToString::to_string)
             .chain(audit_note(&compiled))
+            .chain(super::effective::warnings(&effective))
             .collect(),
         cloud_sync,
     };
@@ -324,6 +348,17 @@ fn sync_inputs(policy: &FirewallPolicy, compiled: &CompiledPolicy, facts: &Facts
 /// Writes `next` when it differs from `previous` (transition times
 /// aside), and feeds the per-policy gauges from it either way. Returns
 /// whether it wrote.
+/// Every field of `FirewallPolicyStatus`, as serialized.
+const STATUS_FIELDS: [&str; 7] = [
+    "observedGeneration",
+    "conditions",
+    "securityGroup",
+    "nodes",
+    "resolvedPeers",
+    "warnings",
+    "cloudSync",
+];
+
 async fn write_status<E: Ec2>(
     policy: &FirewallPolicy,
     ctx: &Context<E>,
@@ -342,7 +377,22 @@ async fn write_status<E: Ec2>(
         return Ok(false);
     }
     let api: Api<FirewallPolicy> = Api::all(ctx.client.clone());
-    let patch = serde_json::json!({ "status": next });
+    // A merge patch leaves out what serializes to nothing (an empty list,
+    // a `None`): name each such field as null, or a warning that went away
+    // would stay in the status for ever.
+    let mut body = match serde_json::to_value(&next) {
+        Ok(body) => body,
+        Err(e) => {
+            tracing::error!(policy = %policy.name_any(), error = %e, "the status does not serialize");
+            return Ok(false);
+        }
+    };
+    if let Some(fields) = body.as_object_mut() {
+        for key in STATUS_FIELDS {
+            fields.entry(key).or_insert(serde_json::Value::Null);
+        }
+    }
+    let patch = serde_json::json!({ "status": body });
     api.patch_status(
         &policy.name_any(),
         &PatchParams::apply(super::MANAGER),
@@ -506,9 +556,17 @@ async fn sync_group<E: Ec2>(
         .as_ref()
         .filter(|g| owned && g.owned)
         .map(|g| (g.id.clone(), g.vpc_id.clone()));
+    // The interfaces whose other groups are compared with the policy:
+    // every selected node's, in Audit too (what Enforce would meet).
+    let analysed = if spec.attaches() {
+        selected_instances(compiled, facts)
+    } else {
+        Vec::new()
+    };
     let mut wanted: BTreeSet<String> = selected
         .iter()
         .chain(&previously_attached)
+        .chain(&analysed)
         .cloned()
         .collect();
     if owned && known_owned.is_none() && spec.vpc_id.is_none() {
@@ -665,6 +723,35 @@ async fn sync_group<E: Ec2>(
         }
     }
 
+    let effective = if analysed.is_empty() {
+        Effective::NotAttached
+    } else {
+        match super::effective::attached_groups(
+            ctx.ec2.as_ref(),
+            &ctx.groups,
+            ctx.config.resync.mul_f32(0.9),
+            &ctx.config.cluster_name,
+            (&group_id, &after),
+            &instances,
+            &analysed,
+        )
+        .await
+        {
+            Ok(groups) => Effective::Analysed(widenings(
+                &compiled.cloud.policy,
+                compiled.cloud.mode,
+                &Intent::of(&compiled.policy, facts, Layer::Cloud),
+                &Intent::of(&compiled.policy, facts, Layer::Node),
+                Some((&group_id, ownership)),
+                &groups,
+            )),
+            Err(e) => {
+                tracing::warn!(policy = %policy.name_any(), error = %e, "reading the other groups on the nodes' interfaces failed");
+                Effective::Unknown(e.to_string())
+            }
+        }
+    };
+
     Ok(CloudReport {
         group: SecurityGroupStatus {
             id: group_id,
@@ -675,6 +762,7 @@ async fn sync_group<E: Ec2>(
             attached_instances: attached.into_iter().collect(),
         },
         drift_repaired,
+        effective,
     })
 }
 

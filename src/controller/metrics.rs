@@ -103,6 +103,10 @@ pub struct Metrics {
     /// Per policy, the Unix time of the last full sync that left its
     /// Security Group holding exactly the plan; 0 until the first.
     pub last_successful_sync: Family<PolicyLabel, Gauge<f64, AtomicU64>>,
+    /// Per policy, the rules of other Security Groups on its selected
+    /// nodes' interfaces that admit traffic it does not (as of its last
+    /// full sync).
+    pub policy_widening_rules: Family<PolicyLabel, Gauge>,
     /// Each policy's state, from which `policies` is counted.
     states: Mutex<BTreeMap<String, PolicyState>>,
 }
@@ -120,6 +124,7 @@ impl Default for Metrics {
         let policies = Family::<StateLabel, Gauge>::default();
         let policy_nodes = Family::<PolicyNodesLabel, Gauge>::default();
         let last_successful_sync = Family::<PolicyLabel, Gauge<f64, AtomicU64>>::default();
+        let policy_widening_rules = Family::<PolicyLabel, Gauge>::default();
         registry.register("reconciles", "Reconciles by result", reconciles.clone());
         registry.register(
             "reconcile_duration_seconds",
@@ -162,6 +167,11 @@ impl Default for Metrics {
             "Unix time of the last full sync that left the policy's Security Group holding exactly its plan (0: none yet)",
             last_successful_sync.clone(),
         );
+        registry.register(
+            "policy_widening_rules",
+            "Rules of other Security Groups on a policy's selected nodes' interfaces that admit traffic the policy does not (groups on an interface are a union)",
+            policy_widening_rules.clone(),
+        );
         // Every state has a series from the start: an alert on `stalled`
         // reads 0, not nothing, before any policy is reconciled.
         for state in PolicyState::ALL {
@@ -183,6 +193,7 @@ impl Default for Metrics {
             policies,
             policy_nodes,
             last_successful_sync,
+            policy_widening_rules,
             states: Mutex::new(BTreeMap::new()),
         }
     }
@@ -256,6 +267,15 @@ impl Metrics {
             .set(seconds);
     }
 
+    /// Records how many rules of other groups widen `policy`'s access.
+    pub fn widened(&self, policy: &str, rules: usize) {
+        self.policy_widening_rules
+            .get_or_create(&PolicyLabel {
+                policy: policy.to_string(),
+            })
+            .set(i64::try_from(rules).unwrap_or(i64::MAX));
+    }
+
     /// Forgets a policy: removes every series labelled with it and stops
     /// counting it by state. At the end of its cleanup.
     pub fn forget_policy(&self, policy: &str) {
@@ -286,6 +306,9 @@ impl Metrics {
             });
         }
         self.last_successful_sync.remove(&PolicyLabel {
+            policy: policy.to_string(),
+        });
+        self.policy_widening_rules.remove(&PolicyLabel {
             policy: policy.to_string(),
         });
     }

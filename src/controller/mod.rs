@@ -51,6 +51,7 @@
 
 mod apply;
 pub mod cache;
+pub mod effective;
 pub mod leader;
 pub mod metrics;
 pub mod peers;
@@ -291,6 +292,9 @@ pub(crate) struct SyncMemory {
     pub(crate) group: Option<crate::api::SecurityGroupStatus>,
     /// The status record of that sync (same reason).
     pub(crate) cloud_sync: Option<crate::api::CloudSync>,
+    /// What the other groups on the selected nodes' interfaces admit
+    /// beyond the policy, as of that sync.
+    pub(crate) effective: effective::Effective,
 }
 
 /// Shared state of every reconcile.
@@ -309,6 +313,8 @@ pub struct Context<E: Ec2> {
     pub(crate) eni_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Nodes and agent reports, from watches.
     pub cache: Arc<cache::ClusterCache>,
+    /// Security Groups on the selected nodes' interfaces, as last read.
+    pub groups: effective::GroupCache,
 }
 
 impl<E: Ec2> std::fmt::Debug for Context<E> {
@@ -326,6 +332,7 @@ impl<E: Ec2> Context<E> {
         for m in lock(&self.memory).values_mut() {
             m.at = None;
         }
+        self.groups.clear();
     }
 
     pub(crate) async fn publish(
@@ -466,6 +473,7 @@ pub fn context<E: Ec2>(
         failures: Mutex::new(HashMap::new()),
         eni_locks: Mutex::new(HashMap::new()),
         cache: Arc::default(),
+        groups: effective::GroupCache::default(),
     })
 }
 
