@@ -384,6 +384,180 @@ fn net_covered(net: IpNet, nets: &[IpNet]) -> bool {
     }
 }
 
+/// Traffic reachable on a node from the whole of one address range after
+/// both layers: `tcp/22 from 0.0.0.0/0`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Exposed {
+    /// Protocol and ports (the peer is `scope`).
+    pub traffic: SgPermission,
+}
+
+impl fmt::Display for Exposed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} from {}", traffic(&self.traffic), self.traffic.peer)
+    }
+}
+
+/// Most entries [`exposure`] returns per scope; the rest are counted by
+/// the caller from the returned `more`.
+pub const MAX_EXPOSED: usize = 16;
+
+/// What the *whole* of each `scope` (say `0.0.0.0/0`, `::/0`, the VPC) can
+/// reach inbound on a node, after both layers: the union of every group on
+/// its interface (`groups`: every rule, Palisade's or not) intersected with
+/// the node layer (`node`: what the Enforce policies governing its inbound
+/// traffic admit; `None` when none does and the node layer drops nothing).
+///
+/// TCP/UDP are reported as maximal port ranges; other protocols per rule.
+/// Sorted; at most [`MAX_EXPOSED`] entries per scope, and the number left
+/// out.
+pub fn exposure(
+    groups: &[SgPermission],
+    node: Option<&[SgPermission]>,
+    scopes: &[IpNet],
+) -> (Vec<Exposed>, usize) {
+    let mut out = BTreeSet::new();
+    for scope in scopes {
+        let peer = match scope {
+            IpNet::V4(n) => SgPeer::Ipv4(*n),
+            IpNet::V6(n) => SgPeer::Ipv6(*n),
+        };
+        let admits = |p: &SgPermission| covered(p, groups) && node.is_none_or(|n| covered(p, n));
+        // Candidates: the traffic of each group rule, from the scope.
+        let mut candidates: BTreeSet<(SgProtocol, i32, i32)> = BTreeSet::new();
+        for r in groups {
+            candidates.insert((r.protocol, r.from_port, r.to_port));
+        }
+        let all = SgPermission {
+            protocol: SgProtocol::All,
+            from_port: -1,
+            to_port: -1,
+            peer: peer.clone(),
+        };
+        if admits(&all) {
+            out.insert(Exposed { traffic: all });
+            continue;
+        }
+        for (protocol, from, to) in candidates {
+            match protocol {
+                SgProtocol::All => {
+                    // Not all of it (checked above): its TCP and UDP pieces.
+                    for p in [SgProtocol::Tcp, SgProtocol::Udp] {
+                        for (a, b) in open_ranges(p, 0, 65535, &peer, groups, node) {
+                            out.insert(Exposed {
+                                traffic: SgPermission {
+                                    protocol: p,
+                                    from_port: a,
+                                    to_port: b,
+                                    peer: peer.clone(),
+                                },
+                            });
+                        }
+                    }
+                }
+                SgProtocol::Tcp | SgProtocol::Udp => {
+                    for (a, b) in open_ranges(protocol, from, to, &peer, groups, node) {
+                        out.insert(Exposed {
+                            traffic: SgPermission {
+                                protocol,
+                                from_port: a,
+                                to_port: b,
+                                peer: peer.clone(),
+                            },
+                        });
+                    }
+                }
+                _ => {
+                    let p = SgPermission {
+                        protocol,
+                        from_port: from,
+                        to_port: to,
+                        peer: peer.clone(),
+                    };
+                    if admits(&p) {
+                        out.insert(Exposed { traffic: p });
+                    }
+                }
+            }
+        }
+    }
+    // Merge overlapping or adjacent TCP/UDP ranges of one scope.
+    let mut merged: Vec<Exposed> = Vec::new();
+    for e in out {
+        if let Some(last) = merged.last_mut() {
+            let (l, t) = (&mut last.traffic, &e.traffic);
+            if matches!(t.protocol, SgProtocol::Tcp | SgProtocol::Udp)
+                && l.protocol == t.protocol
+                && l.peer == t.peer
+                && t.from_port <= l.to_port.saturating_add(1)
+            {
+                l.to_port = l.to_port.max(t.to_port);
+                continue;
+            }
+        }
+        merged.push(e);
+    }
+    // Keep at most MAX_EXPOSED per scope.
+    let mut kept = Vec::new();
+    let mut left = 0;
+    let mut per_scope: std::collections::BTreeMap<SgPeer, usize> =
+        std::collections::BTreeMap::new();
+    for e in merged {
+        let n = per_scope.entry(e.traffic.peer.clone()).or_default();
+        if *n < MAX_EXPOSED {
+            *n += 1;
+            kept.push(e);
+        } else {
+            left += 1;
+        }
+    }
+    (kept, left)
+}
+
+/// The maximal sub-ranges of `from..=to` of `protocol` that the whole of
+/// `peer` reaches through both layers.
+fn open_ranges(
+    protocol: SgProtocol,
+    from: i32,
+    to: i32,
+    peer: &SgPeer,
+    groups: &[SgPermission],
+    node: Option<&[SgPermission]>,
+) -> Vec<(i32, i32)> {
+    let mut cuts: BTreeSet<i32> = BTreeSet::new();
+    cuts.insert(from);
+    for r in groups.iter().chain(node.unwrap_or_default()) {
+        if r.protocol != protocol {
+            continue;
+        }
+        if r.from_port > from && r.from_port <= to {
+            cuts.insert(r.from_port);
+        }
+        if r.to_port >= from && r.to_port < to {
+            cuts.insert(r.to_port + 1);
+        }
+    }
+    let starts: Vec<i32> = cuts.into_iter().collect();
+    let mut open: Vec<(i32, i32)> = Vec::new();
+    for (k, &a) in starts.iter().enumerate() {
+        let b = starts.get(k + 1).map_or(to, |next| next - 1);
+        let p = SgPermission {
+            protocol,
+            from_port: a,
+            to_port: b,
+            peer: peer.clone(),
+        };
+        if covered(&p, groups) && node.is_none_or(|n| covered(&p, n)) {
+            match open.last_mut() {
+                Some(last) if last.1 + 1 == a => last.1 = b,
+                _ => open.push((a, b)),
+            }
+        }
+    }
+    open
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -631,6 +805,51 @@ mod tests {
             &groups,
         );
         assert!(created.is_empty());
+    }
+
+    #[test]
+    fn exposure_is_the_intersection_of_the_union_and_the_node_layer() {
+        let anywhere: IpNet = "0.0.0.0/0".parse().unwrap();
+        let vpc: IpNet = "10.0.0.0/16".parse().unwrap();
+        let groups = [
+            tcp(22, 22, "0.0.0.0/0"),
+            tcp(443, 443, "0.0.0.0/0"),
+            tcp(8000, 8100, "0.0.0.0/1"),
+            tcp(8000, 8100, "128.0.0.0/1"),
+            perm(SgProtocol::All, -1, -1, "10.0.0.0/8"),
+        ];
+        // The node layer admits 443 from anywhere, 8050-9000 from anywhere,
+        // everything from the VPC.
+        let node = [
+            tcp(443, 443, "0.0.0.0/0"),
+            tcp(8050, 9000, "0.0.0.0/0"),
+            perm(SgProtocol::All, -1, -1, "10.0.0.0/16"),
+        ];
+        let (found, left) = exposure(&groups, Some(&node), &[anywhere, vpc]);
+        let text: Vec<String> = found.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            text,
+            [
+                "tcp/443 from 0.0.0.0/0",
+                "tcp/8050-8100 from 0.0.0.0/0",
+                "all traffic from 10.0.0.0/16"
+            ],
+        );
+        assert_eq!(left, 0);
+        // No Enforce policy on the node: the union alone decides.
+        let (open, _) = exposure(&groups, None, &[anywhere]);
+        let text: Vec<String> = open.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            text,
+            [
+                "tcp/22 from 0.0.0.0/0",
+                "tcp/443 from 0.0.0.0/0",
+                "tcp/8000-8100 from 0.0.0.0/0"
+            ]
+        );
+        // Nothing from anywhere when no rule admits all of it.
+        let (none, _) = exposure(&[tcp(22, 22, "203.0.113.0/24")], None, &[anywhere]);
+        assert!(none.is_empty());
     }
 
     mod prop {
