@@ -508,6 +508,7 @@ async fn controller_gauges_follow_policies_and_forget_deleted_ones() {
         cluster_name: "obs-tests".into(),
         policy_selector: Some("palisade.dev/test=obs".into()),
         instance: Some("test-obs".into()),
+        vpc_cidrs: Vec::new(),
         ..Config::default()
     };
     let ctx = controller::context(client.clone(), Arc::new(ec2), config, metrics.clone());
