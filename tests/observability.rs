@@ -101,6 +101,7 @@ fn exported() -> Vec<(String, Vec<String>)> {
     controller.failed("Example");
     (controller.ec2_observer())("DescribeSecurityGroups", "ok");
     controller.observe_status("example", &Default::default());
+    controller.widened("example", 1);
     let agent = palisade::agent::metrics::Metrics::default();
     agent
         .audit_would_drop
