@@ -1077,10 +1077,10 @@ pub async fn cleanup<E: Ec2>(
         // nowhere else.
         let tag = tags::attached(&id, &policy.uid().unwrap_or_default());
         for eni in ctx.ec2.enis_in_group(&id).await? {
-            if eni.tags.contains_key(&tag) {
-                if set_membership(&ctx, &eni.id, &id, EniChange::Detach).await? {
-                    ctx.ec2.untag_eni(&eni.id, &tag).await?;
-                }
+            if eni.tags.contains_key(&tag)
+                && set_membership(&ctx, &eni.id, &id, EniChange::Detach).await?
+            {
+                ctx.ec2.untag_eni(&eni.id, &tag).await?;
             }
         }
     }
