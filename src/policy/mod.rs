@@ -119,6 +119,7 @@
 //! The node layer filters the host's own traffic (INPUT/OUTPUT): pod
 //! traffic that is forwarded is not affected, hostNetwork pods are.
 
+pub mod admission;
 mod canonical;
 mod cloud;
 mod error;
