@@ -439,7 +439,7 @@ pub struct SecurityGroupTarget {
     /// be overridden; `aws:` (in any case) is reserved by AWS.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(extend("maxProperties" = 40, "additionalProperties" = {"type": "string", "maxLength": 256}))]
-    #[x_kube(validation = Rule::new("self.all(k, size(k) >= 1 && size(k) <= 128)").message("tag keys must be 1-128 characters"))]
+    #[x_kube(validation = Rule::new("self.all(k, k.matches('^.{1,128}$'))").message("tag keys must be 1-128 characters"))]
     #[x_kube(validation = Rule::new("self.all(k, !k.lowerAscii().startsWith('aws:') && !k.startsWith('palisade.dev/'))").message("tag keys must not start with aws: (reserved by AWS, in any case) or palisade.dev/ (Palisade's own tags)"))]
     pub tags: Option<BTreeMap<String, String>>,
 
