@@ -125,6 +125,11 @@ pub fn read_documents(path: &Path) -> Result<Vec<Document>, Error> {
 /// The documents of `text`, read from `path` (for origins and errors).
 pub fn parse_documents(text: &str, path: &Path) -> Result<Vec<Document>, Error> {
     let mut docs = Vec::new();
+    // kubectl reads YAML 1.1, where a plain `yes`, `on`, `y` (and their
+    // negations) are booleans; serde_yaml reads YAML 1.2, where they are
+    // strings. A YAML 1.1 reading of the same text supplies the booleans.
+    let yaml11: Vec<Value> = serde_saphyr::from_multiple(text).unwrap_or_default();
+    let mut yaml11 = yaml11.iter().filter(|v| !v.is_null());
     for (i, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let mut value: Value =
             serde::Deserialize::deserialize(de).map_err(|source| Error::Parse {
@@ -133,6 +138,9 @@ pub fn parse_documents(text: &str, path: &Path) -> Result<Vec<Document>, Error> 
             })?;
         if value.is_null() {
             continue;
+        }
+        if let Some(reading) = yaml11.next() {
+            yaml11_booleans(&mut value, reading);
         }
         apply_merge_keys(&mut value);
         let origin = format!("{}#{}", path.display(), i + 1);
@@ -151,6 +159,27 @@ pub fn parse_documents(text: &str, path: &Path) -> Result<Vec<Document>, Error> 
         }
     }
     Ok(docs)
+}
+
+/// Takes the booleans of a YAML 1.1 `reading` of the same document where
+/// `value` (read as YAML 1.2) holds a string.
+fn yaml11_booleans(value: &mut Value, reading: &Value) {
+    match (value, reading) {
+        (v @ Value::String(_), Value::Bool(b)) => *v = Value::Bool(*b),
+        (Value::Object(a), Value::Object(b)) => {
+            for (k, v) in a.iter_mut() {
+                if let Some(w) = b.get(k) {
+                    yaml11_booleans(v, w);
+                }
+            }
+        }
+        (Value::Array(a), Value::Array(b)) => {
+            for (v, w) in a.iter_mut().zip(b) {
+                yaml11_booleans(v, w);
+            }
+        }
+        _ => {}
+    }
 }
 
 /// Applies YAML merge keys (`<<: *base` or `<<: [*a, *b]`) as kubectl's
@@ -197,7 +226,10 @@ pub fn check_policy(value: &Value) -> Vec<String> {
     let compiler: Vec<crate::policy::PolicyError> =
         match typed.as_ref().map(crate::policy::validate) {
             Some(Err(e)) => e.problems().into_iter().cloned().collect(),
-            _ => Vec::new(),
+            Some(Ok(_)) => Vec::new(),
+            // Not even decodable (a port of 65536, say): the compiler's
+            // word on each CIDR still says what to write.
+            None => cidr_problems(value),
         };
     let mut out: Vec<String> = compiler.iter().map(ToString::to_string).collect();
     if let Err(problems) = admission {
@@ -232,6 +264,25 @@ fn is_policy(value: &Value) -> bool {
             .get("apiVersion")
             .and_then(Value::as_str)
             .is_some_and(|v| v.starts_with("palisade.dev/"))
+}
+
+/// The compiler's problems with every peer `cidr` of a manifest that does
+/// not decode as a whole.
+fn cidr_problems(value: &Value) -> Vec<crate::policy::PolicyError> {
+    let mut out = Vec::new();
+    for direction in ["ingress", "egress"] {
+        let rules = value["spec"][direction].as_array().into_iter().flatten();
+        for (i, rule) in rules.enumerate() {
+            let peers = rule["peers"].as_array().into_iter().flatten();
+            for (j, peer) in peers.enumerate() {
+                if let Some(cidr) = peer["cidr"].as_str() {
+                    let path = format!("spec.{direction}[{i}].peers[{j}].cidr");
+                    out.extend(crate::policy::parse_cidr(cidr, &path).err());
+                }
+            }
+        }
+    }
+    out
 }
 
 /// `palisade validate`: checks every FirewallPolicy document of `files`

@@ -122,12 +122,16 @@ pub fn admit(value: &Value) -> Result<FirewallPolicy, Vec<Problem>> {
         }
     }
     let normalised = Value::Object(normalised);
-    if problems.is_empty() {
-        // The apiserver evaluates CEL only over a schema-valid object.
-        if let Err(errors) =
-            kube::core::cel::Validator::new().validate(policy_schema(), &normalised, None)
-        {
-            for e in errors.into_vec() {
+    // The apiserver evaluates CEL only over a schema-valid object. Over
+    // what is left of an invalid one (wrong-typed fields dropped) the rules
+    // that still hold an opinion are reported too, so one run shows every
+    // problem; the verdict is "refused" either way.
+    let schema_valid = problems.is_empty();
+    if let Err(errors) =
+        kube::core::cel::Validator::new().validate(policy_schema(), &normalised, None)
+    {
+        for e in errors.into_vec() {
+            if schema_valid || e.kind == kube::core::cel::ErrorKind::ValidationFailure {
                 problems.push(problem(e.field_path.trim_start_matches('.'), e.message));
             }
         }
@@ -204,7 +208,13 @@ pub fn check_schema(
             check_string(s, sub, path, problems);
         }
     }
-    (problems.len() == before).then_some(out).flatten()
+    // A container goes on with what is valid inside it, so the CEL rules
+    // still see it; a scalar with a problem is dropped.
+    if value.is_object() || value.is_array() {
+        out
+    } else {
+        (problems.len() == before).then_some(out).flatten()
+    }
 }
 
 /// An integer as the apiserver reads one: a JSON number with no fraction,
@@ -279,7 +289,7 @@ fn check_object(
             problems.push(problem(&join(path, required), "Required value"));
         }
     }
-    let count = out.len() as u64;
+    let count = map.values().filter(|v| !v.is_null()).count() as u64;
     if let Some(max) = schema.get("maxProperties").and_then(Value::as_u64)
         && count > max
     {
@@ -506,5 +516,137 @@ fn check_metadata(metadata: &Value, problems: &mut Vec<Problem>) {
             format!("Invalid value: {name:?}: a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character, at most 253 characters"),
         )),
         Some(_) => {}
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn problems(yaml: &str) -> Vec<String> {
+        let value: Value = serde_yaml::from_str(yaml).unwrap();
+        match admit(&value) {
+            Ok(_) => vec![],
+            Err(ps) => ps.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    fn policy(spec: &str) -> String {
+        format!(
+            "apiVersion: palisade.dev/v1alpha1\nkind: FirewallPolicy\nmetadata: {{name: p}}\nspec:\n{spec}"
+        )
+    }
+
+    #[test]
+    fn integers_written_as_floats_are_coerced_as_the_apiserver_does() {
+        let value: Value = serde_yaml::from_str(&policy(
+            "  policyTypes: [Ingress]\n  ingress: [{name: r, protocol: TCP, ports: [{port: 80.0, endPort: 8e1}], peers: [{cidr: 10.0.0.0/8}]}]\n",
+        ))
+        .unwrap();
+        let p = admit(&value).unwrap();
+        let port = &p.spec.ingress.unwrap()[0].ports.clone().unwrap()[0];
+        assert_eq!((port.port, port.end_port), (80, Some(80)));
+        let ps = problems(&policy(
+            "  policyTypes: [Ingress]\n  ingress: [{name: r, protocol: TCP, ports: [{port: 80.5}], peers: [{cidr: 10.0.0.0/8}]}]\n",
+        ));
+        assert_eq!(ps.len(), 1, "{ps:?}");
+        assert!(
+            ps[0].starts_with("spec.ingress[0].ports[0].port: Invalid value: \"number\""),
+            "{ps:?}"
+        );
+    }
+
+    #[test]
+    fn unknown_fields_and_wrong_types_are_refused_with_their_paths() {
+        let ps = problems(
+            "apiVersion: palisade.dev/v1alpha1\nkind: FirewallPolicy\nmetadata: {name: p, lables: {a: b}}\nspec:\n  policyTypes: [Ingress]\n  nodeSelector: []\n  securityGroup: []\n  extra: 1\n",
+        );
+        assert_eq!(
+            ps,
+            [
+                "metadata.lables: unknown field",
+                "spec.extra: unknown field",
+                "spec.nodeSelector: Invalid value: \"array\": spec.nodeSelector in body must be of type object: \"array\"",
+                "spec.securityGroup: Invalid value: \"array\": spec.securityGroup in body must be of type object: \"array\"",
+            ]
+        );
+    }
+
+    #[test]
+    fn nulls_are_pruned_and_lengths_count_characters() {
+        // mode: null is as if absent (the default applies).
+        assert!(problems(&policy("  policyTypes: [Ingress]\n  mode: null\n")).is_empty());
+        let tags = |k: &str, v: &str| {
+            problems(&policy(&format!(
+                "  policyTypes: [Ingress]\n  securityGroup:\n    tags: {{\"{k}\": \"{v}\"}}\n"
+            )))
+        };
+        assert!(tags(&"é".repeat(128), &"é".repeat(256)).is_empty());
+        assert_eq!(tags(&"é".repeat(129), "v").len(), 1);
+        assert_eq!(tags("k", &"é".repeat(257)).len(), 1);
+        assert_eq!(tags("", "v").len(), 1);
+    }
+
+    #[test]
+    fn label_syntax_is_checked_where_admission_checks_it() {
+        let sel = |s: &str| {
+            problems(&policy(&format!(
+                "  policyTypes: [Ingress]\n  nodeSelector:\n{s}"
+            )))
+        };
+        assert_eq!(
+            sel("    matchLabels: {\"my role\": web}\n").len(),
+            1,
+            "{:?}",
+            sel("    matchLabels: {\"my role\": web}\n")
+        );
+        assert_eq!(
+            sel("    matchLabels: {role: \"a b\"}\n").len(),
+            1,
+            "{:?}",
+            sel("    matchLabels: {role: \"a b\"}\n")
+        );
+        assert_eq!(
+            sel(&format!("    matchLabels: {{{}: web}}\n", "k".repeat(64))).len(),
+            1
+        );
+        assert_eq!(
+            sel(&format!(
+                "    matchLabels: {{\"{}/k\": web}}\n",
+                "p".repeat(254)
+            ))
+            .len(),
+            1
+        );
+        assert!(
+            sel(&format!(
+                "    matchLabels: {{\"{}/k\": web}}\n",
+                "p".repeat(253)
+            ))
+            .is_empty()
+        );
+        assert_eq!(
+            sel("    matchExpressions: [{key: \"a/b/c\", operator: Exists}]\n").len(),
+            1
+        );
+        assert!(
+            sel(
+                "    matchExpressions: [{key: node-role.kubernetes.io/worker, operator: Exists}]\n"
+            )
+            .is_empty()
+        );
+    }
+
+    #[test]
+    fn every_problem_is_reported_even_when_the_schema_fails() {
+        let ps = problems(&policy(
+            "  policyTypes: [Ingress]\n  ingress: [{name: r, protocol: TCP, ports: [{port: 65536}], peers: [{cidr: \"2001:DB8::/32\"}]}]\n",
+        ));
+        assert_eq!(ps.len(), 2, "{ps:#?}");
+        assert!(
+            ps[1].starts_with("spec.ingress[0].peers[0].cidr: cidr must be canonical"),
+            "{ps:#?}"
+        );
     }
 }

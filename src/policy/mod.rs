@@ -169,8 +169,8 @@ pub use sgdiff::{
     owns_rule,
 };
 pub use validate::{
-    MAX_POLICY_NAME, PeerRef, PortSpan, ValidPolicy, ValidRule, nodes_selected, policies_for_node,
-    validate,
+    MAX_POLICY_NAME, PeerRef, PortSpan, ValidPolicy, ValidRule, nodes_selected, parse_cidr,
+    policies_for_node, validate,
 };
 pub use warnings::Warning;
 

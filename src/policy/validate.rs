@@ -550,49 +550,13 @@ fn validate_peer(
     }
     if let Some(cidr) = &peer.cidr {
         let path = format!("{at}.cidr");
-        let Ok(net) = cidr.parse::<IpNet>() else {
-            errors.push(PolicyError::field(
-                path,
-                format!("{cidr:?} is not a CIDR"),
-                "write an IPv4 or IPv6 network such as 203.0.113.0/24, 10.0.0.5/32 or 2001:db8::/32",
-            ));
-            return None;
+        let canonical = match parse_cidr(cidr, &path) {
+            Ok(net) => net,
+            Err(e) => {
+                errors.push(e);
+                return None;
+            }
         };
-        if let IpNet::V6(v6) = net
-            && v6.addr().to_ipv4_mapped().is_some()
-        {
-            // The apiserver's cidr() refuses IPv4-mapped IPv6 outright.
-            errors.push(PolicyError::field(
-                path,
-                format!("{cidr} is an IPv4-mapped IPv6 network, which the apiserver refuses"),
-                "write the IPv4 network itself (IPv4 peers are matched as IPv4 on both layers)",
-            ));
-            return None;
-        }
-        let canonical = net.trunc();
-        if canonical != net {
-            // Host bits set: a typo in the address or in the prefix length.
-            // Point it out; never suggest the masked network, which may be
-            // far wider than meant (10.0.0.0/0 is every address).
-            let host = IpNet::new(net.addr(), net.max_prefix_len()).unwrap_or(net);
-            errors.push(PolicyError::field(
-                path,
-                format!("{cidr} has host bits set after /{}", net.prefix_len()),
-                format!(
-                    "write {host} for that one address, or correct the address or the prefix length"
-                ),
-            ));
-            return None;
-        }
-        if canonical.to_string() != *cidr {
-            // Same network, spelled differently: the apiserver compares text.
-            errors.push(PolicyError::NonCanonicalCidr {
-                path,
-                value: cidr.clone(),
-                canonical: canonical.to_string(),
-            });
-            return None;
-        }
         let family = IpFamily::of_net(&canonical);
         let wrong = match (protocol, family) {
             (Protocol::Icmp, IpFamily::V6) => {
@@ -639,6 +603,53 @@ fn validate_peer(
             None
         }
     }
+}
+
+/// Parses a peer's `cidr` as admission accepts it: a network with no host
+/// bits, written canonically (the apiserver compares text), not
+/// IPv4-mapped. The error says what to write; it never suggests a wider
+/// network than the one written.
+pub fn parse_cidr(cidr: &str, path: &str) -> Result<IpNet, PolicyError> {
+    let Ok(net) = cidr.parse::<IpNet>() else {
+        return Err(PolicyError::field(
+            path,
+            format!("{cidr:?} is not a CIDR"),
+            "write an IPv4 or IPv6 network such as 203.0.113.0/24, 10.0.0.5/32 or 2001:db8::/32",
+        ));
+    };
+    if let IpNet::V6(v6) = net
+        && v6.addr().to_ipv4_mapped().is_some()
+    {
+        // The apiserver's cidr() refuses IPv4-mapped IPv6 outright.
+        return Err(PolicyError::field(
+            path,
+            format!("{cidr} is an IPv4-mapped IPv6 network, which the apiserver refuses"),
+            "write the IPv4 network itself (IPv4 peers are matched as IPv4 on both layers)",
+        ));
+    }
+    let canonical = net.trunc();
+    if canonical != net {
+        // Host bits set: a typo in the address or in the prefix length.
+        // Point it out; never suggest the masked network, which may be
+        // far wider than meant (10.0.0.0/0 is every address).
+        let host = IpNet::new(net.addr(), net.max_prefix_len()).unwrap_or(net);
+        return Err(PolicyError::field(
+            path,
+            format!("{cidr} has host bits set after /{}", net.prefix_len()),
+            format!(
+                "write {host} for that one address, or correct the address or the prefix length"
+            ),
+        ));
+    }
+    if canonical.to_string() != cidr {
+        // Same network, spelled differently: the apiserver compares text.
+        return Err(PolicyError::NonCanonicalCidr {
+            path: path.to_string(),
+            value: cidr.to_string(),
+            canonical: canonical.to_string(),
+        });
+    }
+    Ok(canonical)
 }
 
 fn validate_target(sg: &SecurityGroupTarget, errors: &mut Vec<PolicyError>) {
