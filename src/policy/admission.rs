@@ -626,9 +626,10 @@ mod tests {
             ))
             .is_empty()
         );
+        // Two slashes break both of the key's patterns.
         assert_eq!(
             sel("    matchExpressions: [{key: \"a/b/c\", operator: Exists}]\n").len(),
-            1
+            2
         );
         assert!(
             sel(
