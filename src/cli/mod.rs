@@ -128,7 +128,10 @@ pub fn parse_documents(text: &str, path: &Path) -> Result<Vec<Document>, Error> 
     // kubectl reads YAML 1.1, where a plain `yes`, `on`, `y` (and their
     // negations) are booleans; serde_yaml reads YAML 1.2, where they are
     // strings. A YAML 1.1 reading of the same text supplies the booleans.
-    let yaml11: Vec<Value> = serde_saphyr::from_multiple(text).unwrap_or_default();
+    let mut options = serde_saphyr::Options::default();
+    options.duplicate_keys = serde_saphyr::DuplicateKeyPolicy::LastWins;
+    let yaml11: Vec<Value> =
+        serde_saphyr::from_multiple_with_options(text, options).unwrap_or_default();
     let mut yaml11 = yaml11.iter().filter(|v| !v.is_null());
     for (i, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let mut value: Value =
