@@ -245,7 +245,8 @@ fn batches(dir: &Path, cases: &[Case]) -> Vec<(PathBuf, Vec<Case>)> {
 }
 
 /// Runs every case through the three judges; returns the disagreements.
-fn judge(cases: &[Case]) -> Vec<String> {
+/// `verdicts` holds `palisade validate`'s verdict on each case, by file.
+fn judge(cases: &[Case], verdicts: &BTreeMap<String, (bool, String)>) -> Vec<String> {
     let tmp = tempfile::tempdir().unwrap();
     let mut disagreements = Vec::new();
     for (dir, batch) in batches(tmp.path(), cases) {
@@ -262,7 +263,7 @@ fn judge(cases: &[Case]) -> Vec<String> {
         std::fs::create_dir_all(&admitted).unwrap();
         let mut any = false;
         for case in &batch {
-            let (ok, why) = validate_verdict(case);
+            let (ok, why) = verdicts[&case.file].clone();
             let (c_ok, c_why) = &csa[&case.file];
             let (s_ok, s_why) = &ssa[&case.file];
             if ok != *c_ok || ok != *s_ok {
@@ -643,9 +644,18 @@ async fn apiserver_validate_and_compiler_agree_on_every_case() {
     cases.extend(differential.iter().cloned());
     cases.extend(fuzzed.iter().cloned());
     let started = std::time::Instant::now();
-    let disagreements = judge(&cases);
+    let verdicts: BTreeMap<String, (bool, String)> = cases
+        .iter()
+        .map(|c| (c.file.clone(), validate_verdict(c)))
+        .collect();
+    assert_eq!(
+        verdicts.len(),
+        cases.len(),
+        "case file names must be unique"
+    );
+    let disagreements = judge(&cases, &verdicts);
     let (valid, refused): (Vec<&Case>, Vec<&Case>) =
-        cases.iter().partition(|c| validate_verdict(c).0);
+        cases.iter().partition(|c| verdicts[&c.file].0);
     eprintln!(
         "differential: {} cases ({} examples, {} invalid corpus, {} differential corpus, {} fuzz, seed {seed:#x}): {} accepted, {} refused; {} disagreement(s) in {:.1}s",
         cases.len(),
@@ -659,7 +669,7 @@ async fn apiserver_validate_and_compiler_agree_on_every_case() {
         started.elapsed().as_secs_f64()
     );
     // The fuzz must exercise both verdicts, or it proves nothing.
-    let fuzz_ok = fuzzed.iter().filter(|c| validate_verdict(c).0).count();
+    let fuzz_ok = fuzzed.iter().filter(|c| verdicts[&c.file].0).count();
     assert!(
         fuzz_ok > n / 10 && fuzz_ok < n * 9 / 10,
         "fuzz accepted {fuzz_ok} of {n}"
