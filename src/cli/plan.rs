@@ -1,0 +1,618 @@
+//! `palisade plan -f FILES`: what applying FirewallPolicy manifests would
+//! change on a live cluster, before anything is applied — as `terraform
+//! plan` does for infrastructure. Reads only ([`super::live`]); writes
+//! nothing anywhere.
+//!
+//! For the manifests as a whole (applied together, as a GitOps sync does):
+//! - per policy, its Security Group: the authorizations, revocations and
+//!   description changes the controller would make
+//!   ([`diff_security_group`] against the group the live policy of that name
+//!   uses, or against a new group), and the interfaces it would be attached
+//!   to or detached from;
+//! - per node a manifest selects (before or after): the openings added and
+//!   removed (the `render` summary) and the exact iptables / ipset lines
+//!   added and removed, compiled as the node's agent compiles them;
+//! - per such node, the effective exposure before and after
+//!   ([`exposure`]): what the whole of `0.0.0.0/0`, `::/0` (and any extra
+//!   scope) reaches inbound through the union of the interface's groups and
+//!   the node layer.
+//!
+//! Deleting a policy is not planned: only the manifests given are compared
+//! with their live versions.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::path::PathBuf;
+
+use ipnet::IpNet;
+use kube::ResourceExt;
+use serde::Serialize;
+
+use super::live::{Live, NodeSettings, ruleset};
+use super::{Error, check_policy, expand_paths, is_policy, read_documents};
+use crate::api::{FirewallPolicy, Layer, PolicyMode};
+use crate::cloud::Ec2;
+use crate::node::render::render_ruleset;
+use crate::policy::effective::{Exposed, Intent, covered, exposure, traffic};
+use crate::policy::{
+    CurrentSgRule, Direction, Facts, GroupOwnership, NodeRuleset, SgPermission, ValidPolicy,
+    diff_security_group, plan_cloud, validate,
+};
+
+/// How `plan` runs besides the files.
+#[derive(Debug, Clone, Default)]
+pub struct PlanSettings {
+    /// The agent's settings (failsafe, allow verdict), as for `explain`.
+    pub node: NodeSettings,
+    /// Scopes of the exposure besides `0.0.0.0/0` and `::/0` (the VPC).
+    pub extra_scopes: Vec<IpNet>,
+}
+
+/// What a plan found, for the exit code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PlanOutcome {
+    /// Something would change (a rule, an attachment, a node rule).
+    pub changes: bool,
+    /// Some node would be reachable from the whole of `0.0.0.0/0` or
+    /// `::/0` on traffic it is not reachable on now.
+    pub internet_widened: bool,
+}
+
+/// The plan of one policy's group.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GroupPlan {
+    /// The policy.
+    pub policy: String,
+    /// Where its manifest came from.
+    pub origin: String,
+    /// `sg-...`, or `None` for a group to be created.
+    pub group_id: Option<String>,
+    /// Created for the policy, or adopted.
+    pub ownership: GroupOwnership,
+    /// `+ ingress tcp/443 from 0.0.0.0/0 "palisade:web/https"`, `- ...`, `~ ...`.
+    pub changes: Vec<String>,
+    /// Nodes whose interface would get the group.
+    pub attach: Vec<String>,
+    /// Nodes whose interface would lose it.
+    pub detach: Vec<String>,
+    /// The cloud plan's warnings.
+    pub warnings: Vec<String>,
+}
+
+/// The plan of one node.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodePlan {
+    /// The node.
+    pub node: String,
+    /// Openings added (`+`) and removed (`-`), as the summary shows them.
+    pub openings: Vec<String>,
+    /// iptables/ip6tables/ipset lines added (`+`) and removed (`-`).
+    pub rules: Vec<String>,
+    /// Exposure now (`None`: not known, the node is not on EC2).
+    pub exposure_before: Option<Vec<String>>,
+    /// Exposure after.
+    pub exposure_after: Option<Vec<String>>,
+    /// Exposure entries to the whole internet that are new.
+    pub widened: Vec<String>,
+}
+
+/// The whole plan.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Plan {
+    /// Per policy of the manifests.
+    pub groups: Vec<GroupPlan>,
+    /// Per node selected before or after.
+    pub nodes: Vec<NodePlan>,
+    /// Notes (live policies left out as invalid).
+    pub problems: Vec<String>,
+}
+
+impl Plan {
+    /// What it found.
+    pub fn outcome(&self) -> PlanOutcome {
+        PlanOutcome {
+            changes: self.groups.iter().any(|g| {
+                !g.changes.is_empty()
+                    || !g.attach.is_empty()
+                    || !g.detach.is_empty()
+                    || g.group_id.is_none()
+            }) || self
+                .nodes
+                .iter()
+                .any(|n| !n.rules.is_empty() || n.exposure_before != n.exposure_after),
+            internet_widened: self.nodes.iter().any(|n| !n.widened.is_empty()),
+        }
+    }
+}
+
+/// The FirewallPolicy manifests of `files`; every invalid one is printed
+/// on `out` and makes it fail.
+pub fn read_manifests(
+    files: &[PathBuf],
+    out: &mut impl Write,
+) -> Result<Vec<(String, FirewallPolicy)>, Error> {
+    let mut found = Vec::new();
+    let mut invalid = 0;
+    for file in &expand_paths(files)? {
+        for doc in read_documents(file)? {
+            if !is_policy(&doc.value) {
+                continue;
+            }
+            let problems = check_policy(&doc.value);
+            if !problems.is_empty() {
+                invalid += 1;
+                for p in problems {
+                    writeln!(out, "{}: {p}", doc.origin)?;
+                }
+                continue;
+            }
+            let p: FirewallPolicy = serde_json::from_value(doc.value)
+                .map_err(|e| Error::Render(format!("{}: {e}", doc.origin)))?;
+            found.push((doc.origin, p));
+        }
+    }
+    if invalid > 0 {
+        return Err(Error::Invalid(invalid));
+    }
+    if found.is_empty() {
+        return Err(Error::Render(
+            "no FirewallPolicy found in the files given".into(),
+        ));
+    }
+    Ok(found)
+}
+
+/// Reads the live state the manifests touch.
+pub async fn read_for<E: Ec2>(
+    client: &kube::Client,
+    ec2: &E,
+    manifests: &[(String, FirewallPolicy)],
+) -> Result<Live, Error> {
+    let mut live = Live::read_cluster(client).await?;
+    let mut extra = Vec::new();
+    let mut problems = Vec::new();
+    let mut valid = live.active(&mut problems);
+    for (_, p) in manifests {
+        if let Some(id) = p.spec.security_group.as_ref().and_then(|s| s.id.clone()) {
+            extra.push(id);
+        }
+        if let Some(g) = live
+            .policy(&p.name_any())
+            .and_then(|l| l.status.as_ref()?.security_group.clone())
+        {
+            extra.push(g.id);
+        }
+        valid.extend(validate(p).ok());
+    }
+    live.read_cloud(ec2, None, &extra, &valid).await?;
+    Ok(live)
+}
+
+/// Plans `manifests` against `live` (pure).
+pub fn plan(
+    live: &Live,
+    manifests: &[(String, FirewallPolicy)],
+    settings: &PlanSettings,
+) -> Result<Plan, Error> {
+    let mut problems = Vec::new();
+    let before = live.active(&mut problems);
+    let names: BTreeSet<String> = manifests.iter().map(|(_, p)| p.name_any()).collect();
+    let mut after: Vec<ValidPolicy> = before
+        .iter()
+        .filter(|p| !names.contains(p.name()))
+        .cloned()
+        .collect();
+    let mut new = Vec::new();
+    for (origin, p) in manifests {
+        let v = validate(p).map_err(|e| Error::Render(format!("{origin}: {e}")))?;
+        new.push((origin.clone(), p, v.clone()));
+        after.push(v);
+    }
+    let facts = live.facts(&settings.node);
+
+    // Groups: their rules after, and the interfaces they join or leave.
+    let mut groups = Vec::new();
+    let mut rules_after: BTreeMap<String, Vec<CurrentSgRule>> = BTreeMap::new();
+    let mut joins: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut leaves: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (origin, p, v) in &new {
+        let (g, after_rules) = group_plan(live, &facts, origin, p, v)?;
+        let key = g
+            .group_id
+            .clone()
+            .unwrap_or_else(|| format!("(new group of {})", g.policy));
+        rules_after.insert(key.clone(), after_rules);
+        for n in &g.attach {
+            joins.entry(n.clone()).or_default().push(key.clone());
+        }
+        for n in &g.detach {
+            leaves.entry(n.clone()).or_default().push(key.clone());
+        }
+        groups.push(g);
+    }
+
+    let mut scopes: Vec<IpNet> = vec![
+        "0.0.0.0/0".parse().map_err(|_| Error::Render("scope".into()))?,
+        "::/0".parse().map_err(|_| Error::Render("scope".into()))?,
+    ];
+    scopes.extend(settings.extra_scopes.iter().copied());
+
+    // Nodes: every node a manifest's policy selects, before or after.
+    let mut touched: BTreeSet<String> = BTreeSet::new();
+    for n in &live.nodes {
+        for (_, _, v) in &new {
+            let was = before.iter().any(|b| b.name() == v.name() && b.selects(n));
+            if was || v.selects(n) {
+                touched.insert(n.name.clone());
+            }
+        }
+    }
+    let mut nodes = Vec::new();
+    for name in touched {
+        let rs_before = ruleset(&name, &before, &facts)?;
+        let rs_after = ruleset(&name, &after, &facts)?;
+        let selected_before: Vec<&ValidPolicy> = before
+            .iter()
+            .filter(|p| rs_before.policies.iter().any(|d| d.name == p.name()))
+            .collect();
+        let selected_after: Vec<&ValidPolicy> = after
+            .iter()
+            .filter(|p| rs_after.policies.iter().any(|d| d.name == p.name()))
+            .collect();
+        let openings = line_diff(
+            &opening_lines(&selected_before),
+            &opening_lines(&selected_after),
+        );
+        let rules = line_diff(&restore_lines(&rs_before), &restore_lines(&rs_after));
+        let (exposure_before, exposure_after, widened) = match live.instance(&name) {
+            None => (None, None, Vec::new()),
+            Some(instance) => {
+                let before_groups: Vec<String> = instance.eni_groups.clone();
+                let mut after_groups: Vec<String> = before_groups
+                    .iter()
+                    .filter(|g| !leaves.get(&name).is_some_and(|l| l.contains(g)))
+                    .cloned()
+                    .collect();
+                after_groups.extend(joins.get(&name).cloned().unwrap_or_default());
+                let union = |ids: &[String], changed: bool| -> Vec<SgPermission> {
+                    ids.iter()
+                        .flat_map(|id| {
+                            let rules = match rules_after.get(id) {
+                                Some(r) if changed => r.clone(),
+                                _ => live
+                                    .groups
+                                    .get(id)
+                                    .map(|g| g.rules.clone())
+                                    .unwrap_or_default(),
+                            };
+                            rules
+                                .into_iter()
+                                .filter(|r| r.direction == Direction::Ingress)
+                                .map(|r| r.permission)
+                        })
+                        .collect()
+                };
+                let node_intent = |selected: &[&ValidPolicy]| node_ingress(selected, &facts);
+                let (b, _) = exposure(
+                    &union(&before_groups, false),
+                    node_intent(&selected_before).as_deref(),
+                    &scopes,
+                );
+                let (a, more) = exposure(
+                    &union(&after_groups, true),
+                    node_intent(&selected_after).as_deref(),
+                    &scopes,
+                );
+                let before_perms: Vec<SgPermission> =
+                    b.iter().map(|e| e.traffic.clone()).collect();
+                let widened: Vec<String> = a
+                    .iter()
+                    .filter(|e| world(e) && !covered(&e.traffic, &before_perms))
+                    .map(ToString::to_string)
+                    .collect();
+                let mut after_text: Vec<String> = a.iter().map(ToString::to_string).collect();
+                if more > 0 {
+                    after_text.push(format!("... and {more} more"));
+                }
+                (
+                    Some(b.iter().map(ToString::to_string).collect()),
+                    Some(after_text),
+                    widened,
+                )
+            }
+        };
+        nodes.push(NodePlan {
+            node: name,
+            openings,
+            rules,
+            exposure_before,
+            exposure_after,
+            widened,
+        });
+    }
+    Ok(Plan {
+        groups,
+        nodes,
+        problems,
+    })
+}
+
+fn world(e: &Exposed) -> bool {
+    match &e.traffic.peer {
+        crate::policy::SgPeer::Ipv4(n) => n.prefix_len() == 0,
+        crate::policy::SgPeer::Ipv6(n) => n.prefix_len() == 0,
+        _ => false,
+    }
+}
+
+/// What the Enforce policies governing inbound traffic admit on the node
+/// layer (`None`: none governs it, the node layer drops nothing).
+fn node_ingress(selected: &[&ValidPolicy], facts: &Facts) -> Option<Vec<SgPermission>> {
+    let mut out: Option<Vec<SgPermission>> = None;
+    for p in selected.iter().filter(|p| p.mode() == PolicyMode::Enforce) {
+        if let Some(perms) = Intent::of(p, facts, Layer::Node).ingress {
+            out.get_or_insert_with(Vec::new).extend(perms);
+        }
+    }
+    out
+}
+
+/// The group plan of one manifest, and the group's rules after it.
+fn group_plan(
+    live: &Live,
+    facts: &Facts,
+    origin: &str,
+    p: &FirewallPolicy,
+    v: &ValidPolicy,
+) -> Result<(GroupPlan, Vec<CurrentSgRule>), Error> {
+    let name = p.name_any();
+    let target = p.spec.security_group.clone().unwrap_or_default();
+    let live_status = live
+        .policy(&name)
+        .and_then(|l| l.status.as_ref())
+        .and_then(|s| s.security_group.clone());
+    let (group_id, ownership, current) = match &target.id {
+        Some(id) => {
+            let g = live.groups.get(id).ok_or_else(|| {
+                Error::Live(format!(
+                    "{origin}: the Security Group {id} named in spec.securityGroup.id does not exist"
+                ))
+            })?;
+            (Some(id.clone()), GroupOwnership::Adopted, g.rules.clone())
+        }
+        None => match live_status
+            .as_ref()
+            .filter(|s| s.owned)
+            .and_then(|s| live.groups.get(&s.id))
+        {
+            Some(g) => (
+                Some(g.info.id.clone()),
+                GroupOwnership::Created,
+                g.rules.clone(),
+            ),
+            // A new group holds AWS's default egress rule.
+            None => (
+                None,
+                GroupOwnership::Created,
+                vec![CurrentSgRule {
+                    rule_id: "(default)".into(),
+                    direction: Direction::Egress,
+                    permission: SgPermission::default_egress()[0].clone(),
+                    description: None,
+                }],
+            ),
+        },
+    };
+    let cloud = plan_cloud(v, facts).map_err(|e| Error::Render(format!("{origin}: {e}")))?;
+    let diff = diff_security_group(&cloud.applied(), &current, ownership);
+    let mut changes = Vec::new();
+    for direction in [Direction::Ingress, Direction::Egress] {
+        let way = match direction {
+            Direction::Ingress => "from",
+            Direction::Egress => "to",
+        };
+        let d = diff.direction(direction);
+        for a in &d.authorize {
+            changes.push(format!(
+                "+ {direction} {} {way} {}  \"{}\"",
+                traffic(&a.permission),
+                a.permission.peer,
+                a.description
+            ));
+        }
+        for id in &d.revoke {
+            let what = current
+                .iter()
+                .find(|r| &r.rule_id == id)
+                .map(|r| {
+                    format!(
+                        "{} {way} {}  \"{}\"",
+                        traffic(&r.permission),
+                        r.permission.peer,
+                        r.description.as_deref().unwrap_or_default()
+                    )
+                })
+                .unwrap_or_default();
+            changes.push(format!("- {direction} {what} (rule {id})"));
+        }
+        for (id, desc) in &d.update_descriptions {
+            changes.push(format!("~ {direction} rule {id}: description \"{desc}\""));
+        }
+    }
+    // Attachments: the selected nodes' interfaces, in Enforce only.
+    let attaches = target.attaches() && v.mode() == PolicyMode::Enforce;
+    let previously: Vec<String> = live_status
+        .as_ref()
+        .map(|s| s.attached_instances.clone())
+        .unwrap_or_default();
+    let (mut attach, mut detach) = (Vec::new(), Vec::new());
+    for n in &live.nodes {
+        let Some(instance) = live.instance(&n.name) else {
+            continue;
+        };
+        if instance.primary_eni.is_none() {
+            continue;
+        }
+        let has = group_id
+            .as_ref()
+            .is_some_and(|g| instance.eni_groups.contains(g));
+        let wanted = attaches && v.selects(n);
+        let owned = ownership == GroupOwnership::Created;
+        if wanted && !has {
+            attach.push(n.name.clone());
+        } else if !wanted && has && (owned || previously.contains(&instance.id)) {
+            detach.push(n.name.clone());
+        }
+    }
+    Ok((
+        GroupPlan {
+            policy: name,
+            origin: origin.to_string(),
+            group_id,
+            ownership,
+            changes,
+            attach,
+            detach,
+            warnings: cloud.warnings.iter().map(ToString::to_string).collect(),
+        },
+        diff.apply_to(&current),
+    ))
+}
+
+/// The summary's openings as one line each.
+fn opening_lines(selected: &[&ValidPolicy]) -> Vec<String> {
+    super::summary::openings(selected)
+        .into_iter()
+        .map(|o| {
+            let (dir, way) = match o.direction {
+                Direction::Ingress => ("in", "from"),
+                Direction::Egress => ("out", "to"),
+            };
+            let audit = if o.audit { " (Audit: not enforced)" } else { "" };
+            format!(
+                "{dir} {} {way} {} [{}] {}{audit}",
+                o.traffic, o.peers, o.layers, o.rule
+            )
+        })
+        .collect()
+}
+
+/// The restore input of a ruleset, one line per rule, set entry or chain
+/// declaration, each prefixed with its tool.
+fn restore_lines(rs: &NodeRuleset) -> Vec<String> {
+    let scripts = render_ruleset(rs);
+    let mut out = Vec::new();
+    for (tool, part) in [
+        ("ipset", &scripts.sets),
+        ("iptables", &scripts.ipv4),
+        ("ip6tables", &scripts.ipv6),
+    ] {
+        for line in part.iter().flat_map(|t| t.lines()) {
+            if line.is_empty() || line == "*filter" || line == "COMMIT" {
+                continue;
+            }
+            out.push(format!("{tool}: {line}"));
+        }
+    }
+    out
+}
+
+/// `-` for lines only in `before` (in its order), then `+` for lines only
+/// in `after` (in its order).
+fn line_diff(before: &[String], after: &[String]) -> Vec<String> {
+    let b: BTreeSet<&String> = before.iter().collect();
+    let a: BTreeSet<&String> = after.iter().collect();
+    before
+        .iter()
+        .filter(|l| !a.contains(l))
+        .map(|l| format!("- {l}"))
+        .chain(
+            after
+                .iter()
+                .filter(|l| !b.contains(l))
+                .map(|l| format!("+ {l}")),
+        )
+        .collect()
+}
+
+/// Writes `plan` as text.
+pub fn write_text(plan: &Plan, out: &mut impl Write) -> Result<(), Error> {
+    for g in &plan.groups {
+        let group = match &g.group_id {
+            Some(id) => format!("{id} ({:?})", g.ownership),
+            None => "a new Security Group (created on apply)".to_string(),
+        };
+        writeln!(out, "Policy {} ({}): {group}", g.policy, g.origin)?;
+        if g.changes.is_empty() && g.attach.is_empty() && g.detach.is_empty() {
+            writeln!(out, "  no change to the group")?;
+        }
+        for c in &g.changes {
+            writeln!(out, "  {c}")?;
+        }
+        for n in &g.attach {
+            writeln!(out, "  + attach to the interface of node {n}")?;
+        }
+        for n in &g.detach {
+            writeln!(out, "  - detach from the interface of node {n}")?;
+        }
+        for w in &g.warnings {
+            writeln!(out, "  warning: {w}")?;
+        }
+        writeln!(out)?;
+    }
+    for n in &plan.nodes {
+        writeln!(out, "Node {}:", n.node)?;
+        if n.openings.is_empty() && n.rules.is_empty() {
+            writeln!(out, "  node layer: no change")?;
+        } else {
+            writeln!(out, "  openings:")?;
+            for o in &n.openings {
+                writeln!(out, "    {o}")?;
+            }
+            writeln!(out, "  node rules:")?;
+            for r in &n.rules {
+                writeln!(out, "    {r}")?;
+            }
+        }
+        match (&n.exposure_before, &n.exposure_after) {
+            (Some(b), Some(a)) => {
+                writeln!(
+                    out,
+                    "  exposure (what the whole of each scope reaches inbound, both layers):"
+                )?;
+                let list = |l: &[String]| {
+                    if l.is_empty() {
+                        "nothing".to_string()
+                    } else {
+                        l.join(", ")
+                    }
+                };
+                writeln!(out, "    before: {}", list(b))?;
+                writeln!(out, "    after:  {}", list(a))?;
+                for w in &n.widened {
+                    writeln!(out, "    WIDENED: {w}")?;
+                }
+            }
+            _ => writeln!(out, "  exposure: unknown (the node is not an EC2 instance)")?,
+        }
+        writeln!(out)?;
+    }
+    for p in &plan.problems {
+        writeln!(out, "note: {p}")?;
+    }
+    let o = plan.outcome();
+    writeln!(
+        out,
+        "{}",
+        match (o.changes, o.internet_widened) {
+            (false, _) => "No changes.",
+            (true, false) => "Changes planned.",
+            (true, true) => "Changes planned; exposure to the whole internet WIDENS.",
+        }
+    )?;
+    Ok(())
+}
