@@ -152,7 +152,9 @@ impl LiveArgs {
             }
             None => palisade::policy::Failsafe::default(),
         };
-        failsafe.admin_cidrs.extend(self.admin_cidrs.iter().copied());
+        failsafe
+            .admin_cidrs
+            .extend(self.admin_cidrs.iter().copied());
         failsafe
             .cluster_cidrs
             .extend(self.cluster_cidrs.iter().copied());

@@ -53,7 +53,12 @@ pub fn parse_traffic(text: &str) -> Result<ProbeProtocol, String> {
             .map_err(|_| format!("{s:?} in {text:?} is not a number from 0 to 255"))
     };
     let lower: Vec<String> = parts.iter().map(|p| p.to_ascii_lowercase()).collect();
-    match lower.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+    match lower
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
         [port, "tcp"] | [port, "udp"] => {
             let port: u16 = port
                 .parse()
@@ -240,11 +245,7 @@ pub fn explain(live: &Live, settings: &NodeSettings, q: &Question) -> Result<Exp
 }
 
 /// Reads what [`explain`] needs for `node`.
-pub async fn read_for<E: Ec2>(
-    client: &kube::Client,
-    ec2: &E,
-    node: &str,
-) -> Result<Live, Error> {
+pub async fn read_for<E: Ec2>(client: &kube::Client, ec2: &E, node: &str) -> Result<Live, Error> {
     let mut live = Live::read_cluster(client).await?;
     live.node(node)?;
     let mut problems = Vec::new();
@@ -289,7 +290,11 @@ pub fn write_text(e: &Explanation, out: &mut impl Write) -> Result<(), Error> {
     match &e.cloud {
         CloudAnswer::Allowed { groups, by } => {
             writeln!(out, "Cloud layer: ALLOWED")?;
-            writeln!(out, "  groups on the interface (a union): {}", groups.join(", "))?;
+            writeln!(
+                out,
+                "  groups on the interface (a union): {}",
+                groups.join(", ")
+            )?;
             for m in by {
                 let desc = m
                     .description
@@ -305,7 +310,11 @@ pub fn write_text(e: &Explanation, out: &mut impl Write) -> Result<(), Error> {
         }
         CloudAnswer::Dropped { groups } => {
             writeln!(out, "Cloud layer: DROPPED")?;
-            writeln!(out, "  groups on the interface (a union): {}", groups.join(", "))?;
+            writeln!(
+                out,
+                "  groups on the interface (a union): {}",
+                groups.join(", ")
+            )?;
             writeln!(out, "  no rule of any of them admits it")?;
         }
         CloudAnswer::Unknown { why } => writeln!(out, "Cloud layer: UNKNOWN ({why})")?,
@@ -346,6 +355,12 @@ pub fn write_text(e: &Explanation, out: &mut impl Write) -> Result<(), Error> {
             origin_text(&by.rule.origin),
             by.chain,
             by.rule.id
+        )?;
+    }
+    if matches!(&d.by, Some(b) if matches!(b.rule.origin, RuleOrigin::Failsafe { .. })) {
+        writeln!(
+            out,
+            "  (the failsafe as given by --admin-cidr, --cluster-cidr and --failsafe-file: give the agent's values)"
         )?;
     }
     for p in &d.audit_would_drop {

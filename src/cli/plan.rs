@@ -69,6 +69,8 @@ pub struct GroupPlan {
     pub origin: String,
     /// `sg-...`, or `None` for a group to be created.
     pub group_id: Option<String>,
+    /// Its name (empty for a group to be created).
+    pub group_name: String,
     /// Created for the policy, or adopted.
     pub ownership: GroupOwnership,
     /// `+ ingress tcp/443 from 0.0.0.0/0 "palisade:web/https"`, `- ...`, `~ ...`.
@@ -236,7 +238,9 @@ pub fn plan(
     }
 
     let mut scopes: Vec<IpNet> = vec![
-        "0.0.0.0/0".parse().map_err(|_| Error::Render("scope".into()))?,
+        "0.0.0.0/0"
+            .parse()
+            .map_err(|_| Error::Render("scope".into()))?,
         "::/0".parse().map_err(|_| Error::Render("scope".into()))?,
     ];
     scopes.extend(settings.extra_scopes.iter().copied());
@@ -307,8 +311,7 @@ pub fn plan(
                     node_intent(&selected_after).as_deref(),
                     &scopes,
                 );
-                let before_perms: Vec<SgPermission> =
-                    b.iter().map(|e| e.traffic.clone()).collect();
+                let before_perms: Vec<SgPermission> = b.iter().map(|e| e.traffic.clone()).collect();
                 let widened: Vec<String> = a
                     .iter()
                     .filter(|e| world(e) && !covered(&e.traffic, &before_perms))
@@ -472,6 +475,11 @@ fn group_plan(
         GroupPlan {
             policy: name,
             origin: origin.to_string(),
+            group_name: group_id
+                .as_ref()
+                .and_then(|id| live.groups.get(id))
+                .map(|g| g.info.name.clone())
+                .unwrap_or_default(),
             group_id,
             ownership,
             changes,
@@ -492,7 +500,11 @@ fn opening_lines(selected: &[&ValidPolicy]) -> Vec<String> {
                 Direction::Ingress => ("in", "from"),
                 Direction::Egress => ("out", "to"),
             };
-            let audit = if o.audit { " (Audit: not enforced)" } else { "" };
+            let audit = if o.audit {
+                " (Audit: not enforced)"
+            } else {
+                ""
+            };
             format!(
                 "{dir} {} {way} {} [{}] {}{audit}",
                 o.traffic, o.peers, o.layers, o.rule
@@ -543,7 +555,14 @@ fn line_diff(before: &[String], after: &[String]) -> Vec<String> {
 pub fn write_text(plan: &Plan, out: &mut impl Write) -> Result<(), Error> {
     for g in &plan.groups {
         let group = match &g.group_id {
-            Some(id) => format!("{id} ({:?})", g.ownership),
+            Some(id) => format!(
+                "{id} ({}, {})",
+                g.group_name,
+                match g.ownership {
+                    GroupOwnership::Created => "created by Palisade",
+                    GroupOwnership::Adopted => "adopted: only its palisade:-marked rules change",
+                }
+            ),
             None => "a new Security Group (created on apply)".to_string(),
         };
         writeln!(out, "Policy {} ({}): {group}", g.policy, g.origin)?;
@@ -615,4 +634,143 @@ pub fn write_text(plan: &Plan, out: &mut impl Write) -> Result<(), Error> {
         }
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::cloud::{GroupInfo, InstanceInfo};
+    use crate::policy::{NodeFacts, SgPeer, SgProtocol};
+
+    fn world_ssh() -> CurrentSgRule {
+        CurrentSgRule {
+            rule_id: "sgr-0wide".into(),
+            direction: Direction::Ingress,
+            permission: SgPermission {
+                protocol: SgProtocol::Tcp,
+                from_port: 22,
+                to_port: 22,
+                peer: SgPeer::Ipv4("0.0.0.0/0".parse().unwrap()),
+            },
+            description: Some("ssh anywhere".into()),
+        }
+    }
+
+    /// One node on EC2 whose interface carries a node-group group allowing
+    /// SSH from anywhere; no policy yet.
+    fn live() -> Live {
+        let mut live = Live {
+            nodes: vec![NodeFacts {
+                name: "web-1".into(),
+                labels: [("role".to_string(), "web".to_string())].into(),
+                addresses: vec!["10.0.1.10".parse().unwrap()],
+                provider_id: Some("aws:///eu-west-1a/i-0123456789abcdef0".into()),
+            }],
+            ..Default::default()
+        };
+        live.instances.insert(
+            "i-0123456789abcdef0".into(),
+            InstanceInfo {
+                id: "i-0123456789abcdef0".into(),
+                primary_eni: Some("eni-1".into()),
+                eni_groups: vec!["sg-0123456789abcdef1".into()],
+                ..Default::default()
+            },
+        );
+        live.groups.insert(
+            "sg-0123456789abcdef1".into(),
+            super::super::live::LiveGroup {
+                info: GroupInfo {
+                    id: "sg-0123456789abcdef1".into(),
+                    name: "nodegroup".into(),
+                    ..Default::default()
+                },
+                rules: vec![world_ssh()],
+            },
+        );
+        live
+    }
+
+    fn manifest(yaml: &str) -> Vec<(String, FirewallPolicy)> {
+        vec![("web.yaml#1".into(), serde_yaml::from_str(yaml).unwrap())]
+    }
+
+    #[test]
+    fn a_first_policy_creates_and_attaches_a_group_and_moves_the_exposure() {
+        let m = manifest(
+            "apiVersion: palisade.dev/v1alpha1\nkind: FirewallPolicy\nmetadata: {name: web}\nspec:\n  nodeSelector: {matchLabels: {role: web}}\n  policyTypes: [Ingress]\n  ingress:\n    - {name: https, protocol: TCP, ports: [{port: 443}], peers: [{cidr: 0.0.0.0/0}]}\n",
+        );
+        let p = plan(&live(), &m, &PlanSettings::default()).unwrap();
+        assert_eq!(p.groups.len(), 1);
+        let g = &p.groups[0];
+        assert_eq!(g.group_id, None, "a new group");
+        assert_eq!(
+            g.changes,
+            ["+ ingress tcp/443 from 0.0.0.0/0  \"palisade:web/https\""]
+        );
+        assert_eq!(g.attach, ["web-1"]);
+        let n = &p.nodes[0];
+        assert_eq!(
+            n.openings,
+            ["+ in tcp/443 from 0.0.0.0/0 [cloud+node] web/https"]
+        );
+        assert!(
+            n.rules
+                .iter()
+                .any(|r| r.starts_with("+ iptables: -A PAL-I-")),
+            "{:#?}",
+            n.rules
+        );
+        // SSH from anywhere was open (no node policy); the node layer now
+        // closes it, and HTTPS opens.
+        assert_eq!(
+            n.exposure_before.as_deref(),
+            Some(&["tcp/22 from 0.0.0.0/0".to_string()][..])
+        );
+        assert_eq!(
+            n.exposure_after.as_deref(),
+            Some(&["tcp/443 from 0.0.0.0/0".to_string()][..])
+        );
+        assert_eq!(n.widened, ["tcp/443 from 0.0.0.0/0"]);
+        assert_eq!(
+            p.outcome(),
+            PlanOutcome {
+                changes: true,
+                internet_widened: true
+            }
+        );
+    }
+
+    #[test]
+    fn an_adopted_group_only_loses_the_policys_own_rules() {
+        let mut live = live();
+        let mut ours = world_ssh();
+        ours.rule_id = "sgr-0ours".into();
+        ours.permission.from_port = 8080;
+        ours.permission.to_port = 8080;
+        ours.description = Some("palisade:web/admin".into());
+        live.groups
+            .get_mut("sg-0123456789abcdef1")
+            .unwrap()
+            .rules
+            .push(ours);
+        let m = manifest(
+            "apiVersion: palisade.dev/v1alpha1\nkind: FirewallPolicy\nmetadata: {name: web}\nspec:\n  securityGroup: {id: sg-0123456789abcdef1}\n  nodeSelector: {matchLabels: {role: web}}\n  policyTypes: [Ingress]\n  ingress:\n    - {name: ssh, protocol: TCP, ports: [{port: 22}], peers: [{cidr: 203.0.113.0/24}]}\n",
+        );
+        let p = plan(&live, &m, &PlanSettings::default()).unwrap();
+        let g = &p.groups[0];
+        assert_eq!(g.group_id.as_deref(), Some("sg-0123456789abcdef1"));
+        assert_eq!(g.ownership, GroupOwnership::Adopted);
+        assert_eq!(
+            g.changes,
+            [
+                "+ ingress tcp/22 from 203.0.113.0/24  \"palisade:web/ssh\"",
+                "- ingress tcp/8080 from 0.0.0.0/0  \"palisade:web/admin\" (rule sgr-0ours)"
+            ]
+        );
+        // The foreign SSH rule stays; the node layer now narrows it.
+        assert!(p.nodes[0].widened.is_empty());
+        assert_eq!(p.nodes[0].exposure_after, Some(Vec::new()));
+    }
 }

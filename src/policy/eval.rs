@@ -256,9 +256,7 @@ impl Walker<'_> {
                         super::AllowVerdict::Return => Flow::Return {
                             allowed: Some(by(rule)),
                         },
-                        super::AllowVerdict::Accept => {
-                            Flow::Final(NodeVerdict::Accept, by(rule))
-                        }
+                        super::AllowVerdict::Accept => Flow::Final(NodeVerdict::Accept, by(rule)),
                     };
                 }
                 NodeAction::AllowUnderLimit { .. } => {}
@@ -375,6 +373,40 @@ mod tests {
         };
         assert_eq!(node_verdict(&rs, &out), NodeVerdict::NotFiltered);
         assert_eq!(cloud_permits(&plan, &out, &facts), None);
+    }
+
+    #[test]
+    fn the_deciding_rule_is_named() {
+        let facts = facts_with_nodes();
+        let mut audit = web_policy();
+        audit.metadata.name = Some("trial".into());
+        audit.spec.mode = crate::api::PolicyMode::Audit;
+        let policies = [
+            validate(&jump_host_policy()).unwrap(),
+            validate(&audit).unwrap(),
+        ];
+        let rs = compile_node("web-1", &policies, &facts).unwrap();
+        let origin = |probe: &Probe| {
+            let d = node_decision(&rs, probe);
+            assert_eq!(d.verdict, node_verdict(&rs, probe));
+            (d.verdict, d.by.map(|b| b.rule.origin.to_string()))
+        };
+        assert_eq!(
+            origin(&tcp_in("203.0.113.10", 22)),
+            (NodeVerdict::Accept, Some("bastion/ingress/ssh-jump".into()))
+        );
+        assert_eq!(
+            origin(&tcp_in("10.0.2.10", 10250)),
+            (NodeVerdict::Accept, Some("failsafe/kubelet".into()))
+        );
+        assert_eq!(
+            origin(&tcp_in("198.51.100.1", 10250)),
+            (NodeVerdict::Drop, Some("default-drop".into()))
+        );
+        // Dropped by the Enforce policy, and counted by the Audit one.
+        let d = node_decision(&rs, &tcp_in("198.51.100.1", 5432));
+        assert_eq!(d.verdict, NodeVerdict::Drop);
+        assert_eq!(d.audit_would_drop, vec!["trial".to_string()]);
     }
 
     #[test]
