@@ -82,6 +82,7 @@ impl Running {
             },
             policy_selector: Some(format!("{TEST_LABEL}={test}")),
             instance: Some(format!("test-{test}")),
+            vpc_cidrs: Vec::new(),
         };
         let ctx = controller::context(env.client().await.unwrap(), Arc::new(ec2), config, metrics);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -1529,5 +1530,86 @@ async fn other_groups_that_widen_access_are_reported_and_never_touched() {
     let groups = eni_groups(&a).await;
     assert!(groups.contains(&own) && groups.contains(&cluster) && groups.contains(&equal));
     delete_and_wait("ctl-eff").await;
+    ctl.stop().await;
+}
+
+async fn exposure_of(client: &Client, node: &str) -> Vec<String> {
+    let api: Api<FirewallNode> = Api::all(client.clone());
+    api.get(node)
+        .await
+        .unwrap()
+        .status
+        .map(|s| s.exposure)
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn exposure_is_the_union_of_every_group_cut_by_the_node_layer() {
+    let test = "exposure";
+    let env = env().await;
+    let client = env.client().await.unwrap();
+    let net = SimNet::new().unwrap();
+    let a = sim_node(&net, test, "ctl-exp-a", "web").await;
+    let b = sim_node(&net, test, "ctl-exp-b", "web").await;
+    // A foreign group opening SSH, HTTPS and 8080 to anywhere.
+    let wide = foreign_group(
+        "exposure-wide",
+        &[
+            (22, "0.0.0.0/0", "ssh"),
+            (443, "0.0.0.0/0", "https"),
+            (8080, "0.0.0.0/0", "alt"),
+        ],
+    )
+    .await;
+    let ec2 = direct();
+    for node in [&a, &b] {
+        ec2.set_eni_groups(node.eni_id(), std::slice::from_ref(&wide))
+            .await
+            .unwrap();
+        report_applied(&client, node.name(), &[]).await;
+    }
+    let ctl = Running::start(test, Duration::from_secs(2), 60).await;
+    // Enforce: the node layer admits HTTPS from anywhere and SSH from the
+    // office only, so of the three only HTTPS is open to the internet.
+    let p = create_policy(&policy(
+        test,
+        "ctl-exp",
+        "web",
+        vec![
+            tcp("https", &[443], &["0.0.0.0/0"]),
+            tcp("ssh", &[22], &["203.0.113.0/24"]),
+        ],
+    ))
+    .await;
+    for node in [&a, &b] {
+        eventually("node exposure", Duration::from_secs(30), || async {
+            (exposure_of(&client, node.name()).await == ["tcp/443 from 0.0.0.0/0"]).then_some(())
+        })
+        .await;
+    }
+    eventually("policy exposure", Duration::from_secs(30), || async {
+        let status = get("ctl-exp").await.status.unwrap_or_default();
+        (status.exposure == ["tcp/443 from 0.0.0.0/0 on 2 of 2 nodes"]).then_some(())
+    })
+    .await;
+    // Audit: the node layer drops nothing, so the union alone decides.
+    let mut audit = get("ctl-exp").await;
+    audit.spec.mode = palisade::api::PolicyMode::Audit;
+    policies()
+        .await
+        .replace("ctl-exp", &PostParams::default(), &audit)
+        .await
+        .unwrap();
+    let open = [
+        "tcp/22 from 0.0.0.0/0",
+        "tcp/443 from 0.0.0.0/0",
+        "tcp/8080 from 0.0.0.0/0",
+    ];
+    eventually("audit exposure", Duration::from_secs(30), || async {
+        (exposure_of(&client, a.name()).await == open).then_some(())
+    })
+    .await;
+    drop(p);
+    delete_and_wait("ctl-exp").await;
     ctl.stop().await;
 }

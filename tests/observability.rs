@@ -101,6 +101,7 @@ fn exported() -> Vec<(String, Vec<String>)> {
     controller.failed("Example");
     (controller.ec2_observer())("DescribeSecurityGroups", "ok");
     controller.observe_status("example", &Default::default());
+    controller.widened("example", 1);
     let agent = palisade::agent::metrics::Metrics::default();
     agent
         .audit_would_drop
@@ -508,6 +509,7 @@ async fn controller_gauges_follow_policies_and_forget_deleted_ones() {
         cluster_name: "obs-tests".into(),
         policy_selector: Some("palisade.dev/test=obs".into()),
         instance: Some("test-obs".into()),
+        vpc_cidrs: Vec::new(),
         ..Config::default()
     };
     let ctx = controller::context(client.clone(), Arc::new(ec2), config, metrics.clone());

@@ -91,6 +91,7 @@ async fn node_heartbeats_cause_no_list_and_no_reconcile() {
         quota: SgQuota::default(),
         policy_selector: None,
         instance: Some("scale".into()),
+        vpc_cidrs: Vec::new(),
     };
     let ctx = controller::context(
         client.clone(),

@@ -423,6 +423,8 @@ impl Agent {
             drift_repairs: self.drift_repairs,
             last_sync: None,
             conditions: Vec::new(),
+            // The controller's field (its own field manager): never sent here.
+            exposure: Vec::new(),
         };
         Ok((self.with_audit(status), want.problems))
     }

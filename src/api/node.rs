@@ -77,6 +77,13 @@ pub struct FirewallNodeStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_sync: Option<SyncResult>,
 
+    /// Written by the controller: what the whole internet (`0.0.0.0/0`,
+    /// `::/0`) and the VPC can reach on this node after both layers (every
+    /// Security Group on its interface, intersected with its node layer).
+    /// At most 16 entries per range, then a count.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exposure: Vec<String>,
+
     /// `Ready` when the node's ruleset matches its policies.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]

@@ -484,6 +484,13 @@ pub struct FirewallPolicyStatus {
     /// drift from a change of the policy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cloud_sync: Option<CloudSync>,
+
+    /// What the whole internet (`0.0.0.0/0`, `::/0`) and the VPC can reach
+    /// on the selected nodes after both layers (every Security Group on
+    /// their interfaces, intersected with their node layer), each entry
+    /// with how many nodes expose it. At most 10 entries and a count.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exposure: Vec<String>,
 }
 
 /// The last full sync of a policy's Security Group.

@@ -46,6 +46,10 @@ struct Args {
     /// default 5): a node that cannot take one more is reported, not tried.
     #[arg(long, env = "PALISADE_GROUPS_PER_INTERFACE", default_value_t = 5)]
     groups_per_interface: u32,
+    /// The VPC's CIDRs: each node's and policy's exposure is reported from
+    /// them as well as from anywhere (comma-separated).
+    #[arg(long = "vpc-cidr", env = "PALISADE_VPC_CIDRS", value_delimiter = ',')]
+    vpc_cidrs: Vec<ipnet::IpNet>,
     /// Only reconcile policies with these labels (`k=v,...`).
     #[arg(long, env = "PALISADE_POLICY_SELECTOR")]
     policy_selector: Option<String>,
@@ -156,6 +160,7 @@ async fn main() -> anyhow::Result<()> {
         },
         policy_selector: args.policy_selector.clone(),
         instance: Some(identity),
+        vpc_cidrs: args.vpc_cidrs.clone(),
     };
     let ctx = controller::context(client, Arc::new(ec2), config, metrics);
 

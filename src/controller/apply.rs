@@ -309,6 +309,7 @@ async fn apply_inner<E: Ec2>(policy: &FirewallPolicy, ctx: &Context<E>) -> Resul
             .chain(super::effective::warnings(&effective))
             .collect(),
         cloud_sync,
+        exposure: super::exposure::summary(&compiled.selected_nodes, &lock(&ctx.exposure)),
     };
     write_status(policy, ctx, &previous, next).await?;
     tracing::debug!(policy = %name, full_sync = !fresh, "reconciled");
@@ -349,7 +350,7 @@ fn sync_inputs(policy: &FirewallPolicy, compiled: &CompiledPolicy, facts: &Facts
 /// aside), and feeds the per-policy gauges from it either way. Returns
 /// whether it wrote.
 /// Every field of `FirewallPolicyStatus`, as serialized.
-const STATUS_FIELDS: [&str; 7] = [
+const STATUS_FIELDS: [&str; 8] = [
     "observedGeneration",
     "conditions",
     "securityGroup",
@@ -357,6 +358,7 @@ const STATUS_FIELDS: [&str; 7] = [
     "resolvedPeers",
     "warnings",
     "cloudSync",
+    "exposure",
 ];
 
 async fn write_status<E: Ec2>(
@@ -372,6 +374,7 @@ async fn write_status<E: Ec2>(
         && previous.resolved_peers == next.resolved_peers
         && previous.warnings == next.warnings
         && previous.cloud_sync == next.cloud_sync
+        && previous.exposure == next.exposure
         && status::same_conditions(&previous.conditions, &next.conditions);
     if same {
         return Ok(false);
@@ -575,6 +578,12 @@ async fn sync_group<E: Ec2>(
     }
     let wanted: Vec<String> = wanted.into_iter().collect();
     let instances = ctx.ec2.describe_instances(&wanted).await?;
+    {
+        let mut known = lock(&ctx.instances);
+        for i in &instances {
+            known.insert(i.id.clone(), i.clone());
+        }
+    }
     let known_group = previous
         .as_ref()
         .map(|g| g.id.clone())
@@ -704,6 +713,12 @@ async fn sync_group<E: Ec2>(
                 attached.insert(instance.id.clone());
                 continue;
             }
+            if let Some(known) = lock(&ctx.instances).get_mut(&instance.id) {
+                match change {
+                    EniChange::Attach => known.eni_groups.push(group_id.clone()),
+                    EniChange::Detach => known.eni_groups.retain(|g| g != &group_id),
+                }
+            }
             let (reason, what) = match change {
                 EniChange::Attach => ("Attached", "attached"),
                 EniChange::Detach => ("Detached", "detached"),
@@ -723,6 +738,7 @@ async fn sync_group<E: Ec2>(
         }
     }
 
+    ctx.groups.put(&group_id, "", owned, after.clone());
     let effective = if analysed.is_empty() {
         Effective::NotAttached
     } else {

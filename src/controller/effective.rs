@@ -15,8 +15,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::api::conditions::{self, reason};
 use crate::cloud::{Ec2, GroupInfo, InstanceInfo, tags};
-use crate::policy::CurrentSgRule;
 use crate::policy::effective::{AttachedGroup, Widening};
+use crate::policy::{CurrentSgRule, Direction, SgPermission};
 
 use super::{Error, lock};
 
@@ -54,6 +54,65 @@ impl GroupCache {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Whether group `id` has been read (however long ago).
+    pub fn holds(&self, id: &str) -> bool {
+        lock(&self.groups).contains_key(id)
+    }
+
+    /// Records a group as a sync left it (its own group, just written).
+    pub fn put(&self, id: &str, name: &str, palisade: bool, rules: Vec<CurrentSgRule>) {
+        lock(&self.groups).insert(
+            id.to_string(),
+            Cached {
+                at: Instant::now(),
+                name: name.to_string(),
+                palisade,
+                rules: Arc::new(rules),
+            },
+        );
+    }
+
+    /// Every inbound permission of `ids` together (what the union of those
+    /// groups admits); `None` when one of them has not been read.
+    pub fn ingress_union(&self, ids: &[String]) -> Option<Vec<SgPermission>> {
+        let held = lock(&self.groups);
+        let mut out = Vec::new();
+        for id in ids {
+            let group = held.get(id)?;
+            out.extend(
+                group
+                    .rules
+                    .iter()
+                    .filter(|r| r.direction == Direction::Ingress)
+                    .map(|r| r.permission.clone()),
+            );
+        }
+        Some(out)
+    }
+}
+
+/// Reads groups `ids` (names, tags, rules) from EC2 into `cache`.
+pub(crate) async fn read_groups<E: Ec2>(
+    ec2: &E,
+    cache: &GroupCache,
+    cluster: &str,
+    ids: &[String],
+) -> Result<(), Error> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    // Chunked within EC2's filter limit by the client.
+    for info in ec2.describe_groups(ids).await? {
+        let rules = ec2.describe_rules(&info.id).await?;
+        cache.put(
+            &info.id,
+            &info.name,
+            created_by_palisade(&info, cluster),
+            rules,
+        );
+    }
+    Ok(())
 }
 
 /// The outcome of one analysis, kept between full syncs.
@@ -94,21 +153,7 @@ pub(crate) async fn attached_groups<E: Ec2>(
             .cloned()
             .collect()
     };
-    if !stale.is_empty() {
-        // Chunked within EC2's filter limit by the client.
-        for info in ec2.describe_groups(&stale).await? {
-            let rules = ec2.describe_rules(&info.id).await?;
-            lock(&cache.groups).insert(
-                info.id.clone(),
-                Cached {
-                    at: Instant::now(),
-                    palisade: created_by_palisade(&info, cluster),
-                    name: info.name,
-                    rules: Arc::new(rules),
-                },
-            );
-        }
-    }
+    read_groups(ec2, cache, cluster, &stale).await?;
     let held = lock(&cache.groups);
     Ok(counts
         .into_iter()

@@ -52,6 +52,7 @@
 mod apply;
 pub mod cache;
 pub mod effective;
+pub mod exposure;
 pub mod leader;
 pub mod metrics;
 pub mod peers;
@@ -100,6 +101,9 @@ pub struct Config {
     pub policy_selector: Option<String>,
     /// Name of this instance in Events.
     pub instance: Option<String>,
+    /// The VPC's CIDRs: exposure is reported from them as well as from
+    /// anywhere (`--vpc-cidr`).
+    pub vpc_cidrs: Vec<ipnet::IpNet>,
 }
 
 impl Default for Config {
@@ -112,6 +116,7 @@ impl Default for Config {
             quota: SgQuota::default(),
             policy_selector: None,
             instance: None,
+            vpc_cidrs: Vec::new(),
         }
     }
 }
@@ -315,6 +320,13 @@ pub struct Context<E: Ec2> {
     pub cache: Arc<cache::ClusterCache>,
     /// Security Groups on the selected nodes' interfaces, as last read.
     pub groups: effective::GroupCache,
+    /// Instances as the last full syncs described them (interfaces and
+    /// their groups), by instance id.
+    pub(crate) instances: Mutex<HashMap<String, crate::cloud::InstanceInfo>>,
+    /// Each node's exposure, as last computed.
+    pub(crate) exposure: Mutex<HashMap<String, exposure::NodeExposure>>,
+    /// Each node's exposure, as last written to its FirewallNode.
+    pub(crate) exposure_written: Mutex<HashMap<String, exposure::NodeExposure>>,
 }
 
 impl<E: Ec2> std::fmt::Debug for Context<E> {
@@ -474,6 +486,9 @@ pub fn context<E: Ec2>(
         eni_locks: Mutex::new(HashMap::new()),
         cache: Arc::default(),
         groups: effective::GroupCache::default(),
+        instances: Mutex::new(HashMap::new()),
+        exposure: Mutex::new(HashMap::new()),
+        exposure_written: Mutex::new(HashMap::new()),
     })
 }
 
@@ -485,6 +500,8 @@ pub async fn run<E: Ec2>(
 ) {
     let client = ctx.client.clone();
     let ctx_metrics = ctx.metrics.clone();
+    let ctx_exposure = ctx.clone();
+    let resync = ctx.config.resync;
     let mut policy_watch = watcher::Config::default();
     if let Some(selector) = &ctx.config.policy_selector {
         policy_watch = policy_watch.labels(selector);
@@ -510,8 +527,10 @@ pub async fn run<E: Ec2>(
                 tracing::debug!(error = %e, "reconcile trigger failed");
             }
         });
+    let exposures = exposure::run(ctx_exposure, policies.clone(), resync);
     let pruner = prune_policy_series(ctx_metrics, policies);
     tokio::select! {
+        _ = exposures => {}
         _ = reconciles => {}
         _ = follower => {}
         _ = publisher => {}
