@@ -257,6 +257,20 @@ fn assert_documented(calls: &[palisade::testenv::fault_proxy::Call]) {
     }
 }
 
+/// The in-process controller of test `test` (its policies only).
+fn controller_config(test: &str) -> Config {
+    Config {
+        cluster_name: "cli-tests".into(),
+        resync: Duration::from_secs(60),
+        stalled_retry: Duration::from_secs(600),
+        concurrency: 2,
+        quota: SgQuota::default(),
+        policy_selector: Some(format!("{TEST_LABEL}={test}")),
+        instance: Some("test-cli".into()),
+        vpc_cidrs: Vec::new(),
+    }
+}
+
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, text).unwrap();
@@ -311,15 +325,7 @@ spec:
     let ctx = controller::context(
         client.clone(),
         Arc::new(ctl_ec2),
-        Config {
-            cluster_name: "cli-tests".into(),
-            resync: Duration::from_secs(60),
-            stalled_retry: Duration::from_secs(600),
-            concurrency: 2,
-            quota: SgQuota::default(),
-            policy_selector: Some(format!("{TEST_LABEL}={test}")),
-            instance: Some("test-cli".into()),
-        },
+        controller_config(test),
         metrics,
     );
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -450,15 +456,7 @@ spec:
     let ctx = controller::context(
         client.clone(),
         Arc::new(direct(env).with_observer(metrics.ec2_observer())),
-        Config {
-            cluster_name: "cli-tests".into(),
-            resync: Duration::from_secs(60),
-            stalled_retry: Duration::from_secs(600),
-            concurrency: 2,
-            quota: SgQuota::default(),
-            policy_selector: Some(format!("{TEST_LABEL}={test}")),
-            instance: Some("test-cli".into()),
-        },
+        controller_config(test),
         metrics,
     );
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -80,8 +80,10 @@ enum Command {
         /// internet widens (0 when nothing changes).
         #[arg(long)]
         detailed_exitcode: bool,
-        /// Further exposure scopes besides 0.0.0.0/0 and ::/0 (the VPC's CIDR).
-        #[arg(long = "scope", value_delimiter = ',')]
+        /// The VPC's CIDRs: exposure is also computed for the whole of
+        /// each (besides 0.0.0.0/0 and ::/0), as the controller's
+        /// `--vpc-cidr`.
+        #[arg(long = "vpc-cidr", value_delimiter = ',')]
         scopes: Vec<ipnet::IpNet>,
         #[command(flatten)]
         live: LiveArgs,

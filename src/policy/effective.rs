@@ -350,7 +350,7 @@ fn peer_covered(peer: &SgPeer, peers: &[&SgPeer]) -> bool {
     let net = match peer {
         SgPeer::Ipv4(n) => IpNet::V4(*n),
         SgPeer::Ipv6(n) => IpNet::V6(*n),
-        other => return peers.iter().any(|p| *p == other),
+        other => return peers.contains(&other),
     };
     let nets: Vec<IpNet> = peers
         .iter()
@@ -559,6 +559,7 @@ fn open_ranges(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -622,7 +623,10 @@ mod tests {
         ];
         assert!(!covered(&all, &split));
         assert!(covered(&all, &[perm(SgProtocol::All, -1, -1, "0.0.0.0/0")]));
-        assert!(covered(&tcp(22, 22, "10.1.1.1/32"), &[all.clone()]));
+        assert!(covered(
+            &tcp(22, 22, "10.1.1.1/32"),
+            std::slice::from_ref(&all)
+        ));
     }
 
     #[test]
@@ -642,7 +646,7 @@ mod tests {
         ));
         assert!(!covered(
             &perm(SgProtocol::Icmp, -1, -1, "0.0.0.0/0"),
-            &[echo.clone()]
+            std::slice::from_ref(&echo)
         ));
         // A referenced group is covered by the same reference only.
         let by_group = tcp(443, 443, "sg-0peer");
