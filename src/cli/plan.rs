@@ -190,7 +190,29 @@ pub async fn read_for<E: Ec2>(
         }
         valid.extend(validate(p).ok());
     }
-    live.read_cloud(ec2, None, &extra, &valid).await?;
+    // Only the instances a manifest can change: nodes its policy selects
+    // now or after, and those its group is attached to.
+    let mut touched: BTreeSet<String> = BTreeSet::new();
+    for (_, p) in manifests {
+        let after = validate(p).ok();
+        let before = live.policy(&p.name_any()).and_then(|l| validate(l).ok());
+        let attached: Vec<String> = live
+            .policy(&p.name_any())
+            .and_then(|l| l.status.as_ref()?.security_group.clone())
+            .map(|g| g.attached_instances)
+            .unwrap_or_default();
+        for n in &live.nodes {
+            let selected = after.iter().chain(&before).any(|v| v.selects(n));
+            let holds = n
+                .instance_id()
+                .is_some_and(|i| attached.iter().any(|a| a == i));
+            if selected || holds {
+                touched.insert(n.name.clone());
+            }
+        }
+    }
+    let touched: Vec<String> = touched.into_iter().collect();
+    live.read_cloud(ec2, Some(&touched), &extra, &valid).await?;
     Ok(live)
 }
 
