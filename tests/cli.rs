@@ -404,7 +404,7 @@ spec:
     let (code, out, err) = palisade(
         env,
         &proxy.endpoint(),
-        &["plan", "-f", manifest.to_str().unwrap(), "--json"],
+        &["plan", "-f", manifest.to_str().unwrap(), "--output", "json"],
     );
     assert_eq!(code, 0, "no --detailed-exitcode: success: {err}");
     let doc: serde_json::Value = serde_json::from_str(&out).unwrap();

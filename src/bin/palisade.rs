@@ -1,6 +1,8 @@
-//! `palisade`: the offline CLI. Prints the CRDs and validates policy files
-//! without a cluster, with the same CEL rules the apiserver applies at
-//! admission.
+//! `palisade`: the CLI. Offline, it prints the CRDs, validates policy files
+//! with the same CEL rules the apiserver applies at admission, and renders
+//! what policies do to a node; against a live cluster, read-only, `plan`
+//! shows what manifests would change and `explain` why a packet passes or
+//! not.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -112,6 +114,12 @@ enum Command {
     },
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LiveOutput {
+    Text,
+    Json,
+}
+
 /// How `plan` and `explain` reach the cluster and what the agents are
 /// told (give the agent's own values for exact failsafe verdicts).
 #[derive(clap::Args)]
@@ -137,9 +145,9 @@ struct LiveArgs {
     /// The agents run with `--allow-verdict=accept`.
     #[arg(long)]
     accept: bool,
-    /// Print JSON instead of text.
-    #[arg(long)]
-    json: bool,
+    /// `text` (the default) or `json`.
+    #[arg(long, short, default_value = "text")]
+    output: LiveOutput,
 }
 
 impl LiveArgs {
@@ -231,7 +239,7 @@ fn main() -> ExitCode {
                         ec2,
                         &files,
                         &settings,
-                        live.json,
+                        live.output == LiveOutput::Json,
                         &mut std::io::stdout(),
                     )
                     .await?;
@@ -277,7 +285,7 @@ fn main() -> ExitCode {
                         ec2,
                         &q,
                         &settings,
-                        live.json,
+                        live.output == LiveOutput::Json,
                         &mut std::io::stdout(),
                     )
                     .await?;
