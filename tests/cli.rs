@@ -849,6 +849,25 @@ spec:
         out.contains("Cloud layer: DROPPED") && out.contains("Node layer: ALLOWED"),
         "{out}"
     );
+    // SSH from the admin host: the failsafe lets it in, and says so.
+    let (code, out, err) = palisade(
+        env,
+        &proxy.endpoint(),
+        &[
+            "explain",
+            "--node",
+            node.name(),
+            "--from",
+            &admin4.to_string(),
+            "--to-port",
+            "22/tcp",
+            "--admin-cidr",
+            &admin_cidr,
+        ],
+    );
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("allowed by failsafe entry ssh"), "{out}");
+    println!("{out}");
     let (code, out, err) = palisade(
         env,
         &proxy.endpoint(),
@@ -863,6 +882,11 @@ spec:
         ],
     );
     assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        out.contains("allowed by policy cli-exp, egress rule web"),
+        "{out}"
+    );
+    println!("{out}");
     let calls = proxy.calls();
     let writes: Vec<_> = calls.iter().filter(|c| c.is_mutating()).collect();
     assert!(writes.is_empty(), "explain wrote to EC2: {writes:?}");
