@@ -451,7 +451,7 @@ async fn lifecycle_create_edit_relabel_delete() {
     let status = get("ctl-life").await.status.unwrap();
     let sg = status.security_group.unwrap();
     assert_eq!(
-        (sg.owned, sg.ingress_rules, sg.attached_instances.clone()),
+        (sg.owned, sg.ingress_rules, sg.attached_sample.clone()),
         (true, 3, vec![web.instance_id().to_string()])
     );
     assert_eq!(status.nodes.unwrap().summary, "1/1");
@@ -506,7 +506,7 @@ async fn lifecycle_create_edit_relabel_delete() {
     .await;
     eventually("status lists db only", Duration::from_secs(30), || async {
         let s = get("ctl-life").await.status?.security_group?;
-        (s.attached_instances == vec![db.instance_id().to_string()]).then_some(())
+        (s.attached_sample == vec![db.instance_id().to_string()] && s.attached == 1).then_some(())
     })
     .await;
     // (The recorder folds repeats of one reason into a series.)
@@ -1611,5 +1611,72 @@ async fn exposure_is_the_union_of_every_group_cut_by_the_node_layer() {
     .await;
     drop(p);
     delete_and_wait("ctl-exp").await;
+    ctl.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_adopted_group_is_detached_only_where_palisade_attached_it_even_after_a_restart() {
+    let test = "adopt-attach";
+    let env = env().await;
+    let net = SimNet::new().unwrap();
+    let a = sim_node(&net, test, "ctl-aa-a", "web").await;
+    let b = sim_node(&net, test, "ctl-aa-b", "web").await;
+    // A node that carried the group before Palisade, by hand, and is not
+    // selected: never Palisade's to change.
+    let by_hand = sim_node(&net, test, "ctl-aa-hand", "db").await;
+    let group = foreign_group("ctl-aa-shared", &[(5432, "10.0.0.0/8", "db")]).await;
+    let ec2 = direct();
+    let mut hand_groups = eni_groups(&by_hand).await;
+    hand_groups.push(group.clone());
+    ec2.set_eni_groups(by_hand.eni_id(), &hand_groups)
+        .await
+        .unwrap();
+
+    let ctl = Running::start(test, Duration::from_secs(300), 60).await;
+    let mut p = policy(
+        test,
+        "ctl-aa",
+        "web",
+        vec![tcp("ssh", &[22], &["10.0.0.0/8"])],
+    );
+    p.spec.security_group = Some(SecurityGroupTarget {
+        id: Some(group.clone()),
+        attach_to_nodes: Some(true),
+        ..Default::default()
+    });
+    create_policy(&p).await;
+    eventually("attached to both", Duration::from_secs(30), || async {
+        let sg = get("ctl-aa").await.status?.security_group?;
+        (sg.attached == 2).then_some(())
+    })
+    .await;
+    for node in [&a, &b] {
+        assert!(eni_groups(node).await.contains(&group));
+    }
+    let sg = get("ctl-aa").await.status.unwrap().security_group.unwrap();
+    let mut both = vec![a.instance_id().to_string(), b.instance_id().to_string()];
+    both.sort();
+    assert_eq!(sg.attached_sample, both);
+
+    // A restart forgets everything in memory; what Palisade attached is
+    // known from the interfaces themselves.
+    ctl.stop().await;
+    let client = env.client().await.unwrap();
+    relabel(&client, b.name(), "gone").await;
+    let ctl = Running::start(test, Duration::from_secs(300), 60).await;
+    eventually("detached from b", Duration::from_secs(30), || async {
+        (!eni_groups(&b).await.contains(&group)).then_some(())
+    })
+    .await;
+    assert!(eni_groups(&a).await.contains(&group));
+    assert!(
+        eni_groups(&by_hand).await.contains(&group),
+        "the hand-made attachment was touched"
+    );
+
+    // Deleted: off every interface it was put on, the others untouched.
+    delete_and_wait("ctl-aa").await;
+    assert!(!eni_groups(&a).await.contains(&group));
+    assert_eq!(eni_groups(&by_hand).await, hand_groups);
     ctl.stop().await;
 }

@@ -150,7 +150,7 @@ async fn helm_install_then_controller_and_agents_enforce_a_policy() {
     );
     let sg = status.security_group.clone().expect("a Security Group");
     assert!(sg.owned);
-    assert_eq!(sg.attached_instances.len(), 2);
+    assert_eq!(sg.attached as usize, 2);
 
     // Each agent wrote its own node's FirewallNode, through the admission policy.
     let fwn = Api::<FirewallNode>::all(client.clone());

@@ -18,11 +18,11 @@ pub use peers::{
     FirewallPeerSlice, FirewallPeerSliceSpec, MAX_PEER_SLICE_NODES, PeerNode, SELECTOR_HASH_LABEL,
 };
 pub use policy::{
-    CloudSync, DeletionPolicy, ExistingConnections, FirewallPolicy, FirewallPolicySpec,
-    FirewallPolicyStatus, FirewallRule, ICMP_TYPE_ANY, IcmpMatch, Layer, MAX_PEERS_PER_RULE,
-    MAX_PORTS_PER_RULE, MAX_RULES_PER_DIRECTION, NodeCounts, NodeSelector, NodeSelectorRequirement,
-    Peer, PolicyMode, PolicyType, PortRange, Protocol, RateLimit, RatePeriod, ResolvedPeer,
-    SecurityGroupStatus, SecurityGroupTarget,
+    ATTACHED_SAMPLE, CloudSync, DeletionPolicy, ExistingConnections, FirewallPolicy,
+    FirewallPolicySpec, FirewallPolicyStatus, FirewallRule, ICMP_TYPE_ANY, IcmpMatch, Layer,
+    MAX_PEERS_PER_RULE, MAX_PORTS_PER_RULE, MAX_RULES_PER_DIRECTION, NodeCounts, NodeSelector,
+    NodeSelectorRequirement, Peer, PolicyMode, PolicyType, PortRange, Protocol, RateLimit,
+    RatePeriod, ResolvedPeer, SecurityGroupStatus, SecurityGroupTarget,
 };
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{

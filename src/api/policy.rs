@@ -525,10 +525,17 @@ pub struct SecurityGroupStatus {
     pub ingress_rules: i32,
     /// Egress rules Palisade manages in the group.
     pub egress_rules: i32,
-    /// Instances whose primary interface carries the group.
+    /// How many selected instances' primary interfaces carry the group.
+    #[serde(default)]
+    pub attached: i32,
+    /// Some of them (at most 10 instance ids, sorted): the status stays
+    /// small whatever the number of nodes.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub attached_instances: Vec<String>,
+    pub attached_sample: Vec<String>,
 }
+
+/// Most instance ids `securityGroup.attachedSample` lists.
+pub const ATTACHED_SAMPLE: usize = 10;
 
 /// Node counts for a policy.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]

@@ -230,7 +230,7 @@ async fn main() -> Result<()> {
     if let Some(sg) = &status.security_group {
         println!(
             "{} (vpc {:?}, owned: {}), attached to {:?}",
-            sg.id, sg.vpc_id, sg.owned, sg.attached_instances
+            sg.id, sg.vpc_id, sg.owned, sg.attached_sample
         );
         let rules = env
             .ec2_client()

@@ -15,8 +15,8 @@ use ipnet::IpNet;
 
 use super::retry::RetryPolicy;
 use super::{
-    CloudError, Ec2, ErrorKind, GroupInfo, InstanceInfo, MAX_FILTER_VALUES, NewGroup, classify,
-    tags,
+    CloudError, Ec2, EniInfo, ErrorKind, GroupInfo, InstanceInfo, MAX_FILTER_VALUES, NewGroup,
+    classify, tags,
 };
 use crate::policy::{
     CurrentSgRule, Direction, IpFamily, PlannedPermission, PrefixListFacts, SgPeer, SgPermission,
@@ -519,16 +519,43 @@ impl Ec2 for AwsEc2 {
         Ok(())
     }
 
-    async fn enis_in_group(
-        &self,
-        group_id: &str,
-    ) -> Result<Vec<(String, Vec<String>)>, CloudError> {
+    async fn enis_in_group(&self, group_id: &str) -> Result<Vec<EniInfo>, CloudError> {
         Ok(self
             .interfaces_in_group(group_id)
             .await?
             .into_iter()
-            .map(|(id, groups, _)| (id, groups))
+            .map(|(eni, _)| eni)
             .collect())
+    }
+
+    async fn tag_eni(&self, eni: &str, key: &str, value: &str) -> Result<(), CloudError> {
+        const OP: &str = "CreateTags";
+        self.call(OP, || async {
+            self.client
+                .create_tags()
+                .resources(eni)
+                .tags(Tag::builder().key(key).value(value).build())
+                .send()
+                .await
+                .map_err(|e| sdk_error(OP, e))
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn untag_eni(&self, eni: &str, key: &str) -> Result<(), CloudError> {
+        const OP: &str = "DeleteTags";
+        self.call(OP, || async {
+            self.client
+                .delete_tags()
+                .resources(eni)
+                .tags(Tag::builder().key(key).build())
+                .send()
+                .await
+                .map_err(|e| sdk_error(OP, e))
+        })
+        .await?;
+        Ok(())
     }
 
     async fn group_members(
@@ -541,7 +568,7 @@ impl Ec2 for AwsEc2 {
                 .interfaces_in_group(id)
                 .await?
                 .into_iter()
-                .flat_map(|(_, _, ips)| ips)
+                .flat_map(|(_, ips)| ips)
                 .collect();
             nets.sort();
             nets.dedup();
@@ -683,7 +710,7 @@ impl AwsEc2 {
     async fn interfaces_in_group(
         &self,
         group_id: &str,
-    ) -> Result<Vec<(String, Vec<String>, Vec<IpNet>)>, CloudError> {
+    ) -> Result<Vec<(EniInfo, Vec<IpNet>)>, CloudError> {
         const OP: &str = "DescribeNetworkInterfaces";
         let filter = Filter::builder().name("group-id").values(group_id).build();
         let mut out = Vec::new();
@@ -719,11 +746,20 @@ impl AwsEc2 {
                         .iter()
                         .filter_map(|a| a.ipv6_address().and_then(host_net)),
                 );
-                out.push((
-                    ni.network_interface_id().unwrap_or_default().to_string(),
+                let eni = EniInfo {
+                    id: ni.network_interface_id().unwrap_or_default().to_string(),
                     groups,
-                    ips,
-                ));
+                    instance_id: ni
+                        .attachment()
+                        .and_then(|a| a.instance_id())
+                        .map(str::to_string),
+                    tags: ni
+                        .tag_set()
+                        .iter()
+                        .filter_map(|t| Some((t.key()?.to_string(), t.value()?.to_string())))
+                        .collect(),
+                };
+                out.push((eni, ips));
             }
             match page.next_token() {
                 Some(t) if !t.is_empty() => token = Some(t.to_string()),

@@ -41,6 +41,15 @@ pub mod tags {
     pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
     /// Value of [`MANAGED_BY`].
     pub const MANAGER: &str = "palisade";
+
+    /// The tag Palisade puts on a network interface when it attaches an
+    /// *adopted* group there for a policy (value: the policy's name), so
+    /// it later detaches that group only where it attached it, across
+    /// restarts, without keeping a list per policy. Groups Palisade created
+    /// need none: every interface carrying one is Palisade's to manage.
+    pub fn attached(group_id: &str, policy_uid: &str) -> String {
+        format!("palisade.dev/attached/{group_id}/{policy_uid}")
+    }
 }
 
 /// How a failed EC2 call is to be treated.
@@ -179,6 +188,19 @@ pub struct InstanceInfo {
     pub eni_groups: Vec<String>,
 }
 
+/// A network interface carrying a group.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct EniInfo {
+    /// `eni-...`.
+    pub id: String,
+    /// Its groups.
+    pub groups: Vec<String>,
+    /// The instance it is attached to, if any.
+    pub instance_id: Option<String>,
+    /// Its tags.
+    pub tags: BTreeMap<String, String>,
+}
+
 /// A new group to create.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct NewGroup {
@@ -268,11 +290,26 @@ pub trait Ec2: Send + Sync + 'static {
         groups: &[String],
     ) -> impl Future<Output = Result<(), CloudError>> + Send;
 
-    /// The ENIs whose groups include `group_id` (id, groups).
+    /// The ENIs whose groups include `group_id` (one paginated call).
     fn enis_in_group(
         &self,
         group_id: &str,
-    ) -> impl Future<Output = Result<Vec<(String, Vec<String>)>, CloudError>> + Send;
+    ) -> impl Future<Output = Result<Vec<EniInfo>, CloudError>> + Send;
+
+    /// Sets tag `key` on an ENI.
+    fn tag_eni(
+        &self,
+        eni: &str,
+        key: &str,
+        value: &str,
+    ) -> impl Future<Output = Result<(), CloudError>> + Send;
+
+    /// Removes tag `key` from an ENI.
+    fn untag_eni(
+        &self,
+        eni: &str,
+        key: &str,
+    ) -> impl Future<Output = Result<(), CloudError>> + Send;
 
     /// Private addresses (v4 and v6, as host networks) of the interfaces in
     /// each of `group_ids`.

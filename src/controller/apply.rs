@@ -551,10 +551,6 @@ async fn sync_group<E: Ec2>(
     } else {
         Vec::new()
     };
-    let previously_attached: Vec<String> = previous
-        .as_ref()
-        .map(|g| g.attached_instances.clone())
-        .unwrap_or_default();
     let known_owned = previous
         .as_ref()
         .filter(|g| owned && g.owned)
@@ -566,12 +562,7 @@ async fn sync_group<E: Ec2>(
     } else {
         Vec::new()
     };
-    let mut wanted: BTreeSet<String> = selected
-        .iter()
-        .chain(&previously_attached)
-        .chain(&analysed)
-        .cloned()
-        .collect();
+    let mut wanted: BTreeSet<String> = selected.iter().chain(&analysed).cloned().collect();
     if owned && known_owned.is_none() && spec.vpc_id.is_none() {
         // The VPC of the new group comes from the selected nodes.
         wanted.extend(selected_instances(compiled, facts));
@@ -691,51 +682,89 @@ async fn sync_group<E: Ec2>(
         i32::try_from(n).unwrap_or(i32::MAX)
     };
 
-    // Attachments.
-    let mut attached = BTreeSet::new();
+    // Attachments: on every selected instance's primary interface; off
+    // every other interface that carries it where Palisade put it (any, for
+    // a group it created; for an adopted group, those tagged when it was
+    // attached there). One read of the interfaces carrying the group, then
+    // the changes, concurrently (each one call with the interface's whole
+    // new group list; the client paces them by its throttle bucket).
+    let uid = policy.uid().unwrap_or_default();
+    let tag = tags::attached(&group_id, &uid);
+    let carrying = ctx.ec2.enis_in_group(&group_id).await?;
+    let mut changes: Vec<(String, String, EniChange)> = Vec::new();
     for instance in &instances {
         let Some(eni) = &instance.primary_eni else {
             continue;
         };
-        let wanted_here = selected.contains(&instance.id);
-        let has = instance.eni_groups.contains(&group_id);
-        let detach = !wanted_here && has && (owned || previously_attached.contains(&instance.id));
-        if wanted_here {
-            attached.insert(instance.id.clone());
+        if selected.contains(&instance.id) && !instance.eni_groups.contains(&group_id) {
+            changes.push((instance.id.clone(), eni.clone(), EniChange::Attach));
         }
-        if (wanted_here && !has) || detach {
-            let change = if wanted_here {
-                EniChange::Attach
-            } else {
-                EniChange::Detach
-            };
-            if !set_membership(ctx, eni, &group_id, change).await? {
-                attached.insert(instance.id.clone());
-                continue;
-            }
-            if let Some(known) = lock(&ctx.instances).get_mut(&instance.id) {
+    }
+    for eni in &carrying {
+        let wanted_here = eni
+            .instance_id
+            .as_ref()
+            .is_some_and(|i| selected.contains(i))
+            && instances
+                .iter()
+                .any(|i| i.primary_eni.as_deref() == Some(eni.id.as_str()));
+        if !wanted_here && (owned || eni.tags.contains_key(&tag)) {
+            changes.push((
+                eni.instance_id.clone().unwrap_or_default(),
+                eni.id.clone(),
+                EniChange::Detach,
+            ));
+        }
+    }
+    let results = futures::future::join_all(changes.iter().map(|(instance, eni, change)| {
+        let group_id = &group_id;
+        let tag = &tag;
+        async move {
+            let done = set_membership(ctx, eni, group_id, *change).await?;
+            if !owned && done {
                 match change {
-                    EniChange::Attach => known.eni_groups.push(group_id.clone()),
-                    EniChange::Detach => known.eni_groups.retain(|g| g != &group_id),
+                    EniChange::Attach => ctx.ec2.tag_eni(eni, tag, &policy.name_any()).await?,
+                    EniChange::Detach => ctx.ec2.untag_eni(eni, tag).await?,
                 }
             }
-            let (reason, what) = match change {
-                EniChange::Attach => ("Attached", "attached"),
-                EniChange::Detach => ("Detached", "detached"),
-            };
-            ctx.publish(
-                policy,
-                false,
-                reason,
-                "ModifyNetworkInterfaceAttribute",
-                format!(
-                    "{what} {group_id} {} {eni} of instance {}",
-                    if wanted_here { "to" } else { "from" },
-                    instance.id
-                ),
-            )
-            .await;
+            Ok::<_, Error>((instance, eni, *change, done))
         }
+    }))
+    .await;
+    let mut kept_on = 0usize;
+    for result in results {
+        let (instance, eni, change, done) = result?;
+        if !done {
+            // The last group of an interface stays where it is.
+            kept_on += 1;
+            continue;
+        }
+        if let Some(known) = lock(&ctx.instances).get_mut(instance.as_str()) {
+            match change {
+                EniChange::Attach => known.eni_groups.push(group_id.clone()),
+                EniChange::Detach => known.eni_groups.retain(|g| g != &group_id),
+            }
+        }
+        let (reason, what, word) = match change {
+            EniChange::Attach => ("Attached", "attached", "to"),
+            EniChange::Detach => ("Detached", "detached", "from"),
+        };
+        ctx.publish(
+            policy,
+            false,
+            reason,
+            "ModifyNetworkInterfaceAttribute",
+            format!("{what} {group_id} {word} {eni} of instance {instance}"),
+        )
+        .await;
+    }
+    let attached: Vec<String> = instances
+        .iter()
+        .filter(|i| i.primary_eni.is_some() && selected.contains(&i.id))
+        .map(|i| i.id.clone())
+        .collect();
+    if kept_on > 0 {
+        tracing::warn!(policy = %policy.name_any(), group = %group_id, interfaces = kept_on, "the group stays on interfaces it is the last group of");
     }
 
     ctx.groups.put(&group_id, "", owned, after.clone());
@@ -775,7 +804,11 @@ async fn sync_group<E: Ec2>(
             owned,
             ingress_rules: count(Direction::Ingress),
             egress_rules: count(Direction::Egress),
-            attached_instances: attached.into_iter().collect(),
+            attached: i32::try_from(attached.len()).unwrap_or(i32::MAX),
+            attached_sample: attached
+                .into_iter()
+                .take(crate::api::ATTACHED_SAMPLE)
+                .collect(),
         },
         drift_repaired,
         effective,
@@ -983,8 +1016,8 @@ pub async fn cleanup<E: Ec2>(
         if spec.deletion_policy == DeletionPolicy::Delete {
             let groups = ctx.ec2.find_groups(&identity_tags(&policy, &ctx)).await?;
             for group in groups {
-                for (eni, _) in ctx.ec2.enis_in_group(&group.id).await? {
-                    set_membership(&ctx, &eni, &group.id, EniChange::Detach).await?;
+                for eni in ctx.ec2.enis_in_group(&group.id).await? {
+                    set_membership(&ctx, &eni.id, &group.id, EniChange::Detach).await?;
                 }
                 match ctx.ec2.delete_group(&group.id).await {
                     Ok(()) => {
@@ -1040,17 +1073,14 @@ pub async fn cleanup<E: Ec2>(
             Err(e) if matches!(e.kind, ErrorKind::NotFound { .. }) => {}
             Err(e) => return Err(e.into()),
         }
-        let attached = policy
-            .status
-            .as_ref()
-            .and_then(|s| s.security_group.as_ref())
-            .map(|g| g.attached_instances.clone())
-            .unwrap_or_default();
-        for instance in ctx.ec2.describe_instances(&attached).await? {
-            if let Some(eni) = &instance.primary_eni
-                && instance.eni_groups.contains(&id)
+        // Off the interfaces this policy put it on (tagged then), and
+        // nowhere else.
+        let tag = tags::attached(&id, &policy.uid().unwrap_or_default());
+        for eni in ctx.ec2.enis_in_group(&id).await? {
+            if eni.tags.contains_key(&tag)
+                && set_membership(&ctx, &eni.id, &id, EniChange::Detach).await?
             {
-                set_membership(&ctx, eni, &id, EniChange::Detach).await?;
+                ctx.ec2.untag_eni(&eni.id, &tag).await?;
             }
         }
     }

@@ -17,8 +17,9 @@
 //!   labels, InternalIPs, providerID); an event that leaves those equal —
 //!   status conditions, images, resourceVersion — triggers no reconcile. A
 //!   Node change wakes the policies that select it before or after, that
-//!   match it as a peer before or after, or whose group is attached to its
-//!   instance. A FirewallNode wakes the policies it lists (before or after)
+//!   match it as a peer before or after (a policy whose group is on a node
+//!   it no longer selects selected it before: it is woken and detaches).
+//!   A FirewallNode wakes the policies it lists (before or after)
 //!   and those still waiting on nodes.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -208,15 +209,13 @@ fn peer_selectors(policy: &FirewallPolicy) -> Vec<Selector> {
 
 /// The policies a change of one node's facts concerns (pure): those that
 /// select it before or after (an invalid policy counts as selecting, so it
-/// is re-judged), that match it as a peer before or after, or whose group
-/// is attached to its instance.
+/// is re-judged), or that match it as a peer before or after.
 pub fn policies_for_node_change(
     old: Option<&NodeFacts>,
     new: Option<&NodeFacts>,
     policies: &[Arc<FirewallPolicy>],
 ) -> Vec<ObjectRef<FirewallPolicy>> {
     let versions: Vec<&NodeFacts> = old.into_iter().chain(new).collect();
-    let instances: BTreeSet<&str> = versions.iter().filter_map(|n| n.instance_id()).collect();
     policies
         .iter()
         .filter(|p| {
@@ -227,16 +226,7 @@ pub fn policies_for_node_change(
             let peer = peer_selectors(p)
                 .iter()
                 .any(|sel| versions.iter().any(|n| sel.matches(&n.labels)));
-            let attached = p
-                .status
-                .as_ref()
-                .and_then(|s| s.security_group.as_ref())
-                .is_some_and(|g| {
-                    g.attached_instances
-                        .iter()
-                        .any(|i| instances.contains(i.as_str()))
-                });
-            selects || peer || attached
+            selects || peer
         })
         .map(|p| ObjectRef::from_obj(p.as_ref()))
         .collect()

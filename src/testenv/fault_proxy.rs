@@ -87,6 +87,10 @@ pub struct Call {
     /// The EC2 action (`DescribeSecurityGroups`, ...), or `?` if the body
     /// carried none.
     pub action: String,
+    /// The longest list of values the call carried in one parameter: the
+    /// values of one `Filter.N`, or the members of a list such as
+    /// `InstanceId.N` (EC2 refuses more than 200 filter values).
+    pub values: usize,
     /// What the proxy did.
     pub outcome: Outcome,
 }
@@ -228,6 +232,24 @@ async fn serve(
     }
 }
 
+/// The longest value list in a Query-protocol body: `Filter.3.Value.17`
+/// counts toward `Filter.3`; `InstanceId.5` toward `InstanceId`.
+fn values_of(body: &[u8]) -> usize {
+    let text = String::from_utf8_lossy(body);
+    let mut lists: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for kv in text.split('&') {
+        let key = kv.split('=').next().unwrap_or_default();
+        let parts: Vec<&str> = key.split('.').collect();
+        let list = match parts.as_slice() {
+            ["Filter", n, "Value", _] => format!("Filter.{n}"),
+            [name, index] if index.parse::<u32>().is_ok() => (*name).to_string(),
+            _ => continue,
+        };
+        *lists.entry(list).or_default() += 1;
+    }
+    lists.into_values().max().unwrap_or(0)
+}
+
 /// The EC2 Query protocol carries the action as a form field of the body.
 fn action_of(body: &[u8]) -> String {
     String::from_utf8_lossy(body)
@@ -259,6 +281,7 @@ async fn handle(
         .map(|b| b.to_bytes())
         .unwrap_or_default();
     let action = action_of(&body);
+    let values = values_of(&body);
     let (delay, fault, scripted) = {
         let mut s = lock(&state);
         let scripted = s
@@ -289,6 +312,7 @@ async fn handle(
     let record = |outcome| {
         lock(&state).calls.push(Call {
             action: action.clone(),
+            values,
             outcome,
         })
     };
@@ -384,9 +408,25 @@ mod tests {
     }
 
     #[test]
+    fn value_lists_are_measured() {
+        assert_eq!(
+            values_of(b"Action=DescribeInstances&Filter.1.Name=instance-id&Filter.1.Value.1=i-a&Filter.1.Value.2=i-b&Filter.2.Name=x&Filter.2.Value.1=y"),
+            2
+        );
+        assert_eq!(
+            values_of(
+                b"Action=DescribeInstances&InstanceId.1=i-a&InstanceId.2=i-b&InstanceId.3=i-c"
+            ),
+            3
+        );
+        assert_eq!(values_of(b"Action=DescribeVpcs"), 0);
+    }
+
+    #[test]
     fn mutating_calls_are_told_apart() {
         let call = |a: &str| Call {
             action: a.into(),
+            values: 0,
             outcome: Outcome::Forwarded(200),
         };
         assert!(!call("DescribeSecurityGroupRules").is_mutating());
