@@ -335,7 +335,7 @@ spec:
     let group = eventually("cli-web attached", Duration::from_secs(60), || async {
         let p = policies.get("cli-web").await.ok()?;
         let g = p.status?.security_group?;
-        (!g.attached_instances.is_empty()).then_some(g.id)
+        (g.attached > 0).then_some(g.id)
     })
     .await;
     let _ = stop.send(());

@@ -23,7 +23,7 @@ use kube::{Api, Client, ResourceExt};
 
 use super::Error;
 use crate::api::{FirewallPeerSlice, FirewallPolicy};
-use crate::cloud::{Ec2, GroupInfo, InstanceInfo};
+use crate::cloud::{Ec2, EniInfo, GroupInfo, InstanceInfo};
 use crate::policy::{
     AllowVerdict, CurrentSgRule, Direction, Facts, Failsafe, NodeFacts, NodeRuleset, PeerRef,
     ValidPolicy, compile_node, validate,
@@ -70,6 +70,9 @@ pub struct Live {
     pub instances: BTreeMap<String, InstanceInfo>,
     /// Groups read, by id.
     pub groups: BTreeMap<String, LiveGroup>,
+    /// The interfaces carrying a group, for the groups whose attachments
+    /// `plan` looks at (`DescribeNetworkInterfaces`).
+    pub carrying: BTreeMap<String, Vec<EniInfo>>,
     /// Security Group and prefix-list peers resolved from EC2 (those the
     /// policies' status did not resolve).
     pub references: Facts,

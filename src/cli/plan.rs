@@ -190,22 +190,28 @@ pub async fn read_for<E: Ec2>(
         }
         valid.extend(validate(p).ok());
     }
+    // The interfaces carrying each known group (what may be detached).
+    for id in &extra {
+        if !live.carrying.contains_key(id) {
+            let enis = ec2.enis_in_group(id).await?;
+            live.carrying.insert(id.clone(), enis);
+        }
+    }
     // Only the instances a manifest can change: nodes its policy selects
-    // now or after, and those its group is attached to.
+    // now or after, and those carrying its group.
+    let carriers: BTreeSet<String> = live
+        .carrying
+        .values()
+        .flatten()
+        .filter_map(|e| e.instance_id.clone())
+        .collect();
     let mut touched: BTreeSet<String> = BTreeSet::new();
     for (_, p) in manifests {
         let after = validate(p).ok();
         let before = live.policy(&p.name_any()).and_then(|l| validate(l).ok());
-        let attached: Vec<String> = live
-            .policy(&p.name_any())
-            .and_then(|l| l.status.as_ref()?.security_group.clone())
-            .map(|g| g.attached_instances)
-            .unwrap_or_default();
         for n in &live.nodes {
             let selected = after.iter().chain(&before).any(|v| v.selects(n));
-            let holds = n
-                .instance_id()
-                .is_some_and(|i| attached.iter().any(|a| a == i));
+            let holds = n.instance_id().is_some_and(|i| carriers.contains(i));
             if selected || holds {
                 touched.insert(n.name.clone());
             }
@@ -468,29 +474,48 @@ fn group_plan(
             changes.push(format!("~ {direction} rule {id}: description \"{desc}\""));
         }
     }
-    // Attachments: the selected nodes' interfaces, in Enforce only.
+    // Attachments: on the selected nodes' primary interfaces, in Enforce
+    // only; off every other interface carrying the group where Palisade
+    // put it (any, for a group it created; those tagged for this policy
+    // when attached, for an adopted one) — as the controller does.
     let attaches = target.attaches() && v.mode() == PolicyMode::Enforce;
-    let previously: Vec<String> = live_status
-        .as_ref()
-        .map(|s| s.attached_instances.clone())
-        .unwrap_or_default();
-    let (mut attach, mut detach) = (Vec::new(), Vec::new());
+    let owned = ownership == GroupOwnership::Created;
+    let (mut attach, mut wanted_enis) = (Vec::new(), BTreeSet::new());
     for n in &live.nodes {
         let Some(instance) = live.instance(&n.name) else {
             continue;
         };
-        if instance.primary_eni.is_none() {
+        let Some(eni) = &instance.primary_eni else {
             continue;
+        };
+        if attaches && v.selects(n) {
+            wanted_enis.insert(eni.clone());
+            let has = group_id
+                .as_ref()
+                .is_some_and(|g| instance.eni_groups.contains(g));
+            if !has {
+                attach.push(n.name.clone());
+            }
         }
-        let has = group_id
-            .as_ref()
-            .is_some_and(|g| instance.eni_groups.contains(g));
-        let wanted = attaches && v.selects(n);
-        let owned = ownership == GroupOwnership::Created;
-        if wanted && !has {
-            attach.push(n.name.clone());
-        } else if !wanted && has && (owned || previously.contains(&instance.id)) {
-            detach.push(n.name.clone());
+    }
+    let mut detach = Vec::new();
+    if let Some(id) = &group_id {
+        let uid = live
+            .policy(&name)
+            .and_then(|l| l.metadata.uid.clone())
+            .unwrap_or_default();
+        let tag = crate::cloud::tags::attached(id, &uid);
+        for eni in live.carrying.get(id).into_iter().flatten() {
+            if wanted_enis.contains(&eni.id) || !(owned || eni.tags.contains_key(&tag)) {
+                continue;
+            }
+            let instance = eni.instance_id.clone().unwrap_or_default();
+            let node = live
+                .nodes
+                .iter()
+                .find(|n| n.instance_id() == Some(instance.as_str()))
+                .map_or_else(|| format!("instance {instance}"), |n| n.name.clone());
+            detach.push(node);
         }
     }
     Ok((
