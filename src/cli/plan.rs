@@ -820,4 +820,75 @@ mod tests {
         assert!(p.nodes[0].widened.is_empty());
         assert_eq!(p.nodes[0].exposure_after, Some(Vec::new()));
     }
+
+    #[test]
+    fn a_created_group_leaves_the_nodes_no_longer_selected() {
+        let mut live = live();
+        let id = "sg-0123456789abcdef2";
+        let mut http = world_ssh();
+        http.rule_id = "sgr-0http".into();
+        http.permission.from_port = 80;
+        http.permission.to_port = 80;
+        http.description = Some("palisade:web/http".into());
+        live.groups.insert(
+            id.into(),
+            super::super::live::LiveGroup {
+                info: GroupInfo {
+                    id: id.into(),
+                    name: "palisade-prod-web".into(),
+                    ..Default::default()
+                },
+                rules: vec![http],
+            },
+        );
+        live.instances
+            .get_mut("i-0123456789abcdef0")
+            .unwrap()
+            .eni_groups
+            .push(id.into());
+        live.carrying.insert(
+            id.into(),
+            vec![crate::cloud::EniInfo {
+                id: "eni-1".into(),
+                groups: vec!["sg-0123456789abcdef1".into(), id.into()],
+                instance_id: Some("i-0123456789abcdef0".into()),
+                ..Default::default()
+            }],
+        );
+        let yaml = |role: &str| {
+            format!(
+                "apiVersion: palisade.dev/v1alpha1\nkind: FirewallPolicy\nmetadata: {{name: web}}\nspec:\n  nodeSelector: {{matchLabels: {{role: {role}}}}}\n  policyTypes: [Ingress]\n  ingress:\n    - {{name: http, protocol: TCP, ports: [{{port: 80}}], peers: [{{cidr: 0.0.0.0/0}}]}}\n"
+            )
+        };
+        let mut current: FirewallPolicy = serde_yaml::from_str(&yaml("web")).unwrap();
+        current.status = Some(crate::api::FirewallPolicyStatus {
+            security_group: Some(crate::api::SecurityGroupStatus {
+                id: id.into(),
+                owned: true,
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        live.policies.push(current);
+        // The same policy: nothing to do.
+        let same = plan(&live, &manifest(&yaml("web")), &PlanSettings::default()).unwrap();
+        assert_eq!(same.outcome(), PlanOutcome::default(), "{same:#?}");
+        // Moved to other nodes: the group leaves web-1, whose node layer
+        // is no longer governed (SSH from anywhere is open again).
+        let moved = plan(&live, &manifest(&yaml("db")), &PlanSettings::default()).unwrap();
+        let g = &moved.groups[0];
+        assert_eq!(g.group_id.as_deref(), Some(id));
+        assert!(g.changes.is_empty(), "{:?}", g.changes);
+        assert_eq!(g.detach, ["web-1"]);
+        let n = &moved.nodes[0];
+        assert_eq!(
+            n.exposure_before.as_deref(),
+            Some(&["tcp/80 from 0.0.0.0/0".to_string()][..])
+        );
+        assert_eq!(
+            n.exposure_after.as_deref(),
+            Some(&["tcp/22 from 0.0.0.0/0".to_string()][..])
+        );
+        assert_eq!(n.widened, ["tcp/22 from 0.0.0.0/0"]);
+    }
 }
