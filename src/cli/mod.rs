@@ -8,8 +8,12 @@ use serde_json::Value;
 
 use crate::api::FirewallPolicy;
 
+pub mod explain;
+pub mod live;
+pub mod plan;
 mod render;
 mod summary;
+pub use live::NodeSettings;
 pub use render::{AgentSettings, OutputFormat, render_files};
 pub use summary::{Opening, Risk, openings, risks, summary_text};
 
@@ -44,6 +48,58 @@ pub enum Error {
     /// `render` could not compile what it was given.
     #[error("{0}")]
     Render(String),
+    /// Reading the live cluster failed.
+    #[error("{0}")]
+    Live(String),
+    /// An EC2 read failed.
+    #[error(transparent)]
+    Cloud(#[from] crate::cloud::CloudError),
+    /// JSON output failed.
+    #[error("writing JSON: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+/// `palisade plan`: reads `files`, the live state they touch, and writes
+/// the plan (as text, or JSON when `json`). Reads only.
+pub async fn plan_live<E: crate::cloud::Ec2>(
+    client: &kube::Client,
+    ec2: &E,
+    files: &[PathBuf],
+    settings: &plan::PlanSettings,
+    json: bool,
+    out: &mut impl Write,
+) -> Result<plan::PlanOutcome, Error> {
+    let manifests = plan::read_manifests(files, out)?;
+    let live = plan::read_for(client, ec2, &manifests).await?;
+    let p = plan::plan(&live, &manifests, settings)?;
+    if json {
+        let doc = serde_json::json!({ "plan": p, "outcome": p.outcome() });
+        writeln!(out, "{}", serde_json::to_string_pretty(&doc)?)?;
+    } else {
+        plan::write_text(&p, out)?;
+    }
+    Ok(p.outcome())
+}
+
+/// `palisade explain`: reads the live state of `q.node` and writes the
+/// answer (as text, or JSON when `json`). Returns whether the packet
+/// reaches. Reads only.
+pub async fn explain_live<E: crate::cloud::Ec2>(
+    client: &kube::Client,
+    ec2: &E,
+    q: &explain::Question,
+    settings: &NodeSettings,
+    json: bool,
+    out: &mut impl Write,
+) -> Result<bool, Error> {
+    let live = explain::read_for(client, ec2, &q.node).await?;
+    let e = explain::explain(&live, settings, q)?;
+    if json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&e)?)?;
+    } else {
+        explain::write_text(&e, out)?;
+    }
+    Ok(e.reaches())
 }
 
 /// One document of an input file, with where it came from.

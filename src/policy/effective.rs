@@ -163,7 +163,7 @@ impl fmt::Display for Widening {
 }
 
 /// `tcp/22`, `tcp/8000-8080`, `udp/all ports`, `icmp type 8`, `all traffic`.
-fn traffic(p: &SgPermission) -> String {
+pub fn traffic(p: &SgPermission) -> String {
     match p.protocol {
         SgProtocol::All => "all traffic".into(),
         SgProtocol::Tcp | SgProtocol::Udp => {

@@ -13,7 +13,8 @@ use serde::Serialize;
 use super::cloud::{CloudPlan, SgPeer, SgPermission, SgProtocol};
 use super::facts::Facts;
 use super::node::{
-    AddrSide, Address, BuiltinChain, L4Protocol, NodeAction, NodeMatch, NodeRuleset,
+    AddrSide, Address, BuiltinChain, L4Protocol, NodeAction, NodeMatch, NodeRule, NodeRuleset,
+    RuleOrigin,
 };
 use super::{Direction, IpFamily};
 
@@ -132,66 +133,137 @@ pub fn cloud_permits(plan: &CloudPlan, probe: &Probe, facts: &Facts) -> Option<b
 /// non-loopback packet; rules matching the node's own address (never
 /// generated) do not match.
 pub fn node_verdict(ruleset: &NodeRuleset, probe: &Probe) -> NodeVerdict {
+    node_decision(ruleset, probe).verdict
+}
+
+/// The rule that decided a probe's fate, and the chain holding it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DecidingRule {
+    /// The chain (`PALISADE-FAILSAFE-IN`, `PAL-I-...`, `PALISADE-END-IN`).
+    pub chain: String,
+    /// The rule: its id, origin (failsafe entry, policy rule, default
+    /// drop) and matches.
+    pub rule: NodeRule,
+}
+
+/// [`node_verdict`] with the reasons: the rule that allowed or dropped the
+/// probe, and the Audit policies that counted it as a would-be drop.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeDecision {
+    /// The verdict.
+    pub verdict: NodeVerdict,
+    /// The rule that decided (`None` when no rule did: not filtered, or
+    /// no rule allowed it and nothing drops it).
+    pub by: Option<DecidingRule>,
+    /// Audit policies whose would-be-drop counter the probe reached.
+    pub audit_would_drop: Vec<String>,
+}
+
+/// The walk of [`node_verdict`], naming the deciding rule.
+pub fn node_decision(ruleset: &NodeRuleset, probe: &Probe) -> NodeDecision {
     let family = IpFamily::of_addr(&probe.peer);
     let table = ruleset.family(family);
     let builtin = match probe.direction {
         Direction::Ingress => BuiltinChain::Input,
         Direction::Egress => BuiltinChain::Output,
     };
-    let Some(hook) = table.hooks.iter().find(|h| h.builtin == builtin) else {
-        return NodeVerdict::NotFiltered;
+    let mut walker = Walker {
+        ruleset,
+        family,
+        probe,
+        audit: Vec::new(),
     };
-    match walk(ruleset, family, &hook.target, probe, 0) {
-        Flow::Final(v) => v,
-        Flow::Return { allowed: true } => NodeVerdict::Accept,
-        Flow::Return { allowed: false } => NodeVerdict::AuditAccept,
+    let Some(hook) = table.hooks.iter().find(|h| h.builtin == builtin) else {
+        return NodeDecision {
+            verdict: NodeVerdict::NotFiltered,
+            by: None,
+            audit_would_drop: Vec::new(),
+        };
+    };
+    let (verdict, by) = match walker.walk(&hook.target, 0) {
+        Flow::Final(v, by) => (v, Some(by)),
+        Flow::Return { allowed: Some(by) } => (NodeVerdict::Accept, Some(by)),
+        Flow::Return { allowed: None } => (NodeVerdict::AuditAccept, None),
+    };
+    NodeDecision {
+        verdict,
+        by,
+        audit_would_drop: walker.audit,
     }
 }
 
 /// How a walk through one chain ended.
 enum Flow {
-    /// A terminal verdict (ACCEPT or DROP).
-    Final(NodeVerdict),
-    /// Back to the caller: `allowed` when an allow's RETURN sent it there,
-    /// not when the chain simply ran out of rules.
-    Return { allowed: bool },
+    /// A terminal verdict (ACCEPT or DROP) and the rule that gave it.
+    Final(NodeVerdict, DecidingRule),
+    /// Back to the caller: `allowed` names the allow whose RETURN sent it
+    /// there; `None` when the chain simply ran out of rules.
+    Return { allowed: Option<DecidingRule> },
 }
 
-fn walk(ruleset: &NodeRuleset, family: IpFamily, chain: &str, probe: &Probe, depth: usize) -> Flow {
-    // Palisade's paths are a handful of chains long; the bound only guards a
-    // malformed input.
-    if depth > 64 {
-        return Flow::Return { allowed: false };
-    }
-    let Some(chain) = ruleset.family(family).chain(chain) else {
-        return Flow::Return { allowed: false };
-    };
-    for rule in &chain.rules {
-        if !rule_matches(ruleset, &rule.matches, probe) {
-            continue;
+struct Walker<'a> {
+    ruleset: &'a NodeRuleset,
+    family: IpFamily,
+    probe: &'a Probe,
+    audit: Vec<String>,
+}
+
+impl Walker<'_> {
+    fn walk(&mut self, chain: &str, depth: usize) -> Flow {
+        // Palisade's paths are a handful of chains long; the bound only
+        // guards a malformed input.
+        if depth > 64 {
+            return Flow::Return { allowed: None };
         }
-        match &rule.action {
-            NodeAction::Accept => return Flow::Final(NodeVerdict::Accept),
-            NodeAction::Drop => return Flow::Final(NodeVerdict::Drop),
-            NodeAction::Return => return Flow::Return { allowed: true },
-            NodeAction::Jump { chain } => {
-                // A jump's RETURN resumes here, allowed or not.
-                if let Flow::Final(v) = walk(ruleset, family, chain, probe, depth + 1) {
-                    return Flow::Final(v);
+        let Some(chain) = self.ruleset.family(self.family).chain(chain) else {
+            return Flow::Return { allowed: None };
+        };
+        let by = |rule: &NodeRule| DecidingRule {
+            chain: chain.name.clone(),
+            rule: rule.clone(),
+        };
+        for rule in &chain.rules {
+            if !rule_matches(self.ruleset, &rule.matches, self.probe) {
+                continue;
+            }
+            match &rule.action {
+                NodeAction::Accept => return Flow::Final(NodeVerdict::Accept, by(rule)),
+                NodeAction::Drop => return Flow::Final(NodeVerdict::Drop, by(rule)),
+                NodeAction::Return => {
+                    return Flow::Return {
+                        allowed: Some(by(rule)),
+                    };
                 }
+                NodeAction::Jump { chain } => {
+                    // A jump's RETURN resumes here, allowed or not.
+                    if let Flow::Final(v, r) = self.walk(chain, depth + 1) {
+                        return Flow::Final(v, r);
+                    }
+                }
+                NodeAction::Goto { chain } => return self.walk(chain, depth + 1),
+                NodeAction::Count => {
+                    if let RuleOrigin::WouldDrop { policy } = &rule.origin
+                        && !self.audit.contains(policy)
+                    {
+                        self.audit.push(policy.clone());
+                    }
+                }
+                NodeAction::Log { .. } => {}
+                NodeAction::AllowUnderLimit { allow, .. } if !self.probe.over_rate => {
+                    return match allow {
+                        super::AllowVerdict::Return => Flow::Return {
+                            allowed: Some(by(rule)),
+                        },
+                        super::AllowVerdict::Accept => Flow::Final(NodeVerdict::Accept, by(rule)),
+                    };
+                }
+                NodeAction::AllowUnderLimit { .. } => {}
             }
-            NodeAction::Goto { chain } => return walk(ruleset, family, chain, probe, depth + 1),
-            NodeAction::Log { .. } | NodeAction::Count => {}
-            NodeAction::AllowUnderLimit { allow, .. } if !probe.over_rate => {
-                return match allow {
-                    super::AllowVerdict::Return => Flow::Return { allowed: true },
-                    super::AllowVerdict::Accept => Flow::Final(NodeVerdict::Accept),
-                };
-            }
-            NodeAction::AllowUnderLimit { .. } => {}
         }
+        Flow::Return { allowed: None }
     }
-    Flow::Return { allowed: false }
 }
 
 fn rule_matches(ruleset: &NodeRuleset, m: &NodeMatch, probe: &Probe) -> bool {
@@ -301,6 +373,40 @@ mod tests {
         };
         assert_eq!(node_verdict(&rs, &out), NodeVerdict::NotFiltered);
         assert_eq!(cloud_permits(&plan, &out, &facts), None);
+    }
+
+    #[test]
+    fn the_deciding_rule_is_named() {
+        let facts = facts_with_nodes();
+        let mut audit = web_policy();
+        audit.metadata.name = Some("trial".into());
+        audit.spec.mode = crate::api::PolicyMode::Audit;
+        let policies = [
+            validate(&jump_host_policy()).unwrap(),
+            validate(&audit).unwrap(),
+        ];
+        let rs = compile_node("web-1", &policies, &facts).unwrap();
+        let origin = |probe: &Probe| {
+            let d = node_decision(&rs, probe);
+            assert_eq!(d.verdict, node_verdict(&rs, probe));
+            (d.verdict, d.by.map(|b| b.rule.origin.to_string()))
+        };
+        assert_eq!(
+            origin(&tcp_in("203.0.113.10", 22)),
+            (NodeVerdict::Accept, Some("bastion/ingress/ssh-jump".into()))
+        );
+        assert_eq!(
+            origin(&tcp_in("10.0.2.10", 10250)),
+            (NodeVerdict::Accept, Some("failsafe/kubelet".into()))
+        );
+        assert_eq!(
+            origin(&tcp_in("198.51.100.1", 10250)),
+            (NodeVerdict::Drop, Some("default-drop".into()))
+        );
+        // Dropped by the Enforce policy, and counted by the Audit one.
+        let d = node_decision(&rs, &tcp_in("198.51.100.1", 5432));
+        assert_eq!(d.verdict, NodeVerdict::Drop);
+        assert_eq!(d.audit_would_drop, vec!["trial".to_string()]);
     }
 
     #[test]
