@@ -53,8 +53,8 @@ impl DataplaneNode {
         compile_node("node", &valid, &self.facts).map_err(|e| Error::Invalid(e.to_string()))
     }
 
-    /// Compiles and programs `policies`, then checks a second sync writes
-    /// nothing.
+    /// Compiles and programs `policies`, then checks that a full read
+    /// finds nothing to write (what was written is what the kernel holds).
     pub fn apply(&self, policies: &[FirewallPolicy]) -> Result<NodeRuleset> {
         let rs = self.compile(policies)?;
         self.dataplane
@@ -62,11 +62,11 @@ impl DataplaneNode {
             .map_err(|e| Error::Invalid(e.to_string()))?;
         let again = self
             .dataplane
-            .sync(&rs)
+            .verify(&rs)
             .map_err(|e| Error::Invalid(e.to_string()))?;
         if again.wrote() {
             return Err(Error::Invalid(format!(
-                "second sync was not a no-op: {:?}",
+                "a full read after the sync found differences: {:?}",
                 again.plan
             )));
         }
