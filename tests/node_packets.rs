@@ -400,10 +400,11 @@ fn a_no_op_sync_spawns_nothing_and_a_change_writes_only_the_difference() {
 
 /// What the agent does with `nft monitor`: generations committed by the
 /// dataplane's own processes keep the model; one committed by anyone else
-/// touching a Palisade chain makes the next sync read everything back.
+/// touching a Palisade chain makes the next sync list that chain and
+/// rewrite it.
 #[test]
 fn the_monitor_tells_own_writes_from_drift_even_during_a_write() {
-    use palisade::node::monitor::MonitorParser;
+    use palisade::node::monitor::{MonitorParser, note_generation};
     use std::io::BufRead;
     let net = SimNet::new().unwrap();
     let node = Node::new(&net, "node", None);
@@ -447,14 +448,10 @@ fn the_monitor_tells_own_writes_from_drift_even_during_a_write() {
                 let Some(g) = parser.line(&line) else {
                     continue;
                 };
-                if !g.touches_palisade {
-                    continue;
-                }
-                if g.pid.is_some_and(|p| dataplane.is_own_process(p)) {
-                    own.fetch_add(1, Ordering::Relaxed);
-                } else {
+                if note_generation(&dataplane, &g) {
                     foreign.fetch_add(1, Ordering::Relaxed);
-                    dataplane.invalidate();
+                } else if g.touches_palisade {
+                    own.fetch_add(1, Ordering::Relaxed);
                 }
             }
         });
@@ -510,11 +507,10 @@ fn the_monitor_tells_own_writes_from_drift_even_during_a_write() {
         wait("foreign generation seen", &|| {
             foreign.load(Ordering::Relaxed) >= 1
         });
-        assert!(!node.dataplane.model_trusted());
         let repair = node.dataplane.sync(&next).unwrap();
         assert!(
-            repair.full_read,
-            "drift makes the next sync read everything"
+            !repair.full_read,
+            "only the chain the event names is listed"
         );
         assert!(
             during.fell_back || repair.wrote(),

@@ -68,7 +68,7 @@ use crate::api::{
 use crate::node::backend::{self, Backend};
 use crate::node::conntrack;
 use crate::node::dataplane::{Dataplane, DataplaneError};
-use crate::node::monitor::MonitorParser;
+use crate::node::monitor::{MonitorParser, note_generation};
 use crate::policy::node::{NodeAction, RuleOrigin};
 use crate::policy::{
     AllowVerdict, Direction, Facts, Failsafe, NodeFacts, NodeRuleset, PolicyError, compile_node,
@@ -379,9 +379,6 @@ impl Agent {
             Err(DataplaneError::NotConverged(what)) => return Err(AgentError::NotConverged(what)),
             other => other?,
         };
-        if report.fell_back {
-            self.metrics.restore_failures.inc();
-        }
         if report.wrote() {
             if self.last_hash.as_deref() == Some(hash.as_str()) {
                 self.drift_repairs += 1;
@@ -665,9 +662,10 @@ fn policy_fingerprint(p: &FirewallPolicy) -> String {
 
 /// Follows `nft monitor`: a generation that touched a Palisade chain or
 /// the INPUT/OUTPUT chains, committed by a process other than the
-/// dataplane's own, makes the dataplane stop trusting its model and wakes
-/// the sync loop (which then reads everything back and repairs). Restarts
-/// `nft monitor` if it exits.
+/// dataplane's own, makes the dataplane stop trusting its model of those
+/// chains (of everything, when the change is not about named chains) and
+/// wakes the sync loop, which lists them and rewrites what differs.
+/// Restarts `nft monitor` if it exits.
 async fn follow_nft_monitor(trigger: Arc<Notify>, dataplane: Dataplane) {
     loop {
         let child = tokio::process::Command::new("nft")
@@ -685,10 +683,7 @@ async fn follow_nft_monitor(trigger: Arc<Notify>, dataplane: Dataplane) {
                         let Some(generation) = parser.line(&line) else {
                             continue;
                         };
-                        if generation.touches_palisade
-                            && !generation.pid.is_some_and(|p| dataplane.is_own_process(p))
-                        {
-                            dataplane.invalidate();
+                        if note_generation(&dataplane, &generation) {
                             trigger.notify_one();
                         }
                     }

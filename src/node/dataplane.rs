@@ -12,16 +12,17 @@
 //! and set `add`/`del` lines ([`super::model`]), and afterwards only what
 //! was written is read back (`iptables -S <chain>` per chain written on the
 //! nft backend, one `iptables-save` on legacy, where listing one chain
-//! costs as much). Nothing is read on the way in.
+//! costs as much). Nothing is read on the way in. A set write checks
+//! itself: `add` of a present entry and `del` of an absent one fail it.
 //!
 //! The model stops being trusted, and the next sync reads everything back
 //! (`iptables-save`, `ip6tables-save`, `ipset save`), diffs against the
 //! read-back and rewrites whole every chain that differs (the transactional
 //! full path), when:
 //! - there is none yet (first sync, after a restart);
-//! - [`Dataplane::invalidate`] was called: the agent does so on every
-//!   `nft monitor` generation that touched a Palisade chain, set or hook
-//!   and that a process other than the dataplane's own committed (see
+//! - [`Dataplane::invalidate`] was called: the agent does so on an
+//!   `nft monitor` generation another process committed that touched
+//!   Palisade's tables in a way not about named chains (see
 //!   [`super::monitor`]);
 //! - the verification period has passed ([`Dataplane::with_verify_period`],
 //!   about a minute by default): the backstop for the legacy backend and
@@ -29,6 +30,13 @@
 //! - a write failed or did not read back as written (a rule the model had
 //!   was gone, an entry it lacked was there): the full path runs at once,
 //!   in the same sync.
+//!
+//! In between, [`Dataplane::suspect`] names a chain another process changed
+//! (the agent calls it for each chain an `nft monitor` generation names):
+//! the next sync lists just that chain and rewrites it whole if it differs
+//! from the model, so drift is repaired without reading 10k rules back. A
+//! Palisade hook out of place in `INPUT`/`OUTPUT`, or a Palisade chain the
+//! model does not know, makes it read everything back.
 //!
 //! ## Apply order, and why no allowed flow is dropped
 //!
@@ -322,6 +330,8 @@ impl SyncReport {
 struct Cache {
     model: Option<Model>,
     verified: Option<Instant>,
+    /// Chains another process changed since (see [`Dataplane::suspect`]).
+    suspects: Vec<(IpFamily, String)>,
 }
 
 /// The iptables/ipset dataplane of one network namespace. Clones share the
@@ -374,6 +384,19 @@ impl Dataplane {
             .lock()
             .map(|p| p.contains(&pid))
             .unwrap_or(false)
+    }
+
+    /// Stops trusting the model of one chain (a Palisade chain, or
+    /// `INPUT` / `OUTPUT` for the hooks): the next sync lists it, and a
+    /// chain that differs from the model is rewritten whole (a hook out of
+    /// place makes it read everything back).
+    pub fn suspect(&self, family: IpFamily, chain: &str) {
+        if let Ok(mut c) = self.cache.lock() {
+            let key = (family, chain.to_string());
+            if !c.suspects.contains(&key) {
+                c.suspects.push(key);
+            }
+        }
     }
 
     /// Stops trusting the model: the next sync reads everything back.
@@ -549,9 +572,11 @@ impl Dataplane {
             if hooks {
                 names.extend([BuiltinChain::Input.name(), BuiltinChain::Output.name()]);
             }
+            // Listing one chain costs as much as saving the table on
+            // legacy; on nft, a few listings are cheaper than one save.
             let save = match self.backend {
-                Backend::Legacy => Some(self.save(tool_family)?),
-                Backend::Nft => None,
+                Backend::Nft if names.len() <= 4 => None,
+                _ => Some(self.save(tool_family)?),
             };
             for name in names {
                 let listing = match &save {
@@ -574,13 +599,17 @@ impl Dataplane {
     /// nothing differs), writes the edits, checks what was written, and
     /// updates the model. Without one, or when that write fails or reads
     /// back wrong: reads everything back, rewrites whole every chain that
-    /// differs, checks what was written, and trusts the new model from then
-    /// on. See the module docs.
+    /// differs (one transaction per table, not read again), and trusts the
+    /// new model from then on. See the module docs.
     pub fn sync(&self, desired: &NodeRuleset) -> Result<SyncReport, DataplaneError> {
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        let trusted = cache
+        let mut trusted = cache
             .verified
             .is_some_and(|t| t.elapsed() < self.verify_period);
+        let suspects = std::mem::take(&mut cache.suspects);
+        if let (true, Some(model), false) = (trusted, cache.model.as_mut(), suspects.is_empty()) {
+            trusted = self.recheck(model, &suspects);
+        }
         let mut fell_back = false;
         if let (true, Some(model)) = (trusted, &cache.model) {
             let plan = plan_from_model(model, desired);
@@ -613,8 +642,11 @@ impl Dataplane {
         let current = self.read()?;
         let plan = plan(&current, desired);
         if !plan.is_empty() {
+            // Planned from what was just read, written as whole chains in
+            // one transaction per table: no check after it (on 10k rules
+            // it would cost as much as the write). A change made meanwhile
+            // by someone else is theirs to announce: the monitor sees it.
             self.apply(&plan)?;
-            self.check_written(&plan, desired)?;
         }
         cache.model = Some(Model::of(desired));
         cache.verified = Some(started);
@@ -625,6 +657,58 @@ impl Dataplane {
             full_read: true,
             fell_back,
         })
+    }
+
+    /// Lists the `suspects` and takes what differs out of `model`, so the
+    /// plan rewrites it whole. False when only a full read can tell (a
+    /// hook out of place, a chain the model does not know, a tool failing).
+    fn recheck(&self, model: &mut Model, suspects: &[(IpFamily, String)]) -> bool {
+        for (family, chain) in suspects {
+            let tool_family = match family {
+                IpFamily::V4 => Family::V4,
+                IpFamily::V6 => Family::V6,
+            };
+            let tool = self.backend.command(tool_family, "");
+            let listed = match self.run(&tool, &["-w", "5", "-S", chain], None) {
+                Ok(text) => parse_chain_listing(&text, chain),
+                // A chain deleted out of band cannot be listed.
+                Err(DataplaneError::Failed { .. }) => None,
+                Err(_) => return false,
+            };
+            let table = model.table_mut(*family);
+            if chain == BuiltinChain::Input.name() || chain == BuiltinChain::Output.name() {
+                let want: Vec<String> = table
+                    .hooks
+                    .iter()
+                    .filter(|h| h.builtin.name() == chain)
+                    .map(|h| h.id())
+                    .collect();
+                let got = listed.unwrap_or_default();
+                let ours = got
+                    .iter()
+                    .filter(|id| super::readback::is_hook_id(id))
+                    .count();
+                if got.len() < want.len() || got[..want.len()] != want[..] || ours != want.len() {
+                    return false;
+                }
+                continue;
+            }
+            let have: Option<Vec<&str>> = table.ids(chain);
+            let got: Option<Vec<&str>> = listed
+                .as_ref()
+                .map(|l| l.iter().map(String::as_str).collect());
+            match (have, got) {
+                (a, b) if a == b => {}
+                (Some(_), _) => {
+                    table
+                        .chains
+                        .insert(chain.clone(), super::model::unknown_chain());
+                }
+                (None, Some(_)) => return false,
+                (None, None) => {}
+            }
+        }
+        true
     }
 
     /// Reads everything back now and repairs what differs from `desired`

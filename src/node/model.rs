@@ -66,6 +66,15 @@ impl TableModel {
     }
 }
 
+/// Id of a rule the model does not know (found by a listing after drift).
+pub const UNKNOWN_RULE: &str = "?";
+
+/// The model of a chain whose content is not known: it is written whole
+/// (declared, which flushes it, and filled), or deleted, by the next plan.
+pub fn unknown_chain() -> Vec<(String, String)> {
+    vec![(UNKNOWN_RULE.to_string(), String::new())]
+}
+
 /// What Palisade last wrote to a node (both families and the sets).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Model {
@@ -106,6 +115,14 @@ impl Model {
         match family {
             IpFamily::V4 => &self.ipv4,
             IpFamily::V6 => &self.ipv6,
+        }
+    }
+
+    /// The table of `family`, to change.
+    pub fn table_mut(&mut self, family: IpFamily) -> &mut TableModel {
+        match family {
+            IpFamily::V4 => &mut self.ipv4,
+            IpFamily::V6 => &mut self.ipv6,
         }
     }
 
@@ -340,6 +357,9 @@ pub fn edit_table(current: &TableModel, desired: &FamilyRuleset) -> TableEdits {
                         .iter()
                         .zip(&chain.rules)
                         .all(|((id, _), r)| *id == r.id) => {}
+            Some(have) if have.iter().any(|(id, _)| id == UNKNOWN_RULE) => {
+                out.whole.push(chain.clone())
+            }
             Some(have) => match edit_chain(have, chain, desired.family) {
                 Some(edit) => out.edits.push(edit),
                 None => out.whole.push(chain.clone()),
