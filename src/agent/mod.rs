@@ -387,7 +387,7 @@ impl Agent {
                     chains = report.chains_written,
                     "repaired out-of-band changes to the node's rules"
                 );
-                let note = events::drift_note(&report.plan.diff);
+                let note = events::drift_note(&report.plan);
                 self.events
                     .warn(events::DRIFT_REPAIRED, "Repair", &note)
                     .await;

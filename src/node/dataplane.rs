@@ -178,15 +178,28 @@ impl Plan {
         out
     }
 
-    /// Whether the hooks of `family` change.
-    fn hooks_written(&self, family: IpFamily) -> bool {
+    /// Hook rules added or removed in `family`.
+    pub fn hooks_changed(&self, family: IpFamily) -> usize {
         let (diff, edits) = match family {
             IpFamily::V4 => (&self.diff.ipv4, self.edits.as_ref().map(|e| &e.ipv4)),
             IpFamily::V6 => (&self.diff.ipv6, self.edits.as_ref().map(|e| &e.ipv6)),
         };
-        !diff.add_hooks.is_empty()
-            || !diff.remove_hooks.is_empty()
-            || edits.is_some_and(|e| !e.add_hooks.is_empty() || !e.remove_hooks.is_empty())
+        diff.add_hooks.len()
+            + diff.remove_hooks.len()
+            + edits.map_or(0, |e| e.add_hooks.len() + e.remove_hooks.len())
+    }
+
+    /// Chains deleted in `family`.
+    pub fn chains_deleted(&self, family: IpFamily) -> usize {
+        let (diff, edits) = match family {
+            IpFamily::V4 => (&self.diff.ipv4, self.edits.as_ref().map(|e| &e.ipv4)),
+            IpFamily::V6 => (&self.diff.ipv6, self.edits.as_ref().map(|e| &e.ipv6)),
+        };
+        diff.delete_chains.len() + edits.map_or(0, |e| e.delete_chains.len())
+    }
+
+    fn hooks_written(&self, family: IpFamily) -> bool {
+        self.hooks_changed(family) > 0
     }
 
     /// Sets created, changed and destroyed.
