@@ -67,5 +67,5 @@ bench: bench-controller bench-node ## Both benchmarks (they print figures; nothi
 bench-controller: testbin ## EC2 calls and latency of the controller per scenario (local environment)
 	$(CARGO) run --quiet --features testenv --bin palisade-bench-controller
 
-bench-node: testbin ## iptables/ipset programming times and per-packet cost, ipset vs linear (needs root)
-	$(CARGO) run --quiet --features testenv --bin palisade-bench-node
+bench-node: testbin ## Node dataplane, release build, nft and legacy: each figure beside the raw iptables-restore/ipset baseline of the same text (ours, raw, ratio); zero-gap at 1,000 edits (needs root)
+	$(CARGO) run --release --quiet --features testenv --bin palisade-bench-node

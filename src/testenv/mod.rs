@@ -56,6 +56,7 @@ mod node;
 mod pki;
 mod process;
 pub mod reaper;
+pub mod zero_gap;
 
 pub use cloud::{AVAILABILITY_ZONE, SimCloud, VPC_CIDR};
 pub use dataplane_node::DataplaneNode;
