@@ -223,8 +223,20 @@ e2e_archives() {
   log "e2e image archives in $dir"
 }
 
+# podman (cgroupfs manager) leaves a `libpod_parent` cgroup behind in every
+# hierarchy: remove it on exit when it wasn't there before and is empty.
+cgroup_hygiene() {
+  local h
+  for h in /sys/fs/cgroup/*/; do
+    [[ -d ${h}libpod_parent ]] && return 0
+  done
+  # shellcheck disable=SC2317 # run by the trap
+  trap 'for h in /sys/fs/cgroup/*/; do [[ -d ${h}libpod_parent ]] && find "${h}libpod_parent" -depth -type d -empty -exec rmdir {} \; 2>/dev/null; done; true' EXIT
+}
+
 tools
 configure
+cgroup_hygiene
 mode=${1:-build}
 case "$mode" in
   podman) shift; exec podman "$@" ;;

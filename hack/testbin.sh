@@ -5,7 +5,7 @@
 #
 #   kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kubelet
 #                  from a wrapper Go module over k8s.io/kubernetes
-#   containerd, runc, socat   from Debian (apt), for the real nodes of `make e2e`
+#   containerd, runc, curl, CNI plugins   from Debian (apt), for the real nodes of `make e2e`
 #   etcd           from a wrapper Go module over go.etcd.io/etcd/server/v3
 #   moto[server]   pinned, in a Python venv
 #   iptables, ipset, nftables, iproute2, conntrack   from Debian (apt)
@@ -34,7 +34,7 @@ stamp_ok() { [[ -f "$BIN/.$1.stamp" && "$(cat "$BIN/.$1.stamp")" == "$2" ]]; }
 stamp() { printf '%s' "$2" >"$BIN/.$1.stamp"; }
 
 apt_tools() {
-  local want=(iptables ipset nftables iproute2 conntrack containerd runc socat)
+  local want=(iptables ipset nftables iproute2 conntrack containerd runc curl containernetworking-plugins)
   local missing=()
   for p in "${want[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
