@@ -3,7 +3,7 @@
 # `kubectl apply -k deploy/`) from the Helm chart, so the two never differ.
 # `make manifests` writes them; `make check-generated` diffs against them.
 # Without the chart's hooks: `kubectl apply` would run the uninstall hook at once
-# (delete the FirewallPolicies before `kubectl delete -k`, see deploy/README.md).
+# (delete the FirewallPolicies before `kubectl delete -k`: README, Uninstall).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="${1:-$ROOT/deploy/manifests}"

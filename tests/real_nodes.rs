@@ -546,50 +546,65 @@ async fn the_chart_on_real_nodes() {
     }
 }
 
+/// One node on its own: Ready in seconds, runs a pod with its own network
+/// (the pause image only), and leaves nothing behind once dropped — the
+/// quick check of `KubeletNode`'s containment.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "smoke"]
-async fn smoke_one_node() {
+#[ignore = "needs the images: run by `make e2e`"]
+async fn a_node_runs_a_pod_and_leaves_no_trace() {
     let before = machine_state();
     let env = TestEnv::start_with(StartOptions { real_pods: true }).unwrap();
     env.start_controller_manager().await.unwrap();
     env.start_scheduler().await.unwrap();
     let net = SimNet::new().unwrap();
     let images = vec![images_dir().join("pause.tar")];
-    let node = KubeletNode::start(&env, &net, "smoke-1", &[("role", "web")], &images)
+    let node = KubeletNode::start(&env, &net, "solo-1", &[("role", "web")], &images)
         .await
         .unwrap();
-    eprintln!("dir {}", node.dir().display());
-    let pods: Api<Pod> = Api::namespaced(env.client().await.unwrap(), "default");
-    eventually("default SA", Duration::from_secs(20), || async {
-        Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(
-            env.client().await.unwrap(),
-            "default",
-        )
-        .get("default")
-        .await
-        .is_ok()
-    })
+    let client = env.client().await.unwrap();
+    let accounts: Api<k8s_openapi::api::core::v1::ServiceAccount> =
+        Api::namespaced(client.clone(), "default");
+    eventually(
+        "the default ServiceAccount",
+        Duration::from_secs(30),
+        || async { accounts.get_opt("default").await.ok().flatten().is_some() },
+    )
     .await;
+    let pods: Api<Pod> = Api::namespaced(client, "default");
     let pod: Pod = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": "p"},
-        "spec": {"containers": [{"name": "p", "image": "localhost/palisade/pause:e2e", "imagePullPolicy": "Never"}]}
-    })).unwrap();
+        "metadata": {"name": "sleeper"},
+        "spec": {"containers": [{"name": "sleeper", "image": "localhost/palisade/pause:e2e",
+                                 "imagePullPolicy": "Never"}]}
+    }))
+    .unwrap();
     pods.create(&PostParams::default(), &pod).await.unwrap();
-    let took = eventually("pod running", Duration::from_secs(60), || async {
-        pods.get("p")
-            .await
-            .ok()
-            .and_then(|p| p.status)
-            .and_then(|s| s.pod_ip)
-            .is_some()
-    })
+    let took = eventually(
+        &format!("the pod running (logs in {})", node.dir().display()),
+        Duration::from_secs(60),
+        || async {
+            pods.get("sleeper")
+                .await
+                .ok()
+                .and_then(|p| p.status)
+                .is_some_and(|s| {
+                    s.phase.as_deref() == Some("Running")
+                        && s.pod_ip
+                            .as_deref()
+                            .is_some_and(|ip| ip.starts_with("10.244."))
+                })
+        },
+    )
     .await;
     eprintln!(
-        "pod ip {:?} in {took:?}",
-        pods.get("p").await.unwrap().status.unwrap().pod_ip
+        "e2e timing: pod Running with its own address in {:.1}s",
+        took.as_secs_f64()
     );
+    let cgroup = node.cgroup_root().to_string();
     drop(node);
     drop(env);
+    for h in std::fs::read_dir("/sys/fs/cgroup").unwrap().flatten() {
+        assert!(!h.path().join(cgroup.trim_start_matches('/')).exists());
+    }
     let after = machine_state();
     for (key, value) in &before {
         assert_eq!(after.get(key), Some(value), "the machine changed: {key}");
