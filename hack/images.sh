@@ -223,20 +223,34 @@ e2e_archives() {
   log "e2e image archives in $dir"
 }
 
-# podman (cgroupfs manager) leaves a `libpod_parent` cgroup behind in every
-# hierarchy: remove it on exit when it wasn't there before and is empty.
-cgroup_hygiene() {
+# What podman leaves on the machine whatever its configuration says: a
+# `libpod_parent` cgroup in every hierarchy (cgroupfs manager), its blob-info
+# cache in /var/lib/containers and /run/containers. Each that wasn't there
+# before is removed on exit (the cgroups only when empty).
+hygiene() {
+  local fresh=() h
+  [[ -e /var/lib/containers ]] || fresh+=(/var/lib/containers)
+  [[ -e /run/containers ]] || fresh+=(/run/containers)
+  local cg=1
+  for h in /sys/fs/cgroup/*/; do [[ -d ${h}libpod_parent ]] && cg=0; done
+  HYGIENE_PATHS=("${fresh[@]}")
+  HYGIENE_CGROUPS=$cg
+  trap hygiene_exit EXIT
+}
+hygiene_exit() {
   local h
-  for h in /sys/fs/cgroup/*/; do
-    [[ -d ${h}libpod_parent ]] && return 0
-  done
-  # shellcheck disable=SC2317 # run by the trap
-  trap 'for h in /sys/fs/cgroup/*/; do [[ -d ${h}libpod_parent ]] && find "${h}libpod_parent" -depth -type d -empty -exec rmdir {} \; 2>/dev/null; done; true' EXIT
+  ((${#HYGIENE_PATHS[@]})) && rm -rf "${HYGIENE_PATHS[@]}"
+  if ((HYGIENE_CGROUPS)); then
+    for h in /sys/fs/cgroup/*/; do
+      [[ -d ${h}libpod_parent ]] && find "${h}libpod_parent" -depth -type d -empty -exec rmdir {} \; 2>/dev/null
+    done
+  fi
+  return 0
 }
 
 tools
 configure
-cgroup_hygiene
+hygiene
 mode=${1:-build}
 case "$mode" in
   podman) shift; exec podman "$@" ;;

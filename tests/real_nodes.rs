@@ -43,6 +43,12 @@ where
     start.elapsed()
 }
 
+/// Records and prints one timing of the run.
+fn note(timings: &mut Vec<(&'static str, Duration)>, what: &'static str, took: Duration) {
+    eprintln!("e2e timing: {what:<45} {:>6.1}s", took.as_secs_f64());
+    timings.push((what, took));
+}
+
 fn ready(p: &FirewallPolicy) -> bool {
     p.status.as_ref().is_some_and(|s| {
         s.observed_generation == p.metadata.generation
@@ -208,7 +214,7 @@ async fn the_chart_on_real_nodes() {
     env.start_controller_manager().await.unwrap();
     env.start_scheduler().await.unwrap();
     let client = env.client().await.unwrap();
-    timings.push(("control plane", t0.elapsed()));
+    note(&mut timings, "control plane", t0.elapsed());
 
     let net = SimNet::new().unwrap();
     let started = Instant::now();
@@ -219,7 +225,11 @@ async fn the_chart_on_real_nodes() {
     );
     let (web1, web2, system) = (web1.unwrap(), web2.unwrap(), system.unwrap());
     let nodes = [&web1, &web2];
-    timings.push(("3 nodes Ready (images imported)", started.elapsed()));
+    note(
+        &mut timings,
+        "3 nodes Ready (images imported)",
+        started.elapsed(),
+    );
 
     let office = net.add_host("office").unwrap();
     office
@@ -252,7 +262,11 @@ async fn the_chart_on_real_nodes() {
     .to_vec();
     values.push(format!("agent.clusterCidrs={{{monitor_ip}/32}}"));
     // moto, through the node's forwarder, for the controller's pod.
-    for (i, (name, value)) in env.aws_env().into_iter().enumerate() {
+    let aws = env
+        .aws_env()
+        .into_iter()
+        .filter(|(name, _)| *name != "AWS_EC2_METADATA_DISABLED");
+    for (i, (name, value)) in aws.enumerate() {
         let value = if name == "AWS_ENDPOINT_URL_EC2" {
             KubeletNode::ec2_endpoint_for_pods(&env)
         } else {
@@ -271,7 +285,7 @@ async fn the_chart_on_real_nodes() {
             web1.dir().display()
         ),
         Duration::from_secs(120),
-        || daemonset_rolled(&ds, &ds_name, 2),
+        || daemonset_rolled(&ds, &ds_name, 3),
     )
     .await;
 
@@ -294,10 +308,11 @@ async fn the_chart_on_real_nodes() {
         },
     )
     .await;
-    timings.push((
+    note(
+        &mut timings,
         "helm install → agents and controller Available",
         started.elapsed(),
-    ));
+    );
 
     // A policy: programmed by the real agent pods, reported, enforced.
     let policies = Api::<FirewallPolicy>::all(client.clone());
@@ -318,7 +333,11 @@ async fn the_chart_on_real_nodes() {
         },
     )
     .await;
-    timings.push(("policy applied → Ready on 2 nodes", started.elapsed()));
+    note(
+        &mut timings,
+        "policy applied → Ready on 2 nodes",
+        started.elapsed(),
+    );
     let status = policies.get("web").await.unwrap().status.unwrap();
     assert_eq!(
         status.nodes.as_ref().map(|n| (n.selected, n.synced)),
@@ -376,11 +395,7 @@ async fn the_chart_on_real_nodes() {
     web1.host()
         .exec(&[&format!("iptables-{backend}"), "-w", "-F", "PALISADE-INPUT"])
         .unwrap();
-    assert_ne!(
-        palisade_state(web1.host()),
-        rules_before,
-        "the flush changed nothing"
-    );
+    // (The agent may already have put it back: `nft monitor` wakes it.)
     eventually(
         "the agent to repair the flushed chain",
         Duration::from_secs(30),
@@ -401,7 +416,11 @@ async fn the_chart_on_real_nodes() {
         },
     )
     .await;
-    timings.push(("chain flushed → repaired and reported", started.elapsed()));
+    note(
+        &mut timings,
+        "chain flushed → repaired and reported",
+        started.elapsed(),
+    );
     assert_ne!(probe(&outside, "198.51.100.7", &web1, 22), Reach::Open);
 
     // helm upgrade rolls every agent pod; the rules stay in force meanwhile.
@@ -434,7 +453,7 @@ async fn the_chart_on_real_nodes() {
                 NS,
                 "--reuse-values",
                 "--set",
-                "agent.podAnnotations.rollout=2",
+                "agent.podAnnotations.rollout=second",
             ])
             .output()
             .await
@@ -445,9 +464,9 @@ async fn the_chart_on_real_nodes() {
             String::from_utf8_lossy(&out.stderr)
         );
         eventually("the agents rolled", Duration::from_secs(120), || async {
-            daemonset_rolled(&ds, &ds_name, 2).await
+            daemonset_rolled(&ds, &ds_name, 3).await
                 && pods.list(&agent_pods).await.is_ok_and(|l| {
-                    l.items.len() == 2
+                    l.items.len() == 3
                         && l.items
                             .iter()
                             .all(|p| p.metadata.uid.as_ref().is_some_and(|u| !old.contains(u)))
@@ -470,7 +489,11 @@ async fn the_chart_on_real_nodes() {
         }
     };
     tokio::join!(upgrade, watch);
-    timings.push(("helm upgrade → 2 agents rolled", started.elapsed()));
+    note(
+        &mut timings,
+        "helm upgrade → 3 agents rolled",
+        started.elapsed(),
+    );
     assert!(probes.load(Ordering::Relaxed) > 0);
     assert_eq!(
         opened.load(Ordering::Relaxed),
@@ -494,7 +517,11 @@ async fn the_chart_on_real_nodes() {
         "180s",
     ])
     .unwrap();
-    timings.push(("helm uninstall (hook included)", started.elapsed()));
+    note(
+        &mut timings,
+        "helm uninstall (hook included)",
+        started.elapsed(),
+    );
     assert!(
         policies
             .list(&Default::default())
@@ -534,11 +561,12 @@ async fn the_chart_on_real_nodes() {
     drop(web1);
     drop(web2);
     drop(system);
-    timings.push(("3 nodes torn down", started.elapsed()));
+    note(&mut timings, "3 nodes torn down", started.elapsed());
     drop(env);
-    timings.push(("total", t0.elapsed()));
+    note(&mut timings, "total", t0.elapsed());
+    eprintln!("e2e timings:");
     for (what, took) in &timings {
-        eprintln!("e2e timing: {what:<40} {:>6.1}s", took.as_secs_f64());
+        eprintln!("  {what:<45} {:>6.1}s", took.as_secs_f64());
     }
     let after = machine_state();
     for (key, value) in &before {
