@@ -61,7 +61,7 @@ images: ## Build the controller and agent images with podman from images/*.Docke
 
 e2e: testbin ## The images on real kubelet + containerd nodes: the chart installed, upgraded, uninstalled (builds the images)
 	bash hack/images.sh e2e $(CACHE)/e2e-images
-	PALISADE_E2E_IMAGES=$(CACHE)/e2e-images $(CARGO) test --features testenv --test real_nodes -- --ignored --nocapture
+	PALISADE_E2E_IMAGES=$(CACHE)/e2e-images $(CARGO) test --features testenv --test real_nodes -- --ignored --nocapture --test-threads=1
 
 demo: testbin ## Bring up the local environment and run Palisade end to end
 	$(CARGO) build --quiet --features testenv --bins
