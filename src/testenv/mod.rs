@@ -49,6 +49,7 @@ mod env;
 pub mod fault_proxy;
 pub mod gitops;
 mod install;
+mod kubelet;
 mod manifests;
 mod net;
 mod netns;
@@ -60,8 +61,9 @@ pub mod zero_gap;
 
 pub use cloud::{AVAILABILITY_ZONE, SimCloud, VPC_CIDR};
 pub use dataplane_node::DataplaneNode;
-pub use env::{AWS_REGION, TestEnv, aws_ec2_for, client_from_kubeconfig};
+pub use env::{AWS_REGION, StartOptions, TestEnv, aws_ec2_for, client_from_kubeconfig};
 pub use install::chart_dir;
+pub use kubelet::KubeletNode;
 pub use net::{EchoListener, Reach, SimHost, SimNet};
 pub use node::SimNode;
 pub use process::testbin;
