@@ -1434,15 +1434,34 @@ async fn foreign_group(name: &str, rules: &[(i32, &str, &str)]) -> String {
     id
 }
 
+/// Two `role=web` nodes of `test` (named `<test>-a`, `<test>-b`) whose
+/// interfaces carry one foreign group, `name`, with `rules`, and nothing
+/// else.
+async fn web_pair_with_group(
+    test: &str,
+    name: &str,
+    rules: &[(i32, &str, &str)],
+) -> (SimNet, SimNode, SimNode, String) {
+    let net = SimNet::new().unwrap();
+    let a = sim_node(&net, test, &format!("ctl-{test}-a"), "web").await;
+    let b = sim_node(&net, test, &format!("ctl-{test}-b"), "web").await;
+    let group = foreign_group(name, rules).await;
+    for node in [&a, &b] {
+        direct()
+            .set_eni_groups(node.eni_id(), std::slice::from_ref(&group))
+            .await
+            .unwrap();
+    }
+    (net, a, b, group)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn other_groups_that_widen_access_are_reported_and_never_touched() {
     let test = "effective";
-    let net = SimNet::new().unwrap();
-    let a = sim_node(&net, test, "ctl-eff-a", "web").await;
-    let b = sim_node(&net, test, "ctl-eff-b", "web").await;
     // An EKS-like cluster group on both nodes: SSH from anywhere (wider
     // than the policy), and from one office address (narrower).
-    let cluster = foreign_group(
+    let (_net, a, _b, cluster) = web_pair_with_group(
+        test,
         "eks-cluster-sg-eff",
         &[
             (22, "0.0.0.0/0", "ssh anywhere"),
@@ -1454,9 +1473,6 @@ async fn other_groups_that_widen_access_are_reported_and_never_touched() {
     let equal = foreign_group("nodegroup-eff", &[(22, "203.0.113.0/24", "office")]).await;
     let ec2 = direct();
     ec2.set_eni_groups(a.eni_id(), &[cluster.clone(), equal.clone()])
-        .await
-        .unwrap();
-    ec2.set_eni_groups(b.eni_id(), std::slice::from_ref(&cluster))
         .await
         .unwrap();
     let before = (rules_of(&ec2, &cluster).await, rules_of(&ec2, &equal).await);
@@ -1546,13 +1562,10 @@ async fn exposure_of(client: &Client, node: &str) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread")]
 async fn exposure_is_the_union_of_every_group_cut_by_the_node_layer() {
     let test = "exposure";
-    let env = env().await;
-    let client = env.client().await.unwrap();
-    let net = SimNet::new().unwrap();
-    let a = sim_node(&net, test, "ctl-exp-a", "web").await;
-    let b = sim_node(&net, test, "ctl-exp-b", "web").await;
+    let client = env().await.client().await.unwrap();
     // A foreign group opening SSH, HTTPS and 8080 to anywhere.
-    let wide = foreign_group(
+    let (_net, a, b, _wide) = web_pair_with_group(
+        test,
         "exposure-wide",
         &[
             (22, "0.0.0.0/0", "ssh"),
@@ -1561,11 +1574,7 @@ async fn exposure_is_the_union_of_every_group_cut_by_the_node_layer() {
         ],
     )
     .await;
-    let ec2 = direct();
     for node in [&a, &b] {
-        ec2.set_eni_groups(node.eni_id(), std::slice::from_ref(&wide))
-            .await
-            .unwrap();
         report_applied(&client, node.name(), &[]).await;
     }
     let ctl = Running::start(test, Duration::from_secs(2), 60).await;

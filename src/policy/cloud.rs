@@ -235,20 +235,23 @@ impl Covers for SgPermission {
             (SgPeer::Ipv6(a), SgPeer::Ipv6(b)) => a.contains(b),
             (a, b) => a == b,
         };
-        let traffic = match (self.protocol, other.protocol) {
-            (SgProtocol::All, _) => true,
-            (a, b) if a != b => false,
-            (SgProtocol::Tcp | SgProtocol::Udp, _) => {
-                self.from_port <= other.from_port && other.to_port <= self.to_port
-            }
-            (SgProtocol::Icmp | SgProtocol::Icmpv6, _) => {
-                self.from_port == -1
-                    || (self.from_port == other.from_port
-                        && (self.to_port == -1 || self.to_port == other.to_port))
-            }
-            _ => self.from_port == other.from_port && self.to_port == other.to_port,
-        };
-        peer && traffic
+        peer && traffic_covers(self, other)
+    }
+}
+
+/// Whether `a`'s protocol and ports include all of `b`'s (peers aside).
+pub(crate) fn traffic_covers(a: &SgPermission, b: &SgPermission) -> bool {
+    match (a.protocol, b.protocol) {
+        (SgProtocol::All, _) => true,
+        (x, y) if x != y => false,
+        (SgProtocol::Tcp | SgProtocol::Udp, _) => {
+            a.from_port <= b.from_port && b.to_port <= a.to_port
+        }
+        (SgProtocol::Icmp | SgProtocol::Icmpv6, _) => {
+            a.from_port == -1
+                || (a.from_port == b.from_port && (a.to_port == -1 || a.to_port == b.to_port))
+        }
+        _ => a.from_port == b.from_port && a.to_port == b.to_port,
     }
 }
 

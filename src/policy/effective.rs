@@ -24,7 +24,9 @@ use serde::Serialize;
 
 use crate::api::{Layer, PolicyMode};
 
-use super::cloud::{DESCRIPTION_MARKER, SgPeer, SgPermission, SgProtocol, port_pairs, sg_peers};
+use super::cloud::{
+    DESCRIPTION_MARKER, SgPeer, SgPermission, SgProtocol, port_pairs, sg_peers, traffic_covers,
+};
 use super::sgdiff::{CurrentSgRule, GroupOwnership, owns_rule};
 use super::validate::ValidPolicy;
 use super::{Direction, Facts};
@@ -308,22 +310,6 @@ pub fn covered(p: &SgPermission, intent: &[SgPermission]) -> bool {
                 .collect();
             peer_covered(&p.peer, &peers)
         }
-    }
-}
-
-/// Whether `a`'s protocol and ports include all of `b`'s (peers aside).
-fn traffic_covers(a: &SgPermission, b: &SgPermission) -> bool {
-    match (a.protocol, b.protocol) {
-        (SgProtocol::All, _) => true,
-        (x, y) if x != y => false,
-        (SgProtocol::Tcp | SgProtocol::Udp, _) => {
-            a.from_port <= b.from_port && b.to_port <= a.to_port
-        }
-        (SgProtocol::Icmp | SgProtocol::Icmpv6, _) => {
-            a.from_port == -1
-                || (a.from_port == b.from_port && (a.to_port == -1 || a.to_port == b.to_port))
-        }
-        _ => a.from_port == b.from_port && a.to_port == b.to_port,
     }
 }
 
