@@ -163,7 +163,7 @@ pub enum PolicyMode {
 /// One allow rule: a protocol, optional ports or ICMP type, and the peers it
 /// applies to. Rules only allow, as Security Group rules do.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
-#[x_kube(validation = Rule::new("!has(self.ports) || self.protocol in ['TCP', 'UDP']").message("ports are only valid with protocol TCP or UDP; use icmp for ICMP/ICMPv6, or drop ports for All"))]
+#[x_kube(validation = Rule::new("!has(self.ports) || self.protocol in ['TCP', 'UDP']").message("ports are only valid with protocol TCP or UDP: for protocol All, write one TCP and one UDP rule with these ports; for ICMP, match types with icmp"))]
 #[x_kube(validation = Rule::new("!has(self.icmp) || self.protocol in ['ICMP', 'ICMPv6']").message("icmp is only valid with protocol ICMP or ICMPv6"))]
 #[x_kube(validation = Rule::new("!has(self.layers) || 'Node' in self.layers || (!has(self.rateLimit) && !(has(self.log) && self.log))").message("rateLimit and log are enforced by the node layer only: a rule with layers [Cloud] cannot use them (add Node to layers)"))]
 #[x_kube(validation = Rule::new("self.protocol != 'ICMP' || self.peers.all(p, !has(p.cidr) || !isCIDR(p.cidr) || cidr(p.cidr).ip().family() == 4)").message("protocol ICMP is IPv4 only: use protocol ICMPv6 for IPv6 peers"))]
