@@ -62,6 +62,9 @@ const AWS_TEXT_RULE: &str = "self.matches('^[a-zA-Z0-9. _:/()#,@\\\\[\\\\]+=&;{}
     printcolumn = r#"{"name":"Drift-Repairs","type":"integer","priority":1,"jsonPath":".status.cloudSync.driftRepairs"}"#,
     printcolumn = r#"{"name":"Last-Sync","type":"date","priority":1,"jsonPath":".status.cloudSync.time"}"#,
     printcolumn = r#"{"name":"Message","type":"string","priority":1,"jsonPath":".status.conditions[?(@.type==\"Ready\")].message"}"#,
+    // The apiserver reports a root rule at path <nil> and refuses a
+    // fieldPath into metadata (no schema declares its fields), so the
+    // message names the field itself.
     validation = Rule::new("size(self.metadata.name) <= 63").message("metadata.name: a FirewallPolicy name must be at most 63 characters (it is written into Security Group names, tags and rule descriptions)").reason(Reason::FieldValueInvalid)
 )]
 #[x_kube(validation = Rule::new(format!("!has(self.nodeSelector) || !has(self.nodeSelector.matchLabels) || self.nodeSelector.matchLabels.all(k, k.matches('{LABEL_KEY_PATTERN}') && k.matches('{LABEL_KEY_PREFIX_BOUND}'))")).message(LABEL_KEY_MESSAGE).field_path(".nodeSelector.matchLabels"))]
