@@ -295,3 +295,32 @@ fn documents_are_read_as_kubectl_reads_them() {
         .to_string();
     assert!(err.starts_with("g.yaml: not YAML or JSON:"), "{err}");
 }
+
+/// No message of `validate` over the invalid and differential corpora
+/// suggests wider access than what was written: no "anywhere" network,
+/// no "omit ports" or "leave icmp out" as a fix.
+#[test]
+fn suggestions_never_widen_access() {
+    let widening =
+        regex::Regex::new(r"(^|[^0-9.:a-f])(0\.0\.0\.0/0|::/0)|every port|every type|with Exists")
+            .unwrap();
+    let mut wide = Vec::new();
+    for dir in ["tests/fixtures/invalid", "tests/fixtures/differential"] {
+        for file in yaml_files(dir) {
+            let text = std::fs::read_to_string(&file).unwrap();
+            let Ok(docs) = cli::parse_documents(&text, &file) else {
+                continue;
+            };
+            for doc in docs {
+                for p in cli::check_policy(&doc.value) {
+                    // Only the advice: what follows the value as written.
+                    let advice = p.split_once("; ").map_or("", |(_, fix)| fix);
+                    if widening.is_match(advice) {
+                        wide.push(format!("{}: {p}", doc.origin));
+                    }
+                }
+            }
+        }
+    }
+    assert!(wide.is_empty(), "{wide:#?}");
+}

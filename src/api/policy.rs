@@ -62,6 +62,9 @@ const AWS_TEXT_RULE: &str = "self.matches('^[a-zA-Z0-9. _:/()#,@\\\\[\\\\]+=&;{}
     printcolumn = r#"{"name":"Drift-Repairs","type":"integer","priority":1,"jsonPath":".status.cloudSync.driftRepairs"}"#,
     printcolumn = r#"{"name":"Last-Sync","type":"date","priority":1,"jsonPath":".status.cloudSync.time"}"#,
     printcolumn = r#"{"name":"Message","type":"string","priority":1,"jsonPath":".status.conditions[?(@.type==\"Ready\")].message"}"#,
+    // The apiserver reports a root rule at path <nil> and refuses a
+    // fieldPath into metadata (no schema declares its fields), so the
+    // message names the field itself.
     validation = Rule::new("size(self.metadata.name) <= 63").message("metadata.name: a FirewallPolicy name must be at most 63 characters (it is written into Security Group names, tags and rule descriptions)").reason(Reason::FieldValueInvalid)
 )]
 #[x_kube(validation = Rule::new(format!("!has(self.nodeSelector) || !has(self.nodeSelector.matchLabels) || self.nodeSelector.matchLabels.all(k, k.matches('{LABEL_KEY_PATTERN}') && k.matches('{LABEL_KEY_PREFIX_BOUND}'))")).message(LABEL_KEY_MESSAGE).field_path(".nodeSelector.matchLabels"))]
@@ -163,7 +166,7 @@ pub enum PolicyMode {
 /// One allow rule: a protocol, optional ports or ICMP type, and the peers it
 /// applies to. Rules only allow, as Security Group rules do.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
-#[x_kube(validation = Rule::new("!has(self.ports) || self.protocol in ['TCP', 'UDP']").message("ports are only valid with protocol TCP or UDP; use icmp for ICMP/ICMPv6, or drop ports for All"))]
+#[x_kube(validation = Rule::new("!has(self.ports) || self.protocol in ['TCP', 'UDP']").message("ports are only valid with protocol TCP or UDP: for protocol All, write one TCP and one UDP rule with these ports; for ICMP, match types with icmp"))]
 #[x_kube(validation = Rule::new("!has(self.icmp) || self.protocol in ['ICMP', 'ICMPv6']").message("icmp is only valid with protocol ICMP or ICMPv6"))]
 #[x_kube(validation = Rule::new("!has(self.layers) || 'Node' in self.layers || (!has(self.rateLimit) && !(has(self.log) && self.log))").message("rateLimit and log are enforced by the node layer only: a rule with layers [Cloud] cannot use them (add Node to layers)"))]
 #[x_kube(validation = Rule::new("self.protocol != 'ICMP' || self.peers.all(p, !has(p.cidr) || !isCIDR(p.cidr) || cidr(p.cidr).ip().family() == 4)").message("protocol ICMP is IPv4 only: use protocol ICMPv6 for IPv6 peers"))]

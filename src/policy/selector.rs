@@ -330,7 +330,7 @@ fn check_value(value: &str, path: &str, errors: &mut Vec<PolicyError>) {
         errors.push(PolicyError::field(
             path,
             "the label value is empty",
-            "write the value (an empty or null value would widen the selector), or use matchExpressions with Exists",
+            "write the value (an empty or null value would widen the selector)",
         ));
     } else if !is_label_name(value) {
         errors.push(PolicyError::field(

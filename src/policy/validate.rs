@@ -380,7 +380,7 @@ fn validate_rule(
                     "ports are only valid with protocol TCP or UDP, not {:?}",
                     rule.protocol
                 ),
-                "use icmp for ICMP/ICMPv6, or drop ports for All",
+                "ports name TCP or UDP ports: for protocol All, write one TCP and one UDP rule with these ports; for ICMP, match types with icmp",
             ));
         }
         if list.is_empty() || list.len() > MAX_PORTS_PER_RULE {
@@ -389,7 +389,7 @@ fn validate_rule(
                 what: "ports".into(),
                 found: list.len(),
                 bound: format!("between 1 and {MAX_PORTS_PER_RULE} are allowed"),
-                fix: "omit ports for every port, or split the rule".into(),
+                fix: "list 1 to 16 ports or ranges, or split the rule".into(),
             });
         }
         for (j, p) in list.iter().enumerate() {
@@ -398,7 +398,7 @@ fn validate_rule(
                 errors.push(PolicyError::field(
                     format!("{at}.ports[{j}]"),
                     "port 0 is not a port",
-                    "use ports 1-65535 (omit ports for every port)",
+                    "use ports 1-65535",
                 ));
             } else if end < p.port {
                 errors.push(PolicyError::field(
@@ -421,7 +421,7 @@ fn validate_rule(
         errors.push(PolicyError::field(
             format!("{at}.icmp.type"),
             "ICMP type 255 is iptables' wildcard: it would allow every ICMP type",
-            "name the type to allow (0-254), or leave icmp out to allow every type on purpose",
+            "name the type to allow (0-254)",
         ));
     }
     if rule.icmp.is_some() && !matches!(rule.protocol, Protocol::Icmp | Protocol::Icmpv6) {
@@ -442,7 +442,7 @@ fn validate_rule(
             what: "peers".into(),
             found: rule.peers.len(),
             bound: format!("between 1 and {MAX_PEERS_PER_RULE} are allowed"),
-            fix: "use cidr 0.0.0.0/0 (and ::/0) for anywhere, a prefix list for long lists, or split the rule".into(),
+            fix: "list who the rule allows (at most 50; split the rule, or use a prefix list, for more)".into(),
         });
     }
     let mut peers = Vec::with_capacity(rule.peers.len());
