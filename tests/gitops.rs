@@ -6,8 +6,9 @@
 
 use std::path::{Path, PathBuf};
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, Patch, PatchParams, PostParams};
+use palisade::api::Condition;
 use palisade::api::{FirewallPolicy, FirewallPolicyStatus, conditions};
 use palisade::testenv::TestEnv;
 use palisade::testenv::gitops::{argocd_health, kstatus};
@@ -50,7 +51,7 @@ fn condition(type_: &str, status: bool, reason: &str, message: &str) -> Conditio
         status: if status { "True" } else { "False" }.into(),
         reason: reason.into(),
         message: message.into(),
-        last_transition_time: Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
+        last_transition_time: Some(Time(k8s_openapi::jiff::Timestamp::now())),
         observed_generation: None,
     }
 }
@@ -98,6 +99,30 @@ async fn kstatus_and_argocd_read_real_status_alike() {
     );
     let argo = argocd_health(&health_dir().join("health.lua"), &created).unwrap();
     assert_eq!(argo.message, palisade::api::PENDING_MESSAGE);
+    // No made-up 1970 transition: the default conditions carry no time,
+    // and `kubectl get fwp` reads Ready False, reason Pending.
+    let defaulted = created["status"]["conditions"].as_array().unwrap();
+    assert_eq!(defaulted.len(), 2, "{defaulted:?}");
+    assert!(
+        defaulted
+            .iter()
+            .all(|c| c.get("lastTransitionTime").is_none()),
+        "{defaulted:?}"
+    );
+    let out = env
+        .kubectl()
+        .unwrap()
+        .args(["get", "fwp", name])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    let row: Vec<&str> = table
+        .lines()
+        .nth(1)
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(row.get(1..3), Some(&["False", "Pending"][..]), "{table}");
 
     let reconciling = FirewallPolicyStatus {
         observed_generation: Some(generation),

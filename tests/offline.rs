@@ -151,7 +151,7 @@ fn validate_walks_a_gitops_repository() {
     assert!(text.contains("dup.json#1 (dup): warning:"), "{text}");
     assert!(
         text.contains(
-            "2 valid, 0 invalid FirewallPolicy manifest(s); 1 document(s) of other kinds skipped"
+            "2 valid, 0 invalid FirewallPolicy manifest(s); 0 file(s) unreadable or empty; 1 document(s) of other kinds skipped"
         ),
         "{text}"
     );
@@ -204,4 +204,73 @@ fn render_summarises_flags_risks_and_refuses_an_unselected_node() {
     .unwrap_err()
     .to_string();
     assert!(err.contains("no policy given selects node"), "{err}");
+}
+
+/// `palisade validate` on a directory with a broken file, an empty one, a
+/// comment-only one, a policy given twice, JSON (valid, with a port
+/// written 5432.0, and invalid) and a Deployment, against golden output.
+/// `UPDATE_GOLDEN=1` rewrites tests/golden/validate-dir.txt.
+#[test]
+fn validate_output_for_a_mixed_directory_matches_golden() {
+    let mut out = Vec::new();
+    let result = cli::validate_files(&[PathBuf::from("tests/fixtures/validate-dir")], &mut out);
+    let text = String::from_utf8(out).unwrap() + &format!("error: {}\n", result.unwrap_err());
+    let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/validate-dir.txt");
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(&golden, &text).unwrap();
+    }
+    let want = std::fs::read_to_string(&golden).unwrap();
+    pretty_assertions::assert_eq!(want, text);
+}
+
+#[test]
+fn render_shows_the_node_layer_and_the_numbers_when_the_cloud_plan_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let peers = |base: u8| {
+        (0..40)
+            .map(|i| format!("{{cidr: 10.{base}.{i}.0/24}}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let policy = dir.path().join("big.yaml");
+    std::fs::write(
+        &policy,
+        format!(
+            "apiVersion: palisade.dev/v1alpha1\nkind: FirewallPolicy\nmetadata: {{name: big}}\nspec:\n  policyTypes: [Ingress]\n  ingress:\n    - {{name: a, protocol: TCP, ports: [{{port: 443}}], peers: [{}]}}\n    - {{name: b, protocol: TCP, ports: [{{port: 443}}], peers: [{}]}}\n",
+            peers(1),
+            peers(2)
+        ),
+    )
+    .unwrap();
+    let node = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/node-web-1.yaml");
+    for format in [cli::OutputFormat::Rules, cli::OutputFormat::Summary] {
+        let mut out = Vec::new();
+        let err = cli::render_files(
+            &node,
+            &[policy.clone()],
+            &cli::AgentSettings::default(),
+            format,
+            &mut out,
+        )
+        .unwrap_err()
+        .to_string();
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            err.contains("needs 80 IPv4 Security Group rules, over the quota of 60"),
+            "{err}"
+        );
+        if format == cli::OutputFormat::Rules {
+            assert!(
+                text.contains("# policy big: the cloud plan cannot be applied"),
+                "{text}"
+            );
+            assert!(text.contains("## Node layer:"), "{text}");
+            assert!(
+                text.contains("10.2.39.0/24"),
+                "the node layer lists every peer: {text}"
+            );
+        } else {
+            assert!(text.contains("CLOUD PLAN FAILS"), "{text}");
+        }
+    }
 }

@@ -4,6 +4,37 @@
 //! Polarity follows kstatus: `Ready=True` is healthy; `Reconciling=True`
 //! means work in progress; `Stalled=True` means stuck until something changes.
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// A condition of a FirewallPolicy: the fields of Kubernetes' `Condition`,
+/// with `lastTransitionTime` optional. The CRD's default status (before the
+/// controller first writes one) says `Reconciling=True`/`Pending` and has
+/// no transition to date: it carries no time rather than a made-up one
+/// (1970-01-01). Every condition the controller writes carries its time.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    /// `Ready`, `Reconciling`, `Stalled`, `CloudSynced` or `NodesSynced`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `True`, `False` or `Unknown`.
+    pub status: String,
+    /// When the status last changed; absent only in the default status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_transition_time: Option<Time>,
+    /// The `metadata.generation` the condition was set for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Why, in CamelCase (see [`reason`]).
+    #[serde(default)]
+    pub reason: String,
+    /// Why, for humans.
+    #[serde(default)]
+    pub message: String,
+}
+
 /// The policy is fully applied on both layers for its current generation.
 pub const READY: &str = "Ready";
 /// The controller or agents are still working toward the current generation.

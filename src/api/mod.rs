@@ -7,6 +7,7 @@
 //! and checked for drift by the tests.
 
 pub mod conditions;
+pub use conditions::Condition;
 mod node;
 mod peers;
 mod policy;
@@ -47,19 +48,26 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
 pub const PENDING_MESSAGE: &str = "waiting for the Palisade controller";
 
 /// Gives a FirewallPolicy without status a defaulted one saying
-/// `Reconciling=True`. kstatus (Flux) calls an object with no status at all
+/// `Ready=False` and `Reconciling=True`, reason `Pending` (what
+/// `kubectl get fwp` shows in its Ready and Reason columns). kstatus (Flux) calls an object with no status at all
 /// Current, so without this a policy would read as healthy in the seconds
 /// before the controller first reconciles it (or forever, if no controller
 /// runs). The apiserver applies the default when it serves the object; the
-/// controller's first status write replaces it.
+/// controller's first status write replaces it. The default condition has
+/// no `lastTransitionTime`: nothing has transitioned yet, and a made-up
+/// time (1970) would read as a fifty-year-old state.
 fn with_pending_status(mut crd: CustomResourceDefinition) -> CustomResourceDefinition {
     let pending = serde_json::json!({
         "conditions": [{
+            "type": conditions::READY,
+            "status": "False",
+            "reason": conditions::reason::PENDING,
+            "message": PENDING_MESSAGE,
+        }, {
             "type": conditions::RECONCILING,
             "status": "True",
             "reason": conditions::reason::PENDING,
             "message": PENDING_MESSAGE,
-            "lastTransitionTime": "1970-01-01T00:00:00Z",
         }]
     });
     for version in &mut crd.spec.versions {

@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use super::conditions::Condition;
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -23,6 +23,19 @@ pub const MAX_PORTS_PER_RULE: usize = 16;
 /// The ICMP type iptables reads as "every type" (`--icmp-type 255` is
 /// `any`): refused in rules, so a rule matches exactly what it names.
 pub const ICMP_TYPE_ANY: u8 = 255;
+
+/// A label value as Kubernetes defines it (the empty value is refused by
+/// `minLength` separately: it would widen a selector).
+pub const LABEL_VALUE_PATTERN: &str = "^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$";
+/// A label key as Kubernetes defines it: an optional DNS-1123 subdomain
+/// prefix and `/`, then a name of 1-63 letters, digits, `-`, `_`, `.`
+/// starting and ending alphanumeric.
+pub const LABEL_KEY_PATTERN: &str = "^([a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$";
+/// The prefix of a label key is at most 253 characters.
+pub const LABEL_KEY_PREFIX_BOUND: &str = "^([^/]{1,253}/)?[^/]*$";
+const LABEL_KEY_MESSAGE: &str = "label keys are [prefix/]name: an optional DNS subdomain prefix of at most 253 characters, and a name of 1-63 letters, digits, '-', '_' or '.', starting and ending alphanumeric (e.g. node-role.kubernetes.io/worker)";
+/// The characters AWS allows in Security Group names and rule descriptions.
+const AWS_TEXT_RULE: &str = "self.matches('^[a-zA-Z0-9. _:/()#,@\\\\[\\\\]+=&;{}!$*-]*$')";
 
 /// Desired state of a FirewallPolicy: which nodes it selects, what it allows
 /// in and out of them, and which Security Group carries its cloud layer.
@@ -49,8 +62,9 @@ pub const ICMP_TYPE_ANY: u8 = 255;
     printcolumn = r#"{"name":"Drift-Repairs","type":"integer","priority":1,"jsonPath":".status.cloudSync.driftRepairs"}"#,
     printcolumn = r#"{"name":"Last-Sync","type":"date","priority":1,"jsonPath":".status.cloudSync.time"}"#,
     printcolumn = r#"{"name":"Message","type":"string","priority":1,"jsonPath":".status.conditions[?(@.type==\"Ready\")].message"}"#,
-    validation = Rule::new("size(self.metadata.name) <= 63").message("a FirewallPolicy name must be at most 63 characters (it is written into Security Group names, tags and rule descriptions)")
+    validation = Rule::new("size(self.metadata.name) <= 63").message("metadata.name: a FirewallPolicy name must be at most 63 characters (it is written into Security Group names, tags and rule descriptions)").reason(Reason::FieldValueInvalid)
 )]
+#[x_kube(validation = Rule::new(format!("!has(self.nodeSelector) || !has(self.nodeSelector.matchLabels) || self.nodeSelector.matchLabels.all(k, k.matches('{LABEL_KEY_PATTERN}') && k.matches('{LABEL_KEY_PREFIX_BOUND}'))")).message(LABEL_KEY_MESSAGE).field_path(".nodeSelector.matchLabels"))]
 #[x_kube(validation = Rule::new("has(self.policyTypes)").message("policyTypes is required: name the directions this policy governs (Ingress, Egress or both; a direction named with no rules denies it)"))]
 #[x_kube(validation = Rule::new("!has(self.ingress) || (has(self.policyTypes) && 'Ingress' in self.policyTypes)").message("ingress rules are listed but policyTypes does not name Ingress: add Ingress to policyTypes, or remove the ingress rules"))]
 #[x_kube(validation = Rule::new("!has(self.egress) || (has(self.policyTypes) && 'Egress' in self.policyTypes)").message("egress rules are listed but policyTypes does not name Egress: add Egress to policyTypes, or remove the egress rules"))]
@@ -165,13 +179,12 @@ pub struct FirewallRule {
     )]
     pub name: String,
 
-    /// Free text kept with the rule (ASCII letters, digits, spaces and
-    /// `._-:/()#,@[]+=&;{}!$*`, as AWS allows in rule descriptions).
+    /// Free text kept with the rule: at most 200 characters, ASCII letters,
+    /// digits, spaces and `._-:/()#,@[]+=&;{}!$*`, as AWS allows in rule
+    /// descriptions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(
-        length(max = 200),
-        regex(pattern = r"^[a-zA-Z0-9. _:/()#,@\[\]+=&;{}!$*-]*$")
-    )]
+    #[schemars(length(max = 200))]
+    #[x_kube(validation = Rule::new(AWS_TEXT_RULE).message("description may use only ASCII letters, digits, spaces and ._-:/()#,@[]+=&;{}!$* (AWS refuses other characters in rule descriptions)"))]
     pub description: Option<String>,
 
     /// IP protocol: `TCP`, `UDP`, `ICMP`, `ICMPv6`, or `All`.
@@ -283,8 +296,8 @@ pub struct Peer {
     /// e.g. `203.0.113.0/24`, `10.0.0.5/32` or `2001:db8::/32`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 43))]
-    #[x_kube(validation = Rule::new("isCIDR(self)").message("cidr must be an IPv4 or IPv6 network such as 203.0.113.0/24 or 2001:db8::/32"))]
-    #[x_kube(validation = Rule::new("!isCIDR(self) || cidr(self) == cidr(self).masked()").message("cidr must be canonical, with no host bits set: e.g. 10.0.0.0/24 rather than 10.0.0.5/24, 2001:db8::/32 rather than 2001:db8::1/32"))]
+    #[x_kube(validation = Rule::new("isCIDR(self)").message("cidr must be an IPv4 or IPv6 network such as 203.0.113.0/24 or 2001:db8::/32 (IPv4-mapped IPv6 such as ::ffff:10.0.0.0/104 is refused: write the IPv4 network)"))]
+    #[x_kube(validation = Rule::new("!isCIDR(self) || string(cidr(self).masked()) == self").message("cidr must be canonical: no host bits set (10.0.0.0/24, not 10.0.0.5/24), IPv6 in lowercase with leading zeros dropped and the longest run of zero groups compressed (2001:db8::/32, not 2001:DB8:0::/32); palisade validate names the exact form"))]
     pub cidr: Option<String>,
 
     /// A Security Group id (`sg-` and 8 or 17 hex digits). The cloud layer
@@ -323,7 +336,7 @@ pub struct NodeSelector {
     #[schemars(extend(
         "maxProperties" = 32,
         "minProperties" = 1,
-        "additionalProperties" = {"type": "string", "minLength": 1, "maxLength": 63}
+        "additionalProperties" = {"type": "string", "minLength": 1, "maxLength": 63, "pattern": LABEL_VALUE_PATTERN}
     ))]
     pub match_labels: Option<BTreeMap<String, String>>,
     /// Requirements on node labels.
@@ -337,15 +350,16 @@ pub struct NodeSelector {
 #[x_kube(validation = Rule::new("self.operator in ['In', 'NotIn'] ? (has(self.values) && size(self.values) > 0) : (!has(self.values) || size(self.values) == 0)").message("operators In and NotIn need at least one value; Exists and DoesNotExist take none"))]
 #[serde(rename_all = "camelCase")]
 pub struct NodeSelectorRequirement {
-    /// The label key.
+    /// The label key: `[prefix/]name`, as Kubernetes defines label keys.
     #[schemars(length(min = 1, max = 317))]
+    #[schemars(extend("allOf" = [{"pattern": LABEL_KEY_PATTERN}, {"pattern": LABEL_KEY_PREFIX_BOUND}]))]
     pub key: String,
     /// `In`, `NotIn`, `Exists` or `DoesNotExist`.
     #[schemars(extend("enum" = ["In", "NotIn", "Exists", "DoesNotExist"]))]
     pub operator: String,
     /// Values for `In` and `NotIn`; none may be empty.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 64), inner(length(min = 1, max = 63)))]
+    #[schemars(length(max = 64), inner(length(min = 1, max = 63), regex(pattern = LABEL_VALUE_PATTERN)))]
     pub values: Option<Vec<String>>,
 }
 
@@ -403,10 +417,13 @@ pub struct SecurityGroupTarget {
     #[x_kube(validation = Rule::new("self.matches('^sg-([0-9a-f]{8}|[0-9a-f]{17})$')").message("securityGroup.id must be a Security Group id such as sg-0123456789abcdef0"))]
     pub id: Option<String>,
 
-    /// Name of the group Palisade creates (default: `palisade-<policy name>`).
+    /// Name of the group Palisade creates (default: `palisade-<policy
+    /// name>`): 1-255 ASCII letters, digits, spaces and
+    /// `._-:/()#,@[]+=&;{}!$*`, not starting with `sg-`, as AWS requires.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 255))]
     #[x_kube(validation = Rule::new("!self.startsWith('sg-')").message("AWS refuses Security Group names that start with sg-"))]
+    #[x_kube(validation = Rule::new(AWS_TEXT_RULE).message("name may use only ASCII letters, digits, spaces and ._-:/()#,@[]+=&;{}!$* (AWS refuses other characters in group names)"))]
     pub name: Option<String>,
 
     /// VPC of the group Palisade creates (default: the VPC of the selected
@@ -416,11 +433,14 @@ pub struct SecurityGroupTarget {
     #[x_kube(validation = Rule::new("self.matches('^vpc-([0-9a-f]{8}|[0-9a-f]{17})$')").message("vpcId must be a VPC id such as vpc-0123456789abcdef0"))]
     pub vpc_id: Option<String>,
 
-    /// Extra tags on the group Palisade creates. Palisade's own tags
-    /// (`palisade.dev/*`) are always added and cannot be overridden.
+    /// Extra tags on the group Palisade creates: keys of 1-128 characters,
+    /// values of at most 256 (counted in characters, as AWS counts them).
+    /// Palisade's own tags (`palisade.dev/*`) are always added and cannot
+    /// be overridden; `aws:` (in any case) is reserved by AWS.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(extend("maxProperties" = 40))]
-    #[x_kube(validation = Rule::new("self.all(k, !k.startsWith('aws:') && !k.startsWith('palisade.dev/') && size(k) <= 128)").message("tag keys must be at most 128 characters and must not start with aws: or palisade.dev/"))]
+    #[schemars(extend("maxProperties" = 40, "additionalProperties" = {"type": "string", "maxLength": 256}))]
+    #[x_kube(validation = Rule::new("self.all(k, k.matches('^.{1,128}$'))").message("tag keys must be 1-128 characters"))]
+    #[x_kube(validation = Rule::new("self.all(k, !k.lowerAscii().startsWith('aws:') && !k.startsWith('palisade.dev/'))").message("tag keys must not start with aws: (reserved by AWS, in any case) or palisade.dev/ (Palisade's own tags)"))]
     pub tags: Option<BTreeMap<String, String>>,
 
     /// Attach the group to the primary network interface of every selected

@@ -28,14 +28,22 @@ pub enum Error {
         /// The cause.
         source: std::io::Error,
     },
-    /// YAML that is not even YAML.
+    /// A file that is not YAML (or JSON).
+    #[error("{path}: not YAML or JSON: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message (with line and column).
+        source: serde_yaml::Error,
+    },
+    /// YAML that could not be written.
     #[error("{0}")]
     Yaml(#[from] serde_yaml::Error),
     /// Writing the output failed.
     #[error("writing output: {0}")]
     Write(#[from] std::io::Error),
-    /// Some manifests are invalid; each was reported on the output.
-    #[error("{0} invalid manifest(s)")]
+    /// Some inputs are invalid; each was reported on the output.
+    #[error("{0} invalid input(s)")]
     Invalid(usize),
     /// `render` could not compile what it was given.
     #[error("{0}")]
@@ -94,12 +102,14 @@ pub async fn explain_live<E: crate::cloud::Ec2>(
     Ok(e.reaches())
 }
 
-/// One YAML document of an input file, with where it came from.
+/// One document of an input file, with where it came from.
 #[derive(Debug, Clone)]
 pub struct Document {
-    /// `file` or `file#N` (N counts documents from 1) for messages.
+    /// `file#N` (N counts the file's YAML documents from 1), with
+    /// ` items[i]` for an item of a `kind: List`, for messages.
     pub origin: String,
-    /// The document as JSON.
+    /// The document as JSON, as `kubectl` sends it: aliases resolved,
+    /// merge keys (`<<: *base`) applied, the last of duplicate keys kept.
     pub value: Value,
 }
 
@@ -146,7 +156,9 @@ fn walk(dir: &Path, files: &mut Vec<PathBuf>) -> Result<(), Error> {
     Ok(())
 }
 
-/// Reads every non-empty YAML document of `path` (`-` is standard input).
+/// Reads every non-empty document of `path` (`-` is standard input):
+/// YAML (several documents per file) or JSON; a `v1` `List` stands for
+/// its items, as `kubectl apply` reads it.
 pub fn read_documents(path: &Path) -> Result<Vec<Document>, Error> {
     let text = if path == Path::new("-") {
         let mut s = String::new();
@@ -163,97 +175,141 @@ pub fn read_documents(path: &Path) -> Result<Vec<Document>, Error> {
             source,
         })?
     };
+    parse_documents(&text, path)
+}
+
+/// The documents of `text`, read from `path` (for origins and errors).
+pub fn parse_documents(text: &str, path: &Path) -> Result<Vec<Document>, Error> {
     let mut docs = Vec::new();
-    for (i, de) in serde_yaml::Deserializer::from_str(&text).enumerate() {
-        let value: Value = serde::Deserialize::deserialize(de)?;
+    // kubectl reads YAML 1.1, where a plain `yes`, `on`, `y` (and their
+    // negations) are booleans; serde_yaml reads YAML 1.2, where they are
+    // strings. A YAML 1.1 reading of the same text supplies the booleans.
+    let yaml11: Vec<Value> = serde_saphyr::from_multiple(text).unwrap_or_default();
+    let mut yaml11 = yaml11.iter().filter(|v| !v.is_null());
+    for (i, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let mut value: Value =
+            serde::Deserialize::deserialize(de).map_err(|source| Error::Parse {
+                path: path.into(),
+                source,
+            })?;
         if value.is_null() {
             continue;
         }
-        docs.push(Document {
-            origin: format!("{}#{}", path.display(), i + 1),
-            value,
-        });
+        if let Some(reading) = yaml11.next() {
+            yaml11_booleans(&mut value, reading);
+        }
+        apply_merge_keys(&mut value);
+        let origin = format!("{}#{}", path.display(), i + 1);
+        let is_list = value.get("apiVersion").and_then(Value::as_str) == Some("v1")
+            && value.get("kind").and_then(Value::as_str) == Some("List");
+        match value.get_mut("items").and_then(Value::as_array_mut) {
+            Some(items) if is_list => {
+                for (j, item) in std::mem::take(items).into_iter().enumerate() {
+                    docs.push(Document {
+                        origin: format!("{origin} items[{j}]"),
+                        value: item,
+                    });
+                }
+            }
+            _ => docs.push(Document { origin, value }),
+        }
     }
     Ok(docs)
 }
 
-/// Checks one manifest as admission would: it must be a palisade.dev/v1alpha1
-/// FirewallPolicy, carry no unknown fields, decode into the typed API, and
-/// pass every CEL rule of the CRD. Returns every problem found, one line each.
-pub fn check_policy(value: &Value) -> Vec<String> {
-    let api_version = value
-        .get("apiVersion")
-        .and_then(Value::as_str)
-        .unwrap_or_default();
-    let kind = value
-        .get("kind")
-        .and_then(Value::as_str)
-        .unwrap_or_default();
-    if api_version != "palisade.dev/v1alpha1" || kind != "FirewallPolicy" {
-        return vec![format!(
-            "not a FirewallPolicy: apiVersion {api_version:?}, kind {kind:?} (want palisade.dev/v1alpha1, FirewallPolicy)"
-        )];
-    }
-    let policy: FirewallPolicy = match serde_json::from_value(value.clone()) {
-        Ok(p) => p,
-        Err(e) => return vec![format!("does not match the FirewallPolicy schema: {e}")],
-    };
-    let mut problems = Vec::new();
-    // serde drops fields it does not know; the apiserver's strict field
-    // validation refuses them. A typo (`prot:` for `port:`) must not vanish.
-    if let Ok(round_trip) = serde_json::to_value(&policy) {
-        unknown_fields(value, &round_trip, "", &mut problems);
-    }
-    // The compiler's own validation: the schema checks (patterns, bounds,
-    // unique names) that CEL leaves to the apiserver, and what no schema can say.
-    match crate::policy::validate(&policy) {
-        Err(crate::policy::PolicyError::Invalid { errors, .. }) => {
-            problems.extend(errors.iter().map(|e| e.to_string()))
-        }
-        Err(e) => problems.push(e.to_string()),
-        Ok(_) => {}
-    }
-    if let Err(errors) = policy.validate_cel() {
-        // One line per failed rule: "<field path>: <message>".
-        problems.extend(
-            errors
-                .to_string()
-                .lines()
-                .map(|l| l.trim().trim_start_matches("- ").to_owned())
-                .filter(|l| !l.is_empty() && !l.ends_with("validation error(s):")),
-        );
-    }
-    problems
-}
-
-/// Fields of `input` that `known` (the typed round trip) lost, as paths.
-fn unknown_fields(input: &Value, known: &Value, path: &str, out: &mut Vec<String>) {
-    match (input, known) {
+/// Takes the booleans of a YAML 1.1 `reading` of the same document where
+/// `value` (read as YAML 1.2) holds a string.
+fn yaml11_booleans(value: &mut Value, reading: &Value) {
+    match (value, reading) {
+        (v @ Value::String(_), Value::Bool(b)) => *v = Value::Bool(*b),
         (Value::Object(a), Value::Object(b)) => {
-            for (k, v) in a {
-                // metadata and status are not ours to police offline.
-                if path.is_empty() && (k == "metadata" || k == "status") {
-                    continue;
-                }
-                let p = if path.is_empty() {
-                    k.clone()
-                } else {
-                    format!("{path}.{k}")
-                };
-                match b.get(k) {
-                    Some(w) => unknown_fields(v, w, &p, out),
-                    None if v.is_null() => {}
-                    None => out.push(format!("{p}: unknown field")),
+            for (k, v) in a.iter_mut() {
+                if let Some(w) = b.get(k) {
+                    yaml11_booleans(v, w);
                 }
             }
         }
         (Value::Array(a), Value::Array(b)) => {
-            for (i, (v, w)) in a.iter().zip(b).enumerate() {
-                unknown_fields(v, w, &format!("{path}[{i}]"), out);
+            for (v, w) in a.iter_mut().zip(b) {
+                yaml11_booleans(v, w);
             }
         }
         _ => {}
     }
+}
+
+/// Applies YAML merge keys (`<<: *base` or `<<: [*a, *b]`) as kubectl's
+/// YAML reader does: keys written in the mapping win, then the merged
+/// mappings in order.
+fn apply_merge_keys(value: &mut Value) {
+    match value {
+        Value::Object(map) => {
+            if let Some(merged) = map.remove("<<") {
+                let sources = match merged {
+                    Value::Array(list) => list,
+                    other => vec![other],
+                };
+                for source in sources {
+                    if let Value::Object(source) = source {
+                        for (k, v) in source {
+                            map.entry(k).or_insert(v);
+                        }
+                    }
+                }
+            }
+            for v in map.values_mut() {
+                apply_merge_keys(v);
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(apply_merge_keys),
+        _ => {}
+    }
+}
+
+/// Checks one manifest as `kubectl apply` would have it judged: a
+/// palisade.dev/v1alpha1 FirewallPolicy with no unknown field (strict field
+/// validation), valid for the CRD's schema and every CEL rule, then for the
+/// compiler (which must agree). Returns every problem, one line each, with
+/// its field path: the compiler's message where it has one for a field
+/// (it says what to write instead), else the apiserver's.
+pub fn check_policy(value: &Value) -> Vec<String> {
+    let admission = crate::policy::admission::admit(value);
+    let typed = match &admission {
+        Ok(policy) => Some(policy.clone()),
+        // For its messages only: the verdict is already "refused".
+        Err(_) => serde_json::from_value::<FirewallPolicy>(value.clone()).ok(),
+    };
+    let compiler: Vec<crate::policy::PolicyError> =
+        match typed.as_ref().map(crate::policy::validate) {
+            Some(Err(e)) => e.problems().into_iter().cloned().collect(),
+            Some(Ok(_)) => Vec::new(),
+            // Not even decodable (a port of 65536, say): the compiler's
+            // word on each CIDR still says what to write.
+            None => cidr_problems(value),
+        };
+    let mut out: Vec<String> = compiler.iter().map(ToString::to_string).collect();
+    if let Err(problems) = admission {
+        let covered = |path: &str| {
+            compiler
+                .iter()
+                .filter_map(crate::policy::PolicyError::path)
+                .any(|p| {
+                    // The same field, one inside it, or (for a CEL rule on
+                    // a rule or peer) the object holding it.
+                    let within = |a: &str, b: &str| {
+                        a == b || a.starts_with(&format!("{b}.")) || a.starts_with(&format!("{b}["))
+                    };
+                    within(path, p) || (path.contains('[') && within(p, path))
+                })
+        };
+        out.extend(
+            problems
+                .iter()
+                .filter(|p| p.path.is_empty() || !covered(&p.path))
+                .map(ToString::to_string),
+        );
+    }
+    out
 }
 
 /// Whether a document is a FirewallPolicy (any other kind — a Deployment
@@ -266,15 +322,52 @@ fn is_policy(value: &Value) -> bool {
             .is_some_and(|v| v.starts_with("palisade.dev/"))
 }
 
+/// The compiler's problems with every peer `cidr` of a manifest that does
+/// not decode as a whole.
+fn cidr_problems(value: &Value) -> Vec<crate::policy::PolicyError> {
+    let mut out = Vec::new();
+    for direction in ["ingress", "egress"] {
+        let rules = value["spec"][direction].as_array().into_iter().flatten();
+        for (i, rule) in rules.enumerate() {
+            let peers = rule["peers"].as_array().into_iter().flatten();
+            for (j, peer) in peers.enumerate() {
+                if let Some(cidr) = peer["cidr"].as_str() {
+                    let path = format!("spec.{direction}[{i}].peers[{j}].cidr");
+                    out.extend(crate::policy::parse_cidr(cidr, &path).err());
+                }
+            }
+        }
+    }
+    out
+}
+
 /// `palisade validate`: checks every FirewallPolicy document of `files`
-/// (directories: their YAML and JSON files, recursively), printing
-/// `origin: OK` or each problem, then the compiler's warnings (duplicate or
-/// shadowed rules, quota near); documents of other kinds are skipped and
-/// counted. Fails if any policy is invalid, or if no policy was found.
+/// (directories: their YAML and JSON files, recursively) and prints one
+/// line per finding, each naming the file, the document (`#N`, counted
+/// from 1) and the field path: `origin (name): OK`, each problem, the
+/// compiler's warnings (duplicate or shadowed rules, quota near). It goes
+/// on past a file it cannot read or parse and reports every one. Refused
+/// besides invalid policies: a file with no document, a policy given
+/// twice (the second would silently replace the first), and no policy at
+/// all. Documents of other kinds are skipped and counted.
 pub fn validate_files(files: &[PathBuf], out: &mut impl Write) -> Result<(), Error> {
-    let (mut invalid, mut valid, mut other) = (0, 0, 0);
+    let (mut invalid, mut valid, mut other, mut broken) = (0, 0, 0, 0);
+    let mut seen: std::collections::BTreeMap<String, String> = Default::default();
     for file in &expand_paths(files)? {
-        for doc in read_documents(file)? {
+        let docs = match read_documents(file) {
+            Ok(docs) => docs,
+            Err(e) => {
+                broken += 1;
+                writeln!(out, "{e}")?;
+                continue;
+            }
+        };
+        if docs.is_empty() {
+            broken += 1;
+            writeln!(out, "{}: empty: no document", file.display())?;
+            continue;
+        }
+        for doc in docs {
             if !is_policy(&doc.value) {
                 other += 1;
                 continue;
@@ -283,8 +376,19 @@ pub fn validate_files(files: &[PathBuf], out: &mut impl Write) -> Result<(), Err
                 .value
                 .pointer("/metadata/name")
                 .and_then(Value::as_str)
-                .unwrap_or("<unnamed>");
-            let problems = check_policy(&doc.value);
+                .unwrap_or("<unnamed>")
+                .to_string();
+            let mut problems = check_policy(&doc.value);
+            if name != "<unnamed>" {
+                match seen.get(&name) {
+                    Some(first) => problems.push(format!(
+                        "metadata.name: policy {name} is given twice (first at {first}); the second would replace the first: give each policy its own name"
+                    )),
+                    None => {
+                        seen.insert(name.clone(), doc.origin.clone());
+                    }
+                }
+            }
             if problems.is_empty() {
                 valid += 1;
                 writeln!(out, "{} ({name}): OK", doc.origin)?;
@@ -301,10 +405,10 @@ pub fn validate_files(files: &[PathBuf], out: &mut impl Write) -> Result<(), Err
     }
     writeln!(
         out,
-        "{valid} valid, {invalid} invalid FirewallPolicy manifest(s); {other} document(s) of other kinds skipped"
+        "{valid} valid, {invalid} invalid FirewallPolicy manifest(s); {broken} file(s) unreadable or empty; {other} document(s) of other kinds skipped"
     )?;
-    if invalid > 0 {
-        Err(Error::Invalid(invalid))
+    if invalid + broken > 0 {
+        Err(Error::Invalid(invalid + broken))
     } else if valid == 0 {
         Err(Error::Render(
             "no FirewallPolicy found in the files given".into(),
@@ -317,7 +421,7 @@ pub fn validate_files(files: &[PathBuf], out: &mut impl Write) -> Result<(), Err
 /// The compiler's warnings about a valid policy that need no cluster:
 /// duplicate and shadowed rules, a quota nearly reached.
 fn offline_warnings(value: &Value) -> Vec<String> {
-    let Ok(policy) = serde_json::from_value::<FirewallPolicy>(value.clone()) else {
+    let Ok(policy) = crate::policy::admission::admit(value) else {
         return Vec::new();
     };
     let Ok(compiled) = crate::policy::compile_policy(&policy, &crate::policy::Facts::default())

@@ -120,8 +120,18 @@ pub fn render_files(
         return Ok(());
     }
     write!(out, "{}", super::summary::summary_text(&target, &selected))?;
+    // A cloud plan that cannot be applied (a quota exceeded, say) stops
+    // nothing here: the node layer is shown all the same, and the failure
+    // is explained with its numbers and makes the command fail at the end.
+    let unplannable: Vec<String> = selected
+        .iter()
+        .filter_map(|p| plan_cloud(p, &facts).err().map(|e| e.to_string()))
+        .collect();
     if format == OutputFormat::Summary {
-        return Ok(());
+        for e in &unplannable {
+            writeln!(out, "CLOUD PLAN FAILS: {e}")?;
+        }
+        return cloud_verdict(&unplannable);
     }
     writeln!(out)?;
     if let Some(me) = facts.node(&target) {
@@ -150,7 +160,17 @@ pub fn render_files(
         .iter()
         .filter(|p| ruleset.policies.iter().any(|d| d.name == p.name()))
     {
-        let plan = plan_cloud(p, &facts).map_err(|e| Error::Render(e.to_string()))?;
+        let plan = match plan_cloud(p, &facts) {
+            Ok(plan) => plan,
+            Err(e) => {
+                writeln!(
+                    out,
+                    "# policy {}: the cloud plan cannot be applied: {e}",
+                    p.name()
+                )?;
+                continue;
+            }
+        };
         writeln!(out, "# policy {}", plan.policy)?;
         for direction in [Direction::Ingress, Direction::Egress] {
             match plan.permissions(direction) {
@@ -179,5 +199,16 @@ pub fn render_files(
     for w in &ruleset.warnings {
         writeln!(out, "# warning: {w}")?;
     }
-    Ok(())
+    cloud_verdict(&unplannable)
+}
+
+fn cloud_verdict(unplannable: &[String]) -> Result<(), Error> {
+    if unplannable.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Render(format!(
+            "the cloud layer cannot be applied as planned (the controller would report the policy Stalled): {}",
+            unplannable.join("; ")
+        )))
+    }
 }

@@ -11,7 +11,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+use crate::api::conditions::Condition;
 
 use crate::api::conditions::{self, reason};
 use crate::cloud::{Ec2, GroupInfo, InstanceInfo, tags};
@@ -257,16 +259,14 @@ pub fn condition(previous: &[Condition], generation: i64, effective: &Effective)
     let last_transition_time = previous
         .iter()
         .find(|c| c.type_ == conditions::EFFECTIVE_ACCESS && c.status == status)
-        .map_or_else(
-            || Time(k8s_openapi::jiff::Timestamp::now()),
-            |c| c.last_transition_time.clone(),
-        );
+        .and_then(|c| c.last_transition_time.clone())
+        .unwrap_or_else(|| Time(k8s_openapi::jiff::Timestamp::now()));
     Condition {
         type_: conditions::EFFECTIVE_ACCESS.to_string(),
         status: status.to_string(),
         reason: why.to_string(),
         message,
         observed_generation: Some(generation),
-        last_transition_time,
+        last_transition_time: Some(last_transition_time),
     }
 }

@@ -1,10 +1,10 @@
 //! Pure status building: conditions with kstatus polarity and node counts
 //! aggregated from the agents' `FirewallNode` objects.
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use crate::api::conditions::{self, reason};
-use crate::api::{FirewallNode, FirewallPolicy, NodeCounts};
+use crate::api::{Condition, FirewallNode, FirewallPolicy, NodeCounts};
 
 /// Where the cloud layer of a policy stands after a reconcile.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -144,7 +144,7 @@ fn condition(type_: &str, ok: bool, reason: &str, message: String, generation: i
         reason: reason.to_string(),
         message,
         observed_generation: Some(generation),
-        last_transition_time: Time(k8s_openapi::jiff::Timestamp::now()),
+        last_transition_time: Some(Time(k8s_openapi::jiff::Timestamp::now())),
     }
 }
 
@@ -251,6 +251,7 @@ pub fn conditions(
         .map(|mut c| {
             if let Some(old) = previous.iter().find(|o| o.type_ == c.type_)
                 && old.status == c.status
+                && old.last_transition_time.is_some()
             {
                 c.last_transition_time = old.last_transition_time.clone();
             }

@@ -119,6 +119,7 @@
 //! The node layer filters the host's own traffic (INPUT/OUTPUT): pod
 //! traffic that is forwarded is not affected, hostNetwork pods are.
 
+pub mod admission;
 mod canonical;
 mod cloud;
 pub mod effective;
@@ -169,8 +170,8 @@ pub use sgdiff::{
     owns_rule,
 };
 pub use validate::{
-    MAX_POLICY_NAME, PeerRef, PortSpan, ValidPolicy, ValidRule, nodes_selected, policies_for_node,
-    validate,
+    MAX_POLICY_NAME, PeerRef, PortSpan, ValidPolicy, ValidRule, nodes_selected, parse_cidr,
+    policies_for_node, validate,
 };
 pub use warnings::Warning;
 

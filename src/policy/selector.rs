@@ -87,6 +87,34 @@ impl Selector {
     /// the selector, used in errors (`spec.nodeSelector`). Every problem is
     /// returned, not only the first.
     pub fn parse(selector: &NodeSelector, path: &str) -> Result<Selector, Vec<PolicyError>> {
+        Self::parse_with(selector, path, true)
+    }
+
+    /// [`Selector::parse`] for a peer's `nodeSelector`, where the syntax of
+    /// `matchLabels` keys is not checked: admission cannot afford that CEL
+    /// rule across 100 rules × 50 peers (the apiserver refuses the CRD's
+    /// cost), and the compiler must accept what admission accepts. A key
+    /// that is not a label key can never be on a Node, so it matches no
+    /// node (and [`Selector::invalid_keys`] lets the caller warn).
+    pub fn parse_peer(selector: &NodeSelector, path: &str) -> Result<Selector, Vec<PolicyError>> {
+        Self::parse_with(selector, path, false)
+    }
+
+    /// The keys of this selector that are not label keys (only a peer
+    /// selector's `matchLabels` may hold them; they match no node).
+    pub fn invalid_keys(&self) -> Vec<&str> {
+        self.requirements
+            .iter()
+            .map(Requirement::key)
+            .filter(|k| !is_label_key(k))
+            .collect()
+    }
+
+    fn parse_with(
+        selector: &NodeSelector,
+        path: &str,
+        check_match_label_keys: bool,
+    ) -> Result<Selector, Vec<PolicyError>> {
         let mut errors = Vec::new();
         let mut requirements = Vec::new();
         // The CRD's bounds, which keep admission's CEL cost in budget.
@@ -116,7 +144,9 @@ impl Selector {
         }
         for (key, value) in selector.match_labels.iter().flatten() {
             let at = format!("{path}.matchLabels[{key}]");
-            check_key(key, &at, &mut errors);
+            if check_match_label_keys {
+                check_key(key, &at, &mut errors);
+            }
             check_value(value, &at, &mut errors);
             requirements.push(Requirement::In {
                 key: key.clone(),
@@ -242,6 +272,15 @@ fn join(values: &BTreeSet<String>) -> String {
 }
 
 /// `[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?`, at most 63 characters.
+/// A label key as Kubernetes defines it: `[prefix/]name`, the prefix a
+/// DNS-1123 subdomain, the name 1-63 characters.
+pub(crate) fn is_label_key(key: &str) -> bool {
+    match key.split_once('/') {
+        Some((prefix, name)) => is_dns_subdomain(prefix) && is_label_name(name),
+        None => is_label_name(key),
+    }
+}
+
 fn is_label_name(s: &str) -> bool {
     let b = s.as_bytes();
     !b.is_empty()
@@ -252,15 +291,15 @@ fn is_label_name(s: &str) -> bool {
         && b.last().is_some_and(u8::is_ascii_alphanumeric)
 }
 
-/// A DNS-1123 subdomain: lowercase labels of `[a-z0-9-]` joined by dots, at
-/// most 253 characters.
+/// A DNS-1123 subdomain as Kubernetes checks it: lowercase labels of
+/// `[a-z0-9-]` joined by dots, at most 253 characters in all (no bound per
+/// label: `IsDNS1123Subdomain` has none).
 pub(crate) fn is_dns_subdomain(s: &str) -> bool {
     s.len() <= 253
         && !s.is_empty()
         && s.split('.').all(|label| {
             let b = label.as_bytes();
             !b.is_empty()
-                && b.len() <= 63
                 && b.iter()
                     .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
                 && b.first().is_some_and(|c| *c != b'-')
@@ -269,17 +308,19 @@ pub(crate) fn is_dns_subdomain(s: &str) -> bool {
 }
 
 fn check_key(key: &str, path: &str, errors: &mut Vec<PolicyError>) {
-    let ok = match key.split_once('/') {
-        Some((prefix, name)) => is_dns_subdomain(prefix) && is_label_name(name),
-        None => is_label_name(key),
-    };
-    if !ok {
+    if !is_label_key(key) {
         errors.push(PolicyError::field(
             path,
             format!("{key:?} is not a label key"),
             "write [prefix/]name: an optional DNS subdomain prefix, and a name of at most 63 letters, digits, '-', '_' or '.', starting and ending alphanumeric (e.g. node-role.kubernetes.io/worker)",
         ));
     }
+}
+
+/// A label value as Kubernetes defines it: empty, or at most 63 letters,
+/// digits, `-`, `_`, `.`, starting and ending alphanumeric.
+pub(crate) fn is_label_value(value: &str) -> bool {
+    value.is_empty() || is_label_name(value)
 }
 
 fn check_value(value: &str, path: &str, errors: &mut Vec<PolicyError>) {

@@ -313,10 +313,18 @@ fn is_rule_name(s: &str) -> bool {
         && b.last().is_some_and(|c| *c != b'-')
 }
 
-/// AWS's character set for Security Group rule descriptions and group names.
-pub(crate) fn is_aws_text(s: &str) -> bool {
-    s.bytes()
-        .all(|c| c.is_ascii_alphanumeric() || b". _-:/()#,@[]+=&;{}!$*".contains(&c))
+/// Longest rule description (AWS allows 255; Palisade appends its own
+/// marker to what it writes).
+pub const MAX_DESCRIPTION: usize = 200;
+
+/// Whether `c` is in AWS's character set for Security Group names and rule
+/// descriptions.
+fn is_aws_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || ". _-:/()#,@[]+=&;{}!$*".contains(c)
+}
+
+fn first_non_aws_char(s: &str) -> Option<char> {
+    s.chars().find(|c| !is_aws_char(*c))
 }
 
 fn is_aws_id(s: &str, prefix: &str) -> bool {
@@ -342,14 +350,24 @@ fn validate_rule(
             "use 1-63 lowercase letters, digits and '-', starting and ending alphanumeric (e.g. ssh-from-bastion)",
         ));
     }
-    if let Some(desc) = &rule.description
-        && (desc.len() > 200 || !is_aws_text(desc))
-    {
-        errors.push(PolicyError::field(
-            format!("{at}.description"),
-            "the description is longer than 200 characters or uses characters AWS refuses",
-            "use at most 200 ASCII letters, digits, spaces and ._-:/()#,@[]+=&;{}!$*",
-        ));
+    if let Some(desc) = &rule.description {
+        let chars = desc.chars().count();
+        if chars > MAX_DESCRIPTION {
+            errors.push(PolicyError::field(
+                format!("{at}.description"),
+                format!("the description is {chars} characters long"),
+                format!("shorten it to at most {MAX_DESCRIPTION} characters"),
+            ));
+        }
+        if let Some(bad) = first_non_aws_char(desc) {
+            errors.push(PolicyError::field(
+                format!("{at}.description"),
+                format!(
+                    "the description uses {bad:?}, a character AWS refuses in rule descriptions"
+                ),
+                "use only ASCII letters, digits, spaces and ._-:/()#,@[]+=&;{}!$*",
+            ));
+        }
     }
 
     // Ports: TCP/UDP only, 1-16 entries, 1 <= port <= endPort.
@@ -532,23 +550,13 @@ fn validate_peer(
     }
     if let Some(cidr) = &peer.cidr {
         let path = format!("{at}.cidr");
-        let Ok(net) = cidr.parse::<IpNet>() else {
-            errors.push(PolicyError::field(
-                path,
-                format!("{cidr:?} is not a CIDR"),
-                "write an IPv4 or IPv6 network such as 203.0.113.0/24, 10.0.0.5/32 or 2001:db8::/32",
-            ));
-            return None;
+        let canonical = match parse_cidr(cidr, &path) {
+            Ok(net) => net,
+            Err(e) => {
+                errors.push(e);
+                return None;
+            }
         };
-        let canonical = net.trunc();
-        if canonical.to_string() != *cidr {
-            errors.push(PolicyError::NonCanonicalCidr {
-                path,
-                value: cidr.clone(),
-                canonical: canonical.to_string(),
-            });
-            return None;
-        }
         let family = IpFamily::of_net(&canonical);
         let wrong = match (protocol, family) {
             (Protocol::Icmp, IpFamily::V6) => {
@@ -588,13 +596,60 @@ fn validate_peer(
         return Some(PeerRef::PrefixList(id.clone()));
     }
     let sel = peer.node_selector.as_ref()?;
-    match Selector::parse(sel, &format!("{at}.nodeSelector")) {
+    match Selector::parse_peer(sel, &format!("{at}.nodeSelector")) {
         Ok(s) => Some(PeerRef::Nodes(s)),
         Err(errs) => {
             errors.extend(errs);
             None
         }
     }
+}
+
+/// Parses a peer's `cidr` as admission accepts it: a network with no host
+/// bits, written canonically (the apiserver compares text), not
+/// IPv4-mapped. The error says what to write; it never suggests a wider
+/// network than the one written.
+pub fn parse_cidr(cidr: &str, path: &str) -> Result<IpNet, PolicyError> {
+    let Ok(net) = cidr.parse::<IpNet>() else {
+        return Err(PolicyError::field(
+            path,
+            format!("{cidr:?} is not a CIDR"),
+            "write an IPv4 or IPv6 network such as 203.0.113.0/24, 10.0.0.5/32 or 2001:db8::/32",
+        ));
+    };
+    if let IpNet::V6(v6) = net
+        && v6.addr().to_ipv4_mapped().is_some()
+    {
+        // The apiserver's cidr() refuses IPv4-mapped IPv6 outright.
+        return Err(PolicyError::field(
+            path,
+            format!("{cidr} is an IPv4-mapped IPv6 network, which the apiserver refuses"),
+            "write the IPv4 network itself (IPv4 peers are matched as IPv4 on both layers)",
+        ));
+    }
+    let canonical = net.trunc();
+    if canonical != net {
+        // Host bits set: a typo in the address or in the prefix length.
+        // Point it out; never suggest the masked network, which may be
+        // far wider than meant (10.0.0.0/0 is every address).
+        let host = IpNet::new(net.addr(), net.max_prefix_len()).unwrap_or(net);
+        return Err(PolicyError::field(
+            path,
+            format!("{cidr} has host bits set after /{}", net.prefix_len()),
+            format!(
+                "write {host} for that one address, or correct the address or the prefix length"
+            ),
+        ));
+    }
+    if canonical.to_string() != cidr {
+        // Same network, spelled differently: the apiserver compares text.
+        return Err(PolicyError::NonCanonicalCidr {
+            path: path.to_string(),
+            value: cidr.to_string(),
+            canonical: canonical.to_string(),
+        });
+    }
+    Ok(canonical)
 }
 
 fn validate_target(sg: &SecurityGroupTarget, errors: &mut Vec<PolicyError>) {
@@ -621,14 +676,29 @@ fn validate_target(sg: &SecurityGroupTarget, errors: &mut Vec<PolicyError>) {
             }
         }
     }
-    if let Some(name) = &sg.name
-        && (name.is_empty() || name.len() > 255 || name.starts_with("sg-") || !is_aws_text(name))
-    {
-        errors.push(PolicyError::field(
-            format!("{at}.name"),
-            format!("{name:?} is not a Security Group name AWS accepts"),
-            "use 1-255 ASCII letters, digits, spaces and ._-:/()#,@[]+=&;{}!$*, not starting with sg-",
-        ));
+    if let Some(name) = &sg.name {
+        let chars = name.chars().count();
+        if chars == 0 || chars > 255 {
+            errors.push(PolicyError::field(
+                format!("{at}.name"),
+                format!("the group name is {chars} characters long"),
+                "use 1-255 characters",
+            ));
+        }
+        if name.starts_with("sg-") {
+            errors.push(PolicyError::field(
+                format!("{at}.name"),
+                format!("{name:?} starts with sg-, which AWS refuses in group names"),
+                "choose a name that does not start with sg-",
+            ));
+        }
+        if let Some(bad) = first_non_aws_char(name) {
+            errors.push(PolicyError::field(
+                format!("{at}.name"),
+                format!("the group name uses {bad:?}, a character AWS refuses in group names"),
+                "use only ASCII letters, digits, spaces and ._-:/()#,@[]+=&;{}!$*",
+            ));
+        }
     }
     if let Some(vpc) = &sg.vpc_id
         && !is_aws_id(vpc, "vpc-")
@@ -649,23 +719,29 @@ fn validate_target(sg: &SecurityGroupTarget, errors: &mut Vec<PolicyError>) {
                 fix: "AWS allows 50 tags per resource and Palisade uses some: drop tags".into(),
             });
         }
+        // AWS counts tag keys and values in characters, not bytes.
         for (key, value) in tags {
-            if key.is_empty()
-                || key.len() > 128
-                || key.starts_with("aws:")
-                || key.starts_with("palisade.dev/")
-            {
+            let chars = key.chars().count();
+            if chars == 0 || chars > 128 {
                 errors.push(PolicyError::field(
                     format!("{at}.tags[{key}]"),
-                    format!("tag key {key:?} is reserved or too long"),
-                    "use 1-128 characters, not starting with aws: or palisade.dev/",
+                    format!("the tag key is {chars} characters long"),
+                    "use 1-128 characters",
                 ));
             }
-            if value.len() > 256 {
+            if key.to_ascii_lowercase().starts_with("aws:") || key.starts_with("palisade.dev/") {
                 errors.push(PolicyError::field(
                     format!("{at}.tags[{key}]"),
-                    "the tag value is longer than 256 characters",
-                    "shorten it",
+                    format!("tag key {key:?} is reserved"),
+                    "do not start tag keys with aws: (AWS's, in any case) or palisade.dev/ (Palisade's own tags)",
+                ));
+            }
+            let chars = value.chars().count();
+            if chars > 256 {
+                errors.push(PolicyError::field(
+                    format!("{at}.tags[{key}]"),
+                    format!("the tag value is {chars} characters long"),
+                    "shorten it to at most 256 characters",
                 ));
             }
         }
@@ -721,7 +797,7 @@ mod tests {
         assert_eq!(
             problems(&p),
             [
-                "spec.ingress[0].peers[0].cidr: 203.0.113.7/24 is not a canonical CIDR; write 203.0.113.0/24"
+                "spec.ingress[0].peers[0].cidr: 203.0.113.7/24 has host bits set after /24; write 203.0.113.7/32 for that one address, or correct the address or the prefix length"
             ]
         );
         let p = policy(
@@ -735,6 +811,93 @@ mod tests {
                 "spec.ingress[0].peers[0].cidr: 2001:DB8::/32 is not a canonical CIDR; write 2001:db8::/32"
             ]
         );
+    }
+
+    #[test]
+    fn cidr_suggestions_never_widen_and_are_themselves_valid() {
+        let one = |cidr: &str| {
+            problems(&policy(
+                "p",
+                vec![rule("r", Protocol::Tcp, &[22], &[cidr])],
+                None,
+            ))
+        };
+        // A likely typo is pointed out, not replaced by the /0 network.
+        let ps = one("10.0.0.0/0");
+        assert_eq!(ps.len(), 1);
+        assert!(
+            ps[0].contains("write 10.0.0.0/32 for that one address"),
+            "{ps:?}"
+        );
+        assert!(!ps[0].contains(" 0.0.0.0/0"), "{ps:?}");
+        // Spelling only: the same network, written as the apiserver writes it.
+        for (written, canonical) in [
+            ("2001:DB8::/32", "2001:db8::/32"),
+            ("2001:0db8::/32", "2001:db8::/32"),
+            ("2001:db8:0:0:0:0:0:0/32", "2001:db8::/32"),
+            ("2001:db8:0:0:1:0:0:0/80", "2001:db8:0:0:1::/80"),
+        ] {
+            let ps = one(written);
+            assert_eq!(
+                ps,
+                [format!(
+                    "spec.ingress[0].peers[0].cidr: {written} is not a canonical CIDR; write {canonical}"
+                )]
+            );
+            assert!(
+                one(canonical).is_empty(),
+                "{canonical} must itself be valid"
+            );
+        }
+        // IPv4-mapped IPv6 is refused by the apiserver's cidr(): no
+        // suggestion of another mapped spelling.
+        let ps = one("::ffff:0:0/96");
+        assert_eq!(ps.len(), 1);
+        assert!(ps[0].contains("IPv4-mapped"), "{ps:?}");
+        assert!(!ps[0].contains("::ffff:0.0.0.0/96"), "{ps:?}");
+    }
+
+    #[test]
+    fn aws_lengths_count_characters_and_each_fault_has_its_message() {
+        let mut p = policy("p", vec![], None);
+        p.spec.security_group = Some(SecurityGroupTarget {
+            tags: Some(BTreeMap::from([
+                ("é".repeat(128), "é".repeat(256)),
+                ("ok".into(), "x".repeat(257)),
+                (String::new(), "v".into()),
+                ("AWS:x".into(), "v".into()),
+            ])),
+            name: Some("café <web>".into()),
+            ..Default::default()
+        });
+        let ps = problems(&p);
+        assert_eq!(ps.len(), 4, "{ps:#?}");
+        assert!(
+            ps.iter()
+                .any(|p| p.contains("uses 'é', a character AWS refuses in group names")),
+            "{ps:#?}"
+        );
+        assert!(
+            ps.iter()
+                .any(|p| p.contains("the tag value is 257 characters long")),
+            "{ps:#?}"
+        );
+        assert!(
+            ps.iter()
+                .any(|p| p.contains("the tag key is 0 characters long")),
+            "{ps:#?}"
+        );
+        assert!(
+            ps.iter()
+                .any(|p| p.contains("tag key \"AWS:x\" is reserved")),
+            "{ps:#?}"
+        );
+        let mut r = rule("r", Protocol::Tcp, &[22], &["10.0.0.0/8"]);
+        r.description = Some("é".repeat(201));
+        let ps = problems(&policy("p", vec![r], None));
+        assert_eq!(ps.len(), 2, "{ps:#?}");
+        assert!(ps[0].contains("is 201 characters long"), "{ps:#?}");
+        assert!(ps[1].contains("uses 'é'"), "{ps:#?}");
     }
 
     #[test]
@@ -907,7 +1070,7 @@ mod tests {
         assert_eq!(err.reason(), "InvalidPolicy");
         assert_eq!(
             err.to_string(),
-            "policy p: spec.ingress[0].peers[0].cidr: 10.0.0.1/8 is not a canonical CIDR; write 10.0.0.0/8"
+            "policy p: spec.ingress[0].peers[0].cidr: 10.0.0.1/8 has host bits set after /8; write 10.0.0.1/32 for that one address, or correct the address or the prefix length"
         );
     }
 }
