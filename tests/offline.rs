@@ -247,7 +247,7 @@ fn render_shows_the_node_layer_and_the_numbers_when_the_cloud_plan_fails() {
         let mut out = Vec::new();
         let err = cli::render_files(
             &node,
-            &[policy.clone()],
+            std::slice::from_ref(&policy),
             &cli::AgentSettings::default(),
             format,
             &mut out,

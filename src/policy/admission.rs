@@ -285,7 +285,7 @@ fn check_object(
         .flatten()
         .filter_map(Value::as_str)
     {
-        if !out.contains_key(required) && !map.get(required).is_some_and(|v| !v.is_null()) {
+        if !out.contains_key(required) && map.get(required).is_none_or(|v| v.is_null()) {
             problems.push(problem(&join(path, required), "Required value"));
         }
     }
