@@ -5,7 +5,7 @@ export CARGO_TARGET_DIR ?= $(CACHE)/target
 export PALISADE_TESTBIN ?= $(CACHE)/bin
 CARGO ?= cargo
 
-.PHONY: help testbin build fmt fmt-check clippy crds manifests chart-readme check-generated unit test demo clean-env
+.PHONY: help testbin build images e2e lint-workflows fmt fmt-check clippy crds manifests chart-readme check-generated unit test demo clean-env
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -50,8 +50,18 @@ check-generated: ## Fail if crds/, the chart's CRDs, deploy/manifests or the cha
 unit: ## Pure tests only (no apiserver, moto or namespaces)
 	$(CARGO) test --lib --bins
 
-test: testbin fmt-check clippy check-generated ## Everything CI runs: checks, then every test on the real local environment
+lint-workflows: testbin ## Lint .github/workflows with actionlint
+	$(PALISADE_TESTBIN)/actionlint -color=false
+
+test: testbin fmt-check clippy check-generated lint-workflows ## Everything CI runs but `e2e`: checks, then every test on the real local environment
 	$(CARGO) test --all-features --no-fail-fast
+
+images: ## Build the controller and agent images with podman from images/*.Dockerfile (cached); print their sizes
+	bash hack/images.sh
+
+e2e: testbin ## The images on real kubelet + containerd nodes: the chart installed, upgraded, uninstalled (builds the images)
+	bash hack/images.sh e2e $(CACHE)/e2e-images
+	PALISADE_E2E_IMAGES=$(CACHE)/e2e-images $(CARGO) test --features testenv --test real_nodes -- --ignored --nocapture --test-threads=1
 
 demo: testbin ## Bring up the local environment and run Palisade end to end
 	$(CARGO) build --quiet --features testenv --bins
@@ -67,5 +77,5 @@ bench: bench-controller bench-node ## Both benchmarks (they print figures; nothi
 bench-controller: testbin ## EC2 calls and latency of the controller per scenario (local environment)
 	$(CARGO) run --quiet --features testenv --bin palisade-bench-controller
 
-bench-node: testbin ## iptables/ipset programming times and per-packet cost, ipset vs linear (needs root)
-	$(CARGO) run --quiet --features testenv --bin palisade-bench-node
+bench-node: testbin ## Node dataplane, release build, nft and legacy: each figure beside the raw iptables-restore/ipset baseline of the same text (ours, raw, ratio); zero-gap at 1,000 edits (needs root)
+	$(CARGO) run --release --quiet --features testenv --bin palisade-bench-node

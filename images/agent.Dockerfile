@@ -1,22 +1,36 @@
 # syntax=docker/dockerfile:1.7
-# The agent: its binary plus the iptables/ip6tables (both the nft and the
-# legacy backend, so it can match whichever the host uses), ipset and nft
-# userspace. It runs with NET_ADMIN/NET_RAW in the host network namespace.
+# The agent: its static binary plus iptables/ip6tables (both the nft and the
+# legacy backend, so it can match whichever the host uses), ipset, nft and
+# conntrack. It runs with NET_ADMIN/NET_RAW in the host network namespace.
+#
 #   docker buildx build --platform linux/amd64,linux/arm64 -f images/agent.Dockerfile .
-FROM --platform=$BUILDPLATFORM rust:1.95-bookworm AS build
+#
+# BUILDER_IMAGE: see controller.Dockerfile (the build stage is the same text).
+# BASE_IMAGE is any Debian bookworm image (`make images` imports one made by
+# debootstrap).
+ARG BUILDER_IMAGE=docker.io/library/rust:1.95-bookworm
+ARG BASE_IMAGE=docker.io/library/debian:bookworm-slim
+
+FROM --platform=$BUILDPLATFORM ${BUILDER_IMAGE} AS build
+ARG BUILDARCH
 ARG TARGETARCH
-RUN apt-get update && apt-get install -y --no-install-recommends musl-tools cmake clang \
- && case "$TARGETARCH" in amd64) echo x86_64-unknown-linux-musl ;; arm64) echo aarch64-unknown-linux-musl ;; *) exit 1 ;; esac > /target \
- && rustup target add "$(cat /target)"
+# `release` for anything shipped; `dev` builds in a fraction of the time
+# (unoptimized, larger binaries) for tests of the images' plumbing.
+ARG CARGO_PROFILE=release
+COPY images/cross-env.sh /usr/local/bin/cross-env
+RUN cross-env install
 WORKDIR /src
 COPY . .
-RUN --mount=type=cache,target=/root/.cargo/registry --mount=type=cache,target=/src/target \
-    cargo build --locked --release --target "$(cat /target)" --bin palisade-agent \
- && cp "target/$(cat /target)/release/palisade-agent" /palisade-agent
+RUN --mount=type=cache,id=palisade-cargo-registry,target=/usr/local/cargo/registry \
+    --mount=type=cache,id=palisade-cargo-target,target=/src/target \
+    . /etc/cross-env && cargo build --locked --profile "$CARGO_PROFILE" --target "$RUST_TARGET" \
+       --bin palisade-controller --bin palisade-agent \
+ && dir=$([ "$CARGO_PROFILE" = dev ] && echo debug || echo "$CARGO_PROFILE") \
+ && mkdir -p /out && cp "target/$RUST_TARGET/$dir/palisade-controller" "target/$RUST_TARGET/$dir/palisade-agent" /out/
 
-FROM debian:bookworm-slim
+FROM ${BASE_IMAGE} AS agent
 RUN apt-get update \
  && apt-get install -y --no-install-recommends iptables ipset nftables conntrack \
- && rm -rf /var/lib/apt/lists/*
-COPY --from=build /palisade-agent /usr/local/bin/palisade-agent
+ && rm -rf /var/lib/apt/lists/* /var/cache/apt/* /var/log/apt /var/log/dpkg.log
+COPY --from=build /out/palisade-agent /usr/local/bin/palisade-agent
 ENTRYPOINT ["/usr/local/bin/palisade-agent"]

@@ -1,20 +1,36 @@
 # syntax=docker/dockerfile:1.7
-# The controller: one static binary on an empty base, run as non-root with a
-# read-only root filesystem (the chart sets both). Multi-arch: build with
+# The controller: one static (musl) binary on an empty base, run as uid 65532
+# with a read-only root filesystem (the chart sets both); no shell.
+#
 #   docker buildx build --platform linux/amd64,linux/arm64 -f images/controller.Dockerfile .
-FROM --platform=$BUILDPLATFORM rust:1.95-bookworm AS build
+#
+# BUILDER_IMAGE is any Debian bookworm image with a Rust toolchain laid out as
+# the official rust image lays it out (`make images` builds one from the local
+# toolchain, since no registry is reachable there). The build stage is the
+# same text in agent.Dockerfile, so a builder runs it once for both images,
+# and it builds both binaries for the same reason. It runs on the build
+# platform and cross-compiles: see images/README.md for the cross toolchain.
+ARG BUILDER_IMAGE=docker.io/library/rust:1.95-bookworm
+
+FROM --platform=$BUILDPLATFORM ${BUILDER_IMAGE} AS build
+ARG BUILDARCH
 ARG TARGETARCH
-RUN apt-get update && apt-get install -y --no-install-recommends musl-tools cmake clang \
- && case "$TARGETARCH" in amd64) echo x86_64-unknown-linux-musl ;; arm64) echo aarch64-unknown-linux-musl ;; *) exit 1 ;; esac > /target \
- && rustup target add "$(cat /target)"
+# `release` for anything shipped; `dev` builds in a fraction of the time
+# (unoptimized, larger binaries) for tests of the images' plumbing.
+ARG CARGO_PROFILE=release
+COPY images/cross-env.sh /usr/local/bin/cross-env
+RUN cross-env install
 WORKDIR /src
 COPY . .
-RUN --mount=type=cache,target=/root/.cargo/registry --mount=type=cache,target=/src/target \
-    cargo build --locked --release --target "$(cat /target)" --bin palisade-controller \
- && cp "target/$(cat /target)/release/palisade-controller" /palisade-controller
+RUN --mount=type=cache,id=palisade-cargo-registry,target=/usr/local/cargo/registry \
+    --mount=type=cache,id=palisade-cargo-target,target=/src/target \
+    . /etc/cross-env && cargo build --locked --profile "$CARGO_PROFILE" --target "$RUST_TARGET" \
+       --bin palisade-controller --bin palisade-agent \
+ && dir=$([ "$CARGO_PROFILE" = dev ] && echo debug || echo "$CARGO_PROFILE") \
+ && mkdir -p /out && cp "target/$RUST_TARGET/$dir/palisade-controller" "target/$RUST_TARGET/$dir/palisade-agent" /out/
 
-FROM scratch
+FROM scratch AS controller
 COPY --from=build /etc/ssl/certs/ca-certificates.crt /etc/ssl/certs/ca-certificates.crt
-COPY --from=build /palisade-controller /palisade-controller
+COPY --from=build /out/palisade-controller /palisade-controller
 USER 65532:65532
 ENTRYPOINT ["/palisade-controller"]

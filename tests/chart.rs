@@ -162,6 +162,89 @@ fn lint_and_values_matrix() {
     }
 }
 
+/// Images pinned by digest (as the release workflow packages the chart),
+/// and the uninstall hook: a pre-delete (and Argo CD PreDelete) Job running
+/// the controller image with `--uninstall`, off with
+/// `uninstall.deletePolicies=false`, and never in the plain manifests (where
+/// `kubectl apply` would run it at once).
+#[test]
+fn image_digests_and_the_uninstall_hook() {
+    let c = chart();
+    let c = c.to_str().unwrap();
+    let digest = format!("sha256:{}", "ab".repeat(32));
+    let agent = format!("agent.image.digest={digest}");
+    let rendered = ok(helm(
+        None,
+        &[
+            "template",
+            RELEASE,
+            c,
+            "--set",
+            "clusterName=a",
+            "--set",
+            &agent,
+            "--set",
+            "image.registry=registry.example/team",
+        ],
+    ));
+    assert!(
+        rendered.contains(&format!(
+            "image: registry.example/team/palisade/agent@{digest}\n"
+        )),
+        "{rendered}"
+    );
+    assert!(rendered.contains("image: registry.example/team/palisade/controller:"));
+    let docs: Vec<serde_json::Value> = serde_yaml::Deserializer::from_str(&rendered)
+        .map(|doc| serde::Deserialize::deserialize(doc).unwrap())
+        .collect();
+    let job = docs
+        .iter()
+        .find(|d| d["kind"] == "Job")
+        .expect("the uninstall hook Job");
+    assert_eq!(job["metadata"]["annotations"]["helm.sh/hook"], "pre-delete");
+    assert_eq!(
+        job["metadata"]["annotations"]["argocd.argoproj.io/hook"],
+        "PreDelete"
+    );
+    let container = &job["spec"]["template"]["spec"]["containers"][0];
+    assert!(
+        container["image"]
+            .as_str()
+            .unwrap()
+            .contains("/palisade/controller:")
+    );
+    assert_eq!(container["args"][0], "--uninstall");
+    // Every object of the hook is a hook, so none is applied on install.
+    for d in docs
+        .iter()
+        .filter(|d| d["metadata"]["name"] == format!("{RELEASE}-uninstall"))
+    {
+        assert_eq!(
+            d["metadata"]["annotations"]["helm.sh/hook"], "pre-delete",
+            "{d}"
+        );
+    }
+    let off = ok(helm(
+        None,
+        &[
+            "template",
+            RELEASE,
+            c,
+            "--set",
+            "clusterName=a",
+            "--set",
+            "uninstall.deletePolicies=false",
+        ],
+    ));
+    assert!(!off.contains("kind: Job"));
+    let manifests = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/manifests/palisade.yaml"),
+    )
+    .unwrap();
+    assert!(!manifests.contains("kind: Job"));
+    assert!(!manifests.contains("helm.sh/hook"));
+}
+
 /// `helm template charts/palisade` as a CI pipeline runs it: no release
 /// name, no values, no `--kube-version` (Helm then assumes an old
 /// Kubernetes, which a `kubeVersion:` constraint would refuse).
@@ -470,7 +553,12 @@ async fn install_upgrade_uninstall_with_least_privilege() {
         .output()
         .unwrap());
     assert_eq!(deploy, "3");
-    ok(helm(Some(env), &["uninstall", RELEASE, "--namespace", NS]));
+    // No kubelet here to run the pre-delete hook's Job (it would wait out
+    // Helm's timeout): tests/real_nodes.rs runs the hook on real nodes.
+    ok(helm(
+        Some(env),
+        &["uninstall", RELEASE, "--namespace", NS, "--no-hooks"],
+    ));
     let left = env
         .kubectl()
         .unwrap()

@@ -12,6 +12,7 @@ use palisade::api::FirewallPolicy;
 use palisade::node::backend::Backend;
 use palisade::node::dataplane::{Dataplane, plan};
 use palisade::policy::{Facts, IpFamily, NodeRuleset, PrefixListFacts};
+use palisade::testenv::zero_gap::zero_gap;
 use palisade::testenv::{DataplaneNode, Reach, SimHost, SimNet};
 
 const OPEN: Duration = Duration::from_secs(2);
@@ -294,60 +295,311 @@ fn two_policies_give_the_union() {
     assert_eq!(peer.probe_tcp(to(c.port()), DROP).unwrap(), Reach::TimedOut);
 }
 
+/// Seeded random edits (rules, sets, policies coming and going, both
+/// families) while a peer probes over IPv4 and IPv6 without pause: no probe
+/// of the flows every version allows is lost. `PALISADE_ZERO_GAP_EDITS`
+/// (default 60) and `PALISADE_ZERO_GAP_SEED` (default 11) size and seed it;
+/// `make bench-node` runs 1,000.
 #[test]
-fn edits_under_continuous_traffic_lose_nothing_both_versions_allow() {
+fn random_dual_stack_edits_under_continuous_probes_drop_no_allowed_flow() {
+    let env = |k: &str, d: u64| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let edits = env("PALISADE_ZERO_GAP_EDITS", 60) as usize;
+    let seed = env("PALISADE_ZERO_GAP_SEED", 11);
+    let start = Instant::now();
+    let r = zero_gap(edits, seed, Backend::Nft).unwrap();
+    println!(
+        "seed {seed}: {} edits, {} probes in {:?}; lost {:?}",
+        r.edits,
+        r.probes,
+        start.elapsed(),
+        r.lost
+    );
+    assert!(
+        r.edits >= edits * 9 / 10,
+        "most versions differ: {}",
+        r.edits
+    );
+    assert!(r.probes >= 2 * edits, "probes ran throughout: {}", r.probes);
+    assert_eq!(r.lost, [], "allowed flows dropped");
+    assert_eq!(
+        r.full_reads, 1,
+        "every edit after the first written from the model"
+    );
+    assert_eq!(r.model_mismatches, 0, "the model matched a full read");
+    assert!(r.enforced, "a port no version allows stays closed");
+}
+
+/// A no-op sync runs nothing; a one-rule change writes that rule without
+/// redeclaring its chain and reads back only the chain it wrote.
+#[test]
+fn a_no_op_sync_spawns_nothing_and_a_change_writes_only_the_difference() {
     let net = SimNet::new().unwrap();
     let node = Node::new(&net, "node", None);
     let peer = net.add_host("peer").unwrap();
     let svc = node.host.listen_tcp(8080).unwrap();
-    let udp_svc = node.host.listen_udp(8080).unwrap();
-    let cidrs: Vec<String> = (0..40).map(|i| format!("10.{i}.0.0/16")).collect();
-    let version = |n: usize| {
-        // Both versions allow the peer (through a set of many CIDRs: the
-        // set is swapped, never emptied); they differ in other rules.
-        let mut peers: Vec<String> = cidrs.iter().take(10 + n % 5).cloned().collect();
-        peers.push(format!("{}/32", peer.ipv4()));
-        let list: String = peers.iter().map(|c| format!("{{cidr: {c}}}, ")).collect();
-        ingress_policy(
-            "edit",
-            &format!(
-                "    - name: app\n      protocol: TCP\n      ports: [{{port: 8080}}]\n      peers: [{list}]\n    - name: app-udp\n      protocol: UDP\n      ports: [{{port: 8080}}]\n      peers: [{list}]\n    - name: extra\n      protocol: TCP\n      ports: [{{port: {}}}]\n      peers: [{{cidr: 0.0.0.0/0}}]\n",
-                9000 + n
-            ),
-        )
+    let rules = |last: u8| {
+        let mut text = String::new();
+        for k in 0..20u8 {
+            let octet = if k == 7 { last } else { k };
+            text.push_str(&format!(
+                "    - name: r{k}\n      protocol: TCP\n      ports: [{{port: 8080}}]\n      peers: [{{cidr: 198.51.{octet}.0/24}}, {{cidr: '2001:db8:{}::/48'}}]\n",
+                100 + u16::from(octet)
+            ));
+        }
+        ingress_policy("many", &text)
     };
-    node.apply(&[version(0)]);
-    let stop = AtomicBool::new(false);
-    let (probes, lost) = (AtomicUsize::new(0), AtomicUsize::new(0));
+    let rs = node.apply(&[rules(7)]);
+    let spawned = node.dataplane.processes_spawned();
+    for _ in 0..5 {
+        let report = node.dataplane.sync(&rs).unwrap();
+        assert!(!report.wrote() && !report.full_read);
+    }
+    assert_eq!(
+        node.dataplane.processes_spawned(),
+        spawned,
+        "no-op syncs spawn nothing"
+    );
+
+    // Rule r7 now admits another network: one rule out, one in, per family.
+    let changed = node.compile(&[rules(200)]);
+    let report = node.dataplane.sync(&changed).unwrap();
+    assert!(report.wrote() && !report.full_read);
+    let spawned_by_edit = node.dataplane.processes_spawned() - spawned;
+    // One restore per family and one listing of the chain written.
+    assert_eq!(spawned_by_edit, 4, "{:?}", report.plan.scripts);
+    let v4 = report.plan.scripts.ipv4.as_deref().unwrap();
+    assert!(
+        !v4.lines().any(|l| l.starts_with(':')),
+        "no chain declared:\n{v4}"
+    );
+    assert_eq!(
+        v4.lines().filter(|l| l.starts_with("-D ")).count(),
+        1,
+        "{v4}"
+    );
+    assert_eq!(
+        v4.lines()
+            .filter(|l| l.starts_with("-I ") || l.starts_with("-A "))
+            .count(),
+        1,
+        "{v4}"
+    );
+    assert_eq!(report.chains_written, 2);
+    assert!(
+        !node.dataplane.verify(&changed).unwrap().wrote(),
+        "the kernel holds the model"
+    );
     let to = SocketAddr::new(IpAddr::V4(node.host.ipv4()), svc.port());
-    let to_udp = SocketAddr::new(IpAddr::V4(node.host.ipv4()), udp_svc.port());
+    assert_eq!(peer.probe_tcp(to, DROP).unwrap(), Reach::TimedOut);
+}
+
+/// What the agent does with `nft monitor`: generations committed by the
+/// dataplane's own processes keep the model; one committed by anyone else
+/// touching a Palisade chain makes the next sync list that chain and
+/// rewrite it.
+#[test]
+fn the_monitor_tells_own_writes_from_drift_even_during_a_write() {
+    use palisade::node::monitor::{MonitorParser, note_generation};
+    use std::io::BufRead;
+    let net = SimNet::new().unwrap();
+    let node = Node::new(&net, "node", None);
+    let peer = net.add_host("peer").unwrap();
+    let svc = node.host.listen_tcp(8080).unwrap();
+    let version = |ports: &[u16]| {
+        let rules: String = ports
+            .iter()
+            .map(|p| format!("    - name: p{p}\n      protocol: TCP\n      ports: [{{port: {p}}}]\n      peers: [{{cidr: 0.0.0.0/0}}, {{cidr: '::/0'}}]\n"))
+            .collect();
+        ingress_policy("mon", &rules)
+    };
+    let rs = node.apply(&[version(&[8080, 9000])]);
+    /// Kills `nft monitor` however the test ends, so its reader ends too.
+    struct Monitor(std::process::Child);
+    impl Drop for Monitor {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = std::process::Command::new("ip")
+        .args(["netns", "exec", node.host.netns(), "nft", "monitor"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    let mut monitor = Some(Monitor(child));
+    let foreign = AtomicUsize::new(0);
+    let own = AtomicUsize::new(0);
+    let ready = AtomicBool::new(false);
     std::thread::scope(|s| {
-        s.spawn(|| {
-            while !stop.load(Ordering::Relaxed) {
-                for reach in [
-                    peer.probe_tcp(to, OPEN).unwrap(),
-                    peer.probe_udp(to_udp, OPEN).unwrap(),
-                ] {
-                    probes.fetch_add(1, Ordering::Relaxed);
-                    if reach != Reach::Open {
-                        lost.fetch_add(1, Ordering::Relaxed);
-                    }
+        let _monitor = monitor.take();
+        let dataplane = node.dataplane.clone();
+        let (foreign, own, ready) = (&foreign, &own, &ready);
+        s.spawn(move || {
+            let mut parser = MonitorParser::default();
+            for line in std::io::BufReader::new(out).lines() {
+                ready.store(true, Ordering::Relaxed);
+                let Ok(line) = line else { break };
+                let Some(g) = parser.line(&line) else {
+                    continue;
+                };
+                if note_generation(&dataplane, &g) {
+                    foreign.fetch_add(1, Ordering::Relaxed);
+                } else if g.touches_palisade {
+                    own.fetch_add(1, Ordering::Relaxed);
                 }
             }
         });
-        let start = Instant::now();
-        for n in 1..=30 {
-            let report = node.dataplane.sync(&node.compile(&[version(n)])).unwrap();
-            assert!(report.wrote());
-            std::thread::sleep(Duration::from_millis(20));
+        // The monitor is up once it reports anything: a write of our own.
+        let wait = |what: &str, f: &dyn Fn() -> bool| {
+            let start = Instant::now();
+            while !f() {
+                assert!(start.elapsed() < Duration::from_secs(10), "{what}");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        };
+        let mut ports = vec![8080, 9000];
+        let mut current = rs.clone();
+        while !ready.load(Ordering::Relaxed) {
+            ports.push(9000 + ports.len() as u16);
+            current = node.compile(&[version(&ports)]);
+            node.dataplane.sync(&current).unwrap();
+            std::thread::sleep(Duration::from_millis(50));
         }
-        println!("30 edits in {:?}", start.elapsed());
-        stop.store(true, Ordering::Relaxed);
+        for n in 0..5 {
+            ports.push(9100 + n);
+            current = node.compile(&[version(&ports)]);
+            let r = node.dataplane.sync(&current).unwrap();
+            assert!(r.wrote() && !r.full_read);
+        }
+        wait("own generations seen", &|| own.load(Ordering::Relaxed) >= 5);
+        assert_eq!(
+            foreign.load(Ordering::Relaxed),
+            0,
+            "own writes are not drift"
+        );
+        assert!(node.dataplane.model_trusted());
+
+        // Out of band, while a change is being written: the policy chain's
+        // first rule goes.
+        let chain = current
+            .ipv4
+            .chains
+            .iter()
+            .find(|c| c.name.starts_with("PAL-I-"))
+            .unwrap()
+            .name
+            .clone();
+        ports.push(9200);
+        let next = node.compile(&[version(&ports)]);
+        let host = &node.host;
+        s.spawn(move || {
+            host.exec(&["iptables-nft", "-D", &chain, "1"]).unwrap();
+        });
+        // Whichever came first, the write or the delete, the write is
+        // checked, and the delete is seen by the monitor.
+        let during = node.dataplane.sync(&next).unwrap();
+        wait("foreign generation seen", &|| {
+            foreign.load(Ordering::Relaxed) >= 1
+        });
+        let repair = node.dataplane.sync(&next).unwrap();
+        assert!(
+            !repair.full_read,
+            "only the chain the event names is listed"
+        );
+        assert!(
+            during.fell_back || repair.wrote(),
+            "the deleted rule was written back: during {during:?}, after {repair:?}"
+        );
+        assert!(!node.dataplane.verify(&next).unwrap().wrote());
+        let to = SocketAddr::new(IpAddr::V4(node.host.ipv4()), svc.port());
+        assert_eq!(peer.probe_tcp(to, OPEN).unwrap(), Reach::Open);
     });
-    let (probes, lost) = (probes.into_inner(), lost.into_inner());
-    println!("{probes} probes during the edits, {lost} lost");
-    assert!(probes > 30);
-    assert_eq!(lost, 0);
+}
+
+/// Drift `nft monitor` cannot see (set entries) or that reorders rules is
+/// found by the periodic full read and repaired.
+#[test]
+fn set_entries_and_reordered_rules_changed_out_of_band_are_repaired_on_verification() {
+    let net = SimNet::new().unwrap();
+    let mut node = Node::new(&net, "node", None);
+    node.facts.prefix_lists.insert(
+        "pl-0123456789abcdef0".into(),
+        PrefixListFacts {
+            family: IpFamily::V4,
+            cidrs: (0..50)
+                .map(|i| format!("10.9.{i}.0/24").parse().unwrap())
+                .collect(),
+            max_entries: 50,
+        },
+    );
+    let p = ingress_policy(
+        "sets",
+        "    - name: a\n      protocol: TCP\n      ports: [{port: 8443}]\n      peers: [{prefixListId: pl-0123456789abcdef0}]\n    - name: b\n      protocol: TCP\n      ports: [{port: 9443}]\n      peers: [{cidr: 192.0.2.0/24}]\n",
+    );
+    let rs = node.apply(&[p]);
+    let set = rs
+        .sets
+        .iter()
+        .find(|s| s.entries.len() == 50)
+        .unwrap()
+        .name
+        .clone();
+    node.host
+        .exec(&["ipset", "del", &set, "10.9.3.0/24"])
+        .unwrap();
+    node.host
+        .exec(&["ipset", "add", &set, "172.16.0.0/12"])
+        .unwrap();
+    let chain = rs
+        .ipv4
+        .chains
+        .iter()
+        .find(|c| c.name.starts_with("PAL-I-"))
+        .unwrap();
+    let save = node
+        .host
+        .exec(&["iptables-nft", "-S", &chain.name])
+        .unwrap();
+    let first = save
+        .lines()
+        .find(|l| l.starts_with("-A "))
+        .unwrap()
+        .to_string();
+    node.host
+        .exec(&["iptables-nft", "-D", &chain.name, "1"])
+        .unwrap();
+    node.host
+        .exec(&[
+            "sh",
+            "-c",
+            &format!(
+                "iptables-nft {}",
+                first.replacen("-A ", "-I ", 1).replacen(
+                    &chain.name,
+                    &format!("{} 2", chain.name),
+                    1
+                )
+            ),
+        ])
+        .unwrap();
+    let report = node.dataplane.verify(&rs).unwrap();
+    assert!(report.full_read && report.wrote());
+    assert_eq!(report.plan.set_counts(), (0, 1, 0));
+    let adds = report.plan.scripts.sets.as_deref().unwrap();
+    assert!(adds.contains(&format!("add {set} 10.9.3.0/24")), "{adds}");
+    let dels = report.plan.scripts.set_removals.as_deref().unwrap();
+    assert!(dels.contains(&format!("del {set} 172.16.0.0/12")), "{dels}");
+    assert_eq!(
+        report.plan.chains_written(IpFamily::V4),
+        [chain.name.as_str()]
+    );
+    assert!(!node.dataplane.verify(&rs).unwrap().wrote());
 }
 
 #[test]
@@ -379,8 +631,8 @@ fn drift_is_found_by_readback_and_repaired() {
         .collect();
     assert_eq!(written, ["PALISADE-INPUT"]);
     assert!(found.diff.ipv6.is_empty());
-    node.dataplane.sync(&rs).unwrap();
-    assert!(!node.dataplane.sync(&rs).unwrap().wrote());
+    assert!(node.dataplane.verify(&rs).unwrap().wrote());
+    assert!(!node.dataplane.verify(&rs).unwrap().wrote());
 
     // Deleted hook: found and put back at the top.
     let save = node
@@ -402,7 +654,7 @@ fn drift_is_found_by_readback_and_repaired() {
     );
     let found = plan(&node.dataplane.read().unwrap(), &rs);
     assert_eq!(found.diff.ipv4.add_hooks.len(), 1);
-    node.dataplane.sync(&rs).unwrap();
+    node.dataplane.verify(&rs).unwrap();
     assert_eq!(peer.probe_tcp(to, DROP).unwrap(), Reach::TimedOut);
 
     // A rule inserted above the hook: the hook moves back to the top.
@@ -420,7 +672,7 @@ fn drift_is_found_by_readback_and_repaired() {
             "ACCEPT",
         ])
         .unwrap();
-    assert!(node.dataplane.sync(&rs).unwrap().wrote());
+    assert!(node.dataplane.verify(&rs).unwrap().wrote());
     let save = node
         .host
         .exec(&["iptables-nft-save", "-t", "filter"])
@@ -428,7 +680,7 @@ fn drift_is_found_by_readback_and_repaired() {
     let first = save.lines().find(|l| l.starts_with("-A INPUT")).unwrap();
     assert!(first.contains("PALISADE-INPUT"), "{save}");
     assert_eq!(save.matches("-j PALISADE-INPUT").count(), 1, "{save}");
-    assert!(!node.dataplane.sync(&rs).unwrap().wrote());
+    assert!(!node.dataplane.verify(&rs).unwrap().wrote());
     node.host
         .exec(&[
             "iptables-nft",
@@ -475,15 +727,17 @@ fn a_failed_restore_leaves_the_previous_ruleset() {
         "-A PALISADE-INPUT -m no-such-match -j ACCEPT\nCOMMIT",
     ));
     bad.scripts.ipv6 = None;
-    bad.scripts.destroy_sets = None;
+    bad.scripts.set_removals = None;
     let err = node.dataplane.apply(&bad).unwrap_err();
     assert!(err.is_restore_failure(), "{err}");
+    // `save` leaves out the `# Generated ... on <time>` lines: the two
+    // saves compare equal whenever the second ticks.
     assert_eq!(node.save(), before);
-    assert!(!node.dataplane.sync(&rs).unwrap().wrote());
+    assert!(!node.dataplane.verify(&rs).unwrap().wrote());
 }
 
 #[test]
-fn sets_are_swapped_never_emptied_and_destroyed_when_unused() {
+fn set_membership_changes_by_add_then_del_and_unused_sets_are_destroyed() {
     let net = SimNet::new().unwrap();
     let node = Node::new(&net, "node", None);
     let p = ingress_policy(
@@ -491,19 +745,20 @@ fn sets_are_swapped_never_emptied_and_destroyed_when_unused() {
         "    - name: api\n      protocol: TCP\n      ports: [{port: 8443}]\n      peers: [{prefixListId: pl-0123456789abcdef0}]\n",
     );
     let mut node = node;
-    let with = |n: usize, facts: &mut Facts| {
+    let with = |range: std::ops::Range<usize>, facts: &mut Facts| {
         facts.prefix_lists.insert(
             "pl-0123456789abcdef0".into(),
             PrefixListFacts {
                 family: IpFamily::V4,
-                cidrs: (0..n)
+                cidrs: range
+                    .clone()
                     .map(|i| format!("10.{}.{}.0/24", i / 256, i % 256).parse().unwrap())
                     .collect(),
-                max_entries: n as u32,
+                max_entries: range.len() as u32,
             },
         );
     };
-    with(1000, &mut node.facts);
+    with(0..1000, &mut node.facts);
     let rs = node.apply(std::slice::from_ref(&p));
     let set = rs
         .sets
@@ -512,22 +767,32 @@ fn sets_are_swapped_never_emptied_and_destroyed_when_unused() {
         .unwrap()
         .name
         .clone();
-    with(1500, &mut node.facts);
+    // 500 entries in, 200 out: adds before the tables, deletes after.
+    with(200..1500, &mut node.facts);
     let rs2 = node.compile(std::slice::from_ref(&p));
     let report = node.dataplane.sync(&rs2).unwrap();
-    assert_eq!(report.plan.diff.swap_sets.len(), 1);
+    assert!(!report.full_read, "written from the model");
+    assert_eq!(report.plan.set_counts(), (0, 1, 0));
     assert_eq!(
         report.chains_written, 0,
-        "membership change: no chain rewritten"
+        "membership change: no chain written"
     );
-    let script = report.plan.scripts.sets.unwrap();
+    let adds = report.plan.scripts.sets.as_deref().unwrap();
+    let dels = report.plan.scripts.set_removals.as_deref().unwrap();
+    assert_eq!(adds.lines().count(), 500, "{adds}");
     assert!(
-        script.contains(&format!("swap {set}-new {set}")),
-        "{script}"
+        adds.lines().all(|l| l.starts_with(&format!("add {set} "))),
+        "{adds}"
     );
+    assert_eq!(dels.lines().count(), 200, "{dels}");
+    assert!(
+        dels.lines().all(|l| l.starts_with(&format!("del {set} "))),
+        "{dels}"
+    );
+    assert!(!adds.contains("swap") && !adds.contains("create"), "{adds}");
     let readback = node.dataplane.read().unwrap();
-    assert_eq!(readback.state.sets[&set].entries.len(), 1500);
-    assert!(!node.dataplane.sync(&rs2).unwrap().wrote());
+    assert_eq!(readback.state.sets[&set].entries.len(), 1300);
+    assert!(!node.dataplane.verify(&rs2).unwrap().wrote());
     node.apply(&[]);
     assert!(!node.host.exec(&["ipset", "save"]).unwrap().contains("PAL-"));
     drop(rs);
@@ -555,8 +820,22 @@ fn legacy_backend_round_trips_too() {
     node.host
         .exec(&["iptables-legacy", "-F", "PALISADE-INPUT"])
         .unwrap();
-    assert!(node.dataplane.sync(&rs).unwrap().wrote());
-    assert!(!node.dataplane.sync(&rs).unwrap().wrote());
+    assert!(
+        !node.dataplane.sync(&rs).unwrap().wrote(),
+        "the model is trusted until verified"
+    );
+    assert!(node.dataplane.verify(&rs).unwrap().wrote());
+    assert!(!node.dataplane.verify(&rs).unwrap().wrote());
+    // A one-rule edit from the model on legacy too.
+    let p2 = ingress_policy(
+        "legacy",
+        "    - name: web\n      protocol: TCP\n      ports: [{port: 8080}]\n      peers: [{cidr: 10.1.0.0/16}, {cidr: 10.2.0.0/16}, {cidr: 10.3.0.0/16}, {cidr: 10.4.0.0/16}, {cidr: 10.5.0.0/16}, {cidr: 0.0.0.0/0}]\n      log: true\n    - name: other\n      protocol: TCP\n      ports: [{port: 9090}]\n      peers: [{cidr: 0.0.0.0/0}]\n",
+    );
+    let rs2 = node.compile(&[p2]);
+    let report = node.dataplane.sync(&rs2).unwrap();
+    assert!(!report.full_read && report.wrote());
+    assert_eq!(peer.probe_tcp(to(other.port()), OPEN).unwrap(), Reach::Open);
+    assert!(!node.dataplane.verify(&rs2).unwrap().wrote());
     node.dataplane.cleanup().unwrap();
     let save = node
         .host

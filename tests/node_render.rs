@@ -6,7 +6,8 @@
 use std::path::PathBuf;
 
 use palisade::api::FirewallPolicy;
-use palisade::node::render::{render_diff, render_ruleset};
+use palisade::node::model::{Model, edit_node};
+use palisade::node::render::{render_node_edits, render_ruleset};
 use palisade::policy::{
     Facts, IpFamily, NodeFacts, NodeRuleset, NodeState, PrefixListFacts, ValidPolicy, compile_node,
     diff_node, validate,
@@ -145,7 +146,7 @@ fn large_cidr_list_goes_through_a_set() {
 }
 
 #[test]
-fn one_rule_change_rewrites_one_chain() {
+fn one_rule_change_edits_one_rule_per_family() {
     let before = compile(&[example("web-server"), example("egress-lockdown")]);
     let mut edited = example("web-server");
     edited.spec.ingress.as_mut().unwrap()[0]
@@ -158,19 +159,25 @@ fn one_rule_change_rewrites_one_chain() {
     assert_eq!(diff.ipv4.write_chains.len(), 1);
     assert_eq!(diff.ipv6.write_chains.len(), 1);
     assert!(diff.create_sets.is_empty() && diff.swap_sets.is_empty());
-    check("one-rule-change", &render_diff(&diff, &[], &[]).to_string());
+    // From the model: the changed rules only, no chain redeclared.
+    let edits = edit_node(&Model::of(&before), &after);
+    assert!(edits.ipv4.whole.is_empty() && edits.ipv6.whole.is_empty());
+    assert_eq!(edits.ipv4.edits.len(), 1);
+    let scripts = render_node_edits(&edits);
+    assert!(!scripts.to_string().contains("\n:"), "{scripts}");
+    check("one-rule-change", &scripts.to_string());
     // Once applied, nothing more to write.
-    let mut state = NodeState::of(&before);
-    state.apply(&diff);
-    assert!(render_diff(&diff_node(&state, &after), &[], &[]).is_empty());
+    assert!(render_node_edits(&edit_node(&Model::of(&after), &after)).is_empty());
 }
 
 #[test]
 fn removing_every_policy_deletes_hooks_then_chains() {
     let before = compile(&[example("web-server")]);
     let after = compile(&[]);
-    let diff = diff_node(&NodeState::of(&before), &after);
-    check("remove-all", &render_diff(&diff, &[], &[]).to_string());
+    check(
+        "remove-all",
+        &render_node_edits(&edit_node(&Model::of(&before), &after)).to_string(),
+    );
 }
 
 #[test]

@@ -274,3 +274,24 @@ fn render_shows_the_node_layer_and_the_numbers_when_the_cloud_plan_fails() {
         }
     }
 }
+
+/// Documents are read as kubectl reads them: YAML 1.1 booleans (a plain
+/// `yes`; a quoted one stays a string), merge keys, the last of duplicate
+/// keys, a `v1` List's items with their own origins.
+#[test]
+fn documents_are_read_as_kubectl_reads_them() {
+    let text = "base: &b {x: 1, y: 2}\nm:\n  <<: *b\n  y: 3\nplain: yes\nquoted: \"yes\"\nk: 1\nk: 2\n---\n---\napiVersion: v1\nkind: List\nitems: [{a: 1}, {b: 2}]\n";
+    let docs = cli::parse_documents(text, Path::new("f.yaml")).unwrap();
+    assert_eq!(docs.len(), 3);
+    let first = &docs[0].value;
+    assert_eq!(first["m"], serde_json::json!({"x": 1, "y": 3}));
+    assert_eq!(first["plain"], serde_json::json!(true));
+    assert_eq!(first["quoted"], serde_json::json!("yes"));
+    assert_eq!(first["k"], serde_json::json!(2));
+    assert_eq!(docs[1].origin, "f.yaml#3 items[0]");
+    assert_eq!(docs[2].value, serde_json::json!({"b": 2}));
+    let err = cli::parse_documents("a: [", Path::new("g.yaml"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.starts_with("g.yaml: not YAML or JSON:"), "{err}");
+}

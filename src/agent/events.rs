@@ -25,7 +25,8 @@ use kube::Client;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use tracing::warn;
 
-use crate::policy::NodeDiff;
+use crate::node::dataplane::Plan;
+use crate::policy::IpFamily;
 
 /// Reason of the Event of a drift repair.
 pub const DRIFT_REPAIRED: &str = "DriftRepaired";
@@ -77,20 +78,16 @@ impl Throttle {
 
 /// What a drift repair wrote back, for a person (pure): the chains
 /// rewritten and deleted per family, hooks and sets restored.
-pub fn drift_note(diff: &NodeDiff) -> String {
+pub fn drift_note(plan: &Plan) -> String {
     let mut parts = Vec::new();
-    for (family, table) in [("IPv4", &diff.ipv4), ("IPv6", &diff.ipv6)] {
-        if !table.write_chains.is_empty() {
-            let names: Vec<&str> = table
-                .write_chains
-                .iter()
-                .take(5)
-                .map(|c| c.name.as_str())
-                .collect();
-            let more = table.write_chains.len().saturating_sub(names.len());
+    for (family, name) in [(IpFamily::V4, "IPv4"), (IpFamily::V6, "IPv6")] {
+        let written = plan.chains_written(family);
+        if !written.is_empty() {
+            let names: Vec<&str> = written.iter().take(5).copied().collect();
+            let more = written.len().saturating_sub(names.len());
             parts.push(format!(
-                "{family}: rewrote {} chain(s) {}{}",
-                table.write_chains.len(),
+                "{name}: rewrote {} chain(s) {}{}",
+                written.len(),
                 names.join(", "),
                 if more > 0 {
                     format!(" and {more} more")
@@ -99,20 +96,19 @@ pub fn drift_note(diff: &NodeDiff) -> String {
                 }
             ));
         }
-        if !table.delete_chains.is_empty() {
-            parts.push(format!(
-                "{family}: deleted {} stray chain(s)",
-                table.delete_chains.len()
-            ));
+        let deleted = plan.chains_deleted(family);
+        if deleted > 0 {
+            parts.push(format!("{name}: deleted {deleted} stray chain(s)"));
         }
-        let hooks = table.add_hooks.len() + table.remove_hooks.len();
+        let hooks = plan.hooks_changed(family);
         if hooks > 0 {
             parts.push(format!(
-                "{family}: fixed {hooks} hook rule(s) in INPUT/OUTPUT"
+                "{name}: fixed {hooks} hook rule(s) in INPUT/OUTPUT"
             ));
         }
     }
-    let sets = diff.create_sets.len() + diff.swap_sets.len() + diff.destroy_sets.len();
+    let (created, changed, destroyed) = plan.set_counts();
+    let sets = created + changed + destroyed;
     if sets > 0 {
         parts.push(format!("restored {sets} ipset(s)"));
     }
@@ -199,7 +195,7 @@ impl NodeEvents {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::policy::TableDiff;
+    use crate::policy::{NodeDiff, TableDiff};
 
     #[test]
     fn one_event_per_reason_per_interval() {
@@ -226,16 +222,19 @@ mod tests {
 
     #[test]
     fn drift_note_names_what_was_written_back() {
-        assert!(drift_note(&NodeDiff::default()).contains("written back"));
-        let diff = NodeDiff {
-            ipv4: TableDiff {
-                delete_chains: vec!["PAL-X".into()],
+        assert!(drift_note(&Plan::default()).contains("written back"));
+        let plan = Plan {
+            diff: NodeDiff {
+                ipv4: TableDiff {
+                    delete_chains: vec!["PAL-X".into()],
+                    ..Default::default()
+                },
+                destroy_sets: vec!["pal-x".into()],
                 ..Default::default()
             },
-            destroy_sets: vec!["pal-x".into()],
             ..Default::default()
         };
-        let note = drift_note(&diff);
+        let note = drift_note(&plan);
         assert!(note.contains("IPv4: deleted 1 stray chain(s)"), "{note}");
         assert!(note.contains("restored 1 ipset(s)"), "{note}");
         assert!(!note.contains("IPv6"), "{note}");

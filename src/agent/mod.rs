@@ -16,8 +16,13 @@
 //!    node's nameservers, and the failsafe list from the flags; a policy
 //!    edited into something invalid keeps its last valid version (reported
 //!    at that generation) instead of losing its rules;
-//! 3. the dataplane reads back what Palisade owns, writes only the
-//!    difference (nothing on a no-op) and the result is read back again;
+//! 3. the dataplane compares it with its cached model of what it last
+//!    wrote, writes only the difference as rule-level edits and set
+//!    `add`/`del` (nothing, and no process, on a no-op) and reads back
+//!    only what it wrote; it reads everything back and rewrites what
+//!    differs when the model is not trusted (first sync, an `nft monitor`
+//!    event from another process, the verification period, a failed
+//!    write) — see [`crate::node::dataplane`];
 //! 4. a write while the desired ruleset is the one already applied is a
 //!    drift repair, counted;
 //! 5. after a write, flows the new ruleset no longer admits are cut in the
@@ -26,9 +31,10 @@
 //!    the sync changed; the Audit policies' would-be drops are read from
 //!    rule counters on their own timer and reported with it.
 //!
-//! Triggers: watch events, the resync timer (the backstop), and on the nft
-//! backend every `nft monitor` line naming a Palisade chain or the
-//! INPUT/OUTPUT hooks. A failed sync is retried with backoff (the previous
+//! Triggers: watch events, the resync timer (the backstop; at least once a
+//! verification period), and on the nft backend every `nft monitor`
+//! generation another process committed that touched a Palisade chain or
+//! the INPUT/OUTPUT hooks ([`crate::node::monitor`]). A failed sync is retried with backoff (the previous
 //! ruleset stays in force: restores are atomic).
 //!
 //! Drift repairs and refused restores are also Events on the node's
@@ -61,7 +67,8 @@ use crate::api::{
 };
 use crate::node::backend::{self, Backend};
 use crate::node::conntrack;
-use crate::node::dataplane::{Dataplane, DataplaneError, plan};
+use crate::node::dataplane::{Dataplane, DataplaneError};
+use crate::node::monitor::{MonitorParser, note_generation};
 use crate::policy::node::{NodeAction, RuleOrigin};
 use crate::policy::{
     AllowVerdict, Direction, Facts, Failsafe, NodeFacts, NodeRuleset, PolicyError, compile_node,
@@ -124,8 +131,12 @@ fn kube_err(context: impl Into<String>) -> impl FnOnce(kube::Error) -> AgentErro
 pub struct AgentConfig {
     /// This node's name (`NODE_NAME`).
     pub node_name: String,
-    /// Resync period: re-read and repair drift at least this often.
+    /// Resync period: sync at least this often (from the cached model:
+    /// nothing is read or run unless something changed).
     pub resync: Duration,
+    /// Verification period: read everything back and repair drift at
+    /// least this often (`nft monitor` events verify at once).
+    pub verify: Duration,
     /// Traffic always allowed, ahead of any policy.
     pub failsafe: Failsafe,
     /// Where `/metrics` and `/healthz` are served; `None`: not served.
@@ -356,22 +367,18 @@ impl Agent {
         let hash = want.ruleset.hash();
         let dataplane = self.dataplane.clone();
         let ruleset = want.ruleset.clone();
-        let report = tokio::task::spawn_blocking(move || {
-            let report = dataplane.sync(&ruleset)?;
-            let after = plan(&dataplane.read()?, &ruleset);
-            Ok::<_, DataplaneError>((report, after))
-        })
-        .await
-        .map_err(|e| AgentError::Task(e.to_string()))?
-        .inspect_err(|e| {
-            if e.is_restore_failure() {
-                self.metrics.restore_failures.inc();
-            }
-        })?;
-        let (report, after) = report;
-        if !after.is_empty() {
-            return Err(AgentError::NotConverged(format!("{:?}", after.diff)));
-        }
+        let report = tokio::task::spawn_blocking(move || dataplane.sync(&ruleset))
+            .await
+            .map_err(|e| AgentError::Task(e.to_string()))?
+            .inspect_err(|e| {
+                if e.is_restore_failure() {
+                    self.metrics.restore_failures.inc();
+                }
+            });
+        let report = match report {
+            Err(DataplaneError::NotConverged(what)) => return Err(AgentError::NotConverged(what)),
+            other => other?,
+        };
         if report.wrote() {
             if self.last_hash.as_deref() == Some(hash.as_str()) {
                 self.drift_repairs += 1;
@@ -380,16 +387,18 @@ impl Agent {
                     chains = report.chains_written,
                     "repaired out-of-band changes to the node's rules"
                 );
-                let note = events::drift_note(&report.plan.diff);
+                let note = events::drift_note(&report.plan);
                 self.events
                     .warn(events::DRIFT_REPAIRED, "Repair", &note)
                     .await;
             } else {
+                let (created, changed, destroyed) = report.plan.set_counts();
                 info!(
                     chains = report.chains_written,
-                    sets_created = report.plan.diff.create_sets.len(),
-                    sets_swapped = report.plan.diff.swap_sets.len(),
-                    sets_destroyed = report.plan.diff.destroy_sets.len(),
+                    sets_created = created,
+                    sets_changed = changed,
+                    sets_destroyed = destroyed,
+                    full_read = report.full_read,
                     hash,
                     "applied node ruleset"
                 );
@@ -653,9 +662,13 @@ fn policy_fingerprint(p: &FirewallPolicy) -> String {
     .unwrap_or_default()
 }
 
-/// Follows `nft monitor` and wakes the sync loop on any line about a
-/// Palisade chain or the INPUT/OUTPUT chains. Restarts it if it exits.
-async fn follow_nft_monitor(trigger: Arc<Notify>) {
+/// Follows `nft monitor`: a generation that touched a Palisade chain or
+/// the INPUT/OUTPUT chains, committed by a process other than the
+/// dataplane's own, makes the dataplane stop trusting its model of those
+/// chains (of everything, when the change is not about named chains) and
+/// wakes the sync loop, which lists them and rewrites what differs.
+/// Restarts `nft monitor` if it exits.
+async fn follow_nft_monitor(trigger: Arc<Notify>, dataplane: Dataplane) {
     loop {
         let child = tokio::process::Command::new("nft")
             .arg("monitor")
@@ -667,12 +680,12 @@ async fn follow_nft_monitor(trigger: Arc<Notify>) {
             Ok(mut child) => {
                 if let Some(out) = child.stdout.take() {
                     let mut lines = tokio::io::BufReader::new(out).lines();
+                    let mut parser = MonitorParser::default();
                     while let Ok(Some(line)) = lines.next_line().await {
-                        if line.contains("PALISADE")
-                            || line.contains("PAL-")
-                            || line.contains(" INPUT")
-                            || line.contains(" OUTPUT")
-                        {
+                        let Some(generation) = parser.line(&line) else {
+                            continue;
+                        };
+                        if note_generation(&dataplane, &generation) {
                             trigger.notify_one();
                         }
                     }
@@ -798,12 +811,13 @@ pub async fn run(client: Client, config: AgentConfig) -> Result<(), AgentError> 
             }
         }
     };
+    let dataplane = Dataplane::new(backend, None).with_verify_period(config.verify);
     if backend == Backend::Nft && config.nft_monitor {
-        tokio::spawn(follow_nft_monitor(trigger.clone()));
+        tokio::spawn(follow_nft_monitor(trigger.clone(), dataplane.clone()));
     }
 
     let mut agent = Agent {
-        dataplane: Dataplane::new(backend, None),
+        dataplane,
         metrics: metrics.clone(),
         policies,
         nodes,
@@ -856,7 +870,7 @@ pub async fn run(client: Client, config: AgentConfig) -> Result<(), AgentError> 
                         .store(true, std::sync::atomic::Ordering::Relaxed);
                     agent.metrics.synced(SystemTime::now());
                     agent.report(status, None).await;
-                    agent.config.resync
+                    agent.config.resync.min(agent.config.verify)
                 }
                 Err(e) => {
                     failures = failures.saturating_add(1);

@@ -62,9 +62,15 @@ struct RunArgs {
     /// This node's name (the downward API's spec.nodeName).
     #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
-    /// Re-read and repair drift at least this often, in seconds.
+    /// Sync at least this often, in seconds (from the cached model of what
+    /// was written: nothing is read or run unless something changed).
     #[arg(long, env = "PALISADE_RESYNC_SECONDS", default_value_t = 10.0)]
     resync_seconds: f64,
+    /// Read everything back and repair drift at least this often, in
+    /// seconds (on the nft backend, `nft monitor` events also verify at
+    /// once; ipsets and the legacy backend rely on this period).
+    #[arg(long, env = "PALISADE_VERIFY_SECONDS", default_value_t = 60.0)]
+    verify_seconds: f64,
     /// CIDRs always allowed to reach SSH (repeat or comma-separate).
     #[arg(
         long = "admin-cidr",
@@ -169,6 +175,7 @@ async fn run(args: RunArgs) -> Result<(), String> {
     let config = AgentConfig {
         node_name,
         resync: Duration::from_secs_f64(args.resync_seconds.max(0.1)),
+        verify: Duration::from_secs_f64(args.verify_seconds.max(0.1)),
         failsafe: failsafe(&args)?,
         metrics_addr,
         backend: args.backend.map(Backend::from),

@@ -1,23 +1,37 @@
 //! `palisade-bench-node`: the node dataplane's benchmark, on simulated
-//! hosts (network namespaces; run as root, `--features testenv`).
+//! hosts (network namespaces; run as root, `--features testenv`, built in
+//! release by `make bench-node`).
 //!
-//! Prints: time to program 100, 1k and 10k rules from empty; time to apply
-//! a one-rule change with 10k rules present (and how many chains were
-//! written); time to load 100k CIDRs through an ipset and to swap in a
-//! changed copy; and the per-connection round trip (TCP connect, each a new
-//! flow so its SYN walks the chains) with 10k CIDRs matched through an
-//! ipset vs 10k linear rules, against no rules at all.
+//! For the nft and the legacy backend, each figure is printed beside a
+//! raw-tool baseline measured in the same run on the same text: the exact
+//! `ipset restore` / `iptables-restore --noflush` / `ip6tables-restore
+//! --noflush` input the dataplane wrote, fed to the same tools directly
+//! (both sides pay the same `ip netns exec`). Figures: a 1-rule change with
+//! 10k rules present, a 1-entry change in a 100k-entry set, programming
+//! 10k rules from empty, a no-op sync (time and processes spawned; the raw
+//! baseline is the read-back a sync without a model needs), drift repair
+//! (p50), the process's RSS holding 10k rules, then the zero-gap check at
+//! full size and the per-connection round trip with 10k CIDRs in a set vs
+//! 10k linear rules.
+//!
+//! Environment: `PALISADE_BENCH_REPEAT` (samples per median, default 15),
+//! `PALISADE_BENCH_PROBES` (connects per RTT figure, default 2000),
+//! `PALISADE_ZERO_GAP_EDITS` (default 1000), `PALISADE_ZERO_GAP_SEED`.
 
+use std::io::Write;
 use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 use palisade::api::{FirewallPolicy, FirewallPolicySpec, FirewallRule, Peer, PortRange, Protocol};
-use palisade::node::backend::Backend;
-use palisade::node::dataplane::{Dataplane, plan};
+use palisade::node::backend::{Backend, Family};
+use palisade::node::dataplane::Dataplane;
+use palisade::node::render::ApplyScripts;
 use palisade::policy::{
     Facts, IpFamily, NodeFacts, NodeRuleset, PrefixListFacts, compile_node, validate,
 };
+use palisade::testenv::zero_gap::zero_gap;
 use palisade::testenv::{SimHost, SimNet};
 
 type BenchResult<T> = Result<T, Box<dyn std::error::Error>>;
@@ -110,11 +124,41 @@ fn host_cidrs(n: usize, extra: Option<IpAddr>) -> Vec<IpNet> {
     v
 }
 
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v.get(v.len() / 2).copied().unwrap_or_default()
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1e3)
+}
+
+fn us(d: Duration) -> String {
+    format!("{:.0} µs", d.as_secs_f64() * 1e6)
+}
+
+/// One printed line: ours, the raw baseline, and their ratio.
+fn row(what: &str, ours: Duration, raw: Duration, note: &str) {
+    let ratio = if raw.is_zero() {
+        "-".to_string()
+    } else {
+        format!("{:.2}×", ours.as_secs_f64() / raw.as_secs_f64())
+    };
+    println!(
+        "  {what:<46} {:>10} {:>10} {:>7}  {note}",
+        ms(ours),
+        ms(raw),
+        ratio
+    );
+}
+
 struct Bench {
     node: SimHost,
     peer: SimHost,
     dataplane: Dataplane,
+    backend: Backend,
     facts: Facts,
+    repeat: usize,
 }
 
 impl Bench {
@@ -137,11 +181,65 @@ impl Bench {
         );
     }
 
-    /// Syncs and returns (time, chains written).
-    fn sync(&self, rs: &NodeRuleset) -> BenchResult<(Duration, usize)> {
+    /// Runs `program args` in the node's namespace with `input`, as the
+    /// dataplane does; returns how long it took.
+    fn tool(&self, program: &str, args: &[&str], input: Option<&str>) -> BenchResult<Duration> {
         let start = Instant::now();
-        let report = self.dataplane.sync(rs)?;
-        Ok((start.elapsed(), report.chains_written))
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", self.node.netns(), program])
+            .args(args)
+            .stdin(if input.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        if let (Some(text), Some(mut stdin)) = (input, child.stdin.take()) {
+            stdin.write_all(text.as_bytes())?;
+        }
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            return Err(format!(
+                "{program} {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )
+            .into());
+        }
+        Ok(start.elapsed())
+    }
+
+    /// Feeds `scripts` to the raw tools in the dataplane's order.
+    fn raw(&self, scripts: &ApplyScripts) -> BenchResult<Duration> {
+        let mut total = Duration::ZERO;
+        if let Some(t) = &scripts.sets {
+            total += self.tool("ipset", &["restore"], Some(t))?;
+        }
+        for (family, text) in [(Family::V4, &scripts.ipv4), (Family::V6, &scripts.ipv6)] {
+            if let Some(t) = text {
+                let restore = self.backend.command(family, "restore");
+                total += self.tool(&restore, &["-w", "5", "--noflush"], Some(t))?;
+            }
+        }
+        if let Some(t) = &scripts.set_removals {
+            total += self.tool("ipset", &["restore"], Some(t))?;
+        }
+        Ok(total)
+    }
+
+    /// The read-back a sync without a model needs: both tables and the sets.
+    fn raw_read(&self) -> BenchResult<Duration> {
+        let mut total = Duration::ZERO;
+        for family in [Family::V4, Family::V6] {
+            total += self.tool(
+                &self.backend.command(family, "save"),
+                &["-t", "filter"],
+                None,
+            )?;
+        }
+        total += self.tool("ipset", &["save"], None)?;
+        Ok(total)
     }
 
     fn clean(&self) -> BenchResult<()> {
@@ -149,8 +247,64 @@ impl Bench {
         Ok(())
     }
 
-    /// Median and p99 of `n` sequential TCP connects from the peer to the
-    /// node (each a new flow).
+    /// Ours vs raw for the change `a` → `b` (both already compiled, the
+    /// node at `a` with a trusted model): medians over `repeat` rounds of
+    /// ours a→b, ours b→a, raw a→b, raw b→a (the raw text is what ours
+    /// wrote). Returns (ours, raw, chains written, rule lines).
+    fn change(&self, a: &NodeRuleset, b: &NodeRuleset) -> BenchResult<(Duration, Duration, usize)> {
+        let (mut ours, mut raw) = (Vec::new(), Vec::new());
+        let mut chains = 0;
+        for _ in 0..self.repeat {
+            let start = Instant::now();
+            let forward = self.dataplane.sync(b)?;
+            ours.push(start.elapsed());
+            chains = forward.chains_written;
+            if forward.full_read {
+                return Err("the change was not written from the model".into());
+            }
+            let back = self.dataplane.sync(a)?;
+            raw.push(self.raw(&forward.plan.scripts)?);
+            self.raw(&back.plan.scripts)?;
+        }
+        Ok((median(ours), median(raw), chains))
+    }
+
+    /// Medians of: `chain` flushed out of band, then repaired (after
+    /// `suspect`, as on an `nft monitor` event, or after `invalidate`, a
+    /// full read); raw: the same reads and repair text through the tools.
+    fn drift(
+        &self,
+        rs: &NodeRuleset,
+        chain: &str,
+        event: bool,
+    ) -> BenchResult<(Duration, Duration)> {
+        let iptables = self.backend.command(Family::V4, "");
+        let (mut ours, mut raw) = (Vec::new(), Vec::new());
+        for _ in 0..self.repeat {
+            self.tool(&iptables, &["-F", chain], None)?;
+            let start = Instant::now();
+            if event {
+                self.dataplane.suspect(IpFamily::V4, chain);
+            } else {
+                self.dataplane.invalidate();
+            }
+            let report = self.dataplane.sync(rs)?;
+            ours.push(start.elapsed());
+            if !report.wrote() || report.full_read == event {
+                return Err(format!("drift not repaired as expected: {report:?}").into());
+            }
+            self.tool(&iptables, &["-F", chain], None)?;
+            let read = if event {
+                self.tool(&iptables, &["-w", "5", "-S", chain], None)?
+            } else {
+                self.raw_read()?
+            };
+            raw.push(read + self.raw(&report.plan.scripts)?);
+        }
+        self.dataplane.verify(rs)?;
+        Ok((median(ours), median(raw)))
+    }
+
     fn connect_rtt(&self, n: usize) -> BenchResult<(Duration, Duration)> {
         let target = SocketAddr::new(IpAddr::V4(self.node.ipv4()), PORT);
         let ns = std::fs::File::open(format!("/run/netns/{}", self.peer.netns()))?;
@@ -158,7 +312,6 @@ impl Bench {
             s.spawn(move || -> std::io::Result<Vec<Duration>> {
                 nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
                     .map_err(std::io::Error::from)?;
-                // Warm up (neighbour resolution, caches).
                 for _ in 0..50 {
                     drop(TcpStream::connect_timeout(&target, Duration::from_secs(2))?);
                 }
@@ -180,25 +333,30 @@ impl Bench {
     }
 }
 
-fn ms(d: Duration) -> String {
-    format!("{:.1} ms", d.as_secs_f64() * 1e3)
+fn rss_kib() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |k: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(k))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
 }
 
-fn us(d: Duration) -> String {
-    format!("{:.0} µs", d.as_secs_f64() * 1e6)
-}
-
-fn main() -> BenchResult<()> {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let probes: usize = std::env::var("PALISADE_BENCH_PROBES")
+fn env_num(key: &str, default: u64) -> u64 {
+    std::env::var(key)
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(2000);
-    let net = SimNet::new()?;
-    let node = net.add_host("bench-node")?;
-    let peer = net.add_host("bench-peer")?;
+        .unwrap_or(default)
+}
+
+fn run_backend(net: &SimNet, backend: Backend, probes: usize) -> BenchResult<()> {
+    let node = net.add_host(&format!("bench-node-{backend}"))?;
+    let peer = net.add_host(&format!("bench-peer-{backend}"))?;
     let _listener = node.listen_tcp(PORT)?;
-    let dataplane = Dataplane::new(Backend::Nft, Some(node.netns().to_string()));
     let facts = Facts {
         nodes: vec![NodeFacts {
             name: "node".into(),
@@ -208,114 +366,220 @@ fn main() -> BenchResult<()> {
         ..Default::default()
     };
     let mut bench = Bench {
+        dataplane: Dataplane::new(backend, Some(node.netns().to_string())),
         node,
         peer,
-        dataplane,
+        backend,
         facts,
+        repeat: env_num("PALISADE_BENCH_REPEAT", 15) as usize,
     };
-    println!("palisade node dataplane benchmark (iptables-nft, ipset, one network namespace)");
     println!();
-    println!("program from empty (read back + diff + one restore per family):");
-    for n in [100, 1_000, 10_000] {
-        let rs = bench.compile(&linear_policies(n, None))?;
-        let (t, chains) = bench.sync(&rs)?;
-        println!(
-            "  {:>6} policy rules ({} iptables+ip6tables rules, {chains} chains): {}",
-            n,
-            rs.rule_count(),
-            ms(t)
-        );
-        if n != 10_000 {
-            bench.clean()?;
-        }
-    }
-    let rs = bench.compile(&linear_policies(10_000, None))?;
-    let (noop, _) = bench.sync(&rs)?;
     println!(
-        "  no-op sync with 10k rules present (read back, nothing written): {}",
-        ms(noop)
+        "backend {backend} (medians of {} unless said)     {:>10} {:>10} {:>7}",
+        bench.repeat, "ours", "raw", "ratio"
     );
-    let changed = bench.compile(&linear_policies(10_000, Some(1234)))?;
-    let start = Instant::now();
-    let current = bench.dataplane.read()?;
-    let read = start.elapsed();
-    let start = Instant::now();
-    let change = plan(&current, &changed);
-    let planned = start.elapsed();
-    let start = Instant::now();
-    bench.dataplane.apply(&change)?;
-    let applied = start.elapsed();
-    let chains = change.diff.ipv4.write_chains.len() + change.diff.ipv6.write_chains.len();
-    let size: usize = change
-        .diff
-        .ipv4
-        .write_chains
-        .iter()
-        .map(|c| c.rules.len())
-        .sum();
-    println!(
-        "  1-rule change with 10k rules present: {} = read back {} + diff {} + restore {} ({chains} chain written, {size} rules in it)",
-        ms(read + planned + applied),
-        ms(read),
-        ms(planned),
-        ms(applied)
-    );
-    let start = Instant::now();
-    bench.clean()?;
-    println!("  cleanup of 10k rules: {}", ms(start.elapsed()));
-    println!();
 
-    println!("ipset:");
+    // Programming 10k rules from empty (a fresh dataplane: full read first).
+    let rs10k = bench.compile(&linear_policies(10_000, None))?;
+    let (mut ours, mut raw) = (Vec::new(), Vec::new());
+    for _ in 0..bench.repeat.min(5) {
+        bench.dataplane = Dataplane::new(backend, Some(bench.node.netns().to_string()));
+        let start = Instant::now();
+        let report = bench.dataplane.sync(&rs10k)?;
+        ours.push(start.elapsed());
+        bench.clean()?;
+        raw.push(bench.raw(&report.plan.scripts)?);
+        bench.clean()?;
+    }
+    row(
+        "program 10k rules from empty",
+        median(ours),
+        median(raw),
+        &format!(
+            "({} iptables+ip6tables rules; ours reads back first)",
+            rs10k.rule_count()
+        ),
+    );
+    bench.dataplane = Dataplane::new(backend, Some(bench.node.netns().to_string()));
+    bench.dataplane.sync(&rs10k)?;
+
+    // A one-rule change with 10k rules present.
+    let changed = bench.compile(&linear_policies(10_000, Some(1234)))?;
+    let (ours, raw, chains) = bench.change(&rs10k, &changed)?;
+    row(
+        "1-rule change at 10k rules",
+        ours,
+        raw,
+        &format!("({chains} chain edited in place; ours includes reading it back)"),
+    );
+
+    // No-op sync.
+    let before = bench.dataplane.processes_spawned();
+    let mut noop = Vec::new();
+    for _ in 0..bench.repeat {
+        let start = Instant::now();
+        bench.dataplane.sync(&rs10k)?;
+        noop.push(start.elapsed());
+    }
+    let spawned = bench.dataplane.processes_spawned() - before;
+    let raw_read = median(
+        (0..bench.repeat.min(5))
+            .map(|_| bench.raw_read())
+            .collect::<BenchResult<Vec<_>>>()?,
+    );
+    row(
+        "no-op sync at 10k rules",
+        median(noop),
+        raw_read,
+        &format!(
+            "({spawned} processes in {} syncs; raw: the read-back it avoids)",
+            bench.repeat
+        ),
+    );
+
+    // Drift repair: a policy chain flushed out of band, then what an
+    // `nft monitor` event leads to (the chain suspected: listed and
+    // rewritten), and what the periodic verification does (full read).
+    let chain = rs10k
+        .ipv4
+        .chains
+        .iter()
+        .find(|c| c.name.starts_with("PAL-I-"))
+        .map(|c| c.name.clone())
+        .ok_or("no policy chain")?;
+    for event in [true, false] {
+        let (ours, raw) = bench.drift(&rs10k, &chain, event)?;
+        let what = if event {
+            "drift repair at 10k rules, on an event (p50)"
+        } else {
+            "drift repair at 10k rules, full read (p50)"
+        };
+        let note = if event {
+            "(raw: listing the chain + the same repair text)"
+        } else {
+            "(raw: the full read + the same repair text)"
+        };
+        row(what, ours, raw, note);
+    }
+    let (rss, hwm) = rss_kib();
+    println!(
+        "  process RSS holding the 10k-rule ruleset and model: {:.1} MiB (peak {:.1} MiB; the bench process, not the agent)",
+        rss as f64 / 1024.0,
+        hwm as f64 / 1024.0
+    );
+    bench.clean()?;
+
+    // Drift repair on a small ruleset (the agent test's size).
+    let small = bench.compile(&linear_policies(40, None))?;
+    bench.dataplane.sync(&small)?;
+    let chain = small
+        .ipv4
+        .chains
+        .iter()
+        .find(|c| c.name.starts_with("PAL-I-"))
+        .map(|c| c.name.clone())
+        .ok_or("no policy chain")?;
+    let (ours, raw) = bench.drift(&small, &chain, true)?;
+    row("drift repair at 40 rules, on an event (p50)", ours, raw, "");
+    bench.clean()?;
+
+    // One entry changed in a 100k-entry set.
     bench.with_prefix_list(host_cidrs(100_000, None));
-    let rs = bench.compile(&[set_policy()])?;
-    let (t, _) = bench.sync(&rs)?;
-    println!("  load 100k CIDRs through one set, from empty: {}", ms(t));
+    let set_a = bench.compile(&[set_policy()])?;
+    let start = Instant::now();
+    let loaded = bench.dataplane.sync(&set_a)?;
+    let load = start.elapsed();
+    bench.clean()?;
+    let load_raw = bench.raw(&loaded.plan.scripts)?;
+    bench.clean()?;
+    bench.dataplane.sync(&set_a)?;
+    row("load a 100k-entry set from empty", load, load_raw, "");
     let mut cidrs = host_cidrs(100_000, None);
     cidrs[0] = "12.0.0.0/24".parse()?;
     bench.with_prefix_list(cidrs);
-    let rs = bench.compile(&[set_policy()])?;
-    let (t, chains) = bench.sync(&rs)?;
-    println!(
-        "  swap in a copy with one entry changed: {} ({chains} chains written)",
-        ms(t)
+    let set_b = bench.compile(&[set_policy()])?;
+    let (ours, raw, chains) = bench.change(&set_a, &set_b)?;
+    row(
+        "1-entry change in a 100k-entry set",
+        ours,
+        raw,
+        &format!("(add + del, {chains} chains written)"),
     );
     bench.clean()?;
-    println!();
 
-    println!("per-connection round trip, {probes} sequential TCP connects (median / p99):");
-    let (m, p) = bench.connect_rtt(probes)?;
+    if backend == Backend::Nft && probes > 0 {
+        println!("  per-connection round trip, {probes} sequential TCP connects (median / p99):");
+        let (m, p) = bench.connect_rtt(probes)?;
+        println!(
+            "    no rules:                      {:>7} / {:>7}",
+            us(m),
+            us(p)
+        );
+        let peer_addr = IpAddr::V4(bench.peer.ipv4());
+        bench.with_prefix_list(host_cidrs(10_000, Some(peer_addr)));
+        let rs = bench.compile(&[set_policy()])?;
+        bench.dataplane.sync(&rs)?;
+        let (m, p) = bench.connect_rtt(probes)?;
+        println!(
+            "    10k CIDRs through an ipset:    {:>7} / {:>7}",
+            us(m),
+            us(p)
+        );
+        bench.clean()?;
+        let mut policies = linear_policies(10_000, None);
+        policies.push(policy(
+            "zz-peer",
+            vec![rule(
+                "peer".into(),
+                vec![cidr_peer(format!("{peer_addr}/32"))],
+            )],
+        ));
+        let rs = bench.compile(&policies)?;
+        bench.dataplane.sync(&rs)?;
+        let (m, p) = bench.connect_rtt(probes)?;
+        println!(
+            "    10k linear rules (match last): {:>7} / {:>7}",
+            us(m),
+            us(p)
+        );
+        bench.clean()?;
+    }
+
+    let edits = env_num("PALISADE_ZERO_GAP_EDITS", 1000) as usize;
+    if edits > 0 {
+        let seed = env_num("PALISADE_ZERO_GAP_SEED", 11);
+        let start = Instant::now();
+        let r = zero_gap(edits, seed, backend)?;
+        let p50 = median(r.edit_times.clone());
+        println!(
+            "  zero-gap (seed {seed}): {} edits in {:.1} s (p50 {} each), {} probes, {} lost, {} full reads, {} model mismatches",
+            r.edits,
+            start.elapsed().as_secs_f64(),
+            ms(p50),
+            r.probes,
+            r.lost.len(),
+            r.full_reads,
+            r.model_mismatches
+        );
+        if !r.lost.is_empty() || !r.enforced || r.model_mismatches > 0 {
+            return Err(format!("zero-gap failed: {r:?}").into());
+        }
+    }
+    Ok(())
+}
+
+fn main() -> BenchResult<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let probes = env_num("PALISADE_BENCH_PROBES", 2000) as usize;
+    let net = SimNet::new()?;
     println!(
-        "  no rules:                      {:>7} / {:>7}",
-        us(m),
-        us(p)
+        "palisade node dataplane benchmark (one network namespace per backend; release build)"
     );
-    let peer_addr = IpAddr::V4(bench.peer.ipv4());
-    bench.with_prefix_list(host_cidrs(10_000, Some(peer_addr)));
-    let rs = bench.compile(&[set_policy()])?;
-    bench.sync(&rs)?;
-    let (m, p) = bench.connect_rtt(probes)?;
     println!(
-        "  10k CIDRs through an ipset:    {:>7} / {:>7}",
-        us(m),
-        us(p)
+        "ours: Dataplane::sync (plan from the model or a read-back, write, check); raw: the same text through the same tools"
     );
-    bench.clean()?;
-    let mut policies = linear_policies(10_000, None);
-    policies.push(policy(
-        "zz-peer",
-        vec![rule(
-            "peer".into(),
-            vec![cidr_peer(format!("{peer_addr}/32"))],
-        )],
-    ));
-    let rs = bench.compile(&policies)?;
-    bench.sync(&rs)?;
-    let (m, p) = bench.connect_rtt(probes)?;
-    println!(
-        "  10k linear rules (match last): {:>7} / {:>7}",
-        us(m),
-        us(p)
-    );
-    bench.clean()?;
+    for backend in [Backend::Nft, Backend::Legacy] {
+        run_backend(&net, backend, probes)?;
+    }
     Ok(())
 }

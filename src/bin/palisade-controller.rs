@@ -72,12 +72,24 @@ struct Args {
     /// This replica's identity in the Lease and in Events.
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
+    /// Instead of reconciling: delete every FirewallPolicy, wait until the
+    /// controller and the agents have released them (Security Groups
+    /// deleted, node rules removed), then exit. The chart's pre-delete hook
+    /// runs this, so `helm uninstall` leaves no node firewalled.
+    #[arg(long)]
+    uninstall: bool,
+    /// How long `--uninstall` waits for the policies to go.
+    #[arg(long, default_value_t = 300)]
+    uninstall_timeout_seconds: u64,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     telemetry::init_process();
     let args = Args::parse();
+    if args.uninstall {
+        return uninstall(Duration::from_secs(args.uninstall_timeout_seconds)).await;
+    }
     // The cluster name scopes every group the controller creates, finds and
     // deletes (and the IAM policy's conditions): an empty one is refused
     // rather than guessed.
@@ -194,4 +206,66 @@ async fn main() -> anyhow::Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// `--uninstall`: deletes every FirewallPolicy and waits until all are gone.
+async fn uninstall(timeout: Duration) -> anyhow::Result<()> {
+    use kube::api::{Api, DeleteParams, ListParams};
+    use palisade::api::FirewallPolicy;
+
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API")?;
+    let policies: Api<FirewallPolicy> = Api::all(client);
+    let names = |list: kube::core::ObjectList<FirewallPolicy>| -> Vec<String> {
+        list.items
+            .into_iter()
+            .filter_map(|p| p.metadata.name)
+            .collect()
+    };
+    let found = names(
+        policies
+            .list(&ListParams::default())
+            .await
+            .context("listing FirewallPolicies")?,
+    );
+    for name in &found {
+        match policies.delete(name, &DeleteParams::default()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(e).with_context(|| format!("deleting FirewallPolicy {name}")),
+        }
+    }
+    tracing::info!(
+        count = found.len(),
+        "uninstall: deleted every FirewallPolicy; waiting for the controller and agents to release them"
+    );
+    let started = std::time::Instant::now();
+    loop {
+        let left = names(
+            policies
+                .list(&ListParams::default())
+                .await
+                .context("listing FirewallPolicies")?,
+        );
+        if left.is_empty() {
+            tracing::info!(
+                seconds = started.elapsed().as_secs_f64(),
+                "uninstall: no FirewallPolicy left"
+            );
+            return Ok(());
+        }
+        if started.elapsed() > timeout {
+            anyhow::bail!(
+                "uninstall: {} FirewallPolicies still held by their finalizers after {}s: {}. \
+                 The controller and the agents must be running to release them (Security Groups, \
+                 node rules); nothing was uninstalled. Fix that and retry, or remove the rules \
+                 with `palisade-agent cleanup` on each node and the finalizers by hand.",
+                left.len(),
+                timeout.as_secs(),
+                left.join(", ")
+            );
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }

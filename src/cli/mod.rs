@@ -182,9 +182,14 @@ pub fn read_documents(path: &Path) -> Result<Vec<Document>, Error> {
 pub fn parse_documents(text: &str, path: &Path) -> Result<Vec<Document>, Error> {
     let mut docs = Vec::new();
     // kubectl reads YAML 1.1, where a plain `yes`, `on`, `y` (and their
-    // negations) are booleans; serde_yaml reads YAML 1.2, where they are
-    // strings. A YAML 1.1 reading of the same text supplies the booleans.
-    let yaml11: Vec<Value> = serde_saphyr::from_multiple(text).unwrap_or_default();
+    // negations) are booleans and `010` (octal 8) or `1_000` are numbers;
+    // serde_yaml reads YAML 1.2, where they are strings. A YAML 1.1 reading
+    // of the same text supplies those scalars.
+    let mut options = serde_saphyr::Options::default();
+    options.duplicate_keys = serde_saphyr::DuplicateKeyPolicy::LastWins;
+    options.legacy_octal_numbers = true;
+    let yaml11: Vec<Value> =
+        serde_saphyr::from_multiple_with_options(text, options).unwrap_or_default();
     let mut yaml11 = yaml11.iter().filter(|v| !v.is_null());
     for (i, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let mut value: Value =
@@ -196,7 +201,7 @@ pub fn parse_documents(text: &str, path: &Path) -> Result<Vec<Document>, Error> 
             continue;
         }
         if let Some(reading) = yaml11.next() {
-            yaml11_booleans(&mut value, reading);
+            yaml11_scalars(&mut value, reading);
         }
         apply_merge_keys(&mut value);
         let origin = format!("{}#{}", path.display(), i + 1);
@@ -217,21 +222,21 @@ pub fn parse_documents(text: &str, path: &Path) -> Result<Vec<Document>, Error> 
     Ok(docs)
 }
 
-/// Takes the booleans of a YAML 1.1 `reading` of the same document where
-/// `value` (read as YAML 1.2) holds a string.
-fn yaml11_booleans(value: &mut Value, reading: &Value) {
+/// Takes the booleans and numbers of a YAML 1.1 `reading` of the same
+/// document where `value` (read as YAML 1.2) holds a string.
+fn yaml11_scalars(value: &mut Value, reading: &Value) {
     match (value, reading) {
-        (v @ Value::String(_), Value::Bool(b)) => *v = Value::Bool(*b),
+        (v @ Value::String(_), Value::Bool(_) | Value::Number(_)) => *v = reading.clone(),
         (Value::Object(a), Value::Object(b)) => {
             for (k, v) in a.iter_mut() {
                 if let Some(w) = b.get(k) {
-                    yaml11_booleans(v, w);
+                    yaml11_scalars(v, w);
                 }
             }
         }
         (Value::Array(a), Value::Array(b)) => {
             for (v, w) in a.iter_mut().zip(b) {
-                yaml11_booleans(v, w);
+                yaml11_scalars(v, w);
             }
         }
         _ => {}

@@ -1,39 +1,93 @@
-//! The effects at the edge: reading back what Palisade owns from the
-//! kernel and applying a [`NodeDiff`] with `ipset restore` and
-//! `iptables-restore --noflush` / `ip6tables-restore --noflush`.
+//! The effects at the edge: writing what Palisade wants to the kernel with
+//! `ipset restore` and `iptables-restore --noflush` /
+//! `ip6tables-restore --noflush`, from a cached model of what it last
+//! wrote, and reading back to verify.
 //!
-//! Read-back looks only at `PALISADE-*` / `PAL-*` chains, at Palisade's
-//! hook rules in `INPUT` / `OUTPUT` and at `PAL-*` sets; rules are known by
-//! the ids in their comments, never by parsing their matches.
+//! ## The model, and when it is trusted
 //!
-//! Apply order (see [`crate::policy::NodeDiff`]): leftover temporary sets
-//! are destroyed and sets created or swapped; then one restore per family
-//! whose table changes; then sets no longer referenced are destroyed. Each
-//! restore is one kernel transaction: when it fails, the previous ruleset
-//! of that table stays in force and the error carries the tool's message.
-//! Nothing is run on a no-op.
+//! The dataplane keeps a [`Model`] of what it last wrote (rule ids and
+//! texts per chain, hooks, set entries). Between verifications a sync
+//! compares the desired ruleset with the model only: a no-op sync reads
+//! nothing and spawns no process; a change is written as rule-level edits
+//! and set `add`/`del` lines ([`super::model`]), and afterwards only what
+//! was written is read back (`iptables -S <chain>` per chain written on the
+//! nft backend, one `iptables-save` on legacy, where listing one chain
+//! costs as much). Nothing is read on the way in. A set write checks
+//! itself: `add` of a present entry and `del` of an absent one fail it.
+//!
+//! The model stops being trusted, and the next sync reads everything back
+//! (`iptables-save`, `ip6tables-save`, `ipset save`), diffs against the
+//! read-back and rewrites whole every chain that differs (the transactional
+//! full path), when:
+//! - there is none yet (first sync, after a restart);
+//! - [`Dataplane::invalidate`] was called: the agent does so on an
+//!   `nft monitor` generation another process committed that touched
+//!   Palisade's tables in a way not about named chains (see
+//!   [`super::monitor`]);
+//! - the verification period has passed ([`Dataplane::with_verify_period`],
+//!   about a minute by default): the backstop for the legacy backend and
+//!   for ipsets, which `nft monitor` does not see;
+//! - a write failed or did not read back as written (a rule the model had
+//!   was gone, an entry it lacked was there): the full path runs at once,
+//!   in the same sync.
+//!
+//! In between, [`Dataplane::suspect`] names a chain another process changed
+//! (the agent calls it for each chain an `nft monitor` generation names):
+//! the next sync lists just that chain and rewrites it whole if it differs
+//! from the model, so drift is repaired without reading 10k rules back. A
+//! Palisade hook out of place in `INPUT`/`OUTPUT`, or a Palisade chain the
+//! model does not know, makes it read everything back.
+//!
+//! ## Apply order, and why no allowed flow is dropped
+//!
+//! 1. `ipset restore`: leftover temporary sets destroyed, new sets created
+//!    and filled, entries added to existing sets;
+//! 2. `iptables-restore --noflush` (IPv4), one kernel transaction;
+//! 3. `ip6tables-restore --noflush` (IPv6), one kernel transaction;
+//! 4. `ipset restore`: entries deleted, unused sets destroyed.
+//!
+//! A flow is of one family, so it is decided by one table and the sets of
+//! its family. Through steps 1–4 it meets, in turn: the old table with
+//! every set a superset of old and new; the new table with the same
+//! supersets; the new table with the new sets. A flow both the old and the
+//! new ruleset allow is allowed at each step; the two families' tables
+//! being two transactions changes nothing, as no flow is decided by both.
+//! Each table transaction is atomic: when it fails, the previous ruleset of
+//! that table stays in force and the error carries the tool's message.
 //!
 //! Hooks: a Palisade hook rule that is not the first rule of its built-in
 //! chain (something was inserted above it), or a duplicate, is deleted by
 //! its full text as read back and the wanted hooks are inserted again at
 //! position 1, in the same transaction.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::io::Write;
 use std::process::{Command, Stdio};
-
-use ipnet::IpNet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use super::backend::{Backend, Family};
-use super::render::{ApplyScripts, TEMPORARY_SET_SUFFIX, render_diff};
-use crate::policy::node::{
-    BuiltinChain, Hook, INPUT_CHAIN, OUTPUT_CHAIN, is_palisade_chain, is_palisade_set,
-    rule_id_from_comment,
+use super::model::{Model, NodeEdits, SetChange, edit_node, set_delta};
+pub use super::readback::{
+    HookRule, Readback, parse_chain_listing, parse_counters, parse_sets, parse_table,
 };
+use super::render::{
+    ApplyScripts, TEMPORARY_SET_SUFFIX, render_node_edits, render_set_adds, render_set_removals,
+    render_table,
+};
+use crate::policy::node::BuiltinChain;
 use crate::policy::{
-    FamilyRuleset, IpFamily, NodeDiff, NodeRuleset, NodeState, SetState, TableDiff, TableState,
-    diff_node,
+    FamilyRuleset, IpFamily, NodeDiff, NodeRuleset, NodeState, TableDiff, diff_node,
 };
+
+/// How often the model is verified by a full read when nothing else asks
+/// for it.
+pub const DEFAULT_VERIFY_PERIOD: Duration = Duration::from_secs(60);
+
+/// How many of its own processes' ids the dataplane remembers, for
+/// `nft monitor` to tell its writes from others'.
+const OWN_PIDS: usize = 64;
 
 /// What can go wrong reading or writing the dataplane.
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +111,9 @@ pub enum DataplaneError {
         /// What it said.
         stderr: String,
     },
+    /// After a write, what was written does not read back as written.
+    #[error("not converged after writing: {0}")]
+    NotConverged(String),
     /// `ipset save` printed an entry that is not a network.
     #[error("unreadable ipset entry {entry:?} in set {set}")]
     SetEntry {
@@ -75,217 +132,6 @@ impl DataplaneError {
     }
 }
 
-/// A Palisade hook rule found in `INPUT` or `OUTPUT`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HookRule {
-    /// Position in its built-in chain, from 0.
-    pub position: usize,
-    /// The rule as read back, without `-A ` (`INPUT -m comment ... -j X`):
-    /// what deletes it.
-    pub spec: String,
-    /// The hook it is, when its id is one Palisade writes.
-    pub hook: Option<Hook>,
-}
-
-/// Everything Palisade owns on the node, as read back.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Readback {
-    /// What the diff takes.
-    pub state: NodeState,
-    /// Every Palisade hook rule of iptables, in order.
-    pub hooks_v4: Vec<HookRule>,
-    /// Every Palisade hook rule of ip6tables, in order.
-    pub hooks_v6: Vec<HookRule>,
-}
-
-impl Readback {
-    fn hooks(&self, family: IpFamily) -> &[HookRule] {
-        match family {
-            IpFamily::V4 => &self.hooks_v4,
-            IpFamily::V6 => &self.hooks_v6,
-        }
-    }
-}
-
-/// Splits a line of `iptables-save` output into words, honouring double
-/// quotes and backslash escapes as iptables-restore does.
-fn words(line: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut cur = String::new();
-    let mut in_word = false;
-    let mut quoted = false;
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        match c {
-            '\\' if quoted => {
-                if let Some(n) = chars.next() {
-                    cur.push(n);
-                }
-            }
-            '"' => {
-                quoted = !quoted;
-                in_word = true;
-            }
-            c if c.is_whitespace() && !quoted => {
-                if in_word {
-                    out.push(std::mem::take(&mut cur));
-                    in_word = false;
-                }
-            }
-            c => {
-                cur.push(c);
-                in_word = true;
-            }
-        }
-    }
-    if in_word {
-        out.push(cur);
-    }
-    out
-}
-
-fn comment_of(words: &[String]) -> Option<&str> {
-    words
-        .windows(2)
-        .find(|w| w[0] == "--comment")
-        .map(|w| w[1].as_str())
-}
-
-/// The hooks Palisade may write, by id.
-fn known_hooks() -> [Hook; 2] {
-    [
-        Hook {
-            builtin: BuiltinChain::Input,
-            target: INPUT_CHAIN.into(),
-        },
-        Hook {
-            builtin: BuiltinChain::Output,
-            target: OUTPUT_CHAIN.into(),
-        },
-    ]
-}
-
-/// The packet counters of Palisade's rules in `iptables-save -c` output
-/// (`[packets:bytes] -A CHAIN ... --comment "palisade:<id> ..."`), by id
-/// (pure). Rules without a Palisade id are skipped.
-pub fn parse_counters(save: &str) -> Vec<(String, u64)> {
-    save.lines()
-        .filter_map(|line| {
-            let rest = line.strip_prefix('[')?;
-            let (counters, rule) = rest.split_once("] ")?;
-            let packets: u64 = counters.split(':').next()?.parse().ok()?;
-            let w = words(rule.strip_prefix("-A ")?);
-            let id = comment_of(&w).and_then(rule_id_from_comment)?;
-            Some((id.to_string(), packets))
-        })
-        .collect()
-}
-
-/// Reads the Palisade part of one family's `iptables-save -t filter`
-/// output (pure). Rules without a Palisade id are recorded as `?`, so
-/// their chain is rewritten.
-pub fn parse_table(save: &str) -> (TableState, Vec<HookRule>) {
-    let mut state = TableState::default();
-    let mut hooks = Vec::new();
-    let mut positions = [0usize; 2];
-    let known = known_hooks();
-    let mut in_filter = false;
-    for line in save.lines() {
-        if let Some(table) = line.strip_prefix('*') {
-            in_filter = table.trim() == "filter";
-            continue;
-        }
-        if !in_filter {
-            continue;
-        }
-        if let Some(decl) = line.strip_prefix(':') {
-            let name = decl.split(' ').next().unwrap_or_default();
-            if is_palisade_chain(name) {
-                state.chains.entry(name.to_string()).or_default();
-            }
-            continue;
-        }
-        let Some(rest) = line.strip_prefix("-A ") else {
-            continue;
-        };
-        let w = words(rest);
-        let Some(chain) = w.first() else { continue };
-        let id = comment_of(&w).and_then(rule_id_from_comment);
-        if is_palisade_chain(chain) {
-            state
-                .chains
-                .entry(chain.clone())
-                .or_default()
-                .push(id.unwrap_or("?").to_string());
-            continue;
-        }
-        let slot = match chain.as_str() {
-            "INPUT" => 0,
-            "OUTPUT" => 1,
-            _ => continue,
-        };
-        let position = positions[slot];
-        positions[slot] += 1;
-        let Some(id) = id else { continue };
-        let hook = known
-            .iter()
-            .find(|h| h.id() == id && h.builtin.name() == chain)
-            .cloned();
-        if position == 0
-            && let Some(h) = &hook
-        {
-            state.hooks.insert(h.clone());
-        }
-        hooks.push(HookRule {
-            position,
-            spec: rest.to_string(),
-            hook,
-        });
-    }
-    (state, hooks)
-}
-
-/// Reads the Palisade sets of `ipset save` output (pure). Entries without
-/// a prefix length are host addresses.
-pub fn parse_sets(
-    save: &str,
-) -> Result<std::collections::BTreeMap<String, SetState>, DataplaneError> {
-    let mut sets = std::collections::BTreeMap::new();
-    for line in save.lines() {
-        let w: Vec<&str> = line.split_whitespace().collect();
-        match w.as_slice() {
-            ["create", name, _type, rest @ ..] if is_palisade_set(name) => {
-                let family = if rest.windows(2).any(|p| p == ["family", "inet6"]) {
-                    IpFamily::V6
-                } else {
-                    IpFamily::V4
-                };
-                sets.insert(
-                    name.to_string(),
-                    SetState {
-                        family,
-                        entries: Vec::new(),
-                    },
-                );
-            }
-            ["add", name, entry, ..] if is_palisade_set(name) => {
-                let net: IpNet = entry
-                    .parse()
-                    .or_else(|_| entry.parse::<std::net::IpAddr>().map(IpNet::from))
-                    .map_err(|_| DataplaneError::SetEntry {
-                        set: name.to_string(),
-                        entry: entry.to_string(),
-                    })?;
-                if let Some(s) = sets.get_mut(*name) {
-                    s.entries.push(net);
-                }
-            }
-            _ => {}
-        }
-    }
-    Ok(sets)
-}
-
 /// Stray hook rules (away from position 1, duplicates, unknown ids): when
 /// there are any, every hook rule is deleted by its text and the wanted
 /// ones inserted again.
@@ -302,8 +148,11 @@ fn repair_hooks(diff: &mut TableDiff, found: &[HookRule], desired: &FamilyRulese
 /// What a sync would write: the diff and the exact scripts (pure).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Plan {
-    /// The diff of read-back vs desired.
+    /// The whole-chain diff of a read-back vs desired (full path; empty
+    /// when the plan was made from the model, see `edits`).
     pub diff: NodeDiff,
+    /// The rule-level edits of the model vs desired (model path).
+    pub edits: Option<NodeEdits>,
     /// Leftover temporary sets to destroy first.
     pub leftover_temporaries: Vec<String>,
     /// The scripts, in apply order.
@@ -315,6 +164,89 @@ impl Plan {
     pub fn is_empty(&self) -> bool {
         self.scripts.is_empty() && self.leftover_temporaries.is_empty()
     }
+
+    /// The chains written (whole or edited) per family.
+    pub fn chains_written(&self, family: IpFamily) -> Vec<&str> {
+        let (diff, edits) = match family {
+            IpFamily::V4 => (&self.diff.ipv4, self.edits.as_ref().map(|e| &e.ipv4)),
+            IpFamily::V6 => (&self.diff.ipv6, self.edits.as_ref().map(|e| &e.ipv6)),
+        };
+        let mut out: Vec<&str> = diff.write_chains.iter().map(|c| c.name.as_str()).collect();
+        if let Some(e) = edits {
+            out.extend(e.chains_written());
+        }
+        out
+    }
+
+    /// Hook rules added or removed in `family`.
+    pub fn hooks_changed(&self, family: IpFamily) -> usize {
+        let (diff, edits) = match family {
+            IpFamily::V4 => (&self.diff.ipv4, self.edits.as_ref().map(|e| &e.ipv4)),
+            IpFamily::V6 => (&self.diff.ipv6, self.edits.as_ref().map(|e| &e.ipv6)),
+        };
+        diff.add_hooks.len()
+            + diff.remove_hooks.len()
+            + edits.map_or(0, |e| e.add_hooks.len() + e.remove_hooks.len())
+    }
+
+    /// Chains deleted in `family`.
+    pub fn chains_deleted(&self, family: IpFamily) -> usize {
+        let (diff, edits) = match family {
+            IpFamily::V4 => (&self.diff.ipv4, self.edits.as_ref().map(|e| &e.ipv4)),
+            IpFamily::V6 => (&self.diff.ipv6, self.edits.as_ref().map(|e| &e.ipv6)),
+        };
+        diff.delete_chains.len() + edits.map_or(0, |e| e.delete_chains.len())
+    }
+
+    fn hooks_written(&self, family: IpFamily) -> bool {
+        self.hooks_changed(family) > 0
+    }
+
+    /// Sets created, changed and destroyed.
+    pub fn set_counts(&self) -> (usize, usize, usize) {
+        match &self.edits {
+            Some(e) => (
+                e.create_sets.len(),
+                e.set_changes.len(),
+                e.destroy_sets.len(),
+            ),
+            None => (
+                self.diff.create_sets.len(),
+                self.diff.swap_sets.len(),
+                self.diff.destroy_sets.len(),
+            ),
+        }
+    }
+}
+
+/// Membership changes of the sets `diff` swaps, from what was read back;
+/// sets whose family changed (never so written by Palisade) are rebuilt
+/// and swapped instead, returned apart.
+fn set_changes(
+    current: &NodeState,
+    diff: &NodeDiff,
+) -> (Vec<SetChange>, Vec<crate::policy::node::IpSet>) {
+    let mut changes = Vec::new();
+    let mut swaps = Vec::new();
+    for s in &diff.swap_sets {
+        match current.sets.get(&s.name) {
+            Some(have) if have.family == s.family => {
+                let mut have = have.entries.clone();
+                have.sort();
+                have.dedup();
+                let mut want = s.entries.clone();
+                want.sort();
+                let (add, del) = set_delta(&have, &want);
+                changes.push(SetChange {
+                    name: s.name.clone(),
+                    add,
+                    del,
+                });
+            }
+            _ => swaps.push(s.clone()),
+        }
+    }
+    (changes, swaps)
 }
 
 /// Plans the writes that take the node from `current` to `desired` (pure).
@@ -331,7 +263,13 @@ pub fn plan(current: &Readback, desired: &NodeRuleset) -> Plan {
         .retain(|n| !leftover_temporaries.contains(n));
     let extra_v4 = repair_hooks(&mut diff.ipv4, current.hooks(IpFamily::V4), &desired.ipv4);
     let extra_v6 = repair_hooks(&mut diff.ipv6, current.hooks(IpFamily::V6), &desired.ipv6);
-    let mut scripts = render_diff(&diff, &extra_v4, &extra_v6);
+    let (changes, swaps) = set_changes(&current.state, &diff);
+    let mut scripts = ApplyScripts {
+        sets: render_set_adds(&diff.create_sets, &changes, &swaps),
+        ipv4: render_table(&diff.ipv4, IpFamily::V4, &extra_v4),
+        ipv6: render_table(&diff.ipv6, IpFamily::V6, &extra_v6),
+        set_removals: render_set_removals(&changes, &diff.destroy_sets),
+    };
     if !leftover_temporaries.is_empty() {
         let mut text: String = leftover_temporaries
             .iter()
@@ -342,7 +280,21 @@ pub fn plan(current: &Readback, desired: &NodeRuleset) -> Plan {
     }
     Plan {
         diff,
+        edits: None,
         leftover_temporaries,
+        scripts,
+    }
+}
+
+/// Plans the writes that take the node from what `model` says to
+/// `desired`: rule-level edits and set membership changes (pure).
+pub fn plan_from_model(model: &Model, desired: &NodeRuleset) -> Plan {
+    let edits = edit_node(model, desired);
+    let scripts = render_node_edits(&edits);
+    Plan {
+        diff: NodeDiff::default(),
+        edits: Some(edits),
+        leftover_temporaries: Vec::new(),
         scripts,
     }
 }
@@ -371,6 +323,11 @@ pub struct SyncReport {
     pub plan: Plan,
     /// Chains written across both families.
     pub chains_written: usize,
+    /// Whether everything was read back (the model was not trusted).
+    pub full_read: bool,
+    /// Whether a write from the model failed or read back wrong, so the
+    /// full path ran after it.
+    pub fell_back: bool,
 }
 
 impl SyncReport {
@@ -380,23 +337,96 @@ impl SyncReport {
     }
 }
 
-/// The iptables/ipset dataplane of one network namespace.
+/// The model and when it was last verified, shared by every clone of a
+/// [`Dataplane`].
+#[derive(Debug, Default)]
+struct Cache {
+    model: Option<Model>,
+    verified: Option<Instant>,
+    /// Chains another process changed since (see [`Dataplane::suspect`]).
+    suspects: Vec<(IpFamily, String)>,
+}
+
+/// The iptables/ipset dataplane of one network namespace. Clones share the
+/// model, the spawn counter and the record of their own processes.
 #[derive(Debug, Clone)]
 pub struct Dataplane {
     backend: Backend,
     netns: Option<String>,
+    verify_period: Duration,
+    cache: Arc<Mutex<Cache>>,
+    spawns: Arc<AtomicU64>,
+    own_pids: Arc<Mutex<VecDeque<u32>>>,
 }
 
 impl Dataplane {
     /// The dataplane of the current namespace (the agent's), or of the named
-    /// one (`ip netns exec <netns>`: tests and benchmarks).
+    /// one (`ip netns exec <netns>`: tests and benchmarks). No model yet:
+    /// the first sync reads everything back.
     pub fn new(backend: Backend, netns: Option<String>) -> Self {
-        Dataplane { backend, netns }
+        Dataplane {
+            backend,
+            netns,
+            verify_period: DEFAULT_VERIFY_PERIOD,
+            cache: Arc::default(),
+            spawns: Arc::default(),
+            own_pids: Arc::default(),
+        }
+    }
+
+    /// Verifies the model by a full read at least this often.
+    pub fn with_verify_period(mut self, period: Duration) -> Self {
+        self.verify_period = period;
+        self
     }
 
     /// The backend every command names.
     pub fn backend(&self) -> Backend {
         self.backend
+    }
+
+    /// Processes spawned so far (every tool run, by every clone).
+    pub fn processes_spawned(&self) -> u64 {
+        self.spawns.load(Ordering::Relaxed)
+    }
+
+    /// Whether `pid` is one of the dataplane's own recent processes (so an
+    /// `nft monitor` generation committed by it is no drift).
+    pub fn is_own_process(&self, pid: u32) -> bool {
+        self.own_pids
+            .lock()
+            .map(|p| p.contains(&pid))
+            .unwrap_or(false)
+    }
+
+    /// Stops trusting the model of one chain (a Palisade chain, or
+    /// `INPUT` / `OUTPUT` for the hooks): the next sync lists it, and a
+    /// chain that differs from the model is rewritten whole (a hook out of
+    /// place makes it read everything back).
+    pub fn suspect(&self, family: IpFamily, chain: &str) {
+        if let Ok(mut c) = self.cache.lock() {
+            let key = (family, chain.to_string());
+            if !c.suspects.contains(&key) {
+                c.suspects.push(key);
+            }
+        }
+    }
+
+    /// Stops trusting the model: the next sync reads everything back.
+    pub fn invalidate(&self) {
+        if let Ok(mut c) = self.cache.lock() {
+            c.verified = None;
+        }
+    }
+
+    /// Whether the next sync would trust the model.
+    pub fn model_trusted(&self) -> bool {
+        self.cache
+            .lock()
+            .map(|c| {
+                c.model.is_some() && c.verified.is_some_and(|t| t.elapsed() < self.verify_period)
+            })
+            .unwrap_or(false)
     }
 
     fn command(&self, program: &str) -> Command {
@@ -426,10 +456,18 @@ impl Dataplane {
             })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        self.spawns.fetch_add(1, Ordering::Relaxed);
         let mut child = cmd.spawn().map_err(|source| DataplaneError::Spawn {
             command: command.clone(),
             source,
         })?;
+        // Recorded before the tool reads its input, so before it can commit.
+        if let Ok(mut pids) = self.own_pids.lock() {
+            if pids.len() == OWN_PIDS {
+                pids.pop_front();
+            }
+            pids.push_back(child.id());
+        }
         if let (Some(text), Some(mut stdin)) = (input, child.stdin.take()) {
             stdin
                 .write_all(text.as_bytes())
@@ -494,7 +532,7 @@ impl Dataplane {
         }
     }
 
-    /// Reads back what Palisade owns.
+    /// Reads back everything Palisade owns (three processes).
     pub fn read(&self) -> Result<Readback, DataplaneError> {
         let (ipv4, hooks_v4) = parse_table(&self.save(Family::V4)?);
         let (ipv6, hooks_v6) = parse_table(&self.save(Family::V6)?);
@@ -523,30 +561,241 @@ impl Dataplane {
                 )?;
             }
         }
-        if let Some(text) = &plan.scripts.destroy_sets {
+        if let Some(text) = &plan.scripts.set_removals {
             self.run("ipset", &["restore"], Some(text))?;
         }
         Ok(())
     }
 
-    /// Reads back, diffs against `desired` and writes only the difference.
+    /// Reads back only what `plan` wrote to the tables and compares it
+    /// with `desired`: each chain written (`iptables -S <chain>` on nft,
+    /// one `iptables-save` on legacy, where a listing costs as much), and
+    /// the built-in chains' heads when hooks changed. Set writes check
+    /// themselves: an `add` of a present entry or a `del` of an absent one
+    /// fails the batch. `Err(NotConverged)` names the first difference.
+    pub fn check_written(&self, plan: &Plan, desired: &NodeRuleset) -> Result<(), DataplaneError> {
+        for (family, tool_family) in [(IpFamily::V4, Family::V4), (IpFamily::V6, Family::V6)] {
+            let want = desired.family(family);
+            let chains = plan.chains_written(family);
+            let hooks = plan.hooks_written(family);
+            if chains.is_empty() && !hooks {
+                continue;
+            }
+            let mut names: Vec<&str> = chains;
+            if hooks {
+                names.extend([BuiltinChain::Input.name(), BuiltinChain::Output.name()]);
+            }
+            // Listing one chain costs as much as saving the table on
+            // legacy; on nft, a few listings are cheaper than one save.
+            let save = match self.backend {
+                Backend::Nft if names.len() <= 4 => None,
+                _ => Some(self.save(tool_family)?),
+            };
+            for name in names {
+                let listing = match &save {
+                    Some(text) => legacy_listing(text, name),
+                    None => {
+                        let tool = self.backend.command(tool_family, "");
+                        self.run(&tool, &["-w", "5", "-S", name], None)?
+                    }
+                };
+                let got = parse_chain_listing(&listing, name).unwrap_or_default();
+                check_chain(want, name, &got)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes the node to `desired`, writing only the difference.
+    ///
+    /// With a trusted model: plans from the model (nothing is run when
+    /// nothing differs), writes the edits, checks what was written, and
+    /// updates the model. Without one, or when that write fails or reads
+    /// back wrong: reads everything back, rewrites whole every chain that
+    /// differs (one transaction per table, not read again), and trusts the
+    /// new model from then on. See the module docs.
     pub fn sync(&self, desired: &NodeRuleset) -> Result<SyncReport, DataplaneError> {
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let mut trusted = cache
+            .verified
+            .is_some_and(|t| t.elapsed() < self.verify_period);
+        let suspects = std::mem::take(&mut cache.suspects);
+        if let (true, Some(model), false) = (trusted, cache.model.as_mut(), suspects.is_empty()) {
+            trusted = self.recheck(model, &suspects);
+        }
+        let mut fell_back = false;
+        if let (true, Some(model)) = (trusted, &cache.model) {
+            let plan = plan_from_model(model, desired);
+            if plan.is_empty() {
+                return Ok(SyncReport::default());
+            }
+            match self
+                .apply(&plan)
+                .and_then(|()| self.check_written(&plan, desired))
+            {
+                Ok(()) => {
+                    cache.model = Some(Model::of(desired));
+                    return Ok(SyncReport {
+                        chains_written: plan.chains_written(IpFamily::V4).len()
+                            + plan.chains_written(IpFamily::V6).len(),
+                        plan,
+                        full_read: false,
+                        fell_back: false,
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "write from the cached model failed; reading everything back");
+                    fell_back = true;
+                }
+            }
+        }
+        cache.verified = None;
+        cache.model = None;
+        let started = Instant::now();
         let current = self.read()?;
         let plan = plan(&current, desired);
-        if plan.is_empty() {
-            return Ok(SyncReport::default());
+        if !plan.is_empty() {
+            // Planned from what was just read, written as whole chains in
+            // one transaction per table: no check after it (on 10k rules
+            // it would cost as much as the write). A change made meanwhile
+            // by someone else is theirs to announce: the monitor sees it.
+            self.apply(&plan)?;
         }
-        self.apply(&plan)?;
+        cache.model = Some(Model::of(desired));
+        cache.verified = Some(started);
         Ok(SyncReport {
-            chains_written: plan.diff.ipv4.write_chains.len() + plan.diff.ipv6.write_chains.len(),
+            chains_written: plan.chains_written(IpFamily::V4).len()
+                + plan.chains_written(IpFamily::V6).len(),
             plan,
+            full_read: true,
+            fell_back,
         })
     }
 
+    /// Lists the `suspects` and takes what differs out of `model`, so the
+    /// plan rewrites it whole. False when only a full read can tell (a
+    /// hook out of place, a chain the model does not know, a tool failing).
+    fn recheck(&self, model: &mut Model, suspects: &[(IpFamily, String)]) -> bool {
+        for (family, chain) in suspects {
+            let tool_family = match family {
+                IpFamily::V4 => Family::V4,
+                IpFamily::V6 => Family::V6,
+            };
+            let tool = self.backend.command(tool_family, "");
+            let listed = match self.run(&tool, &["-w", "5", "-S", chain], None) {
+                Ok(text) => parse_chain_listing(&text, chain),
+                // A chain deleted out of band cannot be listed.
+                Err(DataplaneError::Failed { .. }) => None,
+                Err(_) => return false,
+            };
+            let table = model.table_mut(*family);
+            if chain == BuiltinChain::Input.name() || chain == BuiltinChain::Output.name() {
+                let want: Vec<String> = table
+                    .hooks
+                    .iter()
+                    .filter(|h| h.builtin.name() == chain)
+                    .map(|h| h.id())
+                    .collect();
+                let got = listed.unwrap_or_default();
+                let ours = got
+                    .iter()
+                    .filter(|id| super::readback::is_hook_id(id))
+                    .count();
+                if got.len() < want.len() || got[..want.len()] != want[..] || ours != want.len() {
+                    return false;
+                }
+                continue;
+            }
+            let have: Option<Vec<&str>> = table.ids(chain);
+            let got: Option<Vec<&str>> = listed
+                .as_ref()
+                .map(|l| l.iter().map(String::as_str).collect());
+            match (have, got) {
+                (a, b) if a == b => {}
+                (Some(_), _) => {
+                    table
+                        .chains
+                        .insert(chain.clone(), super::model::unknown_chain());
+                }
+                (None, Some(_)) => return false,
+                (None, None) => {}
+            }
+        }
+        true
+    }
+
+    /// Reads everything back now and repairs what differs from `desired`
+    /// (what a monitor event or the verification period leads to).
+    pub fn verify(&self, desired: &NodeRuleset) -> Result<SyncReport, DataplaneError> {
+        self.invalidate();
+        self.sync(desired)
+    }
+
     /// Removes everything Palisade ever wrote (hooks, chains, sets) and
-    /// nothing else.
+    /// nothing else, from a full read.
     pub fn cleanup(&self) -> Result<SyncReport, DataplaneError> {
-        self.sync(&empty_ruleset(""))
+        self.verify(&empty_ruleset(""))
+    }
+}
+
+/// The `iptables -S <chain>`-like lines of `chain` in `iptables-save`
+/// output (pure).
+fn legacy_listing(save: &str, chain: &str) -> String {
+    let prefix = format!("-A {chain} ");
+    let mut out = String::new();
+    for line in save.lines() {
+        if line.starts_with(':') && line[1..].split(' ').next() == Some(chain) {
+            out.push_str(&format!("-N {chain}\n"));
+        } else if line.starts_with(&prefix) {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// Compares one chain as listed after a write with what `desired` has for
+/// it: a Palisade chain must hold exactly its rule ids (or be gone when
+/// not desired); a built-in chain must start with the desired hooks.
+fn check_chain(desired: &FamilyRuleset, name: &str, got: &[String]) -> Result<(), DataplaneError> {
+    let family = desired.family;
+    let differs = |what: String| {
+        Err(DataplaneError::NotConverged(format!(
+            "{family:?} {name}: {what}"
+        )))
+    };
+    if name == BuiltinChain::Input.name() || name == BuiltinChain::Output.name() {
+        let want: Vec<String> = desired
+            .hooks
+            .iter()
+            .filter(|h| h.builtin.name() == name)
+            .map(|h| h.id())
+            .collect();
+        let ours = got
+            .iter()
+            .filter(|id| super::readback::is_hook_id(id))
+            .count();
+        if got.len() < want.len() || got[..want.len()] != want[..] || ours != want.len() {
+            return differs(format!(
+                "hooks {want:?}, head of chain {:?}",
+                &got[..got.len().min(3)]
+            ));
+        }
+        return Ok(());
+    }
+    match desired.chain(name) {
+        Some(c)
+            if c.rules.len() == got.len() && c.rules.iter().zip(got).all(|(r, g)| r.id == *g) =>
+        {
+            Ok(())
+        }
+        Some(c) => differs(format!(
+            "{} rules written, {} read back",
+            c.rules.len(),
+            got.len()
+        )),
+        None if got.is_empty() => Ok(()),
+        None => differs(format!("{} rules left in a chain to delete", got.len())),
     }
 }
 
@@ -554,46 +803,7 @@ impl Dataplane {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn words_follow_restore_quoting() {
-        assert_eq!(
-            words(r#"INPUT -m comment --comment "palisade:00 a b" -j X"#),
-            [
-                "INPUT",
-                "-m",
-                "comment",
-                "--comment",
-                "palisade:00 a b",
-                "-j",
-                "X"
-            ]
-        );
-        assert_eq!(words(r#"a "q\"x" """#), ["a", "q\"x", ""]);
-    }
-
-    #[test]
-    fn table_readback_takes_only_palisade_parts() {
-        let hook = &known_hooks()[0];
-        let save = format!(
-            "*filter\n:INPUT ACCEPT [0:0]\n:KUBE-SERVICES - [0:0]\n:PALISADE-INPUT - [0:0]\n:PAL-I-0123456789 - [0:0]\n\
-             -A INPUT -m comment --comment \"{}\" -j PALISADE-INPUT\n\
-             -A INPUT -p tcp --dport 22 -j ACCEPT\n\
-             -A KUBE-SERVICES -m comment --comment \"palisade:0123456789abcdef fake\" -j ACCEPT\n\
-             -A PALISADE-INPUT -m comment --comment \"palisade:0123456789abcdef x\" -j ACCEPT\n\
-             -A PALISADE-INPUT -j ACCEPT\nCOMMIT\n",
-            hook.comment()
-        );
-        let (state, hooks) = parse_table(&save);
-        assert_eq!(state.hooks.iter().collect::<Vec<_>>(), [hook]);
-        assert_eq!(
-            state.chains.get("PALISADE-INPUT").unwrap(),
-            &["0123456789abcdef".to_string(), "?".into()]
-        );
-        assert_eq!(state.chains.get("PAL-I-0123456789").unwrap().len(), 0);
-        assert!(!state.chains.contains_key("KUBE-SERVICES"));
-        assert_eq!(hooks.len(), 1);
-    }
+    use crate::node::readback::known_hooks;
 
     #[test]
     fn hook_below_a_foreign_rule_is_moved_back_to_the_top() {
@@ -619,21 +829,5 @@ mod tests {
         let text = p.scripts.ipv4.unwrap();
         assert!(text.contains(&format!("-D {spec}\n")), "{text}");
         assert!(text.contains("-I INPUT 1 "), "{text}");
-    }
-
-    #[test]
-    fn set_readback_reads_host_entries() {
-        let save = "create PAL-a-6 hash:net family inet6 hashsize 1024 maxelem 65536\nadd PAL-a-6 2001:db8::1\nadd PAL-a-6 2001:db8::/32\ncreate other hash:ip family inet\nadd other 1.2.3.4\n";
-        let sets = parse_sets(save).unwrap();
-        assert_eq!(sets.len(), 1);
-        let s = &sets["PAL-a-6"];
-        assert_eq!(s.family, IpFamily::V6);
-        assert_eq!(
-            s.entries,
-            [
-                "2001:db8::1/128".parse::<IpNet>().unwrap(),
-                "2001:db8::/32".parse().unwrap()
-            ]
-        );
     }
 }

@@ -10,4 +10,7 @@
 pub mod backend;
 pub mod conntrack;
 pub mod dataplane;
+pub mod model;
+pub mod monitor;
+pub mod readback;
 pub mod render;

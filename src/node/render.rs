@@ -20,10 +20,11 @@
 
 use std::fmt::Write as _;
 
+use super::model::{NodeEdits, SetChange, TableEdits};
 use crate::policy::node::{
     AddrSide, Address, Hook, IpSet, L4Protocol, NodeAction, NodeChain, NodeRule, NodeRuleset,
 };
-use crate::policy::{AllowVerdict, FamilyRuleset, IpFamily, NodeDiff, TableDiff};
+use crate::policy::{AllowVerdict, FamilyRuleset, IpFamily, TableDiff};
 
 /// Suffix of the temporary set a new content is built in before the swap.
 pub const TEMPORARY_SET_SUFFIX: &str = "-new";
@@ -158,48 +159,80 @@ pub fn hook_spec(hook: &Hook) -> String {
     )
 }
 
-/// Deletes of rules given by their full text (`INPUT -m comment ...`), used
-/// for stray copies of hooks found on read-back.
 fn push_chain(out: &mut String, chain: &NodeChain, family: IpFamily) {
     for r in &chain.rules {
         let _ = writeln!(out, "-A {} {}", chain.name, rule_spec(r, family));
     }
 }
 
-/// The `iptables-restore --noflush` input for one family's [`TableDiff`],
-/// or `None` when there is nothing to write. `extra_deletes` are full rule
-/// specifications (`INPUT -m comment ... -j X`) to delete before anything
-/// else, e.g. hook copies found away from position 1.
+/// The `iptables-restore --noflush` input for one family's [`TableDiff`]
+/// (whole chains), or `None` when there is nothing to write.
+/// `extra_deletes` are full rule specifications (`INPUT -m comment ... -j
+/// X`) to delete before anything else, e.g. hook copies found away from
+/// position 1.
 pub fn render_table(
     diff: &TableDiff,
     family: IpFamily,
     extra_deletes: &[String],
 ) -> Option<String> {
-    if diff.is_empty() && extra_deletes.is_empty() {
+    let edits = TableEdits {
+        whole: diff.write_chains.clone(),
+        edits: Vec::new(),
+        delete_chains: diff.delete_chains.clone(),
+        add_hooks: diff.add_hooks.clone(),
+        remove_hooks: diff.remove_hooks.clone(),
+    };
+    render_edits(&edits, family, extra_deletes)
+}
+
+/// The `iptables-restore --noflush` input for one family's
+/// [`TableEdits`], or `None` when there is nothing to write. One
+/// transaction, in this order: declare new, rewritten and doomed chains;
+/// delete `extra_deletes` and removed hooks by their text; per edited
+/// chain, its deletes (by text) then its inserts (ascending positions) and
+/// appends; fill whole chains; insert added hooks at position 1; delete
+/// doomed chains.
+pub fn render_edits(
+    edits: &TableEdits,
+    family: IpFamily,
+    extra_deletes: &[String],
+) -> Option<String> {
+    if edits.is_empty() && extra_deletes.is_empty() {
         return None;
     }
     let mut out = String::from("*filter\n");
-    for c in &diff.write_chains {
+    for c in &edits.whole {
         let _ = writeln!(out, ":{} - [0:0]", c.name);
     }
-    for name in &diff.delete_chains {
+    for name in &edits.delete_chains {
         let _ = writeln!(out, ":{name} - [0:0]");
     }
     for spec in extra_deletes {
         let _ = writeln!(out, "-D {spec}");
     }
-    for h in &diff.remove_hooks {
+    for h in &edits.remove_hooks {
         let _ = writeln!(out, "-D {}", hook_spec(h));
     }
-    for c in &diff.write_chains {
+    for e in &edits.edits {
+        for spec in &e.deletes {
+            let _ = writeln!(out, "-D {} {spec}", e.chain);
+        }
+        for (pos, spec) in &e.inserts {
+            let _ = match pos {
+                Some(p) => writeln!(out, "-I {} {p} {spec}", e.chain),
+                None => writeln!(out, "-A {} {spec}", e.chain),
+            };
+        }
+    }
+    for c in &edits.whole {
         push_chain(&mut out, c, family);
     }
-    for h in &diff.add_hooks {
+    for h in &edits.add_hooks {
         let spec = hook_spec(h);
         let (builtin, rest) = spec.split_once(' ').unwrap_or((spec.as_str(), ""));
         let _ = writeln!(out, "-I {builtin} 1 {rest}");
     }
-    for name in &diff.delete_chains {
+    for name in &edits.delete_chains {
         let _ = writeln!(out, "-X {name}");
     }
     out.push_str("COMMIT\n");
@@ -240,17 +273,25 @@ fn add_lines(out: &mut String, name: &str, set: &IpSet) {
     }
 }
 
-/// The `ipset restore` input creating `create` and swapping in the new
-/// content of `swap`, or `None` when both are empty. A swapped set's
-/// temporary must not exist beforehand (the dataplane destroys leftovers).
-pub fn render_sets(create: &[IpSet], swap: &[IpSet]) -> Option<String> {
-    if create.is_empty() && swap.is_empty() {
+/// The `ipset restore` input run before the tables: sets created
+/// (`-exist`) and filled, entries added to existing sets, and sets whose
+/// family changed rebuilt under a temporary name and swapped in (a
+/// swapped set's temporary must not exist beforehand: the dataplane
+/// destroys leftovers). `None` when there is nothing to do. An `add` of an
+/// entry already present fails the batch: a model that was wrong is found.
+pub fn render_set_adds(create: &[IpSet], changes: &[SetChange], swap: &[IpSet]) -> Option<String> {
+    if create.is_empty() && swap.is_empty() && changes.iter().all(|c| c.add.is_empty()) {
         return None;
     }
     let mut out = String::new();
     for s in create {
         create_line(&mut out, &s.name, s, true);
         add_lines(&mut out, &s.name, s);
+    }
+    for c in changes {
+        for e in &c.add {
+            let _ = writeln!(out, "add {} {e}", c.name);
+        }
     }
     for s in swap {
         let tmp = temporary_set_name(&s.name);
@@ -262,13 +303,20 @@ pub fn render_sets(create: &[IpSet], swap: &[IpSet]) -> Option<String> {
     Some(out)
 }
 
-/// The `ipset restore` input destroying `names`, or `None` when empty.
-pub fn render_destroy_sets(names: &[String]) -> Option<String> {
-    if names.is_empty() {
+/// The `ipset restore` input run after the tables: entries deleted from
+/// sets (once the new rules no longer need them) and sets destroyed (once
+/// no rule matches them). `None` when empty.
+pub fn render_set_removals(changes: &[SetChange], destroy: &[String]) -> Option<String> {
+    if destroy.is_empty() && changes.iter().all(|c| c.del.is_empty()) {
         return None;
     }
     let mut out = String::new();
-    for n in names {
+    for c in changes {
+        for e in &c.del {
+            let _ = writeln!(out, "del {} {e}", c.name);
+        }
+    }
+    for n in destroy {
         let _ = writeln!(out, "destroy {n}");
     }
     Some(out)
@@ -279,14 +327,14 @@ pub fn render_destroy_sets(names: &[String]) -> Option<String> {
 /// sets to destroy. `None` parts are not run at all.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ApplyScripts {
-    /// `ipset restore` input: creates and swaps.
+    /// `ipset restore` input: creates, entry adds (and swaps).
     pub sets: Option<String>,
     /// `iptables-restore --noflush` input.
     pub ipv4: Option<String>,
     /// `ip6tables-restore --noflush` input.
     pub ipv6: Option<String>,
-    /// `ipset restore` input: destroys.
-    pub destroy_sets: Option<String>,
+    /// `ipset restore` input: entry deletes and set destroys.
+    pub set_removals: Option<String>,
 }
 
 impl ApplyScripts {
@@ -295,7 +343,7 @@ impl ApplyScripts {
         self.sets.is_none()
             && self.ipv4.is_none()
             && self.ipv6.is_none()
-            && self.destroy_sets.is_none()
+            && self.set_removals.is_none()
     }
 }
 
@@ -305,7 +353,7 @@ impl std::fmt::Display for ApplyScripts {
             ("ipset restore", &self.sets),
             ("iptables-restore --noflush", &self.ipv4),
             ("ip6tables-restore --noflush", &self.ipv6),
-            ("ipset restore (destroy)", &self.destroy_sets),
+            ("ipset restore (removals)", &self.set_removals),
         ] {
             if let Some(text) = part {
                 writeln!(f, "# {title}")?;
@@ -316,28 +364,23 @@ impl std::fmt::Display for ApplyScripts {
     }
 }
 
-/// Renders a diff (see [`ApplyScripts`]). `extra_deletes` per family as in
-/// [`render_table`].
-pub fn render_diff(
-    diff: &NodeDiff,
-    extra_deletes_v4: &[String],
-    extra_deletes_v6: &[String],
-) -> ApplyScripts {
+/// Renders rule-level edits (see [`ApplyScripts`]).
+pub fn render_node_edits(edits: &NodeEdits) -> ApplyScripts {
     ApplyScripts {
-        sets: render_sets(&diff.create_sets, &diff.swap_sets),
-        ipv4: render_table(&diff.ipv4, IpFamily::V4, extra_deletes_v4),
-        ipv6: render_table(&diff.ipv6, IpFamily::V6, extra_deletes_v6),
-        destroy_sets: render_destroy_sets(&diff.destroy_sets),
+        sets: render_set_adds(&edits.create_sets, &edits.set_changes, &[]),
+        ipv4: render_edits(&edits.ipv4, IpFamily::V4, &[]),
+        ipv6: render_edits(&edits.ipv6, IpFamily::V6, &[]),
+        set_removals: render_set_removals(&edits.set_changes, &edits.destroy_sets),
     }
 }
 
 /// Renders a whole ruleset as programmed on an empty node.
 pub fn render_ruleset(ruleset: &NodeRuleset) -> ApplyScripts {
     ApplyScripts {
-        sets: render_sets(&ruleset.sets, &[]),
+        sets: render_set_adds(&ruleset.sets, &[], &[]),
         ipv4: render_family(&ruleset.ipv4),
         ipv6: render_family(&ruleset.ipv6),
-        destroy_sets: None,
+        set_removals: None,
     }
 }
 
@@ -358,7 +401,7 @@ mod tests {
     }
 
     #[test]
-    fn empty_diff_writes_nothing() {
-        assert!(render_diff(&NodeDiff::default(), &[], &[]).is_empty());
+    fn empty_edits_write_nothing() {
+        assert!(render_node_edits(&NodeEdits::default()).is_empty());
     }
 }

@@ -53,8 +53,8 @@ impl DataplaneNode {
         compile_node("node", &valid, &self.facts).map_err(|e| Error::Invalid(e.to_string()))
     }
 
-    /// Compiles and programs `policies`, then checks a second sync writes
-    /// nothing.
+    /// Compiles and programs `policies`, then checks that a full read
+    /// finds nothing to write (what was written is what the kernel holds).
     pub fn apply(&self, policies: &[FirewallPolicy]) -> Result<NodeRuleset> {
         let rs = self.compile(policies)?;
         self.dataplane
@@ -62,11 +62,11 @@ impl DataplaneNode {
             .map_err(|e| Error::Invalid(e.to_string()))?;
         let again = self
             .dataplane
-            .sync(&rs)
+            .verify(&rs)
             .map_err(|e| Error::Invalid(e.to_string()))?;
         if again.wrote() {
             return Err(Error::Invalid(format!(
-                "second sync was not a no-op: {:?}",
+                "a full read after the sync found differences: {:?}",
                 again.plan
             )));
         }
@@ -74,15 +74,20 @@ impl DataplaneNode {
     }
 
     /// `iptables-save` then `ip6tables-save` of the filter table, without
-    /// the `# Generated ... on <time>` / `# Completed on <time>` comments:
-    /// two saves of the same rules compare equal whenever they are taken.
+    /// the `# Generated ... on <time>` / `# Completed on <time>` comments
+    /// and with chain counters zeroed (`:INPUT ACCEPT [0:0]`): two saves of
+    /// the same rules compare equal whenever they are taken, whatever
+    /// traffic passed between them.
     pub fn save(&self) -> Result<String> {
         let text = self.host.exec(&["iptables-nft-save", "-t", "filter"])?
             + &self.host.exec(&["ip6tables-nft-save", "-t", "filter"])?;
         Ok(text
             .lines()
             .filter(|l| !l.starts_with('#'))
-            .map(|l| format!("{l}\n"))
+            .map(|l| match (l.starts_with(':'), l.rsplit_once(" [")) {
+                (true, Some((decl, _))) => format!("{decl} [0:0]\n"),
+                _ => format!("{l}\n"),
+            })
             .collect())
     }
 }

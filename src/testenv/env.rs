@@ -31,6 +31,16 @@ const AWS_SECRET_ACCESS_KEY: &str = "testing";
 /// The region every EC2 client of the environment uses.
 pub const AWS_REGION: &str = "us-east-1";
 
+/// How [`TestEnv::start_with`] sets the environment up.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StartOptions {
+    /// Pods will run on real kubelets ([`super::KubeletNode`]): the
+    /// ServiceAccount admission plugin stays on, so pods get their tokens
+    /// (start kube-controller-manager too: it creates the `default`
+    /// ServiceAccounts).
+    pub real_pods: bool,
+}
+
 /// A running etcd + kube-apiserver + moto EC2 server on loopback.
 ///
 /// Start one with [`TestEnv::start`] (stopped and its temp dir removed when
@@ -189,10 +199,15 @@ impl TestEnv {
     /// moto answer. Prints how long that took. Dropping it stops everything
     /// and removes its temp dir.
     pub fn start() -> Result<TestEnv> {
+        Self::start_with(StartOptions::default())
+    }
+
+    /// [`TestEnv::start`] with `options`.
+    pub fn start_with(options: StartOptions) -> Result<TestEnv> {
         let started = Instant::now();
         let mut attempt = 1;
         loop {
-            match Self::start_once(started) {
+            match Self::start_once(started, options) {
                 Ok(env) => {
                     eprintln!(
                         "palisade testenv: etcd + kube-apiserver + moto ready in {:.2}s \
@@ -216,7 +231,7 @@ impl TestEnv {
         }
     }
 
-    fn start_once(started: Instant) -> Result<TestEnv> {
+    fn start_once(started: Instant, options: StartOptions) -> Result<TestEnv> {
         let etcd_bin = testbin("etcd")?;
         let apiserver_bin = testbin("kube-apiserver")?;
         let moto_bin = moto_server()?;
@@ -256,7 +271,7 @@ impl TestEnv {
             format!("--initial-cluster=default={peer_url}"),
             "--unsafe-no-fsync=true".to_string(),
         ];
-        let apiserver_args = vec![
+        let mut apiserver_args = vec![
             format!("--etcd-servers={etcd_url}"),
             "--bind-address=127.0.0.1".to_string(),
             "--advertise-address=127.0.0.1".to_string(),
@@ -271,9 +286,6 @@ impl TestEnv {
             format!("--service-account-signing-key-file={}", sa.key.display()),
             format!("--service-cluster-ip-range={SERVICE_RANGE}"),
             "--allow-privileged=true".to_string(),
-            // As envtest: without kube-controller-manager nobody creates the
-            // `default` ServiceAccount, so this plugin would reject every Pod.
-            "--disable-admission-plugins=ServiceAccount".to_string(),
             // Its bootstrap post-start hook is the slowest part of start-up.
             "--enable-priority-and-fairness=false".to_string(),
             "--profiling=false".to_string(),
@@ -281,6 +293,11 @@ impl TestEnv {
             // nothing in-cluster needs the `kubernetes` Service's endpoints.
             "--endpoint-reconciler-type=none".to_string(),
         ];
+        if !options.real_pods {
+            // As envtest: without kube-controller-manager nobody creates the
+            // `default` ServiceAccount, so this plugin would reject every Pod.
+            apiserver_args.push("--disable-admission-plugins=ServiceAccount".to_string());
+        }
         let moto_args = vec![
             "-H".to_string(),
             "127.0.0.1".to_string(),

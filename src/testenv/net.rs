@@ -679,8 +679,16 @@ impl SimHost {
     /// reaches the apiserver or moto with the same URL and kubeconfig as the
     /// tests. Lives as long as this host.
     pub fn forward_loopback(&self, port: u16) -> Result<()> {
+        self.forward_to_loopback(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port), port)
+    }
+
+    /// Makes `listen` inside the namespace (an address the host already
+    /// has) forward to `127.0.0.1:port` of the test process's namespace: the
+    /// `kubernetes` Service address in front of the apiserver, for pods of a
+    /// real kubelet on this host. Lives as long as this host.
+    pub fn forward_to_loopback(&self, listen: SocketAddr, port: u16) -> Result<()> {
         let listener = in_netns(&self.ns, || {
-            let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, port))?;
+            let listener = TcpListener::bind(listen)?;
             listener.set_nonblocking(true)?;
             Ok(listener)
         })?;

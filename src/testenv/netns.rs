@@ -64,10 +64,15 @@ pub(crate) fn sysctl(name: &str, key: &str, value: &str) -> Result<()> {
 
 /// Kills every process inside namespace `name`, then deletes it.
 pub(crate) fn delete(name: &str) {
+    kill_all(name);
+    let _ = Command::new("ip").args(["netns", "delete", name]).status();
+}
+
+/// `SIGKILL`s every process inside namespace `name`.
+pub(crate) fn kill_all(name: &str) {
     if let Ok(out) = Command::new("ip").args(["netns", "pids", name]).output() {
         for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
             let _ = Command::new("kill").args(["-KILL", pid]).status();
         }
     }
-    let _ = Command::new("ip").args(["netns", "delete", name]).status();
 }

@@ -9,7 +9,10 @@
 //! inherits it). This process writes one line per thing to clean up:
 //!
 //! - `pid N` — kill process N (`unpid N` when it was reaped normally);
-//! - `dir PATH` — remove that directory.
+//! - `dir PATH` — remove that directory;
+//! - `cgroup PATH` — kill every process in cgroup `PATH` (and below it) and
+//!   remove those cgroups, in every hierarchy under `/sys/fs/cgroup` (a real
+//!   kubelet's node creates one; its pods may live in other namespaces).
 //!
 //! When the test process exits — normally, by panic, by signal — the kernel
 //! closes the pipe, `read` sees end-of-file, and the watchdog `SIGKILL`s every
@@ -39,11 +42,14 @@ trap '' INT TERM HUP PIPE
 prefix="$1"
 pids=" "
 dirs=""
+cgroups=""
 while IFS= read -r line; do
   case "$line" in
     "pid "*) pids="$pids${line#pid } " ;;
     "unpid "*) pids=$(printf '%s' "$pids" | sed "s/ ${line#unpid } / /") ;;
     "dir "*) dirs="$dirs${line#dir }
+" ;;
+    "cgroup "*) cgroups="$cgroups${line#cgroup }
 " ;;
   esac
 done
@@ -54,6 +60,20 @@ for ns in $(ip netns list 2>/dev/null | cut -d' ' -f1); do
       for p in $(ip netns pids "$ns" 2>/dev/null); do kill -KILL "$p" 2>/dev/null; done
       ip netns delete "$ns" 2>/dev/null ;;
   esac
+done
+printf '%s' "$cgroups" | while IFS= read -r c; do
+  [ -n "$c" ] || continue
+  for try in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do
+    left=""
+    for h in /sys/fs/cgroup/*/; do
+      [ -d "$h$c" ] || continue
+      find "$h$c" -name cgroup.procs -exec cat {} + 2>/dev/null | xargs -r kill -KILL 2>/dev/null
+      find "$h$c" -depth -type d -exec rmdir {} \; 2>/dev/null
+      [ -d "$h$c" ] && left=1
+    done
+    [ -z "$left" ] && break
+    sleep 0.5
+  done
 done
 printf '%s' "$dirs" | while IFS= read -r d; do [ -n "$d" ] && rm -rf -- "$d"; done
 "#;
@@ -121,6 +141,13 @@ pub fn watch_dir(path: &Path) {
     tell(&format!("dir {}", path.display()));
 }
 
+/// Remove cgroup `path` (absolute within each hierarchy, e.g.
+/// `/palisade-1234-node-a`) from every hierarchy when the test process is
+/// gone.
+pub fn watch_cgroup(path: &str) {
+    tell(&format!("cgroup {path}"));
+}
+
 /// The prefix of every network namespace this process creates; the watchdog
 /// deletes them all.
 pub fn netns_prefix() -> String {
@@ -144,6 +171,7 @@ pub fn sweep_stale() {
     SWEPT.get_or_init(|| {
         sweep_netns();
         sweep_dirs();
+        sweep_cgroups();
     });
 }
 
@@ -165,6 +193,32 @@ fn sweep_netns() {
             }
         }
         let _ = Command::new("ip").args(["netns", "delete", &name]).status();
+    }
+}
+
+fn sweep_cgroups() {
+    let Ok(hierarchies) = std::fs::read_dir("/sys/fs/cgroup") else {
+        return;
+    };
+    for hierarchy in hierarchies.flatten() {
+        let Ok(entries) = std::fs::read_dir(hierarchy.path()) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if owner_pid(&name, NETNS_PREFIX).is_some_and(|pid| !pid_alive(pid)) {
+                let _ = Command::new("sh")
+                    .arg("-c")
+                    .arg(
+                        "find \"$1\" -name cgroup.procs -exec cat {} + | xargs -r kill -KILL; \
+                         sleep 0.5; find \"$1\" -depth -type d -exec rmdir {} \\;",
+                    )
+                    .arg("sweep")
+                    .arg(entry.path())
+                    .stderr(std::process::Stdio::null())
+                    .status();
+            }
+        }
     }
 }
 

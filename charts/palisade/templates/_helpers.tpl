@@ -22,7 +22,12 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- default (printf "%s-agent" .Release.Name) .Values.agent.serviceAccount.name }}
 {{- end }}
 
+{{- /* registry/repository@digest when a digest is set, else :tag (default appVersion). */}}
 {{- define "palisade.image" -}}
 {{- $root := index . 0 }}{{- $img := index . 1 -}}
+{{- if $img.digest -}}
+{{ $root.Values.image.registry }}/{{ $img.repository }}@{{ $img.digest }}
+{{- else -}}
 {{ $root.Values.image.registry }}/{{ $img.repository }}:{{ default $root.Chart.AppVersion $img.tag }}
+{{- end }}
 {{- end }}
