@@ -634,7 +634,9 @@ impl Dataplane {
                 .and_then(|()| self.check_written(&plan, desired))
             {
                 Ok(()) => {
-                    cache.model = Some(Model::of(desired));
+                    if let (Some(model), Some(edits)) = (cache.model.as_mut(), &plan.edits) {
+                        model.update(desired, edits);
+                    }
                     return Ok(SyncReport {
                         chains_written: plan.chains_written(IpFamily::V4).len()
                             + plan.chains_written(IpFamily::V6).len(),

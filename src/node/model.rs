@@ -110,6 +110,55 @@ impl Model {
         }
     }
 
+    /// Takes `edits` (planned from this model towards `desired`, and
+    /// written) into the model: O(what changed), not O(ruleset), so a small
+    /// change costs little whatever the size of the ruleset.
+    pub fn update(&mut self, desired: &NodeRuleset, edits: &NodeEdits) {
+        for (table, want, e) in [
+            (&mut self.ipv4, &desired.ipv4, &edits.ipv4),
+            (&mut self.ipv6, &desired.ipv6, &edits.ipv6),
+        ] {
+            for name in e.chains_written() {
+                if let Some(chain) = want.chain(name) {
+                    let rules = chain
+                        .rules
+                        .iter()
+                        .map(|r| (r.id.clone(), rule_spec(r, want.family)))
+                        .collect();
+                    table.chains.insert(name.to_string(), rules);
+                }
+            }
+            for name in &e.delete_chains {
+                table.chains.remove(name);
+            }
+            for h in &e.remove_hooks {
+                table.hooks.remove(h);
+            }
+            table.hooks.extend(e.add_hooks.iter().cloned());
+        }
+        let changed = edits
+            .create_sets
+            .iter()
+            .map(|s| s.name.as_str())
+            .chain(edits.set_changes.iter().map(|c| c.name.as_str()));
+        for name in changed {
+            if let Some(s) = desired.set(name) {
+                let mut entries = s.entries.clone();
+                entries.sort();
+                self.sets.insert(
+                    name.to_string(),
+                    SetState {
+                        family: s.family,
+                        entries,
+                    },
+                );
+            }
+        }
+        for name in &edits.destroy_sets {
+            self.sets.remove(name);
+        }
+    }
+
     /// The table of `family`.
     pub fn table(&self, family: IpFamily) -> &TableModel {
         match family {
@@ -519,6 +568,33 @@ mod tests {
                 vec![n("10.1.0.0/16"), n("11.0.0.0/8")]
             )
         );
+    }
+
+    #[test]
+    fn update_after_edits_equals_the_model_of_the_desired_ruleset() {
+        use crate::api::Protocol;
+        use crate::policy::node::compile_node;
+        use crate::policy::testing::*;
+        use crate::policy::validate;
+        let compile = |ps: &[crate::api::FirewallPolicy]| {
+            let valid: Vec<_> = ps.iter().map(|p| validate(p).unwrap()).collect();
+            compile_node("web-1", &valid, &facts_with_nodes()).unwrap()
+        };
+        let before = compile(&[web_policy()]);
+        let mut r = rule("db", Protocol::Tcp, &[5432], &[]);
+        r.peers.push(node_peer(&[("role", "db")]));
+        let mut changed = web_policy();
+        changed.spec.ingress.as_mut().unwrap()[1].peers[0].cidr = Some("198.51.100.0/24".into());
+        for after in [
+            compile(&[changed, policy("db", vec![r], None)]),
+            compile(&[]),
+        ] {
+            let mut model = Model::of(&before);
+            let edits = edit_node(&model, &after);
+            model.update(&after, &edits);
+            assert_eq!(model, Model::of(&after));
+            assert!(edit_node(&model, &after).is_empty());
+        }
     }
 
     proptest! {
