@@ -185,7 +185,7 @@ verify() {
   if pm run --rm --network none --entrypoint /bin/sh "$c" -c true >/dev/null 2>&1; then
     log "controller image has a shell"; exit 1
   fi
-  pm run --rm --network none --entrypoint /bin/sh "$a" -c \
+  pm run --rm --network none --cap-drop all --cap-add NET_ADMIN,NET_RAW --entrypoint /bin/sh "$a" -c \
     'palisade-agent --help >/dev/null && iptables-nft --version && iptables-legacy --version && ip6tables-nft --version \
      && ip6tables-legacy --version && ipset --version && nft --version && conntrack --version' >/dev/null \
     || { log "agent image lacks a tool"; exit 1; }
