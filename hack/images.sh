@@ -185,7 +185,7 @@ verify() {
   if pm run --rm --network none --entrypoint /bin/sh "$c" -c true >/dev/null 2>&1; then
     log "controller image has a shell"; exit 1
   fi
-  pm run --rm --network none --entrypoint /bin/sh "$a" -c \
+  pm run --rm --network none --cap-drop all --cap-add NET_ADMIN,NET_RAW --entrypoint /bin/sh "$a" -c \
     'palisade-agent --help >/dev/null && iptables-nft --version && iptables-legacy --version && ip6tables-nft --version \
      && ip6tables-legacy --version && ipset --version && nft --version && conntrack --version' >/dev/null \
     || { log "agent image lacks a tool"; exit 1; }
@@ -230,7 +230,7 @@ e2e_archives() {
 # What podman leaves on the machine whatever its configuration says: a
 # `libpod_parent` cgroup in every hierarchy (cgroupfs manager), its blob-info
 # cache in /var/lib/containers and /run/containers. Each that wasn't there
-# before is removed on exit (the cgroups only when empty).
+# before is removed on exit (the cgroups only when no process is left in them).
 hygiene() {
   local fresh=() h
   [[ -e /var/lib/containers ]] || fresh+=(/var/lib/containers)
@@ -246,7 +246,8 @@ hygiene_exit() {
   ((${#HYGIENE_PATHS[@]})) && rm -rf "${HYGIENE_PATHS[@]}"
   if ((HYGIENE_CGROUPS)); then
     for h in /sys/fs/cgroup/*/; do
-      [[ -d ${h}libpod_parent ]] && find "${h}libpod_parent" -depth -type d -empty -exec rmdir {} \; 2>/dev/null
+      # rmdir refuses a cgroup that still has processes or children.
+      [[ -d ${h}libpod_parent ]] && find "${h}libpod_parent" -depth -type d -exec rmdir {} \; 2>/dev/null
     done
   fi
   return 0
