@@ -758,11 +758,12 @@ async fn sync_group<E: Ec2>(
         )
         .await;
     }
-    let attached: Vec<String> = instances
+    let mut attached: Vec<String> = instances
         .iter()
         .filter(|i| i.primary_eni.is_some() && selected.contains(&i.id))
         .map(|i| i.id.clone())
         .collect();
+    attached.sort();
     if kept_on > 0 {
         tracing::warn!(policy = %policy.name_any(), group = %group_id, interfaces = kept_on, "the group stays on interfaces it is the last group of");
     }
