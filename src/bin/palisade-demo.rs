@@ -302,6 +302,50 @@ async fn main() -> Result<()> {
         println!("{row}");
     }
 
+    step("palisade explain: one packet, both layers, from the live state (read-only)");
+    let cli = |args: &[&str]| -> Result<()> {
+        let mut cmd =
+            std::process::Command::new(std::env::current_exe()?.with_file_name("palisade"));
+        cmd.env("KUBECONFIG", env.kubeconfig_path())
+            .env("AWS_ENDPOINT_URL_EC2", env.ec2_endpoint());
+        for (k, v) in env.aws_env() {
+            cmd.env(k, v);
+        }
+        let out = cmd.args(args).output()?;
+        print!("{}", String::from_utf8_lossy(&out.stdout));
+        eprint!("{}", String::from_utf8_lossy(&out.stderr));
+        println!("(exit {})", out.status.code().unwrap_or(-1));
+        Ok(())
+    };
+    for source in ["198.51.100.7", "203.0.113.10"] {
+        cli(&[
+            "explain",
+            "--node",
+            target.name(),
+            "--from",
+            source,
+            "--to-port",
+            "22/tcp",
+        ])?;
+    }
+    step("palisade plan: what a change to the policy would do, before it is applied (read-only)");
+    let example = std::fs::read_to_string("deploy/examples/web-server.yaml")?;
+    let changed = example.replace(
+        "    - name: ssh-office",
+        "    - name: admin-ui\n      protocol: TCP\n      ports: [{port: 8080}]\n      peers:\n        - cidr: 0.0.0.0/0\n    - name: ssh-office",
+    );
+    let manifest =
+        std::env::temp_dir().join(format!("palisade-demo-plan-{}.yaml", std::process::id()));
+    std::fs::write(&manifest, changed)?;
+    let planned = cli(&[
+        "plan",
+        "-f",
+        &manifest.to_string_lossy(),
+        "--detailed-exitcode",
+    ]);
+    let _ = std::fs::remove_file(&manifest);
+    planned?;
+
     step("Deleting the policy: agents remove their rules, the controller deletes the group");
     policies
         .delete("web-server", &DeleteParams::default())
@@ -325,8 +369,14 @@ async fn main() -> Result<()> {
         );
     }
 
-    step("helm uninstall");
-    print!("{}", env.helm(&["uninstall", RELEASE, "--namespace", NS])?);
+    // The local environment runs no pods (its nodes are simulated), so
+    // the chart's pre-delete hook Job, which deletes remaining policies on
+    // a real cluster, cannot run here; the policy was deleted above.
+    step("helm uninstall (--no-hooks: the local environment runs no Jobs)");
+    print!(
+        "{}",
+        env.helm(&["uninstall", RELEASE, "--namespace", NS, "--no-hooks"])?
+    );
 
     step("Tearing down");
     drop(processes);
