@@ -237,6 +237,17 @@ fn policy(test: &str, name: &str, role: &str, ingress: Vec<FirewallRule>) -> Fir
     p
 }
 
+/// Switches policy `name` to `mode` (a spec change: a new generation).
+async fn set_mode(name: &str, mode: palisade::api::PolicyMode) {
+    let mut p = get(name).await;
+    p.spec.mode = mode;
+    policies()
+        .await
+        .replace(name, &PostParams::default(), &p)
+        .await
+        .unwrap();
+}
+
 async fn policies() -> Api<FirewallPolicy> {
     Api::all(env().await.client().await.unwrap())
 }
@@ -1238,13 +1249,7 @@ async fn audit_is_a_dry_run_on_the_cloud_layer_too() {
         "{warnings:?}"
     );
     // Enforce: the permission is authorized and the group attached.
-    let mut enforced = get("ctl-audit").await;
-    enforced.spec.mode = palisade::api::PolicyMode::Enforce;
-    policies()
-        .await
-        .replace("ctl-audit", &PostParams::default(), &enforced)
-        .await
-        .unwrap();
+    set_mode("ctl-audit", palisade::api::PolicyMode::Enforce).await;
     eventually("enforced in the group", Duration::from_secs(30), || async {
         let attached = eni_groups(&web).await.contains(&group);
         let rules = rules_of(&ec2, &group).await;
@@ -1252,13 +1257,7 @@ async fn audit_is_a_dry_run_on_the_cloud_layer_too() {
     })
     .await;
     // Back to Audit: revoked and detached.
-    let mut audit = get("ctl-audit").await;
-    audit.spec.mode = palisade::api::PolicyMode::Audit;
-    policies()
-        .await
-        .replace("ctl-audit", &PostParams::default(), &audit)
-        .await
-        .unwrap();
+    set_mode("ctl-audit", palisade::api::PolicyMode::Audit).await;
     eventually("dry run again", Duration::from_secs(30), || async {
         let attached = eni_groups(&web).await.contains(&group);
         let rules = rules_of(&ec2, &group).await;
@@ -1602,13 +1601,7 @@ async fn exposure_is_the_union_of_every_group_cut_by_the_node_layer() {
     })
     .await;
     // Audit: the node layer drops nothing, so the union alone decides.
-    let mut audit = get("ctl-exp").await;
-    audit.spec.mode = palisade::api::PolicyMode::Audit;
-    policies()
-        .await
-        .replace("ctl-exp", &PostParams::default(), &audit)
-        .await
-        .unwrap();
+    set_mode("ctl-exp", palisade::api::PolicyMode::Audit).await;
     let open = [
         "tcp/22 from 0.0.0.0/0",
         "tcp/443 from 0.0.0.0/0",
