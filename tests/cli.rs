@@ -10,6 +10,9 @@
 //!   node programmed by the real agent, across a traffic matrix; its cloud
 //!   verdict equals the union of the interface's groups as moto holds them,
 //!   evaluated here from the raw EC2 answer.
+//! - exposure: a node's `status.exposure`, written by the real controller,
+//!   lists exactly the probes that real packets get through on the node
+//!   and the union of its interface's groups admits.
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
@@ -897,5 +900,213 @@ spec:
         .delete("cli-exp", &DeleteParams::default())
         .await
         .unwrap();
+    node.delete().await.unwrap();
+}
+
+/// Whether the exposure `lines` of a node list `proto` from the whole of
+/// `scope` (entries read as `tcp/80 from 0.0.0.0/0`, `tcp/8000-8100 from …`,
+/// `tcp/all ports from …`, `all traffic from …`).
+fn listed(lines: &[String], proto: Proto, scope: &str) -> bool {
+    let (name, port) = match proto {
+        Proto::Tcp(p) => ("tcp", p),
+        Proto::Udp(p) => ("udp", p),
+        Proto::Echo => return false,
+    };
+    lines.iter().any(|line| {
+        let Some((traffic, from)) = line.split_once(" from ") else {
+            return false;
+        };
+        if from != scope {
+            return false;
+        }
+        if traffic == "all traffic" {
+            return true;
+        }
+        let Some(ports) = traffic.strip_prefix(name).and_then(|t| t.strip_prefix('/')) else {
+            return false;
+        };
+        if ports == "all ports" {
+            return true;
+        }
+        let (a, b) = ports.split_once('-').unwrap_or((ports, ports));
+        a.parse::<u16>().unwrap() <= port && port <= b.parse::<u16>().unwrap()
+    })
+}
+
+/// A node's `status.exposure`, written by the real controller from every
+/// group on its interface and the policies' node layer, is what real
+/// packets get through on the node programmed by the real agent *and* the
+/// union of the interface's groups (as moto holds them) admits: probed
+/// from a stranger (the whole internet, both families) and from the VPC
+/// (here a one-host VPC range), for traffic that each layer alone admits,
+/// both admit, and neither admits.
+#[tokio::test(flavor = "multi_thread")]
+async fn node_exposure_in_status_matches_real_packets_and_the_group_union() {
+    let env = env().await;
+    let test = "cli-exposure";
+    let net = SimNet::new().unwrap();
+    let node = SimNode::create(
+        env,
+        &net,
+        "cli-xp-node",
+        [(TEST_LABEL, test), ("role", "cli-exposure")],
+    )
+    .await
+    .unwrap();
+    let stranger = net.add_host("cli-xp-stranger").unwrap();
+    let insider = net.add_host("cli-xp-vpc").unwrap();
+    let vpc = format!("{}/32", insider.ipv4());
+    // The node group: SSH and 9000 from anywhere, 8080 from the VPC.
+    foreign_group(
+        env,
+        &node,
+        "cli-xp-nodegroup",
+        &[
+            (22, "0.0.0.0/0", "ssh anywhere"),
+            (9000, "0.0.0.0/0", "debug anywhere"),
+            (8080, &vpc, "vpc ui"),
+        ],
+    )
+    .await;
+    let client = env.client().await.unwrap();
+    let policies: Api<FirewallPolicy> = Api::all(client.clone());
+    let p = policy(&format!(
+        "apiVersion: palisade.dev/v1alpha1
+kind: FirewallPolicy
+metadata:
+  name: cli-xp
+  labels: {{{TEST_LABEL}: {test}}}
+spec:
+  nodeSelector: {{matchLabels: {{role: cli-exposure}}}}
+  policyTypes: [Ingress]
+  ingress:
+    - {{name: web, protocol: TCP, ports: [{{port: 80}}], peers: [{{cidr: 0.0.0.0/0}}, {{cidr: '::/0'}}]}}
+    - {{name: ssh, protocol: TCP, ports: [{{port: 22}}], peers: [{{cidr: 203.0.113.0/24}}]}}
+    - {{name: ui, protocol: TCP, ports: [{{port: 8080}}], layers: [Node], peers: [{{cidr: {vpc}}}]}}
+    - {{name: mdns, protocol: UDP, ports: [{{port: 5353}}], layers: [Node], peers: [{{cidr: 0.0.0.0/0}}]}}
+"
+    ));
+    policies.create(&PostParams::default(), &p).await.unwrap();
+
+    let mut agent = node
+        .host()
+        .tokio_command(env!("CARGO_BIN_EXE_palisade-agent"))
+        .env("KUBECONFIG", env.kubeconfig_path())
+        .env("NODE_NAME", node.name())
+        .args(["--metrics-address", "off", "--backend", "nft"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let metrics = Arc::new(Metrics::default());
+    let mut config = controller_config(test);
+    config.resync = Duration::from_secs(3);
+    config.vpc_cidrs = vec![vpc.parse().unwrap()];
+    let ctx = controller::context(
+        client.clone(),
+        Arc::new(direct(env).with_observer(metrics.ec2_observer())),
+        config,
+        metrics,
+    );
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(controller::run(ctx, async move {
+        let _ = stopped.await;
+    }));
+    let nodes: Api<FirewallNode> = Api::all(client.clone());
+    // Applied by the agent, attached by the controller, and an exposure
+    // pass after both.
+    eventually(
+        "the agent applied cli-xp",
+        Duration::from_secs(60),
+        || async {
+            let s = nodes.get_opt(node.name()).await.ok()??.status?;
+            (s.last_sync.as_ref()?.result == "Success"
+                && s.policies.iter().any(|p| p.name == "cli-xp"))
+            .then_some(())
+        },
+    )
+    .await;
+    eventually("cli-xp attached", Duration::from_secs(60), || async {
+        let g = policies.get("cli-xp").await.ok()?.status?.security_group?;
+        (g.attached > 0).then_some(())
+    })
+    .await;
+    let exposure = eventually("the node's exposure", Duration::from_secs(30), || async {
+        let lines = nodes.get_opt(node.name()).await.ok()??.status?.exposure;
+        listed(&lines, Proto::Tcp(80), "0.0.0.0/0").then_some(lines)
+    })
+    .await;
+    println!("exposure of {}: {exposure:#?}", node.name());
+
+    let _listeners: Vec<_> = [22, 80, 8080, 9000]
+        .into_iter()
+        .map(|port| node.host().listen_tcp(port).unwrap())
+        .chain([node.host().listen_udp(5353).unwrap()])
+        .collect();
+    let protos = [
+        Proto::Tcp(22),
+        Proto::Tcp(80),
+        Proto::Tcp(8080),
+        Proto::Tcp(9000),
+        Proto::Udp(5353),
+    ];
+    let mut cases = Vec::new();
+    for proto in protos {
+        cases.push((&stranger, IpAddr::V4(stranger.ipv4()), "0.0.0.0/0", proto));
+        cases.push((&insider, IpAddr::V4(insider.ipv4()), vpc.as_str(), proto));
+    }
+    for proto in [Proto::Tcp(22), Proto::Tcp(80)] {
+        cases.push((&stranger, IpAddr::V6(stranger.ipv6()), "::/0", proto));
+    }
+    let mut seen = BTreeMap::new();
+    for (from, addr, scope, proto) in cases {
+        let to = match addr {
+            IpAddr::V4(_) => IpAddr::V4(node.host().ipv4()),
+            IpAddr::V6(_) => IpAddr::V6(node.host().ipv6()),
+        };
+        let packets = reaches(node.host(), from, to, proto);
+        let union = union_admits(
+            env,
+            node.eni_id(),
+            Direction::Ingress,
+            addr,
+            proto.probe(addr.is_ipv6()),
+        )
+        .await;
+        let status = listed(&exposure, proto, scope);
+        let what = format!("{proto:?} from {scope} ({addr})");
+        assert_eq!(
+            status,
+            packets && union,
+            "{what}: status lists it: {status}; node layer lets packets in: {packets}; \
+             the groups admit it: {union}\n{exposure:#?}"
+        );
+        seen.insert(what, (packets, union));
+    }
+    // Every combination of the two layers occurred.
+    for combination in [(true, true), (true, false), (false, true), (false, false)] {
+        assert!(
+            seen.values().any(|v| *v == combination),
+            "no case with (node, cloud) = {combination:?}: {seen:#?}"
+        );
+    }
+
+    policies
+        .delete("cli-xp", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("cli-xp gone", Duration::from_secs(60), || async {
+        policies
+            .get_opt("cli-xp")
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+    let _ = agent.kill().await;
     node.delete().await.unwrap();
 }

@@ -1341,6 +1341,33 @@ async fn a_full_interface_is_reported_before_any_write() {
     ctl.stop().await;
 }
 
+/// The controller binary of test `test`, with metrics on `port`: cluster
+/// name and policy selector as the in-process controllers of these tests.
+fn controller_binary(test: &str, port: u16) -> tokio::process::Child {
+    let env = TestEnv::shared().unwrap();
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_palisade-controller"))
+        .envs(env.aws_env())
+        .env("KUBECONFIG", env.kubeconfig_path())
+        .args([
+            "--cluster-name",
+            "ctrl-tests",
+            "--metrics-address",
+            &format!("127.0.0.1:{port}"),
+            "--leader-election",
+            "false",
+            "--policy-selector",
+            &format!("{TEST_LABEL}={test}"),
+        ])
+        .kill_on_drop(true)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// Drift made while the controller is dead (kill -9: no shutdown, its
+/// memory gone) is still known as drift by the next one: one
+/// `DriftCorrected` Event, counted in status and in its metric.
 #[tokio::test(flavor = "multi_thread")]
 async fn drift_made_while_the_controller_is_down_is_known_after_a_restart() {
     let test = "drift-restart";
@@ -1348,7 +1375,12 @@ async fn drift_made_while_the_controller_is_down_is_known_after_a_restart() {
     let client = env.client().await.unwrap();
     let net = SimNet::new().unwrap();
     let _node = sim_node(&net, test, "ctl-drift-r", "web").await;
-    let ctl = Running::start(test, Duration::from_secs(300), 60).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut first = controller_binary(test, port);
     create_policy(&policy(
         test,
         "ctl-drift-r",
@@ -1363,12 +1395,13 @@ async fn drift_made_while_the_controller_is_down_is_known_after_a_restart() {
     .await;
     let ec2 = direct();
     let before = rules_of(&ec2, &group).await;
-    // The controller goes away (its memory with it), the group is changed.
-    drop(ctl);
+    // kill -9, then the group is changed while no controller runs.
+    first.kill().await.unwrap();
     revoke_out_of_band(&ec2, &group, 22).await;
-    // A new controller: it repairs, and knows it was drift.
-    let ctl = Running::start(test, Duration::from_secs(300), 60).await;
-    eventually("drift repaired", Duration::from_secs(30), || async {
+    assert_ne!(rules_of(&ec2, &group).await, before);
+    // A new controller process: it repairs, and knows it was drift.
+    let mut second = controller_binary(test, port);
+    eventually("drift repaired", Duration::from_secs(60), || async {
         (rules_of(&ec2, &group).await == before).then_some(())
     })
     .await;
@@ -1380,12 +1413,25 @@ async fn drift_made_while_the_controller_is_down_is_known_after_a_restart() {
     })
     .await;
     assert_eq!(repairs, 1);
+    let metrics = eventually("metrics", Duration::from_secs(10), || async {
+        let out = tokio::process::Command::new("curl")
+            .args(["-s", &format!("http://127.0.0.1:{port}/metrics")])
+            .output()
+            .await
+            .ok()?;
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        (!text.is_empty()).then_some(text)
+    })
+    .await;
     assert!(
-        ctl.ctx
-            .metrics
-            .encode()
-            .contains("palisade_controller_drift_corrections_total 1")
+        metrics.contains("palisade_controller_drift_corrections_total 1"),
+        "{metrics}"
     );
+    // Only once: a later resync of the repaired group finds nothing.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(drift_corrected(&client, "ctl-drift-r").await.len(), 1);
+    second.kill().await.unwrap();
+    let ctl = Running::start(test, Duration::from_secs(300), 60).await;
     delete_and_wait("ctl-drift-r").await;
     ctl.stop().await;
 }
