@@ -243,7 +243,11 @@ fn render_shows_the_node_layer_and_the_numbers_when_the_cloud_plan_fails() {
     )
     .unwrap();
     let node = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/node-web-1.yaml");
-    for format in [cli::OutputFormat::Rules, cli::OutputFormat::Summary] {
+    for format in [
+        cli::OutputFormat::Rules,
+        cli::OutputFormat::Summary,
+        cli::OutputFormat::Json,
+    ] {
         let mut out = Vec::new();
         let err = cli::render_files(
             &node,
@@ -269,6 +273,12 @@ fn render_shows_the_node_layer_and_the_numbers_when_the_cloud_plan_fails() {
                 text.contains("10.2.39.0/24"),
                 "the node layer lists every peer: {text}"
             );
+        } else if format == cli::OutputFormat::Json {
+            // The whole document all the same, the failure in it.
+            let doc: serde_json::Value = serde_json::from_str(&text).unwrap();
+            let failure = doc["cloud"][0]["Err"].as_str().unwrap_or_default();
+            assert!(failure.contains("over the quota of 60"), "{text}");
+            assert!(doc["nodeLayer"].is_object(), "{text}");
         } else {
             assert!(text.contains("CLOUD PLAN FAILS"), "{text}");
         }

@@ -117,7 +117,10 @@ pub fn render_files(
             "{}",
             serde_json::to_string_pretty(&doc).map_err(|e| Error::Render(e.to_string()))?
         )?;
-        return Ok(());
+        // The document is whole either way; a failed cloud plan (in its
+        // `cloud` array) fails the command, as in the other formats.
+        let unplannable: Vec<String> = plans.iter().filter_map(|p| p.clone().err()).collect();
+        return cloud_verdict(&unplannable);
     }
     write!(out, "{}", super::summary::summary_text(&target, &selected))?;
     // A cloud plan that cannot be applied (a quota exceeded, say) stops
