@@ -25,7 +25,7 @@ use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::{Api, Client, ResourceExt};
-use palisade::api::{FirewallNode, FirewallPeerSlice, FirewallPolicy};
+use palisade::api::{FirewallNode, FirewallNodeStatus, FirewallPeerSlice, FirewallPolicy};
 use palisade::cli::NodeSettings;
 use palisade::cli::explain::{CloudAnswer, Question, explain, read_for};
 use palisade::cloud::{AwsEc2, Ec2, RetryPolicy};
@@ -586,6 +586,47 @@ async fn union_admits(
     })
 }
 
+/// The real agent (nft backend, no metrics) on `node`, with `extra` flags.
+fn start_agent(env: &TestEnv, node: &SimNode, extra: &[&str]) -> tokio::process::Child {
+    node.host()
+        .tokio_command(env!("CARGO_BIN_EXE_palisade-agent"))
+        .env("KUBECONFIG", env.kubeconfig_path())
+        .env("NODE_NAME", node.name())
+        .args(["--metrics-address", "off", "--backend", "nft"])
+        .args(extra)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+/// The node's report, once its agent applied `policy` successfully.
+async fn applied(client: &Client, node: &SimNode, policy: &str) -> FirewallNodeStatus {
+    let nodes: Api<FirewallNode> = Api::all(client.clone());
+    eventually(
+        &format!("the agent applied {policy}"),
+        Duration::from_secs(60),
+        || async {
+            let s = nodes.get_opt(node.name()).await.ok()??.status?;
+            (s.last_sync.as_ref()?.result == "Success"
+                && s.policies.iter().any(|p| p.name == policy))
+            .then_some(s)
+        },
+    )
+    .await
+}
+
+/// Listeners on the node for the probes of the traffic matrices: TCP 22,
+/// 80, 8080, 9000 and UDP 5353.
+fn listeners(node: &SimNode) -> Vec<palisade::testenv::EchoListener> {
+    [22, 80, 8080, 9000]
+        .into_iter()
+        .map(|port| node.host().listen_tcp(port).unwrap())
+        .chain([node.host().listen_udp(5353).unwrap()])
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn explain_agrees_with_real_packets_and_with_the_group_union() {
     let env = env().await;
@@ -637,36 +678,8 @@ spec:
 
     // The real agent on the node, failsafe SSH from the admin host.
     let admin_cidr = format!("{admin4}/32");
-    let mut agent = node
-        .host()
-        .tokio_command(env!("CARGO_BIN_EXE_palisade-agent"))
-        .env("KUBECONFIG", env.kubeconfig_path())
-        .env("NODE_NAME", node.name())
-        .args([
-            "--metrics-address",
-            "off",
-            "--backend",
-            "nft",
-            "--admin-cidr",
-            &admin_cidr,
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let nodes: Api<FirewallNode> = Api::all(client.clone());
-    let reported = eventually(
-        "the agent applied cli-exp",
-        Duration::from_secs(60),
-        || async {
-            let s = nodes.get_opt(node.name()).await.ok()??.status?;
-            (s.last_sync.as_ref()?.result == "Success"
-                && s.policies.iter().any(|p| p.name == "cli-exp"))
-            .then_some(s)
-        },
-    )
-    .await;
+    let mut agent = start_agent(env, &node, &["--admin-cidr", &admin_cidr]);
+    let reported = applied(&client, &node, "cli-exp").await;
 
     let mut failsafe = Failsafe::default();
     failsafe.admin_cidrs.push(admin_cidr.parse().unwrap());
@@ -694,10 +707,8 @@ spec:
             .map(|p| p.hash.as_str()),
     );
 
-    let _listeners: Vec<_> = [22, 80, 8080, 9000]
+    let _listeners: Vec<_> = listeners(&node)
         .into_iter()
-        .map(|port| node.host().listen_tcp(port).unwrap())
-        .chain([node.host().listen_udp(5353).unwrap()])
         .chain([admin.listen_tcp(80).unwrap(), other.listen_tcp(80).unwrap()])
         .collect();
 
@@ -988,17 +999,7 @@ spec:
     ));
     policies.create(&PostParams::default(), &p).await.unwrap();
 
-    let mut agent = node
-        .host()
-        .tokio_command(env!("CARGO_BIN_EXE_palisade-agent"))
-        .env("KUBECONFIG", env.kubeconfig_path())
-        .env("NODE_NAME", node.name())
-        .args(["--metrics-address", "off", "--backend", "nft"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut agent = start_agent(env, &node, &[]);
     let metrics = Arc::new(Metrics::default());
     let mut config = controller_config(test);
     config.resync = Duration::from_secs(3);
@@ -1016,17 +1017,7 @@ spec:
     let nodes: Api<FirewallNode> = Api::all(client.clone());
     // Applied by the agent, attached by the controller, and an exposure
     // pass after both.
-    eventually(
-        "the agent applied cli-xp",
-        Duration::from_secs(60),
-        || async {
-            let s = nodes.get_opt(node.name()).await.ok()??.status?;
-            (s.last_sync.as_ref()?.result == "Success"
-                && s.policies.iter().any(|p| p.name == "cli-xp"))
-            .then_some(())
-        },
-    )
-    .await;
+    applied(&client, &node, "cli-xp").await;
     eventually("cli-xp attached", Duration::from_secs(60), || async {
         let g = policies.get("cli-xp").await.ok()?.status?.security_group?;
         (g.attached > 0).then_some(())
@@ -1039,11 +1030,7 @@ spec:
     .await;
     println!("exposure of {}: {exposure:#?}", node.name());
 
-    let _listeners: Vec<_> = [22, 80, 8080, 9000]
-        .into_iter()
-        .map(|port| node.host().listen_tcp(port).unwrap())
-        .chain([node.host().listen_udp(5353).unwrap()])
-        .collect();
+    let _listeners = listeners(&node);
     let protos = [
         Proto::Tcp(22),
         Proto::Tcp(80),

@@ -929,24 +929,16 @@ async fn the_binary_elects_reconciles_serves_metrics_and_stops_on_sigterm() {
         .local_addr()
         .unwrap()
         .port();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_palisade-controller"))
-        .envs(env.aws_env())
-        .env("KUBECONFIG", env.kubeconfig_path())
+    let mut child = controller_binary(test, port)
         .args([
             "--cluster-name",
             "ctl-binary",
-            "--metrics-address",
-            &format!("127.0.0.1:{port}"),
             "--lease-namespace",
             "ctl-binary",
             "--identity",
             "binary-test",
-            "--policy-selector",
-            &format!("{TEST_LABEL}={test}"),
         ])
-        .kill_on_drop(true)
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
     let mut p = policy(
@@ -1341,26 +1333,31 @@ async fn a_full_interface_is_reported_before_any_write() {
     ctl.stop().await;
 }
 
-/// The controller binary of test `test`, with metrics on `port`: cluster
-/// name and policy selector as the in-process controllers of these tests.
-fn controller_binary(test: &str, port: u16) -> tokio::process::Child {
+/// The controller binary for the policies of test `test`, with metrics on
+/// `port`, its other flags to add.
+fn controller_binary(test: &str, port: u16) -> tokio::process::Command {
     let env = TestEnv::shared().unwrap();
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_palisade-controller"))
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_palisade-controller"));
+    command
         .envs(env.aws_env())
         .env("KUBECONFIG", env.kubeconfig_path())
         .args([
-            "--cluster-name",
-            "ctrl-tests",
             "--metrics-address",
             &format!("127.0.0.1:{port}"),
-            "--leader-election",
-            "false",
             "--policy-selector",
             &format!("{TEST_LABEL}={test}"),
         ])
         .kill_on_drop(true)
+        .stderr(std::process::Stdio::null());
+    command
+}
+
+/// The controller binary as the in-process controllers of these tests
+/// (their cluster name), without leader election.
+fn restartable_controller(test: &str, port: u16) -> tokio::process::Child {
+    controller_binary(test, port)
+        .args(["--cluster-name", "ctrl-tests", "--leader-election", "false"])
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap()
 }
@@ -1380,7 +1377,7 @@ async fn drift_made_while_the_controller_is_down_is_known_after_a_restart() {
         .local_addr()
         .unwrap()
         .port();
-    let mut first = controller_binary(test, port);
+    let mut first = restartable_controller(test, port);
     create_policy(&policy(
         test,
         "ctl-drift-r",
@@ -1400,7 +1397,7 @@ async fn drift_made_while_the_controller_is_down_is_known_after_a_restart() {
     revoke_out_of_band(&ec2, &group, 22).await;
     assert_ne!(rules_of(&ec2, &group).await, before);
     // A new controller process: it repairs, and knows it was drift.
-    let mut second = controller_binary(test, port);
+    let mut second = restartable_controller(test, port);
     eventually("drift repaired", Duration::from_secs(60), || async {
         (rules_of(&ec2, &group).await == before).then_some(())
     })
