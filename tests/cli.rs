@@ -67,6 +67,13 @@ where
     }
 }
 
+/// A simulated node `name` of test `test` with label `role`.
+async fn node_of(env: &TestEnv, net: &SimNet, test: &str, name: &str, role: &str) -> SimNode {
+    SimNode::create(env, net, name, [(TEST_LABEL, test), ("role", role)])
+        .await
+        .unwrap()
+}
+
 /// A group not Palisade's in the test VPC, with TCP ingress `rules`
 /// (port, CIDR, description), added to the interface of `node` beside the
 /// groups it has.
@@ -274,6 +281,51 @@ fn controller_config(test: &str) -> Config {
     }
 }
 
+/// An in-process controller (the tests' own policies only).
+struct InProcess {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl InProcess {
+    fn start(env: &TestEnv, client: &Client, config: Config) -> InProcess {
+        let metrics = Arc::new(Metrics::default());
+        let ctx = controller::context(
+            client.clone(),
+            Arc::new(direct(env).with_observer(metrics.ec2_observer())),
+            config,
+            metrics,
+        );
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(controller::run(ctx, async move {
+            let _ = stopped.await;
+        }));
+        InProcess { stop, task }
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
+    }
+}
+
+/// Deletes `name` and waits until its finalizer let it go.
+async fn delete_and_wait(policies: &Api<FirewallPolicy>, name: &str) {
+    policies
+        .delete(name, &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually(&format!("{name} gone"), Duration::from_secs(60), || async {
+        policies
+            .get_opt(name)
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+}
+
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, text).unwrap();
@@ -285,14 +337,7 @@ async fn plan_shows_group_node_and_exposure_changes_and_writes_nothing() {
     let env = env().await;
     let test = "cli-plan";
     let net = SimNet::new().unwrap();
-    let a = SimNode::create(
-        env,
-        &net,
-        "cli-plan-a",
-        [(TEST_LABEL, test), ("role", "cli-plan-web")],
-    )
-    .await
-    .unwrap();
+    let a = node_of(env, &net, test, "cli-plan-a", "cli-plan-web").await;
     // An EKS-like node-group group: SSH from anywhere.
     foreign_group(
         env,
@@ -323,26 +368,14 @@ spec:
         .create(&PostParams::default(), &policy(&live))
         .await
         .unwrap();
-    let metrics = Arc::new(Metrics::default());
-    let ctl_ec2 = direct(env).with_observer(metrics.ec2_observer());
-    let ctx = controller::context(
-        client.clone(),
-        Arc::new(ctl_ec2),
-        controller_config(test),
-        metrics,
-    );
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(controller::run(ctx, async move {
-        let _ = stopped.await;
-    }));
+    let ctl = InProcess::start(env, &client, controller_config(test));
     let group = eventually("cli-web attached", Duration::from_secs(60), || async {
         let p = policies.get("cli-web").await.ok()?;
         let g = p.status?.security_group?;
         (g.attached > 0).then_some(g.id)
     })
     .await;
-    let _ = stop.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+    ctl.stop().await;
 
     // The change under review: 8080 goes, HTTPS from anywhere (both
     // families) comes, and a new policy opens SSH to the world.
@@ -455,32 +488,9 @@ spec:
 
     // Clean up: the policy goes with its group (a controller is needed for
     // the finalizer), then the node.
-    let metrics = Arc::new(Metrics::default());
-    let ctx = controller::context(
-        client.clone(),
-        Arc::new(direct(env).with_observer(metrics.ec2_observer())),
-        controller_config(test),
-        metrics,
-    );
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(controller::run(ctx, async move {
-        let _ = stopped.await;
-    }));
-    policies
-        .delete("cli-web", &DeleteParams::default())
-        .await
-        .unwrap();
-    eventually("cli-web gone", Duration::from_secs(30), || async {
-        policies
-            .get_opt("cli-web")
-            .await
-            .unwrap()
-            .is_none()
-            .then_some(())
-    })
-    .await;
-    let _ = stop.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+    let ctl = InProcess::start(env, &client, controller_config(test));
+    delete_and_wait(&policies, "cli-web").await;
+    ctl.stop().await;
     a.delete().await.unwrap();
 }
 
@@ -632,14 +642,7 @@ async fn explain_agrees_with_real_packets_and_with_the_group_union() {
     let env = env().await;
     let test = "cli-explain";
     let net = SimNet::new().unwrap();
-    let node = SimNode::create(
-        env,
-        &net,
-        "cli-exp-node",
-        [(TEST_LABEL, test), ("role", "cli-explain")],
-    )
-    .await
-    .unwrap();
+    let node = node_of(env, &net, test, "cli-exp-node", "cli-explain").await;
     let admin = net.add_host("cli-exp-admin").unwrap();
     let other = net.add_host("cli-exp-other").unwrap();
     let (admin4, other4) = (admin.ipv4(), other.ipv4());
@@ -956,14 +959,7 @@ async fn node_exposure_in_status_matches_real_packets_and_the_group_union() {
     let env = env().await;
     let test = "cli-exposure";
     let net = SimNet::new().unwrap();
-    let node = SimNode::create(
-        env,
-        &net,
-        "cli-xp-node",
-        [(TEST_LABEL, test), ("role", "cli-exposure")],
-    )
-    .await
-    .unwrap();
+    let node = node_of(env, &net, test, "cli-xp-node", "cli-exposure").await;
     let stranger = net.add_host("cli-xp-stranger").unwrap();
     let insider = net.add_host("cli-xp-vpc").unwrap();
     let vpc = format!("{}/32", insider.ipv4());
@@ -1000,20 +996,10 @@ spec:
     policies.create(&PostParams::default(), &p).await.unwrap();
 
     let mut agent = start_agent(env, &node, &[]);
-    let metrics = Arc::new(Metrics::default());
     let mut config = controller_config(test);
     config.resync = Duration::from_secs(3);
     config.vpc_cidrs = vec![vpc.parse().unwrap()];
-    let ctx = controller::context(
-        client.clone(),
-        Arc::new(direct(env).with_observer(metrics.ec2_observer())),
-        config,
-        metrics,
-    );
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(controller::run(ctx, async move {
-        let _ = stopped.await;
-    }));
+    let ctl = InProcess::start(env, &client, config);
     let nodes: Api<FirewallNode> = Api::all(client.clone());
     // Applied by the agent, attached by the controller, and an exposure
     // pass after both.
@@ -1079,21 +1065,8 @@ spec:
         );
     }
 
-    policies
-        .delete("cli-xp", &DeleteParams::default())
-        .await
-        .unwrap();
-    eventually("cli-xp gone", Duration::from_secs(60), || async {
-        policies
-            .get_opt("cli-xp")
-            .await
-            .unwrap()
-            .is_none()
-            .then_some(())
-    })
-    .await;
-    let _ = stop.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+    delete_and_wait(&policies, "cli-xp").await;
+    ctl.stop().await;
     let _ = agent.kill().await;
     node.delete().await.unwrap();
 }
