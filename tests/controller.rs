@@ -1342,6 +1342,104 @@ async fn a_full_interface_is_reported_before_any_write() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn policies_that_cannot_fit_a_node_say_so_before_any_write() {
+    let test = "eni-fit";
+    let env = env().await;
+    let net = SimNet::new().unwrap();
+    let web = sim_node(&net, test, "ctl-fit-web", "web").await;
+    // Three foreign groups on the interface.
+    let raw = env.ec2_client();
+    let vpc = env.sim_cloud().await.unwrap().vpc_id.clone();
+    let mut groups = eni_groups(&web).await;
+    for i in 0..(3 - groups.len()) {
+        let g = raw
+            .create_security_group()
+            .group_name(format!("ctl-fit-extra-{i}"))
+            .description("filler")
+            .vpc_id(&vpc)
+            .send()
+            .await
+            .unwrap();
+        groups.push(g.group_id().unwrap().to_string());
+    }
+    let ec2 = direct();
+    ec2.set_eni_groups(web.eni_id(), &groups).await.unwrap();
+    // Three policies, each with its own named group, select the node:
+    // 3 foreign + 3 Palisade groups is one more than AWS's default 5.
+    let names = ["ctl-fit-a", "ctl-fit-b", "ctl-fit-c"];
+    for (i, name) in names.iter().enumerate() {
+        let mut p = policy(
+            test,
+            name,
+            "web",
+            vec![tcp("app", &[8000 + i as u16], &["10.0.0.0/8"])],
+        );
+        p.spec.security_group = Some(SecurityGroupTarget {
+            name: Some(format!("palisade-fit-{name}")),
+            ..Default::default()
+        });
+        create_policy(&p).await;
+    }
+    let ctl = Running::start(test, Duration::from_secs(300), 60).await;
+    for name in names {
+        let stalled = eventually("Stalled", Duration::from_secs(30), || async {
+            let p = get(name).await;
+            condition(&p, "Stalled").filter(|c| c.0 == "True")
+        })
+        .await;
+        assert_eq!(stalled.1, "QuotaExceeded", "{stalled:?}");
+        let line = "node ctl-fit-web would carry 6 groups (3 foreign + 3 Palisade); the interface quota is 5 groups";
+        assert!(stalled.2.contains(line), "{stalled:?}");
+        let warnings = get(name).await.status.unwrap().warnings;
+        assert!(warnings.iter().any(|w| w.ends_with(line)), "{warnings:?}");
+    }
+    // No partial attachment: no group made, no rule, the interface as it was.
+    let calls = ctl.proxy.take_calls();
+    for write in [
+        "CreateSecurityGroup",
+        "AuthorizeSecurityGroupIngress",
+        "ModifyNetworkInterfaceAttribute",
+    ] {
+        assert_eq!(count(&calls, write), 0, "{write}");
+    }
+    assert_eq!(eni_groups(&web).await, groups);
+    // One policy fewer and the others touched: 3 + 2 fit, both converge.
+    delete_and_wait("ctl-fit-c").await;
+    for name in &names[..2] {
+        let mut p = get(name).await;
+        p.metadata
+            .annotations
+            .get_or_insert_default()
+            .insert("touch".into(), "1".into());
+        policies()
+            .await
+            .replace(name, &PostParams::default(), &p)
+            .await
+            .unwrap();
+    }
+    let a = wait_cloud_synced("ctl-fit-a").await;
+    let b = wait_cloud_synced("ctl-fit-b").await;
+    let now = eventually("attached", Duration::from_secs(30), || async {
+        let now = eni_groups(&web).await;
+        (now.contains(&a) && now.contains(&b)).then_some(now)
+    })
+    .await;
+    assert_eq!(now.len(), 5, "{now:?}");
+    assert!(
+        get("ctl-fit-a")
+            .await
+            .status
+            .unwrap()
+            .warnings
+            .iter()
+            .all(|w| !w.contains("would carry")),
+    );
+    delete_and_wait("ctl-fit-a").await;
+    delete_and_wait("ctl-fit-b").await;
+    ctl.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn drift_made_while_the_controller_is_down_is_known_after_a_restart() {
     let test = "drift-restart";
     let env = env().await;

@@ -1,14 +1,16 @@
 //! The two branches of the finalizer: [`apply`] and [`cleanup`].
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
+use kube::runtime::reflector::Store;
 
 use super::effective::Effective;
+use super::placement::{self, Slot};
 use super::status::{self, CloudState};
 use super::{Context, Error, SyncMemory, lock};
 use crate::api::{
@@ -150,6 +152,17 @@ pub async fn apply<E: Ec2>(
                     .filter(|c| c.type_ == crate::api::conditions::EFFECTIVE_ACCESS)
                     .cloned(),
             );
+            // Nodes over the groups-per-interface quota: named, with their
+            // numbers, among the warnings too (a bounded sample).
+            next.warnings
+                .retain(|w| !w.starts_with(placement::WARNING_PREFIX));
+            if let Error::InterfaceFull { nodes, .. } = &e {
+                next.warnings.extend(
+                    nodes
+                        .iter()
+                        .map(|n| format!("{}{n}", placement::WARNING_PREFIX)),
+                );
+            }
             if write_status(&policy, &ctx, &previous, next).await? && e.is_permanent() {
                 ctx.publish(&policy, true, e.reason(), "Reconcile", e.advice())
                     .await;
@@ -575,18 +588,7 @@ async fn sync_group<E: Ec2>(
             known.insert(i.id.clone(), i.clone());
         }
     }
-    let known_group = previous
-        .as_ref()
-        .map(|g| g.id.clone())
-        .or_else(|| spec.id.clone());
-    check_interfaces(
-        policy,
-        ctx,
-        facts,
-        &instances,
-        &selected,
-        known_group.as_deref(),
-    )?;
+    check_interfaces(policy, ctx, facts, &instances, &selected, previous.as_ref()).await?;
 
     // The group.
     let (group_id, vpc_id, current) = if owned {
@@ -816,46 +818,120 @@ async fn sync_group<E: Ec2>(
     })
 }
 
-/// Refuses, before any EC2 write, to attach the group to an interface that
-/// already holds as many groups as the account allows (AWS would refuse the
-/// call after the group and its rules were made): names every such node.
-fn check_interfaces<E: Ec2>(
+/// The group a policy puts on the interfaces of the nodes it selects, as
+/// the groups-per-interface check counts it: `None` when it puts none
+/// (Audit, `attachToNodes: false`, being deleted, invalid).
+fn slot_of(
+    policy: &FirewallPolicy,
+    group: Option<&SecurityGroupStatus>,
+) -> Option<(crate::policy::ValidPolicy, Slot)> {
+    if policy.metadata.deletion_timestamp.is_some() {
+        return None;
+    }
+    let valid = crate::policy::validate(policy).ok()?;
+    let spec = target(policy);
+    if valid.mode() == PolicyMode::Audit || !spec.attaches() {
+        return None;
+    }
+    let slot = match (&spec.id, group) {
+        (Some(id), _) => Slot::Group(id.clone()),
+        (None, Some(g)) if g.owned => Slot::Group(g.id.clone()),
+        (None, _) => Slot::Pending(policy.uid().unwrap_or_else(|| policy.name_any())),
+    };
+    Some((valid, slot))
+}
+
+/// Refuses, before any EC2 write, to put the group on an interface that
+/// would then carry more groups than the account allows: for each
+/// selected node whose interface lacks the group, its foreign groups plus
+/// one per group of every policy selecting it (this one included) must
+/// fit the quota. Names the nodes that do not (a bounded sample) with
+/// their numbers. A node already carrying the group is not judged: the
+/// group stays where it is.
+async fn check_interfaces<E: Ec2>(
     policy: &FirewallPolicy,
     ctx: &Context<E>,
     facts: &Facts,
     instances: &[InstanceInfo],
     selected: &[String],
-    group: Option<&str>,
+    group: Option<&SecurityGroupStatus>,
 ) -> Result<(), Error> {
     let limit = ctx.config.quota.groups_per_interface;
-    let full: Vec<String> = instances
+    let uid = policy.uid().unwrap_or_default();
+    let gid = group.map(|g| g.id.clone()).or_else(|| target(policy).id);
+    let waiting: Vec<&InstanceInfo> = instances
         .iter()
         .filter(|i| selected.contains(&i.id) && i.primary_eni.is_some())
-        .filter(|i| group.is_none_or(|g| !i.eni_groups.iter().any(|e| e == g)))
-        .filter(|i| i.eni_groups.len() >= limit as usize)
-        .map(|i| {
-            let node = facts
-                .nodes
-                .iter()
-                .find(|n| n.instance_id() == Some(i.id.as_str()))
-                .map_or("?", |n| n.name.as_str());
-            format!(
-                "{node} ({}, {}: {})",
-                i.id,
-                i.primary_eni.as_deref().unwrap_or_default(),
-                i.eni_groups.join(" ")
-            )
-        })
+        .filter(|i| gid.as_ref().is_none_or(|g| !i.eni_groups.contains(g)))
         .collect();
-    if full.is_empty() {
-        Ok(())
-    } else {
-        Err(Error::InterfaceFull {
-            policy: policy.name_any(),
-            limit,
-            nodes: full,
-        })
+    if waiting.is_empty() {
+        return Ok(());
     }
+    let Some((_, own)) = slot_of(policy, group) else {
+        return Ok(());
+    };
+    // The policies' initial list in first: at a start, a reconcile may run
+    // before the store holds the other policies.
+    if let Some(store) = ctx.policies.get() {
+        let _ = store.wait_until_ready().await;
+    }
+    // Every other policy's group (the newest known: this controller's
+    // memory, else the status), and every group Palisade created.
+    let remembered: HashMap<String, SecurityGroupStatus> = lock(&ctx.memory)
+        .iter()
+        .filter_map(|(uid, m)| Some((uid.clone(), m.group.clone()?)))
+        .collect();
+    let mut palisade: BTreeSet<String> = remembered
+        .values()
+        .filter(|g| g.owned)
+        .map(|g| g.id.clone())
+        .collect();
+    let mut others = Vec::new();
+    for p in ctx.policies.get().map(Store::state).unwrap_or_default() {
+        let puid = p.uid().unwrap_or_default();
+        let known = remembered
+            .get(&puid)
+            .or(p.status.as_ref().and_then(|s| s.security_group.as_ref()));
+        if let Some(g) = known.filter(|g| g.owned) {
+            palisade.insert(g.id.clone());
+        }
+        if puid != uid
+            && let Some(slot) = slot_of(&p, known)
+        {
+            others.push(slot);
+        }
+    }
+    let mut unfit = Vec::new();
+    for i in waiting {
+        let Some(node) = facts
+            .nodes
+            .iter()
+            .find(|n| n.instance_id() == Some(i.id.as_str()))
+        else {
+            continue;
+        };
+        let mut needed: BTreeSet<Slot> = BTreeSet::from([own.clone()]);
+        needed.extend(
+            others
+                .iter()
+                .filter(|(v, _)| v.selects(node))
+                .map(|(_, s)| s.clone()),
+        );
+        let fit = placement::fit(&node.name, &i.eni_groups, &needed, &palisade, limit);
+        if !fit.fits() {
+            unfit.push(fit);
+        }
+    }
+    if unfit.is_empty() {
+        return Ok(());
+    }
+    unfit.sort_by(|a, b| a.node.cmp(&b.node));
+    Err(Error::InterfaceFull {
+        policy: policy.name_any(),
+        limit,
+        count: unfit.len(),
+        nodes: placement::describe(&unfit, crate::api::ATTACHED_SAMPLE),
+    })
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -56,6 +56,7 @@ pub mod exposure;
 pub mod leader;
 pub mod metrics;
 pub mod peers;
+pub mod placement;
 pub mod status;
 
 use std::collections::{BTreeSet, HashMap};
@@ -167,17 +168,20 @@ pub enum Error {
         /// The VPC.
         vpc: String,
     },
-    /// Selected nodes whose primary interface already holds as many groups
-    /// as the account allows: found before any EC2 write.
+    /// Selected nodes whose interface would carry more groups than the
+    /// account allows once every policy selecting them is applied: found
+    /// before any EC2 write.
     #[error(
-        "{} node(s) cannot take the Security Group of policy {policy}: their interface already holds {limit} groups, AWS's limit per interface ({}); attach fewer policies' groups to them (narrow a nodeSelector, or adopt one shared group with spec.securityGroup.id), or raise the 'Security groups per network interface' quota and --groups-per-interface", nodes.len(), nodes.join("; ")
+        "{count} node(s) selected by policy {policy} cannot take its Security Group within the groups-per-interface quota ({limit}): {}; attach fewer groups to them (narrow a nodeSelector, or adopt one shared group with spec.securityGroup.id), or raise the 'Security groups per network interface' quota and --groups-per-interface", nodes.join("; ")
     )]
     InterfaceFull {
         /// The policy.
         policy: String,
         /// The limit.
         limit: u32,
-        /// `node (instance, eni: groups)` of each full interface.
+        /// How many nodes do not fit.
+        count: usize,
+        /// A bounded sample: one line per node, with its numbers.
         nodes: Vec<String>,
     },
     /// The policy object has no uid or name (never from the apiserver).
@@ -327,6 +331,9 @@ pub struct Context<E: Ec2> {
     pub(crate) exposure: Mutex<HashMap<String, exposure::NodeExposure>>,
     /// Each node's exposure, as last written to its FirewallNode.
     pub(crate) exposure_written: Mutex<HashMap<String, exposure::NodeExposure>>,
+    /// Every policy this controller reconciles, from its watch (set by
+    /// [`run`]): what the groups-per-interface check counts.
+    pub(crate) policies: std::sync::OnceLock<Store<FirewallPolicy>>,
 }
 
 impl<E: Ec2> std::fmt::Debug for Context<E> {
@@ -489,6 +496,7 @@ pub fn context<E: Ec2>(
         instances: Mutex::new(HashMap::new()),
         exposure: Mutex::new(HashMap::new()),
         exposure_written: Mutex::new(HashMap::new()),
+        policies: std::sync::OnceLock::new(),
     })
 }
 
@@ -508,6 +516,7 @@ pub async fn run<E: Ec2>(
     }
     let controller = Controller::new(Api::<FirewallPolicy>::all(client.clone()), policy_watch);
     let policies = controller.store();
+    let _ = ctx.policies.set(policies.clone());
     // Nodes and agent reports: one watch each, into the cache; the same
     // task wakes the policies a change concerns, after the cache has it.
     let (wake, woken) = futures::channel::mpsc::unbounded();
