@@ -1439,6 +1439,200 @@ async fn policies_that_cannot_fit_a_node_say_so_before_any_write() {
     ctl.stop().await;
 }
 
+/// The policy's group id and ingress rule count once its cloud layer is
+/// synced at its generation.
+async fn synced_group(name: &str) -> Option<(String, i32)> {
+    let p = get(name).await;
+    let s = p.status.as_ref()?;
+    (s.observed_generation == p.metadata.generation && condition(&p, "CloudSynced")?.0 == "True")
+        .then(|| {
+            s.security_group
+                .as_ref()
+                .map(|g| (g.id.clone(), g.ingress_rules))
+        })
+        .flatten()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_selected_by_8_policies_converges_with_default_quotas() {
+    let test = "shared";
+    let net = SimNet::new().unwrap();
+    let web = sim_node(&net, test, "ctl-shared-web", "web").await;
+    let web2 = sim_node(&net, test, "ctl-shared-web2", "web").await;
+    let db = sim_node(&net, test, "ctl-shared-db", "db").await;
+    let default_groups = eni_groups(&web).await;
+    let db_groups = eni_groups(&db).await;
+    // Default quotas: 5 groups per interface (moto does not enforce it: the
+    // test checks it at every poll), 60 rules per direction.
+    let ctl = Running::start(test, Duration::from_secs(300), 60).await;
+    let ec2 = direct();
+    let names: Vec<String> = (1..=8).map(|i| format!("ctl-shared-{i}")).collect();
+    let make = |i: usize| {
+        let mut rules = vec![tcp("app", &[8000 + i as u16], &["10.0.0.0/8"])];
+        if i <= 2 {
+            // The same permission in two policies: held once.
+            rules.push(tcp("https", &[443], &["10.0.0.0/8"]));
+        }
+        policy(test, &names[i - 1], "web", rules)
+    };
+    let within_quota = || async {
+        for node in [&web, &web2] {
+            let groups = eni_groups(node).await;
+            assert!(groups.len() <= 5, "{groups:?}");
+        }
+    };
+
+    // One policy: its own group, as ever.
+    create_policy(&make(1)).await;
+    let own = wait_cloud_synced(&names[0]).await;
+    // A second with the same selector: both move to one shared group, and
+    // the first one's own group leaves the interfaces in the same call.
+    create_policy(&make(2)).await;
+    let shared = eventually("two share a group", Duration::from_secs(60), || async {
+        within_quota().await;
+        let (a, _) = synced_group(&names[0]).await?;
+        let (b, _) = synced_group(&names[1]).await?;
+        (a == b && a != own).then_some(a)
+    })
+    .await;
+    let described = ec2
+        .describe_groups(std::slice::from_ref(&shared))
+        .await
+        .unwrap();
+    assert_eq!(
+        described[0].tags.get(tags::CLUSTER).map(String::as_str),
+        Some("ctrl-tests")
+    );
+    assert!(described[0].tags.contains_key(tags::SHARED));
+    eventually("the own group deleted", Duration::from_secs(30), || async {
+        ec2.describe_groups(std::slice::from_ref(&own))
+            .await
+            .map_or(true, |g| g.is_empty())
+            .then_some(())
+    })
+    .await;
+    // Six more at once.
+    for i in 3..=8 {
+        create_policy(&make(i)).await;
+    }
+    eventually("eight converge", Duration::from_secs(90), || async {
+        within_quota().await;
+        for name in &names {
+            let (g, _) = synced_group(name).await?;
+            if g != shared {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+    for node in [&web, &web2] {
+        let mut want = default_groups.clone();
+        if node.eni_id() != web.eni_id() {
+            want = eni_groups(node).await;
+            want.retain(|g| g != &shared);
+        }
+        want.push(shared.clone());
+        assert_eq!(eni_groups(node).await, want);
+    }
+    assert_eq!(eni_groups(&db).await, db_groups);
+    // The union, each permission once: 8 ports + the shared 443, and the
+    // default egress (no policy speaks for egress).
+    let rules = rules_of(&ec2, &shared).await;
+    let ingress: Vec<_> = rules.iter().filter(|r| !r.0).collect();
+    assert_eq!(ingress.len(), 9, "{rules:?}");
+    assert!(
+        ingress
+            .iter()
+            .all(|r| r.2.starts_with("palisade:ctl-shared-"))
+    );
+    for (i, name) in names.iter().enumerate() {
+        let (_, n) = synced_group(name).await.unwrap();
+        assert_eq!(n, if i < 2 { 2 } else { 1 }, "{name}");
+    }
+    // Deleting six: their rules leave the group, the others' stay.
+    ctl.proxy.take_calls();
+    for name in &names[2..] {
+        policies()
+            .await
+            .delete(name, &DeleteParams::default())
+            .await
+            .unwrap();
+    }
+    for name in &names[2..] {
+        wait_gone(name, Duration::from_secs(60)).await;
+    }
+    let rules = rules_of(&ec2, &shared).await;
+    let ports: Vec<i32> = rules
+        .iter()
+        .filter(|r| !r.0)
+        .map(|r| r.1.from_port)
+        .collect();
+    assert_eq!(ports, vec![443, 8001, 8002], "{rules:?}");
+    assert!(eni_groups(&web).await.contains(&shared));
+    let calls = ctl.proxy.take_calls();
+    assert_eq!(count(&calls, "ModifyNetworkInterfaceAttribute"), 0);
+    // The last two: the group is detached and deleted.
+    delete_and_wait(&names[0]).await;
+    delete_and_wait(&names[1]).await;
+    assert_eq!(eni_groups(&web).await, default_groups);
+    assert!(
+        ec2.describe_groups(std::slice::from_ref(&shared))
+            .await
+            .map_or(true, |g| g.is_empty())
+    );
+    ctl.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_shared_group_is_repaired_like_an_own_group() {
+    let test = "shared-drift";
+    let env = env().await;
+    let net = SimNet::new().unwrap();
+    let _node = sim_node(&net, test, "ctl-sdrift-a", "web").await;
+    let ctl = Running::start(test, Duration::from_secs(2), 60).await;
+    for (name, port) in [("ctl-sdrift-1", 22), ("ctl-sdrift-2", 80)] {
+        create_policy(&policy(
+            test,
+            name,
+            "web",
+            vec![tcp("app", &[port], &["10.0.0.0/8"])],
+        ))
+        .await;
+    }
+    let group = eventually("shared", Duration::from_secs(60), || async {
+        let (a, _) = synced_group("ctl-sdrift-1").await?;
+        let (b, _) = synced_group("ctl-sdrift-2").await?;
+        (a == b).then_some(a)
+    })
+    .await;
+    let ec2 = direct();
+    let before = eventually("both rules", Duration::from_secs(30), || async {
+        let r = rules_of(&ec2, &group).await;
+        (r.iter().filter(|r| !r.0).count() == 2).then_some(r)
+    })
+    .await;
+    // Out of band: revoke the second policy's rule, add a stranger.
+    revoke_out_of_band(&ec2, &group, 80).await;
+    env.ec2_client()
+        .authorize_security_group_ingress()
+        .group_id(&group)
+        .ip_protocol("tcp")
+        .from_port(3306)
+        .to_port(3306)
+        .cidr_ip("0.0.0.0/0")
+        .send()
+        .await
+        .unwrap();
+    eventually("drift repaired", Duration::from_secs(30), || async {
+        (rules_of(&ec2, &group).await == before).then_some(())
+    })
+    .await;
+    delete_and_wait("ctl-sdrift-1").await;
+    delete_and_wait("ctl-sdrift-2").await;
+    ctl.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn drift_made_while_the_controller_is_down_is_known_after_a_restart() {
     let test = "drift-restart";

@@ -26,6 +26,8 @@ pub enum Slot {
     Group(String),
     /// The group of a policy (by uid) that has not been created yet.
     Pending(String),
+    /// The shared group of a class of policies (by class key).
+    Shared(String),
 }
 
 /// How a node's interface would look with every Palisade group it needs.
