@@ -1511,7 +1511,8 @@ async fn a_node_selected_by_8_policies_converges_with_default_quotas() {
             .then_some(())
     })
     .await;
-    // Six more at once.
+    // Six more at once: they join the shared group, no interface changes.
+    ctl.proxy.take_calls();
     for i in 3..=8 {
         create_policy(&make(i)).await;
     }
@@ -1526,6 +1527,14 @@ async fn a_node_selected_by_8_policies_converges_with_default_quotas() {
         Some(())
     })
     .await;
+    let calls = ctl.proxy.take_calls();
+    let mut by_action: BTreeMap<&str, usize> = BTreeMap::new();
+    for c in &calls {
+        *by_action.entry(c.action.as_str()).or_default() += 1;
+    }
+    eprintln!("EC2 calls while six policies joined the shared group: {by_action:?}");
+    assert_eq!(count(&calls, "ModifyNetworkInterfaceAttribute"), 0);
+    assert_eq!(count(&calls, "CreateSecurityGroup"), 0);
     for node in [&web, &web2] {
         let mut want = default_groups.clone();
         if node.eni_id() != web.eni_id() {
@@ -1585,11 +1594,11 @@ async fn a_node_selected_by_8_policies_converges_with_default_quotas() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_shared_group_is_repaired_like_an_own_group() {
+async fn a_shared_group_is_repaired_and_a_member_moves_out_without_a_gap() {
     let test = "shared-drift";
     let env = env().await;
     let net = SimNet::new().unwrap();
-    let _node = sim_node(&net, test, "ctl-sdrift-a", "web").await;
+    let node = sim_node(&net, test, "ctl-sdrift-a", "web").await;
     let ctl = Running::start(test, Duration::from_secs(2), 60).await;
     for (name, port) in [("ctl-sdrift-1", 22), ("ctl-sdrift-2", 80)] {
         create_policy(&policy(
@@ -1628,8 +1637,52 @@ async fn a_shared_group_is_repaired_like_an_own_group() {
         (rules_of(&ec2, &group).await == before).then_some(())
     })
     .await;
+    // The second policy edited out of the class (another selector, the same
+    // node): its own group first, then its rule leaves the shared one.
+    let mut p = get("ctl-sdrift-2").await;
+    p.spec.node_selector.as_mut().unwrap().match_expressions =
+        Some(vec![palisade::api::NodeSelectorRequirement {
+            key: "role".into(),
+            operator: "Exists".into(),
+            values: None,
+        }]);
+    policies()
+        .await
+        .replace("ctl-sdrift-2", &PostParams::default(), &p)
+        .await
+        .unwrap();
+    let own = eventually("moved out", Duration::from_secs(60), || async {
+        let (g, n) = synced_group("ctl-sdrift-2").await?;
+        (g != group && n == 1).then_some(g)
+    })
+    .await;
+    eventually(
+        "its rule left the shared group",
+        Duration::from_secs(30),
+        || async {
+            let ports: Vec<i32> = rules_of(&ec2, &group)
+                .await
+                .iter()
+                .filter(|r| !r.0)
+                .map(|r| r.1.from_port)
+                .collect();
+            (ports == vec![22]).then_some(())
+        },
+    )
+    .await;
+    let on_node = eni_groups(&node).await;
+    assert!(
+        on_node.contains(&own) && on_node.contains(&group),
+        "{on_node:?}"
+    );
     delete_and_wait("ctl-sdrift-1").await;
     delete_and_wait("ctl-sdrift-2").await;
+    // The last member gone: the shared group too.
+    assert!(
+        ec2.describe_groups(std::slice::from_ref(&group))
+            .await
+            .map_or(true, |g| g.is_empty())
+    );
     ctl.stop().await;
 }
 
