@@ -1121,6 +1121,7 @@ async fn check_interfaces<E: Ec2>(
     let limit = ctx.config.quota.groups_per_interface;
     let uid = policy.uid().unwrap_or_default();
     let gid = group.map(|g| g.id.clone()).or_else(|| target(policy).id);
+    let selected: BTreeSet<&String> = selected.iter().collect();
     let waiting: Vec<&InstanceInfo> = instances
         .iter()
         .filter(|i| selected.contains(&i.id) && i.primary_eni.is_some())
@@ -1170,13 +1171,14 @@ async fn check_interfaces<E: Ec2>(
             others.push(slot);
         }
     }
+    let nodes: HashMap<&str, &crate::policy::NodeFacts> = facts
+        .nodes
+        .iter()
+        .filter_map(|n| Some((n.instance_id()?, n)))
+        .collect();
     let mut unfit = Vec::new();
     for i in waiting {
-        let Some(node) = facts
-            .nodes
-            .iter()
-            .find(|n| n.instance_id() == Some(i.id.as_str()))
-        else {
+        let Some(node) = nodes.get(i.id.as_str()) else {
             continue;
         };
         let mut needed: BTreeSet<Slot> = BTreeSet::from([own.clone()]);
