@@ -238,12 +238,13 @@ fn policy(test: &str, name: &str, role: &str, ingress: Vec<FirewallRule>) -> Fir
 }
 
 /// Switches policy `name` to `mode` (a spec change: a new generation).
+/// A merge patch of the one field, as `kubectl patch` would: no conflict
+/// with the controller's status writes.
 async fn set_mode(name: &str, mode: palisade::api::PolicyMode) {
-    let mut p = get(name).await;
-    p.spec.mode = mode;
+    let patch = serde_json::json!({ "spec": { "mode": mode } });
     policies()
         .await
-        .replace(name, &PostParams::default(), &p)
+        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
         .await
         .unwrap();
 }
