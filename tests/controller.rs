@@ -238,12 +238,13 @@ fn policy(test: &str, name: &str, role: &str, ingress: Vec<FirewallRule>) -> Fir
 }
 
 /// Switches policy `name` to `mode` (a spec change: a new generation).
+/// A merge patch of the one field, as `kubectl patch` would: no conflict
+/// with the controller's status writes.
 async fn set_mode(name: &str, mode: palisade::api::PolicyMode) {
-    let mut p = get(name).await;
-    p.spec.mode = mode;
+    let patch = serde_json::json!({ "spec": { "mode": mode } });
     policies()
         .await
-        .replace(name, &PostParams::default(), &p)
+        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
         .await
         .unwrap();
 }
@@ -1365,6 +1366,351 @@ fn restartable_controller(test: &str, port: u16) -> tokio::process::Child {
 /// Drift made while the controller is dead (kill -9: no shutdown, its
 /// memory gone) is still known as drift by the next one: one
 /// `DriftCorrected` Event, counted in status and in its metric.
+#[tokio::test(flavor = "multi_thread")]
+async fn policies_that_cannot_fit_a_node_say_so_before_any_write() {
+    let test = "eni-fit";
+    let env = env().await;
+    let net = SimNet::new().unwrap();
+    let web = sim_node(&net, test, "ctl-fit-web", "web").await;
+    // Three foreign groups on the interface.
+    let raw = env.ec2_client();
+    let vpc = env.sim_cloud().await.unwrap().vpc_id.clone();
+    let mut groups = eni_groups(&web).await;
+    for i in 0..(3 - groups.len()) {
+        let g = raw
+            .create_security_group()
+            .group_name(format!("ctl-fit-extra-{i}"))
+            .description("filler")
+            .vpc_id(&vpc)
+            .send()
+            .await
+            .unwrap();
+        groups.push(g.group_id().unwrap().to_string());
+    }
+    let ec2 = direct();
+    ec2.set_eni_groups(web.eni_id(), &groups).await.unwrap();
+    // Three policies, each with its own named group, select the node:
+    // 3 foreign + 3 Palisade groups is one more than AWS's default 5.
+    let names = ["ctl-fit-a", "ctl-fit-b", "ctl-fit-c"];
+    for (i, name) in names.iter().enumerate() {
+        let mut p = policy(
+            test,
+            name,
+            "web",
+            vec![tcp("app", &[8000 + i as u16], &["10.0.0.0/8"])],
+        );
+        p.spec.security_group = Some(SecurityGroupTarget {
+            name: Some(format!("palisade-fit-{name}")),
+            ..Default::default()
+        });
+        create_policy(&p).await;
+    }
+    let ctl = Running::start(test, Duration::from_secs(300), 60).await;
+    for name in names {
+        let stalled = eventually("Stalled", Duration::from_secs(30), || async {
+            let p = get(name).await;
+            condition(&p, "Stalled").filter(|c| c.0 == "True")
+        })
+        .await;
+        assert_eq!(stalled.1, "QuotaExceeded", "{stalled:?}");
+        let line = "node ctl-fit-web would carry 6 groups (3 foreign + 3 Palisade); the interface quota is 5 groups";
+        assert!(stalled.2.contains(line), "{stalled:?}");
+        let warnings = get(name).await.status.unwrap().warnings;
+        assert!(warnings.iter().any(|w| w.ends_with(line)), "{warnings:?}");
+    }
+    // No partial attachment: no group made, no rule, the interface as it was.
+    let calls = ctl.proxy.take_calls();
+    for write in [
+        "CreateSecurityGroup",
+        "AuthorizeSecurityGroupIngress",
+        "ModifyNetworkInterfaceAttribute",
+    ] {
+        assert_eq!(count(&calls, write), 0, "{write}");
+    }
+    assert_eq!(eni_groups(&web).await, groups);
+    // One policy fewer and the others touched: 3 + 2 fit, both converge.
+    delete_and_wait("ctl-fit-c").await;
+    for name in &names[..2] {
+        let mut p = get(name).await;
+        p.metadata
+            .annotations
+            .get_or_insert_default()
+            .insert("touch".into(), "1".into());
+        policies()
+            .await
+            .replace(name, &PostParams::default(), &p)
+            .await
+            .unwrap();
+    }
+    let a = wait_cloud_synced("ctl-fit-a").await;
+    let b = wait_cloud_synced("ctl-fit-b").await;
+    let now = eventually("attached", Duration::from_secs(30), || async {
+        let now = eni_groups(&web).await;
+        (now.contains(&a) && now.contains(&b)).then_some(now)
+    })
+    .await;
+    assert_eq!(now.len(), 5, "{now:?}");
+    assert!(
+        get("ctl-fit-a")
+            .await
+            .status
+            .unwrap()
+            .warnings
+            .iter()
+            .all(|w| !w.contains("would carry")),
+    );
+    delete_and_wait("ctl-fit-a").await;
+    delete_and_wait("ctl-fit-b").await;
+    ctl.stop().await;
+}
+
+/// The policy's group id and ingress rule count once its cloud layer is
+/// synced at its generation.
+async fn synced_group(name: &str) -> Option<(String, i32)> {
+    let p = get(name).await;
+    let s = p.status.as_ref()?;
+    (s.observed_generation == p.metadata.generation && condition(&p, "CloudSynced")?.0 == "True")
+        .then(|| {
+            s.security_group
+                .as_ref()
+                .map(|g| (g.id.clone(), g.ingress_rules))
+        })
+        .flatten()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_selected_by_8_policies_converges_with_default_quotas() {
+    let test = "shared";
+    let net = SimNet::new().unwrap();
+    let web = sim_node(&net, test, "ctl-shared-web", "web").await;
+    let web2 = sim_node(&net, test, "ctl-shared-web2", "web").await;
+    let db = sim_node(&net, test, "ctl-shared-db", "db").await;
+    let default_groups = eni_groups(&web).await;
+    let db_groups = eni_groups(&db).await;
+    // Default quotas: 5 groups per interface (moto does not enforce it: the
+    // test checks it at every poll), 60 rules per direction.
+    let ctl = Running::start(test, Duration::from_secs(300), 60).await;
+    let ec2 = direct();
+    let names: Vec<String> = (1..=8).map(|i| format!("ctl-shared-{i}")).collect();
+    let make = |i: usize| {
+        let mut rules = vec![tcp("app", &[8000 + i as u16], &["10.0.0.0/8"])];
+        if i <= 2 {
+            // The same permission in two policies: held once.
+            rules.push(tcp("https", &[443], &["10.0.0.0/8"]));
+        }
+        policy(test, &names[i - 1], "web", rules)
+    };
+    let within_quota = || async {
+        for node in [&web, &web2] {
+            let groups = eni_groups(node).await;
+            assert!(groups.len() <= 5, "{groups:?}");
+        }
+    };
+
+    // One policy: its own group, as ever.
+    create_policy(&make(1)).await;
+    let own = wait_cloud_synced(&names[0]).await;
+    // A second with the same selector: both move to one shared group, and
+    // the first one's own group leaves the interfaces in the same call.
+    create_policy(&make(2)).await;
+    let shared = eventually("two share a group", Duration::from_secs(60), || async {
+        within_quota().await;
+        let (a, _) = synced_group(&names[0]).await?;
+        let (b, _) = synced_group(&names[1]).await?;
+        (a == b && a != own).then_some(a)
+    })
+    .await;
+    let described = ec2
+        .describe_groups(std::slice::from_ref(&shared))
+        .await
+        .unwrap();
+    assert_eq!(
+        described[0].tags.get(tags::CLUSTER).map(String::as_str),
+        Some("ctrl-tests")
+    );
+    assert!(described[0].tags.contains_key(tags::SHARED));
+    eventually("the own group deleted", Duration::from_secs(30), || async {
+        ec2.describe_groups(std::slice::from_ref(&own))
+            .await
+            .map_or(true, |g| g.is_empty())
+            .then_some(())
+    })
+    .await;
+    // Six more at once: they join the shared group, no interface changes.
+    ctl.proxy.take_calls();
+    for i in 3..=8 {
+        create_policy(&make(i)).await;
+    }
+    eventually("eight converge", Duration::from_secs(90), || async {
+        within_quota().await;
+        for name in &names {
+            let (g, _) = synced_group(name).await?;
+            if g != shared {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+    let calls = ctl.proxy.take_calls();
+    let mut by_action: BTreeMap<&str, usize> = BTreeMap::new();
+    for c in &calls {
+        *by_action.entry(c.action.as_str()).or_default() += 1;
+    }
+    eprintln!("EC2 calls while six policies joined the shared group: {by_action:?}");
+    assert_eq!(count(&calls, "ModifyNetworkInterfaceAttribute"), 0);
+    assert_eq!(count(&calls, "CreateSecurityGroup"), 0);
+    for node in [&web, &web2] {
+        let mut want = default_groups.clone();
+        if node.eni_id() != web.eni_id() {
+            want = eni_groups(node).await;
+            want.retain(|g| g != &shared);
+        }
+        want.push(shared.clone());
+        assert_eq!(eni_groups(node).await, want);
+    }
+    assert_eq!(eni_groups(&db).await, db_groups);
+    // The union, each permission once: 8 ports + the shared 443, and the
+    // default egress (no policy speaks for egress).
+    let rules = rules_of(&ec2, &shared).await;
+    let ingress: Vec<_> = rules.iter().filter(|r| !r.0).collect();
+    assert_eq!(ingress.len(), 9, "{rules:?}");
+    assert!(
+        ingress
+            .iter()
+            .all(|r| r.2.starts_with("palisade:ctl-shared-"))
+    );
+    for (i, name) in names.iter().enumerate() {
+        let (_, n) = synced_group(name).await.unwrap();
+        assert_eq!(n, if i < 2 { 2 } else { 1 }, "{name}");
+    }
+    // Deleting six: their rules leave the group, the others' stay.
+    ctl.proxy.take_calls();
+    for name in &names[2..] {
+        policies()
+            .await
+            .delete(name, &DeleteParams::default())
+            .await
+            .unwrap();
+    }
+    for name in &names[2..] {
+        wait_gone(name, Duration::from_secs(60)).await;
+    }
+    let rules = rules_of(&ec2, &shared).await;
+    let ports: Vec<i32> = rules
+        .iter()
+        .filter(|r| !r.0)
+        .map(|r| r.1.from_port)
+        .collect();
+    assert_eq!(ports, vec![443, 8001, 8002], "{rules:?}");
+    assert!(eni_groups(&web).await.contains(&shared));
+    let calls = ctl.proxy.take_calls();
+    assert_eq!(count(&calls, "ModifyNetworkInterfaceAttribute"), 0);
+    // The last two: the group is detached and deleted.
+    delete_and_wait(&names[0]).await;
+    delete_and_wait(&names[1]).await;
+    assert_eq!(eni_groups(&web).await, default_groups);
+    assert!(
+        ec2.describe_groups(std::slice::from_ref(&shared))
+            .await
+            .map_or(true, |g| g.is_empty())
+    );
+    ctl.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_shared_group_is_repaired_and_a_member_moves_out_without_a_gap() {
+    let test = "shared-drift";
+    let env = env().await;
+    let net = SimNet::new().unwrap();
+    let node = sim_node(&net, test, "ctl-sdrift-a", "web").await;
+    let ctl = Running::start(test, Duration::from_secs(2), 60).await;
+    for (name, port) in [("ctl-sdrift-1", 22), ("ctl-sdrift-2", 80)] {
+        create_policy(&policy(
+            test,
+            name,
+            "web",
+            vec![tcp("app", &[port], &["10.0.0.0/8"])],
+        ))
+        .await;
+    }
+    let group = eventually("shared", Duration::from_secs(60), || async {
+        let (a, _) = synced_group("ctl-sdrift-1").await?;
+        let (b, _) = synced_group("ctl-sdrift-2").await?;
+        (a == b).then_some(a)
+    })
+    .await;
+    let ec2 = direct();
+    let before = eventually("both rules", Duration::from_secs(30), || async {
+        let r = rules_of(&ec2, &group).await;
+        (r.iter().filter(|r| !r.0).count() == 2).then_some(r)
+    })
+    .await;
+    // Out of band: revoke the second policy's rule, add a stranger.
+    revoke_out_of_band(&ec2, &group, 80).await;
+    env.ec2_client()
+        .authorize_security_group_ingress()
+        .group_id(&group)
+        .ip_protocol("tcp")
+        .from_port(3306)
+        .to_port(3306)
+        .cidr_ip("0.0.0.0/0")
+        .send()
+        .await
+        .unwrap();
+    eventually("drift repaired", Duration::from_secs(30), || async {
+        (rules_of(&ec2, &group).await == before).then_some(())
+    })
+    .await;
+    // The second policy edited out of the class (another selector, the same
+    // node): its own group first, then its rule leaves the shared one.
+    let mut p = get("ctl-sdrift-2").await;
+    p.spec.node_selector.as_mut().unwrap().match_expressions =
+        Some(vec![palisade::api::NodeSelectorRequirement {
+            key: "role".into(),
+            operator: "Exists".into(),
+            values: None,
+        }]);
+    policies()
+        .await
+        .replace("ctl-sdrift-2", &PostParams::default(), &p)
+        .await
+        .unwrap();
+    let own = eventually("moved out", Duration::from_secs(60), || async {
+        let (g, n) = synced_group("ctl-sdrift-2").await?;
+        (g != group && n == 1).then_some(g)
+    })
+    .await;
+    eventually(
+        "its rule left the shared group",
+        Duration::from_secs(30),
+        || async {
+            let ports: Vec<i32> = rules_of(&ec2, &group)
+                .await
+                .iter()
+                .filter(|r| !r.0)
+                .map(|r| r.1.from_port)
+                .collect();
+            (ports == vec![22]).then_some(())
+        },
+    )
+    .await;
+    let on_node = eni_groups(&node).await;
+    assert!(
+        on_node.contains(&own) && on_node.contains(&group),
+        "{on_node:?}"
+    );
+    delete_and_wait("ctl-sdrift-1").await;
+    delete_and_wait("ctl-sdrift-2").await;
+    // The last member gone: the shared group too.
+    assert!(
+        ec2.describe_groups(std::slice::from_ref(&group))
+            .await
+            .map_or(true, |g| g.is_empty())
+    );
+    ctl.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn drift_made_while_the_controller_is_down_is_known_after_a_restart() {
     let test = "drift-restart";

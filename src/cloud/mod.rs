@@ -37,6 +37,9 @@ pub mod tags {
     pub const POLICY: &str = "palisade.dev/policy";
     /// The uid of that policy.
     pub const POLICY_UID: &str = "palisade.dev/policy-uid";
+    /// On a group shared by the policies of one class (same node selector):
+    /// the class's key.
+    pub const SHARED: &str = "palisade.dev/shared-selector";
     /// Always `palisade`.
     pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
     /// Value of [`MANAGED_BY`].

@@ -1,6 +1,6 @@
 //! The two branches of the finalizer: [`apply`] and [`cleanup`].
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -9,13 +9,15 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 
 use super::effective::Effective;
+use super::placement::{self, Slot};
+use super::shared;
 use super::status::{self, CloudState};
 use super::{Context, Error, SyncMemory, lock};
 use crate::api::{
     DeletionPolicy, FirewallPolicy, FirewallPolicyStatus, Layer, PolicyMode, SecurityGroupStatus,
     SecurityGroupTarget,
 };
-use crate::cloud::{CloudError, Ec2, ErrorKind, InstanceInfo, NewGroup, tags};
+use crate::cloud::{CloudError, Ec2, ErrorKind, GroupInfo, InstanceInfo, NewGroup, tags};
 use crate::policy::effective::{Intent, widenings};
 use crate::policy::{
     CompiledPolicy, CurrentSgRule, Direction, Facts, GroupOwnership, PeerRef, PlannedPermission,
@@ -32,6 +34,8 @@ struct CloudReport {
     drift_repaired: bool,
     /// What other groups on the selected interfaces admit beyond the policy.
     effective: Effective,
+    /// The group is the shared group of the policy's class.
+    shared: bool,
 }
 
 fn target(policy: &FirewallPolicy) -> SecurityGroupTarget {
@@ -150,6 +154,17 @@ pub async fn apply<E: Ec2>(
                     .filter(|c| c.type_ == crate::api::conditions::EFFECTIVE_ACCESS)
                     .cloned(),
             );
+            // Nodes over the groups-per-interface quota: named, with their
+            // numbers, among the warnings too (a bounded sample).
+            next.warnings
+                .retain(|w| !w.starts_with(placement::WARNING_PREFIX));
+            if let Error::InterfaceFull { nodes, .. } = &e {
+                next.warnings.extend(
+                    nodes
+                        .iter()
+                        .map(|n| format!("{}{n}", placement::WARNING_PREFIX)),
+                );
+            }
             if write_status(&policy, &ctx, &previous, next).await? && e.is_permanent() {
                 ctx.publish(&policy, true, e.reason(), "Reconcile", e.advice())
                     .await;
@@ -239,15 +254,31 @@ async fn apply_inner<E: Ec2>(policy: &FirewallPolicy, ctx: &Context<E>) -> Resul
             || last_sync
                 .as_ref()
                 .is_some_and(|c| c.generation == generation && c.inputs == inputs_hash);
+        let previous_shared = memory.as_ref().map(|m| m.shared);
         let report = sync_group(
             policy,
             ctx,
             &compiled,
             &facts,
             last_group.as_ref(),
+            previous_shared,
             drift_possible,
         )
         .await?;
+        // Moved out of a shared group (edited out of its class): the
+        // class's group is planned again without this policy, now that
+        // its new group is in place.
+        if let Some(prev) = last_group
+            .as_ref()
+            .filter(|g| g.owned && g.id != report.group.id)
+            && let Ok(found) = ctx
+                .ec2
+                .describe_groups(std::slice::from_ref(&prev.id))
+                .await
+            && let Some(k) = found.first().and_then(|g| g.tags.get(tags::SHARED))
+        {
+            shared::leave(ctx, policy, k, &prev.id).await?;
+        }
         let rules = i64::from(report.group.ingress_rules) + i64::from(report.group.egress_rules);
         let cloud_sync = crate::api::CloudSync {
             generation,
@@ -273,6 +304,7 @@ async fn apply_inner<E: Ec2>(policy: &FirewallPolicy, ctx: &Context<E>) -> Resul
                 group: Some(report.group.clone()),
                 cloud_sync: Some(cloud_sync.clone()),
                 effective: report.effective.clone(),
+                shared: report.shared,
             },
         );
         ctx.set_rules_managed();
@@ -452,6 +484,58 @@ fn summarize(diff: &SgDiff) -> String {
     parts.join("; ")
 }
 
+/// Creates the shared group of class `key`, tagged, in the selected nodes'
+/// VPC.
+async fn shared_group<E: Ec2>(
+    policy: &FirewallPolicy,
+    ctx: &Context<E>,
+    key: &str,
+    instances: &[InstanceInfo],
+) -> Result<(String, Option<String>), Error> {
+    let vpc = vpc_of(policy, instances)?;
+    let name = shared::group_name(&ctx.config.cluster_name, key);
+    let new = NewGroup {
+        name: name.clone(),
+        description: format!(
+            "Palisade: the FirewallPolicies sharing one node selector (class {key}, cluster {})",
+            ctx.config.cluster_name
+        ),
+        vpc_id: vpc.clone(),
+        tags: shared::group_tags(&ctx.config.cluster_name, key),
+    };
+    let id = match ctx.ec2.create_group(&new).await {
+        Ok(id) => id,
+        Err(e) if e.kind == ErrorKind::Duplicate => {
+            return Err(Error::GroupNameTaken { name, vpc });
+        }
+        Err(e) => return Err(e.into()),
+    };
+    ctx.publish(
+        policy,
+        false,
+        "SecurityGroupCreated",
+        "CreateSecurityGroup",
+        format!("created shared Security Group {id} ({name}) in {vpc}"),
+    )
+    .await;
+    Ok((id, Some(vpc)))
+}
+
+/// The one VPC of the selected nodes' instances.
+fn vpc_of(policy: &FirewallPolicy, instances: &[InstanceInfo]) -> Result<String, Error> {
+    let vpcs: BTreeSet<String> = instances.iter().filter_map(|i| i.vpc_id.clone()).collect();
+    match vpcs.len() {
+        0 => Err(Error::NoVpc {
+            policy: policy.name_any(),
+        }),
+        1 => Ok(vpcs.into_iter().next().unwrap_or_default()),
+        _ => Err(Error::SeveralVpcs {
+            policy: policy.name_any(),
+            vpcs: vpcs.into_iter().collect::<Vec<_>>().join(", "),
+        }),
+    }
+}
+
 /// Finds the group created for this policy (by its identity tags), or
 /// creates it, tagged, in the VPC of the spec or of the selected nodes.
 async fn owned_group<E: Ec2>(
@@ -537,6 +621,7 @@ async fn sync_group<E: Ec2>(
     compiled: &CompiledPolicy,
     facts: &Facts,
     previous: Option<&SecurityGroupStatus>,
+    previous_shared: Option<bool>,
     drift_possible: bool,
 ) -> Result<CloudReport, Error> {
     let spec = target(policy);
@@ -551,9 +636,31 @@ async fn sync_group<E: Ec2>(
     } else {
         Vec::new()
     };
+    // The class of a composable policy, under its lock for the whole
+    // sync (one writer per shared group); it shares a group when another
+    // member exists, or when the class's group already does.
+    let class_key = (owned && attaches && shared::composable(policy)).then(|| shared::key(policy));
+    let class_lock = class_key
+        .as_ref()
+        .map(|k| ctx.eni_lock(&format!("shared/{k}")));
+    let _class_held = match &class_lock {
+        Some(l) => Some(l.lock().await),
+        None => None,
+    };
+    let class: Option<(String, Vec<FirewallPolicy>, Option<GroupInfo>)> = match &class_key {
+        Some(k) => {
+            let all = shared::all_policies(ctx).await;
+            let members = shared::members(&all, k, Some(policy), None);
+            let found = shared::find(ctx, k).await?;
+            (members.len() >= 2 || found.is_some()).then(|| (k.clone(), members, found))
+        }
+        None => None,
+    };
+    // The policy's own group, as last synced: trusted only when known not
+    // to be a shared group (else looked up by the policy's identity tags).
     let known_owned = previous
         .as_ref()
-        .filter(|g| owned && g.owned)
+        .filter(|g| owned && g.owned && class.is_none() && previous_shared == Some(false))
         .map(|g| (g.id.clone(), g.vpc_id.clone()));
     // The interfaces whose other groups are compared with the policy:
     // every selected node's, in Audit too (what Enforce would meet).
@@ -575,21 +682,31 @@ async fn sync_group<E: Ec2>(
             known.insert(i.id.clone(), i.clone());
         }
     }
-    let known_group = previous
-        .as_ref()
-        .map(|g| g.id.clone())
-        .or_else(|| spec.id.clone());
-    check_interfaces(
-        policy,
-        ctx,
-        facts,
-        &instances,
-        &selected,
-        known_group.as_deref(),
-    )?;
+    check_interfaces(policy, ctx, facts, &instances, &selected, previous.as_ref()).await?;
 
     // The group.
-    let (group_id, vpc_id, current) = if owned {
+    let (group_id, vpc_id, current, plan) = if let Some((k, members, found)) = &class {
+        let current = match found {
+            Some(g) => ctx.ec2.describe_rules(&g.id).await?,
+            None => Vec::new(),
+        };
+        let union = shared::plan(ctx, k, members, facts, &current).await?;
+        if let Some((direction, family, used)) = union.over_quota() {
+            return Err(Error::SharedOverQuota {
+                policy: policy.name_any(),
+                members: members.iter().map(ResourceExt::name_any).collect(),
+                direction,
+                family,
+                used,
+                limit: union.quota.limit,
+            });
+        }
+        let (id, vpc) = match found {
+            Some(g) => (g.id.clone(), g.vpc_id.clone()),
+            None => shared_group(policy, ctx, k, &instances).await?,
+        };
+        (id, vpc, current, union)
+    } else if owned {
         match known_owned {
             Some((id, vpc)) => {
                 let current = ctx.ec2.describe_rules(&id).await?;
@@ -603,15 +720,15 @@ async fn sync_group<E: Ec2>(
                 if gone {
                     let (id, vpc) = owned_group(policy, ctx, &instances).await?;
                     let current = ctx.ec2.describe_rules(&id).await?;
-                    (id, vpc, current)
+                    (id, vpc, current, compiled.cloud.applied())
                 } else {
-                    (id, vpc, current)
+                    (id, vpc, current, compiled.cloud.applied())
                 }
             }
             None => {
                 let (id, vpc) = owned_group(policy, ctx, &instances).await?;
                 let current = ctx.ec2.describe_rules(&id).await?;
-                (id, vpc, current)
+                (id, vpc, current, compiled.cloud.applied())
             }
         }
     } else {
@@ -636,7 +753,7 @@ async fn sync_group<E: Ec2>(
             g.vpc_id
         };
         let current = ctx.ec2.describe_rules(&id).await?;
-        (id, vpc, current)
+        (id, vpc, current, compiled.cloud.applied())
     };
     let ownership = if owned {
         GroupOwnership::Created
@@ -645,7 +762,8 @@ async fn sync_group<E: Ec2>(
     };
 
     // Rules.
-    let diff = diff_security_group(&compiled.cloud.applied(), &current, ownership);
+    let is_shared = class.is_some();
+    let diff = diff_security_group(&plan, &current, ownership);
     let drift_repaired = drift_possible && !diff.is_empty();
     if !diff.is_empty() {
         let summary = summarize(&diff);
@@ -671,12 +789,21 @@ async fn sync_group<E: Ec2>(
         .await;
     }
     let after = diff.apply_to(&current);
+    // In a shared group, the policy's rules are those holding a
+    // permission it plans (whichever member's description they carry).
+    let own_plan = compiled.cloud.applied();
     let count = |direction: Direction| -> i32 {
         let n = after
             .iter()
             .filter(|r| {
                 r.direction == direction
-                    && owns_rule(&compiled.cloud.policy, ownership, r.description.as_deref())
+                    && if is_shared {
+                        own_plan
+                            .permissions(direction)
+                            .is_some_and(|ps| ps.iter().any(|p| p.permission == r.permission))
+                    } else {
+                        owns_rule(&compiled.cloud.policy, ownership, r.description.as_deref())
+                    }
             })
             .count();
         i32::try_from(n).unwrap_or(i32::MAX)
@@ -691,12 +818,21 @@ async fn sync_group<E: Ec2>(
     let uid = policy.uid().unwrap_or_default();
     let tag = tags::attached(&group_id, &uid);
     let carrying = ctx.ec2.enis_in_group(&group_id).await?;
+    // Moving into a shared group: the members' own groups leave each
+    // interface in the same call that puts the shared group there.
+    let replaced: Vec<String> = match &class {
+        Some((_, members, _)) => own_groups(policy, ctx, members, &group_id).await?,
+        None => Vec::new(),
+    };
     let mut changes: Vec<(String, String, EniChange)> = Vec::new();
     for instance in &instances {
         let Some(eni) = &instance.primary_eni else {
             continue;
         };
-        if selected.contains(&instance.id) && !instance.eni_groups.contains(&group_id) {
+        if selected.contains(&instance.id)
+            && (!instance.eni_groups.contains(&group_id)
+                || instance.eni_groups.iter().any(|g| replaced.contains(g)))
+        {
             changes.push((instance.id.clone(), eni.clone(), EniChange::Attach));
         }
     }
@@ -719,8 +855,9 @@ async fn sync_group<E: Ec2>(
     let results = futures::future::join_all(changes.iter().map(|(instance, eni, change)| {
         let group_id = &group_id;
         let tag = &tag;
+        let replaced = &replaced;
         async move {
-            let done = set_membership(ctx, eni, group_id, *change).await?;
+            let done = set_membership(ctx, eni, group_id, *change, replaced).await?;
             if !owned && done {
                 match change {
                     EniChange::Attach => ctx.ec2.tag_eni(eni, tag, &policy.name_any()).await?,
@@ -741,7 +878,12 @@ async fn sync_group<E: Ec2>(
         }
         if let Some(known) = lock(&ctx.instances).get_mut(instance.as_str()) {
             match change {
-                EniChange::Attach => known.eni_groups.push(group_id.clone()),
+                EniChange::Attach => {
+                    known
+                        .eni_groups
+                        .retain(|g| !replaced.contains(g) && g != &group_id);
+                    known.eni_groups.push(group_id.clone());
+                }
                 EniChange::Detach => known.eni_groups.retain(|g| g != &group_id),
             }
         }
@@ -767,6 +909,24 @@ async fn sync_group<E: Ec2>(
     if kept_on > 0 {
         tracing::warn!(policy = %policy.name_any(), group = %group_id, interfaces = kept_on, "the group stays on interfaces it is the last group of");
     }
+    // The members' own groups, now on no selected interface: gone.
+    for old in &replaced {
+        retire_group(ctx, policy, old).await?;
+    }
+    if let Some((_, members, _)) = &class {
+        let behind: Vec<FirewallPolicy> = members
+            .iter()
+            .filter(|m| m.uid() != policy.uid())
+            .filter(|m| {
+                m.status
+                    .as_ref()
+                    .and_then(|s| s.security_group.as_ref())
+                    .is_none_or(|g| g.id != group_id)
+            })
+            .cloned()
+            .collect();
+        shared::wake(ctx, &behind);
+    }
 
     ctx.groups.put(&group_id, "", owned, after.clone());
     let effective = if analysed.is_empty() {
@@ -788,7 +948,17 @@ async fn sync_group<E: Ec2>(
                 compiled.cloud.mode,
                 &Intent::of(&compiled.policy, facts, Layer::Cloud),
                 &Intent::of(&compiled.policy, facts, Layer::Node),
-                Some((&group_id, ownership)),
+                // In a shared group, only the rules carrying this policy's
+                // marker are its own; the other members' widen like any
+                // other group would.
+                Some((
+                    &group_id,
+                    if is_shared {
+                        GroupOwnership::Adopted
+                    } else {
+                        ownership
+                    },
+                )),
                 &groups,
             )),
             Err(e) => {
@@ -813,49 +983,226 @@ async fn sync_group<E: Ec2>(
         },
         drift_repaired,
         effective,
+        shared: is_shared,
     })
 }
 
-/// Refuses, before any EC2 write, to attach the group to an interface that
-/// already holds as many groups as the account allows (AWS would refuse the
-/// call after the group and its rules were made): names every such node.
-fn check_interfaces<E: Ec2>(
+/// The groups of their own that the members of a shared group still have
+/// (found by each member's identity tags, for this policy and for every
+/// member whose status or this controller's memory names another group
+/// than the shared one): they leave the interfaces the shared group joins,
+/// and are deleted. Only groups created for a member itself: another
+/// class's shared group a member is moving out of stays for that class.
+async fn own_groups<E: Ec2>(
+    policy: &FirewallPolicy,
+    ctx: &Context<E>,
+    members: &[FirewallPolicy],
+    shared_id: &str,
+) -> Result<Vec<String>, Error> {
+    let behind: Vec<&FirewallPolicy> = {
+        let memory = lock(&ctx.memory);
+        members
+            .iter()
+            .filter(|m| {
+                if m.uid() == policy.uid() {
+                    return true;
+                }
+                let remembered = m
+                    .uid()
+                    .and_then(|u| memory.get(&u))
+                    .and_then(|r| r.group.clone());
+                let recorded = m.status.as_ref().and_then(|s| s.security_group.clone());
+                remembered
+                    .into_iter()
+                    .chain(recorded)
+                    .any(|g| g.owned && g.id != shared_id)
+            })
+            .collect()
+    };
+    let mut ids = BTreeSet::new();
+    for m in behind {
+        for g in ctx.ec2.find_groups(&identity_tags(m, ctx)).await? {
+            if !g.tags.contains_key(tags::SHARED) {
+                ids.insert(g.id);
+            }
+        }
+    }
+    ids.remove(shared_id);
+    Ok(ids.into_iter().collect())
+}
+
+/// Detaches `group_id` from every interface (other groups kept) and
+/// deletes it. A group already gone is success; `DependencyViolation` (an
+/// interface AWS still reports, a reference from another group) is
+/// retriable.
+pub(crate) async fn retire_group<E: Ec2>(
+    ctx: &Context<E>,
+    policy: &FirewallPolicy,
+    group_id: &str,
+) -> Result<(), Error> {
+    let enis = match ctx.ec2.enis_in_group(group_id).await {
+        Ok(e) => e,
+        Err(e) if matches!(e.kind, ErrorKind::NotFound { .. }) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    for eni in enis {
+        set_membership(ctx, &eni.id, group_id, EniChange::Detach, &[]).await?;
+    }
+    match ctx.ec2.delete_group(group_id).await {
+        Ok(()) => {
+            ctx.publish(
+                policy,
+                false,
+                "SecurityGroupDeleted",
+                "DeleteSecurityGroup",
+                format!("deleted Security Group {group_id}"),
+            )
+            .await;
+            Ok(())
+        }
+        Err(e) if matches!(e.kind, ErrorKind::NotFound { .. }) => Ok(()),
+        Err(e) if e.kind == ErrorKind::DependencyViolation => Err(CloudError {
+            kind: ErrorKind::Transient,
+            ..e
+        }
+        .into()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The group a policy puts on the interfaces of the nodes it selects, as
+/// the groups-per-interface check counts it: `None` when it puts none
+/// (Audit, `attachToNodes: false`, being deleted, invalid).
+fn slot_of(
+    policy: &FirewallPolicy,
+    group: Option<&SecurityGroupStatus>,
+    classes: &BTreeMap<String, usize>,
+) -> Option<(crate::policy::ValidPolicy, Slot)> {
+    if policy.metadata.deletion_timestamp.is_some() {
+        return None;
+    }
+    let valid = crate::policy::validate(policy).ok()?;
+    let spec = target(policy);
+    if valid.mode() == PolicyMode::Audit || !spec.attaches() {
+        return None;
+    }
+    let class = shared::composable(policy).then(|| shared::key(policy));
+    let slot = match (&spec.id, group) {
+        (Some(id), _) => Slot::Group(id.clone()),
+        // Two members or more: one shared group.
+        (None, _)
+            if class
+                .as_ref()
+                .is_some_and(|k| classes.get(k).is_some_and(|n| *n >= 2)) =>
+        {
+            Slot::Shared(class.unwrap_or_default())
+        }
+        (None, Some(g)) if g.owned => Slot::Group(g.id.clone()),
+        (None, _) => Slot::Pending(policy.uid().unwrap_or_else(|| policy.name_any())),
+    };
+    Some((valid, slot))
+}
+
+/// Refuses, before any EC2 write, to put the group on an interface that
+/// would then carry more groups than the account allows: for each
+/// selected node whose interface lacks the group, its foreign groups plus
+/// one per group of every policy selecting it (this one included) must
+/// fit the quota. Names the nodes that do not (a bounded sample) with
+/// their numbers. A node already carrying the group is not judged: the
+/// group stays where it is.
+async fn check_interfaces<E: Ec2>(
     policy: &FirewallPolicy,
     ctx: &Context<E>,
     facts: &Facts,
     instances: &[InstanceInfo],
     selected: &[String],
-    group: Option<&str>,
+    group: Option<&SecurityGroupStatus>,
 ) -> Result<(), Error> {
     let limit = ctx.config.quota.groups_per_interface;
-    let full: Vec<String> = instances
+    let uid = policy.uid().unwrap_or_default();
+    let gid = group.map(|g| g.id.clone()).or_else(|| target(policy).id);
+    let selected: BTreeSet<&String> = selected.iter().collect();
+    let waiting: Vec<&InstanceInfo> = instances
         .iter()
         .filter(|i| selected.contains(&i.id) && i.primary_eni.is_some())
-        .filter(|i| group.is_none_or(|g| !i.eni_groups.iter().any(|e| e == g)))
-        .filter(|i| i.eni_groups.len() >= limit as usize)
-        .map(|i| {
-            let node = facts
-                .nodes
-                .iter()
-                .find(|n| n.instance_id() == Some(i.id.as_str()))
-                .map_or("?", |n| n.name.as_str());
-            format!(
-                "{node} ({}, {}: {})",
-                i.id,
-                i.primary_eni.as_deref().unwrap_or_default(),
-                i.eni_groups.join(" ")
-            )
-        })
+        .filter(|i| gid.as_ref().is_none_or(|g| !i.eni_groups.contains(g)))
         .collect();
-    if full.is_empty() {
-        Ok(())
-    } else {
-        Err(Error::InterfaceFull {
-            policy: policy.name_any(),
-            limit,
-            nodes: full,
-        })
+    if waiting.is_empty() {
+        return Ok(());
     }
+    // The policies' initial list in first: at a start, a reconcile may run
+    // before the store holds the other policies.
+    let all = shared::all_policies(ctx).await;
+    let mut classes = shared::class_sizes(
+        &all.iter()
+            .filter(|p| p.uid() != policy.uid())
+            .cloned()
+            .collect::<Vec<_>>(),
+    );
+    if shared::composable(policy) {
+        *classes.entry(shared::key(policy)).or_insert(0) += 1;
+    }
+    let Some((_, own)) = slot_of(policy, group, &classes) else {
+        return Ok(());
+    };
+    // Every other policy's group (the newest known: this controller's
+    // memory, else the status), and every group Palisade created.
+    let remembered: HashMap<String, SecurityGroupStatus> = lock(&ctx.memory)
+        .iter()
+        .filter_map(|(uid, m)| Some((uid.clone(), m.group.clone()?)))
+        .collect();
+    let mut palisade: BTreeSet<String> = remembered
+        .values()
+        .filter(|g| g.owned)
+        .map(|g| g.id.clone())
+        .collect();
+    let mut others = Vec::new();
+    for p in all {
+        let puid = p.uid().unwrap_or_default();
+        let known = remembered
+            .get(&puid)
+            .or(p.status.as_ref().and_then(|s| s.security_group.as_ref()));
+        if let Some(g) = known.filter(|g| g.owned) {
+            palisade.insert(g.id.clone());
+        }
+        if puid != uid
+            && let Some(slot) = slot_of(&p, known, &classes)
+        {
+            others.push(slot);
+        }
+    }
+    let nodes: HashMap<&str, &crate::policy::NodeFacts> = facts
+        .nodes
+        .iter()
+        .filter_map(|n| Some((n.instance_id()?, n)))
+        .collect();
+    let mut unfit = Vec::new();
+    for i in waiting {
+        let Some(node) = nodes.get(i.id.as_str()) else {
+            continue;
+        };
+        let mut needed: BTreeSet<Slot> = BTreeSet::from([own.clone()]);
+        needed.extend(
+            others
+                .iter()
+                .filter(|(v, _)| v.selects(node))
+                .map(|(_, s)| s.clone()),
+        );
+        let fit = placement::fit(&node.name, &i.eni_groups, &needed, &palisade, limit);
+        if !fit.fits() {
+            unfit.push(fit);
+        }
+    }
+    if unfit.is_empty() {
+        return Ok(());
+    }
+    unfit.sort_by(|a, b| a.node.cmp(&b.node));
+    Err(Error::InterfaceFull {
+        policy: policy.name_any(),
+        limit,
+        count: unfit.len(),
+        nodes: placement::describe(&unfit, crate::api::ATTACHED_SAMPLE),
+    })
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -876,23 +1223,31 @@ async fn set_membership<E: Ec2>(
     eni: &str,
     group: &str,
     change: EniChange,
+    replacing: &[String],
 ) -> Result<bool, Error> {
     let lock = ctx.eni_lock(eni);
     let _held = lock.lock().await;
-    let mut groups = ctx.ec2.eni_groups(eni).await?;
-    let has = groups.iter().any(|g| g == group);
+    let before = ctx.ec2.eni_groups(eni).await?;
+    let mut groups = before.clone();
     match change {
-        EniChange::Attach if !has => groups.push(group.to_string()),
-        EniChange::Detach if has => {
+        EniChange::Attach => {
+            // The groups it replaces go in the same call.
+            groups.retain(|g| !replacing.contains(g));
+            if !groups.iter().any(|g| g == group) {
+                groups.push(group.to_string());
+            }
+        }
+        EniChange::Detach => {
             groups.retain(|g| g != group);
             if groups.is_empty() {
                 tracing::warn!(eni, group, "not detaching the last group of an ENI");
                 return Ok(false);
             }
         }
-        _ => return Ok(true),
     }
-    ctx.ec2.set_eni_groups(eni, &groups).await?;
+    if groups != before {
+        ctx.ec2.set_eni_groups(eni, &groups).await?;
+    }
     Ok(true)
 }
 
@@ -942,7 +1297,7 @@ pub(crate) fn split_for_quota(
 /// direction) — plus, only when the quota leaves no room for old and new
 /// rules side by side, a second authorize after the revoke
 /// ([`split_for_quota`]).
-async fn apply_diff<E: Ec2>(
+pub(crate) async fn apply_diff<E: Ec2>(
     policy: &FirewallPolicy,
     ctx: &Context<E>,
     group_id: &str,
@@ -1014,11 +1369,18 @@ pub async fn cleanup<E: Ec2>(
 ) -> Result<Action, Error> {
     let spec = target(&policy);
     if spec.is_owned() {
+        // A member of a shared group leaves it (the group goes with its
+        // last member).
+        if shared::composable_spec(&policy)
+            && let Some(g) = shared::find(&ctx, &shared::key(&policy)).await?
+        {
+            shared::leave(&ctx, &policy, &shared::key(&policy), &g.id).await?;
+        }
         if spec.deletion_policy == DeletionPolicy::Delete {
             let groups = ctx.ec2.find_groups(&identity_tags(&policy, &ctx)).await?;
             for group in groups {
                 for eni in ctx.ec2.enis_in_group(&group.id).await? {
-                    set_membership(&ctx, &eni.id, &group.id, EniChange::Detach).await?;
+                    set_membership(&ctx, &eni.id, &group.id, EniChange::Detach, &[]).await?;
                 }
                 match ctx.ec2.delete_group(&group.id).await {
                     Ok(()) => {
@@ -1079,7 +1441,7 @@ pub async fn cleanup<E: Ec2>(
         let tag = tags::attached(&id, &policy.uid().unwrap_or_default());
         for eni in ctx.ec2.enis_in_group(&id).await? {
             if eni.tags.contains_key(&tag)
-                && set_membership(&ctx, &eni.id, &id, EniChange::Detach).await?
+                && set_membership(&ctx, &eni.id, &id, EniChange::Detach, &[]).await?
             {
                 ctx.ec2.untag_eni(&eni.id, &tag).await?;
             }

@@ -9,6 +9,10 @@
 //!   [`crate::policy::compile_policy`]) → apply to the group
 //!   (full sync: find/create, authorize → re-describe → revoke, attach) →
 //!   status.
+//! - **Shared groups** (`shared`): composable policies with one node
+//!   selector share one group holding the union of their rules, so a node
+//!   selected by many policies stays within AWS's groups per interface;
+//!   [`placement`] checks that quota for every node before any write.
 //! - **Cleanup** ([`cleanup`]): detach and delete the owned group (or
 //!   keep it, `deletionPolicy: Retain`), revoke only our rules in an
 //!   adopted group, and let the finalizer go only once no agent still
@@ -56,6 +60,8 @@ pub mod exposure;
 pub mod leader;
 pub mod metrics;
 pub mod peers;
+pub mod placement;
+mod shared;
 pub mod status;
 
 use std::collections::{BTreeSet, HashMap};
@@ -167,18 +173,40 @@ pub enum Error {
         /// The VPC.
         vpc: String,
     },
-    /// Selected nodes whose primary interface already holds as many groups
-    /// as the account allows: found before any EC2 write.
+    /// Selected nodes whose interface would carry more groups than the
+    /// account allows once every policy selecting them is applied: found
+    /// before any EC2 write.
     #[error(
-        "{} node(s) cannot take the Security Group of policy {policy}: their interface already holds {limit} groups, AWS's limit per interface ({}); attach fewer policies' groups to them (narrow a nodeSelector, or adopt one shared group with spec.securityGroup.id), or raise the 'Security groups per network interface' quota and --groups-per-interface", nodes.len(), nodes.join("; ")
+        "{count} node(s) selected by policy {policy} cannot take its Security Group within the groups-per-interface quota ({limit}): {}; attach fewer groups to them (narrow a nodeSelector, or adopt one shared group with spec.securityGroup.id), or raise the 'Security groups per network interface' quota and --groups-per-interface", nodes.join("; ")
     )]
     InterfaceFull {
         /// The policy.
         policy: String,
         /// The limit.
         limit: u32,
-        /// `node (instance, eni: groups)` of each full interface.
+        /// How many nodes do not fit.
+        count: usize,
+        /// A bounded sample: one line per node, with its numbers.
         nodes: Vec<String>,
+    },
+    /// The union of the rules of the policies sharing one group exceeds the
+    /// rule quota: found before any EC2 write.
+    #[error(
+        "the policies sharing a Security Group with {policy} (same nodeSelector: {}) need {used} {direction} {family} rules together, over the quota of {limit} per group; split their rules, give one of them its own group (spec.securityGroup.name), or raise the quota and --sg-rules-per-direction", members.join(", ")
+    )]
+    SharedOverQuota {
+        /// The policy.
+        policy: String,
+        /// Every member of the class.
+        members: Vec<String>,
+        /// The direction over quota.
+        direction: crate::policy::Direction,
+        /// The address family over quota.
+        family: crate::policy::IpFamily,
+        /// Rules needed.
+        used: u32,
+        /// The quota.
+        limit: u32,
     },
     /// The policy object has no uid or name (never from the apiserver).
     #[error("the policy object lacks metadata.{0}")]
@@ -220,7 +248,7 @@ impl Error {
             Error::NoVpc { .. } | Error::SeveralVpcs { .. } | Error::GroupNameTaken { .. } => {
                 reason::INVALID_REFERENCE
             }
-            Error::InterfaceFull { .. } => reason::QUOTA_EXCEEDED,
+            Error::InterfaceFull { .. } | Error::SharedOverQuota { .. } => reason::QUOTA_EXCEEDED,
             Error::Metadata(_) => reason::INVALID_POLICY,
             Error::WaitingForAgents { .. } => "WaitingForAgents",
             Error::Finalizer(e) => match e.as_ref() {
@@ -272,6 +300,7 @@ impl Error {
             | Error::SeveralVpcs { .. }
             | Error::GroupNameTaken { .. }
             | Error::InterfaceFull { .. }
+            | Error::SharedOverQuota { .. }
             | Error::Metadata(_) => true,
             Error::Finalizer(e) => match e.as_ref() {
                 kube::runtime::finalizer::Error::ApplyFailed(e)
@@ -300,6 +329,8 @@ pub(crate) struct SyncMemory {
     /// What the other groups on the selected nodes' interfaces admit
     /// beyond the policy, as of that sync.
     pub(crate) effective: effective::Effective,
+    /// The group of that sync was a shared group (see `shared`).
+    pub(crate) shared: bool,
 }
 
 /// Shared state of every reconcile.
@@ -327,6 +358,16 @@ pub struct Context<E: Ec2> {
     pub(crate) exposure: Mutex<HashMap<String, exposure::NodeExposure>>,
     /// Each node's exposure, as last written to its FirewallNode.
     pub(crate) exposure_written: Mutex<HashMap<String, exposure::NodeExposure>>,
+    /// Every policy this controller reconciles, from its watch (set by
+    /// [`run`]): what the groups-per-interface check counts.
+    pub(crate) policies: std::sync::OnceLock<Store<FirewallPolicy>>,
+    /// Wakes a policy (set by [`run`]): a member of a shared group wakes
+    /// the others when it changed the group for them.
+    pub(crate) wake: std::sync::OnceLock<
+        futures::channel::mpsc::UnboundedSender<
+            kube::runtime::reflector::ObjectRef<FirewallPolicy>,
+        >,
+    >,
 }
 
 impl<E: Ec2> std::fmt::Debug for Context<E> {
@@ -489,6 +530,8 @@ pub fn context<E: Ec2>(
         instances: Mutex::new(HashMap::new()),
         exposure: Mutex::new(HashMap::new()),
         exposure_written: Mutex::new(HashMap::new()),
+        policies: std::sync::OnceLock::new(),
+        wake: std::sync::OnceLock::new(),
     })
 }
 
@@ -508,9 +551,11 @@ pub async fn run<E: Ec2>(
     }
     let controller = Controller::new(Api::<FirewallPolicy>::all(client.clone()), policy_watch);
     let policies = controller.store();
+    let _ = ctx.policies.set(policies.clone());
     // Nodes and agent reports: one watch each, into the cache; the same
     // task wakes the policies a change concerns, after the cache has it.
     let (wake, woken) = futures::channel::mpsc::unbounded();
+    let _ = ctx.wake.set(wake.clone());
     let follower = cache::follow(client.clone(), ctx.cache.clone(), policies.clone(), wake);
     // Node addresses for the agents' nodeSelector peers and failsafe,
     // published while this instance leads.

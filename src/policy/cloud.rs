@@ -607,6 +607,86 @@ pub fn plan_cloud(policy: &ValidPolicy, facts: &Facts) -> Result<CloudPlan, Poli
     })
 }
 
+/// The plan of a group several policies share: the union of their plans,
+/// each permission once, described by the first plan (in the order given)
+/// that holds it, and counted against the quota as AWS counts it (prefix
+/// lists by their size in `facts`). A direction is spoken for when any
+/// plan speaks for it; the default egress stays when any plan keeps it
+/// (groups on an interface are a union, so sharing changes no verdict).
+pub fn union_plan(name: &str, plans: &[&CloudPlan], facts: &Facts) -> CloudPlan {
+    let mut quota = QuotaUsage {
+        limit: facts.quota.rules_per_direction,
+        ..Default::default()
+    };
+    let keeps_default_egress = plans.iter().any(|p| p.keeps_default_egress);
+    let mut direction_union = |direction: Direction| -> Option<Vec<PlannedPermission>> {
+        let mut planned: BTreeMap<SgPermission, PlannedPermission> = BTreeMap::new();
+        let mut spoken = false;
+        for plan in plans {
+            let Some(perms) = plan.permissions(direction) else {
+                continue;
+            };
+            spoken = true;
+            for p in perms {
+                planned
+                    .entry(p.permission.clone())
+                    .or_insert_with(|| p.clone());
+            }
+        }
+        if !spoken {
+            return None;
+        }
+        let count = match direction {
+            Direction::Ingress => &mut quota.ingress,
+            Direction::Egress => &mut quota.egress,
+        };
+        for p in planned.values() {
+            match &p.permission.peer {
+                SgPeer::PrefixList(id) if facts.prefix_lists.contains_key(id) => {
+                    if let Some(pl) = facts.prefix_lists.get(id) {
+                        count.add(pl.family, pl.max_entries);
+                    }
+                }
+                _ => p
+                    .permission
+                    .families()
+                    .iter()
+                    .for_each(|f| count.add(*f, 1)),
+            }
+        }
+        if direction == Direction::Egress
+            && keeps_default_egress
+            && !planned.contains_key(&SgPermission::default_egress()[0])
+        {
+            count.add(IpFamily::V4, 1);
+        }
+        Some(planned.into_values().collect())
+    };
+    let ingress = direction_union(Direction::Ingress);
+    let egress = direction_union(Direction::Egress);
+    CloudPlan {
+        policy: name.to_string(),
+        mode: PolicyMode::Enforce,
+        ingress,
+        egress,
+        keeps_default_egress,
+        quota,
+        warnings: Vec::new(),
+    }
+}
+
+impl CloudPlan {
+    /// The first direction and family whose count exceeds the quota, with
+    /// the count.
+    pub fn over_quota(&self) -> Option<(Direction, IpFamily, u32)> {
+        [Direction::Ingress, Direction::Egress]
+            .into_iter()
+            .flat_map(|d| [IpFamily::V4, IpFamily::V6].map(|f| (d, f)))
+            .map(|(d, f)| (d, f, self.quota.direction(d).get(f)))
+            .find(|(_, _, n)| *n > self.quota.limit)
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -836,5 +916,49 @@ mod tests {
         assert!(
             SgPermission::from_aws("sctp", None, None, SgPeer::PrefixList("pl-1".into())).is_err()
         );
+    }
+
+    #[test]
+    fn a_shared_plan_is_the_union_once_each() {
+        let facts = Facts::default();
+        let a = plan_cloud(
+            &validate(&policy(
+                "a",
+                vec![rule("web", Protocol::Tcp, &[443], &["10.0.0.0/8"])],
+                None,
+            ))
+            .unwrap(),
+            &facts,
+        )
+        .unwrap();
+        let b = plan_cloud(
+            &validate(&policy(
+                "b",
+                vec![
+                    rule("https", Protocol::Tcp, &[443], &["10.0.0.0/8"]),
+                    rule("ssh", Protocol::Tcp, &[22], &["192.0.2.0/24"]),
+                ],
+                None,
+            ))
+            .unwrap(),
+            &facts,
+        )
+        .unwrap();
+        let u = union_plan("shared", &[&a, &b], &facts);
+        let ingress = u.ingress.as_ref().unwrap();
+        assert_eq!(ingress.len(), 2);
+        // The permission both hold is described by the first plan.
+        let https = ingress
+            .iter()
+            .find(|p| p.permission.from_port == 443)
+            .unwrap();
+        assert!(https.description.starts_with("palisade:a/"), "{https:?}");
+        assert_eq!(u.quota.ingress, FamilyCount { ipv4: 2, ipv6: 0 });
+        assert!(u.keeps_default_egress);
+        assert_eq!(u.over_quota(), None);
+        let mut tight = facts.clone();
+        tight.quota.rules_per_direction = 1;
+        let u = union_plan("shared", &[&a, &b], &tight);
+        assert_eq!(u.over_quota(), Some((Direction::Ingress, IpFamily::V4, 2)));
     }
 }

@@ -150,7 +150,7 @@ use crate::api::{FirewallPolicy, Layer};
 pub use canonical::canonicalize_spec;
 pub use cloud::{
     CloudPlan, DESCRIPTION_MARKER, FamilyCount, MAX_DESCRIPTION, PlannedPermission, QuotaUsage,
-    SgPeer, SgPermission, SgProtocol, marker, plan_cloud,
+    SgPeer, SgPermission, SgProtocol, marker, plan_cloud, union_plan,
 };
 pub use error::PolicyError;
 pub use facts::{

@@ -1,0 +1,366 @@
+//! Shared groups: policies that select their nodes with the same
+//! `nodeSelector` share one Security Group.
+//!
+//! AWS allows 5 groups per network interface by default, so one group per
+//! policy caps a node at about four policies. Policies whose node selectors
+//! are identical always select the same nodes, so one group holding the
+//! union of their cloud rules (each permission once) admits exactly what
+//! their separate groups would (groups on an interface are a union): a node
+//! selected by 20 such policies carries one Palisade group.
+//!
+//! Contract:
+//! - **Who shares.** A policy is *composable* when Palisade creates its
+//!   group with nothing of its own to keep apart: `Enforce`, no
+//!   `spec.securityGroup` `id`, `name`, `vpcId` or `tags`, attached to the
+//!   nodes, `deletionPolicy: Delete`. Composable policies with the same
+//!   selector form a *class* ([`key`]). A class of two or more members uses
+//!   one shared group; a lone policy keeps its own group (nothing changes
+//!   for it) unless its class already has a shared group (it stays there
+//!   rather than move back and forth).
+//! - **One writer per group.** Every change to a shared group (rules,
+//!   attachments, deletion) runs under one lock per class.
+//! - **Rules.** The group holds the union of the members' plans
+//!   ([`crate::policy::union_plan`]); a permission several members plan is
+//!   described by the first member by name, so descriptions never flap. A
+//!   member whose plan cannot be compiled keeps the rules carrying its
+//!   marker. Anything else in the group is drift and is revoked.
+//! - **Moving in.** The shared group is made and filled first; each
+//!   interface then takes it and drops the members' own groups in one
+//!   `ModifyNetworkInterfaceAttribute` call with the whole new list, so a
+//!   flow allowed before and after is never dropped; the members' own
+//!   groups are then deleted.
+//! - **Moving out.** A member that leaves (deleted, or edited out of the
+//!   class) first has its new group in place; then the class's group is
+//!   planned again without it (its rules revoked), or detached and deleted
+//!   when no member is left.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use kube::ResourceExt;
+use kube::runtime::reflector::ObjectRef;
+
+use super::{Context, Error, lock};
+use crate::api::{DeletionPolicy, FirewallPolicy, PolicyMode};
+use crate::cloud::{Ec2, ErrorKind, GroupInfo, tags};
+use crate::policy::{
+    CloudPlan, CurrentSgRule, Direction, Facts, GroupOwnership, PlannedPermission, compile_policy,
+    diff_security_group, marker, union_plan,
+};
+
+/// Whether `policy` may share its group (see the module docs).
+pub(crate) fn composable(policy: &FirewallPolicy) -> bool {
+    policy.metadata.deletion_timestamp.is_none() && composable_spec(policy)
+}
+
+/// Whether the spec of `policy` lets it share its group (being deleted or
+/// not).
+pub(crate) fn composable_spec(policy: &FirewallPolicy) -> bool {
+    let spec = policy.spec.security_group.clone().unwrap_or_default();
+    policy.spec.mode == PolicyMode::Enforce
+        && spec.id.is_none()
+        && spec.name.is_none()
+        && spec.vpc_id.is_none()
+        && spec.tags.as_ref().is_none_or(BTreeMap::is_empty)
+        && spec.attaches()
+        && spec.deletion_policy == DeletionPolicy::Delete
+        && crate::policy::validate(policy).is_ok()
+}
+
+/// The class of a policy: a digest of its node selector as written.
+pub(crate) fn key(policy: &FirewallPolicy) -> String {
+    let selector = serde_json::to_string(&policy.spec.node_selector).unwrap_or_default();
+    crate::policy::short_hash(&["shared-selector", &selector])
+}
+
+/// The tags of the shared group of class `key`.
+pub(crate) fn group_tags(cluster: &str, key: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (tags::CLUSTER.to_string(), cluster.to_string()),
+        (tags::SHARED.to_string(), key.to_string()),
+        (tags::MANAGED_BY.to_string(), tags::MANAGER.to_string()),
+    ])
+}
+
+/// Every policy the controller holds (its watch), waiting for the initial
+/// list.
+pub(crate) async fn all_policies<E: Ec2>(ctx: &Context<E>) -> Vec<Arc<FirewallPolicy>> {
+    match ctx.policies.get() {
+        Some(store) => {
+            let _ = store.wait_until_ready().await;
+            store.state()
+        }
+        None => Vec::new(),
+    }
+}
+
+/// The composable members of class `key`, sorted by name: the policies
+/// held, with `fresh` (when given) in place of its older copy, and without
+/// `leaving` (a uid).
+pub(crate) fn members(
+    all: &[Arc<FirewallPolicy>],
+    key_of_class: &str,
+    fresh: Option<&FirewallPolicy>,
+    leaving: Option<&str>,
+) -> Vec<FirewallPolicy> {
+    let fresh_uid = fresh.and_then(|p| p.uid());
+    let mut out: Vec<FirewallPolicy> = all
+        .iter()
+        .filter(|p| p.uid() != fresh_uid || fresh_uid.is_none())
+        .map(|p| p.as_ref().clone())
+        .chain(fresh.cloned())
+        .filter(|p| leaving.is_none_or(|l| p.uid().as_deref() != Some(l)))
+        .filter(|p| composable(p) && key(p) == key_of_class)
+        .collect();
+    out.sort_by_key(|p| p.name_any());
+    out.dedup_by_key(|p| p.uid());
+    out
+}
+
+/// How many composable members each class has among `all`.
+pub(crate) fn class_sizes(all: &[Arc<FirewallPolicy>]) -> BTreeMap<String, usize> {
+    let mut sizes = BTreeMap::new();
+    for p in all.iter().filter(|p| composable(p)) {
+        *sizes.entry(key(p)).or_insert(0) += 1;
+    }
+    sizes
+}
+
+/// The shared group of class `key`, if it exists (the lowest id, should
+/// there ever be two).
+pub(crate) async fn find<E: Ec2>(ctx: &Context<E>, key: &str) -> Result<Option<GroupInfo>, Error> {
+    let found = ctx
+        .ec2
+        .find_groups(&group_tags(&ctx.config.cluster_name, key))
+        .await?;
+    Ok(found.into_iter().min_by(|a, b| a.id.cmp(&b.id)))
+}
+
+/// The name of the shared group of class `key`.
+pub(crate) fn group_name(cluster: &str, key: &str) -> String {
+    format!("palisade-{cluster}-shared-{key}")
+        .chars()
+        .take(255)
+        .collect()
+}
+
+/// The plan of a shared group: the union of the members' plans, compiled
+/// with `facts` (nodes) and every reference they name resolved (read from
+/// EC2 when `facts` lacks it). A member whose plan cannot be compiled
+/// keeps the rules of `current` that carry its marker.
+pub(crate) async fn plan<E: Ec2>(
+    ctx: &Context<E>,
+    key: &str,
+    members: &[FirewallPolicy],
+    facts: &Facts,
+    current: &[CurrentSgRule],
+) -> Result<CloudPlan, Error> {
+    let mut facts = facts.clone();
+    let mut missing_sgs = Vec::new();
+    let mut missing_pls = Vec::new();
+    for m in members {
+        let Ok(valid) = crate::policy::validate(m) else {
+            continue;
+        };
+        for direction in [Direction::Ingress, Direction::Egress] {
+            for rule in valid.rules(direction).unwrap_or_default() {
+                for peer in &rule.peers {
+                    match peer {
+                        crate::policy::PeerRef::SecurityGroup(id)
+                            if !facts.security_groups.contains_key(id) =>
+                        {
+                            missing_sgs.push(id.clone());
+                        }
+                        crate::policy::PeerRef::PrefixList(id)
+                            if !facts.prefix_lists.contains_key(id) =>
+                        {
+                            missing_pls.push(id.clone());
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    missing_sgs.sort();
+    missing_sgs.dedup();
+    missing_pls.sort();
+    missing_pls.dedup();
+    // A reference that cannot be read leaves its member's rules as they
+    // are (below): its own reconcile reports the reference.
+    if !missing_sgs.is_empty()
+        && let Ok(found) = ctx.ec2.group_members(&missing_sgs).await
+    {
+        facts.security_groups.extend(found);
+    }
+    if !missing_pls.is_empty()
+        && let Ok(found) = ctx.ec2.prefix_lists(&missing_pls).await
+    {
+        facts.prefix_lists.extend(found);
+    }
+    let mut plans = Vec::new();
+    let mut kept: BTreeMap<Direction, Vec<PlannedPermission>> = BTreeMap::new();
+    for m in members {
+        match compile_policy(m, &facts) {
+            Ok(c) => plans.push(c.cloud.applied()),
+            Err(e) => {
+                tracing::warn!(policy = %m.name_any(), error = %e, "a member of a shared group does not compile; its rules there stay as they are");
+                let mine = marker(&m.name_any());
+                for r in current.iter().filter(|r| {
+                    r.description
+                        .as_deref()
+                        .is_some_and(|d| d.starts_with(&mine))
+                }) {
+                    kept.entry(r.direction)
+                        .or_default()
+                        .push(PlannedPermission {
+                            permission: r.permission.clone(),
+                            description: r.description.clone().unwrap_or_default(),
+                            rules: Vec::new(),
+                        });
+                }
+            }
+        }
+    }
+    let name = format!("shared-{key}");
+    let kept_plan = CloudPlan {
+        policy: name.clone(),
+        mode: PolicyMode::Enforce,
+        ingress: kept.remove(&Direction::Ingress),
+        egress: kept.remove(&Direction::Egress),
+        keeps_default_egress: false,
+        quota: Default::default(),
+        warnings: Vec::new(),
+    };
+    let mut refs: Vec<&CloudPlan> = plans.iter().collect();
+    refs.push(&kept_plan);
+    Ok(union_plan(&name, &refs, &facts))
+}
+
+/// Re-plans the rules of shared group `group_id` for `members` (those
+/// still in the class) and applies the difference. Run under the class's
+/// lock.
+pub(crate) async fn replan<E: Ec2>(
+    ctx: &Context<E>,
+    policy: &FirewallPolicy,
+    key: &str,
+    group_id: &str,
+    members: &[FirewallPolicy],
+) -> Result<(), Error> {
+    let facts = Facts {
+        nodes: ctx.node_facts().await?,
+        quota: ctx.config.quota,
+        ..Default::default()
+    };
+    let current = match ctx.ec2.describe_rules(group_id).await {
+        Ok(c) => c,
+        Err(e) if matches!(e.kind, ErrorKind::NotFound { .. }) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    let union = plan(ctx, key, members, &facts, &current).await?;
+    let diff = diff_security_group(&union, &current, GroupOwnership::Created);
+    if !diff.is_empty() {
+        super::apply::apply_diff(policy, ctx, group_id, &diff, &current).await?;
+    }
+    Ok(())
+}
+
+/// `policy` leaves class `key`, whose group is `group_id`: the group is
+/// planned again for the members left, or detached from every interface
+/// and deleted when none is.
+pub(crate) async fn leave<E: Ec2>(
+    ctx: &Context<E>,
+    policy: &FirewallPolicy,
+    key: &str,
+    group_id: &str,
+) -> Result<(), Error> {
+    let class_lock = ctx.eni_lock(&format!("shared/{key}"));
+    let _held = class_lock.lock().await;
+    let all = all_policies(ctx).await;
+    let uid = policy.uid().unwrap_or_default();
+    let left = members(&all, key, None, Some(&uid));
+    if left.is_empty() {
+        super::apply::retire_group(ctx, policy, group_id).await
+    } else {
+        replan(ctx, policy, key, group_id, &left).await?;
+        wake(ctx, &left);
+        Ok(())
+    }
+}
+
+/// Has the members' next reconcile read their groups back (a full sync),
+/// so their statuses follow a change made by another member.
+pub(crate) fn wake<E: Ec2>(ctx: &Context<E>, members: &[FirewallPolicy]) {
+    let uids: Vec<String> = members.iter().filter_map(|m| m.uid()).collect();
+    {
+        let mut memory = lock(&ctx.memory);
+        for uid in &uids {
+            if let Some(m) = memory.get_mut(uid) {
+                m.at = None;
+            }
+        }
+    }
+    if let Some(tx) = ctx.wake.get() {
+        for m in members {
+            let _ = tx.unbounded_send(ObjectRef::from_obj(m));
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::api::{Protocol, SecurityGroupTarget};
+    use crate::policy::testing::{policy, rule, selector};
+
+    fn store_of(policies: Vec<FirewallPolicy>) -> Vec<Arc<FirewallPolicy>> {
+        policies.into_iter().map(Arc::new).collect()
+    }
+
+    fn with_uid(mut p: FirewallPolicy, uid: &str) -> FirewallPolicy {
+        p.metadata.uid = Some(uid.into());
+        p
+    }
+
+    #[test]
+    fn classes_are_policies_with_one_selector_and_nothing_of_their_own() {
+        let r = || vec![rule("ssh", Protocol::Tcp, &[22], &["10.0.0.0/8"])];
+        let mut web_a = with_uid(policy("a", r(), None), "1");
+        web_a.spec.node_selector = Some(selector(&[("role", "web")]));
+        let mut web_b = with_uid(policy("b", r(), None), "2");
+        web_b.spec.node_selector = Some(selector(&[("role", "web")]));
+        let mut db = with_uid(policy("c", r(), None), "3");
+        db.spec.node_selector = Some(selector(&[("role", "db")]));
+        let mut named = with_uid(policy("d", r(), None), "4");
+        named.spec.node_selector = Some(selector(&[("role", "web")]));
+        named.spec.security_group = Some(SecurityGroupTarget {
+            name: Some("mine".into()),
+            ..Default::default()
+        });
+        let mut audit = with_uid(policy("e", r(), None), "5");
+        audit.spec.node_selector = Some(selector(&[("role", "web")]));
+        audit.spec.mode = PolicyMode::Audit;
+        assert!(composable(&web_a) && !composable(&named) && !composable(&audit));
+        assert_eq!(key(&web_a), key(&web_b));
+        assert_ne!(key(&web_a), key(&db));
+        let all = store_of(vec![web_a.clone(), web_b.clone(), db.clone(), named, audit]);
+        let names = |ms: Vec<FirewallPolicy>| ms.iter().map(|m| m.name_any()).collect::<Vec<_>>();
+        assert_eq!(names(members(&all, &key(&web_a), None, None)), ["a", "b"]);
+        assert_eq!(names(members(&all, &key(&web_a), None, Some("1"))), ["b"]);
+        // A fresher copy replaces the held one.
+        let mut moved = web_b.clone();
+        moved.spec.node_selector = Some(selector(&[("role", "db")]));
+        assert_eq!(
+            names(members(&all, &key(&web_a), Some(&moved), None)),
+            ["a"]
+        );
+        assert_eq!(
+            names(members(&all, &key(&db), Some(&moved), None)),
+            ["b", "c"]
+        );
+        let sizes = class_sizes(&all);
+        assert_eq!(sizes[&key(&web_a)], 2);
+        assert_eq!(sizes[&key(&db)], 1);
+    }
+}
