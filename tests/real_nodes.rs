@@ -213,7 +213,8 @@ async fn the_chart_on_real_nodes() {
     let env = TestEnv::start_with(StartOptions {
         real_pods: true,
         ..StartOptions::default()
-    }).unwrap();
+    })
+    .unwrap();
     env.start_controller_manager().await.unwrap();
     env.start_scheduler().await.unwrap();
     let client = env.client().await.unwrap();
@@ -587,7 +588,8 @@ async fn a_node_runs_a_pod_and_leaves_no_trace() {
     let env = TestEnv::start_with(StartOptions {
         real_pods: true,
         ..StartOptions::default()
-    }).unwrap();
+    })
+    .unwrap();
     env.start_controller_manager().await.unwrap();
     env.start_scheduler().await.unwrap();
     let net = SimNet::new().unwrap();

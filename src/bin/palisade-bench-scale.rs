@@ -254,10 +254,30 @@ fn conditions(now: &str) -> serde_json::Value {
                "lastHeartbeatTime": now, "lastTransitionTime": "2026-11-01T08:00:00Z"})
     };
     json!([
-        c("MemoryPressure", "False", "KubeletHasSufficientMemory", "kubelet has sufficient memory available"),
-        c("DiskPressure", "False", "KubeletHasNoDiskPressure", "kubelet has no disk pressure"),
-        c("PIDPressure", "False", "KubeletHasSufficientPID", "kubelet has sufficient PID available"),
-        c("Ready", "True", "KubeletReady", "kubelet is posting ready status"),
+        c(
+            "MemoryPressure",
+            "False",
+            "KubeletHasSufficientMemory",
+            "kubelet has sufficient memory available"
+        ),
+        c(
+            "DiskPressure",
+            "False",
+            "KubeletHasNoDiskPressure",
+            "kubelet has no disk pressure"
+        ),
+        c(
+            "PIDPressure",
+            "False",
+            "KubeletHasSufficientPID",
+            "kubelet has sufficient PID available"
+        ),
+        c(
+            "Ready",
+            "True",
+            "KubeletReady",
+            "kubelet is posting ready status"
+        ),
     ])
 }
 
@@ -422,7 +442,12 @@ fn proc_stat(pid: u32, ticks: f64) -> ProcStat {
     let after = stat.rsplit_once(')').map(|(_, s)| s).unwrap_or_default();
     let fields: Vec<&str> = after.split_whitespace().collect();
     // After the command: state is field 3; utime 14, stime 15.
-    let tick = |k: usize| fields.get(k - 3).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let tick = |k: usize| {
+        fields
+            .get(k - 3)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
     ProcStat {
         rss: kb("VmRSS:"),
         hwm: kb("VmHWM:"),
@@ -532,6 +557,69 @@ fn count_prefix(tally: &Tally, prefix: &str, verb: &str) -> u64 {
         .sum()
 }
 
+/// Watch events the apiserver sent and their bytes (before TLS), by
+/// resource, from its own metrics (`apiserver_watch_events_total`,
+/// `apiserver_watch_events_sizes_sum`): only Palisade's components watch
+/// these resources here.
+async fn watch_events(client: &Client) -> BTreeMap<String, (f64, f64)> {
+    let mut out: BTreeMap<String, (f64, f64)> = BTreeMap::new();
+    let Ok(request) = http::Request::get("/metrics").body(Vec::new()) else {
+        return out;
+    };
+    let Ok(text) = client.request_text(request).await else {
+        return out;
+    };
+    for line in text.lines() {
+        let total = line.starts_with("apiserver_watch_events_total{");
+        let sizes = line.starts_with("apiserver_watch_events_sizes_sum{");
+        if !total && !sizes {
+            continue;
+        }
+        let Some(resource) = line
+            .split("resource=\"")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+        else {
+            continue;
+        };
+        if !WATCHED.contains(&resource) {
+            continue;
+        }
+        let value = line
+            .rsplit(' ')
+            .next()
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        let e = out.entry(resource.to_string()).or_default();
+        if total {
+            e.0 += value;
+        } else {
+            e.1 += value;
+        }
+    }
+    out
+}
+
+/// The resources Palisade's components watch.
+const WATCHED: [&str; 4] = [
+    "nodes",
+    "firewallpolicies",
+    "firewallnodes",
+    "firewallpeerslices",
+];
+
+fn print_watch_events(before: &BTreeMap<String, (f64, f64)>, after: &BTreeMap<String, (f64, f64)>) {
+    let text = after
+        .iter()
+        .map(|(r, (n, b))| {
+            let (n0, b0) = before.get(r).copied().unwrap_or_default();
+            format!("{r} {:.0} events {:.2} MB", n - n0, (b - b0) / 1e6)
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    println!("  watch events sent (apiserver metrics, all watchers, uncompressed): {text}");
+}
+
 fn mb(bytes: u64) -> f64 {
     bytes as f64 / 1e6
 }
@@ -565,6 +653,10 @@ struct StepFigures {
     ec2_describe: usize,
     ec2_needed: usize,
     lists: u64,
+    /// Policy and slice writes of the controller, and the most bytes one
+    /// agent received in the step.
+    policy_writes: u64,
+    agent_down: u64,
     window_lists: u64,
     window_controller_cpu: f64,
     window_controller_down: u64,
@@ -615,7 +707,9 @@ fn sibling(name: &str) -> anyhow::Result<PathBuf> {
 }
 
 fn log_file(env: &TestEnv, name: &str) -> anyhow::Result<std::fs::File> {
-    Ok(std::fs::File::create(env.dir().join(format!("{name}.log")))?)
+    Ok(std::fs::File::create(
+        env.dir().join(format!("{name}.log")),
+    )?)
 }
 
 impl Bench {
@@ -760,7 +854,10 @@ impl Bench {
         for r in results {
             r?;
         }
-        let mut beating = self.beating.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+        let mut beating = self
+            .beating
+            .lock()
+            .map_err(|_| anyhow::anyhow!("poisoned"))?;
         beating.extend((from.max(REAL_AGENTS)..to).map(node_name));
         Ok(())
     }
@@ -964,12 +1061,15 @@ impl Bench {
         let bytes0 = self.bytes();
         let c0 = self.controller_stat();
         let a0 = self.agent_stats();
+        let w0 = watch_events(&self.client).await;
         let started = Instant::now();
-        if policies > had_policies {
-            self.create_policies(had_policies, policies).await?;
-        }
+        // Nodes first, as a cluster has them before its policies (a cloud
+        // policy selecting no EC2 node yet has no VPC for its group).
         if added_nodes > 0 {
             self.create_nodes(had_nodes, nodes).await?;
+        }
+        if policies > had_policies {
+            self.create_policies(had_policies, policies).await?;
         }
         let reports = self.report(nodes).await?;
         let written = started.elapsed().as_secs_f64();
@@ -991,16 +1091,24 @@ impl Bench {
         let c1 = self.controller_stat();
         let a1 = self.agent_stats();
         let bytes1 = self.bytes();
+        let w1 = watch_events(&self.client).await;
         let wall = started.elapsed().as_secs_f64();
         println!(
-            "  converged in {converge:.1}s (driver's writes: {written:.1}s: policies, Node objects, {reports} FirewallNode reports)"
+            "  converged in {converge:.1}s (driver's writes: {written:.1}s: Node objects, policies, {reports} FirewallNode reports)"
         );
         println!("  apiserver requests (audit log), by component:");
         self.print_requests(&tally);
-        println!("  bytes on the wire (relay in front of the apiserver), apiserver→component / component→apiserver:");
+        println!(
+            "  bytes on the wire (relay in front of the apiserver), apiserver→component / component→apiserver:"
+        );
         for ((name, d1, u1), (_, d0, u0)) in bytes1.iter().zip(bytes0.iter()) {
-            println!("    {name:<11} {:>9.2} MB / {:>7.2} MB", mb(d1 - d0), mb(u1 - u0));
+            println!(
+                "    {name:<11} {:>9.2} MB / {:>7.2} MB",
+                mb(d1 - d0),
+                mb(u1 - u0)
+            );
         }
+        print_watch_events(&w0, &w1);
         println!(
             "  controller: RSS {:.0} MB (peak {:.0} MB), CPU {:.1}s ({:.0}% of one core over {wall:.0}s)",
             mb(c1.rss),
@@ -1019,7 +1127,26 @@ impl Bench {
         let needed = self.ec2_needed(had_nodes, nodes, had_policies, policies);
         let (mutating, describe) = ec2_line(&calls, needed);
         let lists = count(&tally, "controller", "list") + count_prefix(&tally, "agent", "list");
+        let policy_writes: u64 = tally.get("controller").map_or(0, |m| {
+            m.iter()
+                .filter(|((v, r), _)| {
+                    v == "patch"
+                        && (r.starts_with("firewallpolicies")
+                            || r.starts_with("firewallpeerslices"))
+                })
+                .map(|(_, n)| n)
+                .sum()
+        });
+        let agent_down = bytes1
+            .iter()
+            .zip(bytes0.iter())
+            .filter(|((n, _, _), _)| n.starts_with("agent"))
+            .map(|((_, d1, _), (_, d0, _))| d1 - d0)
+            .max()
+            .unwrap_or(0);
         let mut fig = StepFigures {
+            policy_writes,
+            agent_down,
             label,
             nodes,
             policies,
@@ -1059,8 +1186,10 @@ impl Bench {
         let c0 = self.controller_stat();
         let h0 = self.heartbeats.load(Ordering::Relaxed);
         let r0 = self.reconciles().await;
+        let w0 = watch_events(&self.client).await;
         let started = Instant::now();
         tokio::time::sleep(Duration::from_secs(self.args.window)).await;
+        let w1 = watch_events(&self.client).await;
         let secs = started.elapsed().as_secs_f64();
         let h = self.heartbeats.load(Ordering::Relaxed) - h0;
         let r = self.reconciles().await.saturating_sub(r0);
@@ -1107,6 +1236,7 @@ impl Bench {
             down("controller") as f64 / (h.max(1) as f64),
             mb(agent_down)
         );
+        print_watch_events(&w0, &w1);
         fig.window_lists = lists;
         fig.window_controller_cpu = c1.cpu - c0.cpu;
         fig.window_controller_down = down("controller");
@@ -1164,7 +1294,11 @@ impl Bench {
         println!(
             "  controller busy for {last_active:.1}s after start, then quiet 15s; {} policies still converged{}",
             self.policies.len() - left,
-            if left > 0 { format!(" (not: {left}; e.g. {sample})") } else { String::new() }
+            if left > 0 {
+                format!(" (not: {left}; e.g. {sample})")
+            } else {
+                String::new()
+            }
         );
         println!("  apiserver requests (audit log):");
         self.print_requests(&tally);
@@ -1209,9 +1343,11 @@ fn ec2_line(calls: &[Call], needed: usize) -> (usize, usize) {
         calls.len()
     );
     let lb = bucket_time(needed as f64, MUTATING_BURST, MUTATING_REFILL);
-    let projected = bucket_time(mutating as f64, MUTATING_BURST, MUTATING_REFILL).max(
-        bucket_time(describe as f64, DESCRIBE_BURST, DESCRIBE_REFILL),
-    );
+    let projected = bucket_time(mutating as f64, MUTATING_BURST, MUTATING_REFILL).max(bucket_time(
+        describe as f64,
+        DESCRIBE_BURST,
+        DESCRIBE_REFILL,
+    ));
     println!(
         "  EC2 lower bound: {needed} mutating calls needed → {lb:.0}s at AWS's bucket (200, +5/s); \
          these calls paced by AWS's buckets: {projected:.0}s ({})",
@@ -1273,7 +1409,10 @@ async fn heartbeat_loop(
             .buffer_unordered(8)
             .collect()
             .await;
-        sent.fetch_add(done.iter().filter(|ok| **ok).count() as u64, Ordering::Relaxed);
+        sent.fetch_add(
+            done.iter().filter(|ok| **ok).count() as u64,
+            Ordering::Relaxed,
+        );
     }
 }
 
@@ -1301,7 +1440,10 @@ fn closing_table(figs: &[StepFigures], restart: &(BTreeMap<String, u64>, f64, us
     };
     // Controller RSS: per node from the node steps at the first P, per
     // policy from the policy steps at the last N.
-    let node_steps: Vec<&StepFigures> = figs.iter().filter(|f| f.policies == first.policies).collect();
+    let node_steps: Vec<&StepFigures> = figs
+        .iter()
+        .filter(|f| f.policies == first.policies)
+        .collect();
     let per_node = match (node_steps.first(), node_steps.last()) {
         (Some(a), Some(b)) if b.nodes > a.nodes => {
             (b.controller.rss as f64 - a.controller.rss as f64) / (b.nodes - a.nodes) as f64
@@ -1327,7 +1469,9 @@ fn closing_table(figs: &[StepFigures], restart: &(BTreeMap<String, u64>, f64, us
         _ => 0.0,
     };
     let agent_per_node = match (node_steps.first(), node_steps.last()) {
-        (Some(a), Some(b)) if b.nodes > a.nodes => (agent_rss(b) - agent_rss(a)) / (b.nodes - a.nodes) as f64,
+        (Some(a), Some(b)) if b.nodes > a.nodes => {
+            (agent_rss(b) - agent_rss(a)) / (b.nodes - a.nodes) as f64
+        }
         _ => 0.0,
     };
     let agent = agent_rss(last)
@@ -1343,7 +1487,11 @@ fn closing_table(figs: &[StepFigures], restart: &(BTreeMap<String, u64>, f64, us
     let bytes_per_hb = hb_bytes as f64 / hb.max(1) as f64;
     let kubelet_rate = n5 / 300.0;
     // Scale-up: the largest node step after the first.
-    let scale = figs.iter().skip(1).filter(|f| f.added_nodes > 0).max_by_key(|f| f.added_nodes);
+    let scale = figs
+        .iter()
+        .skip(1)
+        .filter(|f| f.added_nodes > 0)
+        .max_by_key(|f| f.added_nodes);
     let restart_lists_max = restart.0.values().copied().max().unwrap_or(0);
     let restart_bytes_per_node = restart.3 as f64 / last.nodes as f64;
 
@@ -1356,7 +1504,10 @@ fn closing_table(figs: &[StepFigures], restart: &(BTreeMap<String, u64>, f64, us
     };
     row(
         "LISTs in steady state",
-        format!("{:.0}/min", window_lists as f64 * 60.0 / window_secs.max(1.0)),
+        format!(
+            "{:.0}/min",
+            window_lists as f64 * 60.0 / window_secs.max(1.0)
+        ),
         "0",
         format!(
             "measured {window_lists} in {window_secs:.0}s of heartbeats over all steps; heartbeats wake no LIST, so independent of N and P"
@@ -1406,13 +1557,33 @@ fn closing_table(figs: &[StepFigures], restart: &(BTreeMap<String, u64>, f64, us
         "watch bytes to controller",
         format!("{:.0} KB/s", bytes_per_hb * kubelet_rate / 1e3),
         "-",
-        format!("{bytes_per_hb:.0} B/heartbeat (gzip'd TLS) × 5,000/300 s"),
+        format!(
+            "{bytes_per_hb:.0} B/heartbeat (TLS bytes; watch events are not compressed) × 5,000/300 s"
+        ),
     );
+    if let Some(f) = figs.iter().max_by_key(|f| f.policy_writes) {
+        let per_write = f.agent_down as f64 / f.policy_writes.max(1) as f64;
+        row(
+            "a policy write, to 5,000 agents",
+            format!("{:.1} MB", per_write * n5 / 1e6),
+            "-",
+            format!(
+                "{:.0} B to each agent per controller write of a policy or slice ({} writes, {:.2} MB to one agent in step {}) × 5,000 agents",
+                per_write,
+                f.policy_writes,
+                mb(f.agent_down),
+                f.label
+            ),
+        );
+    }
     row(
         "restart: LISTs per resource",
         format!("≤{restart_lists_max}"),
         "≤1",
-        format!("measured at {} nodes: {:?}; independent of N", last.nodes, restart.0),
+        format!(
+            "measured at {} nodes: {:?}; independent of N",
+            last.nodes, restart.0
+        ),
     );
     row(
         "restart: bytes read",
@@ -1431,12 +1602,11 @@ fn closing_table(figs: &[StepFigures], restart: &(BTreeMap<String, u64>, f64, us
         let made = per_node_calls * 1000.0;
         let needed = needed_per_node * 1000.0;
         let lb = bucket_time(needed, MUTATING_BURST, MUTATING_REFILL);
-        let paced = bucket_time(made, MUTATING_BURST, MUTATING_REFILL)
-            .max(bucket_time(
-                s.ec2_describe as f64 / s.added_nodes as f64 * 1000.0,
-                DESCRIBE_BURST,
-                DESCRIBE_REFILL,
-            ));
+        let paced = bucket_time(made, MUTATING_BURST, MUTATING_REFILL).max(bucket_time(
+            s.ec2_describe as f64 / s.added_nodes as f64 * 1000.0,
+            DESCRIBE_BURST,
+            DESCRIBE_REFILL,
+        ));
         let moto_time = s.converge / s.added_nodes as f64 * 1000.0;
         let t = paced.max(moto_time);
         row(
@@ -1461,7 +1631,8 @@ async fn bench(env: &'static TestEnv, args: Args) -> anyhow::Result<()> {
 
     let proxy = FaultProxy::start(&env.ec2_endpoint())?;
     let controller_relay = relay(env.apiserver_port()).await?;
-    let controller_kubeconfig = kubeconfig_via(env, "palisade-bench-controller", &controller_relay)?;
+    let controller_kubeconfig =
+        kubeconfig_via(env, "palisade-bench-controller", &controller_relay)?;
     let controller_metrics = {
         let l = std::net::TcpListener::bind("127.0.0.1:0")?;
         l.local_addr()?.port()
@@ -1538,7 +1709,11 @@ async fn bench(env: &'static TestEnv, args: Args) -> anyhow::Result<()> {
     b.start_controller().await?;
 
     // One simulated node's size, as stored.
-    let sample = serde_json::to_vec(&eks_node(REAL_AGENTS, "i-0123456789abcdef0", "198.18.100.100"))?;
+    let sample = serde_json::to_vec(&eks_node(
+        REAL_AGENTS,
+        "i-0123456789abcdef0",
+        "198.18.100.100",
+    ))?;
     println!(
         "Palisade at scale: real kube-apiserver + etcd (audit log on), moto behind the EC2 fault proxy,\n\
          the real controller binary, {REAL_AGENTS} real agents (nft) in network namespaces; debug builds.\n\
@@ -1558,7 +1733,13 @@ async fn bench(env: &'static TestEnv, args: Args) -> anyhow::Result<()> {
     ));
 
     let mut plan: Vec<(usize, usize)> = Vec::new();
-    let p0 = b.args.policies.first().copied().unwrap_or(200).max(POOLS + 1);
+    let p0 = b
+        .args
+        .policies
+        .first()
+        .copied()
+        .unwrap_or(200)
+        .max(POOLS + 1);
     for n in &b.args.nodes {
         plan.push(((*n).max(REAL_AGENTS), p0));
     }
