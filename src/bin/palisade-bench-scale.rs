@@ -738,6 +738,10 @@ impl Bench {
             .stderr(log_file(self.env, "controller.err")?)
             .kill_on_drop(true)
             .spawn()?;
+        // Killed by the environment's watchdog if this process dies first.
+        if let Some(pid) = child.id() {
+            palisade::testenv::reaper::watch_pid(pid);
+        }
         self.controller = Some(Component {
             name: "controller".into(),
             child,
@@ -1253,7 +1257,9 @@ impl Bench {
     async fn restart(&mut self) -> anyhow::Result<(BTreeMap<String, u64>, f64, usize, u64)> {
         println!("\n== controller restart (SIGKILL, then started again)");
         if let Some(mut c) = self.controller.take() {
+            let pid = c.pid();
             c.child.kill().await?;
+            palisade::testenv::reaper::forget_pid(pid);
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
         self.audit.take()?;
@@ -1695,6 +1701,9 @@ async fn bench(env: &'static TestEnv, args: Args) -> anyhow::Result<()> {
             .stderr(log_file(env, &format!("agent-{j}.err"))?)
             .kill_on_drop(true)
             .spawn()?;
+        if let Some(pid) = child.id() {
+            palisade::testenv::reaper::watch_pid(pid);
+        }
         b.agents.push(Component {
             name: format!("agent-{j}"),
             child,
