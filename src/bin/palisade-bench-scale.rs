@@ -118,6 +118,12 @@ struct Args {
     /// (exceeds 5 groups per interface unless groups are composed).
     #[arg(long)]
     attach_all: bool,
+    /// The agents' iptables backend. `nft` refuses more than ~13 policies
+    /// on a node today (`RULE_APPEND failed (Too many links)`: the policy
+    /// chains are linked by gotos, and nf_tables allows 16 levels), so the
+    /// default is `legacy`.
+    #[arg(long, default_value = "legacy")]
+    backend: String,
     /// Smoke run: 100 then 200 nodes, 40 then 80 policies, 20 s windows.
     #[arg(long)]
     quick: bool,
@@ -1696,7 +1702,7 @@ async fn bench(env: &'static TestEnv, args: Args) -> anyhow::Result<()> {
             .env("KUBECONFIG", &kubeconfig)
             .env("NODE_NAME", &name)
             .env("RUST_LOG", "warn")
-            .args(["--metrics-address", "127.0.0.1:9901", "--backend", "nft"])
+            .args(["--metrics-address", "127.0.0.1:9901", "--backend", &b.args.backend])
             .stdout(log_file(env, &format!("agent-{j}"))?)
             .stderr(log_file(env, &format!("agent-{j}.err"))?)
             .kill_on_drop(true)
@@ -1725,11 +1731,12 @@ async fn bench(env: &'static TestEnv, args: Args) -> anyhow::Result<()> {
     ))?;
     println!(
         "Palisade at scale: real kube-apiserver + etcd (audit log on), moto behind the EC2 fault proxy,\n\
-         the real controller binary, {REAL_AGENTS} real agents (nft) in network namespaces; debug builds.\n\
+         the real controller binary, {REAL_AGENTS} real agents ({}) in network namespaces; debug builds.\n\
          Node objects: {} bytes of JSON each (EKS-shaped: 21 labels, 4 annotations, 4 conditions, {IMAGES} images, node info).\n\
          Heartbeats: every node's status every {}s. Policies: 1 all-nodes + {POOLS} pool policies with a cloud rule\n\
          (2 Security Groups per interface); of the rest, 1/20 all nodes, 2/20 a pool with a nodeSelector peer, 17/20 a pool (node layer).\n\
          Logs and the audit log: {}",
+        b.args.backend,
         sample.len(),
         b.args.heartbeat_seconds,
         env.dir().display()
