@@ -1702,7 +1702,12 @@ async fn bench(env: &'static TestEnv, args: Args) -> anyhow::Result<()> {
             .env("KUBECONFIG", &kubeconfig)
             .env("NODE_NAME", &name)
             .env("RUST_LOG", "warn")
-            .args(["--metrics-address", "127.0.0.1:9901", "--backend", &b.args.backend])
+            .args([
+                "--metrics-address",
+                "127.0.0.1:9901",
+                "--backend",
+                &b.args.backend,
+            ])
             .stdout(log_file(env, &format!("agent-{j}"))?)
             .stderr(log_file(env, &format!("agent-{j}.err"))?)
             .kill_on_drop(true)
