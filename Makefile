@@ -71,11 +71,15 @@ clean-env: ## Remove leftovers of a crashed test run (processes, namespaces)
 	-pkill -f "$(PALISADE_TESTBIN)/" || true
 	-for ns in $$(ip netns list | awk '/^pal/{print $$1}'); do ip netns del $$ns; done
 
-.PHONY: bench bench-controller bench-node
+.PHONY: bench bench-controller bench-node bench-scale
 bench: bench-controller bench-node ## Both benchmarks (they print figures; nothing asserts on time)
 
 bench-controller: testbin ## EC2 calls and latency of the controller per scenario (local environment)
 	$(CARGO) run --quiet --features testenv --bin palisade-bench-controller
+
+bench-scale: testbin ## N nodes × P policies: converge time, apiserver requests (audit log) and bytes per component, RSS/CPU, EC2 calls vs AWS's bound, steady state, restart (BENCH_SCALE_ARGS=--quick for a smoke run)
+	$(CARGO) build --quiet --features testenv --bin palisade-bench-scale --bin palisade-controller --bin palisade-agent
+	$(CARGO_TARGET_DIR)/debug/palisade-bench-scale $(BENCH_SCALE_ARGS)
 
 bench-node: testbin ## Node dataplane, release build, nft and legacy: each figure beside the raw iptables-restore/ipset baseline of the same text (ours, raw, ratio); zero-gap at 1,000 edits (needs root)
 	$(CARGO) run --release --quiet --features testenv --bin palisade-bench-node

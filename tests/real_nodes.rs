@@ -210,7 +210,11 @@ async fn the_chart_on_real_nodes() {
         );
     }
 
-    let env = TestEnv::start_with(StartOptions { real_pods: true }).unwrap();
+    let env = TestEnv::start_with(StartOptions {
+        real_pods: true,
+        ..StartOptions::default()
+    })
+    .unwrap();
     env.start_controller_manager().await.unwrap();
     env.start_scheduler().await.unwrap();
     let client = env.client().await.unwrap();
@@ -581,7 +585,11 @@ async fn the_chart_on_real_nodes() {
 #[ignore = "needs the images: run by `make e2e`"]
 async fn a_node_runs_a_pod_and_leaves_no_trace() {
     let before = machine_state();
-    let env = TestEnv::start_with(StartOptions { real_pods: true }).unwrap();
+    let env = TestEnv::start_with(StartOptions {
+        real_pods: true,
+        ..StartOptions::default()
+    })
+    .unwrap();
     env.start_controller_manager().await.unwrap();
     env.start_scheduler().await.unwrap();
     let net = SimNet::new().unwrap();

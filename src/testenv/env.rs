@@ -28,6 +28,8 @@ const SA_ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
 /// Dummy AWS credentials and region moto accepts.
 const AWS_ACCESS_KEY_ID: &str = "testing";
 const AWS_SECRET_ACCESS_KEY: &str = "testing";
+/// The apiserver's audit log, in the environment's dir.
+const AUDIT_LOG: &str = "audit.log";
 /// The region every EC2 client of the environment uses.
 pub const AWS_REGION: &str = "us-east-1";
 
@@ -39,6 +41,11 @@ pub struct StartOptions {
     /// (start kube-controller-manager too: it creates the `default`
     /// ServiceAccounts).
     pub real_pods: bool,
+    /// An audit policy (YAML): the apiserver then writes its audit log,
+    /// one JSON event a line, to [`TestEnv::audit_log_path`]. Benchmarks
+    /// count requests there, by verb, resource and user, as the apiserver
+    /// saw them.
+    pub audit_policy: Option<&'static str>,
 }
 
 /// A running etcd + kube-apiserver + moto EC2 server on loopback.
@@ -298,6 +305,20 @@ impl TestEnv {
             // `default` ServiceAccount, so this plugin would reject every Pod.
             apiserver_args.push("--disable-admission-plugins=ServiceAccount".to_string());
         }
+        if let Some(policy) = options.audit_policy {
+            let path = root.join("audit-policy.yaml");
+            std::fs::write(&path, policy)
+                .map_err(Error::io(format!("writing {}", path.display())))?;
+            apiserver_args.extend([
+                format!("--audit-policy-file={}", path.display()),
+                format!("--audit-log-path={}", root.join(AUDIT_LOG).display()),
+                "--audit-log-format=json".to_string(),
+                // Buffered: the log costs the apiserver little at 1,000s of
+                // requests a second, and no request waits on the disk.
+                "--audit-log-mode=batch".to_string(),
+                "--audit-log-batch-max-wait=1s".to_string(),
+            ]);
+        }
         let moto_args = vec![
             "-H".to_string(),
             "127.0.0.1".to_string(),
@@ -345,6 +366,12 @@ impl TestEnv {
     /// The environment's temp dir (logs, PKI, kubeconfigs, etcd data).
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// The apiserver's audit log (written only when started with
+    /// [`StartOptions::audit_policy`]).
+    pub fn audit_log_path(&self) -> PathBuf {
+        self.dir.path().join(AUDIT_LOG)
     }
 
     /// The log file of a component (`etcd`, `kube-apiserver`, `moto`).
