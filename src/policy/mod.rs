@@ -159,7 +159,7 @@ pub use facts::{
 };
 pub(crate) use hash::short_hash;
 pub use node::{
-    AddrSide, Address, BuiltinChain, CtState, FamilyRuleset, HashLimit, Hook, IcmpTypeMatch,
+    AddrSide, Address, AllowTarget, BuiltinChain, CtState, FamilyRuleset, HashLimit, Hook, IcmpTypeMatch,
     InterfaceMatch, IpSet, L4Protocol, LogLimit, NodeAction, NodeChain, NodeMatch, NodeRule,
     NodeRuleset, PeerMatch, PolicyDigest, RateUnit, RuleOrigin, compile_node, lint_node_layer,
 };
