@@ -313,11 +313,12 @@ fn random_dual_stack_edits_under_continuous_probes_drop_no_allowed_flow() {
     let start = Instant::now();
     let r = zero_gap(edits, seed, Backend::Nft).unwrap();
     println!(
-        "seed {seed}: {} edits, {} probes in {:?}; lost {:?}",
+        "seed {seed}: {} edits, {} probes in {:?}; lost {:?}; dropped by Palisade {}",
         r.edits,
         r.probes,
         start.elapsed(),
-        r.lost
+        r.lost,
+        r.gap_drops
     );
     assert!(
         r.edits >= edits * 9 / 10,
@@ -325,6 +326,7 @@ fn random_dual_stack_edits_under_continuous_probes_drop_no_allowed_flow() {
         r.edits
     );
     assert!(r.probes >= 2 * edits, "probes ran throughout: {}", r.probes);
+    assert_eq!(r.gap_drops, 0, "allowed packets dropped by Palisade");
     assert_eq!(r.lost, [], "allowed flows dropped");
     assert_eq!(
         r.full_reads, 1,
