@@ -897,7 +897,9 @@ fn many_enforce_policies_program_on_both_backends_and_leave_the_mark_as_it_came(
         // A host rule after the hook that drops whatever leaves Palisade
         // with the bit set: the bit must come back clear.
         node.host
-            .exec(&[tool, "-A", "INPUT", "-m", "mark", "--mark", &mask, "-j", "DROP"])
+            .exec(&[
+                tool, "-A", "INPUT", "-m", "mark", "--mark", &mask, "-j", "DROP",
+            ])
             .unwrap();
         let check = |open: std::ops::Range<u16>, closed: &[u16], what: &str| {
             for i in open {
@@ -934,11 +936,21 @@ fn many_enforce_policies_program_on_both_backends_and_leave_the_mark_as_it_came(
         // The host's mangle table sets the bit; a host rule after the hook
         // drops packets arriving without it: the bit must come back set.
         node.host
-            .exec(&[tool, "-D", "INPUT", "-m", "mark", "--mark", &mask, "-j", "DROP"])
+            .exec(&[
+                tool, "-D", "INPUT", "-m", "mark", "--mark", &mask, "-j", "DROP",
+            ])
             .unwrap();
         node.host
             .exec(&[
-                tool, "-t", "mangle", "-A", "PREROUTING", "-j", "MARK", "--set-xmark", &mask,
+                tool,
+                "-t",
+                "mangle",
+                "-A",
+                "PREROUTING",
+                "-j",
+                "MARK",
+                "--set-xmark",
+                &mask,
             ])
             .unwrap();
         node.host

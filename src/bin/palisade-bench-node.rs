@@ -210,10 +210,17 @@ fn ratio(ours: f64, raw: f64) -> String {
 /// The table of the issue: each figure, ours / raw / ratio per backend.
 fn print_table(results: &[(Backend, Vec<Figure>)]) {
     println!();
-    println!("summary (ours / raw / ratio; the machine is shared: absolute times are noisy, ratios measured in one run are what count)");
+    println!(
+        "summary (ours / raw / ratio; the machine is shared: absolute times are noisy, ratios measured in one run are what count)"
+    );
     let mut head = format!("  {:<40} {:<22}", "figure", "target");
     for (b, _) in results {
-        head.push_str(&format!(" | {:>10} {:>10} {:>7}", format!("{b} ours"), "raw", "ratio"));
+        head.push_str(&format!(
+            " | {:>10} {:>10} {:>7}",
+            format!("{b} ours"),
+            "raw",
+            "ratio"
+        ));
     }
     println!("{head}");
     let Some((_, first)) = results.first() else {
@@ -263,8 +270,8 @@ fn rss_child(netns: &str, backend: &str) -> BenchResult<()> {
     // Steady state: the ruleset and the model held, a no-op sync done.
     dataplane.sync(&rs)?;
     let (rss, hwm) = rss_kib();
-    let tools = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN)?
-        .max_rss();
+    let tools =
+        nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN)?.max_rss();
     dataplane.cleanup()?;
     println!("rss {rss} hwm {hwm} tools {tools}");
     Ok(())

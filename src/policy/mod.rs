@@ -186,9 +186,10 @@ pub use facts::{
 };
 pub(crate) use hash::short_hash;
 pub use node::{
-    AddrSide, Address, AllowTarget, BuiltinChain, CtState, FamilyRuleset, HashLimit, Hook, IcmpTypeMatch,
-    InterfaceMatch, IpSet, L4Protocol, LogLimit, NodeAction, NodeChain, NodeMatch, NodeRule,
-    NodeRuleset, PeerMatch, PolicyDigest, RateUnit, RuleOrigin, compile_node, lint_node_layer,
+    AddrSide, Address, AllowTarget, BuiltinChain, CtState, FamilyRuleset, HashLimit, Hook,
+    IcmpTypeMatch, InterfaceMatch, IpSet, L4Protocol, LogLimit, NodeAction, NodeChain, NodeMatch,
+    NodeRule, NodeRuleset, PeerMatch, PolicyDigest, RateUnit, RuleOrigin, compile_node,
+    lint_node_layer,
 };
 pub use nodediff::{NodeDiff, NodeState, SetState, TableDiff, TableState, diff_node};
 pub use selector::{Requirement, Selector};

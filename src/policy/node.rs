@@ -2327,8 +2327,10 @@ mod tests {
                         if i % 5 == 4 {
                             p.spec.mode = PolicyMode::Audit;
                         }
-                        p.spec.policy_types =
-                            vec![crate::api::PolicyType::Ingress, crate::api::PolicyType::Egress];
+                        p.spec.policy_types = vec![
+                            crate::api::PolicyType::Ingress,
+                            crate::api::PolicyType::Egress,
+                        ];
                         validate(&p).unwrap()
                     })
                     .collect();
