@@ -382,11 +382,12 @@ pub struct HashLimit {
 pub enum NodeAction {
     /// `-j ACCEPT`: only with [`AllowVerdict::Accept`].
     Accept,
-    /// `-j RETURN`: an allow. Palisade's chains are entered by one jump from
-    /// the built-in chain and chained by gotos, so a RETURN anywhere on that
-    /// path resumes the built-in chain after Palisade's hook; inside an Audit
-    /// policy's chain (entered by a jump from the end chain) it resumes the
-    /// end chain.
+    /// `-j RETURN`: an allow. The top and failsafe chains are entered by
+    /// one jump from the built-in chain and gotos, so a RETURN there resumes
+    /// the built-in chain after Palisade's hook; inside an Audit policy's
+    /// chain (entered by a jump from the end chain) it resumes the end
+    /// chain. An Enforce policy's chain (jumped to from a dispatch chain)
+    /// allows through [`AllowTarget::Flip`] instead.
     Return,
     /// `-j DROP`.
     Drop,
