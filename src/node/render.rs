@@ -22,9 +22,10 @@ use std::fmt::Write as _;
 
 use super::model::{NodeEdits, SetChange, TableEdits};
 use crate::policy::node::{
-    AddrSide, Address, Hook, IpSet, L4Protocol, NodeAction, NodeChain, NodeRule, NodeRuleset,
+    AddrSide, Address, AllowTarget, Hook, IpSet, L4Protocol, MARK_BIT, NodeAction, NodeChain,
+    NodeRule, NodeRuleset,
 };
-use crate::policy::{AllowVerdict, FamilyRuleset, IpFamily, TableDiff};
+use crate::policy::{FamilyRuleset, IpFamily, TableDiff};
 
 /// Suffix of the temporary set a new content is built in before the swap.
 pub const TEMPORARY_SET_SUFFIX: &str = "-new";
@@ -69,6 +70,10 @@ pub fn rule_spec(rule: &NodeRule, family: IpFamily) -> String {
         Some(crate::policy::InterfaceMatch::In(i)) => parts.push(format!("-i {}", quote(i))),
         Some(crate::policy::InterfaceMatch::Out(i)) => parts.push(format!("-o {}", quote(i))),
         None => {}
+    }
+    if let Some(set) = m.mark {
+        let value = if set { MARK_BIT } else { 0 };
+        parts.push(format!("-m mark --mark {value:#x}/{MARK_BIT:#x}"));
     }
     if !m.ct_states.is_empty() {
         let states: Vec<&str> = m.ct_states.iter().map(|s| s.name()).collect();
@@ -121,6 +126,7 @@ pub fn rule_spec(rule: &NodeRule, family: IpFamily) -> String {
         NodeAction::Drop => parts.push("-j DROP".into()),
         NodeAction::Jump { chain } => parts.push(format!("-j {}", quote(chain))),
         NodeAction::Goto { chain } => parts.push(format!("-g {}", quote(chain))),
+        NodeAction::FlipMark => parts.push(format!("-j MARK --xor-mark {MARK_BIT:#x}")),
         NodeAction::Count => {}
         NodeAction::Log { prefix, limit } => parts.push(format!(
             "-m limit --limit {}/{} --limit-burst {} -j LOG --log-prefix {}",
@@ -130,7 +136,7 @@ pub fn rule_spec(rule: &NodeRule, family: IpFamily) -> String {
             quote(prefix)
         )),
         NodeAction::AllowUnderLimit { limit, allow } => parts.push(format!(
-            "-m hashlimit --hashlimit-upto {}/{} --hashlimit-burst {} --hashlimit-mode {} --hashlimit-name {} -j {}",
+            "-m hashlimit --hashlimit-upto {}/{} --hashlimit-burst {} --hashlimit-mode {} --hashlimit-name {} {}",
             limit.count,
             limit.per.name(),
             limit.burst,
@@ -140,8 +146,9 @@ pub fn rule_spec(rule: &NodeRule, family: IpFamily) -> String {
             },
             quote(&limit.name),
             match allow {
-                AllowVerdict::Return => "RETURN",
-                AllowVerdict::Accept => "ACCEPT",
+                AllowTarget::Return => "-j RETURN".to_string(),
+                AllowTarget::Accept => "-j ACCEPT".to_string(),
+                AllowTarget::Flip { chain } => format!("-g {}", quote(chain)),
             }
         )),
     }

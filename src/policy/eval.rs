@@ -13,8 +13,8 @@ use serde::Serialize;
 use super::cloud::{CloudPlan, SgPeer, SgPermission, SgProtocol};
 use super::facts::Facts;
 use super::node::{
-    AddrSide, Address, BuiltinChain, L4Protocol, NodeAction, NodeMatch, NodeRule, NodeRuleset,
-    RuleOrigin,
+    AddrSide, Address, AllowTarget, BuiltinChain, L4Protocol, NodeAction, NodeMatch, NodeRule,
+    NodeRuleset, RuleOrigin,
 };
 use super::{Direction, IpFamily};
 
@@ -163,6 +163,18 @@ pub struct NodeDecision {
 
 /// The walk of [`node_verdict`], naming the deciding rule.
 pub fn node_decision(ruleset: &NodeRuleset, probe: &Probe) -> NodeDecision {
+    node_decision_marked(ruleset, probe, false).0
+}
+
+/// [`node_decision`] for a packet arriving with the borrowed mark bit
+/// ([`MARK_BIT`](super::node::MARK_BIT)) set or clear, and the state of
+/// the bit when the packet leaves Palisade's chains (allowed or not
+/// filtered; a dropped packet leaves nothing).
+pub fn node_decision_marked(
+    ruleset: &NodeRuleset,
+    probe: &Probe,
+    arrived_marked: bool,
+) -> (NodeDecision, bool) {
     let family = IpFamily::of_addr(&probe.peer);
     let table = ruleset.family(family);
     let builtin = match probe.direction {
@@ -174,24 +186,28 @@ pub fn node_decision(ruleset: &NodeRuleset, probe: &Probe) -> NodeDecision {
         family,
         probe,
         audit: Vec::new(),
+        mark: arrived_marked,
+        allowed_by: None,
     };
     let Some(hook) = table.hooks.iter().find(|h| h.builtin == builtin) else {
-        return NodeDecision {
+        let decision = NodeDecision {
             verdict: NodeVerdict::NotFiltered,
             by: None,
             audit_would_drop: Vec::new(),
         };
+        return (decision, arrived_marked);
     };
     let (verdict, by) = match walker.walk(&hook.target, 0) {
         Flow::Final(v, by) => (v, Some(by)),
         Flow::Return { allowed: Some(by) } => (NodeVerdict::Accept, Some(by)),
         Flow::Return { allowed: None } => (NodeVerdict::AuditAccept, None),
     };
-    NodeDecision {
+    let decision = NodeDecision {
         verdict,
         by,
         audit_would_drop: walker.audit,
-    }
+    };
+    (decision, walker.mark)
 }
 
 /// How a walk through one chain ended.
@@ -208,6 +224,11 @@ struct Walker<'a> {
     family: IpFamily,
     probe: &'a Probe,
     audit: Vec<String>,
+    /// The borrowed mark bit.
+    mark: bool,
+    /// The policy rule whose allow flipped the mark bit, until the
+    /// dispatch chain's check sees it.
+    allowed_by: Option<DecidingRule>,
 }
 
 impl Walker<'_> {
@@ -225,7 +246,7 @@ impl Walker<'_> {
             rule: rule.clone(),
         };
         for rule in &chain.rules {
-            if !rule_matches(self.ruleset, &rule.matches, self.probe) {
+            if !rule_matches(self.ruleset, &rule.matches, self.probe, self.mark) {
                 continue;
             }
             match &rule.action {
@@ -242,7 +263,24 @@ impl Walker<'_> {
                         return Flow::Final(v, r);
                     }
                 }
-                NodeAction::Goto { chain } => return self.walk(chain, depth + 1),
+                NodeAction::Goto { chain } => {
+                    if matches!(rule.origin, RuleOrigin::Rule { .. }) {
+                        // An Enforce policy's allow, through the flip chain.
+                        self.allowed_by = Some(by(rule));
+                    }
+                    let flow = self.walk(chain, depth + 1);
+                    if matches!(rule.origin, RuleOrigin::Allowed { .. })
+                        && let Flow::Return { allowed: None } = flow
+                    {
+                        // The dispatch chain saw the flip: the allow it
+                        // stands for is the policy rule's.
+                        return Flow::Return {
+                            allowed: Some(self.allowed_by.take().unwrap_or_else(|| by(rule))),
+                        };
+                    }
+                    return flow;
+                }
+                NodeAction::FlipMark => self.mark = !self.mark,
                 NodeAction::Count => {
                     if let RuleOrigin::WouldDrop { policy } = &rule.origin
                         && !self.audit.contains(policy)
@@ -253,10 +291,14 @@ impl Walker<'_> {
                 NodeAction::Log { .. } => {}
                 NodeAction::AllowUnderLimit { allow, .. } if !self.probe.over_rate => {
                     return match allow {
-                        super::AllowVerdict::Return => Flow::Return {
+                        AllowTarget::Return => Flow::Return {
                             allowed: Some(by(rule)),
                         },
-                        super::AllowVerdict::Accept => Flow::Final(NodeVerdict::Accept, by(rule)),
+                        AllowTarget::Accept => Flow::Final(NodeVerdict::Accept, by(rule)),
+                        AllowTarget::Flip { chain } => {
+                            self.allowed_by = Some(by(rule));
+                            self.walk(chain, depth + 1)
+                        }
                     };
                 }
                 NodeAction::AllowUnderLimit { .. } => {}
@@ -266,8 +308,11 @@ impl Walker<'_> {
     }
 }
 
-fn rule_matches(ruleset: &NodeRuleset, m: &NodeMatch, probe: &Probe) -> bool {
+fn rule_matches(ruleset: &NodeRuleset, m: &NodeMatch, probe: &Probe, mark: bool) -> bool {
     if m.interface.is_some() {
+        return false;
+    }
+    if m.mark.is_some_and(|want| want != mark) {
         return false;
     }
     if !m.ct_states.is_empty() && !m.ct_states.contains(&super::node::CtState::New) {
@@ -407,6 +452,43 @@ mod tests {
         let d = node_decision(&rs, &tcp_in("198.51.100.1", 5432));
         assert_eq!(d.verdict, NodeVerdict::Drop);
         assert_eq!(d.audit_would_drop, vec!["trial".to_string()]);
+    }
+
+    #[test]
+    fn a_packet_leaves_with_the_mark_it_came_with_and_the_same_verdict() {
+        let facts = facts_with_nodes();
+        let mut audit = web_policy();
+        audit.metadata.name = Some("trial".into());
+        audit.spec.mode = crate::api::PolicyMode::Audit;
+        let policies = [
+            validate(&jump_host_policy()).unwrap(),
+            validate(&web_policy()).unwrap(),
+            validate(&audit).unwrap(),
+        ];
+        let rs = compile_node("web-1", &policies, &facts).unwrap();
+        for probe in [
+            tcp_in("203.0.113.10", 22),
+            tcp_in("203.0.113.11", 22),
+            tcp_in("198.51.100.1", 443),
+            tcp_in("198.51.100.1", 5432),
+            tcp_in("10.0.2.10", 10250),
+            tcp_in("2001:db8::99", 443),
+        ] {
+            let (plain, left_plain) = node_decision_marked(&rs, &probe, false);
+            let (marked, left_marked) = node_decision_marked(&rs, &probe, true);
+            assert_eq!(plain, marked, "{probe:?}");
+            if plain.verdict != NodeVerdict::Drop {
+                assert!(!left_plain && left_marked, "{probe:?}: mark not restored");
+            }
+        }
+        // The deciding rule of an allow is the policy's, not the dispatch
+        // chain's check.
+        let d = node_decision(&rs, &tcp_in("198.51.100.1", 443));
+        assert_eq!(d.verdict, NodeVerdict::Accept);
+        assert_eq!(
+            d.by.map(|b| b.rule.origin.to_string()),
+            Some("web/ingress/http".into())
+        );
     }
 
     #[test]

@@ -49,9 +49,19 @@
 //!
 //! Per family (iptables for IPv4, ip6tables for IPv6), `filter` table only.
 //! "allow" is `RETURN` (default) or `ACCEPT` ([`AllowVerdict`]). The allow
-//! path is entered by one jump from the built-in chain and its chains are
-//! linked by gotos (`-g`), so a RETURN anywhere on it resumes the built-in
-//! chain right after Palisade's hook:
+//! path is entered by one jump from the built-in chain and its chains up
+//! to the dispatch chain are linked by gotos (`-g`), so a RETURN there
+//! resumes the built-in chain right after Palisade's hook. The Enforce
+//! policies' chains are jumped to (`-j`) from a dispatch chain, one after
+//! the other, so the longest path is six chains whatever the number of
+//! policies (nf_tables refuses paths of more than 16 chains, gotos
+//! included: linking the policies' chains by gotos failed at 13 policies).
+//! A policy chain's allow cannot return two levels at once, so it flips a
+//! borrowed mark bit ([`node::MARK_BIT`]) and the dispatch chain, seeing
+//! the bit changed, flips it back and returns to the built-in chain. The
+//! bit is flipped, never set: every packet leaves with the mark it came
+//! with, and a bit another tool set on arrival sends the packet through the
+//! second dispatch chain, whose check is inverted.
 //!
 //! ```text
 //! INPUT  ─(rule 1, -j)─▶ PALISADE-INPUT    only when a selected policy governs ingress
@@ -69,14 +79,27 @@
 //!   ctstate INVALID                        DROP   (Enforce only; after the
 //!                                            failsafe: ND and unsolicited ICMP
 //!                                            errors may be INVALID)
-//!   goto the first Enforce policy's chain, or the end chain
+//!   mark bit set   goto PALISADE-POLM-IN / -OUT  ┐ when an Enforce policy
+//!                  goto PALISADE-POL-IN / -OUT   ┘ governs; else the end chain
+//!
+//! PALISADE-POL-IN / -OUT  (the bit arrived clear; PALISADE-POLM-IN / -OUT:
+//!                          it arrived set, and the check below is inverted)
+//!   per Enforce policy, by name:
+//!     jump PAL-I-<h> / PAL-O-<h>
+//!     mark bit set   goto PALISADE-FLIP-IN / -OUT  (the policy allowed: flip
+//!                                                  back, return to the built-in chain)
+//!   goto the end chain
+//!
+//! PALISADE-FLIP-IN / -OUT
+//!   MARK --xor-mark <bit>                  falls off the end: returns
 //!
 //! PAL-I-<h> / PAL-O-<h>   an Enforce policy (<h> = 10 hex of SHA-256 of its name)
 //!   per Node-layer rule × (protocol, port range or ICMP type) × peer match:
 //!     [ctstate NEW, LOG "pal-in:<policy>/<rule> "]      when log: true
-//!     allow, or allow under a hashlimit per peer         when rateLimit is set
+//!     goto PALISADE-FLIP-*, or the same under a hashlimit per peer
+//!                                                        when rateLimit is set
 //!   sorted by content, so the order of rules in the policy does not matter;
-//!   goto the next Enforce policy's chain (by name), or the end chain
+//!   what falls through returns to the dispatch chain
 //!
 //! PALISADE-END-IN / -OUT
 //!   jump PAL-I-<h> / PAL-O-<h>             per Audit policy, by name
@@ -88,6 +111,10 @@
 //!   its rules as above, each RETURN (back to the end chain)
 //!   LOG "pal-audit:<policy> " (rate-limited), then a counter: would-be drops
 //! ```
+//!
+//! With [`AllowVerdict::Accept`], allows are terminal: the policies' rules
+//! `ACCEPT`, no bit is borrowed, and there is one dispatch chain
+//! (`PALISADE-POL-IN` / `-OUT`) of jumps.
 //!
 //! A rule's peers of one family are matched inline (`-s`/`-d`) when they
 //! are at most [`node::SET_THRESHOLD`] literal CIDRs, and through a
@@ -159,9 +186,10 @@ pub use facts::{
 };
 pub(crate) use hash::short_hash;
 pub use node::{
-    AddrSide, Address, BuiltinChain, CtState, FamilyRuleset, HashLimit, Hook, IcmpTypeMatch,
-    InterfaceMatch, IpSet, L4Protocol, LogLimit, NodeAction, NodeChain, NodeMatch, NodeRule,
-    NodeRuleset, PeerMatch, PolicyDigest, RateUnit, RuleOrigin, compile_node, lint_node_layer,
+    AddrSide, Address, AllowTarget, BuiltinChain, CtState, FamilyRuleset, HashLimit, Hook,
+    IcmpTypeMatch, InterfaceMatch, IpSet, L4Protocol, LogLimit, NodeAction, NodeChain, NodeMatch,
+    NodeRule, NodeRuleset, PeerMatch, PolicyDigest, RateUnit, RuleOrigin, compile_node,
+    lint_node_layer,
 };
 pub use nodediff::{NodeDiff, NodeState, SetState, TableDiff, TableState, diff_node};
 pub use selector::{Requirement, Selector};

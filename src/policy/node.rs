@@ -29,6 +29,28 @@ pub const OUTPUT_CHAIN: &str = "PALISADE-OUTPUT";
 pub const FAILSAFE_IN_CHAIN: &str = "PALISADE-FS-IN";
 /// Failsafe chain for outbound traffic.
 pub const FAILSAFE_OUT_CHAIN: &str = "PALISADE-FS-OUT";
+/// Dispatch chain for inbound traffic: a jump to every Enforce policy's
+/// chain in turn, each followed by a check of the borrowed mark bit
+/// ([`MARK_BIT`]); entered when the bit is clear on arrival.
+pub const DISPATCH_IN_CHAIN: &str = "PALISADE-POL-IN";
+/// Dispatch chain for outbound traffic (bit clear on arrival).
+pub const DISPATCH_OUT_CHAIN: &str = "PALISADE-POL-OUT";
+/// Dispatch chain for inbound traffic that arrives with [`MARK_BIT`] set
+/// (by another tool): the same jumps, the check inverted.
+pub const DISPATCH_MARKED_IN_CHAIN: &str = "PALISADE-POLM-IN";
+/// Dispatch chain for outbound traffic arriving with [`MARK_BIT`] set.
+pub const DISPATCH_MARKED_OUT_CHAIN: &str = "PALISADE-POLM-OUT";
+/// One rule flipping [`MARK_BIT`] (inbound): an Enforce policy's allow
+/// goes here (so the dispatch chain sees the bit changed), and so does the
+/// dispatch chain's check (flipping it back before leaving).
+pub const FLIP_IN_CHAIN: &str = "PALISADE-FLIP-IN";
+/// [`FLIP_IN_CHAIN`] for outbound traffic.
+pub const FLIP_OUT_CHAIN: &str = "PALISADE-FLIP-OUT";
+/// The packet-mark bit the dispatch chains borrow to learn that a policy
+/// chain allowed a packet. Borrowed, not owned: it is flipped, never set,
+/// and flipped back before the packet leaves Palisade's chains, so every
+/// packet leaves with the mark it came with, whoever else uses the bit.
+pub const MARK_BIT: u32 = 0x0100_0000;
 /// Last chain for inbound traffic: the Audit policies' accounting, then
 /// the default-drop.
 pub const END_IN_CHAIN: &str = "PALISADE-END-IN";
@@ -263,6 +285,11 @@ pub struct NodeMatch {
     /// The peer address.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peer: Option<PeerMatch>,
+    /// `-m mark --mark B/B` (`Some(true)`) or `--mark 0x0/B` (`Some(false)`):
+    /// the state of the borrowed [`MARK_BIT`]. Rendered right after the
+    /// interface.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mark: Option<bool>,
 }
 
 /// An ICMP or ICMPv6 type match (`--icmp-type t[/c]`, `--icmpv6-type t[/c]`).
@@ -355,11 +382,12 @@ pub struct HashLimit {
 pub enum NodeAction {
     /// `-j ACCEPT`: only with [`AllowVerdict::Accept`].
     Accept,
-    /// `-j RETURN`: an allow. Palisade's chains are entered by one jump from
-    /// the built-in chain and chained by gotos, so a RETURN anywhere on that
-    /// path resumes the built-in chain after Palisade's hook; inside an Audit
-    /// policy's chain (entered by a jump from the end chain) it resumes the
-    /// end chain.
+    /// `-j RETURN`: an allow. The top and failsafe chains are entered by
+    /// one jump from the built-in chain and gotos, so a RETURN there resumes
+    /// the built-in chain after Palisade's hook; inside an Audit policy's
+    /// chain (entered by a jump from the end chain) it resumes the end
+    /// chain. An Enforce policy's chain (jumped to from a dispatch chain)
+    /// allows through [`AllowTarget::Flip`] instead.
     Return,
     /// `-j DROP`.
     Drop,
@@ -374,6 +402,8 @@ pub enum NodeAction {
         /// The target chain.
         chain: String,
     },
+    /// `-j MARK --xor-mark B`: flips the borrowed [`MARK_BIT`] and goes on.
+    FlipMark,
     /// No target: the rule only counts the packets reaching it (an Audit
     /// policy's would-be drops).
     Count,
@@ -393,16 +423,51 @@ pub enum NodeAction {
         /// The limit.
         limit: HashLimit,
         /// What the allow does.
-        allow: AllowVerdict,
+        allow: AllowTarget,
     },
+}
+
+/// What an allow does: the target of an allow rule.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(tag = "target", rename_all = "camelCase")]
+pub enum AllowTarget {
+    /// `-j RETURN`: back to the built-in chain (or, in an Audit policy's
+    /// chain, to the end chain).
+    Return,
+    /// `-j ACCEPT` ([`AllowVerdict::Accept`]).
+    Accept,
+    /// `-g <flip chain>`: an Enforce policy's allow under
+    /// [`AllowVerdict::Return`]; the flip chain flips [`MARK_BIT`] and
+    /// returns to the dispatch chain, which sees the bit changed and leaves
+    /// for the built-in chain.
+    Flip {
+        /// The flip chain.
+        chain: String,
+    },
+}
+
+impl AllowTarget {
+    fn of(verdict: AllowVerdict) -> AllowTarget {
+        match verdict {
+            AllowVerdict::Return => AllowTarget::Return,
+            AllowVerdict::Accept => AllowTarget::Accept,
+        }
+    }
+
+    fn action(&self) -> NodeAction {
+        match self {
+            AllowTarget::Return => NodeAction::Return,
+            AllowTarget::Accept => NodeAction::Accept,
+            AllowTarget::Flip { chain } => NodeAction::Goto {
+                chain: chain.clone(),
+            },
+        }
+    }
 }
 
 impl NodeAction {
     fn allow(verdict: AllowVerdict) -> NodeAction {
-        match verdict {
-            AllowVerdict::Return => NodeAction::Return,
-            AllowVerdict::Accept => NodeAction::Accept,
-        }
+        AllowTarget::of(verdict).action()
     }
 }
 
@@ -428,6 +493,14 @@ pub enum RuleOrigin {
         /// The policy.
         policy: String,
     },
+    /// The dispatch chain's check, after the jump to a policy's chain,
+    /// that the policy allowed the packet (the borrowed mark bit flipped).
+    Allowed {
+        /// The policy.
+        policy: String,
+    },
+    /// The flip of the borrowed mark bit.
+    Flip,
     /// The goto from a chain of the allow path to the next one.
     Next,
     /// An Audit policy's LOG and count of what it would drop.
@@ -458,6 +531,8 @@ impl fmt::Display for RuleOrigin {
             RuleOrigin::FailsafeJump => f.write_str("failsafe"),
             RuleOrigin::Failsafe { name } => write!(f, "failsafe/{name}"),
             RuleOrigin::PolicyJump { policy } => write!(f, "policy/{policy}"),
+            RuleOrigin::Allowed { policy } => write!(f, "allowed/{policy}"),
+            RuleOrigin::Flip => f.write_str("flip"),
             RuleOrigin::Rule {
                 policy,
                 direction,
@@ -701,6 +776,9 @@ fn canonical_match(m: &NodeMatch) -> String {
             Address::Set(name) => parts.push(format!("{}-set={name}", p.side.short())),
         }
     }
+    if let Some(set) = m.mark {
+        parts.push(format!("mark={}", if set { "set" } else { "clear" }));
+    }
     parts.join(" ")
 }
 
@@ -711,6 +789,7 @@ fn canonical_action(a: &NodeAction) -> String {
         NodeAction::Drop => "drop".into(),
         NodeAction::Jump { chain } => format!("jump {chain}"),
         NodeAction::Goto { chain } => format!("goto {chain}"),
+        NodeAction::FlipMark => format!("flip-mark {MARK_BIT:#x}"),
         NodeAction::Count => "count".into(),
         NodeAction::Log { prefix, limit } => {
             format!(
@@ -723,8 +802,9 @@ fn canonical_action(a: &NodeAction) -> String {
         NodeAction::AllowUnderLimit { limit, allow } => format!(
             "{} {} {}/{} burst {} per {}",
             match allow {
-                AllowVerdict::Return => "return-under",
-                AllowVerdict::Accept => "accept-under",
+                AllowTarget::Return => "return-under".to_string(),
+                AllowTarget::Accept => "accept-under".to_string(),
+                AllowTarget::Flip { chain } => format!("flip-under {chain}"),
             },
             limit.name,
             limit.count,
@@ -975,25 +1055,34 @@ type Block = (
     RuleOrigin,
 );
 
-/// Where a chain of the allow path goes when nothing in it matched.
-#[derive(Clone, Copy)]
-struct ChainPlace<'a> {
-    /// What its allows do.
-    verdict: AllowVerdict,
-    /// The next chain of the path (`None`: an Audit policy's chain, which
-    /// counts what falls through and returns to the end chain).
-    next: Option<&'a str>,
+/// What a policy's chain is on the path.
+#[derive(Clone)]
+enum PolicyRole {
+    /// An Enforce policy's chain, jumped to from the dispatch chains: its
+    /// allows do this; what falls through returns to the dispatch chain.
+    Enforce(AllowTarget),
+    /// An Audit policy's chain, jumped to from the end chain: its allows
+    /// return there; it counts (and logs) what falls through.
+    Audit,
 }
+
+/// A goto leaving a chain of the allow path: taken when the borrowed mark
+/// bit is in the given state (`None`: whatever its state).
+type Exit<'a> = (Option<bool>, &'a str);
 
 fn policy_chain(
     policy: &ValidPolicy,
     direction: Direction,
     family: IpFamily,
     chain: &str,
-    place: ChainPlace<'_>,
+    role: PolicyRole,
     facts: &Facts,
     names: &mut Names,
 ) -> Result<NodeChain, PolicyError> {
+    let allow = match &role {
+        PolicyRole::Enforce(allow) => allow.clone(),
+        PolicyRole::Audit => AllowTarget::Return,
+    };
     let side = AddrSide::of(direction);
     let mut blocks: Vec<Block> = Vec::new();
     for rule in policy
@@ -1027,10 +1116,10 @@ fn policy_chain(
                         burst: rl.burst.unwrap_or(DEFAULT_BURST),
                         per_address: side,
                     },
-                    allow: place.verdict,
+                    allow: allow.clone(),
                 }
             }
-            None => NodeAction::allow(place.verdict),
+            None => allow.action(),
         };
         // Rate limits and logs count new connections only.
         let ct_states = if rule.rate_limit.is_some() {
@@ -1052,6 +1141,7 @@ fn policy_chain(
                     dports,
                     icmp,
                     peer: peer.clone(),
+                    mark: None,
                 };
                 let log = rule.log.then(|| {
                     let lm = NodeMatch {
@@ -1090,14 +1180,11 @@ fn policy_chain(
             action,
         ))
     };
-    match place.next {
-        Some(next) => push(
-            RuleOrigin::Next,
-            NodeAction::Goto {
-                chain: next.to_string(),
-            },
-        ),
-        None => {
+    match role {
+        // Falling through returns to the dispatch chain, which tries the
+        // next policy.
+        PolicyRole::Enforce(_) => {}
+        PolicyRole::Audit => {
             let origin = RuleOrigin::WouldDrop {
                 policy: policy.name().to_string(),
             };
@@ -1184,7 +1271,8 @@ fn failsafe_peers(
 fn failsafe_chain(
     direction: Direction,
     family: IpFamily,
-    place: ChainPlace<'_>,
+    verdict: AllowVerdict,
+    exits: &[Exit<'_>],
     invalid_drop: bool,
     facts: &Facts,
     names: &mut Names,
@@ -1195,7 +1283,7 @@ fn failsafe_chain(
     };
     let side = AddrSide::of(direction);
     let fs = &facts.failsafe;
-    let allow = NodeAction::allow(place.verdict);
+    let allow = NodeAction::allow(verdict);
     let mut rules = Vec::new();
     let mut push = |origin: RuleOrigin, m: NodeMatch, action: NodeAction| {
         rules.push(NodeRule::new(family, chain, origin, m, action));
@@ -1282,10 +1370,13 @@ fn failsafe_chain(
             NodeAction::Drop,
         );
     }
-    if let Some(next) = place.next {
+    for (mark, next) in exits {
         push(
             RuleOrigin::Next,
-            NodeMatch::default(),
+            NodeMatch {
+                mark: *mark,
+                ..Default::default()
+            },
             NodeAction::Goto {
                 chain: next.to_string(),
             },
@@ -1385,9 +1476,83 @@ fn end_chain(
     }
 }
 
+/// A dispatch chain: per Enforce policy (by name), a jump to its chain
+/// and, under [`AllowVerdict::Return`], a check that the policy flipped
+/// the borrowed mark bit away from `arrived` (then a goto to the flip
+/// chain, which flips it back and, having been reached by gotos only,
+/// returns to the built-in chain); then the end chain. A jump and a check
+/// per policy keep the longest path through the chains at a fixed length
+/// however many policies there are (nf_tables refuses paths of more than
+/// 16 chains; linking the policies' chains by gotos did not scale).
+fn dispatch_chain(
+    name: &str,
+    family: IpFamily,
+    enforcing: &[(&ValidPolicy, String)],
+    check: Option<(bool, &str)>,
+    end: &str,
+) -> NodeChain {
+    let mut rules = Vec::with_capacity(enforcing.len() * 2 + 1);
+    for (p, chain) in enforcing {
+        let policy = p.name().to_string();
+        rules.push(NodeRule::new(
+            family,
+            name,
+            RuleOrigin::PolicyJump {
+                policy: policy.clone(),
+            },
+            NodeMatch::default(),
+            NodeAction::Jump {
+                chain: chain.clone(),
+            },
+        ));
+        if let Some((arrived, flip)) = check {
+            rules.push(NodeRule::new(
+                family,
+                name,
+                RuleOrigin::Allowed { policy },
+                NodeMatch {
+                    mark: Some(!arrived),
+                    ..Default::default()
+                },
+                NodeAction::Goto {
+                    chain: flip.to_string(),
+                },
+            ));
+        }
+    }
+    rules.push(NodeRule::new(
+        family,
+        name,
+        RuleOrigin::Next,
+        NodeMatch::default(),
+        NodeAction::Goto {
+            chain: end.to_string(),
+        },
+    ));
+    NodeChain {
+        name: name.to_string(),
+        rules,
+    }
+}
+
+/// The flip chain: one rule flipping the borrowed mark bit.
+fn flip_chain(name: &str, family: IpFamily) -> NodeChain {
+    NodeChain {
+        name: name.to_string(),
+        rules: vec![NodeRule::new(
+            family,
+            name,
+            RuleOrigin::Flip,
+            NodeMatch::default(),
+            NodeAction::FlipMark,
+        )],
+    }
+}
+
 /// One family's hooks and chains, per governed direction: the top chain,
-/// the failsafe chain, then the Enforce policies' chains by name linked by
-/// gotos, then the end chain (which jumps to the Audit policies' chains).
+/// the failsafe chain, the dispatch chains (jumping to the Enforce
+/// policies' chains) and the flip chain, then the end chain (which jumps
+/// to the Audit policies' chains); the policies' chains by name.
 fn family_ruleset(
     family: IpFamily,
     selected: &[&ValidPolicy],
@@ -1418,13 +1583,23 @@ fn family_ruleset(
         } else {
             AllowVerdict::Return
         };
-        let end = match direction {
-            Direction::Ingress => END_IN_CHAIN,
-            Direction::Egress => END_OUT_CHAIN,
+        let (end, dispatch, marked, flip) = match direction {
+            Direction::Ingress => (
+                END_IN_CHAIN,
+                DISPATCH_IN_CHAIN,
+                DISPATCH_MARKED_IN_CHAIN,
+                FLIP_IN_CHAIN,
+            ),
+            Direction::Egress => (
+                END_OUT_CHAIN,
+                DISPATCH_OUT_CHAIN,
+                DISPATCH_MARKED_OUT_CHAIN,
+                FLIP_OUT_CHAIN,
+            ),
         };
-        let chain_names: Vec<String> = enforcing
+        let enforcing: Vec<(&ValidPolicy, String)> = enforcing
             .iter()
-            .map(|p| policy_chain_name(p.name(), direction))
+            .map(|p| (*p, policy_chain_name(p.name(), direction)))
             .collect();
         let top = top_chain(direction, family, verdict);
         hooks.push(Hook {
@@ -1432,35 +1607,54 @@ fn family_ruleset(
             target: top.name.clone(),
         });
         spine.push(top);
-        let first = chain_names.first().map_or(end, String::as_str);
-        let fs_place = ChainPlace {
-            verdict,
-            next: Some(first),
-        };
-        spine.push(failsafe_chain(
-            direction, family, fs_place, enforce, facts, names,
-        )?);
-        for (i, p) in enforcing.iter().enumerate() {
-            let chain = &chain_names[i];
-            names.claim(chain, &format!("chain {}/{direction}", p.name()))?;
-            let next = chain_names.get(i + 1).map_or(end, String::as_str);
-            let place = ChainPlace {
-                verdict,
-                next: Some(next),
+        // Where the failsafe chain goes, and the dispatch chains.
+        let (exits, dispatches, allow): (Vec<Exit<'_>>, Vec<NodeChain>, AllowTarget) =
+            match (enforce, verdict) {
+                (false, _) => (vec![(None, end)], vec![], AllowTarget::Return),
+                (true, AllowVerdict::Accept) => (
+                    vec![(None, dispatch)],
+                    vec![dispatch_chain(dispatch, family, &enforcing, None, end)],
+                    AllowTarget::Accept,
+                ),
+                (true, AllowVerdict::Return) => (
+                    vec![(Some(true), marked), (None, dispatch)],
+                    vec![
+                        dispatch_chain(dispatch, family, &enforcing, Some((false, flip)), end),
+                        dispatch_chain(marked, family, &enforcing, Some((true, flip)), end),
+                        flip_chain(flip, family),
+                    ],
+                    AllowTarget::Flip {
+                        chain: flip.to_string(),
+                    },
+                ),
             };
+        spine.push(failsafe_chain(
+            direction, family, verdict, &exits, enforce, facts, names,
+        )?);
+        spine.extend(dispatches);
+        for (p, chain) in &enforcing {
+            names.claim(chain, &format!("chain {}/{direction}", p.name()))?;
             pols.push(policy_chain(
-                p, direction, family, chain, place, facts, names,
+                p,
+                direction,
+                family,
+                chain,
+                PolicyRole::Enforce(allow.clone()),
+                facts,
+                names,
             )?);
         }
         for p in &audits {
             let chain = policy_chain_name(p.name(), direction);
             names.claim(&chain, &format!("chain {}/{direction}", p.name()))?;
-            let place = ChainPlace {
-                verdict: AllowVerdict::Return,
-                next: None,
-            };
             pols.push(policy_chain(
-                p, direction, family, &chain, place, facts, names,
+                p,
+                direction,
+                family,
+                &chain,
+                PolicyRole::Audit,
+                facts,
+                names,
             )?);
         }
         spine.push(end_chain(direction, family, &audits, enforce));
@@ -1484,14 +1678,9 @@ fn policy_hash(policy: &str, families: [&FamilyRuleset; 2], sets: &[IpSet]) -> S
             let Some(chain) = fam.chain(&policy_chain_name(policy, direction)) else {
                 continue;
             };
-            // The goto to the next policy's chain is the path's, not the
-            // policy's: a neighbour coming or going leaves this hash alone.
-            let ids: Vec<&str> = chain
-                .rules
-                .iter()
-                .filter(|r| r.origin != RuleOrigin::Next)
-                .map(|r| r.id.as_str())
-                .collect();
+            // The dispatch chains' jumps are the path's, not the policy's:
+            // a neighbour coming or going leaves this hash alone.
+            let ids: Vec<&str> = chain.rules.iter().map(|r| r.id.as_str()).collect();
             let ids = ids.join(",");
             lines.push(format!(
                 "{} chain {} {ids}",
@@ -1775,12 +1964,19 @@ mod tests {
             "PALISADE-FS-IN: p=icmp icmp=3/4 => return [failsafe/icmp]",
             &format!("PALISADE-FS-IN: p=tcp dport=10250-10250 src-set={cluster} => return [failsafe/kubelet]"),
             "PALISADE-FS-IN: ct=INVALID => drop [invalid]",
-            &format!("PALISADE-FS-IN: => goto {chain} [next]"),
+            "PALISADE-FS-IN: mark=set => goto PALISADE-POLM-IN [next]",
+            "PALISADE-FS-IN: => goto PALISADE-POL-IN [next]",
+            &format!("PALISADE-POL-IN: => jump {chain} [policy/web]"),
+            "PALISADE-POL-IN: mark=set => goto PALISADE-FLIP-IN [allowed/web]",
+            "PALISADE-POL-IN: => goto PALISADE-END-IN [next]",
+            &format!("PALISADE-POLM-IN: => jump {chain} [policy/web]"),
+            "PALISADE-POLM-IN: mark=clear => goto PALISADE-FLIP-IN [allowed/web]",
+            "PALISADE-POLM-IN: => goto PALISADE-END-IN [next]",
+            "PALISADE-FLIP-IN: => flip-mark 0x1000000 [flip]",
             "PALISADE-END-IN: => drop [default-drop]",
-            &format!("{chain}: p=tcp dport=22-22 src=203.0.113.0/24 => return [web/ingress/ssh]"),
-            &format!("{chain}: p=tcp dport=80-80 => return [web/ingress/http]"),
-            &format!("{chain}: p=tcp dport=443-443 => return [web/ingress/http]"),
-            &format!("{chain}: => goto PALISADE-END-IN [next]"),
+            &format!("{chain}: p=tcp dport=22-22 src=203.0.113.0/24 => goto PALISADE-FLIP-IN [web/ingress/ssh]"),
+            &format!("{chain}: p=tcp dport=80-80 => goto PALISADE-FLIP-IN [web/ingress/http]"),
+            &format!("{chain}: p=tcp dport=443-443 => goto PALISADE-FLIP-IN [web/ingress/http]"),
         ]
         .iter()
         .map(|s| s.to_string())
@@ -1789,7 +1985,7 @@ mod tests {
         // IPv6: only the web ports (::/0); SSH is IPv4-only.
         let v6 = render(&rs.ipv6);
         assert!(v6.contains(&format!(
-            "{chain}: p=tcp dport=80-80 => return [web/ingress/http]"
+            "{chain}: p=tcp dport=80-80 => goto PALISADE-FLIP-IN [web/ingress/http]"
         )));
         assert!(!v6.iter().any(|l| l.contains("dport=22-22")));
         // One set: the failsafe's cluster scope (every node's address).
@@ -1813,12 +2009,9 @@ mod tests {
             .collect();
         assert_eq!(
             lines,
-            [
-                format!(
-                    "{chain}: p=tcp dport=22-22 src=203.0.113.10/32 => return [bastion/ingress/ssh-jump]"
-                ),
-                format!("{chain}: => goto PALISADE-END-IN [next]")
-            ]
+            [format!(
+                "{chain}: p=tcp dport=22-22 src=203.0.113.10/32 => goto PALISADE-FLIP-IN [bastion/ingress/ssh-jump]"
+            )]
         );
     }
 
@@ -1864,6 +2057,13 @@ mod tests {
         let lines = render(&rs.ipv4);
         assert!(lines.contains(&"PALISADE-INPUT: in=lo => accept [loopback]".to_string()));
         assert!(!lines.iter().any(|l| l.contains("=> return")), "{lines:#?}");
+        // Allows are terminal: no mark is borrowed, one dispatch chain.
+        assert!(
+            !lines
+                .iter()
+                .any(|l| l.contains("mark") || l.contains("POLM") || l.contains("FLIP")),
+            "{lines:#?}"
+        );
     }
 
     #[test]
@@ -1900,6 +2100,13 @@ mod tests {
         assert_eq!(
             fs.rules.last().unwrap().action,
             NodeAction::Goto {
+                chain: DISPATCH_IN_CHAIN.into()
+            }
+        );
+        let dispatch = rs.ipv4.chain(DISPATCH_IN_CHAIN).unwrap();
+        assert_eq!(
+            dispatch.rules[0].action,
+            NodeAction::Jump {
                 chain: policy_chain_name("b-enforce", Direction::Ingress)
             }
         );
@@ -2044,8 +2251,9 @@ mod tests {
             .ipv4
             .chain(&policy_chain_name(name, Direction::Ingress))
             .unwrap();
-        // The LOG, the allow, then the goto to the end chain.
-        assert_eq!(chain.rules.len(), 3);
+        // The LOG and the allow; what falls through returns to the
+        // dispatch chain.
+        assert_eq!(chain.rules.len(), 2);
         let NodeAction::Log { prefix, .. } = &chain.rules[0].action else {
             panic!("log first")
         };
@@ -2057,11 +2265,12 @@ mod tests {
         );
         let NodeAction::AllowUnderLimit {
             limit,
-            allow: AllowVerdict::Return,
+            allow: AllowTarget::Flip { chain: flip },
         } = &chain.rules[1].action
         else {
             panic!("then allow, handing back to the host")
         };
+        assert_eq!(flip, FLIP_IN_CHAIN);
         assert_eq!(
             (limit.count, limit.per, limit.burst, limit.per_address),
             (6, RateUnit::Minute, 5, AddrSide::Source)
@@ -2072,6 +2281,68 @@ mod tests {
             log_prefix("web", Direction::Egress, "dns"),
             "pal-out:web/dns "
         );
+    }
+
+    /// The longest path of jumps and gotos from a built-in chain, counted
+    /// in links as nf_tables counts them (it refuses more than 16).
+    fn longest_path(rs: &FamilyRuleset) -> usize {
+        fn depth(rs: &FamilyRuleset, chain: &str, seen: usize) -> usize {
+            assert!(seen < 64, "a loop through {chain}");
+            rs.chain(chain)
+                .unwrap()
+                .rules
+                .iter()
+                .filter_map(|r| match &r.action {
+                    NodeAction::Jump { chain } | NodeAction::Goto { chain } => Some(chain),
+                    NodeAction::AllowUnderLimit {
+                        allow: AllowTarget::Flip { chain },
+                        ..
+                    } => Some(chain),
+                    _ => None,
+                })
+                .map(|next| 1 + depth(rs, next, seen + 1))
+                .max()
+                .unwrap_or(0)
+        }
+        rs.hooks
+            .iter()
+            .map(|h| 1 + depth(rs, &h.target, 0))
+            .max()
+            .unwrap_or(0)
+    }
+
+    #[test]
+    fn the_chain_path_is_short_whatever_the_number_of_policies() {
+        for verdict in [AllowVerdict::Return, AllowVerdict::Accept] {
+            let mut facts = facts_min_failsafe();
+            facts.allow = verdict;
+            let mut depths = Vec::new();
+            for n in [1, 12, 13, 40] {
+                let policies: Vec<ValidPolicy> = (0..n)
+                    .map(|i| {
+                        let mut p = policy(
+                            &format!("p{i:02}"),
+                            vec![rule("r", Protocol::Tcp, &[9000 + i], &["10.0.0.0/8"])],
+                            Some(vec![rule("o", Protocol::Tcp, &[443], &["10.0.0.0/8"])]),
+                        );
+                        if i % 5 == 4 {
+                            p.spec.mode = PolicyMode::Audit;
+                        }
+                        p.spec.policy_types = vec![
+                            crate::api::PolicyType::Ingress,
+                            crate::api::PolicyType::Egress,
+                        ];
+                        validate(&p).unwrap()
+                    })
+                    .collect();
+                let rs = compile_node("web-1", &policies, &facts).unwrap();
+                depths.push(longest_path(&rs.ipv4));
+            }
+            // built-in -> top -> failsafe -> dispatch -> policy -> flip
+            // (or -> end -> audit policy).
+            assert!(depths.iter().all(|d| *d <= 6), "{verdict:?}: {depths:?}");
+            assert_eq!(depths[1], depths[3], "{verdict:?}: {depths:?}");
+        }
     }
 
     #[test]
@@ -2134,13 +2405,13 @@ mod tests {
             &facts_with_nodes(),
         )
         .unwrap();
-        // Only the goto to the end chain: no rule of its own.
+        // An empty chain: no rule of its own (what falls through returns
+        // to the dispatch chain, and on to the default-drop).
         let chain = rs
             .ipv4
             .chain(&policy_chain_name("p", Direction::Ingress))
             .unwrap();
-        assert_eq!(chain.rules.len(), 1);
-        assert_eq!(chain.rules[0].origin, RuleOrigin::Next);
+        assert!(chain.rules.is_empty(), "{:?}", chain.rules);
     }
 
     #[test]

@@ -253,7 +253,9 @@ mod tests {
 
     use super::*;
     use crate::api::Protocol;
-    use crate::policy::node::{FAILSAFE_IN_CHAIN, INPUT_CHAIN, compile_node, policy_chain_name};
+    use crate::policy::node::{
+        DISPATCH_IN_CHAIN, DISPATCH_MARKED_IN_CHAIN, INPUT_CHAIN, compile_node, policy_chain_name,
+    };
     use crate::policy::testing::*;
     use crate::policy::{Direction, validate};
 
@@ -266,8 +268,8 @@ mod tests {
     fn fresh_node_gets_everything_then_nothing() {
         let desired = ruleset(&[web_policy()]);
         let diff = diff_node(&NodeState::default(), &desired);
-        // Top, failsafe, end, the policy's.
-        assert_eq!(diff.ipv4.write_chains.len(), 4);
+        // Top, failsafe, the two dispatch chains, flip, end, the policy's.
+        assert_eq!(diff.ipv4.write_chains.len(), 7);
         assert_eq!(diff.ipv4.add_hooks, desired.ipv4.hooks);
         let mut state = NodeState::default();
         state.apply(&diff);
@@ -311,14 +313,15 @@ mod tests {
                 .iter()
                 .map(|c| c.name.as_str())
                 .collect::<Vec<_>>(),
-            // The failsafe chain's goto now names the web policy's chain.
-            [FAILSAFE_IN_CHAIN]
+            // The dispatch chains lose their jump to the db policy's chain;
+            // the failsafe chain is untouched.
+            [DISPATCH_IN_CHAIN, DISPATCH_MARKED_IN_CHAIN]
         );
         assert_eq!(diff.destroy_sets.len(), 2);
         let nothing = ruleset(&[]);
         let diff = diff_node(&NodeState::of(&after), &nothing);
         assert_eq!(diff.ipv4.remove_hooks, after.ipv4.hooks);
-        assert_eq!(diff.ipv4.delete_chains.len(), 4);
+        assert_eq!(diff.ipv4.delete_chains.len(), 7);
     }
 
     #[test]
