@@ -118,10 +118,9 @@ struct Args {
     /// (exceeds 5 groups per interface unless groups are composed).
     #[arg(long)]
     attach_all: bool,
-    /// The agents' iptables backend. `nft` refuses more than ~13 policies
-    /// on a node today (`RULE_APPEND failed (Too many links)`: the policy
-    /// chains are linked by gotos, and nf_tables allows 16 levels), so the
-    /// default is `legacy`.
+    /// The agents' iptables backend. The recorded runs (docs/scale.md)
+    /// used `legacy`, when `nft` still refused more than ~13 policies on a
+    /// node; the default stays `legacy` so new runs compare with them.
     #[arg(long, default_value = "legacy")]
     backend: String,
     /// Smoke run: 100 then 200 nodes, 40 then 80 policies, 20 s windows.
