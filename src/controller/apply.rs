@@ -1012,7 +1012,25 @@ pub async fn cleanup<E: Ec2>(
     policy: Arc<FirewallPolicy>,
     ctx: Arc<Context<E>>,
 ) -> Result<Action, Error> {
-    let spec = target(&policy);
+    undo_cloud(&policy, &ctx).await?;
+    let waiting = status::nodes_still_enforcing(&policy, &ctx.reports().await?);
+    if !waiting.is_empty() {
+        return Err(Error::WaitingForAgents { nodes: waiting });
+    }
+    if let Some(uid) = policy.uid() {
+        lock(&ctx.memory).remove(&uid);
+        ctx.set_rules_managed();
+    }
+    ctx.metrics.forget_policy(&policy.name_any());
+    Ok(Action::await_change())
+}
+
+/// The EC2 half of [`cleanup`]: everything but waiting for the agents.
+pub(crate) async fn undo_cloud<E: Ec2>(
+    policy: &FirewallPolicy,
+    ctx: &Arc<Context<E>>,
+) -> Result<(), Error> {
+    let spec = target(policy);
     if spec.is_owned() {
         if spec.deletion_policy == DeletionPolicy::Delete {
             let groups = ctx.ec2.find_groups(&identity_tags(&policy, &ctx)).await?;
@@ -1085,16 +1103,7 @@ pub async fn cleanup<E: Ec2>(
             }
         }
     }
-    let waiting = status::nodes_still_enforcing(&policy, &ctx.reports().await?);
-    if !waiting.is_empty() {
-        return Err(Error::WaitingForAgents { nodes: waiting });
-    }
-    if let Some(uid) = policy.uid() {
-        lock(&ctx.memory).remove(&uid);
-        ctx.set_rules_managed();
-    }
-    ctx.metrics.forget_policy(&policy.name_any());
-    Ok(Action::await_change())
+    Ok(())
 }
 
 #[cfg(test)]

@@ -56,6 +56,7 @@ pub mod exposure;
 pub mod leader;
 pub mod metrics;
 pub mod peers;
+pub mod release;
 pub mod status;
 
 use std::collections::{BTreeSet, HashMap};
