@@ -1033,15 +1033,15 @@ pub(crate) async fn undo_cloud<E: Ec2>(
     let spec = target(policy);
     if spec.is_owned() {
         if spec.deletion_policy == DeletionPolicy::Delete {
-            let groups = ctx.ec2.find_groups(&identity_tags(&policy, &ctx)).await?;
+            let groups = ctx.ec2.find_groups(&identity_tags(policy, ctx)).await?;
             for group in groups {
                 for eni in ctx.ec2.enis_in_group(&group.id).await? {
-                    set_membership(&ctx, &eni.id, &group.id, EniChange::Detach).await?;
+                    set_membership(ctx, &eni.id, &group.id, EniChange::Detach).await?;
                 }
                 match ctx.ec2.delete_group(&group.id).await {
                     Ok(()) => {
                         ctx.publish(
-                            &policy,
+                            policy,
                             false,
                             "SecurityGroupDeleted",
                             "DeleteSecurityGroup",
@@ -1079,7 +1079,7 @@ pub(crate) async fn undo_cloud<E: Ec2>(
                     if !ids.is_empty() {
                         ctx.ec2.revoke(&id, direction, &ids).await?;
                         ctx.publish(
-                            &policy,
+                            policy,
                             false,
                             "RulesRevoked",
                             "RevokeSecurityGroupRules",
@@ -1097,7 +1097,7 @@ pub(crate) async fn undo_cloud<E: Ec2>(
         let tag = tags::attached(&id, &policy.uid().unwrap_or_default());
         for eni in ctx.ec2.enis_in_group(&id).await? {
             if eni.tags.contains_key(&tag)
-                && set_membership(&ctx, &eni.id, &id, EniChange::Detach).await?
+                && set_membership(ctx, &eni.id, &id, EniChange::Detach).await?
             {
                 ctx.ec2.untag_eni(&eni.id, &tag).await?;
             }
