@@ -199,11 +199,18 @@ where
 
     /// Reads the workload once more and decides (then stops watching).
     pub async fn decide(&self) -> Verdict {
-        let read = match self.api.get_opt(&self.workload.name).await {
-            Ok(Some(o)) => Read::Found(seen(&o)),
-            Ok(None) => Read::Found(Seen::Gone),
-            Err(kube::Error::Api(e)) if e.code == 401 => Read::Unauthorized,
-            Err(e) => Read::Failed(e.to_string()),
+        // Bounded: the pod's grace period is running.
+        let read = match tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            self.api.get_opt(&self.workload.name),
+        )
+        .await
+        {
+            Ok(Ok(Some(o))) => Read::Found(seen(&o)),
+            Ok(Ok(None)) => Read::Found(Seen::Gone),
+            Ok(Err(kube::Error::Api(e))) if e.code == 401 => Read::Unauthorized,
+            Ok(Err(e)) => Read::Failed(e.to_string()),
+            Err(_) => Read::Failed("no answer within 5s".into()),
         };
         self.task.abort();
         let watched = *self.watched.lock().unwrap_or_else(|p| p.into_inner());
