@@ -22,9 +22,14 @@ COPY images/cross-env.sh /usr/local/bin/cross-env
 RUN cross-env install
 WORKDIR /src
 COPY . .
+# The target cache may hold a later build of another tree (the cache is
+# shared, and cargo judges freshness by mtime, which COPY keeps): this layer
+# only runs when the sources changed, so the crate itself always rebuilds.
 RUN --mount=type=cache,id=palisade-cargo-registry,target=/usr/local/cargo/registry \
     --mount=type=cache,id=palisade-cargo-target,target=/src/target \
-    . /etc/cross-env && cargo build --locked --profile "$CARGO_PROFILE" --target "$RUST_TARGET" \
+    . /etc/cross-env \
+ && find src Cargo.toml -exec touch {} + \
+ && cargo build --locked --profile "$CARGO_PROFILE" --target "$RUST_TARGET" \
        --bin palisade-controller --bin palisade-agent \
  && dir=$([ "$CARGO_PROFILE" = dev ] && echo debug || echo "$CARGO_PROFILE") \
  && mkdir -p /out && cp "target/$RUST_TARGET/$dir/palisade-controller" "target/$RUST_TARGET/$dir/palisade-agent" /out/

@@ -10,6 +10,8 @@
 //! - [`agent`]: the node agent's sync loop, status and metrics.
 //! - [`cloud`]: EC2 behind a small trait, with our retry and error classes.
 //! - [`controller`]: the reconcile loop of policies into Security Groups.
+//! - [`removal`]: whether the process's own DaemonSet/Deployment is being
+//!   deleted (uninstall or a GitOps prune) rather than restarted.
 //! - [`telemetry`]: process start-up and the `/metrics` `/healthz` `/readyz` server.
 
 pub mod agent;
@@ -19,6 +21,7 @@ pub mod cloud;
 pub mod controller;
 pub mod node;
 pub mod policy;
+pub mod removal;
 pub mod telemetry;
 #[cfg(feature = "testenv")]
 pub mod testenv;

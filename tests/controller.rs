@@ -2071,3 +2071,101 @@ async fn an_adopted_group_is_detached_only_where_palisade_attached_it_even_after
     assert_eq!(eni_groups(&by_hand).await, hand_groups);
     ctl.stop().await;
 }
+
+/// What the controller does when its own Deployment is being deleted (an
+/// uninstall or a GitOps prune that ran no pre-delete hook): `release`
+/// deletes each policy's group and drops its finalizer without waiting
+/// for agents (an agent still lists the policy here); a group EC2 refuses
+/// to delete is named by a `SecurityGroupLeft` Warning Event, and the
+/// finalizer goes anyway, so a CRD deletion never waits on it.
+#[tokio::test(flavor = "multi_thread")]
+async fn release_deletes_groups_drops_finalizers_and_names_what_it_left() {
+    let test = "release";
+    let env = env().await;
+    let client = env.client().await.unwrap();
+    let net = SimNet::new().unwrap();
+    let _node = sim_node(&net, test, "ctl-release-web", "web").await;
+    let has_finalizer = |p: &FirewallPolicy| {
+        p.finalizers()
+            .iter()
+            .any(|f| f == palisade::controller::FINALIZER)
+    };
+
+    // Released cleanly.
+    let proxy = Arc::new(FaultProxy::start(&env.ec2_endpoint()).unwrap());
+    let ctl = Running::start_with(test, Duration::from_secs(300), 60, proxy.clone()).await;
+    let p = policy(
+        test,
+        "ctl-release",
+        "web",
+        vec![tcp("ssh", &[22], &["203.0.113.0/24"])],
+    );
+    create_policy(&p).await;
+    let group = wait_cloud_synced("ctl-release").await;
+    report_applied(&client, "ctl-release-web", &[&get("ctl-release").await]).await;
+    let ctx = ctl.ctx.clone();
+    ctl.stop().await;
+    let done = controller::release::release(ctx, Duration::from_secs(20)).await;
+    assert_eq!(done.released, ["ctl-release"]);
+    assert!(done.left.is_empty() && done.held.is_empty(), "{done:?}");
+    let left = direct().describe_groups(std::slice::from_ref(&group)).await;
+    assert!(
+        left.map(|g| g.is_empty()).unwrap_or(true),
+        "{group} still exists"
+    );
+    assert!(!has_finalizer(&get("ctl-release").await));
+    assert!(
+        !events_for(&client, "ctl-release", "Released")
+            .await
+            .is_empty()
+    );
+    policies()
+        .await
+        .delete("ctl-release", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_gone("ctl-release", Duration::from_secs(10)).await;
+
+    // EC2 refuses the deletion: released anyway, and said so.
+    let ctl = Running::start_with(test, Duration::from_secs(300), 60, proxy.clone()).await;
+    let p = policy(
+        test,
+        "ctl-release-left",
+        "web",
+        vec![tcp("ssh", &[22], &["203.0.113.0/24"])],
+    );
+    create_policy(&p).await;
+    let group = wait_cloud_synced("ctl-release-left").await;
+    let ctx = ctl.ctx.clone();
+    ctl.stop().await;
+    proxy.set_plan(FaultPlan {
+        scripted: vec![ScriptedError {
+            action: "DeleteSecurityGroup".into(),
+            code: "UnauthorizedOperation".into(),
+            times: 100,
+        }],
+        ..Default::default()
+    });
+    let done = controller::release::release(ctx, Duration::from_secs(20)).await;
+    proxy.set_plan(FaultPlan::default());
+    assert!(done.released.is_empty(), "{done:?}");
+    assert_eq!(done.left.len(), 1, "{done:?}");
+    assert!(done.left[0].starts_with("ctl-release-left: "), "{done:?}");
+    assert!(!has_finalizer(&get("ctl-release-left").await));
+    let warnings = events_for(&client, "ctl-release-left", "SecurityGroupLeft").await;
+    assert_eq!(warnings.len(), 1);
+    let note = warnings[0].note.clone().unwrap_or_default();
+    assert!(
+        note.contains(&group) && note.contains("aws ec2 delete-security-group"),
+        "{note}"
+    );
+    assert_eq!(warnings[0].type_.as_deref(), Some("Warning"));
+    // The group is still there, detached: what the Event tells the user to do.
+    direct().delete_group(&group).await.unwrap();
+    policies()
+        .await
+        .delete("ctl-release-left", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_gone("ctl-release-left", Duration::from_secs(10)).await;
+}

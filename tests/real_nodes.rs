@@ -4,8 +4,10 @@
 //! program, repair and report; packets are checked between namespaces;
 //! `helm upgrade` rolls the agents while the rules stay in force; the agents'
 //! metrics are scraped from another host while policies are enforced; and
-//! `helm uninstall` with a policy still present leaves the nodes bare. The
-//! machine is checked to be as it was before.
+//! `helm uninstall` with a policy still present leaves the nodes bare, and
+//! so does Argo CD pruning the whole release without running any hook (a
+//! stand-in for Argo CD's deletion: see the test). The machine is checked
+//! to be as it was before.
 //!
 //! The controller runs in its pod too, on a third node (`role=system`),
 //! against moto through the node's forwarder; so does the uninstall hook.
@@ -22,9 +24,13 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, ListParams, PostParams};
+use kube::api::{
+    Api, DeleteParams, DynamicObject, GroupVersionKind, ListParams, PostParams, TypeMeta,
+};
+use kube::discovery::Scope;
 use palisade::api::{FirewallNode, FirewallPolicy, conditions};
 use palisade::testenv::{KubeletNode, Reach, SimHost, SimNet, StartOptions, TestEnv};
+use serde::Deserialize;
 use tokio::process::Command;
 
 const NS: &str = "palisade-system";
@@ -191,6 +197,76 @@ async fn daemonset_rolled(ds: &Api<DaemonSet>, name: &str, want: i32) -> bool {
         && s.updated_number_scheduled == Some(want)
         && s.number_available == Some(want)
         && s.number_unavailable.unwrap_or(0) == 0
+}
+
+/// Argo CD's sync wave of a rendered object (`argocd.argoproj.io/sync-wave`,
+/// default 0).
+fn sync_wave(object: &serde_json::Value) -> i64 {
+    object["metadata"]["annotations"]["argocd.argoproj.io/sync-wave"]
+        .as_str()
+        .and_then(|w| w.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A hook, not a resource: Argo CD applies and deletes it only in its
+/// hook phase.
+fn is_hook(object: &serde_json::Value) -> bool {
+    let annotations = &object["metadata"]["annotations"];
+    !annotations["helm.sh/hook"].is_null() || !annotations["argocd.argoproj.io/hook"].is_null()
+}
+
+async fn dynamic_api(client: &kube::Client, object: &serde_json::Value) -> Api<DynamicObject> {
+    let types: TypeMeta = serde_json::from_value(object.clone()).unwrap();
+    let gvk = GroupVersionKind::try_from(&types).unwrap();
+    let (resource, caps) = kube::discovery::pinned_kind(client, &gvk).await.unwrap();
+    match (caps.scope, object["metadata"]["namespace"].as_str()) {
+        (Scope::Namespaced, Some(ns)) => Api::namespaced_with(client.clone(), ns, &resource),
+        (Scope::Namespaced, None) => Api::namespaced_with(client.clone(), NS, &resource),
+        (Scope::Cluster, _) => Api::all_with(client.clone(), &resource),
+    }
+}
+
+/// One sync wave of an Argo CD Application's deletion (a stand-in, see
+/// `the_chart_on_real_nodes`): every object of the wave deleted in one
+/// pass with Argo CD's default propagation (foreground: a workload's pods
+/// go before it does), then a wait until all of them are gone — Argo CD
+/// starts the next, lower wave only then. Panics, naming what is left,
+/// if the wave is wedged.
+async fn delete_wave(client: &kube::Client, wave: &[serde_json::Value], timeout: Duration) {
+    let mut apis = Vec::new();
+    for object in wave {
+        let api = dynamic_api(client, object).await;
+        let name = object["metadata"]["name"].as_str().unwrap().to_string();
+        match api.delete(&name, &DeleteParams::foreground()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => panic!("deleting {} {name}: {e}", object["kind"]),
+        }
+        apis.push((
+            format!("{} {name}", object["kind"].as_str().unwrap()),
+            api,
+            name,
+        ));
+    }
+    let start = Instant::now();
+    loop {
+        let mut left = Vec::new();
+        for (what, api, name) in &apis {
+            if api.get_opt(name).await.unwrap().is_some() {
+                left.push(what.clone());
+            }
+        }
+        if left.is_empty() {
+            return;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "the prune is wedged: still there after {}s: {}",
+            timeout.as_secs(),
+            left.join(", ")
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -559,6 +635,171 @@ async fn the_chart_on_real_nodes() {
         groups.is_err() || groups.unwrap().security_groups().is_empty(),
         "{} still exists",
         sg.id
+    );
+
+    // Argo CD pruning the whole release: the chart installed again as an
+    // Argo CD Application renders it (`helm template --include-crds`,
+    // hooks left out, applied with kubectl), a policy enforced, then the
+    // Application deleted with cascade. No hook runs: Argo CD before v3.3
+    // ignores Helm's pre-delete hooks, and Flux's kustomize-controller
+    // runs none. A STAND-IN for Argo CD's deletion, not Argo CD itself:
+    // its engine (github.com/argoproj/argo-cd/gitops-engine) does not
+    // build here, so `delete_wave` does what its Application deletion
+    // does — reverse sync-wave order, each wave deleted in one pass with
+    // foreground propagation and gone before the next. The chart puts the
+    // CRDs, ServiceAccounts and RBAC in wave -1, so the workloads stop
+    // first, while the policy still exists: only the agents (their
+    // DaemonSet being deleted) can leave the nodes bare, and only the
+    // controller (its Deployment being deleted) can delete the Security
+    // Group and release the finalizer the CRD deletion would wait on.
+    let chart_path = chart.to_string_lossy().to_string();
+    let mut template = vec![
+        "template",
+        RELEASE,
+        chart_path.as_str(),
+        "--namespace",
+        NS,
+        "--include-crds",
+    ];
+    for v in &values {
+        template.extend(["--set", v]);
+    }
+    let rendered = env.helm(&template).unwrap();
+    let (hooks, objects): (Vec<serde_json::Value>, Vec<serde_json::Value>) =
+        serde_yaml::Deserializer::from_str(&rendered)
+            .map(|doc| serde_json::Value::deserialize(doc).unwrap())
+            .filter(|o| !o.is_null())
+            .partition(is_hook);
+    assert!(!hooks.is_empty(), "the chart's uninstall hook was rendered");
+    let manifest = env.dir().join("argocd-app.yaml");
+    std::fs::write(
+        &manifest,
+        objects
+            .iter()
+            .map(|o| serde_yaml::to_string(o).unwrap())
+            .collect::<Vec<_>>()
+            .join("---\n"),
+    )
+    .unwrap();
+    let started = Instant::now();
+    let out = env
+        .kubectl()
+        .unwrap()
+        .args(["apply", "--server-side", "--force-conflicts"])
+        .args(["--field-manager", "argocd-controller", "-f"])
+        .arg(&manifest)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "kubectl apply: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eventually(
+        "the agents Available again",
+        Duration::from_secs(120),
+        || daemonset_rolled(&ds, &ds_name, 3),
+    )
+    .await;
+    eventually(
+        "the controller Available again",
+        Duration::from_secs(120),
+        || async {
+            deployments
+                .get(&format!("{RELEASE}-controller"))
+                .await
+                .ok()
+                .and_then(|d| d.status)
+                .and_then(|s| s.available_replicas)
+                == Some(1)
+        },
+    )
+    .await;
+    policy.metadata.resource_version = None;
+    policy.metadata.uid = None;
+    policies
+        .create(&PostParams::default(), &policy)
+        .await
+        .unwrap();
+    eventually("the policy Ready again", Duration::from_secs(60), || {
+        let policies = policies.clone();
+        async move { policies.get("web").await.is_ok_and(|p| ready(&p)) }
+    })
+    .await;
+    note(
+        &mut timings,
+        "applied as Argo CD would → policy Ready",
+        started.elapsed(),
+    );
+    let sg = policies
+        .get("web")
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .security_group
+        .expect("a Security Group");
+    for node in nodes {
+        assert!(!palisade_state(node.host()).is_empty());
+    }
+    assert_ne!(probe(&outside, "198.51.100.7", &web1, 22), Reach::Open);
+
+    let mut waves: BTreeMap<i64, Vec<serde_json::Value>> = BTreeMap::new();
+    for o in objects {
+        waves.entry(sync_wave(&o)).or_default().push(o);
+    }
+    assert_eq!(
+        waves.keys().copied().collect::<Vec<_>>(),
+        [-1, 0],
+        "the chart's waves"
+    );
+    let started = Instant::now();
+    delete_wave(&client, &waves[&0], Duration::from_secs(120)).await;
+    note(
+        &mut timings,
+        "prune wave 0 (workloads) → gone",
+        started.elapsed(),
+    );
+    assert!(
+        pods.list(&agent_pods).await.unwrap().items.is_empty(),
+        "agent pods left"
+    );
+    for node in nodes {
+        assert_eq!(
+            palisade_state(node.host()),
+            Vec::<String>::new(),
+            "{} kept Palisade's rules after its agent's DaemonSet was pruned",
+            node.name()
+        );
+    }
+    assert_eq!(probe(&outside, "198.51.100.7", &web1, 22), Reach::Open);
+    let groups = env
+        .ec2_client()
+        .describe_security_groups()
+        .group_ids(&sg.id)
+        .send()
+        .await;
+    assert!(
+        groups.is_err() || groups.unwrap().security_groups().is_empty(),
+        "{} still exists after the controller's Deployment was pruned",
+        sg.id
+    );
+    let released = policies.get("web").await.unwrap();
+    assert!(
+        !released
+            .metadata
+            .finalizers
+            .unwrap_or_default()
+            .iter()
+            .any(|f| f == palisade::controller::FINALIZER),
+        "the policy still holds the controller's finalizer"
+    );
+    let started = Instant::now();
+    delete_wave(&client, &waves[&-1], Duration::from_secs(60)).await;
+    note(
+        &mut timings,
+        "prune wave -1 (CRDs, identities) → gone",
+        started.elapsed(),
     );
 
     let started = Instant::now();

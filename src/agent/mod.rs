@@ -935,6 +935,38 @@ pub fn cleanup(backend: Option<Backend>) -> Result<usize, AgentError> {
     Ok(report.plan.diff.ipv4.delete_chains.len() + report.plan.diff.ipv6.delete_chains.len())
 }
 
+/// After `cleanup` because the agent's DaemonSet is being deleted: writes
+/// this node's FirewallNode status as enforcing nothing, so the controller
+/// waits for no agent that will not come back.
+pub async fn report_removed(client: Client, node_name: &str) -> Result<(), AgentError> {
+    let api: Api<FirewallNode> = Api::all(client);
+    let status = FirewallNodeStatus {
+        conditions: vec![Condition {
+            type_: crate::api::conditions::READY.into(),
+            status: "False".into(),
+            reason: crate::api::conditions::reason::REMOVED.into(),
+            message:
+                "the agent's DaemonSet was deleted: Palisade's rules were removed from this node"
+                    .into(),
+            last_transition_time: Time(k8s_openapi::jiff::Timestamp::now()),
+            observed_generation: None,
+        }],
+        ..Default::default()
+    };
+    api.patch_status(
+        node_name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(json!({
+            "apiVersion": "palisade.dev/v1alpha1",
+            "kind": "FirewallNode",
+            "status": status,
+        })),
+    )
+    .await
+    .map_err(kube_err(format!("writing FirewallNode {node_name} status")))?;
+    Ok(())
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

@@ -78,4 +78,6 @@ pub mod reason {
     pub const NOT_ATTACHED: &str = "NotAttached";
     /// A transient error; retrying with backoff.
     pub const RETRYING: &str = "Retrying";
+    /// The agent's DaemonSet was deleted: it removed the node's rules.
+    pub const REMOVED: &str = "Removed";
 }

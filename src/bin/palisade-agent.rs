@@ -1,7 +1,8 @@
 //! `palisade-agent`: the node agent (a DaemonSet pod, hostNetwork,
 //! NET_ADMIN/NET_RAW). `run` (the default) programs the node's iptables
 //! from the FirewallPolicies selecting it; `cleanup` removes everything
-//! Palisade wrote on the node, for uninstall.
+//! Palisade wrote on the node, for uninstall. `run` does the same on
+//! SIGTERM when its own DaemonSet is being deleted (see `--daemonset`).
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -10,9 +11,11 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
+use k8s_openapi::api::apps::v1::DaemonSet;
 use palisade::agent::{self, AgentConfig};
 use palisade::node::backend::Backend;
 use palisade::policy::{AllowVerdict, Failsafe};
+use palisade::removal::{Owner, Verdict, Workload};
 use tracing::error;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -123,6 +126,13 @@ struct RunArgs {
     /// Do not follow `nft monitor` (rely on the resync timer alone).
     #[arg(long)]
     no_nft_monitor: bool,
+    /// The agent's own DaemonSet, NAMESPACE/NAME (the chart sets it). On
+    /// SIGTERM the agent reads it: deleted or being deleted (an uninstall,
+    /// a GitOps prune) and the agent removes every rule it wrote, as
+    /// `cleanup` does; still there (a restart, a rolling update) and the
+    /// rules stay in force. Unset: the rules always stay.
+    #[arg(long, env = "PALISADE_DAEMONSET")]
+    daemonset: Option<String>,
 }
 
 fn failsafe(args: &RunArgs) -> Result<Failsafe, String> {
@@ -188,18 +198,71 @@ async fn run(args: RunArgs) -> Result<(), String> {
         },
         audit_report: Duration::from_secs_f64(args.audit_report_seconds.max(1.0)),
     };
+    let daemonset = args
+        .daemonset
+        .as_deref()
+        .map(str::parse::<Workload>)
+        .transpose()
+        .map_err(|e| format!("--daemonset {e}"))?;
     let client = kube::Client::try_from(kube_config)
         .map_err(|e| format!("connecting to the API server: {e}"))?;
-    // SIGTERM (a pod stopped, a rolling update) stops the watches and leaves
-    // the node's rules in place: they must outlive a restart. `cleanup` is
-    // the explicit removal.
+    let owner = daemonset.map(|w| Owner::<DaemonSet>::follow(client.clone(), w));
+    let backend = config.backend;
+    let node_name = config.node_name.clone();
+    // SIGTERM stops the watches. A pod stopped or rolled leaves the node's
+    // rules in place (they must outlive a restart); a pod stopped because
+    // its DaemonSet is being deleted removes them, or the node would stay
+    // firewalled with no agent to change it.
     tokio::select! {
-        result = agent::run(client, config) => result.map_err(|e| e.to_string()),
-        _ = palisade::telemetry::terminated() => {
-            tracing::info!("terminated: stopping; the node's rules stay in force");
+        result = agent::run(client.clone(), config) => return result.map_err(|e| e.to_string()),
+        _ = palisade::telemetry::terminated() => {}
+    }
+    let Some(owner) = owner else {
+        tracing::info!("terminated: stopping; the node's rules stay in force (no --daemonset)");
+        return Ok(());
+    };
+    match owner.decide().await {
+        Verdict::Stays => {
+            tracing::info!(daemonset = %owner.workload(), "terminated: the DaemonSet stays (a restart or rolling update); the node's rules stay in force");
+            Ok(())
+        }
+        Verdict::Unknown(why) => {
+            tracing::warn!(%why, "terminated: cannot tell whether the DaemonSet is being deleted, so the node's rules stay in force; if it was deleted, run `palisade-agent cleanup` on this node");
+            Ok(())
+        }
+        Verdict::Removed(why) => {
+            tracing::info!(%why, "terminated and the DaemonSet is being deleted: removing every rule Palisade wrote on this node");
+            remove_rules(backend).await?;
+            if let Err(e) = agent::report_removed(client, &node_name).await {
+                // Expected when the pruner deletes the CRDs too.
+                tracing::info!(error = %e, "could not mark the FirewallNode as enforcing nothing");
+            }
             Ok(())
         }
     }
+}
+
+/// `cleanup`, repeated until it finds nothing: a sync that was in flight
+/// when the signal came (its iptables-restore runs on a blocking thread
+/// the signal does not stop) may still write once, after the first pass.
+async fn remove_rules(backend: Option<Backend>) -> Result<(), String> {
+    let mut removed = 0;
+    for _ in 0..5 {
+        let chains = tokio::task::spawn_blocking(move || agent::cleanup(backend))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        removed += chains;
+        if chains == 0 {
+            tracing::info!(chains = removed, "removed everything Palisade wrote");
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    Err(
+        "Palisade's rules came back after five cleanups; run `palisade-agent cleanup` on this node"
+            .into(),
+    )
 }
 
 fn main() -> ExitCode {

@@ -13,11 +13,13 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
+use k8s_openapi::api::apps::v1::Deployment;
 use palisade::cloud::{AwsEc2, RetryPolicy};
 use palisade::controller::leader::{LeaderElector, LeaseSettings};
 use palisade::controller::metrics::ControllerEndpoints;
 use palisade::controller::{self, Config, Metrics};
 use palisade::policy::SgQuota;
+use palisade::removal::{Owner, Verdict, Workload};
 use palisade::telemetry;
 
 /// Reconciles FirewallPolicies into AWS Security Groups.
@@ -81,6 +83,18 @@ struct Args {
     /// How long `--uninstall` waits for the policies to go.
     #[arg(long, default_value_t = 300)]
     uninstall_timeout_seconds: u64,
+    /// The controller's own Deployment, NAMESPACE/NAME (the chart sets
+    /// it). On SIGTERM the leader reads it: deleted or being deleted (an
+    /// uninstall or GitOps prune that ran no hook), it releases every
+    /// policy first (their Security Groups deleted, finalizers removed);
+    /// still there (a restart, a rollout), everything stays. Unset: always
+    /// stays.
+    #[arg(long, env = "PALISADE_DEPLOYMENT")]
+    deployment: Option<String>,
+    /// How long that release may spend on EC2 before it reports what it
+    /// left (keep it under the pod's termination grace period).
+    #[arg(long, env = "PALISADE_RELEASE_TIMEOUT_SECONDS", default_value_t = 20)]
+    release_timeout_seconds: u64,
 }
 
 #[tokio::main]
@@ -104,9 +118,16 @@ async fn main() -> anyhow::Result<()> {
             .map(|h| h.trim().to_string())
             .unwrap_or_else(|_| format!("palisade-controller-{}", std::process::id()))
     });
+    let deployment = args
+        .deployment
+        .as_deref()
+        .map(str::parse::<Workload>)
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("--deployment {e}"))?;
     let client = kube::Client::try_default()
         .await
         .context("connecting to the Kubernetes API")?;
+    let owner = deployment.map(|w| Owner::<Deployment>::follow(client.clone(), w));
     let metrics = Arc::new(Metrics::default());
     let ec2 = AwsEc2::from_env(args.region.clone(), RetryPolicy::default())
         .await
@@ -175,6 +196,7 @@ async fn main() -> anyhow::Result<()> {
         vpc_cidrs: args.vpc_cidrs.clone(),
     };
     let ctx = controller::context(client, Arc::new(ec2), config, metrics);
+    let release_ctx = ctx.clone();
 
     let lost = Arc::new(AtomicBool::new(false));
     let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
@@ -198,6 +220,34 @@ async fn main() -> anyhow::Result<()> {
     })
     .await;
     ready.store(false, Ordering::Relaxed);
+    // Still the leader, stopped by SIGTERM: if the Deployment is going, no
+    // controller will finish the policies' deletion; release them now.
+    if !lost.load(Ordering::Relaxed)
+        && let Some(owner) = &owner
+    {
+        match owner.decide().await {
+            Verdict::Stays => {
+                tracing::info!(deployment = %owner.workload(), "the Deployment stays (a restart or rollout); Security Groups and finalizers stay");
+            }
+            Verdict::Unknown(why) => {
+                tracing::warn!(%why, "cannot tell whether the Deployment is being deleted: Security Groups and finalizers stay; if the release was deleted, see the README, \"Removing Palisade\"");
+            }
+            Verdict::Removed(why) => {
+                tracing::info!(%why, "the Deployment is being deleted: releasing every policy");
+                let done = controller::release::release(
+                    release_ctx,
+                    Duration::from_secs(args.release_timeout_seconds),
+                )
+                .await;
+                tracing::info!(
+                    released = ?done.released,
+                    left = ?done.left,
+                    held = ?done.held,
+                    "release done"
+                );
+            }
+        }
+    }
     if let Some(elector) = &elector {
         elector.release().await;
     }

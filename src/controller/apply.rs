@@ -1367,25 +1367,43 @@ pub async fn cleanup<E: Ec2>(
     policy: Arc<FirewallPolicy>,
     ctx: Arc<Context<E>>,
 ) -> Result<Action, Error> {
-    let spec = target(&policy);
+    undo_cloud(&policy, &ctx).await?;
+    let waiting = status::nodes_still_enforcing(&policy, &ctx.reports().await?);
+    if !waiting.is_empty() {
+        return Err(Error::WaitingForAgents { nodes: waiting });
+    }
+    if let Some(uid) = policy.uid() {
+        lock(&ctx.memory).remove(&uid);
+        ctx.set_rules_managed();
+    }
+    ctx.metrics.forget_policy(&policy.name_any());
+    Ok(Action::await_change())
+}
+
+/// The EC2 half of [`cleanup`]: everything but waiting for the agents.
+pub(crate) async fn undo_cloud<E: Ec2>(
+    policy: &FirewallPolicy,
+    ctx: &Arc<Context<E>>,
+) -> Result<(), Error> {
+    let spec = target(policy);
     if spec.is_owned() {
         // A member of a shared group leaves it (the group goes with its
         // last member).
-        if shared::composable_spec(&policy)
-            && let Some(g) = shared::find(&ctx, &shared::key(&policy)).await?
+        if shared::composable_spec(policy)
+            && let Some(g) = shared::find(ctx, &shared::key(policy)).await?
         {
-            shared::leave(&ctx, &policy, &shared::key(&policy), &g.id).await?;
+            shared::leave(ctx, policy, &shared::key(policy), &g.id).await?;
         }
         if spec.deletion_policy == DeletionPolicy::Delete {
-            let groups = ctx.ec2.find_groups(&identity_tags(&policy, &ctx)).await?;
+            let groups = ctx.ec2.find_groups(&identity_tags(policy, ctx)).await?;
             for group in groups {
                 for eni in ctx.ec2.enis_in_group(&group.id).await? {
-                    set_membership(&ctx, &eni.id, &group.id, EniChange::Detach, &[]).await?;
+                    set_membership(ctx, &eni.id, &group.id, EniChange::Detach, &[]).await?;
                 }
                 match ctx.ec2.delete_group(&group.id).await {
                     Ok(()) => {
                         ctx.publish(
-                            &policy,
+                            policy,
                             false,
                             "SecurityGroupDeleted",
                             "DeleteSecurityGroup",
@@ -1423,7 +1441,7 @@ pub async fn cleanup<E: Ec2>(
                     if !ids.is_empty() {
                         ctx.ec2.revoke(&id, direction, &ids).await?;
                         ctx.publish(
-                            &policy,
+                            policy,
                             false,
                             "RulesRevoked",
                             "RevokeSecurityGroupRules",
@@ -1441,22 +1459,13 @@ pub async fn cleanup<E: Ec2>(
         let tag = tags::attached(&id, &policy.uid().unwrap_or_default());
         for eni in ctx.ec2.enis_in_group(&id).await? {
             if eni.tags.contains_key(&tag)
-                && set_membership(&ctx, &eni.id, &id, EniChange::Detach, &[]).await?
+                && set_membership(ctx, &eni.id, &id, EniChange::Detach, &[]).await?
             {
                 ctx.ec2.untag_eni(&eni.id, &tag).await?;
             }
         }
     }
-    let waiting = status::nodes_still_enforcing(&policy, &ctx.reports().await?);
-    if !waiting.is_empty() {
-        return Err(Error::WaitingForAgents { nodes: waiting });
-    }
-    if let Some(uid) = policy.uid() {
-        lock(&ctx.memory).remove(&uid);
-        ctx.set_rules_managed();
-    }
-    ctx.metrics.forget_policy(&policy.name_any());
-    Ok(Action::await_change())
+    Ok(())
 }
 
 #[cfg(test)]

@@ -61,6 +61,7 @@ pub mod leader;
 pub mod metrics;
 pub mod peers;
 pub mod placement;
+pub mod release;
 mod shared;
 pub mod status;
 

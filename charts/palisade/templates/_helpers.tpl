@@ -31,3 +31,15 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{ $root.Values.image.registry }}/{{ $img.repository }}:{{ default $root.Chart.AppVersion $img.tag }}
 {{- end }}
 {{- end }}
+
+{{- /*
+Identities (ServiceAccounts, RBAC) go in Argo CD sync wave -1: applied before
+the workloads, and, since Argo CD deletes an Application's resources in
+reverse wave order and waits for each wave to be gone, deleted only after
+the controller and agents have stopped. They need their credentials on the
+way out: on SIGTERM each reads its own Deployment/DaemonSet and, when it is
+being deleted, releases the policies (controller) or clears the node (agent).
+*/}}
+{{- define "palisade.identityWave" -}}
+argocd.argoproj.io/sync-wave: "-1"
+{{- end }}
