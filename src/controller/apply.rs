@@ -493,16 +493,28 @@ async fn shared_group<E: Ec2>(
     instances: &[InstanceInfo],
 ) -> Result<(String, Option<String>), Error> {
     let vpc = vpc_of(policy, instances)?;
-    let name = shared::group_name(&ctx.config.cluster_name, key);
     let new = NewGroup {
-        name: name.clone(),
+        name: shared::group_name(&ctx.config.cluster_name, key),
         description: format!(
             "Palisade: the FirewallPolicies sharing one node selector (class {key}, cluster {})",
             ctx.config.cluster_name
         ),
-        vpc_id: vpc.clone(),
+        vpc_id: vpc,
         tags: shared::group_tags(&ctx.config.cluster_name, key),
     };
+    create_group(policy, ctx, new, "shared Security Group").await
+}
+
+/// Creates `new` and announces it in an Event on `policy` ("created
+/// {what} sg-… (name) in vpc-…"). A name already taken in the VPC is
+/// [`Error::GroupNameTaken`].
+async fn create_group<E: Ec2>(
+    policy: &FirewallPolicy,
+    ctx: &Context<E>,
+    new: NewGroup,
+    what: &str,
+) -> Result<(String, Option<String>), Error> {
+    let (name, vpc) = (new.name.clone(), new.vpc_id.clone());
     let id = match ctx.ec2.create_group(&new).await {
         Ok(id) => id,
         Err(e) if e.kind == ErrorKind::Duplicate => {
@@ -515,7 +527,7 @@ async fn shared_group<E: Ec2>(
         false,
         "SecurityGroupCreated",
         "CreateSecurityGroup",
-        format!("created shared Security Group {id} ({name}) in {vpc}"),
+        format!("created {what} {id} ({name}) in {vpc}"),
     )
     .await;
     Ok((id, Some(vpc)))
@@ -578,31 +590,16 @@ async fn owned_group<E: Ec2>(
             .collect()
     });
     let new = NewGroup {
-        name: name.clone(),
+        name,
         description: format!(
             "Palisade FirewallPolicy {} (cluster {})",
             policy.name_any(),
             ctx.config.cluster_name
         ),
-        vpc_id: vpc.clone(),
+        vpc_id: vpc,
         tags: all_tags,
     };
-    let id = match ctx.ec2.create_group(&new).await {
-        Ok(id) => id,
-        Err(e) if e.kind == ErrorKind::Duplicate => {
-            return Err(Error::GroupNameTaken { name, vpc });
-        }
-        Err(e) => return Err(e.into()),
-    };
-    ctx.publish(
-        policy,
-        false,
-        "SecurityGroupCreated",
-        "CreateSecurityGroup",
-        format!("created Security Group {id} ({name}) in {vpc}"),
-    )
-    .await;
-    Ok((id, Some(vpc)))
+    create_group(policy, ctx, new, "Security Group").await
 }
 
 /// **Full cloud sync**: the group exists, holds exactly the plan, and is

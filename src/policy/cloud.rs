@@ -324,6 +324,42 @@ impl FamilyCount {
     }
 }
 
+/// Adds the quota cost of `planned` (one `direction` of a group) to
+/// `count`: a CIDR once toward its family, a referenced group once toward
+/// each, a known prefix list its `max_entries`; plus AWS's default egress
+/// rule when the group keeps it and the plan does not already hold it.
+fn count_rules(
+    count: &mut FamilyCount,
+    planned: &BTreeMap<SgPermission, PlannedPermission>,
+    facts: &Facts,
+    direction: Direction,
+    keeps_default_egress: bool,
+) {
+    for p in planned.values() {
+        let cost = match &p.permission.peer {
+            SgPeer::PrefixList(id) => facts
+                .prefix_lists
+                .get(id)
+                .map(|pl| (pl.family, pl.max_entries)),
+            _ => None,
+        };
+        match cost {
+            Some((family, n)) => count.add(family, n),
+            None => p
+                .permission
+                .families()
+                .iter()
+                .for_each(|f| count.add(*f, 1)),
+        }
+    }
+    if direction == Direction::Egress
+        && keeps_default_egress
+        && !planned.contains_key(&SgPermission::default_egress()[0])
+    {
+        count.add(IpFamily::V4, 1);
+    }
+}
+
 /// Quota use of one policy's group, per direction and family. An IPv4 or
 /// IPv6 CIDR counts once toward its family; a referenced group once toward
 /// each; a prefix list its `max_entries` toward its family (one toward each
@@ -539,29 +575,7 @@ pub fn plan_cloud(policy: &ValidPolicy, facts: &Facts) -> Result<CloudPlan, Poli
             Direction::Ingress => &mut quota.ingress,
             Direction::Egress => &mut quota.egress,
         };
-        for p in planned.values() {
-            let cost = match &p.permission.peer {
-                SgPeer::PrefixList(id) => facts
-                    .prefix_lists
-                    .get(id)
-                    .map(|pl| (pl.family, pl.max_entries)),
-                _ => None,
-            };
-            match cost {
-                Some((family, n)) => count.add(family, n),
-                None => p
-                    .permission
-                    .families()
-                    .iter()
-                    .for_each(|f| count.add(*f, 1)),
-            }
-        }
-        if direction == Direction::Egress
-            && keeps_default_egress
-            && !planned.contains_key(&SgPermission::default_egress()[0])
-        {
-            count.add(IpFamily::V4, 1);
-        }
+        count_rules(count, &planned, facts, direction, keeps_default_egress);
         Some(planned.into_values().collect())
     };
     let ingress = plan_direction(Direction::Ingress);
@@ -640,26 +654,7 @@ pub fn union_plan(name: &str, plans: &[&CloudPlan], facts: &Facts) -> CloudPlan 
             Direction::Ingress => &mut quota.ingress,
             Direction::Egress => &mut quota.egress,
         };
-        for p in planned.values() {
-            match &p.permission.peer {
-                SgPeer::PrefixList(id) if facts.prefix_lists.contains_key(id) => {
-                    if let Some(pl) = facts.prefix_lists.get(id) {
-                        count.add(pl.family, pl.max_entries);
-                    }
-                }
-                _ => p
-                    .permission
-                    .families()
-                    .iter()
-                    .for_each(|f| count.add(*f, 1)),
-            }
-        }
-        if direction == Direction::Egress
-            && keeps_default_egress
-            && !planned.contains_key(&SgPermission::default_egress()[0])
-        {
-            count.add(IpFamily::V4, 1);
-        }
+        count_rules(count, &planned, facts, direction, keeps_default_egress);
         Some(planned.into_values().collect())
     };
     let ingress = direction_union(Direction::Ingress);
