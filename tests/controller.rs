@@ -1261,20 +1261,17 @@ async fn audit_is_a_dry_run_on_the_cloud_layer_too() {
     ctl.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_full_interface_is_reported_before_any_write() {
-    let test = "eni-full";
+/// Adds empty foreign groups (`prefix-0`, `prefix-1`, …) to `node`'s
+/// interface until it carries `count` groups; returns them all.
+async fn fill_interface(node: &SimNode, count: usize, prefix: &str) -> Vec<String> {
     let env = env().await;
-    let net = SimNet::new().unwrap();
-    let web = sim_node(&net, test, "ctl-full-web", "web").await;
-    // Fill the node's interface to AWS's default of 5 groups.
     let raw = env.ec2_client();
     let vpc = env.sim_cloud().await.unwrap().vpc_id.clone();
-    let mut groups = eni_groups(&web).await;
-    for i in 0..(5 - groups.len()) {
+    let mut groups = eni_groups(node).await;
+    for i in 0..(count - groups.len()) {
         let g = raw
             .create_security_group()
-            .group_name(format!("ctl-full-extra-{i}"))
+            .group_name(format!("{prefix}-{i}"))
             .description("filler")
             .vpc_id(&vpc)
             .send()
@@ -1282,8 +1279,22 @@ async fn a_full_interface_is_reported_before_any_write() {
             .unwrap();
         groups.push(g.group_id().unwrap().to_string());
     }
+    direct()
+        .set_eni_groups(node.eni_id(), &groups)
+        .await
+        .unwrap();
+    groups
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_interface_is_reported_before_any_write() {
+    let test = "eni-full";
+    env().await;
+    let net = SimNet::new().unwrap();
+    let web = sim_node(&net, test, "ctl-full-web", "web").await;
+    // Fill the node's interface to AWS's default of 5 groups.
+    let mut groups = fill_interface(&web, 5, "ctl-full-extra").await;
     let ec2 = direct();
-    ec2.set_eni_groups(web.eni_id(), &groups).await.unwrap();
     let ctl = Running::start(test, Duration::from_secs(300), 60).await;
     ctl.proxy.take_calls();
     create_policy(&policy(
@@ -1363,32 +1374,14 @@ fn restartable_controller(test: &str, port: u16) -> tokio::process::Child {
         .unwrap()
 }
 
-/// Drift made while the controller is dead (kill -9: no shutdown, its
-/// memory gone) is still known as drift by the next one: one
-/// `DriftCorrected` Event, counted in status and in its metric.
 #[tokio::test(flavor = "multi_thread")]
 async fn policies_that_cannot_fit_a_node_say_so_before_any_write() {
     let test = "eni-fit";
-    let env = env().await;
+    env().await;
     let net = SimNet::new().unwrap();
     let web = sim_node(&net, test, "ctl-fit-web", "web").await;
     // Three foreign groups on the interface.
-    let raw = env.ec2_client();
-    let vpc = env.sim_cloud().await.unwrap().vpc_id.clone();
-    let mut groups = eni_groups(&web).await;
-    for i in 0..(3 - groups.len()) {
-        let g = raw
-            .create_security_group()
-            .group_name(format!("ctl-fit-extra-{i}"))
-            .description("filler")
-            .vpc_id(&vpc)
-            .send()
-            .await
-            .unwrap();
-        groups.push(g.group_id().unwrap().to_string());
-    }
-    let ec2 = direct();
-    ec2.set_eni_groups(web.eni_id(), &groups).await.unwrap();
+    let groups = fill_interface(&web, 3, "ctl-fit-extra").await;
     // Three policies, each with its own named group, select the node:
     // 3 foreign + 3 Palisade groups is one more than AWS's default 5.
     let names = ["ctl-fit-a", "ctl-fit-b", "ctl-fit-c"];
@@ -1711,6 +1704,9 @@ async fn a_shared_group_is_repaired_and_a_member_moves_out_without_a_gap() {
     ctl.stop().await;
 }
 
+/// Drift made while the controller is dead (kill -9: no shutdown, its
+/// memory gone) is still known as drift by the next one: one
+/// `DriftCorrected` Event, counted in status and in its metric.
 #[tokio::test(flavor = "multi_thread")]
 async fn drift_made_while_the_controller_is_down_is_known_after_a_restart() {
     let test = "drift-restart";
