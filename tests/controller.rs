@@ -589,21 +589,7 @@ async fn out_of_band_changes_are_repaired_with_an_event() {
     let before = rules_of(&ec2, &group).await;
 
     // Out of band: revoke one of ours, add a stranger.
-    revoke_out_of_band(&ec2, &group, 22).await;
-    env.ec2_client()
-        .authorize_security_group_ingress()
-        .group_id(&group)
-        .ip_protocol("tcp")
-        .from_port(3306)
-        .to_port(3306)
-        .cidr_ip("0.0.0.0/0")
-        .send()
-        .await
-        .unwrap();
-    eventually("drift repaired", Duration::from_secs(30), || async {
-        (rules_of(&ec2, &group).await == before).then_some(())
-    })
-    .await;
+    drift_and_wait_repaired(&ec2, &group, 22, &before).await;
     let events = drift_corrected(&client, "ctl-drift").await;
     assert_eq!(events[0].type_.as_deref(), Some("Warning"));
     let note = events[0].note.clone().unwrap_or_default();
@@ -1261,6 +1247,33 @@ async fn audit_is_a_dry_run_on_the_cloud_layer_too() {
     ctl.stop().await;
 }
 
+/// Drift out of band on `group` — tcp/`port` revoked, a stranger (tcp/3306
+/// from anywhere) added — then waits until the rules are `before` again.
+async fn drift_and_wait_repaired(
+    ec2: &AwsEc2,
+    group: &str,
+    port: i32,
+    before: &[(bool, SgPermission, String)],
+) {
+    revoke_out_of_band(ec2, group, port).await;
+    env()
+        .await
+        .ec2_client()
+        .authorize_security_group_ingress()
+        .group_id(group)
+        .ip_protocol("tcp")
+        .from_port(3306)
+        .to_port(3306)
+        .cidr_ip("0.0.0.0/0")
+        .send()
+        .await
+        .unwrap();
+    eventually("drift repaired", Duration::from_secs(30), || async {
+        (rules_of(ec2, group).await == before).then_some(())
+    })
+    .await;
+}
+
 /// Adds empty foreign groups (`prefix-0`, `prefix-1`, …) to `node`'s
 /// interface until it carries `count` groups; returns them all.
 async fn fill_interface(node: &SimNode, count: usize, prefix: &str) -> Vec<String> {
@@ -1614,7 +1627,7 @@ async fn a_node_selected_by_8_policies_converges_with_default_quotas() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_shared_group_is_repaired_and_a_member_moves_out_without_a_gap() {
     let test = "shared-drift";
-    let env = env().await;
+    env().await;
     let net = SimNet::new().unwrap();
     let node = sim_node(&net, test, "ctl-sdrift-a", "web").await;
     let ctl = Running::start(test, Duration::from_secs(2), 60).await;
@@ -1640,21 +1653,7 @@ async fn a_shared_group_is_repaired_and_a_member_moves_out_without_a_gap() {
     })
     .await;
     // Out of band: revoke the second policy's rule, add a stranger.
-    revoke_out_of_band(&ec2, &group, 80).await;
-    env.ec2_client()
-        .authorize_security_group_ingress()
-        .group_id(&group)
-        .ip_protocol("tcp")
-        .from_port(3306)
-        .to_port(3306)
-        .cidr_ip("0.0.0.0/0")
-        .send()
-        .await
-        .unwrap();
-    eventually("drift repaired", Duration::from_secs(30), || async {
-        (rules_of(&ec2, &group).await == before).then_some(())
-    })
-    .await;
+    drift_and_wait_repaired(&ec2, &group, 80, &before).await;
     // The second policy edited out of the class (another selector, the same
     // node): its own group first, then its rule leaves the shared one.
     let mut p = get("ctl-sdrift-2").await;
