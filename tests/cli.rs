@@ -31,7 +31,7 @@ use palisade::cli::explain::{CloudAnswer, Question, explain, read_for};
 use palisade::cloud::{AwsEc2, Ec2, RetryPolicy};
 use palisade::controller::{self, Config, Metrics};
 use palisade::policy::eval::{NodeVerdict, ProbeProtocol};
-use palisade::policy::{Direction, Failsafe, SgPeer, SgPermission, SgProtocol, SgQuota};
+use palisade::policy::{Direction, Failsafe, SgQuota};
 use palisade::testenv::fault_proxy::FaultProxy;
 use palisade::testenv::{Reach, SimHost, SimNet, SimNode, TestEnv};
 
@@ -83,41 +83,8 @@ async fn foreign_group(
     name: &str,
     rules: &[(i32, &str, &str)],
 ) -> String {
-    let vpc = env.sim_cloud().await.unwrap().vpc_id.clone();
-    let id = env
-        .ec2_client()
-        .create_security_group()
-        .group_name(name)
-        .description("not Palisade's")
-        .vpc_id(&vpc)
-        .send()
-        .await
-        .unwrap()
-        .group_id()
-        .unwrap()
-        .to_string();
-    let permissions: Vec<palisade::policy::PlannedPermission> = rules
-        .iter()
-        .map(
-            |(port, cidr, description)| palisade::policy::PlannedPermission {
-                permission: SgPermission {
-                    protocol: SgProtocol::Tcp,
-                    from_port: *port,
-                    to_port: *port,
-                    peer: match cidr.parse::<IpNet>().unwrap() {
-                        IpNet::V4(n) => SgPeer::Ipv4(n),
-                        IpNet::V6(n) => SgPeer::Ipv6(n),
-                    },
-                },
-                description: description.to_string(),
-                rules: Vec::new(),
-            },
-        )
-        .collect();
+    let id = env.foreign_group(name, rules).await.unwrap();
     let ec2 = direct(env);
-    ec2.authorize(&id, Direction::Ingress, &permissions, "none")
-        .await
-        .unwrap();
     let mut groups = ec2.eni_groups(node.eni_id()).await.unwrap();
     groups.push(id.clone());
     ec2.set_eni_groups(node.eni_id(), &groups).await.unwrap();

@@ -1776,45 +1776,7 @@ async fn drift_made_while_the_controller_is_down_is_known_after_a_restart() {
 
 /// A foreign group on the selected nodes' interfaces, with `rules` (ingress).
 async fn foreign_group(name: &str, rules: &[(i32, &str, &str)]) -> String {
-    let env = env().await;
-    let vpc = env.sim_cloud().await.unwrap().vpc_id.clone();
-    let id = env
-        .ec2_client()
-        .create_security_group()
-        .group_name(name)
-        .description("not Palisade's")
-        .vpc_id(&vpc)
-        .send()
-        .await
-        .unwrap()
-        .group_id()
-        .unwrap()
-        .to_string();
-    let permissions: Vec<palisade::policy::PlannedPermission> = rules
-        .iter()
-        .map(
-            |(port, cidr, description)| palisade::policy::PlannedPermission {
-                permission: SgPermission {
-                    protocol: palisade::policy::SgProtocol::Tcp,
-                    from_port: *port,
-                    to_port: *port,
-                    peer: palisade::policy::SgPeer::Ipv4(cidr.parse().unwrap()),
-                },
-                description: description.to_string(),
-                rules: Vec::new(),
-            },
-        )
-        .collect();
-    direct()
-        .authorize(
-            &id,
-            palisade::policy::Direction::Ingress,
-            &permissions,
-            "none",
-        )
-        .await
-        .unwrap();
-    id
+    env().await.foreign_group(name, rules).await.unwrap()
 }
 
 /// Two `role=web` nodes of `test` (named `<test>-a`, `<test>-b`) whose

@@ -469,6 +469,57 @@ impl TestEnv {
             .await
     }
 
+    /// A group not Palisade's, `name`, in the simulated VPC, with TCP
+    /// ingress `rules` (port, IPv4 or IPv6 CIDR, description): what an EKS
+    /// node group or the cluster group is to Palisade.
+    pub async fn foreign_group(&self, name: &str, rules: &[(i32, &str, &str)]) -> Result<String> {
+        use crate::cloud::Ec2;
+        use crate::policy::{Direction, PlannedPermission, SgPeer, SgPermission, SgProtocol};
+        let invalid =
+            |what: &str, e: &dyn std::fmt::Display| Error::Invalid(format!("{what}: {e}"));
+        let vpc = self.sim_cloud().await?.vpc_id.clone();
+        let id = self
+            .ec2_client()
+            .create_security_group()
+            .group_name(name)
+            .description("not Palisade's")
+            .vpc_id(&vpc)
+            .send()
+            .await
+            .map_err(|e| {
+                invalid(
+                    "CreateSecurityGroup",
+                    &aws_sdk_ec2::error::DisplayErrorContext(e),
+                )
+            })?
+            .group_id()
+            .unwrap_or_default()
+            .to_string();
+        let mut permissions = Vec::new();
+        for (port, cidr, description) in rules {
+            let peer = match cidr.parse::<ipnet::IpNet>() {
+                Ok(ipnet::IpNet::V4(n)) => SgPeer::Ipv4(n),
+                Ok(ipnet::IpNet::V6(n)) => SgPeer::Ipv6(n),
+                Err(e) => return Err(invalid(cidr, &e)),
+            };
+            permissions.push(PlannedPermission {
+                permission: SgPermission {
+                    protocol: SgProtocol::Tcp,
+                    from_port: *port,
+                    to_port: *port,
+                    peer,
+                },
+                description: description.to_string(),
+                rules: Vec::new(),
+            });
+        }
+        aws_ec2_for(&self.ec2_endpoint(), crate::cloud::RetryPolicy::default())
+            .authorize(&id, Direction::Ingress, &permissions, "none")
+            .await
+            .map_err(|e| invalid("AuthorizeSecurityGroupIngress", &e))?;
+        Ok(id)
+    }
+
     fn mint_path(&self, stem: &str) -> PathBuf {
         let n = self.minted.fetch_add(1, Ordering::Relaxed);
         self.dir.path().join(format!("{stem}-{n}.kubeconfig"))
