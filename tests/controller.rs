@@ -2126,3 +2126,162 @@ async fn release_deletes_groups_drops_finalizers_and_names_what_it_left() {
         .unwrap();
     wait_gone("ctl-release-left", Duration::from_secs(10)).await;
 }
+
+/// Sets the ingress rules of policy `name` (a merge patch of the one
+/// field, as `kubectl patch` would).
+async fn set_ingress(name: &str, ingress: Vec<FirewallRule>) {
+    let patch = serde_json::json!({ "spec": { "ingress": ingress } });
+    policies()
+        .await
+        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+}
+
+/// The groups Palisade created for policy `name` alone, found in moto by
+/// its identity tag.
+async fn own_groups_of(ec2: &AwsEc2, name: &str) -> Vec<String> {
+    let uid = get(name).await.metadata.uid.unwrap();
+    ec2.find_groups(&BTreeMap::from([(tags::POLICY_UID.to_string(), uid)]))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|g| g.id)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_policy_without_cloud_rules_takes_no_slot_and_a_new_node_takes_every_group_in_one_call() {
+    let test = "slots";
+    env().await;
+    let net = SimNet::new().unwrap();
+    let web = sim_node(&net, test, "ctl-slots-web", "web").await;
+    let default_groups = eni_groups(&web).await;
+    let ctl = Running::start(test, Duration::from_secs(300), 60).await;
+    let ec2 = direct();
+    let node_only = || {
+        let mut r = tcp("ssh", &[22], &["10.0.0.0/8"]);
+        r.layers = Some(vec![palisade::api::Layer::Node]);
+        r
+    };
+
+    // Node-layer rules only: no group is created or attached, and the
+    // status says why.
+    create_policy(&policy(test, "ctl-slots-node", "web", vec![node_only()])).await;
+    let no_group = || async {
+        let p = get("ctl-slots-node").await;
+        let s = p.status.as_ref()?;
+        let (status, reason, _) = condition(&p, "CloudSynced")?;
+        (s.observed_generation == p.metadata.generation
+            && status == "True"
+            && reason == "NoCloudRules"
+            && s.security_group.is_none())
+        .then_some(())
+    };
+    eventually("no group", Duration::from_secs(60), no_group).await;
+    assert!(own_groups_of(&ec2, "ctl-slots-node").await.is_empty());
+    assert_eq!(eni_groups(&web).await, default_groups);
+
+    // A cloud rule added: the group is created, filled and attached.
+    set_ingress(
+        "ctl-slots-node",
+        vec![node_only(), tcp("https", &[443], &["10.0.0.0/8"])],
+    )
+    .await;
+    let group = wait_cloud_synced("ctl-slots-node").await;
+    assert!(eni_groups(&web).await.contains(&group));
+    assert!(
+        rules_of(&ec2, &group)
+            .await
+            .iter()
+            .any(|(_, _, d)| d.contains("ctl-slots-node/https"))
+    );
+    // Removed again: the group leaves the interface and is deleted.
+    set_ingress("ctl-slots-node", vec![node_only()]).await;
+    eventually("no group again", Duration::from_secs(60), no_group).await;
+    eventually("group deleted", Duration::from_secs(30), || async {
+        own_groups_of(&ec2, "ctl-slots-node")
+            .await
+            .is_empty()
+            .then_some(())
+    })
+    .await;
+    assert_eq!(eni_groups(&web).await, default_groups);
+
+    // Two policies with different selectors over the web nodes (one pool,
+    // one all-nodes), each with its own group.
+    create_policy(&policy(
+        test,
+        "ctl-slots-pool",
+        "web",
+        vec![tcp("app", &[8080], &["10.0.0.0/8"])],
+    ))
+    .await;
+    let mut everyone = policy(
+        test,
+        "ctl-slots-all",
+        "web",
+        vec![tcp("metrics", &[9100], &["10.0.0.0/8"])],
+    );
+    everyone.spec.node_selector = Some(NodeSelector {
+        match_labels: Some(BTreeMap::from([(TEST_LABEL.to_string(), test.to_string())])),
+        match_expressions: None,
+    });
+    create_policy(&everyone).await;
+    let pool = wait_cloud_synced("ctl-slots-pool").await;
+    let all = wait_cloud_synced("ctl-slots-all").await;
+    eventually("both on web", Duration::from_secs(30), || async {
+        let groups = eni_groups(&web).await;
+        (groups.contains(&pool) && groups.contains(&all)).then_some(())
+    })
+    .await;
+
+    // A node joins: its interface takes both groups in one call (the
+    // first of the two reconciles puts the other's group there too), and
+    // nothing for the node-only policy.
+    ctl.proxy.take_calls();
+    let web2 = sim_node(&net, test, "ctl-slots-web2", "web").await;
+    // The controller may be quicker than a read here: the simulated nodes
+    // all start with the subnet's default group.
+    let web2_default = default_groups.clone();
+    eventually(
+        "the new node carries both",
+        Duration::from_secs(60),
+        || async {
+            let groups = eni_groups(&web2).await;
+            (groups.contains(&pool) && groups.contains(&all)).then_some(())
+        },
+    )
+    .await;
+    // Both policies report the node (a reconcile of each ran).
+    eventually("both count it", Duration::from_secs(30), || async {
+        for name in ["ctl-slots-pool", "ctl-slots-all"] {
+            let g = get(name).await.status?.security_group?;
+            (g.attached == 2).then_some(())?;
+        }
+        Some(())
+    })
+    .await;
+    let calls = ctl.proxy.take_calls();
+    let modify = count(&calls, "ModifyNetworkInterfaceAttribute");
+    assert_eq!(modify, 1, "one call for one new interface");
+    let mut want = web2_default.clone();
+    want.extend([pool.clone(), all.clone()]);
+    want.sort();
+    let mut have = eni_groups(&web2).await;
+    have.sort();
+    assert_eq!(have, want);
+    for name in ["ctl-slots-node", "ctl-slots-pool", "ctl-slots-all"] {
+        delete_and_wait(name).await;
+    }
+    assert_eq!(eni_groups(&web).await, default_groups);
+    assert_eq!(eni_groups(&web2).await, web2_default);
+    for g in [&pool, &all] {
+        assert!(
+            ec2.describe_groups(std::slice::from_ref(g))
+                .await
+                .map_or(true, |f| f.is_empty())
+        );
+    }
+    ctl.stop().await;
+}

@@ -29,7 +29,8 @@ const DIRECTIONS: [Direction; 2] = [Direction::Ingress, Direction::Egress];
 /// What a full cloud sync found and did.
 #[derive(Debug, Clone)]
 struct CloudReport {
-    group: SecurityGroupStatus,
+    /// `None`: the policy has no group ([`shared::no_group`]).
+    group: Option<SecurityGroupStatus>,
     /// The sync found the group changed out of band and repaired it.
     drift_repaired: bool,
     /// What other groups on the selected interfaces admit beyond the policy.
@@ -199,10 +200,12 @@ async fn apply_inner<E: Ec2>(policy: &FirewallPolicy, ctx: &Context<E>) -> Resul
     });
 
     let previous = policy.status.clone().unwrap_or_default();
-    let last_group = memory
-        .as_ref()
-        .and_then(|m| m.group.clone())
-        .or_else(|| previous.security_group.clone());
+    // This controller's memory when it has one (its "no group" included),
+    // else the status.
+    let last_group = match &memory {
+        Some(m) if m.cloud_sync.is_some() => m.group.clone(),
+        _ => previous.security_group.clone(),
+    };
     let last_sync = memory
         .as_ref()
         .and_then(|m| m.cloud_sync.clone())
@@ -255,22 +258,26 @@ async fn apply_inner<E: Ec2>(policy: &FirewallPolicy, ctx: &Context<E>) -> Resul
                 .as_ref()
                 .is_some_and(|c| c.generation == generation && c.inputs == inputs_hash);
         let previous_shared = memory.as_ref().map(|m| m.shared);
-        let report = sync_group(
-            policy,
-            ctx,
-            &compiled,
-            &facts,
-            last_group.as_ref(),
-            previous_shared,
-            drift_possible,
-        )
-        .await?;
+        let report = if shared::no_group(policy) {
+            drop_groups(policy, ctx).await?
+        } else {
+            sync_group(
+                policy,
+                ctx,
+                &compiled,
+                &facts,
+                last_group.as_ref(),
+                previous_shared,
+                drift_possible,
+            )
+            .await?
+        };
         // Moved out of a shared group (edited out of its class): the
         // class's group is planned again without this policy, now that
         // its new group is in place.
         if let Some(prev) = last_group
             .as_ref()
-            .filter(|g| g.owned && g.id != report.group.id)
+            .filter(|g| g.owned && report.group.as_ref().is_none_or(|now| g.id != now.id))
             && let Ok(found) = ctx
                 .ec2
                 .describe_groups(std::slice::from_ref(&prev.id))
@@ -279,7 +286,9 @@ async fn apply_inner<E: Ec2>(policy: &FirewallPolicy, ctx: &Context<E>) -> Resul
         {
             shared::leave(ctx, policy, k, &prev.id).await?;
         }
-        let rules = i64::from(report.group.ingress_rules) + i64::from(report.group.egress_rules);
+        let rules = report.group.as_ref().map_or(0, |g| {
+            i64::from(g.ingress_rules) + i64::from(g.egress_rules)
+        });
         let cloud_sync = crate::api::CloudSync {
             generation,
             inputs: inputs_hash,
@@ -301,7 +310,7 @@ async fn apply_inner<E: Ec2>(policy: &FirewallPolicy, ctx: &Context<E>) -> Resul
                     ..Default::default()
                 },
                 rules,
-                group: Some(report.group.clone()),
+                group: report.group.clone(),
                 cloud_sync: Some(cloud_sync.clone()),
                 effective: report.effective.clone(),
                 shared: report.shared,
@@ -309,19 +318,19 @@ async fn apply_inner<E: Ec2>(policy: &FirewallPolicy, ctx: &Context<E>) -> Resul
         );
         ctx.set_rules_managed();
         ctx.metrics.synced(&name, SystemTime::now());
-        (Some(report.group), Some(cloud_sync), report.effective)
+        (report.group, Some(cloud_sync), report.effective)
     };
     ctx.metrics
         .widened(&name, super::effective::count(&effective));
 
     let reports = ctx.reports().await?;
     let nodes = status::node_counts(policy, &compiled.selected_nodes, &reports);
-    let mut conditions = status::conditions(
-        &previous.conditions,
-        generation,
-        &CloudState::Synced,
-        &nodes,
-    );
+    let cloud_state = if shared::no_group(policy) {
+        CloudState::NoGroup
+    } else {
+        CloudState::Synced
+    };
+    let mut conditions = status::conditions(&previous.conditions, generation, &cloud_state, &nodes);
     conditions.push(super::effective::condition(
         &previous.conditions,
         generation,
@@ -849,25 +858,44 @@ async fn sync_group<E: Ec2>(
             ));
         }
     }
+    // Each interface the group joins takes, in the same call, the groups
+    // of the other policies selecting its node that it lacks: one call per
+    // new interface, not one per policy.
+    let attaching: Vec<&str> = changes
+        .iter()
+        .filter(|(_, _, c)| *c == EniChange::Attach)
+        .map(|(i, _, _)| i.as_str())
+        .collect();
+    let mut exclude = replaced.clone();
+    exclude.push(group_id.clone());
+    let companions = if owned {
+        companions(ctx, policy, facts, &attaching, &exclude).await
+    } else {
+        HashMap::new()
+    };
     let results = futures::future::join_all(changes.iter().map(|(instance, eni, change)| {
         let group_id = &group_id;
         let tag = &tag;
         let replaced = &replaced;
+        let along: &[String] = match change {
+            EniChange::Attach => companions.get(instance).map_or(&[], Vec::as_slice),
+            EniChange::Detach => &[],
+        };
         async move {
-            let done = set_membership(ctx, eni, group_id, *change, replaced).await?;
+            let done = set_membership(ctx, eni, group_id, *change, replaced, along).await?;
             if !owned && done {
                 match change {
                     EniChange::Attach => ctx.ec2.tag_eni(eni, tag, &policy.name_any()).await?,
                     EniChange::Detach => ctx.ec2.untag_eni(eni, tag).await?,
                 }
             }
-            Ok::<_, Error>((instance, eni, *change, done))
+            Ok::<_, Error>((instance, eni, *change, done, along))
         }
     }))
     .await;
     let mut kept_on = 0usize;
     for result in results {
-        let (instance, eni, change, done) = result?;
+        let (instance, eni, change, done, along) = result?;
         if !done {
             // The last group of an interface stays where it is.
             kept_on += 1;
@@ -878,8 +906,9 @@ async fn sync_group<E: Ec2>(
                 EniChange::Attach => {
                     known
                         .eni_groups
-                        .retain(|g| !replaced.contains(g) && g != &group_id);
+                        .retain(|g| !replaced.contains(g) && g != &group_id && !along.contains(g));
                     known.eni_groups.push(group_id.clone());
+                    known.eni_groups.extend(along.iter().cloned());
                 }
                 EniChange::Detach => known.eni_groups.retain(|g| g != &group_id),
             }
@@ -888,12 +917,20 @@ async fn sync_group<E: Ec2>(
             EniChange::Attach => ("Attached", "attached", "to"),
             EniChange::Detach => ("Detached", "detached", "from"),
         };
+        let along = if along.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " (with {}, the group(s) of other policies selecting the node, in the same call)",
+                along.join(", ")
+            )
+        };
         ctx.publish(
             policy,
             false,
             reason,
             "ModifyNetworkInterfaceAttribute",
-            format!("{what} {group_id} {word} {eni} of instance {instance}"),
+            format!("{what} {group_id} {word} {eni} of instance {instance}{along}"),
         )
         .await;
     }
@@ -966,7 +1003,7 @@ async fn sync_group<E: Ec2>(
     };
 
     Ok(CloudReport {
-        group: SecurityGroupStatus {
+        group: Some(SecurityGroupStatus {
             id: group_id,
             vpc_id,
             owned,
@@ -977,10 +1014,32 @@ async fn sync_group<E: Ec2>(
                 .into_iter()
                 .take(crate::api::ATTACHED_SAMPLE)
                 .collect(),
-        },
+        }),
         drift_repaired,
         effective,
         shared: is_shared,
+    })
+}
+
+/// **No group**: a policy with no cloud-layer rule ([`shared::no_group`])
+/// keeps none. A group created for it earlier (when it had cloud rules) is
+/// detached from every interface and deleted; it held none of the policy's
+/// permissions any more, so no flow the policy allows loses a rule. A
+/// shared group it was in is left by the caller, as for any move out.
+async fn drop_groups<E: Ec2>(
+    policy: &FirewallPolicy,
+    ctx: &Context<E>,
+) -> Result<CloudReport, Error> {
+    for group in ctx.ec2.find_groups(&identity_tags(policy, ctx)).await? {
+        if !group.tags.contains_key(tags::SHARED) {
+            retire_group(ctx, policy, &group.id).await?;
+        }
+    }
+    Ok(CloudReport {
+        group: None,
+        drift_repaired: false,
+        effective: Effective::NotAttached,
+        shared: false,
     })
 }
 
@@ -1043,7 +1102,7 @@ pub(crate) async fn retire_group<E: Ec2>(
         Err(e) => return Err(e.into()),
     };
     for eni in enis {
-        set_membership(ctx, &eni.id, group_id, EniChange::Detach, &[]).await?;
+        set_membership(ctx, &eni.id, group_id, EniChange::Detach, &[], &[]).await?;
     }
     match ctx.ec2.delete_group(group_id).await {
         Ok(()) => {
@@ -1202,6 +1261,74 @@ async fn check_interfaces<E: Ec2>(
     })
 }
 
+/// For each instance in `attaching`, the groups other policies selecting
+/// its node put there, in existence now, that are not in `exclude`: the
+/// group this controller's last full sync of each such policy left (its
+/// memory, never a status a watch may serve late), when it is a group
+/// Palisade created for that policy alone (Enforce, attached to nodes, not
+/// shared, not being deleted). Such a group admits only that policy's
+/// rules, on nodes it selects; putting it there early makes the policy's
+/// own attach a no-op. Adopted groups are left to their policies (they tag
+/// the interface), as are shared groups (their class may be moving).
+async fn companions<E: Ec2>(
+    ctx: &Context<E>,
+    policy: &FirewallPolicy,
+    facts: &Facts,
+    attaching: &[&str],
+    exclude: &[String],
+) -> HashMap<String, Vec<String>> {
+    let mut out = HashMap::new();
+    if attaching.is_empty() {
+        return out;
+    }
+    let all = shared::all_policies(ctx).await;
+    let groups: HashMap<String, String> = lock(&ctx.memory)
+        .iter()
+        .filter(|(_, m)| !m.shared)
+        .filter_map(|(uid, m)| {
+            let g = m.group.as_ref().filter(|g| g.owned)?;
+            Some((uid.clone(), g.id.clone()))
+        })
+        .collect();
+    let others: Vec<(crate::policy::ValidPolicy, &String)> = all
+        .iter()
+        .filter(|p| p.uid() != policy.uid() && p.metadata.deletion_timestamp.is_none())
+        .filter(|p| {
+            let spec = target(p);
+            spec.is_owned() && spec.attaches()
+        })
+        .filter_map(|p| {
+            let id = groups.get(&p.uid()?)?;
+            let valid = crate::policy::validate(p).ok()?;
+            (valid.mode() == PolicyMode::Enforce && !exclude.contains(id)).then_some((valid, id))
+        })
+        .collect();
+    if others.is_empty() {
+        return out;
+    }
+    let nodes: HashMap<&str, &crate::policy::NodeFacts> = facts
+        .nodes
+        .iter()
+        .filter_map(|n| Some((n.instance_id()?, n)))
+        .collect();
+    for instance in attaching {
+        let Some(node) = nodes.get(instance) else {
+            continue;
+        };
+        let mut ids: Vec<String> = others
+            .iter()
+            .filter(|(v, _)| v.selects(node))
+            .map(|(_, id)| (*id).clone())
+            .collect();
+        ids.sort();
+        ids.dedup();
+        if !ids.is_empty() {
+            out.insert((*instance).to_string(), ids);
+        }
+    }
+    out
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum EniChange {
     Attach,
@@ -1215,12 +1342,18 @@ enum EniChange {
 /// concurrent reconciles never drop each other's group. Returns false
 /// when a detach would leave the ENI without any group (AWS requires
 /// one): the group then stays.
+///
+/// An attach also drops `replacing` and adds `along` (the groups of other
+/// policies selecting the node, see [`companions`]) in the same call. Should
+/// one of `along` be gone by then (its policy moved on), the attach is made
+/// again without them: they are that policy's to place.
 async fn set_membership<E: Ec2>(
     ctx: &Context<E>,
     eni: &str,
     group: &str,
     change: EniChange,
     replacing: &[String],
+    along: &[String],
 ) -> Result<bool, Error> {
     let lock = ctx.eni_lock(eni);
     let _held = lock.lock().await;
@@ -1232,6 +1365,22 @@ async fn set_membership<E: Ec2>(
             groups.retain(|g| !replacing.contains(g));
             if !groups.iter().any(|g| g == group) {
                 groups.push(group.to_string());
+            }
+            let alone = groups.clone();
+            for g in along {
+                if !groups.contains(g) && !replacing.contains(g) {
+                    groups.push(g.clone());
+                }
+            }
+            if groups != before && groups != alone {
+                match ctx.ec2.set_eni_groups(eni, &groups).await {
+                    Ok(()) => return Ok(true),
+                    Err(e) if matches!(e.kind, ErrorKind::NotFound { .. }) => {
+                        tracing::debug!(eni, error = %e, "a companion group is gone; attaching alone");
+                        groups = alone;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
             }
         }
         EniChange::Detach => {
@@ -1395,7 +1544,7 @@ pub(crate) async fn undo_cloud<E: Ec2>(
             let groups = ctx.ec2.find_groups(&identity_tags(policy, ctx)).await?;
             for group in groups {
                 for eni in ctx.ec2.enis_in_group(&group.id).await? {
-                    set_membership(ctx, &eni.id, &group.id, EniChange::Detach, &[]).await?;
+                    set_membership(ctx, &eni.id, &group.id, EniChange::Detach, &[], &[]).await?;
                 }
                 match ctx.ec2.delete_group(&group.id).await {
                     Ok(()) => {
@@ -1456,7 +1605,7 @@ pub(crate) async fn undo_cloud<E: Ec2>(
         let tag = tags::attached(&id, &policy.uid().unwrap_or_default());
         for eni in ctx.ec2.enis_in_group(&id).await? {
             if eni.tags.contains_key(&tag)
-                && set_membership(ctx, &eni.id, &id, EniChange::Detach, &[]).await?
+                && set_membership(ctx, &eni.id, &id, EniChange::Detach, &[], &[]).await?
             {
                 ctx.ec2.untag_eni(&eni.id, &tag).await?;
             }

@@ -48,9 +48,34 @@ use crate::policy::{
     diff_security_group, marker, union_plan,
 };
 
-/// Whether `policy` may share its group (see the module docs).
+/// Whether `policy` may share its group (see the module docs): a policy
+/// with no cloud-layer rule has no group at all ([`no_group`]), so it is no
+/// member of any class.
 pub(crate) fn composable(policy: &FirewallPolicy) -> bool {
-    policy.metadata.deletion_timestamp.is_none() && composable_spec(policy)
+    policy.metadata.deletion_timestamp.is_none()
+        && composable_spec(policy)
+        && has_cloud_rules(policy)
+}
+
+/// Whether the policy has a rule the cloud layer enforces (a rule without
+/// `layers`, or naming `Cloud`), in either direction.
+pub(crate) fn has_cloud_rules(policy: &FirewallPolicy) -> bool {
+    crate::policy::validate(policy).is_ok_and(|v| {
+        [Direction::Ingress, Direction::Egress]
+            .into_iter()
+            .any(|d| v.rules(d).unwrap_or_default().iter().any(|r| r.cloud))
+    })
+}
+
+/// Whether Palisade creates no group for `policy`: a group it would create
+/// only for this policy (what makes it [`composable_spec`]) that would hold
+/// no permission, since the policy has no cloud-layer rule. Such a group
+/// admits nothing and would only take one of the interface's few group
+/// slots. A direction the policy does not govern is left to the node's
+/// other groups, as it is for every policy (the default egress rule a new
+/// group is born with is not the policy's).
+pub(crate) fn no_group(policy: &FirewallPolicy) -> bool {
+    composable_spec(policy) && !has_cloud_rules(policy)
 }
 
 /// Whether the spec of `policy` lets it share its group (being deleted or
