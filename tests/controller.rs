@@ -7,7 +7,7 @@
 //! apiserver and moto do not see each other's policies.
 #![allow(clippy::unwrap_used)]
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -2281,6 +2281,212 @@ async fn a_policy_without_cloud_rules_takes_no_slot_and_a_new_node_takes_every_g
             ec2.describe_groups(std::slice::from_ref(g))
                 .await
                 .map_or(true, |f| f.is_empty())
+        );
+    }
+    ctl.stop().await;
+}
+
+/// The tcp ports from 10.0.0.0/8 the groups on `node`'s interface admit
+/// together, read as one consistent view (read again should a group go
+/// between the two reads), and those groups.
+async fn admitted(ec2: &AwsEc2, node: &SimNode) -> (BTreeSet<i32>, Vec<String>) {
+    'read: loop {
+        let groups = eni_groups(node).await;
+        let mut ports = BTreeSet::new();
+        for g in &groups {
+            let Ok(rules) = ec2.describe_rules(g).await else {
+                continue 'read;
+            };
+            for r in rules {
+                if r.direction == palisade::policy::Direction::Ingress
+                    && r.permission.peer
+                        == palisade::policy::SgPeer::Ipv4("10.0.0.0/8".parse().unwrap())
+                {
+                    ports.insert(r.permission.from_port);
+                }
+            }
+        }
+        if eni_groups(node).await == groups {
+            return (ports, groups);
+        }
+    }
+}
+
+/// Labels node `name` with `labels` (a merge patch).
+async fn label(client: &Client, name: &str, labels: &[(String, String)]) {
+    let nodes: Api<Node> = Api::all(client.clone());
+    let labels: BTreeMap<&str, &str> = labels
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let patch = serde_json::json!({ "metadata": { "labels": labels } });
+    nodes
+        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn twenty_policies_with_different_selectors_compose_into_one_group_per_node() {
+    let test = "compose";
+    let env = env().await;
+    let client = env.client().await.unwrap();
+    let net = SimNet::new().unwrap();
+    // Node a is in pools 1..=19, node b in pools 1..=10; one policy per
+    // pool (19 different selectors) and one selecting every node: a is
+    // selected by 20 policies, b by 11.
+    let pools = |n: usize| -> Vec<(String, String)> {
+        (1..=n)
+            .map(|i| (format!("pool-{i}"), "yes".to_string()))
+            .collect()
+    };
+    let node = |name: &'static str, n: usize| {
+        let mut labels = pools(n);
+        labels.push((TEST_LABEL.to_string(), test.to_string()));
+        labels.push(("role".to_string(), "web".to_string()));
+        SimNode::create(env, &net, name, labels)
+    };
+    let a = node("ctl-compose-a", 19).await.unwrap();
+    let b = node("ctl-compose-b", 10).await.unwrap();
+    let defaults = eni_groups(&a).await;
+    let names: Vec<String> = (0..20).map(|i| format!("ctl-compose-{i}")).collect();
+    for (i, name) in names.iter().enumerate() {
+        let mut p = policy(
+            test,
+            name,
+            "web",
+            vec![tcp("app", &[8000 + i as u16], &["10.0.0.0/8"])],
+        );
+        let mut labels = BTreeMap::from([(TEST_LABEL.to_string(), test.to_string())]);
+        if i > 0 {
+            labels.insert(format!("pool-{i}"), "yes".to_string());
+        }
+        p.spec.node_selector = Some(NodeSelector {
+            match_labels: Some(labels),
+            match_expressions: None,
+        });
+        create_policy(&p).await;
+    }
+    let ctl = Running::start(test, Duration::from_secs(300), 60).await;
+    let ec2 = direct();
+    let ports = |n: usize| -> BTreeSet<i32> { (0..=n as i32).map(|i| 8000 + i).collect() };
+    // Every group seen on the interfaces, to check at the end that none is
+    // left.
+    let seen: std::sync::Mutex<BTreeSet<String>> = Default::default();
+
+    // Converged: each interface carries one Palisade group next to its
+    // default, admitting exactly the union of its policies' cloud rules;
+    // never more than 5 groups on an interface at any poll.
+    let converged = eventually("composed", Duration::from_secs(180), || {
+        let (a, b, ec2, defaults, seen) = (&a, &b, &ec2, &defaults, &seen);
+        let want_a = ports(19);
+        let want_b = ports(10);
+        async move {
+            let (on_a, groups_a) = admitted(ec2, a).await;
+            let (on_b, groups_b) = admitted(ec2, b).await;
+            assert!(
+                groups_a.len() <= 5 && groups_b.len() <= 5,
+                "{groups_a:?} {groups_b:?}"
+            );
+            seen.lock().unwrap().extend(
+                groups_a
+                    .iter()
+                    .chain(&groups_b)
+                    .filter(|g| !defaults.contains(g))
+                    .cloned(),
+            );
+            if groups_a.len() != defaults.len() + 1 || groups_b.len() != defaults.len() + 1 {
+                return None;
+            }
+            (on_a == want_a && on_b == want_b).then(|| (groups_a, groups_b))
+        }
+    })
+    .await;
+    let group_a = converged
+        .0
+        .iter()
+        .find(|g| !defaults.contains(g))
+        .unwrap()
+        .clone();
+    let group_b = converged
+        .1
+        .iter()
+        .find(|g| !defaults.contains(g))
+        .unwrap()
+        .clone();
+    assert_ne!(group_a, group_b);
+    // Every policy reports its cloud layer synced, naming a group that
+    // holds its rule.
+    for (i, name) in names.iter().enumerate() {
+        let group = wait_cloud_synced(name).await;
+        assert!(group == group_a || group == group_b, "{name}: {group}");
+        let status = get(name).await.status.unwrap().security_group.unwrap();
+        assert_eq!(status.ingress_rules, 1, "{name}");
+        assert_eq!(
+            status.attached,
+            if i == 0 || i <= 10 { 2 } else { 1 },
+            "{name}"
+        );
+    }
+
+    // b joins pools 11..=19: it moves to a's group in one call; ports
+    // 8000..=8010, allowed before and after, are admitted at every poll.
+    ctl.proxy.take_calls();
+    label(&client, "ctl-compose-b", &pools(19)).await;
+    eventually("b moved", Duration::from_secs(60), || {
+        let (b, ec2, group_a, group_b, seen) = (&b, &ec2, &group_a, &group_b, &seen);
+        let kept = ports(10);
+        async move {
+            let (on_b, groups_b) = admitted(ec2, b).await;
+            assert!(groups_b.len() <= 5, "{groups_b:?}");
+            assert!(
+                kept.is_subset(&on_b),
+                "a gap during the move: {on_b:?} on {groups_b:?}"
+            );
+            seen.lock().unwrap().extend(groups_b.iter().cloned());
+            (groups_b.contains(group_a) && !groups_b.contains(group_b)).then_some(())
+        }
+    })
+    .await;
+    eventually("b's old group deleted", Duration::from_secs(60), || async {
+        let gone = ec2
+            .describe_groups(std::slice::from_ref(&group_b))
+            .await
+            .map_or(true, |g| g.is_empty());
+        let (on_b, groups_b) = admitted(&ec2, &b).await;
+        assert!(ports(10).is_subset(&on_b), "{on_b:?}");
+        (gone && groups_b.len() == defaults.len() + 1 && on_b == ports(19)).then_some(())
+    })
+    .await;
+    let calls = ctl.proxy.take_calls();
+    assert_eq!(
+        count(&calls, "ModifyNetworkInterfaceAttribute"),
+        1,
+        "b's interface moves in one call"
+    );
+
+    // All deleted: every group they had is gone, the interfaces as they were.
+    for name in &names {
+        policies()
+            .await
+            .delete(name, &DeleteParams::default())
+            .await
+            .unwrap();
+    }
+    for name in &names {
+        wait_gone(name, Duration::from_secs(120)).await;
+    }
+    assert_eq!(eni_groups(&a).await, defaults);
+    assert_eq!(eni_groups(&b).await, defaults);
+    let mut seen = seen.into_inner().unwrap();
+    seen.retain(|g| !defaults.contains(g));
+    assert!(seen.contains(&group_a) && seen.contains(&group_b));
+    for g in &seen {
+        assert!(
+            ec2.describe_groups(std::slice::from_ref(g))
+                .await
+                .map_or(true, |f| f.is_empty()),
+            "{g} left behind"
         );
     }
     ctl.stop().await;

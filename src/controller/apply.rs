@@ -10,9 +10,9 @@ use kube::runtime::controller::Action;
 
 use super::effective::Effective;
 use super::placement::{self, Slot};
-use super::shared;
 use super::status::{self, CloudState};
 use super::{Context, Error, SyncMemory, lock};
+use super::{compose, shared};
 use crate::api::{
     DeletionPolicy, FirewallPolicy, FirewallPolicyStatus, Layer, PolicyMode, SecurityGroupStatus,
     SecurityGroupTarget,
@@ -56,7 +56,10 @@ fn group_tags<E: Ec2>(policy: &FirewallPolicy, ctx: &Context<E>) -> BTreeMap<Str
 }
 
 /// The tags that identify the group created for this very policy object.
-fn identity_tags<E: Ec2>(policy: &FirewallPolicy, ctx: &Context<E>) -> BTreeMap<String, String> {
+pub(super) fn identity_tags<E: Ec2>(
+    policy: &FirewallPolicy,
+    ctx: &Context<E>,
+) -> BTreeMap<String, String> {
     let mut t = group_tags(policy, ctx);
     t.remove(tags::POLICY);
     t.remove(tags::MANAGED_BY);
@@ -282,9 +285,24 @@ async fn apply_inner<E: Ec2>(policy: &FirewallPolicy, ctx: &Context<E>) -> Resul
                 .ec2
                 .describe_groups(std::slice::from_ref(&prev.id))
                 .await
-            && let Some(k) = found.first().and_then(|g| g.tags.get(tags::SHARED))
+            && let Some(g) = found.first()
+            && let Some(k) = g.tags.get(tags::SHARED)
+            // A group of several selectors is `compose`'s to tidy.
+            && shared::class_of_group(g).is_some_and(|c| c.len() == 1)
         {
             shared::leave(ctx, policy, k, &prev.id).await?;
+        }
+        // Out of the classes of the selector it had (edited to another,
+        // out of composability, deleted): their groups are planned again
+        // without it, or go. Unknown after a restart: once then.
+        let now = shared::composable(policy).then(|| shared::key(policy));
+        let before = match &memory {
+            Some(m) => m.selector.clone(),
+            None if now.is_none() && shared::composable_spec(policy) => Some(shared::key(policy)),
+            None => None,
+        };
+        if let Some(old) = before.filter(|old| now.as_ref() != Some(old)) {
+            compose::leave(ctx, policy, &old, &facts).await?;
         }
         let rules = report.group.as_ref().map_or(0, |g| {
             i64::from(g.ingress_rules) + i64::from(g.egress_rules)
@@ -314,6 +332,7 @@ async fn apply_inner<E: Ec2>(policy: &FirewallPolicy, ctx: &Context<E>) -> Resul
                 cloud_sync: Some(cloud_sync.clone()),
                 effective: report.effective.clone(),
                 shared: report.shared,
+                selector: now,
             },
         );
         ctx.set_rules_managed();
@@ -450,7 +469,7 @@ async fn write_status<E: Ec2>(
     Ok(true)
 }
 
-fn summarize(diff: &SgDiff) -> String {
+pub(super) fn summarize(diff: &SgDiff) -> String {
     let mut parts = Vec::new();
     for direction in DIRECTIONS {
         let d = diff.direction(direction);
@@ -517,7 +536,7 @@ async fn shared_group<E: Ec2>(
 /// Creates `new` and announces it in an Event on `policy` ("created
 /// {what} sg-… (name) in vpc-…"). A name already taken in the VPC is
 /// [`Error::GroupNameTaken`].
-async fn create_group<E: Ec2>(
+pub(super) async fn create_group<E: Ec2>(
     policy: &FirewallPolicy,
     ctx: &Context<E>,
     new: NewGroup,
@@ -559,7 +578,7 @@ fn vpc_of(policy: &FirewallPolicy, instances: &[InstanceInfo]) -> Result<String,
 
 /// Finds the group created for this policy (by its identity tags), or
 /// creates it, tagged, in the VPC of the spec or of the selected nodes.
-async fn owned_group<E: Ec2>(
+pub(super) async fn owned_group<E: Ec2>(
     policy: &FirewallPolicy,
     ctx: &Context<E>,
     instances: &[InstanceInfo],
@@ -642,6 +661,14 @@ async fn sync_group<E: Ec2>(
     } else {
         Vec::new()
     };
+    // Nodes it selects with policies of other selectors: composed groups.
+    if owned
+        && attaches
+        && shared::composable(policy)
+        && compose::needed(ctx, policy, facts, &selected).await?
+    {
+        return sync_composed(policy, ctx, compiled, facts, &selected, drift_possible).await;
+    }
     // The class of a composable policy, under its lock for the whole
     // sync (one writer per shared group); it shares a group when another
     // member exists, or when the class's group already does.
@@ -688,7 +715,16 @@ async fn sync_group<E: Ec2>(
             known.insert(i.id.clone(), i.clone());
         }
     }
-    check_interfaces(policy, ctx, facts, &instances, &selected, previous.as_ref()).await?;
+    check_interfaces(
+        policy,
+        ctx,
+        facts,
+        &instances,
+        &selected,
+        previous.as_ref(),
+        &BTreeSet::new(),
+    )
+    .await?;
 
     // The group.
     let (group_id, vpc_id, current, plan) = if let Some((k, members, found)) = &class {
@@ -700,6 +736,7 @@ async fn sync_group<E: Ec2>(
         if let Some((direction, family, used)) = union.over_quota() {
             return Err(Error::SharedOverQuota {
                 policy: policy.name_any(),
+                node: String::new(),
                 members: members.iter().map(ResourceExt::name_any).collect(),
                 direction,
                 family,
@@ -1021,6 +1058,99 @@ async fn sync_group<E: Ec2>(
     })
 }
 
+/// **Composed sync** ([`compose::sync`]): the policy's rules are in the
+/// group of each class of the nodes it selects; its status names the group
+/// on most of them, with the rules of its own that group holds.
+async fn sync_composed<E: Ec2>(
+    policy: &FirewallPolicy,
+    ctx: &Context<E>,
+    compiled: &CompiledPolicy,
+    facts: &Facts,
+    selected: &[String],
+    drift_possible: bool,
+) -> Result<CloudReport, Error> {
+    let plan = compiled.cloud.applied();
+    let placed = compose::sync(ctx, policy, &plan, facts, selected, drift_possible).await?;
+    let Some(main) = placed.main else {
+        return Ok(CloudReport {
+            group: None,
+            drift_repaired: placed.repaired,
+            effective: Effective::NotAttached,
+            shared: false,
+        });
+    };
+    let count = |direction: Direction| -> i32 {
+        let n = main
+            .rules
+            .iter()
+            .filter(|r| {
+                r.direction == direction
+                    && plan
+                        .permissions(direction)
+                        .is_some_and(|ps| ps.iter().any(|p| p.permission == r.permission))
+            })
+            .count();
+        i32::try_from(n).unwrap_or(i32::MAX)
+    };
+    let mut attached: Vec<String> = placed
+        .instances
+        .iter()
+        .filter(|i| i.primary_eni.is_some() && selected.contains(&i.id))
+        .map(|i| i.id.clone())
+        .collect();
+    attached.sort();
+    ctx.groups.put(&main.id, "", true, main.rules.clone());
+    let effective = match super::effective::attached_groups(
+        ctx.ec2.as_ref(),
+        &ctx.groups,
+        ctx.config.resync.mul_f32(0.9),
+        &ctx.config.cluster_name,
+        (&main.id, &main.rules),
+        &placed.instances,
+        selected,
+    )
+    .await
+    {
+        Ok(groups) => Effective::Analysed(widenings(
+            &compiled.cloud.policy,
+            compiled.cloud.mode,
+            &Intent::of(&compiled.policy, facts, Layer::Cloud),
+            &Intent::of(&compiled.policy, facts, Layer::Node),
+            Some((
+                &main.id,
+                if main.shared {
+                    GroupOwnership::Adopted
+                } else {
+                    GroupOwnership::Created
+                },
+            )),
+            &groups,
+        )),
+        Err(e) => {
+            tracing::warn!(policy = %policy.name_any(), error = %e, "reading the other groups on the nodes' interfaces failed");
+            Effective::Unknown(e.to_string())
+        }
+    };
+    tracing::debug!(policy = %policy.name_any(), groups = placed.groups, main = %main.id, "composed sync");
+    Ok(CloudReport {
+        group: Some(SecurityGroupStatus {
+            id: main.id.clone(),
+            vpc_id: main.vpc.clone(),
+            owned: true,
+            ingress_rules: count(Direction::Ingress),
+            egress_rules: count(Direction::Egress),
+            attached: i32::try_from(attached.len()).unwrap_or(i32::MAX),
+            attached_sample: attached
+                .into_iter()
+                .take(crate::api::ATTACHED_SAMPLE)
+                .collect(),
+        }),
+        drift_repaired: placed.repaired,
+        effective,
+        shared: main.shared,
+    })
+}
+
 /// **No group**: a policy with no cloud-layer rule ([`shared::no_group`])
 /// keeps none. A group created for it earlier (when it had cloud rules) is
 /// detached from every interface and deleted; it held none of the policy's
@@ -1132,7 +1262,6 @@ pub(crate) async fn retire_group<E: Ec2>(
 fn slot_of(
     policy: &FirewallPolicy,
     group: Option<&SecurityGroupStatus>,
-    classes: &BTreeMap<String, usize>,
 ) -> Option<(crate::policy::ValidPolicy, Slot)> {
     if policy.metadata.deletion_timestamp.is_some() {
         return None;
@@ -1145,14 +1274,9 @@ fn slot_of(
     let class = shared::composable(policy).then(|| shared::key(policy));
     let slot = match (&spec.id, group) {
         (Some(id), _) => Slot::Group(id.clone()),
-        // Two members or more: one shared group.
-        (None, _)
-            if class
-                .as_ref()
-                .is_some_and(|k| classes.get(k).is_some_and(|n| *n >= 2)) =>
-        {
-            Slot::Shared(class.unwrap_or_default())
-        }
+        // Composable: every composable policy selecting a node is in the
+        // one group of the node's class (see `compose`).
+        (None, _) if class.is_some() => Slot::Shared(String::new()),
         (None, Some(g)) if g.owned => Slot::Group(g.id.clone()),
         (None, _) => Slot::Pending(policy.uid().unwrap_or_else(|| policy.name_any())),
     };
@@ -1166,13 +1290,14 @@ fn slot_of(
 /// fit the quota. Names the nodes that do not (a bounded sample) with
 /// their numbers. A node already carrying the group is not judged: the
 /// group stays where it is.
-async fn check_interfaces<E: Ec2>(
+pub(super) async fn check_interfaces<E: Ec2>(
     policy: &FirewallPolicy,
     ctx: &Context<E>,
     facts: &Facts,
     instances: &[InstanceInfo],
     selected: &[String],
     group: Option<&SecurityGroupStatus>,
+    also_palisade: &BTreeSet<String>,
 ) -> Result<(), Error> {
     let limit = ctx.config.quota.groups_per_interface;
     let uid = policy.uid().unwrap_or_default();
@@ -1189,16 +1314,7 @@ async fn check_interfaces<E: Ec2>(
     // The policies' initial list in first: at a start, a reconcile may run
     // before the store holds the other policies.
     let all = shared::all_policies(ctx).await;
-    let mut classes = shared::class_sizes(
-        &all.iter()
-            .filter(|p| p.uid() != policy.uid())
-            .cloned()
-            .collect::<Vec<_>>(),
-    );
-    if shared::composable(policy) {
-        *classes.entry(shared::key(policy)).or_insert(0) += 1;
-    }
-    let Some((_, own)) = slot_of(policy, group, &classes) else {
+    let Some((_, own)) = slot_of(policy, group) else {
         return Ok(());
     };
     // Every other policy's group (the newest known: this controller's
@@ -1211,6 +1327,7 @@ async fn check_interfaces<E: Ec2>(
         .values()
         .filter(|g| g.owned)
         .map(|g| g.id.clone())
+        .chain(also_palisade.iter().cloned())
         .collect();
     let mut others = Vec::new();
     for p in all {
@@ -1222,7 +1339,7 @@ async fn check_interfaces<E: Ec2>(
             palisade.insert(g.id.clone());
         }
         if puid != uid
-            && let Some(slot) = slot_of(&p, known, &classes)
+            && let Some(slot) = slot_of(&p, known)
         {
             others.push(slot);
         }
@@ -1535,10 +1652,18 @@ pub(crate) async fn undo_cloud<E: Ec2>(
     if spec.is_owned() {
         // A member of a shared group leaves it (the group goes with its
         // last member).
-        if shared::composable_spec(policy)
-            && let Some(g) = shared::find(ctx, &shared::key(policy)).await?
-        {
-            shared::leave(ctx, policy, &shared::key(policy), &g.id).await?;
+        if shared::composable_spec(policy) {
+            if let Some(g) = shared::find(ctx, &shared::key(policy)).await? {
+                shared::leave(ctx, policy, &shared::key(policy), &g.id).await?;
+            }
+            // The groups of several selectors holding its own: their
+            // interfaces move to groups planned without it first.
+            let facts = Facts {
+                nodes: ctx.node_facts().await?,
+                quota: ctx.config.quota,
+                ..Default::default()
+            };
+            compose::leave(ctx, policy, &shared::key(policy), &facts).await?;
         }
         if spec.deletion_policy == DeletionPolicy::Delete {
             let groups = ctx.ec2.find_groups(&identity_tags(policy, ctx)).await?;
