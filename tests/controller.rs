@@ -1655,51 +1655,62 @@ async fn a_shared_group_is_repaired_and_a_member_moves_out_without_a_gap() {
     // Out of band: revoke the second policy's rule, add a stranger.
     drift_and_wait_repaired(&ec2, &group, 80, &before).await;
     // The second policy edited out of the class (another selector, the same
-    // node): its own group first, then its rule leaves the shared one.
-    let mut p = get("ctl-sdrift-2").await;
-    p.spec.node_selector.as_mut().unwrap().match_expressions =
-        Some(vec![palisade::api::NodeSelectorRequirement {
-            key: "role".into(),
-            operator: "Exists".into(),
-            values: None,
-        }]);
+    // node): the node's class is now both selectors; it moves to their new
+    // group, complete first, in one call, and the old group goes. Both
+    // rules are admitted at every poll.
+    let patch = serde_json::json!({ "spec": { "nodeSelector": { "matchExpressions": [
+        { "key": "role", "operator": "Exists" }
+    ] } } });
     policies()
         .await
-        .replace("ctl-sdrift-2", &PostParams::default(), &p)
+        .patch(
+            "ctl-sdrift-2",
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
         .await
         .unwrap();
-    let own = eventually("moved out", Duration::from_secs(60), || async {
-        let (g, n) = synced_group("ctl-sdrift-2").await?;
-        (g != group && n == 1).then_some(g)
+    let both: BTreeSet<i32> = [22, 80].into();
+    let composed = eventually("moved", Duration::from_secs(60), || async {
+        let (ports, groups) = admitted(&ec2, &node).await;
+        assert!(
+            both.is_subset(&ports),
+            "a gap during the move: {ports:?} on {groups:?}"
+        );
+        let (a, _) = synced_group("ctl-sdrift-1").await?;
+        let (b, n) = synced_group("ctl-sdrift-2").await?;
+        (a == b && a != group && n == 1 && groups.contains(&a) && !groups.contains(&group))
+            .then_some(a)
     })
     .await;
-    eventually(
-        "its rule left the shared group",
-        Duration::from_secs(30),
-        || async {
-            let ports: Vec<i32> = rules_of(&ec2, &group)
-                .await
-                .iter()
-                .filter(|r| !r.0)
-                .map(|r| r.1.from_port)
-                .collect();
-            (ports == vec![22]).then_some(())
-        },
-    )
-    .await;
-    let on_node = eni_groups(&node).await;
-    assert!(
-        on_node.contains(&own) && on_node.contains(&group),
-        "{on_node:?}"
-    );
-    delete_and_wait("ctl-sdrift-1").await;
-    delete_and_wait("ctl-sdrift-2").await;
-    // The last member gone: the shared group too.
-    assert!(
+    eventually("the old group deleted", Duration::from_secs(30), || async {
         ec2.describe_groups(std::slice::from_ref(&group))
             .await
             .map_or(true, |g| g.is_empty())
-    );
+            .then_some(())
+    })
+    .await;
+    let ports: Vec<i32> = rules_of(&ec2, &composed)
+        .await
+        .iter()
+        .filter(|r| !r.0)
+        .map(|r| r.1.from_port)
+        .collect();
+    assert_eq!(ports, vec![22, 80]);
+    delete_and_wait("ctl-sdrift-1").await;
+    delete_and_wait("ctl-sdrift-2").await;
+    // The last member gone: the group too.
+    eventually(
+        "the composed group deleted",
+        Duration::from_secs(30),
+        || async {
+            ec2.describe_groups(std::slice::from_ref(&composed))
+                .await
+                .map_or(true, |g| g.is_empty())
+                .then_some(())
+        },
+    )
+    .await;
     ctl.stop().await;
 }
 
@@ -2209,14 +2220,20 @@ async fn a_policy_without_cloud_rules_takes_no_slot_and_a_new_node_takes_every_g
     assert_eq!(eni_groups(&web).await, default_groups);
 
     // Two policies with different selectors over the web nodes (one pool,
-    // one all-nodes), each with its own group.
-    create_policy(&policy(
+    // one all-nodes), each with a group of its own (named: composable
+    // policies would share one, see the composed-group tests).
+    let named = |name: &str| SecurityGroupTarget {
+        name: Some(format!("palisade-{name}")),
+        ..Default::default()
+    };
+    let mut pool_policy = policy(
         test,
         "ctl-slots-pool",
         "web",
         vec![tcp("app", &[8080], &["10.0.0.0/8"])],
-    ))
-    .await;
+    );
+    pool_policy.spec.security_group = Some(named("ctl-slots-pool"));
+    create_policy(&pool_policy).await;
     let mut everyone = policy(
         test,
         "ctl-slots-all",
@@ -2227,6 +2244,7 @@ async fn a_policy_without_cloud_rules_takes_no_slot_and_a_new_node_takes_every_g
         match_labels: Some(BTreeMap::from([(TEST_LABEL.to_string(), test.to_string())])),
         match_expressions: None,
     });
+    everyone.spec.security_group = Some(named("ctl-slots-all"));
     create_policy(&everyone).await;
     let pool = wait_cloud_synced("ctl-slots-pool").await;
     let all = wait_cloud_synced("ctl-slots-all").await;
