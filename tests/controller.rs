@@ -2416,7 +2416,7 @@ async fn twenty_policies_with_different_selectors_compose_into_one_group_per_nod
             if groups_a.len() != defaults.len() + 1 || groups_b.len() != defaults.len() + 1 {
                 return None;
             }
-            (on_a == want_a && on_b == want_b).then(|| (groups_a, groups_b))
+            (on_a == want_a && on_b == want_b).then_some((groups_a, groups_b))
         }
     })
     .await;
@@ -2507,5 +2507,121 @@ async fn twenty_policies_with_different_selectors_compose_into_one_group_per_nod
             "{g} left behind"
         );
     }
+    ctl.stop().await;
+}
+
+/// The composed groups holding the selector of the policies tagged with
+/// `selector_tag` (read from a group's tags), as moto has them.
+async fn composed_with(ec2: &AwsEc2, selector_tag: &str) -> Vec<String> {
+    ec2.find_groups(&BTreeMap::from([(
+        selector_tag.to_string(),
+        "1".to_string(),
+    )]))
+    .await
+    .unwrap()
+    .into_iter()
+    .map(|g| g.id)
+    .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_mid_composition_leaves_no_twin_and_nothing_behind() {
+    let test = "compose-kill";
+    env().await;
+    let net = SimNet::new().unwrap();
+    let labels = [
+        (TEST_LABEL, test),
+        ("role", "web"),
+        ("pool-1", "yes"),
+        ("pool-2", "yes"),
+        ("pool-3", "yes"),
+    ];
+    let a = SimNode::create(env().await, &net, "ctl-ckill-a", labels)
+        .await
+        .unwrap();
+    let defaults = eni_groups(&a).await;
+    let ec2 = direct();
+    let make = |i: u16| {
+        let mut p = policy(
+            test,
+            &format!("ctl-ckill-{i}"),
+            "web",
+            vec![tcp("app", &[9000 + i], &["10.0.0.0/8"])],
+        );
+        let mut labels = BTreeMap::from([(TEST_LABEL.to_string(), test.to_string())]);
+        if i > 0 {
+            labels.insert(format!("pool-{i}"), "yes".to_string());
+        }
+        p.spec.node_selector = Some(NodeSelector {
+            match_labels: Some(labels),
+            match_expressions: None,
+        });
+        p
+    };
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut controller = restartable_controller(test, port);
+    create_policy(&make(0)).await;
+    create_policy(&make(1)).await;
+    let first = eventually("composed", Duration::from_secs(60), || async {
+        let groups = eni_groups(&a).await;
+        let ours: Vec<&String> = groups.iter().filter(|g| !defaults.contains(g)).collect();
+        let [g] = ours.as_slice() else { return None };
+        let described = ec2.describe_groups(std::slice::from_ref(*g)).await.ok()?;
+        let tags = &described.first()?.tags;
+        (tags
+            .keys()
+            .filter(|k| k.starts_with("palisade.dev/selector."))
+            .count()
+            == 2)
+            .then(|| (g.to_string(), tags.clone()))
+    })
+    .await;
+    // A selector tag of the first group: the selectors of policies 0 and 1
+    // are in every class of this test, so every composed group it makes
+    // carries it.
+    let c0_tag = first
+        .1
+        .keys()
+        .find(|k| k.starts_with("palisade.dev/selector."))
+        .cloned()
+        .unwrap();
+    assert_eq!(composed_with(&ec2, &c0_tag).await, vec![first.0.clone()]);
+    // Each new policy changes the node's class (a new group, an interface
+    // move, the old group deleted); the controller is killed (SIGKILL)
+    // partway, at a different point each time, and started again.
+    for (i, after_ms) in [(2u16, 150u64), (3, 600)] {
+        create_policy(&make(i)).await;
+        tokio::time::sleep(Duration::from_millis(after_ms)).await;
+        controller.kill().await.unwrap();
+        controller = restartable_controller(test, port);
+    }
+    let want: BTreeSet<i32> = (9000..=9003).collect();
+    let last = eventually(
+        "converged after the kills",
+        Duration::from_secs(120),
+        || async {
+            let (ports, groups) = admitted(&ec2, &a).await;
+            assert!(groups.len() <= 5, "{groups:?}");
+            let ours: Vec<String> = groups
+                .into_iter()
+                .filter(|g| !defaults.contains(g))
+                .collect();
+            let composed = composed_with(&ec2, &c0_tag).await;
+            (ours.len() == 1 && ports == want && composed == ours).then(|| ours[0].clone())
+        },
+    )
+    .await;
+    assert_ne!(last, first.0);
+    controller.kill().await.unwrap();
+    let ctl = Running::start(test, Duration::from_secs(300), 60).await;
+    for i in 0..=3 {
+        delete_and_wait(&format!("ctl-ckill-{i}")).await;
+    }
+    assert_eq!(eni_groups(&a).await, defaults);
+    assert_eq!(composed_with(&ec2, &c0_tag).await, Vec::<String>::new());
     ctl.stop().await;
 }

@@ -1383,7 +1383,7 @@ pub(super) async fn check_interfaces<E: Ec2>(
 /// group this controller's last full sync of each such policy left (its
 /// memory, never a status a watch may serve late), when it is a group
 /// Palisade created for that policy alone (Enforce, attached to nodes, not
-/// shared, not being deleted). Such a group admits only that policy's
+/// shared, not composable, not being deleted). Such a group admits only that policy's
 /// rules, on nodes it selects; putting it there early makes the policy's
 /// own attach a no-op. Adopted groups are left to their policies (they tag
 /// the interface), as are shared groups (their class may be moving).
@@ -1410,6 +1410,9 @@ async fn companions<E: Ec2>(
     let others: Vec<(crate::policy::ValidPolicy, &String)> = all
         .iter()
         .filter(|p| p.uid() != policy.uid() && p.metadata.deletion_timestamp.is_none())
+        // A composable policy's group depends on the node's class
+        // (`compose`): its own sync places it.
+        .filter(|p| !shared::composable(p))
         .filter(|p| {
             let spec = target(p);
             spec.is_owned() && spec.attaches()
