@@ -8,12 +8,17 @@
 //! their separate groups would (groups on an interface are a union): a node
 //! selected by 20 such policies carries one Palisade group.
 //!
+//! Policies with *different* selectors over the same nodes are composed the
+//! same way, per node: see `compose`, which builds on the classes,
+//! plans and tags here (a class of one selector is the class below).
+//!
 //! Contract:
 //! - **Who shares.** A policy is *composable* when Palisade creates its
 //!   group with nothing of its own to keep apart: `Enforce`, no
 //!   `spec.securityGroup` `id`, `name`, `vpcId` or `tags`, attached to the
-//!   nodes, `deletionPolicy: Delete`. Composable policies with the same
-//!   selector form a *class* ([`key`]). A class of two or more members uses
+//!   nodes, `deletionPolicy: Delete`, and at least one cloud-layer rule
+//!   (without one it has no group at all, [`no_group`]). Composable
+//!   policies with the same selector form a *class* ([`key`]). A class of two or more members uses
 //!   one shared group; a lone policy keeps its own group (nothing changes
 //!   for it) unless its class already has a shared group (it stays there
 //!   rather than move back and forth).
