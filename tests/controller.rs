@@ -2625,3 +2625,60 @@ async fn kill_9_mid_composition_leaves_no_twin_and_nothing_behind() {
     assert_eq!(composed_with(&ec2, &c0_tag).await, Vec::<String>::new());
     ctl.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn policies_whose_union_does_not_fit_one_group_say_so_before_any_write() {
+    let test = "compose-quota";
+    env().await;
+    let net = SimNet::new().unwrap();
+    let web = sim_node(&net, test, "ctl-cq-web", "web").await;
+    let defaults = eni_groups(&web).await;
+    // Two policies with different selectors over one node, 40 rules each:
+    // each fits a group, their union (80) does not fit the node's one.
+    let cidrs: Vec<String> = (0..40).map(|i| format!("10.1.0.{i}/32")).collect();
+    let cidrs: Vec<&str> = cidrs.iter().map(String::as_str).collect();
+    let mut pool = policy(
+        test,
+        "ctl-cq-pool",
+        "web",
+        vec![tcp("app", &[1000], &cidrs)],
+    );
+    pool.spec.node_selector.as_mut().unwrap().match_labels = Some(BTreeMap::from([
+        (TEST_LABEL.to_string(), test.to_string()),
+        ("role".to_string(), "web".to_string()),
+    ]));
+    let mut everyone = policy(test, "ctl-cq-all", "web", vec![tcp("app", &[2000], &cidrs)]);
+    everyone.spec.node_selector = Some(NodeSelector {
+        match_labels: Some(BTreeMap::from([(TEST_LABEL.to_string(), test.to_string())])),
+        match_expressions: None,
+    });
+    create_policy(&pool).await;
+    create_policy(&everyone).await;
+    let ctl = Running::start(test, Duration::from_secs(300), 60).await;
+    for name in ["ctl-cq-pool", "ctl-cq-all"] {
+        let stalled = eventually("Stalled", Duration::from_secs(60), || async {
+            let p = get(name).await;
+            condition(&p, "Stalled").filter(|c| c.0 == "True")
+        })
+        .await;
+        assert_eq!(stalled.1, "QuotaExceeded", "{stalled:?}");
+        assert!(
+            stalled.2.contains("ctl-cq-all, ctl-cq-pool")
+                && stalled.2.contains("together on node ctl-cq-web")
+                && stalled.2.contains("need 80 ingress"),
+            "{stalled:?}"
+        );
+    }
+    let calls = ctl.proxy.take_calls();
+    for write in [
+        "CreateSecurityGroup",
+        "AuthorizeSecurityGroupIngress",
+        "ModifyNetworkInterfaceAttribute",
+    ] {
+        assert_eq!(count(&calls, write), 0, "{write}");
+    }
+    assert_eq!(eni_groups(&web).await, defaults);
+    delete_and_wait("ctl-cq-pool").await;
+    delete_and_wait("ctl-cq-all").await;
+    ctl.stop().await;
+}
