@@ -345,6 +345,21 @@ pub struct ApplyScripts {
 }
 
 impl ApplyScripts {
+    /// With no table to write between them, the set removals join the set
+    /// script: one `ipset restore` (adds, then deletes and destroys, in
+    /// that order within the batch) instead of two. `ipset restore` stops
+    /// at its first failing line, so a failed add still deletes nothing.
+    pub fn with_one_set_batch(mut self) -> Self {
+        if self.ipv4.is_none() && self.ipv6.is_none() {
+            if let Some(removals) = self.set_removals.take() {
+                let mut text = self.sets.take().unwrap_or_default();
+                text.push_str(&removals);
+                self.sets = Some(text);
+            }
+        }
+        self
+    }
+
     /// True when nothing would be written.
     pub fn is_empty(&self) -> bool {
         self.sets.is_none()
@@ -371,7 +386,8 @@ impl std::fmt::Display for ApplyScripts {
     }
 }
 
-/// Renders rule-level edits (see [`ApplyScripts`]).
+/// Renders rule-level edits (see [`ApplyScripts`]; a change of set
+/// membership alone is one `ipset restore`).
 pub fn render_node_edits(edits: &NodeEdits) -> ApplyScripts {
     ApplyScripts {
         sets: render_set_adds(&edits.create_sets, &edits.set_changes, &[]),
@@ -379,6 +395,7 @@ pub fn render_node_edits(edits: &NodeEdits) -> ApplyScripts {
         ipv6: render_edits(&edits.ipv6, IpFamily::V6, &[]),
         set_removals: render_set_removals(&edits.set_changes, &edits.destroy_sets),
     }
+    .with_one_set_batch()
 }
 
 /// Renders a whole ruleset as programmed on an empty node.
@@ -405,6 +422,40 @@ mod tests {
         );
         assert_eq!(quote("a\"b\\c"), "\"a\\\"b\\\\c\"");
         assert_eq!(quote(""), "\"\"");
+    }
+
+    #[test]
+    fn set_changes_alone_are_one_batch_adds_first() {
+        use crate::node::model::SetChange;
+        let n = |s: &str| s.parse().unwrap();
+        let edits = NodeEdits {
+            set_changes: vec![SetChange {
+                name: "PAL-a".into(),
+                add: vec![n("10.0.0.0/8")],
+                del: vec![n("11.0.0.0/8")],
+            }],
+            destroy_sets: vec!["PAL-b".into()],
+            ..Default::default()
+        };
+        let scripts = render_node_edits(&edits);
+        assert_eq!(
+            scripts.sets.as_deref(),
+            Some("add PAL-a 10.0.0.0/8\ndel PAL-a 11.0.0.0/8\ndestroy PAL-b\n")
+        );
+        assert_eq!(scripts.set_removals, None);
+        // With a table written in between, the removals stay apart, after it.
+        let mut with_table = edits.clone();
+        with_table
+            .ipv4
+            .delete_chains
+            .push("PAL-I-0123456789".into());
+        let scripts = render_node_edits(&with_table);
+        assert_eq!(scripts.sets.as_deref(), Some("add PAL-a 10.0.0.0/8\n"));
+        assert!(scripts.ipv4.is_some());
+        assert_eq!(
+            scripts.set_removals.as_deref(),
+            Some("del PAL-a 11.0.0.0/8\ndestroy PAL-b\n")
+        );
     }
 
     #[test]
