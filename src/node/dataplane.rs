@@ -83,7 +83,7 @@ pub use super::readback::{
 };
 use super::render::{
     ApplyScripts, TEMPORARY_SET_SUFFIX, render_node_edits, render_set_adds, render_set_removals,
-    render_table,
+    render_table_with,
 };
 use crate::policy::node::BuiltinChain;
 use crate::policy::{
@@ -275,6 +275,12 @@ fn set_changes(
 
 /// Plans the writes that take the node from `current` to `desired` (pure).
 pub fn plan(current: &Readback, desired: &NodeRuleset) -> Plan {
+    plan_with(current, desired, None)
+}
+
+/// [`plan`], rendering whole chains from `model` (of `desired`) where it
+/// has their rules' specifications.
+fn plan_with(current: &Readback, desired: &NodeRuleset, model: Option<&Model>) -> Plan {
     let mut diff = diff_node(&current.state, desired);
     let leftover_temporaries: Vec<String> = current
         .state
@@ -290,8 +296,8 @@ pub fn plan(current: &Readback, desired: &NodeRuleset) -> Plan {
     let (changes, swaps) = set_changes(&current.state, &diff);
     let mut scripts = ApplyScripts {
         sets: render_set_adds(&diff.create_sets, &changes, &swaps),
-        ipv4: render_table(&diff.ipv4, IpFamily::V4, &extra_v4),
-        ipv6: render_table(&diff.ipv6, IpFamily::V6, &extra_v6),
+        ipv4: render_table_with(&diff.ipv4, IpFamily::V4, &extra_v4, model.map(|m| &m.ipv4)),
+        ipv6: render_table_with(&diff.ipv6, IpFamily::V6, &extra_v6, model.map(|m| &m.ipv6)),
         set_removals: render_set_removals(&changes, &diff.destroy_sets),
     };
     if !leftover_temporaries.is_empty() {
@@ -563,10 +569,22 @@ impl Dataplane {
     }
 
     /// Reads back everything Palisade owns (three processes).
+    ///
+    /// The three are independent: they run at once, each output parsed on
+    /// the thread that read it, so a read costs about its slowest part.
     pub fn read(&self) -> Result<Readback, DataplaneError> {
-        let (ipv4, hooks_v4) = parse_table(&self.save(Family::V4)?);
-        let (ipv6, hooks_v6) = parse_table(&self.save(Family::V6)?);
-        let sets = parse_sets(&self.run("ipset", &["save"], None)?)?;
+        let join = |h: std::thread::ScopedJoinHandle<'_, _>| {
+            h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))
+        };
+        let (v4, v6, sets) = std::thread::scope(|s| {
+            let v4 = s.spawn(|| self.save(Family::V4).map(|t| parse_table(&t)));
+            let v6 = s.spawn(|| self.save(Family::V6).map(|t| parse_table(&t)));
+            let sets = self
+                .run("ipset", &["save"], None)
+                .and_then(|t| parse_sets(&t));
+            (join(v4), join(v6), sets)
+        });
+        let ((ipv4, hooks_v4), (ipv6, hooks_v6), sets) = (v4?, v6?, sets?);
         Ok(Readback {
             state: NodeState { ipv4, ipv6, sets },
             hooks_v4,
@@ -695,7 +713,10 @@ impl Dataplane {
         let read_at = Instant::now();
         let current = self.read()?;
         reading += read_at.elapsed();
-        let plan = plan(&current, desired);
+        // The model of what is about to be written, its rules rendered
+        // once for both.
+        let model = Model::of(desired);
+        let plan = plan_with(&current, desired, Some(&model));
         let mut to_kernel = Duration::ZERO;
         if !plan.is_empty() {
             // Planned from what was just read, written as whole chains in
@@ -705,7 +726,7 @@ impl Dataplane {
             self.apply(&plan)?;
             to_kernel = started.elapsed();
         }
-        cache.model = Some(Model::of(desired));
+        cache.model = Some(model);
         cache.verified = Some(read_at);
         Ok(SyncReport {
             chains_written: plan.chains_written(IpFamily::V4).len()
@@ -850,6 +871,19 @@ fn check_chain(desired: &FamilyRuleset, name: &str, got: &[String]) -> Result<()
 mod tests {
     use super::*;
     use crate::node::readback::known_hooks;
+
+    #[test]
+    fn whole_chains_rendered_from_the_model_are_the_same_text() {
+        use crate::policy::testing::*;
+        use crate::policy::{compile_node, validate};
+        let valid = vec![validate(&web_policy()).unwrap()];
+        let rs = compile_node("web-1", &valid, &facts_with_nodes()).unwrap();
+        let model = Model::of(&rs);
+        let empty = Readback::default();
+        let with = plan_with(&empty, &rs, Some(&model));
+        assert_eq!(with, plan(&empty, &rs));
+        assert!(with.scripts.ipv4.is_some_and(|t| t.contains("-A PAL")));
+    }
 
     #[test]
     fn hook_below_a_foreign_rule_is_moved_back_to_the_top() {

@@ -20,7 +20,7 @@
 
 use std::fmt::Write as _;
 
-use super::model::{NodeEdits, SetChange, TableEdits};
+use super::model::{NodeEdits, SetChange, TableEdits, TableModel};
 use crate::policy::node::{
     AddrSide, Address, AllowTarget, Hook, IpSet, L4Protocol, MARK_BIT, NodeAction, NodeChain,
     NodeRule, NodeRuleset,
@@ -166,9 +166,30 @@ pub fn hook_spec(hook: &Hook) -> String {
     )
 }
 
-fn push_chain(out: &mut String, chain: &NodeChain, family: IpFamily) {
-    for r in &chain.rules {
-        let _ = writeln!(out, "-A {} {}", chain.name, rule_spec(r, family));
+/// Appends `-A` lines filling `chain`, with the specifications `specs`
+/// already rendered for it when it has them (the model of the ruleset
+/// being written: 10k rules are then rendered once, not twice).
+fn push_chain(out: &mut String, chain: &NodeChain, family: IpFamily, specs: Option<&TableModel>) {
+    let rendered = specs
+        .and_then(|m| m.chains.get(&chain.name))
+        .filter(|rules| {
+            rules.len() == chain.rules.len()
+                && rules
+                    .iter()
+                    .zip(&chain.rules)
+                    .all(|((id, _), r)| *id == r.id)
+        });
+    match rendered {
+        Some(rules) => {
+            for (_, spec) in rules {
+                let _ = writeln!(out, "-A {} {spec}", chain.name);
+            }
+        }
+        None => {
+            for r in &chain.rules {
+                let _ = writeln!(out, "-A {} {}", chain.name, rule_spec(r, family));
+            }
+        }
     }
 }
 
@@ -182,6 +203,17 @@ pub fn render_table(
     family: IpFamily,
     extra_deletes: &[String],
 ) -> Option<String> {
+    render_table_with(diff, family, extra_deletes, None)
+}
+
+/// [`render_table`], taking the rules' specifications from `specs` (the
+/// model of the desired table) where it has them.
+pub fn render_table_with(
+    diff: &TableDiff,
+    family: IpFamily,
+    extra_deletes: &[String],
+    specs: Option<&TableModel>,
+) -> Option<String> {
     let edits = TableEdits {
         whole: diff.write_chains.clone(),
         edits: Vec::new(),
@@ -189,7 +221,7 @@ pub fn render_table(
         add_hooks: diff.add_hooks.clone(),
         remove_hooks: diff.remove_hooks.clone(),
     };
-    render_edits(&edits, family, extra_deletes)
+    render_edits_with(&edits, family, extra_deletes, specs)
 }
 
 /// The `iptables-restore --noflush` input for one family's
@@ -203,6 +235,15 @@ pub fn render_edits(
     edits: &TableEdits,
     family: IpFamily,
     extra_deletes: &[String],
+) -> Option<String> {
+    render_edits_with(edits, family, extra_deletes, None)
+}
+
+fn render_edits_with(
+    edits: &TableEdits,
+    family: IpFamily,
+    extra_deletes: &[String],
+    specs: Option<&TableModel>,
 ) -> Option<String> {
     if edits.is_empty() && extra_deletes.is_empty() {
         return None;
@@ -232,7 +273,7 @@ pub fn render_edits(
         }
     }
     for c in &edits.whole {
-        push_chain(&mut out, c, family);
+        push_chain(&mut out, c, family, specs);
     }
     for h in &edits.add_hooks {
         let spec = hook_spec(h);
