@@ -391,12 +391,13 @@ impl ApplyScripts {
     /// that order within the batch) instead of two. `ipset restore` stops
     /// at its first failing line, so a failed add still deletes nothing.
     pub fn with_one_set_batch(mut self) -> Self {
-        if self.ipv4.is_none() && self.ipv6.is_none() {
-            if let Some(removals) = self.set_removals.take() {
-                let mut text = self.sets.take().unwrap_or_default();
-                text.push_str(&removals);
-                self.sets = Some(text);
-            }
+        if self.ipv4.is_none()
+            && self.ipv6.is_none()
+            && let Some(removals) = self.set_removals.take()
+        {
+            let mut text = self.sets.take().unwrap_or_default();
+            text.push_str(&removals);
+            self.sets = Some(text);
         }
         self
     }
