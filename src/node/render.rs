@@ -20,7 +20,7 @@
 
 use std::fmt::Write as _;
 
-use super::model::{NodeEdits, SetChange, TableEdits, TableModel};
+use super::model::{ChainEdit, NodeEdits, SetChange, TableEdits, TableModel};
 use crate::policy::node::{
     AddrSide, Address, AllowTarget, Hook, IpSet, L4Protocol, MARK_BIT, NodeAction, NodeChain,
     NodeRule, NodeRuleset,
@@ -214,14 +214,14 @@ pub fn render_table_with(
     extra_deletes: &[String],
     specs: Option<&TableModel>,
 ) -> Option<String> {
-    let edits = TableEdits {
-        whole: diff.write_chains.clone(),
-        edits: Vec::new(),
-        delete_chains: diff.delete_chains.clone(),
-        add_hooks: diff.add_hooks.clone(),
-        remove_hooks: diff.remove_hooks.clone(),
+    let write = TableWrite {
+        whole: &diff.write_chains,
+        edits: &[],
+        delete_chains: &diff.delete_chains,
+        add_hooks: &diff.add_hooks,
+        remove_hooks: &diff.remove_hooks,
     };
-    render_edits_with(&edits, family, extra_deletes, specs)
+    render_write(&write, family, extra_deletes, specs)
 }
 
 /// The `iptables-restore --noflush` input for one family's
@@ -236,32 +236,57 @@ pub fn render_edits(
     family: IpFamily,
     extra_deletes: &[String],
 ) -> Option<String> {
-    render_edits_with(edits, family, extra_deletes, None)
+    let write = TableWrite {
+        whole: &edits.whole,
+        edits: &edits.edits,
+        delete_chains: &edits.delete_chains,
+        add_hooks: &edits.add_hooks,
+        remove_hooks: &edits.remove_hooks,
+    };
+    render_write(&write, family, extra_deletes, None)
 }
 
-fn render_edits_with(
-    edits: &TableEdits,
+/// What one table script writes, borrowed (from a [`TableDiff`] or
+/// [`TableEdits`]: 10k rules are not copied to be rendered).
+struct TableWrite<'a> {
+    whole: &'a [NodeChain],
+    edits: &'a [ChainEdit],
+    delete_chains: &'a [String],
+    add_hooks: &'a [Hook],
+    remove_hooks: &'a [Hook],
+}
+
+fn render_write(
+    edits: &TableWrite<'_>,
     family: IpFamily,
     extra_deletes: &[String],
     specs: Option<&TableModel>,
 ) -> Option<String> {
-    if edits.is_empty() && extra_deletes.is_empty() {
+    if edits.whole.is_empty()
+        && edits.edits.is_empty()
+        && edits.delete_chains.is_empty()
+        && edits.add_hooks.is_empty()
+        && edits.remove_hooks.is_empty()
+        && extra_deletes.is_empty()
+    {
         return None;
     }
-    let mut out = String::from("*filter\n");
-    for c in &edits.whole {
+    let rules: usize = edits.whole.iter().map(|c| c.rules.len()).sum();
+    let mut out = String::with_capacity(64 + rules * 160);
+    out.push_str("*filter\n");
+    for c in edits.whole {
         let _ = writeln!(out, ":{} - [0:0]", c.name);
     }
-    for name in &edits.delete_chains {
+    for name in edits.delete_chains {
         let _ = writeln!(out, ":{name} - [0:0]");
     }
     for spec in extra_deletes {
         let _ = writeln!(out, "-D {spec}");
     }
-    for h in &edits.remove_hooks {
+    for h in edits.remove_hooks {
         let _ = writeln!(out, "-D {}", hook_spec(h));
     }
-    for e in &edits.edits {
+    for e in edits.edits {
         for spec in &e.deletes {
             let _ = writeln!(out, "-D {} {spec}", e.chain);
         }
@@ -272,15 +297,15 @@ fn render_edits_with(
             };
         }
     }
-    for c in &edits.whole {
+    for c in edits.whole {
         push_chain(&mut out, c, family, specs);
     }
-    for h in &edits.add_hooks {
+    for h in edits.add_hooks {
         let spec = hook_spec(h);
         let (builtin, rest) = spec.split_once(' ').unwrap_or((spec.as_str(), ""));
         let _ = writeln!(out, "-I {builtin} 1 {rest}");
     }
-    for name in &edits.delete_chains {
+    for name in edits.delete_chains {
         let _ = writeln!(out, "-X {name}");
     }
     out.push_str("COMMIT\n");
