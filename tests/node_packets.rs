@@ -604,6 +604,78 @@ fn set_entries_and_reordered_rules_changed_out_of_band_are_repaired_on_verificat
     assert!(!node.dataplane.verify(&rs).unwrap().wrote());
 }
 
+/// Drift in one chain, named by an event (`Dataplane::suspect`, what the
+/// agent calls for each chain an `nft monitor` generation names): the
+/// next sync lists that chain alone, rewrites it whole, and does not read
+/// it again (a chain written whole holds exactly what was written). On
+/// both backends, with packets.
+#[test]
+fn drift_in_one_chain_is_repaired_by_listing_only_that_chain() {
+    use palisade::node::backend::Family;
+    let net = SimNet::new().unwrap();
+    let peer = net.add_host("peer").unwrap();
+    for backend in [Backend::Nft, Backend::Legacy] {
+        let mut node = Node::new(&net, &format!("node-{backend}"), None);
+        node.dataplane = Dataplane::new(backend, Some(node.host.netns().to_string()));
+        let svc = node.host.listen_tcp(8080).unwrap();
+        let other = node.host.listen_tcp(9090).unwrap();
+        let to = |port| SocketAddr::new(IpAddr::V4(node.host.ipv4()), port);
+        let rs = node.apply(&[ingress_policy(
+            "one",
+            "    - name: web\n      protocol: TCP\n      ports: [{port: 8080}]\n      peers: [{cidr: 0.0.0.0/0}, {cidr: '::/0'}]\n",
+        )]);
+        let chain = rs
+            .ipv4
+            .chains
+            .iter()
+            .find(|c| c.name.starts_with("PAL-I-"))
+            .unwrap()
+            .name
+            .clone();
+        let iptables = backend.command(Family::V4, "");
+        // Out of band: a foreign rule on top of the policy's chain opens
+        // another port, and the chain's last rule goes.
+        node.host
+            .exec(&[
+                &iptables, "-I", &chain, "1", "-p", "tcp", "--dport", "9090", "-j", "ACCEPT",
+            ])
+            .unwrap();
+        let rules = node.host.exec(&[&iptables, "-S", &chain]).unwrap();
+        let last = rules.lines().filter(|l| l.starts_with("-A ")).count();
+        node.host
+            .exec(&[&iptables, "-D", &chain, &last.to_string()])
+            .unwrap();
+        assert_eq!(
+            peer.probe_tcp(to(other.port()), OPEN).unwrap(),
+            Reach::Open,
+            "{backend}: the drift opened 9090"
+        );
+
+        node.dataplane.suspect(IpFamily::V4, &chain);
+        let spawned = node.dataplane.processes_spawned();
+        let report = node.dataplane.sync(&rs).unwrap();
+        assert!(report.wrote() && !report.full_read, "{backend}: {report:?}");
+        assert_eq!(report.plan.chains_written(IpFamily::V4), [chain.as_str()]);
+        assert!(report.plan.chains_written(IpFamily::V6).is_empty());
+        assert_eq!(
+            node.dataplane.processes_spawned() - spawned,
+            2,
+            "{backend}: one listing of the chain and one restore, nothing read after"
+        );
+        assert_eq!(
+            peer.probe_tcp(to(other.port()), DROP).unwrap(),
+            Reach::TimedOut,
+            "{backend}: repaired"
+        );
+        assert_eq!(peer.probe_tcp(to(svc.port()), OPEN).unwrap(), Reach::Open);
+        assert!(
+            !node.dataplane.verify(&rs).unwrap().wrote(),
+            "{backend}: a full read finds the kernel as desired"
+        );
+        node.dataplane.cleanup().unwrap();
+    }
+}
+
 #[test]
 fn drift_is_found_by_readback_and_repaired() {
     let net = SimNet::new().unwrap();
@@ -769,9 +841,11 @@ fn set_membership_changes_by_add_then_del_and_unused_sets_are_destroyed() {
         .unwrap()
         .name
         .clone();
-    // 500 entries in, 200 out: adds before the tables, deletes after.
+    // 500 entries in, 200 out, no table written: one `ipset restore`,
+    // every add before any delete.
     with(200..1500, &mut node.facts);
     let rs2 = node.compile(std::slice::from_ref(&p));
+    let spawned = node.dataplane.processes_spawned();
     let report = node.dataplane.sync(&rs2).unwrap();
     assert!(!report.full_read, "written from the model");
     assert_eq!(report.plan.set_counts(), (0, 1, 0));
@@ -779,18 +853,29 @@ fn set_membership_changes_by_add_then_del_and_unused_sets_are_destroyed() {
         report.chains_written, 0,
         "membership change: no chain written"
     );
-    let adds = report.plan.scripts.sets.as_deref().unwrap();
-    let dels = report.plan.scripts.set_removals.as_deref().unwrap();
-    assert_eq!(adds.lines().count(), 500, "{adds}");
-    assert!(
-        adds.lines().all(|l| l.starts_with(&format!("add {set} "))),
-        "{adds}"
+    assert_eq!(
+        node.dataplane.processes_spawned() - spawned,
+        1,
+        "one ipset restore"
     );
-    assert_eq!(dels.lines().count(), 200, "{dels}");
+    assert_eq!(report.plan.scripts.set_removals, None);
+    let batch = report.plan.scripts.sets.as_deref().unwrap();
+    let lines: Vec<&str> = batch.lines().collect();
+    let adds = batch
+        .lines()
+        .filter(|l| l.starts_with(&format!("add {set} ")))
+        .count();
+    let first_del = lines.iter().position(|l| l.starts_with("del ")).unwrap();
+    assert_eq!(adds, 500, "{batch}");
+    assert_eq!(first_del, 500, "adds first:\n{batch}");
     assert!(
-        dels.lines().all(|l| l.starts_with(&format!("del {set} "))),
-        "{dels}"
+        lines[first_del..]
+            .iter()
+            .all(|l| l.starts_with(&format!("del {set} "))),
+        "{batch}"
     );
+    assert_eq!(lines.len(), 700, "{batch}");
+    let adds = batch;
     assert!(!adds.contains("swap") && !adds.contains("create"), "{adds}");
     let readback = node.dataplane.read().unwrap();
     assert_eq!(readback.state.sets[&set].entries.len(), 1300);

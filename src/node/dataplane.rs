@@ -9,11 +9,15 @@
 //! texts per chain, hooks, set entries). Between verifications a sync
 //! compares the desired ruleset with the model only: a no-op sync reads
 //! nothing and spawns no process; a change is written as rule-level edits
-//! and set `add`/`del` lines ([`super::model`]), and afterwards only what
-//! was written is read back (`iptables -S <chain>` per chain written on the
-//! nft backend, one `iptables-save` on legacy, where listing one chain
-//! costs as much). Nothing is read on the way in. A set write checks
-//! itself: `add` of a present entry and `del` of an absent one fail it.
+//! and set `add`/`del` lines ([`super::model`]), and afterwards only the
+//! chains edited rule by rule are read back (`iptables -S <chain>` each on
+//! the nft backend, one `iptables-save` on legacy, where listing one chain
+//! costs as much): their result depends on the model being right. A chain
+//! written whole (declared, which creates or flushes it, and filled in the
+//! same transaction) holds exactly what was written whatever it held
+//! before, so it is not read again. Nothing is read on the way in. A set
+//! write checks itself: `add` of a present entry and `del` of an absent
+//! one fail it.
 //!
 //! The model stops being trusted, and the next sync reads everything back
 //! (`iptables-save`, `ip6tables-save`, `ipset save`), diffs against the
@@ -34,7 +38,8 @@
 //! In between, [`Dataplane::suspect`] names a chain another process changed
 //! (the agent calls it for each chain an `nft monitor` generation names):
 //! the next sync lists just that chain and rewrites it whole if it differs
-//! from the model, so drift is repaired without reading 10k rules back. A
+//! from the model (not reading it again after), so drift is repaired
+//! without reading 10k rules back. A
 //! Palisade hook out of place in `INPUT`/`OUTPUT`, or a Palisade chain the
 //! model does not know, makes it read everything back.
 //!
@@ -45,6 +50,10 @@
 //! 2. `iptables-restore --noflush` (IPv4), one kernel transaction;
 //! 3. `ip6tables-restore --noflush` (IPv6), one kernel transaction;
 //! 4. `ipset restore`: entries deleted, unused sets destroyed.
+//!
+//! When neither table is written, steps 1 and 4 are one `ipset restore`:
+//! every add, then every delete and destroy. It stops at its first failing
+//! line, so nothing is deleted unless every add went in.
 //!
 //! A flow is of one family, so it is decided by one table and the sets of
 //! its family. Through steps 1–4 it meets, in turn: the old table with
@@ -74,7 +83,7 @@ pub use super::readback::{
 };
 use super::render::{
     ApplyScripts, TEMPORARY_SET_SUFFIX, render_node_edits, render_set_adds, render_set_removals,
-    render_table,
+    render_table_with,
 };
 use crate::policy::node::BuiltinChain;
 use crate::policy::{
@@ -178,6 +187,21 @@ impl Plan {
         out
     }
 
+    /// The chains edited rule by rule (model path) per family: the only
+    /// chains whose result depends on the model being right, so the only
+    /// ones a write is checked by. A chain written whole is declared
+    /// (created or flushed) and filled in one transaction: it holds
+    /// exactly what was written whatever it held before.
+    pub fn chains_edited(&self, family: IpFamily) -> Vec<&str> {
+        let edits = match family {
+            IpFamily::V4 => self.edits.as_ref().map(|e| &e.ipv4),
+            IpFamily::V6 => self.edits.as_ref().map(|e| &e.ipv6),
+        };
+        edits.map_or_else(Vec::new, |e| {
+            e.edits.iter().map(|c| c.chain.as_str()).collect()
+        })
+    }
+
     /// Hook rules added or removed in `family`.
     pub fn hooks_changed(&self, family: IpFamily) -> usize {
         let (diff, edits) = match family {
@@ -251,6 +275,12 @@ fn set_changes(
 
 /// Plans the writes that take the node from `current` to `desired` (pure).
 pub fn plan(current: &Readback, desired: &NodeRuleset) -> Plan {
+    plan_with(current, desired, None)
+}
+
+/// [`plan`], rendering whole chains from `model` (of `desired`) where it
+/// has their rules' specifications.
+fn plan_with(current: &Readback, desired: &NodeRuleset, model: Option<&Model>) -> Plan {
     let mut diff = diff_node(&current.state, desired);
     let leftover_temporaries: Vec<String> = current
         .state
@@ -266,8 +296,8 @@ pub fn plan(current: &Readback, desired: &NodeRuleset) -> Plan {
     let (changes, swaps) = set_changes(&current.state, &diff);
     let mut scripts = ApplyScripts {
         sets: render_set_adds(&diff.create_sets, &changes, &swaps),
-        ipv4: render_table(&diff.ipv4, IpFamily::V4, &extra_v4),
-        ipv6: render_table(&diff.ipv6, IpFamily::V6, &extra_v6),
+        ipv4: render_table_with(&diff.ipv4, IpFamily::V4, &extra_v4, model.map(|m| &m.ipv4)),
+        ipv6: render_table_with(&diff.ipv6, IpFamily::V6, &extra_v6, model.map(|m| &m.ipv6)),
         set_removals: render_set_removals(&changes, &diff.destroy_sets),
     };
     if !leftover_temporaries.is_empty() {
@@ -282,7 +312,7 @@ pub fn plan(current: &Readback, desired: &NodeRuleset) -> Plan {
         diff,
         edits: None,
         leftover_temporaries,
-        scripts,
+        scripts: scripts.with_one_set_batch(),
     }
 }
 
@@ -328,6 +358,12 @@ pub struct SyncReport {
     /// Whether a write from the model failed or read back wrong, so the
     /// full path ran after it.
     pub fell_back: bool,
+    /// From the start of the sync until its last write returned (the
+    /// kernel holds the change): zero when nothing was written.
+    pub to_kernel: Duration,
+    /// Time spent reading back: the full read, the listings of suspect
+    /// chains and the check of the chains edited.
+    pub reading: Duration,
 }
 
 impl SyncReport {
@@ -533,10 +569,22 @@ impl Dataplane {
     }
 
     /// Reads back everything Palisade owns (three processes).
+    ///
+    /// The three are independent: they run at once, each output parsed on
+    /// the thread that read it, so a read costs about its slowest part.
     pub fn read(&self) -> Result<Readback, DataplaneError> {
-        let (ipv4, hooks_v4) = parse_table(&self.save(Family::V4)?);
-        let (ipv6, hooks_v6) = parse_table(&self.save(Family::V6)?);
-        let sets = parse_sets(&self.run("ipset", &["save"], None)?)?;
+        let join = |h: std::thread::ScopedJoinHandle<'_, _>| {
+            h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))
+        };
+        let (v4, v6, sets) = std::thread::scope(|s| {
+            let v4 = s.spawn(|| self.save(Family::V4).map(|t| parse_table(&t)));
+            let v6 = s.spawn(|| self.save(Family::V6).map(|t| parse_table(&t)));
+            let sets = self
+                .run("ipset", &["save"], None)
+                .and_then(|t| parse_sets(&t));
+            (join(v4), join(v6), sets)
+        });
+        let ((ipv4, hooks_v4), (ipv6, hooks_v6), sets) = (v4?, v6?, sets?);
         Ok(Readback {
             state: NodeState { ipv4, ipv6, sets },
             hooks_v4,
@@ -567,23 +615,23 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Reads back only what `plan` wrote to the tables and compares it
-    /// with `desired`: each chain written (`iptables -S <chain>` on nft,
-    /// one `iptables-save` on legacy, where a listing costs as much), and
-    /// the built-in chains' heads when hooks changed. Set writes check
-    /// themselves: an `add` of a present entry or a `del` of an absent one
-    /// fails the batch. `Err(NotConverged)` names the first difference.
+    /// Reads back the chains `plan` edited rule by rule and compares them
+    /// with `desired`: each such chain (`iptables -S <chain>` on nft, one
+    /// `iptables-save` on legacy, where a listing costs as much), and the
+    /// built-in chains' heads when hooks changed. Chains written whole are
+    /// not read: their transaction set their whole content (see
+    /// [`Plan::chains_edited`]). Set writes check themselves: an `add` of a
+    /// present entry or a `del` of an absent one fails the batch.
+    /// `Err(NotConverged)` names the first difference.
     pub fn check_written(&self, plan: &Plan, desired: &NodeRuleset) -> Result<(), DataplaneError> {
         for (family, tool_family) in [(IpFamily::V4, Family::V4), (IpFamily::V6, Family::V6)] {
             let want = desired.family(family);
-            let chains = plan.chains_written(family);
-            let hooks = plan.hooks_written(family);
-            if chains.is_empty() && !hooks {
-                continue;
-            }
-            let mut names: Vec<&str> = chains;
-            if hooks {
+            let mut names: Vec<&str> = plan.chains_edited(family);
+            if plan.hooks_written(family) {
                 names.extend([BuiltinChain::Input.name(), BuiltinChain::Output.name()]);
+            }
+            if names.is_empty() {
+                continue;
             }
             // Listing one chain costs as much as saving the table on
             // legacy; on nft, a few listings are cheaper than one save.
@@ -615,25 +663,32 @@ impl Dataplane {
     /// differs (one transaction per table, not read again), and trusts the
     /// new model from then on. See the module docs.
     pub fn sync(&self, desired: &NodeRuleset) -> Result<SyncReport, DataplaneError> {
+        let started = Instant::now();
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         let mut trusted = cache
             .verified
             .is_some_and(|t| t.elapsed() < self.verify_period);
         let suspects = std::mem::take(&mut cache.suspects);
+        let mut reading = Duration::ZERO;
         if let (true, Some(model), false) = (trusted, cache.model.as_mut(), suspects.is_empty()) {
+            let listing = Instant::now();
             trusted = self.recheck(model, &suspects);
+            reading += listing.elapsed();
         }
         let mut fell_back = false;
         if let (true, Some(model)) = (trusted, &cache.model) {
             let plan = plan_from_model(model, desired);
             if plan.is_empty() {
-                return Ok(SyncReport::default());
+                return Ok(SyncReport {
+                    reading,
+                    ..SyncReport::default()
+                });
             }
-            match self
-                .apply(&plan)
-                .and_then(|()| self.check_written(&plan, desired))
-            {
-                Ok(()) => {
+            let written = self.apply(&plan).map(|()| started.elapsed());
+            let checking = Instant::now();
+            match written.and_then(|at| self.check_written(&plan, desired).map(|()| at)) {
+                Ok(to_kernel) => {
+                    reading += checking.elapsed();
                     if let (Some(model), Some(edits)) = (cache.model.as_mut(), &plan.edits) {
                         model.update(desired, edits);
                     }
@@ -643,6 +698,8 @@ impl Dataplane {
                         plan,
                         full_read: false,
                         fell_back: false,
+                        to_kernel,
+                        reading,
                     });
                 }
                 Err(e) => {
@@ -653,24 +710,32 @@ impl Dataplane {
         }
         cache.verified = None;
         cache.model = None;
-        let started = Instant::now();
+        let read_at = Instant::now();
         let current = self.read()?;
-        let plan = plan(&current, desired);
+        reading += read_at.elapsed();
+        // The model of what is about to be written, its rules rendered
+        // once for both.
+        let model = Model::of(desired);
+        let plan = plan_with(&current, desired, Some(&model));
+        let mut to_kernel = Duration::ZERO;
         if !plan.is_empty() {
             // Planned from what was just read, written as whole chains in
             // one transaction per table: no check after it (on 10k rules
             // it would cost as much as the write). A change made meanwhile
             // by someone else is theirs to announce: the monitor sees it.
             self.apply(&plan)?;
+            to_kernel = started.elapsed();
         }
-        cache.model = Some(Model::of(desired));
-        cache.verified = Some(started);
+        cache.model = Some(model);
+        cache.verified = Some(read_at);
         Ok(SyncReport {
             chains_written: plan.chains_written(IpFamily::V4).len()
                 + plan.chains_written(IpFamily::V6).len(),
             plan,
             full_read: true,
             fell_back,
+            to_kernel,
+            reading,
         })
     }
 
@@ -806,6 +871,19 @@ fn check_chain(desired: &FamilyRuleset, name: &str, got: &[String]) -> Result<()
 mod tests {
     use super::*;
     use crate::node::readback::known_hooks;
+
+    #[test]
+    fn whole_chains_rendered_from_the_model_are_the_same_text() {
+        use crate::policy::testing::*;
+        use crate::policy::{compile_node, validate};
+        let valid = vec![validate(&web_policy()).unwrap()];
+        let rs = compile_node("web-1", &valid, &facts_with_nodes()).unwrap();
+        let model = Model::of(&rs);
+        let empty = Readback::default();
+        let with = plan_with(&empty, &rs, Some(&model));
+        assert_eq!(with, plan(&empty, &rs));
+        assert!(with.scripts.ipv4.is_some_and(|t| t.contains("-A PAL")));
+    }
 
     #[test]
     fn hook_below_a_foreign_rule_is_moved_back_to_the_top() {

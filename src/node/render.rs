@@ -20,7 +20,7 @@
 
 use std::fmt::Write as _;
 
-use super::model::{NodeEdits, SetChange, TableEdits};
+use super::model::{ChainEdit, NodeEdits, SetChange, TableEdits, TableModel};
 use crate::policy::node::{
     AddrSide, Address, AllowTarget, Hook, IpSet, L4Protocol, MARK_BIT, NodeAction, NodeChain,
     NodeRule, NodeRuleset,
@@ -166,9 +166,30 @@ pub fn hook_spec(hook: &Hook) -> String {
     )
 }
 
-fn push_chain(out: &mut String, chain: &NodeChain, family: IpFamily) {
-    for r in &chain.rules {
-        let _ = writeln!(out, "-A {} {}", chain.name, rule_spec(r, family));
+/// Appends `-A` lines filling `chain`, with the specifications `specs`
+/// already rendered for it when it has them (the model of the ruleset
+/// being written: 10k rules are then rendered once, not twice).
+fn push_chain(out: &mut String, chain: &NodeChain, family: IpFamily, specs: Option<&TableModel>) {
+    let rendered = specs
+        .and_then(|m| m.chains.get(&chain.name))
+        .filter(|rules| {
+            rules.len() == chain.rules.len()
+                && rules
+                    .iter()
+                    .zip(&chain.rules)
+                    .all(|((id, _), r)| *id == r.id)
+        });
+    match rendered {
+        Some(rules) => {
+            for (_, spec) in rules {
+                let _ = writeln!(out, "-A {} {spec}", chain.name);
+            }
+        }
+        None => {
+            for r in &chain.rules {
+                let _ = writeln!(out, "-A {} {}", chain.name, rule_spec(r, family));
+            }
+        }
     }
 }
 
@@ -182,14 +203,25 @@ pub fn render_table(
     family: IpFamily,
     extra_deletes: &[String],
 ) -> Option<String> {
-    let edits = TableEdits {
-        whole: diff.write_chains.clone(),
-        edits: Vec::new(),
-        delete_chains: diff.delete_chains.clone(),
-        add_hooks: diff.add_hooks.clone(),
-        remove_hooks: diff.remove_hooks.clone(),
+    render_table_with(diff, family, extra_deletes, None)
+}
+
+/// [`render_table`], taking the rules' specifications from `specs` (the
+/// model of the desired table) where it has them.
+pub fn render_table_with(
+    diff: &TableDiff,
+    family: IpFamily,
+    extra_deletes: &[String],
+    specs: Option<&TableModel>,
+) -> Option<String> {
+    let write = TableWrite {
+        whole: &diff.write_chains,
+        edits: &[],
+        delete_chains: &diff.delete_chains,
+        add_hooks: &diff.add_hooks,
+        remove_hooks: &diff.remove_hooks,
     };
-    render_edits(&edits, family, extra_deletes)
+    render_write(&write, family, extra_deletes, specs)
 }
 
 /// The `iptables-restore --noflush` input for one family's
@@ -204,23 +236,57 @@ pub fn render_edits(
     family: IpFamily,
     extra_deletes: &[String],
 ) -> Option<String> {
-    if edits.is_empty() && extra_deletes.is_empty() {
+    let write = TableWrite {
+        whole: &edits.whole,
+        edits: &edits.edits,
+        delete_chains: &edits.delete_chains,
+        add_hooks: &edits.add_hooks,
+        remove_hooks: &edits.remove_hooks,
+    };
+    render_write(&write, family, extra_deletes, None)
+}
+
+/// What one table script writes, borrowed (from a [`TableDiff`] or
+/// [`TableEdits`]: 10k rules are not copied to be rendered).
+struct TableWrite<'a> {
+    whole: &'a [NodeChain],
+    edits: &'a [ChainEdit],
+    delete_chains: &'a [String],
+    add_hooks: &'a [Hook],
+    remove_hooks: &'a [Hook],
+}
+
+fn render_write(
+    edits: &TableWrite<'_>,
+    family: IpFamily,
+    extra_deletes: &[String],
+    specs: Option<&TableModel>,
+) -> Option<String> {
+    if edits.whole.is_empty()
+        && edits.edits.is_empty()
+        && edits.delete_chains.is_empty()
+        && edits.add_hooks.is_empty()
+        && edits.remove_hooks.is_empty()
+        && extra_deletes.is_empty()
+    {
         return None;
     }
-    let mut out = String::from("*filter\n");
-    for c in &edits.whole {
+    let rules: usize = edits.whole.iter().map(|c| c.rules.len()).sum();
+    let mut out = String::with_capacity(64 + rules * 160);
+    out.push_str("*filter\n");
+    for c in edits.whole {
         let _ = writeln!(out, ":{} - [0:0]", c.name);
     }
-    for name in &edits.delete_chains {
+    for name in edits.delete_chains {
         let _ = writeln!(out, ":{name} - [0:0]");
     }
     for spec in extra_deletes {
         let _ = writeln!(out, "-D {spec}");
     }
-    for h in &edits.remove_hooks {
+    for h in edits.remove_hooks {
         let _ = writeln!(out, "-D {}", hook_spec(h));
     }
-    for e in &edits.edits {
+    for e in edits.edits {
         for spec in &e.deletes {
             let _ = writeln!(out, "-D {} {spec}", e.chain);
         }
@@ -231,15 +297,15 @@ pub fn render_edits(
             };
         }
     }
-    for c in &edits.whole {
-        push_chain(&mut out, c, family);
+    for c in edits.whole {
+        push_chain(&mut out, c, family, specs);
     }
-    for h in &edits.add_hooks {
+    for h in edits.add_hooks {
         let spec = hook_spec(h);
         let (builtin, rest) = spec.split_once(' ').unwrap_or((spec.as_str(), ""));
         let _ = writeln!(out, "-I {builtin} 1 {rest}");
     }
-    for name in &edits.delete_chains {
+    for name in edits.delete_chains {
         let _ = writeln!(out, "-X {name}");
     }
     out.push_str("COMMIT\n");
@@ -345,6 +411,22 @@ pub struct ApplyScripts {
 }
 
 impl ApplyScripts {
+    /// With no table to write between them, the set removals join the set
+    /// script: one `ipset restore` (adds, then deletes and destroys, in
+    /// that order within the batch) instead of two. `ipset restore` stops
+    /// at its first failing line, so a failed add still deletes nothing.
+    pub fn with_one_set_batch(mut self) -> Self {
+        if self.ipv4.is_none()
+            && self.ipv6.is_none()
+            && let Some(removals) = self.set_removals.take()
+        {
+            let mut text = self.sets.take().unwrap_or_default();
+            text.push_str(&removals);
+            self.sets = Some(text);
+        }
+        self
+    }
+
     /// True when nothing would be written.
     pub fn is_empty(&self) -> bool {
         self.sets.is_none()
@@ -371,7 +453,8 @@ impl std::fmt::Display for ApplyScripts {
     }
 }
 
-/// Renders rule-level edits (see [`ApplyScripts`]).
+/// Renders rule-level edits (see [`ApplyScripts`]; a change of set
+/// membership alone is one `ipset restore`).
 pub fn render_node_edits(edits: &NodeEdits) -> ApplyScripts {
     ApplyScripts {
         sets: render_set_adds(&edits.create_sets, &edits.set_changes, &[]),
@@ -379,6 +462,7 @@ pub fn render_node_edits(edits: &NodeEdits) -> ApplyScripts {
         ipv6: render_edits(&edits.ipv6, IpFamily::V6, &[]),
         set_removals: render_set_removals(&edits.set_changes, &edits.destroy_sets),
     }
+    .with_one_set_batch()
 }
 
 /// Renders a whole ruleset as programmed on an empty node.
@@ -405,6 +489,40 @@ mod tests {
         );
         assert_eq!(quote("a\"b\\c"), "\"a\\\"b\\\\c\"");
         assert_eq!(quote(""), "\"\"");
+    }
+
+    #[test]
+    fn set_changes_alone_are_one_batch_adds_first() {
+        use crate::node::model::SetChange;
+        let n = |s: &str| s.parse().unwrap();
+        let edits = NodeEdits {
+            set_changes: vec![SetChange {
+                name: "PAL-a".into(),
+                add: vec![n("10.0.0.0/8")],
+                del: vec![n("11.0.0.0/8")],
+            }],
+            destroy_sets: vec!["PAL-b".into()],
+            ..Default::default()
+        };
+        let scripts = render_node_edits(&edits);
+        assert_eq!(
+            scripts.sets.as_deref(),
+            Some("add PAL-a 10.0.0.0/8\ndel PAL-a 11.0.0.0/8\ndestroy PAL-b\n")
+        );
+        assert_eq!(scripts.set_removals, None);
+        // With a table written in between, the removals stay apart, after it.
+        let mut with_table = edits.clone();
+        with_table
+            .ipv4
+            .delete_chains
+            .push("PAL-I-0123456789".into());
+        let scripts = render_node_edits(&with_table);
+        assert_eq!(scripts.sets.as_deref(), Some("add PAL-a 10.0.0.0/8\n"));
+        assert!(scripts.ipv4.is_some());
+        assert_eq!(
+            scripts.set_removals.as_deref(),
+            Some("del PAL-a 11.0.0.0/8\ndestroy PAL-b\n")
+        );
     }
 
     #[test]
