@@ -280,15 +280,12 @@ async fn apply_inner<E: Ec2>(policy: &FirewallPolicy, ctx: &Context<E>) -> Resul
             shared::leave(ctx, policy, k, &prev.id).await?;
         }
         let rules = i64::from(report.group.ingress_rules) + i64::from(report.group.egress_rules);
-        let cloud_sync = crate::api::CloudSync {
+        let cloud_sync = cloud_sync_record(
+            last_sync.as_ref(),
             generation,
-            inputs: inputs_hash,
-            time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-                k8s_openapi::jiff::Timestamp::now(),
-            ),
-            drift_repairs: last_sync.as_ref().map_or(0, |c| c.drift_repairs)
-                + i64::from(report.drift_repaired),
-        };
+            inputs_hash,
+            report.drift_repaired,
+        );
         lock(&ctx.memory).insert(
             uid.clone(),
             SyncMemory {
@@ -341,7 +338,21 @@ async fn apply_inner<E: Ec2>(policy: &FirewallPolicy, ctx: &Context<E>) -> Resul
             .chain(super::effective::warnings(&effective))
             .collect(),
         cloud_sync,
-        exposure: super::exposure::summary(&compiled.selected_nodes, &lock(&ctx.exposure)),
+        exposure: {
+            // Not computed yet for any selected node (a restarted
+            // controller before its first exposure pass): keep what the
+            // status says rather than write it away and back.
+            let exposure = lock(&ctx.exposure);
+            if compiled
+                .selected_nodes
+                .iter()
+                .any(|n| exposure.contains_key(n))
+            {
+                super::exposure::summary(&compiled.selected_nodes, &exposure)
+            } else {
+                previous.exposure.clone()
+            }
+        },
     };
     write_status(policy, ctx, &previous, next).await?;
     tracing::debug!(policy = %name, full_sync = !fresh, "reconciled");
@@ -355,6 +366,33 @@ async fn apply_inner<E: Ec2>(policy: &FirewallPolicy, ctx: &Context<E>) -> Resul
             .saturating_sub(since)
             .max(Duration::from_secs(1)),
     ))
+}
+
+/// The status record of a full sync that found (or made) the group as
+/// planned. Its time is when the group first held this plan: a later full
+/// sync of the same generation and inputs that repaired nothing keeps the
+/// previous record as it is, so a periodic resync, or a restart, writes no
+/// status when nothing changed (the last read-back is the
+/// `palisade_controller_last_successful_sync_timestamp_seconds` metric).
+fn cloud_sync_record(
+    last: Option<&crate::api::CloudSync>,
+    generation: i64,
+    inputs: String,
+    drift_repaired: bool,
+) -> crate::api::CloudSync {
+    match last {
+        Some(l) if l.generation == generation && l.inputs == inputs && !drift_repaired => {
+            l.clone()
+        }
+        _ => crate::api::CloudSync {
+            generation,
+            inputs,
+            time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::now(),
+            ),
+            drift_repairs: last.map_or(0, |c| c.drift_repairs) + i64::from(drift_repaired),
+        },
+    }
 }
 
 /// What an Audit policy's status says of its cloud layer.
@@ -1470,6 +1508,26 @@ pub(crate) async fn undo_cloud<E: Ec2>(
 mod tests {
     use super::*;
     use crate::policy::{SgPermission, SgProtocol};
+
+    #[test]
+    fn a_resync_that_finds_the_group_as_planned_keeps_the_sync_record() {
+        let first = cloud_sync_record(None, 1, "h1".into(), false);
+        assert_eq!((first.generation, first.drift_repairs), (1, 0));
+        // Same generation and inputs, nothing repaired (a resync, or a
+        // restarted controller): the very same record, so no status write.
+        assert_eq!(
+            cloud_sync_record(Some(&first), 1, "h1".into(), false),
+            first
+        );
+        // Drift repaired: counted.
+        let repaired = cloud_sync_record(Some(&first), 1, "h1".into(), true);
+        assert_eq!(repaired.drift_repairs, 1);
+        // New inputs or generation: a new record, the count kept.
+        let moved = cloud_sync_record(Some(&repaired), 1, "h2".into(), false);
+        assert_eq!((moved.inputs.as_str(), moved.drift_repairs), ("h2", 1));
+        let edited = cloud_sync_record(Some(&moved), 2, "h2".into(), false);
+        assert_eq!(edited.generation, 2);
+    }
 
     fn perm(port: i32, v6: bool) -> SgPermission {
         SgPermission {

@@ -183,9 +183,45 @@ impl ClusterCache {
     /// Folds a FirewallNode event in; returns the (old, new) reports whose
     /// status changed.
     fn report_event(&self, event: watcher::Event<FirewallNode>) -> Vec<Change<Arc<FirewallNode>>> {
-        let event = keyed(event, Arc::new);
+        let event = keyed(event, |r| Arc::new(trim_report(r)));
         write(&self.reports).apply(event, |a, b| a.status == b.status)
     }
+}
+
+/// What the controller keeps of an agent report: its name and uid, and of
+/// its status the policies applied (name, uid, generation), the last
+/// sync's result and time, and the exposure the controller wrote. The
+/// rest — managedFields, labels, annotations, conditions, counts, rule
+/// hashes, Audit counters, the failure message — is read by nothing in
+/// the controller, and a change only there wakes no policy.
+pub fn trim_report(report: FirewallNode) -> FirewallNode {
+    let FirewallNode {
+        metadata, status, ..
+    } = report;
+    let mut trimmed = FirewallNode::new(
+        metadata.name.as_deref().unwrap_or_default(),
+        Default::default(),
+    );
+    trimmed.metadata.uid = metadata.uid;
+    trimmed.status = status.map(|s| crate::api::FirewallNodeStatus {
+        policies: s
+            .policies
+            .into_iter()
+            .map(|p| crate::api::AppliedPolicy {
+                name: p.name,
+                uid: p.uid,
+                generation: p.generation,
+                ..Default::default()
+            })
+            .collect(),
+        last_sync: s.last_sync.map(|l| crate::api::SyncResult {
+            message: None,
+            ..l
+        }),
+        exposure: s.exposure,
+        ..Default::default()
+    });
+    trimmed
 }
 
 /// The selectors of a policy's `nodeSelector` peers (either layer).
@@ -397,6 +433,63 @@ mod tests {
             )),
             ["db", "db-peers"]
         );
+    }
+
+    #[test]
+    fn stored_reports_keep_only_what_the_controller_reads() {
+        let full: FirewallNode = serde_json::from_value(serde_json::json!({
+            "apiVersion": "palisade.dev/v1alpha1", "kind": "FirewallNode",
+            "metadata": {"name": "n1", "uid": "r-uid", "labels": {"a": "b"},
+                "managedFields": [{"manager": "palisade-agent", "operation": "Apply"}]},
+            "spec": {"nodeName": "n1"},
+            "status": {"backend": "nft", "ruleCount": 40, "policyCount": 1,
+                "policies": [{"name": "web", "uid": "p-uid", "generation": 2, "hash": "abc", "mode": "Enforce"}],
+                "lastSync": {"time": "2026-01-01T00:00:00Z", "result": "Failed", "message": "long text"},
+                "exposure": ["tcp/22 from 0.0.0.0/0"],
+                "conditions": [{"type": "Ready", "status": "True", "reason": "Synced", "message": "m",
+                    "lastTransitionTime": "2026-01-01T00:00:00Z"}]}
+        }))
+        .unwrap();
+        let t = trim_report(full.clone());
+        assert_eq!(t.metadata.name.as_deref(), Some("n1"));
+        assert_eq!(t.metadata.uid.as_deref(), Some("r-uid"));
+        assert!(t.metadata.managed_fields.is_none() && t.metadata.labels.is_none());
+        let s = t.status.as_ref().unwrap();
+        assert_eq!(s.policies.len(), 1);
+        let p = &s.policies[0];
+        assert_eq!(
+            (p.name.as_str(), p.uid.as_deref(), p.generation),
+            ("web", Some("p-uid"), 2)
+        );
+        assert!(p.hash.is_empty() && p.mode.is_none());
+        assert_eq!(s.last_sync.as_ref().unwrap().result, "Failed");
+        assert!(s.last_sync.as_ref().unwrap().message.is_none());
+        assert_eq!(s.exposure, ["tcp/22 from 0.0.0.0/0"]);
+        assert!(s.conditions.is_empty() && s.backend.is_none() && s.rule_count == 0);
+        // What the status counts read gives the same answers.
+        let mut policy = crate::policy::testing::policy("web", vec![], None);
+        policy.metadata.uid = Some("p-uid".into());
+        policy.metadata.generation = Some(2);
+        let selected = vec!["n1".to_string()];
+        assert_eq!(
+            crate::controller::status::node_counts(&policy, &selected, &[Arc::new(full)]),
+            crate::controller::status::node_counts(&policy, &selected, &[Arc::new(t)])
+        );
+        // A change the controller does not read (an agent's rule count)
+        // wakes nothing.
+        let cache = ClusterCache::default();
+        let mut r: FirewallNode = serde_json::from_value(serde_json::json!({
+            "apiVersion": "palisade.dev/v1alpha1", "kind": "FirewallNode",
+            "metadata": {"name": "n1"}, "spec": {"nodeName": "n1"},
+            "status": {"ruleCount": 1, "policies": [{"name": "web", "generation": 1, "hash": "a"}]}
+        }))
+        .unwrap();
+        assert_eq!(cache.report_event(watcher::Event::Apply(r.clone())).len(), 1);
+        if let Some(s) = r.status.as_mut() {
+            s.rule_count = 2;
+            s.policies[0].hash = "b".into();
+        }
+        assert!(cache.report_event(watcher::Event::Apply(r)).is_empty());
     }
 
     #[test]
