@@ -395,6 +395,27 @@ fn cloud_sync_record(
     }
 }
 
+/// Most interfaces one attach or detach Event names.
+const EVENT_SAMPLE: usize = 5;
+
+/// `items` as text: all of them when one, else how many and the first
+/// `limit` (`3 interfaces: a, b, c`, `40 interfaces: a, … and 35 more`).
+fn sample_list(items: &[String], limit: usize) -> String {
+    match items {
+        [one] => one.clone(),
+        _ => {
+            let shown: Vec<&str> = items.iter().take(limit).map(String::as_str).collect();
+            let more = items.len().saturating_sub(limit);
+            let tail = if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            };
+            format!("{} interfaces: {}{tail}", items.len(), shown.join(", "))
+        }
+    }
+}
+
 /// What an Audit policy's status says of its cloud layer.
 fn audit_note(compiled: &CompiledPolicy) -> Option<String> {
     (compiled.cloud.mode == PolicyMode::Audit).then(|| {
@@ -904,6 +925,7 @@ async fn sync_group<E: Ec2>(
     }))
     .await;
     let mut kept_on = 0usize;
+    let mut announced: BTreeMap<EniChange, Vec<String>> = BTreeMap::new();
     for result in results {
         let (instance, eni, change, done) = result?;
         if !done {
@@ -922,6 +944,14 @@ async fn sync_group<E: Ec2>(
                 EniChange::Detach => known.eni_groups.retain(|g| g != &group_id),
             }
         }
+        announced
+            .entry(change)
+            .or_default()
+            .push(format!("{eni} of instance {instance}"));
+    }
+    // One Event per kind of change and reconcile, naming a bounded sample:
+    // one per interface was about two Event writes per node added.
+    for (change, interfaces) in announced {
         let (reason, what, word) = match change {
             EniChange::Attach => ("Attached", "attached", "to"),
             EniChange::Detach => ("Detached", "detached", "from"),
@@ -931,7 +961,10 @@ async fn sync_group<E: Ec2>(
             false,
             reason,
             "ModifyNetworkInterfaceAttribute",
-            format!("{what} {group_id} {word} {eni} of instance {instance}"),
+            format!(
+                "{what} {group_id} {word} {}",
+                sample_list(&interfaces, EVENT_SAMPLE)
+            ),
         )
         .await;
     }
@@ -1240,7 +1273,7 @@ async fn check_interfaces<E: Ec2>(
     })
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum EniChange {
     Attach,
     Detach,
@@ -1508,6 +1541,20 @@ pub(crate) async fn undo_cloud<E: Ec2>(
 mod tests {
     use super::*;
     use crate::policy::{SgPermission, SgProtocol};
+
+    #[test]
+    fn interface_events_name_a_bounded_sample() {
+        let items: Vec<String> = (0..8).map(|i| format!("eni-{i}")).collect();
+        assert_eq!(sample_list(&items[..1], 5), "eni-0");
+        assert_eq!(
+            sample_list(&items[..2], 5),
+            "2 interfaces: eni-0, eni-1"
+        );
+        assert_eq!(
+            sample_list(&items, 5),
+            "8 interfaces: eni-0, eni-1, eni-2, eni-3, eni-4 and 3 more"
+        );
+    }
 
     #[test]
     fn a_resync_that_finds_the_group_as_planned_keeps_the_sync_record() {
