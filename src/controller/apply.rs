@@ -247,7 +247,7 @@ async fn apply_inner<E: Ec2>(policy: &FirewallPolicy, ctx: &Context<E>) -> Resul
         // Drift is a difference found when nothing we apply changed since
         // the last full sync: known from memory, or — after a restart —
         // from the record that sync left in the status.
-        let inputs_hash = crate::policy::short_hash(&[&inputs]);
+        let inputs_hash = inputs.clone();
         let drift_possible = memory
             .as_ref()
             .is_some_and(|m| m.generation == generation && m.inputs == inputs)
@@ -426,15 +426,18 @@ fn audit_note(compiled: &CompiledPolicy) -> Option<String> {
     })
 }
 
-/// A fingerprint of everything a full sync depends on.
+/// A fingerprint of everything a full sync depends on: 16 hex digits
+/// (what the controller remembers per policy, and `status.cloudSync.inputs`;
+/// the text it hashes lists every selected instance).
 fn sync_inputs(policy: &FirewallPolicy, compiled: &CompiledPolicy, facts: &Facts) -> String {
     let instances = selected_instances(compiled, facts);
-    serde_json::json!({
+    let text = serde_json::json!({
         "plan": compiled.cloud,
         "instances": instances,
         "target": policy.spec.security_group,
     })
-    .to_string()
+    .to_string();
+    crate::policy::short_hash(&[&text])
 }
 
 /// Writes `next` when it differs from `previous` (transition times

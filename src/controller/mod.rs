@@ -318,6 +318,8 @@ impl Error {
 #[derive(Debug, Clone)]
 pub(crate) struct SyncMemory {
     pub(crate) generation: i64,
+    /// The fingerprint of that sync's inputs (16 hex digits, not the text:
+    /// that lists every selected instance).
     pub(crate) inputs: String,
     pub(crate) at: Option<Instant>,
     pub(crate) references: crate::policy::Facts,
