@@ -355,7 +355,7 @@ impl Agent {
         api_servers.sort();
         api_servers.dedup();
         let facts = Facts {
-            nodes: vec![me],
+            nodes: vec![me].into(),
             failsafe: self.config.failsafe.clone(),
             node_peers: node_peers(&self.peer_slices.state()),
             api_servers,
@@ -1037,7 +1037,7 @@ mod tests {
 
     fn facts(node: &NodeFacts) -> Facts {
         Facts {
-            nodes: vec![node.clone()],
+            nodes: vec![node.clone()].into(),
             failsafe: Failsafe::default(),
             ..Default::default()
         }

@@ -120,7 +120,7 @@ pub(crate) async fn compute<E: Ec2>(
     }
     let scopes = scopes(&ctx.config.vpc_cidrs);
     let mut out = BTreeMap::new();
-    for node in &nodes {
+    for node in nodes.iter() {
         let Some(instance) = node.instance_id().and_then(|id| instances.get(id)) else {
             continue;
         };

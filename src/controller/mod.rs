@@ -419,7 +419,7 @@ impl<E: Ec2> Context<E> {
 
     /// Every Node's facts, by name, from the watch cache (once its initial
     /// list is in: never a half view).
-    pub(crate) async fn node_facts(&self) -> Result<Vec<NodeFacts>, Error> {
+    pub(crate) async fn node_facts(&self) -> Result<Arc<Vec<NodeFacts>>, Error> {
         self.cache.ready().await;
         Ok(self.cache.nodes())
     }
