@@ -52,7 +52,8 @@ fn facts() -> Facts {
                 addresses: vec!["10.0.1.11".parse().unwrap()],
                 provider_id: None,
             },
-        ].into(),
+        ]
+        .into(),
         ..Default::default()
     };
     facts.failsafe.admin_cidrs = vec!["192.0.2.0/24".parse().unwrap()];

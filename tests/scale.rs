@@ -52,7 +52,12 @@ async fn requests_of(
 }
 
 /// The resources the controller watches.
-const WATCHED: [&str; 4] = ["firewallpolicies", "nodes", "firewallnodes", "firewallpeerslices"];
+const WATCHED: [&str; 4] = [
+    "firewallpolicies",
+    "nodes",
+    "firewallnodes",
+    "firewallpeerslices",
+];
 
 /// LISTs of each watched resource, and status writes of policies, so far.
 async fn restart_counts(client: &kube::Client) -> (Vec<u64>, u64) {
@@ -73,7 +78,11 @@ async fn settle(metrics: &Metrics, at_least: u64) {
     for _ in 0..120 {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let now = reconciles(metrics);
-        still = if now == last && now >= at_least { still + 1 } else { 0 };
+        still = if now == last && now >= at_least {
+            still + 1
+        } else {
+            0
+        };
         if still >= 6 {
             return;
         }
@@ -228,7 +237,11 @@ async fn node_heartbeats_cause_no_list_and_a_restart_one_list_per_resource() {
             .await
             .unwrap();
         let synced = p.status.and_then(|s| s.cloud_sync).is_some();
-        assert!(synced, "{} reached a full cloud sync", p.metadata.name.unwrap());
+        assert!(
+            synced,
+            "{} reached a full cloud sync",
+            p.metadata.name.unwrap()
+        );
     }
     let _ = stop.send(());
     let _ = tokio::time::timeout(Duration::from_secs(10), task).await;

@@ -648,7 +648,10 @@ fn spec_event(seen: &mut BTreeMap<String, String>, event: &watcher::Event<Firewa
 /// Whether an event of the agent's own Node can change what it enforces:
 /// its uid, labels, InternalIPs or providerID changed (the kubelet's status
 /// heartbeats change none of them), or the watch re-listed.
-fn node_event(last: &mut Option<(Option<String>, NodeFacts)>, event: &watcher::Event<Node>) -> bool {
+fn node_event(
+    last: &mut Option<(Option<String>, NodeFacts)>,
+    event: &watcher::Event<Node>,
+) -> bool {
     match event {
         watcher::Event::Apply(n) | watcher::Event::InitApply(n) => {
             let now = (n.uid(), NodeFacts::from_node(n));
@@ -1067,7 +1070,11 @@ mod tests {
         );
         assert_eq!(p.spec, spec);
         let status = p.status.unwrap();
-        assert_eq!(status.resolved_peers.len(), 1, "what the node layer matches");
+        assert_eq!(
+            status.resolved_peers.len(),
+            1,
+            "what the node layer matches"
+        );
         assert!(status.conditions.is_empty() && status.warnings.is_empty());
         assert!(status.observed_generation.is_none());
         assert_eq!(before.len(), 16, "a hash is kept per policy, not the spec");

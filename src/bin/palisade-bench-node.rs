@@ -255,7 +255,8 @@ fn rss_child(netns: &str, backend: &str) -> BenchResult<()> {
         nodes: vec![NodeFacts {
             name: "node".into(),
             ..Default::default()
-        }].into(),
+        }]
+        .into(),
         ..Default::default()
     };
     let dataplane = Dataplane::new(backend, Some(netns.to_string()));
@@ -529,7 +530,8 @@ fn run_backend(net: &SimNet, backend: Backend, probes: usize) -> BenchResult<Vec
             name: "node".into(),
             addresses: node.addresses(),
             ..Default::default()
-        }].into(),
+        }]
+        .into(),
         ..Default::default()
     };
     let mut bench = Bench {

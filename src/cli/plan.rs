@@ -713,7 +713,7 @@ mod tests {
                 labels: [("role".to_string(), "web".to_string())].into(),
                 addresses: vec!["10.0.1.10".parse().unwrap()],
                 provider_id: Some("aws:///eu-west-1a/i-0123456789abcdef0".into()),
-            }].into(),
+            }],
             ..Default::default()
         };
         live.instances.insert(

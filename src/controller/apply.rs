@@ -381,9 +381,7 @@ fn cloud_sync_record(
     drift_repaired: bool,
 ) -> crate::api::CloudSync {
     match last {
-        Some(l) if l.generation == generation && l.inputs == inputs && !drift_repaired => {
-            l.clone()
-        }
+        Some(l) if l.generation == generation && l.inputs == inputs && !drift_repaired => l.clone(),
         _ => crate::api::CloudSync {
             generation,
             inputs,
@@ -1549,10 +1547,7 @@ mod tests {
     fn interface_events_name_a_bounded_sample() {
         let items: Vec<String> = (0..8).map(|i| format!("eni-{i}")).collect();
         assert_eq!(sample_list(&items[..1], 5), "eni-0");
-        assert_eq!(
-            sample_list(&items[..2], 5),
-            "2 interfaces: eni-0, eni-1"
-        );
+        assert_eq!(sample_list(&items[..2], 5), "2 interfaces: eni-0, eni-1");
         assert_eq!(
             sample_list(&items, 5),
             "8 interfaces: eni-0, eni-1, eni-2, eni-3, eni-4 and 3 more"

@@ -235,10 +235,9 @@ pub fn trim_report(report: FirewallNode) -> FirewallNode {
                 ..Default::default()
             })
             .collect(),
-        last_sync: s.last_sync.map(|l| crate::api::SyncResult {
-            message: None,
-            ..l
-        }),
+        last_sync: s
+            .last_sync
+            .map(|l| crate::api::SyncResult { message: None, ..l }),
         exposure: s.exposure,
         ..Default::default()
     });
@@ -505,7 +504,10 @@ mod tests {
             "status": {"ruleCount": 1, "policies": [{"name": "web", "generation": 1, "hash": "a"}]}
         }))
         .unwrap();
-        assert_eq!(cache.report_event(watcher::Event::Apply(r.clone())).len(), 1);
+        assert_eq!(
+            cache.report_event(watcher::Event::Apply(r.clone())).len(),
+            1
+        );
         if let Some(s) = r.status.as_mut() {
             s.rule_count = 2;
             s.policies[0].hash = "b".into();

@@ -332,17 +332,20 @@ pub async fn publish(client: Client) {
 /// without the controller's, or a controller that watches only some
 /// policies (`--policy-selector`) while slices serve every policy.
 pub fn own_policy_watch(client: Client) -> impl futures::Stream<Item = PolicyEvent> + Send {
-    watcher(Api::<FirewallPolicy>::all(client), watcher::Config::default())
-        .default_backoff()
-        .filter_map(|e| async move {
-            match e {
-                Ok(e) => Some(policy_event(&e)),
-                Err(e) => {
-                    warn!(error = %e, "policy watch error (peer slices); retrying");
-                    None
-                }
+    watcher(
+        Api::<FirewallPolicy>::all(client),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .filter_map(|e| async move {
+        match e {
+            Ok(e) => Some(policy_event(&e)),
+            Err(e) => {
+                warn!(error = %e, "policy watch error (peer slices); retrying");
+                None
             }
-        })
+        }
+    })
 }
 
 /// Runs the publisher over the controller's `cache` and the policy events

@@ -52,7 +52,8 @@ fn facts() -> Facts {
                 &["10.0.2.6", "2001:db8:0:2::6"],
             ),
             node("n3", &[("role", "web"), ("zone", "b")], &["10.1.3.7"]),
-        ].into(),
+        ]
+        .into(),
         quota: SgQuota {
             rules_per_direction: 10_000,
             ..SgQuota::default()
