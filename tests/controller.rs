@@ -7,7 +7,7 @@
 //! apiserver and moto do not see each other's policies.
 #![allow(clippy::unwrap_used)]
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -1655,51 +1655,62 @@ async fn a_shared_group_is_repaired_and_a_member_moves_out_without_a_gap() {
     // Out of band: revoke the second policy's rule, add a stranger.
     drift_and_wait_repaired(&ec2, &group, 80, &before).await;
     // The second policy edited out of the class (another selector, the same
-    // node): its own group first, then its rule leaves the shared one.
-    let mut p = get("ctl-sdrift-2").await;
-    p.spec.node_selector.as_mut().unwrap().match_expressions =
-        Some(vec![palisade::api::NodeSelectorRequirement {
-            key: "role".into(),
-            operator: "Exists".into(),
-            values: None,
-        }]);
+    // node): the node's class is now both selectors; it moves to their new
+    // group, complete first, in one call, and the old group goes. Both
+    // rules are admitted at every poll.
+    let patch = serde_json::json!({ "spec": { "nodeSelector": { "matchExpressions": [
+        { "key": "role", "operator": "Exists" }
+    ] } } });
     policies()
         .await
-        .replace("ctl-sdrift-2", &PostParams::default(), &p)
+        .patch(
+            "ctl-sdrift-2",
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
         .await
         .unwrap();
-    let own = eventually("moved out", Duration::from_secs(60), || async {
-        let (g, n) = synced_group("ctl-sdrift-2").await?;
-        (g != group && n == 1).then_some(g)
+    let both: BTreeSet<i32> = [22, 80].into();
+    let composed = eventually("moved", Duration::from_secs(60), || async {
+        let (ports, groups) = admitted(&ec2, &node).await;
+        assert!(
+            both.is_subset(&ports),
+            "a gap during the move: {ports:?} on {groups:?}"
+        );
+        let (a, _) = synced_group("ctl-sdrift-1").await?;
+        let (b, n) = synced_group("ctl-sdrift-2").await?;
+        (a == b && a != group && n == 1 && groups.contains(&a) && !groups.contains(&group))
+            .then_some(a)
     })
     .await;
-    eventually(
-        "its rule left the shared group",
-        Duration::from_secs(30),
-        || async {
-            let ports: Vec<i32> = rules_of(&ec2, &group)
-                .await
-                .iter()
-                .filter(|r| !r.0)
-                .map(|r| r.1.from_port)
-                .collect();
-            (ports == vec![22]).then_some(())
-        },
-    )
-    .await;
-    let on_node = eni_groups(&node).await;
-    assert!(
-        on_node.contains(&own) && on_node.contains(&group),
-        "{on_node:?}"
-    );
-    delete_and_wait("ctl-sdrift-1").await;
-    delete_and_wait("ctl-sdrift-2").await;
-    // The last member gone: the shared group too.
-    assert!(
+    eventually("the old group deleted", Duration::from_secs(30), || async {
         ec2.describe_groups(std::slice::from_ref(&group))
             .await
             .map_or(true, |g| g.is_empty())
-    );
+            .then_some(())
+    })
+    .await;
+    let ports: Vec<i32> = rules_of(&ec2, &composed)
+        .await
+        .iter()
+        .filter(|r| !r.0)
+        .map(|r| r.1.from_port)
+        .collect();
+    assert_eq!(ports, vec![22, 80]);
+    delete_and_wait("ctl-sdrift-1").await;
+    delete_and_wait("ctl-sdrift-2").await;
+    // The last member gone: the group too.
+    eventually(
+        "the composed group deleted",
+        Duration::from_secs(30),
+        || async {
+            ec2.describe_groups(std::slice::from_ref(&composed))
+                .await
+                .map_or(true, |g| g.is_empty())
+                .then_some(())
+        },
+    )
+    .await;
     ctl.stop().await;
 }
 
@@ -2125,4 +2136,549 @@ async fn release_deletes_groups_drops_finalizers_and_names_what_it_left() {
         .await
         .unwrap();
     wait_gone("ctl-release-left", Duration::from_secs(10)).await;
+}
+
+/// Sets the ingress rules of policy `name` (a merge patch of the one
+/// field, as `kubectl patch` would).
+async fn set_ingress(name: &str, ingress: Vec<FirewallRule>) {
+    let patch = serde_json::json!({ "spec": { "ingress": ingress } });
+    policies()
+        .await
+        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+}
+
+/// The groups Palisade created for policy `name` alone, found in moto by
+/// its identity tag.
+async fn own_groups_of(ec2: &AwsEc2, name: &str) -> Vec<String> {
+    let uid = get(name).await.metadata.uid.unwrap();
+    ec2.find_groups(&BTreeMap::from([(tags::POLICY_UID.to_string(), uid)]))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|g| g.id)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_policy_without_cloud_rules_takes_no_slot_and_a_new_node_takes_every_group_in_one_call() {
+    let test = "slots";
+    env().await;
+    let net = SimNet::new().unwrap();
+    let web = sim_node(&net, test, "ctl-slots-web", "web").await;
+    let default_groups = eni_groups(&web).await;
+    let ctl = Running::start(test, Duration::from_secs(300), 60).await;
+    let ec2 = direct();
+    let node_only = || {
+        let mut r = tcp("ssh", &[22], &["10.0.0.0/8"]);
+        r.layers = Some(vec![palisade::api::Layer::Node]);
+        r
+    };
+
+    // Node-layer rules only: no group is created or attached, and the
+    // status says why.
+    create_policy(&policy(test, "ctl-slots-node", "web", vec![node_only()])).await;
+    let no_group = || async {
+        let p = get("ctl-slots-node").await;
+        let s = p.status.as_ref()?;
+        let (status, reason, _) = condition(&p, "CloudSynced")?;
+        (s.observed_generation == p.metadata.generation
+            && status == "True"
+            && reason == "NoCloudRules"
+            && s.security_group.is_none())
+        .then_some(())
+    };
+    eventually("no group", Duration::from_secs(60), no_group).await;
+    assert!(own_groups_of(&ec2, "ctl-slots-node").await.is_empty());
+    assert_eq!(eni_groups(&web).await, default_groups);
+
+    // A cloud rule added: the group is created, filled and attached.
+    set_ingress(
+        "ctl-slots-node",
+        vec![node_only(), tcp("https", &[443], &["10.0.0.0/8"])],
+    )
+    .await;
+    let group = wait_cloud_synced("ctl-slots-node").await;
+    assert!(eni_groups(&web).await.contains(&group));
+    assert!(
+        rules_of(&ec2, &group)
+            .await
+            .iter()
+            .any(|(_, _, d)| d.contains("ctl-slots-node/https"))
+    );
+    // Removed again: the group leaves the interface and is deleted.
+    set_ingress("ctl-slots-node", vec![node_only()]).await;
+    eventually("no group again", Duration::from_secs(60), no_group).await;
+    eventually("group deleted", Duration::from_secs(30), || async {
+        own_groups_of(&ec2, "ctl-slots-node")
+            .await
+            .is_empty()
+            .then_some(())
+    })
+    .await;
+    assert_eq!(eni_groups(&web).await, default_groups);
+
+    // Two policies with different selectors over the web nodes (one pool,
+    // one all-nodes), each with a group of its own (named: composable
+    // policies would share one, see the composed-group tests).
+    let named = |name: &str| SecurityGroupTarget {
+        name: Some(format!("palisade-{name}")),
+        ..Default::default()
+    };
+    let mut pool_policy = policy(
+        test,
+        "ctl-slots-pool",
+        "web",
+        vec![tcp("app", &[8080], &["10.0.0.0/8"])],
+    );
+    pool_policy.spec.security_group = Some(named("ctl-slots-pool"));
+    create_policy(&pool_policy).await;
+    let mut everyone = policy(
+        test,
+        "ctl-slots-all",
+        "web",
+        vec![tcp("metrics", &[9100], &["10.0.0.0/8"])],
+    );
+    everyone.spec.node_selector = Some(NodeSelector {
+        match_labels: Some(BTreeMap::from([(TEST_LABEL.to_string(), test.to_string())])),
+        match_expressions: None,
+    });
+    everyone.spec.security_group = Some(named("ctl-slots-all"));
+    create_policy(&everyone).await;
+    let pool = wait_cloud_synced("ctl-slots-pool").await;
+    let all = wait_cloud_synced("ctl-slots-all").await;
+    eventually("both on web", Duration::from_secs(30), || async {
+        let groups = eni_groups(&web).await;
+        (groups.contains(&pool) && groups.contains(&all)).then_some(())
+    })
+    .await;
+
+    // A node joins: its interface takes both groups in one call (the
+    // first of the two reconciles puts the other's group there too), and
+    // nothing for the node-only policy.
+    ctl.proxy.take_calls();
+    let web2 = sim_node(&net, test, "ctl-slots-web2", "web").await;
+    // The controller may be quicker than a read here: the simulated nodes
+    // all start with the subnet's default group.
+    let web2_default = default_groups.clone();
+    eventually(
+        "the new node carries both",
+        Duration::from_secs(60),
+        || async {
+            let groups = eni_groups(&web2).await;
+            (groups.contains(&pool) && groups.contains(&all)).then_some(())
+        },
+    )
+    .await;
+    // Both policies report the node (a reconcile of each ran).
+    eventually("both count it", Duration::from_secs(30), || async {
+        for name in ["ctl-slots-pool", "ctl-slots-all"] {
+            let g = get(name).await.status?.security_group?;
+            (g.attached == 2).then_some(())?;
+        }
+        Some(())
+    })
+    .await;
+    let calls = ctl.proxy.take_calls();
+    let modify = count(&calls, "ModifyNetworkInterfaceAttribute");
+    assert_eq!(modify, 1, "one call for one new interface");
+    let mut want = web2_default.clone();
+    want.extend([pool.clone(), all.clone()]);
+    want.sort();
+    let mut have = eni_groups(&web2).await;
+    have.sort();
+    assert_eq!(have, want);
+    for name in ["ctl-slots-node", "ctl-slots-pool", "ctl-slots-all"] {
+        delete_and_wait(name).await;
+    }
+    assert_eq!(eni_groups(&web).await, default_groups);
+    assert_eq!(eni_groups(&web2).await, web2_default);
+    for g in [&pool, &all] {
+        assert!(
+            ec2.describe_groups(std::slice::from_ref(g))
+                .await
+                .map_or(true, |f| f.is_empty())
+        );
+    }
+    ctl.stop().await;
+}
+
+/// The tcp ports from 10.0.0.0/8 the groups on `node`'s interface admit
+/// together, read as one consistent view (read again should a group go
+/// between the two reads), and those groups.
+async fn admitted(ec2: &AwsEc2, node: &SimNode) -> (BTreeSet<i32>, Vec<String>) {
+    'read: loop {
+        let groups = eni_groups(node).await;
+        let mut ports = BTreeSet::new();
+        for g in &groups {
+            let Ok(rules) = ec2.describe_rules(g).await else {
+                continue 'read;
+            };
+            for r in rules {
+                if r.direction == palisade::policy::Direction::Ingress
+                    && r.permission.peer
+                        == palisade::policy::SgPeer::Ipv4("10.0.0.0/8".parse().unwrap())
+                {
+                    ports.insert(r.permission.from_port);
+                }
+            }
+        }
+        if eni_groups(node).await == groups {
+            return (ports, groups);
+        }
+    }
+}
+
+/// Labels node `name` with `labels` (a merge patch).
+async fn label(client: &Client, name: &str, labels: &[(String, String)]) {
+    let nodes: Api<Node> = Api::all(client.clone());
+    let labels: BTreeMap<&str, &str> = labels
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let patch = serde_json::json!({ "metadata": { "labels": labels } });
+    nodes
+        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn twenty_policies_with_different_selectors_compose_into_one_group_per_node() {
+    let test = "compose";
+    let env = env().await;
+    let client = env.client().await.unwrap();
+    let net = SimNet::new().unwrap();
+    // Node a is in pools 1..=19, node b in pools 1..=10; one policy per
+    // pool (19 different selectors) and one selecting every node: a is
+    // selected by 20 policies, b by 11.
+    let pools = |n: usize| -> Vec<(String, String)> {
+        (1..=n)
+            .map(|i| (format!("pool-{i}"), "yes".to_string()))
+            .collect()
+    };
+    let node = |name: &'static str, n: usize| {
+        let mut labels = pools(n);
+        labels.push((TEST_LABEL.to_string(), test.to_string()));
+        labels.push(("role".to_string(), "web".to_string()));
+        SimNode::create(env, &net, name, labels)
+    };
+    let a = node("ctl-compose-a", 19).await.unwrap();
+    let b = node("ctl-compose-b", 10).await.unwrap();
+    let defaults = eni_groups(&a).await;
+    let names: Vec<String> = (0..20).map(|i| format!("ctl-compose-{i}")).collect();
+    for (i, name) in names.iter().enumerate() {
+        let mut p = policy(
+            test,
+            name,
+            "web",
+            vec![tcp("app", &[8000 + i as u16], &["10.0.0.0/8"])],
+        );
+        let mut labels = BTreeMap::from([(TEST_LABEL.to_string(), test.to_string())]);
+        if i > 0 {
+            labels.insert(format!("pool-{i}"), "yes".to_string());
+        }
+        p.spec.node_selector = Some(NodeSelector {
+            match_labels: Some(labels),
+            match_expressions: None,
+        });
+        create_policy(&p).await;
+    }
+    let ctl = Running::start(test, Duration::from_secs(300), 60).await;
+    let ec2 = direct();
+    let ports = |n: usize| -> BTreeSet<i32> { (0..=n as i32).map(|i| 8000 + i).collect() };
+    // Every group seen on the interfaces, to check at the end that none is
+    // left.
+    let seen: std::sync::Mutex<BTreeSet<String>> = Default::default();
+
+    // Converged: each interface carries one Palisade group next to its
+    // default, admitting exactly the union of its policies' cloud rules;
+    // never more than 5 groups on an interface at any poll.
+    let converged = eventually("composed", Duration::from_secs(180), || {
+        let (a, b, ec2, defaults, seen) = (&a, &b, &ec2, &defaults, &seen);
+        let want_a = ports(19);
+        let want_b = ports(10);
+        async move {
+            let (on_a, groups_a) = admitted(ec2, a).await;
+            let (on_b, groups_b) = admitted(ec2, b).await;
+            assert!(
+                groups_a.len() <= 5 && groups_b.len() <= 5,
+                "{groups_a:?} {groups_b:?}"
+            );
+            seen.lock().unwrap().extend(
+                groups_a
+                    .iter()
+                    .chain(&groups_b)
+                    .filter(|g| !defaults.contains(g))
+                    .cloned(),
+            );
+            if groups_a.len() != defaults.len() + 1 || groups_b.len() != defaults.len() + 1 {
+                return None;
+            }
+            (on_a == want_a && on_b == want_b).then_some((groups_a, groups_b))
+        }
+    })
+    .await;
+    let group_a = converged
+        .0
+        .iter()
+        .find(|g| !defaults.contains(g))
+        .unwrap()
+        .clone();
+    let group_b = converged
+        .1
+        .iter()
+        .find(|g| !defaults.contains(g))
+        .unwrap()
+        .clone();
+    assert_ne!(group_a, group_b);
+    // Every policy reports its cloud layer synced, naming a group that
+    // holds its rule.
+    for (i, name) in names.iter().enumerate() {
+        let group = wait_cloud_synced(name).await;
+        assert!(group == group_a || group == group_b, "{name}: {group}");
+        let status = get(name).await.status.unwrap().security_group.unwrap();
+        assert_eq!(status.ingress_rules, 1, "{name}");
+        assert_eq!(
+            status.attached,
+            if i == 0 || i <= 10 { 2 } else { 1 },
+            "{name}"
+        );
+    }
+
+    // b joins pools 11..=19: it moves to a's group in one call; ports
+    // 8000..=8010, allowed before and after, are admitted at every poll.
+    ctl.proxy.take_calls();
+    label(&client, "ctl-compose-b", &pools(19)).await;
+    eventually("b moved", Duration::from_secs(60), || {
+        let (b, ec2, group_a, group_b, seen) = (&b, &ec2, &group_a, &group_b, &seen);
+        let kept = ports(10);
+        async move {
+            let (on_b, groups_b) = admitted(ec2, b).await;
+            assert!(groups_b.len() <= 5, "{groups_b:?}");
+            assert!(
+                kept.is_subset(&on_b),
+                "a gap during the move: {on_b:?} on {groups_b:?}"
+            );
+            seen.lock().unwrap().extend(groups_b.iter().cloned());
+            (groups_b.contains(group_a) && !groups_b.contains(group_b)).then_some(())
+        }
+    })
+    .await;
+    eventually("b's old group deleted", Duration::from_secs(60), || async {
+        let gone = ec2
+            .describe_groups(std::slice::from_ref(&group_b))
+            .await
+            .map_or(true, |g| g.is_empty());
+        let (on_b, groups_b) = admitted(&ec2, &b).await;
+        assert!(ports(10).is_subset(&on_b), "{on_b:?}");
+        (gone && groups_b.len() == defaults.len() + 1 && on_b == ports(19)).then_some(())
+    })
+    .await;
+    let calls = ctl.proxy.take_calls();
+    assert_eq!(
+        count(&calls, "ModifyNetworkInterfaceAttribute"),
+        1,
+        "b's interface moves in one call"
+    );
+
+    // All deleted: every group they had is gone, the interfaces as they were.
+    for name in &names {
+        policies()
+            .await
+            .delete(name, &DeleteParams::default())
+            .await
+            .unwrap();
+    }
+    for name in &names {
+        wait_gone(name, Duration::from_secs(120)).await;
+    }
+    assert_eq!(eni_groups(&a).await, defaults);
+    assert_eq!(eni_groups(&b).await, defaults);
+    let mut seen = seen.into_inner().unwrap();
+    seen.retain(|g| !defaults.contains(g));
+    assert!(seen.contains(&group_a) && seen.contains(&group_b));
+    for g in &seen {
+        assert!(
+            ec2.describe_groups(std::slice::from_ref(g))
+                .await
+                .map_or(true, |f| f.is_empty()),
+            "{g} left behind"
+        );
+    }
+    ctl.stop().await;
+}
+
+/// The composed groups holding the selector of the policies tagged with
+/// `selector_tag` (read from a group's tags), as moto has them.
+async fn composed_with(ec2: &AwsEc2, selector_tag: &str) -> Vec<String> {
+    ec2.find_groups(&BTreeMap::from([(
+        selector_tag.to_string(),
+        "1".to_string(),
+    )]))
+    .await
+    .unwrap()
+    .into_iter()
+    .map(|g| g.id)
+    .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_mid_composition_leaves_no_twin_and_nothing_behind() {
+    let test = "compose-kill";
+    env().await;
+    let net = SimNet::new().unwrap();
+    let labels = [
+        (TEST_LABEL, test),
+        ("role", "web"),
+        ("pool-1", "yes"),
+        ("pool-2", "yes"),
+        ("pool-3", "yes"),
+    ];
+    let a = SimNode::create(env().await, &net, "ctl-ckill-a", labels)
+        .await
+        .unwrap();
+    let defaults = eni_groups(&a).await;
+    let ec2 = direct();
+    let make = |i: u16| {
+        let mut p = policy(
+            test,
+            &format!("ctl-ckill-{i}"),
+            "web",
+            vec![tcp("app", &[9000 + i], &["10.0.0.0/8"])],
+        );
+        let mut labels = BTreeMap::from([(TEST_LABEL.to_string(), test.to_string())]);
+        if i > 0 {
+            labels.insert(format!("pool-{i}"), "yes".to_string());
+        }
+        p.spec.node_selector = Some(NodeSelector {
+            match_labels: Some(labels),
+            match_expressions: None,
+        });
+        p
+    };
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut controller = restartable_controller(test, port);
+    create_policy(&make(0)).await;
+    create_policy(&make(1)).await;
+    let first = eventually("composed", Duration::from_secs(60), || async {
+        let groups = eni_groups(&a).await;
+        let ours: Vec<&String> = groups.iter().filter(|g| !defaults.contains(g)).collect();
+        let [g] = ours.as_slice() else { return None };
+        let described = ec2.describe_groups(std::slice::from_ref(*g)).await.ok()?;
+        let tags = &described.first()?.tags;
+        (tags
+            .keys()
+            .filter(|k| k.starts_with("palisade.dev/selector."))
+            .count()
+            == 2)
+            .then(|| (g.to_string(), tags.clone()))
+    })
+    .await;
+    // A selector tag of the first group: the selectors of policies 0 and 1
+    // are in every class of this test, so every composed group it makes
+    // carries it.
+    let c0_tag = first
+        .1
+        .keys()
+        .find(|k| k.starts_with("palisade.dev/selector."))
+        .cloned()
+        .unwrap();
+    assert_eq!(composed_with(&ec2, &c0_tag).await, vec![first.0.clone()]);
+    // Each new policy changes the node's class (a new group, an interface
+    // move, the old group deleted); the controller is killed (SIGKILL)
+    // partway, at a different point each time, and started again.
+    for (i, after_ms) in [(2u16, 150u64), (3, 600)] {
+        create_policy(&make(i)).await;
+        tokio::time::sleep(Duration::from_millis(after_ms)).await;
+        controller.kill().await.unwrap();
+        controller = restartable_controller(test, port);
+    }
+    let want: BTreeSet<i32> = (9000..=9003).collect();
+    let last = eventually(
+        "converged after the kills",
+        Duration::from_secs(120),
+        || async {
+            let (ports, groups) = admitted(&ec2, &a).await;
+            assert!(groups.len() <= 5, "{groups:?}");
+            let ours: Vec<String> = groups
+                .into_iter()
+                .filter(|g| !defaults.contains(g))
+                .collect();
+            let composed = composed_with(&ec2, &c0_tag).await;
+            (ours.len() == 1 && ports == want && composed == ours).then(|| ours[0].clone())
+        },
+    )
+    .await;
+    assert_ne!(last, first.0);
+    controller.kill().await.unwrap();
+    let ctl = Running::start(test, Duration::from_secs(300), 60).await;
+    for i in 0..=3 {
+        delete_and_wait(&format!("ctl-ckill-{i}")).await;
+    }
+    assert_eq!(eni_groups(&a).await, defaults);
+    assert_eq!(composed_with(&ec2, &c0_tag).await, Vec::<String>::new());
+    ctl.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn policies_whose_union_does_not_fit_one_group_say_so_before_any_write() {
+    let test = "compose-quota";
+    env().await;
+    let net = SimNet::new().unwrap();
+    let web = sim_node(&net, test, "ctl-cq-web", "web").await;
+    let defaults = eni_groups(&web).await;
+    // Two policies with different selectors over one node, 40 rules each:
+    // each fits a group, their union (80) does not fit the node's one.
+    let cidrs: Vec<String> = (0..40).map(|i| format!("10.1.0.{i}/32")).collect();
+    let cidrs: Vec<&str> = cidrs.iter().map(String::as_str).collect();
+    let mut pool = policy(
+        test,
+        "ctl-cq-pool",
+        "web",
+        vec![tcp("app", &[1000], &cidrs)],
+    );
+    pool.spec.node_selector.as_mut().unwrap().match_labels = Some(BTreeMap::from([
+        (TEST_LABEL.to_string(), test.to_string()),
+        ("role".to_string(), "web".to_string()),
+    ]));
+    let mut everyone = policy(test, "ctl-cq-all", "web", vec![tcp("app", &[2000], &cidrs)]);
+    everyone.spec.node_selector = Some(NodeSelector {
+        match_labels: Some(BTreeMap::from([(TEST_LABEL.to_string(), test.to_string())])),
+        match_expressions: None,
+    });
+    create_policy(&pool).await;
+    create_policy(&everyone).await;
+    let ctl = Running::start(test, Duration::from_secs(300), 60).await;
+    for name in ["ctl-cq-pool", "ctl-cq-all"] {
+        let stalled = eventually("Stalled", Duration::from_secs(60), || async {
+            let p = get(name).await;
+            condition(&p, "Stalled").filter(|c| c.0 == "True")
+        })
+        .await;
+        assert_eq!(stalled.1, "QuotaExceeded", "{stalled:?}");
+        assert!(
+            stalled.2.contains("ctl-cq-all, ctl-cq-pool")
+                && stalled.2.contains("together on node ctl-cq-web")
+                && stalled.2.contains("need 80 ingress"),
+            "{stalled:?}"
+        );
+    }
+    let calls = ctl.proxy.take_calls();
+    for write in [
+        "CreateSecurityGroup",
+        "AuthorizeSecurityGroupIngress",
+        "ModifyNetworkInterfaceAttribute",
+    ] {
+        assert_eq!(count(&calls, write), 0, "{write}");
+    }
+    assert_eq!(eni_groups(&web).await, defaults);
+    delete_and_wait("ctl-cq-pool").await;
+    delete_and_wait("ctl-cq-all").await;
+    ctl.stop().await;
 }

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use palisade::api::{
-    FirewallPolicy, FirewallPolicySpec, FirewallRule, NodeSelector, Peer, PolicyType, PortRange,
-    Protocol,
+    FirewallPolicy, FirewallPolicySpec, FirewallRule, Layer, NodeSelector, Peer, PolicyType,
+    PortRange, Protocol,
 };
 use palisade::cloud::{MAX_FILTER_VALUES, RetryPolicy};
 use palisade::controller::{self, Config, Metrics};
@@ -75,8 +75,8 @@ async fn register(api: &Api<Node>, instances: &[(String, String)], first: usize)
     }
 }
 
-async fn attached(api: &Api<FirewallPolicy>) -> i32 {
-    api.get("fleet")
+async fn attached(api: &Api<FirewallPolicy>, name: &str) -> i32 {
+    api.get(name)
         .await
         .unwrap()
         .status
@@ -84,19 +84,59 @@ async fn attached(api: &Api<FirewallPolicy>) -> i32 {
         .map_or(0, |g| g.attached)
 }
 
-async fn converge(api: &Api<FirewallPolicy>, want: i32, timeout: Duration) -> Duration {
+async fn converge(
+    api: &Api<FirewallPolicy>,
+    names: &[&str],
+    want: i32,
+    timeout: Duration,
+) -> Duration {
     let start = Instant::now();
     loop {
-        if attached(api).await == want {
+        let mut done = true;
+        for name in names {
+            done &= attached(api, name).await == want;
+        }
+        if done {
             return start.elapsed();
         }
         assert!(
             start.elapsed() < timeout,
-            "{} of {want} nodes carry the group after {timeout:?}",
-            attached(api).await
+            "{} of {want} nodes carry the group of {} after {timeout:?}",
+            attached(api, names[0]).await,
+            names[0]
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+/// A policy allowing tcp/`port` from 10.0.0.0/8 on the nodes labelled
+/// `role` (every node when `None`), on `layers` (both when `None`).
+fn policy(name: &str, role: Option<&str>, port: u16, layers: Option<Vec<Layer>>) -> FirewallPolicy {
+    FirewallPolicy::new(
+        name,
+        FirewallPolicySpec {
+            node_selector: role.map(|role| NodeSelector {
+                match_labels: Some(BTreeMap::from([("role".into(), role.into())])),
+                match_expressions: None,
+            }),
+            policy_types: vec![PolicyType::Ingress],
+            ingress: Some(vec![FirewallRule {
+                name: "app".into(),
+                protocol: Protocol::Tcp,
+                ports: Some(vec![PortRange {
+                    port,
+                    end_port: None,
+                }]),
+                peers: vec![Peer {
+                    cidr: Some("10.0.0.0/8".into()),
+                    ..Default::default()
+                }],
+                layers,
+                ..Default::default()
+            }]),
+            ..Default::default()
+        },
+    )
 }
 
 fn by_action(calls: &[Call]) -> BTreeMap<String, usize> {
@@ -146,55 +186,62 @@ async fn four_hundred_fifty_nodes_then_five_hundred_more_converge_within_ec2_lim
         let _ = stopped.await;
     }));
 
-    let policy = FirewallPolicy::new(
-        "fleet",
-        FirewallPolicySpec {
-            node_selector: Some(NodeSelector {
-                match_labels: Some(BTreeMap::from([("role".into(), "fleet".into())])),
-                match_expressions: None,
-            }),
-            policy_types: vec![PolicyType::Ingress],
-            ingress: Some(vec![FirewallRule {
-                name: "ssh".into(),
-                protocol: Protocol::Tcp,
-                ports: Some(vec![PortRange {
-                    port: 22,
-                    end_port: None,
-                }]),
-                peers: vec![Peer {
-                    cidr: Some("10.0.0.0/8".into()),
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }]),
-            ..Default::default()
-        },
-    );
-    policies
-        .create(&PostParams::default(), &policy)
-        .await
-        .unwrap();
-    let took = converge(&policies, 450, Duration::from_secs(300)).await;
+    // A label pool's policy, and one whose rules are all node-layer (it
+    // takes no group, so no slot on any interface).
+    let pool = policy("fleet", Some("fleet"), 22, None);
+    let node_only = policy("node-only", Some("fleet"), 2222, Some(vec![Layer::Node]));
+    for p in [&pool, &node_only] {
+        policies.create(&PostParams::default(), p).await.unwrap();
+    }
+    let took = converge(&policies, &["fleet"], 450, Duration::from_secs(300)).await;
     let calls = proxy.take_calls();
     within_filter_limit(&calls);
     let counts = by_action(&calls);
     println!("450 nodes converged in {took:.1?}: {counts:?}");
     assert_eq!(counts.get("ModifyNetworkInterfaceAttribute"), Some(&450));
+    assert_eq!(counts.get("CreateSecurityGroup"), Some(&1), "{counts:?}");
     assert!(
         counts.get("DescribeInstances").copied().unwrap_or(0) >= 3,
         "450 instances need at least 3 DescribeInstances of 200: {counts:?}"
     );
+    let status = policies.get("node-only").await.unwrap().status.unwrap();
+    assert!(status.security_group.is_none(), "{status:?}");
+
+    // A policy selecting every node (another selector over the same nodes).
+    let everyone = policy("everyone", None, 9100, None);
+    policies
+        .create(&PostParams::default(), &everyone)
+        .await
+        .unwrap();
+    let took = converge(&policies, &["everyone"], 450, Duration::from_secs(300)).await;
+    let counts = by_action(&proxy.take_calls());
+    println!("a second policy over the 450 nodes converged in {took:.1?}: {counts:?}");
 
     // 500 nodes join the running cluster: each new interface gets the
     // group in one call, and every Describe stays within the limit.
     let more = run_instances(env, 500).await;
     register(&nodes, &more, 450).await;
-    let took = converge(&policies, 950, Duration::from_secs(300)).await;
+    let took = converge(
+        &policies,
+        &["fleet", "everyone"],
+        950,
+        Duration::from_secs(300),
+    )
+    .await;
     let calls = proxy.take_calls();
     within_filter_limit(&calls);
     let counts = by_action(&calls);
     println!("500 more nodes converged in {took:.1?}: {counts:?}");
-    assert_eq!(counts.get("ModifyNetworkInterfaceAttribute"), Some(&500));
+    // Two policies with cloud rules select each new node: still one call
+    // per new interface, with its whole new group list.
+    let modify = counts
+        .get("ModifyNetworkInterfaceAttribute")
+        .copied()
+        .unwrap_or(0);
+    assert!(
+        modify <= 500,
+        "{modify} ModifyNetworkInterfaceAttribute for 500 new interfaces"
+    );
     assert_eq!(counts.get("CreateSecurityGroup"), None);
 
     let _ = stop.send(());

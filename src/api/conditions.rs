@@ -76,6 +76,9 @@ pub mod reason {
     pub const WIDENED_BY_OTHER_GROUPS: &str = "WidenedByOtherGroups";
     /// `EffectiveAccess`: the policy's group is attached to no node.
     pub const NOT_ATTACHED: &str = "NotAttached";
+    /// `CloudSynced`: the policy has no cloud-layer rule, so Palisade keeps
+    /// no Security Group for it.
+    pub const NO_CLOUD_RULES: &str = "NoCloudRules";
     /// A transient error; retrying with backoff.
     pub const RETRYING: &str = "Retrying";
     /// The agent's DaemonSet was deleted: it removed the node's rules.

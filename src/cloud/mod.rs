@@ -40,6 +40,10 @@ pub mod tags {
     /// On a group shared by the policies of one class (same node selector):
     /// the class's key.
     pub const SHARED: &str = "palisade.dev/shared-selector";
+    /// On a group composed for the nodes selected by several selectors
+    /// (see `controller::compose`): one tag per selector whose policies the
+    /// group holds, this prefix followed by the selector's key (value `1`).
+    pub const SELECTOR_PREFIX: &str = "palisade.dev/selector.";
     /// Always `palisade`.
     pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
     /// Value of [`MANAGED_BY`].

@@ -10,9 +10,9 @@ use kube::runtime::controller::Action;
 
 use super::effective::Effective;
 use super::placement::{self, Slot};
-use super::shared;
 use super::status::{self, CloudState};
 use super::{Context, Error, SyncMemory, lock};
+use super::{compose, shared};
 use crate::api::{
     DeletionPolicy, FirewallPolicy, FirewallPolicyStatus, Layer, PolicyMode, SecurityGroupStatus,
     SecurityGroupTarget,
@@ -29,7 +29,8 @@ const DIRECTIONS: [Direction; 2] = [Direction::Ingress, Direction::Egress];
 /// What a full cloud sync found and did.
 #[derive(Debug, Clone)]
 struct CloudReport {
-    group: SecurityGroupStatus,
+    /// `None`: the policy has no group ([`shared::no_group`]).
+    group: Option<SecurityGroupStatus>,
     /// The sync found the group changed out of band and repaired it.
     drift_repaired: bool,
     /// What other groups on the selected interfaces admit beyond the policy.
@@ -55,7 +56,10 @@ fn group_tags<E: Ec2>(policy: &FirewallPolicy, ctx: &Context<E>) -> BTreeMap<Str
 }
 
 /// The tags that identify the group created for this very policy object.
-fn identity_tags<E: Ec2>(policy: &FirewallPolicy, ctx: &Context<E>) -> BTreeMap<String, String> {
+pub(super) fn identity_tags<E: Ec2>(
+    policy: &FirewallPolicy,
+    ctx: &Context<E>,
+) -> BTreeMap<String, String> {
     let mut t = group_tags(policy, ctx);
     t.remove(tags::POLICY);
     t.remove(tags::MANAGED_BY);
@@ -199,10 +203,12 @@ async fn apply_inner<E: Ec2>(policy: &FirewallPolicy, ctx: &Context<E>) -> Resul
     });
 
     let previous = policy.status.clone().unwrap_or_default();
-    let last_group = memory
-        .as_ref()
-        .and_then(|m| m.group.clone())
-        .or_else(|| previous.security_group.clone());
+    // This controller's memory when it has one (its "no group" included),
+    // else the status.
+    let last_group = match &memory {
+        Some(m) if m.cloud_sync.is_some() => m.group.clone(),
+        _ => previous.security_group.clone(),
+    };
     let last_sync = memory
         .as_ref()
         .and_then(|m| m.cloud_sync.clone())
@@ -255,31 +261,52 @@ async fn apply_inner<E: Ec2>(policy: &FirewallPolicy, ctx: &Context<E>) -> Resul
                 .as_ref()
                 .is_some_and(|c| c.generation == generation && c.inputs == inputs_hash);
         let previous_shared = memory.as_ref().map(|m| m.shared);
-        let report = sync_group(
-            policy,
-            ctx,
-            &compiled,
-            &facts,
-            last_group.as_ref(),
-            previous_shared,
-            drift_possible,
-        )
-        .await?;
+        let report = if shared::no_group(policy) {
+            drop_groups(policy, ctx).await?
+        } else {
+            sync_group(
+                policy,
+                ctx,
+                &compiled,
+                &facts,
+                last_group.as_ref(),
+                previous_shared,
+                drift_possible,
+            )
+            .await?
+        };
         // Moved out of a shared group (edited out of its class): the
         // class's group is planned again without this policy, now that
         // its new group is in place.
         if let Some(prev) = last_group
             .as_ref()
-            .filter(|g| g.owned && g.id != report.group.id)
+            .filter(|g| g.owned && report.group.as_ref().is_none_or(|now| g.id != now.id))
             && let Ok(found) = ctx
                 .ec2
                 .describe_groups(std::slice::from_ref(&prev.id))
                 .await
-            && let Some(k) = found.first().and_then(|g| g.tags.get(tags::SHARED))
+            && let Some(g) = found.first()
+            && let Some(k) = g.tags.get(tags::SHARED)
+            // A group of several selectors is `compose`'s to tidy.
+            && shared::class_of_group(g).is_some_and(|c| c.len() == 1)
         {
             shared::leave(ctx, policy, k, &prev.id).await?;
         }
-        let rules = i64::from(report.group.ingress_rules) + i64::from(report.group.egress_rules);
+        // Out of the classes of the selector it had (edited to another,
+        // out of composability, deleted): their groups are planned again
+        // without it, or go. Unknown after a restart: once then.
+        let now = shared::composable(policy).then(|| shared::key(policy));
+        let before = match &memory {
+            Some(m) => m.selector.clone(),
+            None if now.is_none() && shared::composable_spec(policy) => Some(shared::key(policy)),
+            None => None,
+        };
+        if let Some(old) = before.filter(|old| now.as_ref() != Some(old)) {
+            compose::leave(ctx, policy, &old, &facts).await?;
+        }
+        let rules = report.group.as_ref().map_or(0, |g| {
+            i64::from(g.ingress_rules) + i64::from(g.egress_rules)
+        });
         let cloud_sync = cloud_sync_record(
             last_sync.as_ref(),
             generation,
@@ -298,27 +325,28 @@ async fn apply_inner<E: Ec2>(policy: &FirewallPolicy, ctx: &Context<E>) -> Resul
                     ..Default::default()
                 },
                 rules,
-                group: Some(report.group.clone()),
+                group: report.group.clone(),
                 cloud_sync: Some(cloud_sync.clone()),
                 effective: report.effective.clone(),
                 shared: report.shared,
+                selector: now,
             },
         );
         ctx.set_rules_managed();
         ctx.metrics.synced(&name, SystemTime::now());
-        (Some(report.group), Some(cloud_sync), report.effective)
+        (report.group, Some(cloud_sync), report.effective)
     };
     ctx.metrics
         .widened(&name, super::effective::count(&effective));
 
     let reports = ctx.reports().await?;
     let nodes = status::node_counts(policy, &compiled.selected_nodes, &reports);
-    let mut conditions = status::conditions(
-        &previous.conditions,
-        generation,
-        &CloudState::Synced,
-        &nodes,
-    );
+    let cloud_state = if shared::no_group(policy) {
+        CloudState::NoGroup
+    } else {
+        CloudState::Synced
+    };
+    let mut conditions = status::conditions(&previous.conditions, generation, &cloud_state, &nodes);
     conditions.push(super::effective::condition(
         &previous.conditions,
         generation,
@@ -501,7 +529,7 @@ async fn write_status<E: Ec2>(
     Ok(true)
 }
 
-fn summarize(diff: &SgDiff) -> String {
+pub(super) fn summarize(diff: &SgDiff) -> String {
     let mut parts = Vec::new();
     for direction in DIRECTIONS {
         let d = diff.direction(direction);
@@ -568,7 +596,7 @@ async fn shared_group<E: Ec2>(
 /// Creates `new` and announces it in an Event on `policy` ("created
 /// {what} sg-… (name) in vpc-…"). A name already taken in the VPC is
 /// [`Error::GroupNameTaken`].
-async fn create_group<E: Ec2>(
+pub(super) async fn create_group<E: Ec2>(
     policy: &FirewallPolicy,
     ctx: &Context<E>,
     new: NewGroup,
@@ -610,7 +638,7 @@ fn vpc_of(policy: &FirewallPolicy, instances: &[InstanceInfo]) -> Result<String,
 
 /// Finds the group created for this policy (by its identity tags), or
 /// creates it, tagged, in the VPC of the spec or of the selected nodes.
-async fn owned_group<E: Ec2>(
+pub(super) async fn owned_group<E: Ec2>(
     policy: &FirewallPolicy,
     ctx: &Context<E>,
     instances: &[InstanceInfo],
@@ -693,6 +721,14 @@ async fn sync_group<E: Ec2>(
     } else {
         Vec::new()
     };
+    // Nodes it selects with policies of other selectors: composed groups.
+    if owned
+        && attaches
+        && shared::composable(policy)
+        && compose::needed(ctx, policy, facts, &selected).await?
+    {
+        return sync_composed(policy, ctx, compiled, facts, &selected, drift_possible).await;
+    }
     // The class of a composable policy, under its lock for the whole
     // sync (one writer per shared group); it shares a group when another
     // member exists, or when the class's group already does.
@@ -739,7 +775,16 @@ async fn sync_group<E: Ec2>(
             known.insert(i.id.clone(), i.clone());
         }
     }
-    check_interfaces(policy, ctx, facts, &instances, &selected, previous.as_ref()).await?;
+    check_interfaces(
+        policy,
+        ctx,
+        facts,
+        &instances,
+        &selected,
+        previous.as_ref(),
+        &BTreeSet::new(),
+    )
+    .await?;
 
     // The group.
     let (group_id, vpc_id, current, plan) = if let Some((k, members, found)) = &class {
@@ -751,6 +796,7 @@ async fn sync_group<E: Ec2>(
         if let Some((direction, family, used)) = union.over_quota() {
             return Err(Error::SharedOverQuota {
                 policy: policy.name_any(),
+                node: String::new(),
                 members: members.iter().map(ResourceExt::name_any).collect(),
                 direction,
                 family,
@@ -909,26 +955,45 @@ async fn sync_group<E: Ec2>(
             ));
         }
     }
+    // Each interface the group joins takes, in the same call, the groups
+    // of the other policies selecting its node that it lacks: one call per
+    // new interface, not one per policy.
+    let attaching: Vec<&str> = changes
+        .iter()
+        .filter(|(_, _, c)| *c == EniChange::Attach)
+        .map(|(i, _, _)| i.as_str())
+        .collect();
+    let mut exclude = replaced.clone();
+    exclude.push(group_id.clone());
+    let companions = if owned {
+        companions(ctx, policy, facts, &attaching, &exclude).await
+    } else {
+        HashMap::new()
+    };
     let results = futures::future::join_all(changes.iter().map(|(instance, eni, change)| {
         let group_id = &group_id;
         let tag = &tag;
         let replaced = &replaced;
+        let along: &[String] = match change {
+            EniChange::Attach => companions.get(instance).map_or(&[], Vec::as_slice),
+            EniChange::Detach => &[],
+        };
         async move {
-            let done = set_membership(ctx, eni, group_id, *change, replaced).await?;
+            let done = set_membership(ctx, eni, group_id, *change, replaced, along).await?;
             if !owned && done {
                 match change {
                     EniChange::Attach => ctx.ec2.tag_eni(eni, tag, &policy.name_any()).await?,
                     EniChange::Detach => ctx.ec2.untag_eni(eni, tag).await?,
                 }
             }
-            Ok::<_, Error>((instance, eni, *change, done))
+            Ok::<_, Error>((instance, eni, *change, done, along))
         }
     }))
     .await;
     let mut kept_on = 0usize;
     let mut announced: BTreeMap<EniChange, Vec<String>> = BTreeMap::new();
     for result in results {
-        let (instance, eni, change, done) = result?;
+        let (instance, eni, change, done, along) = result?;
         if !done {
             // The last group of an interface stays where it is.
             kept_on += 1;
@@ -939,16 +1004,25 @@ async fn sync_group<E: Ec2>(
                 EniChange::Attach => {
                     known
                         .eni_groups
-                        .retain(|g| !replaced.contains(g) && g != &group_id);
+                        .retain(|g| !replaced.contains(g) && g != &group_id && !along.contains(g));
                     known.eni_groups.push(group_id.clone());
+                    known.eni_groups.extend(along.iter().cloned());
                 }
                 EniChange::Detach => known.eni_groups.retain(|g| g != &group_id),
             }
         }
+        let along = if along.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " (with {}, the group(s) of other policies selecting the node, in the same call)",
+                along.join(", ")
+            )
+        };
         announced
             .entry(change)
             .or_default()
-            .push(format!("{eni} of instance {instance}"));
+            .push(format!("{eni} of instance {instance}{along}"));
     }
     // One Event per kind of change and reconcile, naming a bounded sample:
     // one per interface was about two Event writes per node added.
@@ -1038,7 +1112,7 @@ async fn sync_group<E: Ec2>(
     };
 
     Ok(CloudReport {
-        group: SecurityGroupStatus {
+        group: Some(SecurityGroupStatus {
             id: group_id,
             vpc_id,
             owned,
@@ -1049,10 +1123,125 @@ async fn sync_group<E: Ec2>(
                 .into_iter()
                 .take(crate::api::ATTACHED_SAMPLE)
                 .collect(),
-        },
+        }),
         drift_repaired,
         effective,
         shared: is_shared,
+    })
+}
+
+/// **Composed sync** ([`compose::sync`]): the policy's rules are in the
+/// group of each class of the nodes it selects; its status names the group
+/// on most of them, with the rules of its own that group holds.
+async fn sync_composed<E: Ec2>(
+    policy: &FirewallPolicy,
+    ctx: &Context<E>,
+    compiled: &CompiledPolicy,
+    facts: &Facts,
+    selected: &[String],
+    drift_possible: bool,
+) -> Result<CloudReport, Error> {
+    let plan = compiled.cloud.applied();
+    let placed = compose::sync(ctx, policy, &plan, facts, selected, drift_possible).await?;
+    let Some(main) = placed.main else {
+        return Ok(CloudReport {
+            group: None,
+            drift_repaired: placed.repaired,
+            effective: Effective::NotAttached,
+            shared: false,
+        });
+    };
+    let count = |direction: Direction| -> i32 {
+        let n = main
+            .rules
+            .iter()
+            .filter(|r| {
+                r.direction == direction
+                    && plan
+                        .permissions(direction)
+                        .is_some_and(|ps| ps.iter().any(|p| p.permission == r.permission))
+            })
+            .count();
+        i32::try_from(n).unwrap_or(i32::MAX)
+    };
+    let mut attached: Vec<String> = placed
+        .instances
+        .iter()
+        .filter(|i| i.primary_eni.is_some() && selected.contains(&i.id))
+        .map(|i| i.id.clone())
+        .collect();
+    attached.sort();
+    ctx.groups.put(&main.id, "", true, main.rules.clone());
+    let effective = match super::effective::attached_groups(
+        ctx.ec2.as_ref(),
+        &ctx.groups,
+        ctx.config.resync.mul_f32(0.9),
+        &ctx.config.cluster_name,
+        (&main.id, &main.rules),
+        &placed.instances,
+        selected,
+    )
+    .await
+    {
+        Ok(groups) => Effective::Analysed(widenings(
+            &compiled.cloud.policy,
+            compiled.cloud.mode,
+            &Intent::of(&compiled.policy, facts, Layer::Cloud),
+            &Intent::of(&compiled.policy, facts, Layer::Node),
+            Some((
+                &main.id,
+                if main.shared {
+                    GroupOwnership::Adopted
+                } else {
+                    GroupOwnership::Created
+                },
+            )),
+            &groups,
+        )),
+        Err(e) => {
+            tracing::warn!(policy = %policy.name_any(), error = %e, "reading the other groups on the nodes' interfaces failed");
+            Effective::Unknown(e.to_string())
+        }
+    };
+    tracing::debug!(policy = %policy.name_any(), groups = placed.groups, main = %main.id, "composed sync");
+    Ok(CloudReport {
+        group: Some(SecurityGroupStatus {
+            id: main.id.clone(),
+            vpc_id: main.vpc.clone(),
+            owned: true,
+            ingress_rules: count(Direction::Ingress),
+            egress_rules: count(Direction::Egress),
+            attached: i32::try_from(attached.len()).unwrap_or(i32::MAX),
+            attached_sample: attached
+                .into_iter()
+                .take(crate::api::ATTACHED_SAMPLE)
+                .collect(),
+        }),
+        drift_repaired: placed.repaired,
+        effective,
+        shared: main.shared,
+    })
+}
+
+/// **No group**: a policy with no cloud-layer rule ([`shared::no_group`])
+/// keeps none. A group created for it earlier (when it had cloud rules) is
+/// detached from every interface and deleted; it held none of the policy's
+/// permissions any more, so no flow the policy allows loses a rule. A
+/// shared group it was in is left by the caller, as for any move out.
+async fn drop_groups<E: Ec2>(
+    policy: &FirewallPolicy,
+    ctx: &Context<E>,
+) -> Result<CloudReport, Error> {
+    for group in ctx.ec2.find_groups(&identity_tags(policy, ctx)).await? {
+        if !group.tags.contains_key(tags::SHARED) {
+            retire_group(ctx, policy, &group.id).await?;
+        }
+    }
+    Ok(CloudReport {
+        group: None,
+        drift_repaired: false,
+        effective: Effective::NotAttached,
+        shared: false,
     })
 }
 
@@ -1115,7 +1304,7 @@ pub(crate) async fn retire_group<E: Ec2>(
         Err(e) => return Err(e.into()),
     };
     for eni in enis {
-        set_membership(ctx, &eni.id, group_id, EniChange::Detach, &[]).await?;
+        set_membership(ctx, &eni.id, group_id, EniChange::Detach, &[], &[]).await?;
     }
     match ctx.ec2.delete_group(group_id).await {
         Ok(()) => {
@@ -1145,7 +1334,6 @@ pub(crate) async fn retire_group<E: Ec2>(
 fn slot_of(
     policy: &FirewallPolicy,
     group: Option<&SecurityGroupStatus>,
-    classes: &BTreeMap<String, usize>,
 ) -> Option<(crate::policy::ValidPolicy, Slot)> {
     if policy.metadata.deletion_timestamp.is_some() {
         return None;
@@ -1158,14 +1346,9 @@ fn slot_of(
     let class = shared::composable(policy).then(|| shared::key(policy));
     let slot = match (&spec.id, group) {
         (Some(id), _) => Slot::Group(id.clone()),
-        // Two members or more: one shared group.
-        (None, _)
-            if class
-                .as_ref()
-                .is_some_and(|k| classes.get(k).is_some_and(|n| *n >= 2)) =>
-        {
-            Slot::Shared(class.unwrap_or_default())
-        }
+        // Composable: every composable policy selecting a node is in the
+        // one group of the node's class (see `compose`).
+        (None, _) if class.is_some() => Slot::Shared(String::new()),
         (None, Some(g)) if g.owned => Slot::Group(g.id.clone()),
         (None, _) => Slot::Pending(policy.uid().unwrap_or_else(|| policy.name_any())),
     };
@@ -1179,13 +1362,14 @@ fn slot_of(
 /// fit the quota. Names the nodes that do not (a bounded sample) with
 /// their numbers. A node already carrying the group is not judged: the
 /// group stays where it is.
-async fn check_interfaces<E: Ec2>(
+pub(super) async fn check_interfaces<E: Ec2>(
     policy: &FirewallPolicy,
     ctx: &Context<E>,
     facts: &Facts,
     instances: &[InstanceInfo],
     selected: &[String],
     group: Option<&SecurityGroupStatus>,
+    also_palisade: &BTreeSet<String>,
 ) -> Result<(), Error> {
     let limit = ctx.config.quota.groups_per_interface;
     let uid = policy.uid().unwrap_or_default();
@@ -1202,16 +1386,7 @@ async fn check_interfaces<E: Ec2>(
     // The policies' initial list in first: at a start, a reconcile may run
     // before the store holds the other policies.
     let all = shared::all_policies(ctx).await;
-    let mut classes = shared::class_sizes(
-        &all.iter()
-            .filter(|p| p.uid() != policy.uid())
-            .cloned()
-            .collect::<Vec<_>>(),
-    );
-    if shared::composable(policy) {
-        *classes.entry(shared::key(policy)).or_insert(0) += 1;
-    }
-    let Some((_, own)) = slot_of(policy, group, &classes) else {
+    let Some((_, own)) = slot_of(policy, group) else {
         return Ok(());
     };
     // Every other policy's group (the newest known: this controller's
@@ -1224,6 +1399,7 @@ async fn check_interfaces<E: Ec2>(
         .values()
         .filter(|g| g.owned)
         .map(|g| g.id.clone())
+        .chain(also_palisade.iter().cloned())
         .collect();
     let mut others = Vec::new();
     for p in all {
@@ -1235,7 +1411,7 @@ async fn check_interfaces<E: Ec2>(
             palisade.insert(g.id.clone());
         }
         if puid != uid
-            && let Some(slot) = slot_of(&p, known, &classes)
+            && let Some(slot) = slot_of(&p, known)
         {
             others.push(slot);
         }
@@ -1274,6 +1450,77 @@ async fn check_interfaces<E: Ec2>(
     })
 }
 
+/// For each instance in `attaching`, the groups other policies selecting
+/// its node put there, in existence now, that are not in `exclude`: the
+/// group this controller's last full sync of each such policy left (its
+/// memory, never a status a watch may serve late), when it is a group
+/// Palisade created for that policy alone (Enforce, attached to nodes, not
+/// shared, not composable, not being deleted). Such a group admits only that policy's
+/// rules, on nodes it selects; putting it there early makes the policy's
+/// own attach a no-op. Adopted groups are left to their policies (they tag
+/// the interface), as are shared groups (their class may be moving).
+async fn companions<E: Ec2>(
+    ctx: &Context<E>,
+    policy: &FirewallPolicy,
+    facts: &Facts,
+    attaching: &[&str],
+    exclude: &[String],
+) -> HashMap<String, Vec<String>> {
+    let mut out = HashMap::new();
+    if attaching.is_empty() {
+        return out;
+    }
+    let all = shared::all_policies(ctx).await;
+    let groups: HashMap<String, String> = lock(&ctx.memory)
+        .iter()
+        .filter(|(_, m)| !m.shared)
+        .filter_map(|(uid, m)| {
+            let g = m.group.as_ref().filter(|g| g.owned)?;
+            Some((uid.clone(), g.id.clone()))
+        })
+        .collect();
+    let others: Vec<(crate::policy::ValidPolicy, &String)> = all
+        .iter()
+        .filter(|p| p.uid() != policy.uid() && p.metadata.deletion_timestamp.is_none())
+        // A composable policy's group depends on the node's class
+        // (`compose`): its own sync places it.
+        .filter(|p| !shared::composable(p))
+        .filter(|p| {
+            let spec = target(p);
+            spec.is_owned() && spec.attaches()
+        })
+        .filter_map(|p| {
+            let id = groups.get(&p.uid()?)?;
+            let valid = crate::policy::validate(p).ok()?;
+            (valid.mode() == PolicyMode::Enforce && !exclude.contains(id)).then_some((valid, id))
+        })
+        .collect();
+    if others.is_empty() {
+        return out;
+    }
+    let nodes: HashMap<&str, &crate::policy::NodeFacts> = facts
+        .nodes
+        .iter()
+        .filter_map(|n| Some((n.instance_id()?, n)))
+        .collect();
+    for instance in attaching {
+        let Some(node) = nodes.get(instance) else {
+            continue;
+        };
+        let mut ids: Vec<String> = others
+            .iter()
+            .filter(|(v, _)| v.selects(node))
+            .map(|(_, id)| (*id).clone())
+            .collect();
+        ids.sort();
+        ids.dedup();
+        if !ids.is_empty() {
+            out.insert((*instance).to_string(), ids);
+        }
+    }
+    out
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum EniChange {
     Attach,
@@ -1287,12 +1534,18 @@ enum EniChange {
 /// concurrent reconciles never drop each other's group. Returns false
 /// when a detach would leave the ENI without any group (AWS requires
 /// one): the group then stays.
+///
+/// An attach also drops `replacing` and adds `along` (the groups of other
+/// policies selecting the node, see [`companions`]) in the same call. Should
+/// one of `along` be gone by then (its policy moved on), the attach is made
+/// again without them: they are that policy's to place.
 async fn set_membership<E: Ec2>(
     ctx: &Context<E>,
     eni: &str,
     group: &str,
     change: EniChange,
     replacing: &[String],
+    along: &[String],
 ) -> Result<bool, Error> {
     let lock = ctx.eni_lock(eni);
     let _held = lock.lock().await;
@@ -1304,6 +1557,22 @@ async fn set_membership<E: Ec2>(
             groups.retain(|g| !replacing.contains(g));
             if !groups.iter().any(|g| g == group) {
                 groups.push(group.to_string());
+            }
+            let alone = groups.clone();
+            for g in along {
+                if !groups.contains(g) && !replacing.contains(g) {
+                    groups.push(g.clone());
+                }
+            }
+            if groups != before && groups != alone {
+                match ctx.ec2.set_eni_groups(eni, &groups).await {
+                    Ok(()) => return Ok(true),
+                    Err(e) if matches!(e.kind, ErrorKind::NotFound { .. }) => {
+                        tracing::debug!(eni, error = %e, "a companion group is gone; attaching alone");
+                        groups = alone;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
             }
         }
         EniChange::Detach => {
@@ -1458,16 +1727,24 @@ pub(crate) async fn undo_cloud<E: Ec2>(
     if spec.is_owned() {
         // A member of a shared group leaves it (the group goes with its
         // last member).
-        if shared::composable_spec(policy)
-            && let Some(g) = shared::find(ctx, &shared::key(policy)).await?
-        {
-            shared::leave(ctx, policy, &shared::key(policy), &g.id).await?;
+        if shared::composable_spec(policy) {
+            if let Some(g) = shared::find(ctx, &shared::key(policy)).await? {
+                shared::leave(ctx, policy, &shared::key(policy), &g.id).await?;
+            }
+            // The groups of several selectors holding its own: their
+            // interfaces move to groups planned without it first.
+            let facts = Facts {
+                nodes: ctx.node_facts().await?,
+                quota: ctx.config.quota,
+                ..Default::default()
+            };
+            compose::leave(ctx, policy, &shared::key(policy), &facts).await?;
         }
         if spec.deletion_policy == DeletionPolicy::Delete {
             let groups = ctx.ec2.find_groups(&identity_tags(policy, ctx)).await?;
             for group in groups {
                 for eni in ctx.ec2.enis_in_group(&group.id).await? {
-                    set_membership(ctx, &eni.id, &group.id, EniChange::Detach, &[]).await?;
+                    set_membership(ctx, &eni.id, &group.id, EniChange::Detach, &[], &[]).await?;
                 }
                 match ctx.ec2.delete_group(&group.id).await {
                     Ok(()) => {
@@ -1528,7 +1805,7 @@ pub(crate) async fn undo_cloud<E: Ec2>(
         let tag = tags::attached(&id, &policy.uid().unwrap_or_default());
         for eni in ctx.ec2.enis_in_group(&id).await? {
             if eni.tags.contains_key(&tag)
-                && set_membership(ctx, &eni.id, &id, EniChange::Detach, &[]).await?
+                && set_membership(ctx, &eni.id, &id, EniChange::Detach, &[], &[]).await?
             {
                 ctx.ec2.untag_eni(&eni.id, &tag).await?;
             }

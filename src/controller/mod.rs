@@ -55,6 +55,7 @@
 
 mod apply;
 pub mod cache;
+mod compose;
 pub mod effective;
 pub mod exposure;
 pub mod leader;
@@ -193,11 +194,13 @@ pub enum Error {
     /// The union of the rules of the policies sharing one group exceeds the
     /// rule quota: found before any EC2 write.
     #[error(
-        "the policies sharing a Security Group with {policy} (same nodeSelector: {}) need {used} {direction} {family} rules together, over the quota of {limit} per group; split their rules, give one of them its own group (spec.securityGroup.name), or raise the quota and --sg-rules-per-direction", members.join(", ")
+        "the policies sharing a Security Group with {policy} ({}{}) need {used} {direction} {family} rules together, over the quota of {limit} per group; split their rules, give one of them its own group (spec.securityGroup.name), or raise the quota and --sg-rules-per-direction", members.join(", "), if node.is_empty() { String::from("; same nodeSelector") } else { format!("; together on node {node}") }
     )]
     SharedOverQuota {
         /// The policy.
         policy: String,
+        /// A node they select together (empty: they share one selector).
+        node: String,
         /// Every member of the class.
         members: Vec<String>,
         /// The direction over quota.
@@ -334,6 +337,9 @@ pub(crate) struct SyncMemory {
     pub(crate) effective: effective::Effective,
     /// The group of that sync was a shared group (see `shared`).
     pub(crate) shared: bool,
+    /// The policy's selector key when that sync found it composable (see
+    /// `compose::leave`).
+    pub(crate) selector: Option<String>,
 }
 
 /// Shared state of every reconcile.

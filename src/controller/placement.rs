@@ -2,8 +2,10 @@
 //!
 //! AWS allows a few groups per network interface (5 by default, up to 16
 //! with a quota raise). A node selected by several policies carries one
-//! Palisade group per policy that attaches one, next to the groups it had
-//! before Palisade (its *foreign* groups). Before any EC2 write, a full
+//! Palisade group for all its composable policies (their composed group,
+//! see `compose`: one [`Slot::Shared`]) and one per other policy that
+//! attaches a group of its own, next to the groups it had before Palisade
+//! (its *foreign* groups). Before any EC2 write, a full
 //! sync counts, for each node that would take its group, the groups that
 //! node's interface would carry once every policy selecting it is applied;
 //! a node over the quota takes no new group, and the policy says so in its
@@ -26,7 +28,8 @@ pub enum Slot {
     Group(String),
     /// The group of a policy (by uid) that has not been created yet.
     Pending(String),
-    /// The shared group of a class of policies (by class key).
+    /// The composed group of the node's composable policies (one slot
+    /// however many; the key is empty: one node has one class).
     Shared(String),
 }
 

@@ -8,12 +8,17 @@
 //! their separate groups would (groups on an interface are a union): a node
 //! selected by 20 such policies carries one Palisade group.
 //!
+//! Policies with *different* selectors over the same nodes are composed the
+//! same way, per node: see `compose`, which builds on the classes,
+//! plans and tags here (a class of one selector is the class below).
+//!
 //! Contract:
 //! - **Who shares.** A policy is *composable* when Palisade creates its
 //!   group with nothing of its own to keep apart: `Enforce`, no
 //!   `spec.securityGroup` `id`, `name`, `vpcId` or `tags`, attached to the
-//!   nodes, `deletionPolicy: Delete`. Composable policies with the same
-//!   selector form a *class* ([`key`]). A class of two or more members uses
+//!   nodes, `deletionPolicy: Delete`, and at least one cloud-layer rule
+//!   (without one it has no group at all, [`no_group`]). Composable
+//!   policies with the same selector form a *class* ([`key`]). A class of two or more members uses
 //!   one shared group; a lone policy keeps its own group (nothing changes
 //!   for it) unless its class already has a shared group (it stays there
 //!   rather than move back and forth).
@@ -34,7 +39,7 @@
 //!   planned again without it (its rules revoked), or detached and deleted
 //!   when no member is left.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use kube::ResourceExt;
@@ -44,13 +49,38 @@ use super::{Context, Error, lock};
 use crate::api::{DeletionPolicy, FirewallPolicy, PolicyMode};
 use crate::cloud::{Ec2, ErrorKind, GroupInfo, tags};
 use crate::policy::{
-    CloudPlan, CurrentSgRule, Direction, Facts, GroupOwnership, PlannedPermission, compile_policy,
-    diff_security_group, marker, union_plan,
+    CloudPlan, CurrentSgRule, Direction, Facts, GroupOwnership, NodeFacts, PlannedPermission,
+    compile_policy, diff_security_group, marker, union_plan,
 };
 
-/// Whether `policy` may share its group (see the module docs).
+/// Whether `policy` may share its group (see the module docs): a policy
+/// with no cloud-layer rule has no group at all ([`no_group`]), so it is no
+/// member of any class.
 pub(crate) fn composable(policy: &FirewallPolicy) -> bool {
-    policy.metadata.deletion_timestamp.is_none() && composable_spec(policy)
+    policy.metadata.deletion_timestamp.is_none()
+        && composable_spec(policy)
+        && has_cloud_rules(policy)
+}
+
+/// Whether the policy has a rule the cloud layer enforces (a rule without
+/// `layers`, or naming `Cloud`), in either direction.
+pub(crate) fn has_cloud_rules(policy: &FirewallPolicy) -> bool {
+    crate::policy::validate(policy).is_ok_and(|v| {
+        [Direction::Ingress, Direction::Egress]
+            .into_iter()
+            .any(|d| v.rules(d).unwrap_or_default().iter().any(|r| r.cloud))
+    })
+}
+
+/// Whether Palisade creates no group for `policy`: a group it would create
+/// only for this policy (what makes it [`composable_spec`]) that would hold
+/// no permission, since the policy has no cloud-layer rule. Such a group
+/// admits nothing and would only take one of the interface's few group
+/// slots. A direction the policy does not govern is left to the node's
+/// other groups, as it is for every policy (the default egress rule a new
+/// group is born with is not the policy's).
+pub(crate) fn no_group(policy: &FirewallPolicy) -> bool {
+    composable_spec(policy) && !has_cloud_rules(policy)
 }
 
 /// Whether the spec of `policy` lets it share its group (being deleted or
@@ -73,13 +103,121 @@ pub(crate) fn key(policy: &FirewallPolicy) -> String {
     crate::policy::short_hash(&["shared-selector", &selector])
 }
 
-/// The tags of the shared group of class `key`.
+/// The tags that find the shared group of class `key`.
 pub(crate) fn group_tags(cluster: &str, key: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
         (tags::CLUSTER.to_string(), cluster.to_string()),
         (tags::SHARED.to_string(), key.to_string()),
         (tags::MANAGED_BY.to_string(), tags::MANAGER.to_string()),
     ])
+}
+
+/// The tags a shared group is created with: [`group_tags`] and one
+/// [`selector_tag`] per selector of its class.
+pub(crate) fn creation_tags(
+    cluster: &str,
+    selectors: &BTreeSet<String>,
+) -> BTreeMap<String, String> {
+    let mut t = group_tags(cluster, &class_key(selectors));
+    for s in selectors {
+        t.insert(selector_tag(s), "1".to_string());
+    }
+    t
+}
+
+/// The tag that marks a shared group as holding the policies of selector
+/// `selector` (a [`key`]).
+pub(crate) fn selector_tag(selector: &str) -> String {
+    format!("{}{selector}", tags::SELECTOR_PREFIX)
+}
+
+/// The key of a placement class (the selectors of the composable policies
+/// selecting a node): the selector's own key when there is one, as for the
+/// groups of policies with the same selector, else a digest of them all.
+pub(crate) fn class_key(selectors: &BTreeSet<String>) -> String {
+    match selectors.len() {
+        1 => selectors.iter().next().cloned().unwrap_or_default(),
+        _ => {
+            let parts: Vec<&str> = std::iter::once("placement")
+                .chain(selectors.iter().map(String::as_str))
+                .collect();
+            crate::policy::short_hash(&parts)
+        }
+    }
+}
+
+/// The class a shared group was made for, from its tags: its selectors
+/// (a group made before selector tags held one selector: its key).
+pub(crate) fn class_of_group(group: &GroupInfo) -> Option<BTreeSet<String>> {
+    let key = group.tags.get(tags::SHARED)?;
+    let selectors: BTreeSet<String> = group
+        .tags
+        .keys()
+        .filter_map(|k| k.strip_prefix(tags::SELECTOR_PREFIX))
+        .map(str::to_string)
+        .collect();
+    Some(if selectors.is_empty() {
+        BTreeSet::from([key.clone()])
+    } else {
+        selectors
+    })
+}
+
+/// A composable policy as placement reads it.
+pub(crate) struct Candidate {
+    /// The policy.
+    pub(crate) policy: FirewallPolicy,
+    /// It, validated (for `selects`).
+    pub(crate) valid: crate::policy::ValidPolicy,
+    /// Its selector's [`key`].
+    pub(crate) selector: String,
+}
+
+/// Every composable policy among `all`, with `fresh` (when given) in place
+/// of its older copy.
+pub(crate) fn candidates(
+    all: &[Arc<FirewallPolicy>],
+    fresh: Option<&FirewallPolicy>,
+) -> Vec<Candidate> {
+    let fresh_uid = fresh.and_then(|p| p.uid());
+    all.iter()
+        .filter(|p| fresh_uid.is_none() || p.uid() != fresh_uid)
+        .map(|p| p.as_ref())
+        .chain(fresh)
+        .filter(|p| composable(p))
+        .filter_map(|p| {
+            Some(Candidate {
+                valid: crate::policy::validate(p).ok()?,
+                selector: key(p),
+                policy: p.clone(),
+            })
+        })
+        .collect()
+}
+
+/// The placement class of `node`: the selectors of the composable
+/// policies selecting it (empty: none does).
+pub(crate) fn class_of(candidates: &[Candidate], node: &NodeFacts) -> BTreeSet<String> {
+    candidates
+        .iter()
+        .filter(|c| c.valid.selects(node))
+        .map(|c| c.selector.clone())
+        .collect()
+}
+
+/// The members of class `selectors`: the composable policies with one of
+/// its selectors, sorted by name.
+pub(crate) fn class_members(
+    candidates: &[Candidate],
+    selectors: &BTreeSet<String>,
+) -> Vec<FirewallPolicy> {
+    let mut out: Vec<FirewallPolicy> = candidates
+        .iter()
+        .filter(|c| selectors.contains(&c.selector))
+        .map(|c| c.policy.clone())
+        .collect();
+    out.sort_by_key(|p| p.name_any());
+    out
 }
 
 /// Every policy the controller holds (its watch), waiting for the initial
@@ -115,15 +253,6 @@ pub(crate) fn members(
     out.sort_by_key(|p| p.name_any());
     out.dedup_by_key(|p| p.uid());
     out
-}
-
-/// How many composable members each class has among `all`.
-pub(crate) fn class_sizes(all: &[Arc<FirewallPolicy>]) -> BTreeMap<String, usize> {
-    let mut sizes = BTreeMap::new();
-    for p in all.iter().filter(|p| composable(p)) {
-        *sizes.entry(key(p)).or_insert(0) += 1;
-    }
-    sizes
 }
 
 /// The shared group of class `key`, if it exists (the lowest id, should
@@ -359,8 +488,56 @@ mod tests {
             names(members(&all, &key(&db), Some(&moved), None)),
             ["b", "c"]
         );
-        let sizes = class_sizes(&all);
-        assert_eq!(sizes[&key(&web_a)], 2);
-        assert_eq!(sizes[&key(&db)], 1);
+        // Placement: a node labelled web and db (were there one) would be
+        // in the class of both selectors; its members are every composable
+        // policy with either.
+        let cands = candidates(&all, None);
+        let node = |labels: &[(&str, &str)]| NodeFacts {
+            name: "n".into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Default::default()
+        };
+        let web_node = node(&[("role", "web")]);
+        assert_eq!(class_of(&cands, &web_node), BTreeSet::from([key(&web_a)]));
+        assert_eq!(class_key(&class_of(&cands, &web_node)), key(&web_a));
+        let mut everyone = with_uid(policy("f", r(), None), "6");
+        everyone.spec.node_selector = None;
+        let all = store_of(vec![
+            web_a.clone(),
+            web_b.clone(),
+            db.clone(),
+            everyone.clone(),
+        ]);
+        let cands = candidates(&all, None);
+        let class = class_of(&cands, &web_node);
+        assert_eq!(class, BTreeSet::from([key(&web_a), key(&everyone)]));
+        assert_eq!(names(class_members(&cands, &class)), ["a", "b", "f"]);
+        let db_class = class_of(&cands, &node(&[("role", "db")]));
+        assert_ne!(class_key(&class), class_key(&db_class));
+        assert_eq!(names(class_members(&cands, &db_class)), ["c", "f"]);
+        // The tags say the class back.
+        let tags = creation_tags("c1", &class);
+        let group = GroupInfo {
+            id: "sg-1".into(),
+            name: String::new(),
+            vpc_id: None,
+            tags,
+        };
+        assert_eq!(class_of_group(&group), Some(class.clone()));
+        // A policy without cloud rules is in no class.
+        let mut node_only = with_uid(policy("g", r(), None), "7");
+        node_only.spec.node_selector = None;
+        for rule in node_only.spec.ingress.iter_mut().flatten() {
+            rule.layers = Some(vec![crate::api::Layer::Node]);
+        }
+        assert!(no_group(&node_only) && !composable(&node_only));
+        let all = store_of(vec![web_a.clone(), node_only]);
+        assert_eq!(
+            class_of(&candidates(&all, None), &web_node),
+            BTreeSet::from([key(&web_a)])
+        );
     }
 }

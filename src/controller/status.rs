@@ -11,6 +11,8 @@ use crate::api::{Condition, FirewallNode, FirewallPolicy, NodeCounts};
 pub enum CloudState {
     /// The group holds exactly the plan.
     Synced,
+    /// The policy has no cloud-layer rule: it has no group.
+    NoGroup,
     /// Progress impossible until something changes (reason, message).
     Stalled(&'static str, String),
     /// A transient failure; retrying (message).
@@ -169,6 +171,11 @@ pub fn conditions(
             true,
             reason::SYNCED,
             "the Security Group holds exactly the planned rules".to_string(),
+        ),
+        CloudState::NoGroup => (
+            true,
+            reason::NO_CLOUD_RULES,
+            "the policy has no cloud-layer rule: Palisade creates and attaches no Security Group for it (the node layer enforces its rules)".to_string(),
         ),
         CloudState::Stalled(r, m) => (false, *r, m.clone()),
         CloudState::Retrying(m) => (false, reason::RETRYING, m.clone()),
