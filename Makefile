@@ -77,9 +77,18 @@ bench: bench-controller bench-node ## Both benchmarks (they print figures; nothi
 bench-controller: testbin ## EC2 calls and latency of the controller per scenario (local environment)
 	$(CARGO) run --quiet --features testenv --bin palisade-bench-controller
 
-bench-scale: testbin ## N nodes × P policies: converge time, apiserver requests (audit log) and bytes per component, RSS/CPU, EC2 calls vs AWS's bound, steady state, restart (BENCH_SCALE_ARGS=--quick for a smoke run)
+# BENCH_SCALE_PROFILE=release runs the controller and agents from a release
+# build (the RSS users see; a debug binary maps tens of MB of code), at the
+# cost of that build; the bench itself stays a debug build.
+BENCH_SCALE_PROFILE ?= debug
+bench-scale: testbin ## N nodes × P policies: converge time, apiserver requests (audit log) and bytes per component, RSS/CPU, EC2 calls vs AWS's bound, steady state, restart (BENCH_SCALE_ARGS=--quick for a smoke run; BENCH_SCALE_PROFILE=release for release binaries)
 	$(CARGO) build --quiet --features testenv --bin palisade-bench-scale --bin palisade-controller --bin palisade-agent
-	$(CARGO_TARGET_DIR)/debug/palisade-bench-scale $(BENCH_SCALE_ARGS)
+	@if [ "$(BENCH_SCALE_PROFILE)" = release ]; then \
+		$(CARGO) build --quiet --release --bin palisade-controller --bin palisade-agent && \
+		$(CARGO_TARGET_DIR)/debug/palisade-bench-scale --binaries $(CARGO_TARGET_DIR)/release $(BENCH_SCALE_ARGS); \
+	else \
+		$(CARGO_TARGET_DIR)/debug/palisade-bench-scale $(BENCH_SCALE_ARGS); \
+	fi
 
 bench-node: testbin ## Node dataplane, release build, nft and legacy: each figure beside the raw iptables-restore/ipset baseline of the same text (ours, raw, ratio); zero-gap at 1,000 edits (needs root)
 	$(CARGO) run --release --quiet --features testenv --bin palisade-bench-node

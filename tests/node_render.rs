@@ -52,7 +52,8 @@ fn facts() -> Facts {
                 addresses: vec!["10.0.1.11".parse().unwrap()],
                 provider_id: None,
             },
-        ],
+        ]
+        .into(),
         ..Default::default()
     };
     facts.failsafe.admin_cidrs = vec!["192.0.2.0/24".parse().unwrap()];
@@ -257,7 +258,7 @@ fn the_egress_lockdown_example_leaves_its_allows_and_the_scoped_failsafe() {
     // admit them.
     facts.api_servers = vec!["172.20.0.10".parse().unwrap()];
     facts.nameservers = vec!["172.20.0.2".parse().unwrap()];
-    facts.nodes.push(NodeFacts {
+    std::sync::Arc::make_mut(&mut facts.nodes).push(NodeFacts {
         name: "node-3".into(),
         addresses: vec!["172.21.0.5".parse().unwrap()],
         ..Default::default()

@@ -1,7 +1,8 @@
-//! The controller at rest on watches, counted where it counts: LISTs by the
-//! kube-apiserver's own `apiserver_request_total`, reconciles by the
-//! controller's metrics. One test in this binary, so its apiserver serves
-//! nobody else while it counts.
+//! The controller at rest on watches, counted where it counts: LISTs and
+//! status writes by the kube-apiserver's own `apiserver_request_total`,
+//! reconciles by the controller's metrics. One test in this binary, so its
+//! apiserver serves nobody else while it counts: heartbeats, then a
+//! restart of the controller.
 #![allow(clippy::unwrap_used)]
 
 use std::sync::Arc;
@@ -24,6 +25,17 @@ fn ec2_for(endpoint: &str) -> AwsEc2 {
 
 /// `apiserver_request_total` summed over the series with these labels.
 async fn requests(client: &kube::Client, verb: &str, resource: &str) -> u64 {
+    requests_of(client, verb, resource, None).await
+}
+
+/// `apiserver_request_total` of one verb and resource, and of one
+/// subresource when given.
+async fn requests_of(
+    client: &kube::Client,
+    verb: &str,
+    resource: &str,
+    subresource: Option<&str>,
+) -> u64 {
     let text = client
         .request_text(http::Request::get("/metrics").body(Vec::new()).unwrap())
         .await
@@ -33,9 +45,62 @@ async fn requests(client: &kube::Client, verb: &str, resource: &str) -> u64 {
         .filter(|l| {
             l.contains(&format!("verb=\"{verb}\""))
                 && l.contains(&format!("resource=\"{resource}\""))
+                && subresource.is_none_or(|s| l.contains(&format!("subresource=\"{s}\"")))
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum::<f64>() as u64
+}
+
+/// The resources the controller watches.
+const WATCHED: [&str; 4] = [
+    "firewallpolicies",
+    "nodes",
+    "firewallnodes",
+    "firewallpeerslices",
+];
+
+/// LISTs of each watched resource, and status writes of policies, so far.
+async fn restart_counts(client: &kube::Client) -> (Vec<u64>, u64) {
+    let mut lists = Vec::new();
+    for r in WATCHED {
+        lists.push(requests(client, "LIST", r).await);
+    }
+    let writes = requests_of(client, "PATCH", "firewallpolicies", Some("status")).await
+        + requests_of(client, "PUT", "firewallpolicies", Some("status")).await;
+    (lists, writes)
+}
+
+/// Waits until `metrics` counts at least `at_least` reconciles and then
+/// none for 3 s (bounded: 60 s).
+async fn settle(metrics: &Metrics, at_least: u64) {
+    let mut last = u64::MAX;
+    let mut still = 0;
+    for _ in 0..120 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = reconciles(metrics);
+        still = if now == last && now >= at_least {
+            still + 1
+        } else {
+            0
+        };
+        if still >= 6 {
+            return;
+        }
+        last = now;
+    }
+}
+
+fn scale_config() -> Config {
+    Config {
+        cluster_name: "scale".into(),
+        resync: Duration::from_secs(300),
+        stalled_retry: Duration::from_secs(600),
+        concurrency: 4,
+        quota: SgQuota::default(),
+        policy_selector: None,
+        instance: Some("scale".into()),
+        vpc_cidrs: Vec::new(),
+    }
 }
 
 fn reconciles(metrics: &Metrics) -> u64 {
@@ -74,7 +139,7 @@ async fn heartbeat(api: &Api<Node>, name: &str, address: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn node_heartbeats_cause_no_list_and_no_reconcile() {
+async fn node_heartbeats_cause_no_list_and_a_restart_one_list_per_resource() {
     let env = TestEnv::shared().unwrap();
     env.install_crds(CRDS).await.unwrap();
     let client = env.client().await.unwrap();
@@ -83,20 +148,10 @@ async fn node_heartbeats_cause_no_list_and_no_reconcile() {
         node(&nodes, i, if i % 3 == 0 { "db" } else { "web" }).await;
     }
     let metrics = Arc::new(Metrics::default());
-    let config = Config {
-        cluster_name: "scale".into(),
-        resync: Duration::from_secs(300),
-        stalled_retry: Duration::from_secs(600),
-        concurrency: 4,
-        quota: SgQuota::default(),
-        policy_selector: None,
-        instance: Some("scale".into()),
-        vpc_cidrs: Vec::new(),
-    };
     let ctx = controller::context(
         client.clone(),
         Arc::new(ec2_for(&env.ec2_endpoint())),
-        config,
+        scale_config(),
         metrics.clone(),
     );
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -105,11 +160,18 @@ async fn node_heartbeats_cause_no_list_and_no_reconcile() {
     }));
     // A policy selecting nodes and one with a nodeSelector peer: before,
     // every Node event woke both and each reconcile listed every Node.
+    // Their groups live in the simulated VPC (these nodes run on no
+    // instance).
+    let vpc = env.sim_cloud().await.unwrap().vpc_id.clone();
     for yaml in [
         "apiVersion: palisade.dev/v1alpha1\nkind: FirewallPolicy\nmetadata: {name: scale-web}\nspec:\n  policyTypes: [Ingress]\n  nodeSelector: {matchLabels: {role: web}}\n  ingress:\n    - {name: http, protocol: TCP, ports: [{port: 80}], peers: [{cidr: 0.0.0.0/0}]}\n",
         "apiVersion: palisade.dev/v1alpha1\nkind: FirewallPolicy\nmetadata: {name: scale-db}\nspec:\n  policyTypes: [Ingress]\n  nodeSelector: {matchLabels: {role: db}}\n  ingress:\n    - name: from-web\n      protocol: TCP\n      ports: [{port: 5432}]\n      peers: [{nodeSelector: {matchLabels: {role: web}}}]\n",
     ] {
-        let p: FirewallPolicy = serde_yaml::from_str(yaml).unwrap();
+        let mut p: FirewallPolicy = serde_yaml::from_str(yaml).unwrap();
+        p.spec.security_group = Some(palisade::api::SecurityGroupTarget {
+            vpc_id: Some(vpc.clone()),
+            ..Default::default()
+        });
         Api::<FirewallPolicy>::all(client.clone())
             .create(&PostParams::default(), &p)
             .await
@@ -168,6 +230,54 @@ async fn node_heartbeats_cause_no_list_and_no_reconcile() {
         }
     }
     assert!(woken >= 2, "a relabel wakes both policies: {woken}");
+    settle(&metrics, reconciles_before + 2).await;
+    for p in ["scale-web", "scale-db"] {
+        let p = Api::<FirewallPolicy>::all(client.clone())
+            .get(p)
+            .await
+            .unwrap();
+        let synced = p.status.and_then(|s| s.cloud_sync).is_some();
+        assert!(
+            synced,
+            "{} reached a full cloud sync",
+            p.metadata.name.unwrap()
+        );
+    }
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+
+    // A restart (or a failover) with nothing changed: each watched
+    // resource is listed once, every policy is reconciled (a full cloud
+    // sync: its memory is gone), and no status is written.
+    let (lists_before, writes_before) = restart_counts(&client).await;
+    let metrics = Arc::new(Metrics::default());
+    let ctx = controller::context(
+        client.clone(),
+        Arc::new(ec2_for(&env.ec2_endpoint())),
+        scale_config(),
+        metrics.clone(),
+    );
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(controller::run(ctx, async move {
+        let _ = stopped.await;
+    }));
+    settle(&metrics, 2).await;
+    let (lists_after, writes_after) = restart_counts(&client).await;
+    let lists: Vec<(&str, u64)> = WATCHED
+        .iter()
+        .zip(lists_after.iter().zip(&lists_before))
+        .map(|(r, (a, b))| (*r, a - b))
+        .collect();
+    let writes = writes_after - writes_before;
+    println!(
+        "restart: LISTs {lists:?}, {} reconciles, {writes} policy status writes",
+        reconciles(&metrics)
+    );
+    assert!(reconciles(&metrics) >= 2, "both policies reconciled");
+    for (resource, n) in &lists {
+        assert_eq!(*n, 1, "one LIST of {resource} on a restart: {lists:?}");
+    }
+    assert_eq!(writes, 0, "the stored status was already right");
     let _ = stop.send(());
     let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
 }

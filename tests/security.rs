@@ -179,7 +179,7 @@ fn palisade_never_admits_what_the_host_drops_and_audit_changes_no_verdict() {
     let member = net.add_host("member").unwrap();
     let outsider = net.add_host("outsider").unwrap();
     // The member is another node of the cluster: inside the failsafe's scope.
-    node.facts.nodes.push(NodeFacts {
+    std::sync::Arc::make_mut(&mut node.facts.nodes).push(NodeFacts {
         name: "member".into(),
         addresses: member.addresses(),
         ..Default::default()
@@ -416,7 +416,7 @@ fn scoped(net: &SimNet, admin: Option<&SimHost>) -> Scoped {
     let apiserver = net.add_host("apiserver").unwrap();
     let dns = net.add_host("dns").unwrap();
     let outsider = net.add_host("outsider").unwrap();
-    node.facts.nodes.push(NodeFacts {
+    std::sync::Arc::make_mut(&mut node.facts.nodes).push(NodeFacts {
         name: "member".into(),
         addresses: member.addresses(),
         ..Default::default()

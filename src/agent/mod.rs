@@ -355,7 +355,7 @@ impl Agent {
         api_servers.sort();
         api_servers.dedup();
         let facts = Facts {
-            nodes: vec![me],
+            nodes: vec![me].into(),
             failsafe: self.config.failsafe.clone(),
             node_peers: node_peers(&self.peer_slices.state()),
             api_servers,
@@ -645,21 +645,80 @@ fn spec_event(seen: &mut BTreeMap<String, String>, event: &watcher::Event<Firewa
     }
 }
 
-/// What of a policy the agent's ruleset depends on.
+/// Whether an event of the agent's own Node can change what it enforces:
+/// its uid, labels, InternalIPs or providerID changed (the kubelet's status
+/// heartbeats change none of them), or the watch re-listed.
+fn node_event(
+    last: &mut Option<(Option<String>, NodeFacts)>,
+    event: &watcher::Event<Node>,
+) -> bool {
+    match event {
+        watcher::Event::Apply(n) | watcher::Event::InitApply(n) => {
+            let now = (n.uid(), NodeFacts::from_node(n));
+            let changed = last.as_ref() != Some(&now);
+            *last = Some(now);
+            changed
+        }
+        watcher::Event::Delete(_) => {
+            *last = None;
+            true
+        }
+        watcher::Event::Init => false,
+        watcher::Event::InitDone => true,
+    }
+}
+
+/// What the agent's policy store keeps of a policy: metadata without
+/// managedFields and kubectl's last-applied copy, the spec, and of the
+/// status only `resolvedPeers` (the controller's conditions, counts and
+/// samples are read by nothing on a node).
+pub fn trim_policy(p: &mut FirewallPolicy) {
+    crate::api::trim_bookkeeping(&mut p.metadata);
+    if let Some(status) = p.status.take() {
+        p.status = Some(crate::api::FirewallPolicyStatus {
+            resolved_peers: status.resolved_peers,
+            ..Default::default()
+        });
+    }
+}
+
+/// What the agent keeps of its own Node: name, uid, labels, providerID and
+/// addresses (the facts it compiles with); images, conditions, node info
+/// and capacity — most of an EKS node's 7.5 KB — go.
+pub fn trim_node(n: &mut Node) {
+    crate::api::trim_bookkeeping(&mut n.metadata);
+    n.metadata.annotations = None;
+    if let Some(spec) = n.spec.as_mut() {
+        *spec = k8s_openapi::api::core::v1::NodeSpec {
+            provider_id: spec.provider_id.take(),
+            ..Default::default()
+        };
+    }
+    if let Some(status) = n.status.as_mut() {
+        *status = k8s_openapi::api::core::v1::NodeStatus {
+            addresses: status.addresses.take(),
+            ..Default::default()
+        };
+    }
+}
+
+/// What of a policy the agent's ruleset depends on: a hash of it (the
+/// agent keeps one per policy).
 fn policy_fingerprint(p: &FirewallPolicy) -> String {
     let resolved = p
         .status
         .as_ref()
         .map(|s| s.resolved_peers.as_slice())
         .unwrap_or_default();
-    serde_json::to_string(&(
+    let text = serde_json::to_string(&(
         p.uid(),
         p.metadata.generation,
         p.metadata.deletion_timestamp.is_some(),
         &p.spec,
         resolved,
     ))
-    .unwrap_or_default()
+    .unwrap_or_default();
+    crate::policy::short_hash(&[&text])
 }
 
 /// Follows `nft monitor`: a generation that touched a Palisade chain or
@@ -746,13 +805,17 @@ pub async fn run(client: Client, config: AgentConfig) -> Result<(), AgentError> 
     }
     let trigger = Arc::new(Notify::new());
 
+    // Every store keeps only what a sync reads (see `trim_policy`,
+    // `trim_node`): at 1,000 policies, most of a stored policy was its
+    // managedFields and the controller's status.
     let (policies, policy_writer) = reflector::store();
     let policy_watch = reflector::reflector(
         policy_writer,
         watcher(
             Api::<FirewallPolicy>::all(client.clone()),
             watcher::Config::default(),
-        ),
+        )
+        .modify(trim_policy),
     )
     .default_backoff();
     let (nodes, node_writer) = reflector::store();
@@ -761,7 +824,8 @@ pub async fn run(client: Client, config: AgentConfig) -> Result<(), AgentError> 
         watcher(
             Api::<Node>::all(client.clone()),
             watcher::Config::default().fields(&format!("metadata.name={}", config.node_name)),
-        ),
+        )
+        .modify(trim_node),
     )
     .default_backoff();
     // The controller's published node addresses: small objects that change
@@ -772,7 +836,8 @@ pub async fn run(client: Client, config: AgentConfig) -> Result<(), AgentError> 
         watcher(
             Api::<FirewallPeerSlice>::all(client.clone()),
             watcher::Config::default(),
-        ),
+        )
+        .modify(|s| crate::api::trim_bookkeeping(&mut s.metadata)),
     )
     .default_backoff();
     // The API server's endpoints (one small object).
@@ -793,12 +858,13 @@ pub async fn run(client: Client, config: AgentConfig) -> Result<(), AgentError> 
             let mut slice_watch = std::pin::pin!(slice_watch);
             let mut api_watch = std::pin::pin!(api_watch);
             let mut seen = BTreeMap::new();
+            let mut me = None;
             loop {
                 // Only changes wake the sync: a policy's status-only write
                 // leaves spec and generation alone (see `spec_changed`).
                 let (what, event) = tokio::select! {
                     e = policy_watch.next() => ("FirewallPolicies", e.map(|r| r.map(|ev| spec_event(&mut seen, &ev)))),
-                    e = node_watch.next() => ("Node", e.map(|r| r.map(|_| true))),
+                    e = node_watch.next() => ("Node", e.map(|r| r.map(|ev| node_event(&mut me, &ev)))),
                     e = slice_watch.next() => ("FirewallPeerSlices", e.map(|r| r.map(|_| true))),
                     e = api_watch.next() => ("EndpointSlices", e.map(|r| r.map(|_| true))),
                 };
@@ -974,10 +1040,82 @@ mod tests {
 
     fn facts(node: &NodeFacts) -> Facts {
         Facts {
-            nodes: vec![node.clone()],
+            nodes: vec![node.clone()].into(),
             failsafe: Failsafe::default(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn stored_policies_and_node_keep_only_what_a_sync_reads() {
+        let mut p: FirewallPolicy = serde_json::from_value(json!({
+            "apiVersion": "palisade.dev/v1alpha1", "kind": "FirewallPolicy",
+            "metadata": {"name": "web", "uid": "u1", "generation": 3,
+                "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{...}", "team": "a"},
+                "managedFields": [{"manager": "kubectl", "operation": "Apply", "fieldsType": "FieldsV1", "fieldsV1": {"f:spec": {}}}]},
+            "spec": {"policyTypes": ["Ingress"]},
+            "status": {"observedGeneration": 3, "warnings": ["w"],
+                "resolvedPeers": [{"id": "sg-1", "cidrs": ["10.0.0.1/32"]}],
+                "conditions": [{"type": "Ready", "status": "True", "reason": "Synced", "message": "m",
+                    "lastTransitionTime": "2026-01-01T00:00:00Z"}]}
+        }))
+        .unwrap();
+        let before = policy_fingerprint(&p);
+        let spec = p.spec.clone();
+        trim_policy(&mut p);
+        assert!(p.metadata.managed_fields.unwrap_or_default().is_empty());
+        assert_eq!(
+            p.metadata.annotations.unwrap().keys().collect::<Vec<_>>(),
+            ["team"]
+        );
+        assert_eq!(p.spec, spec);
+        let status = p.status.unwrap();
+        assert_eq!(
+            status.resolved_peers.len(),
+            1,
+            "what the node layer matches"
+        );
+        assert!(status.conditions.is_empty() && status.warnings.is_empty());
+        assert!(status.observed_generation.is_none());
+        assert_eq!(before.len(), 16, "a hash is kept per policy, not the spec");
+
+        let mut n: Node = serde_json::from_value(json!({
+            "metadata": {"name": "n1", "uid": "n-uid", "labels": {"role": "web"},
+                "annotations": {"node.alpha.kubernetes.io/ttl": "0"},
+                "managedFields": [{"manager": "kubelet", "operation": "Update"}]},
+            "spec": {"providerID": "aws:///eu-west-1a/i-0abc", "podCIDR": "10.1.0.0/24"},
+            "status": {"addresses": [{"type": "InternalIP", "address": "10.0.0.5"}],
+                "images": [{"names": ["registry/image:1"], "sizeBytes": 1}],
+                "conditions": [{"type": "Ready", "status": "True"}]}
+        }))
+        .unwrap();
+        let facts = NodeFacts::from_node(&n);
+        trim_node(&mut n);
+        assert_eq!(NodeFacts::from_node(&n), facts, "the facts survive");
+        assert_eq!(n.uid().as_deref(), Some("n-uid"));
+        let status = n.status.as_ref().unwrap();
+        assert!(status.images.is_none() && status.conditions.is_none());
+        assert!(n.metadata.managed_fields.is_none() && n.metadata.annotations.is_none());
+    }
+
+    #[test]
+    fn own_node_heartbeats_wake_no_sync() {
+        let mut n: Node = serde_json::from_value(json!({
+            "metadata": {"name": "n1", "uid": "u", "labels": {"role": "web"}},
+            "status": {"addresses": [{"type": "InternalIP", "address": "10.0.0.5"}]}
+        }))
+        .unwrap();
+        let mut last = None;
+        assert!(node_event(&mut last, &watcher::Event::Apply(n.clone())));
+        n.status.as_mut().unwrap().conditions = Some(vec![Default::default()]);
+        n.metadata.resource_version = Some("2".into());
+        assert!(!node_event(&mut last, &watcher::Event::Apply(n.clone())));
+        n.metadata
+            .labels
+            .as_mut()
+            .unwrap()
+            .insert("role".into(), "db".into());
+        assert!(node_event(&mut last, &watcher::Event::Apply(n)));
     }
 
     #[test]

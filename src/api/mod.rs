@@ -26,6 +26,23 @@ pub use policy::{
     RatePeriod, ResolvedPeer, SecurityGroupStatus, SecurityGroupTarget,
 };
 
+/// kubectl's copy of the last object applied client-side.
+pub const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// Drops from an object's metadata what only the apiserver and kubectl
+/// keep for themselves — `managedFields` and kubectl's last-applied copy —
+/// before a watch cache stores it: nothing in Palisade reads them, and
+/// they are most of a small object's size.
+pub fn trim_bookkeeping(meta: &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) {
+    meta.managed_fields = None;
+    if let Some(annotations) = meta.annotations.as_mut() {
+        annotations.remove(LAST_APPLIED);
+        if annotations.is_empty() {
+            meta.annotations = None;
+        }
+    }
+}
+
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
     CustomResourceDefinition, JSON,
 };

@@ -525,8 +525,11 @@ pub struct CloudSync {
     /// 16 hex digits over everything that sync applied (plan, instances,
     /// target): equal on the next sync means any difference found is drift.
     pub inputs: String,
-    /// When the group was last read back in full and found (or made) as
-    /// planned.
+    /// When a full sync first found (or made) the group as planned at this
+    /// generation and inputs, or last repaired drift. Later read-backs that
+    /// find it unchanged leave the record alone (their time is the
+    /// `palisade_controller_last_successful_sync_timestamp_seconds`
+    /// metric), so a resync or a restart writes no status.
     pub time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time,
     /// Out-of-band changes to the group found and repaired, in all.
     pub drift_repairs: i64,

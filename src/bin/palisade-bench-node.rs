@@ -275,7 +275,8 @@ fn rss_child(netns: &str, backend: &str) -> BenchResult<()> {
         nodes: vec![NodeFacts {
             name: "node".into(),
             ..Default::default()
-        }],
+        }]
+        .into(),
         ..Default::default()
     };
     let ns = std::fs::File::open(format!("/run/netns/{netns}"))?;
@@ -603,7 +604,8 @@ fn run_backend(net: &SimNet, backend: Backend, probes: usize) -> BenchResult<Vec
             name: "node".into(),
             addresses: node.addresses(),
             ..Default::default()
-        }],
+        }]
+        .into(),
         ..Default::default()
     };
     let netns = node.netns().to_string();

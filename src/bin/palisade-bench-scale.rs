@@ -126,6 +126,26 @@ struct Args {
     /// Smoke run: 100 then 200 nodes, 40 then 80 policies, 20 s windows.
     #[arg(long)]
     quick: bool,
+    /// Run the controller and agents from this directory instead of the
+    /// bench's own (e.g. `$CARGO_TARGET_DIR/release`, for the RSS of what
+    /// users run: a debug binary's mapped code alone is tens of MB).
+    #[arg(long)]
+    binaries: Option<PathBuf>,
+    /// An environment variable for the controller process (`KEY=VALUE`,
+    /// repeatable), e.g. `MALLOC_ARENA_MAX=2`, or `LD_PRELOAD` of a heap
+    /// profiler.
+    #[arg(long = "controller-env", value_parser = key_value)]
+    controller_env: Vec<(String, String)>,
+    /// An environment variable for every agent process (`KEY=VALUE`,
+    /// repeatable).
+    #[arg(long = "agent-env", value_parser = key_value)]
+    agent_env: Vec<(String, String)>,
+}
+
+fn key_value(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))
 }
 
 // ---------------------------------------------------------------------------
@@ -429,6 +449,10 @@ fn kubeconfig_via(env: &TestEnv, user: &str, relay: &Relay) -> anyhow::Result<Pa
 struct ProcStat {
     rss: u64,
     hwm: u64,
+    /// Of the RSS: anonymous memory (heap, stacks) and mapped files (the
+    /// binary's code and the shared libraries' pages touched).
+    anon: u64,
+    file: u64,
     cpu: f64,
 }
 
@@ -456,6 +480,8 @@ fn proc_stat(pid: u32, ticks: f64) -> ProcStat {
     ProcStat {
         rss: kb("VmRSS:"),
         hwm: kb("VmHWM:"),
+        anon: kb("RssAnon:"),
+        file: kb("RssFile:"),
         cpu: (tick(14) + tick(15)) / ticks,
     }
 }
@@ -705,19 +731,36 @@ struct Bench {
     figures: Vec<StepFigures>,
 }
 
+/// The directory of the controller and agent binaries (`--binaries`, else
+/// the bench's own).
+static BINARIES: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
 fn sibling(name: &str) -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let path = exe
-        .parent()
-        .map(|d| d.join(name))
-        .context("locating the binaries")?;
+    let dir = match BINARIES.get() {
+        Some(d) => d.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .map(PathBuf::from)
+            .context("locating the binaries")?,
+    };
+    let path = dir.join(name);
     if !path.exists() {
         bail!(
-            "{} not found: build with `cargo build --features testenv --bins`",
+            "{} not found: build with `cargo build --features testenv --bins` (add --release for --binaries .../release)",
             path.display()
         );
     }
     Ok(path)
+}
+
+/// "debug" or "release", from the binaries' directory name.
+fn build_kind() -> &'static str {
+    match BINARIES.get() {
+        Some(d) if d.ends_with("release") => "release",
+        Some(_) => "the build in --binaries",
+        None if cfg!(debug_assertions) => "debug",
+        None => "release",
+    }
 }
 
 fn log_file(env: &TestEnv, name: &str) -> anyhow::Result<std::fs::File> {
@@ -738,6 +781,7 @@ impl Bench {
             .envs(endpoint_env)
             .env("KUBECONFIG", &self.controller_kubeconfig)
             .env("RUST_LOG", "warn")
+            .envs(self.args.controller_env.iter().cloned())
             .args([
                 "--cluster-name",
                 "bench",
@@ -1128,17 +1172,21 @@ impl Bench {
         }
         print_watch_events(&w0, &w1);
         println!(
-            "  controller: RSS {:.0} MB (peak {:.0} MB), CPU {:.1}s ({:.0}% of one core over {wall:.0}s)",
+            "  controller: RSS {:.0} MB (peak {:.0} MB; now {:.0} MB anonymous, {:.0} MB mapped files), CPU {:.1}s ({:.0}% of one core over {wall:.0}s)",
             mb(c1.rss),
             mb(c1.hwm),
+            mb(c1.anon),
+            mb(c1.file),
             c1.cpu - c0.cpu,
             100.0 * (c1.cpu - c0.cpu) / wall
         );
         for (k, (s1, s0)) in a1.iter().zip(a0.iter()).enumerate() {
             println!(
-                "  agent-{k}:    RSS {:.1} MB (peak {:.1} MB), CPU {:.1}s",
+                "  agent-{k}:    RSS {:.1} MB (peak {:.1} MB; {:.1} MB anonymous, {:.1} MB mapped files), CPU {:.1}s",
                 mb(s1.rss),
                 mb(s1.hwm),
+                mb(s1.anon),
+                mb(s1.file),
                 s1.cpu - s0.cpu
             );
         }
@@ -1340,9 +1388,11 @@ impl Bench {
         );
         let c = self.controller_stat();
         println!(
-            "  controller: RSS {:.0} MB (peak {:.0} MB) after the restart",
+            "  controller: RSS {:.0} MB (peak {:.0} MB; {:.0} MB anonymous, {:.0} MB mapped files) after the restart",
             mb(c.rss),
-            mb(c.hwm)
+            mb(c.hwm),
+            mb(c.anon),
+            mb(c.file)
         );
         ec2_line(&calls, 0);
         Ok((lists, last_active, calls.len(), down))
@@ -1716,6 +1766,7 @@ async fn bench(env: &'static TestEnv, args: Args) -> anyhow::Result<()> {
             .env("KUBECONFIG", &kubeconfig)
             .env("NODE_NAME", &name)
             .env("RUST_LOG", "warn")
+            .envs(b.args.agent_env.iter().cloned())
             .args([
                 "--metrics-address",
                 "127.0.0.1:9901",
@@ -1750,12 +1801,13 @@ async fn bench(env: &'static TestEnv, args: Args) -> anyhow::Result<()> {
     ))?;
     println!(
         "Palisade at scale: real kube-apiserver + etcd (audit log on), moto behind the EC2 fault proxy,\n\
-         the real controller binary, {REAL_AGENTS} real agents ({}) in network namespaces; debug builds.\n\
+         the real controller binary, {REAL_AGENTS} real agents ({}) in network namespaces; {} builds.\n\
          Node objects: {} bytes of JSON each (EKS-shaped: 21 labels, 4 annotations, 4 conditions, {IMAGES} images, node info).\n\
          Heartbeats: every node's status every {}s. Policies: 1 all-nodes + {POOLS} pool policies with a cloud rule\n\
          (2 Security Groups per interface); of the rest, 1/20 all nodes, 2/20 a pool with a nodeSelector peer, 17/20 a pool (node layer).\n\
          Logs and the audit log: {}",
         b.args.backend,
+        build_kind(),
         sample.len(),
         b.args.heartbeat_seconds,
         env.dir().display()
@@ -1797,6 +1849,9 @@ fn main() -> anyhow::Result<()> {
         args.nodes = vec![100, 200];
         args.policies = vec![40, 80];
         args.window = 20;
+    }
+    if let Some(dir) = &args.binaries {
+        let _ = BINARIES.set(dir.clone());
     }
     let env: &'static TestEnv = Box::leak(Box::new(
         TestEnv::start_with(StartOptions {

@@ -264,7 +264,7 @@ impl Live {
         api_servers.sort();
         api_servers.dedup();
         Facts {
-            nodes: self.nodes.clone(),
+            nodes: self.nodes.clone().into(),
             failsafe: settings.failsafe.clone(),
             node_peers: self.node_peers.clone(),
             api_servers,

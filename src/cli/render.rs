@@ -75,7 +75,7 @@ pub fn render_files(
         }
     }
     let mut facts = Facts {
-        nodes,
+        nodes: nodes.into(),
         allow: settings.allow,
         ..Default::default()
     };

@@ -253,7 +253,7 @@ async fn apply_inner<E: Ec2>(policy: &FirewallPolicy, ctx: &Context<E>) -> Resul
         // Drift is a difference found when nothing we apply changed since
         // the last full sync: known from memory, or — after a restart —
         // from the record that sync left in the status.
-        let inputs_hash = crate::policy::short_hash(&[&inputs]);
+        let inputs_hash = inputs.clone();
         let drift_possible = memory
             .as_ref()
             .is_some_and(|m| m.generation == generation && m.inputs == inputs)
@@ -307,15 +307,12 @@ async fn apply_inner<E: Ec2>(policy: &FirewallPolicy, ctx: &Context<E>) -> Resul
         let rules = report.group.as_ref().map_or(0, |g| {
             i64::from(g.ingress_rules) + i64::from(g.egress_rules)
         });
-        let cloud_sync = crate::api::CloudSync {
+        let cloud_sync = cloud_sync_record(
+            last_sync.as_ref(),
             generation,
-            inputs: inputs_hash,
-            time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-                k8s_openapi::jiff::Timestamp::now(),
-            ),
-            drift_repairs: last_sync.as_ref().map_or(0, |c| c.drift_repairs)
-                + i64::from(report.drift_repaired),
-        };
+            inputs_hash,
+            report.drift_repaired,
+        );
         lock(&ctx.memory).insert(
             uid.clone(),
             SyncMemory {
@@ -369,7 +366,21 @@ async fn apply_inner<E: Ec2>(policy: &FirewallPolicy, ctx: &Context<E>) -> Resul
             .chain(super::effective::warnings(&effective))
             .collect(),
         cloud_sync,
-        exposure: super::exposure::summary(&compiled.selected_nodes, &lock(&ctx.exposure)),
+        exposure: {
+            // Not computed yet for any selected node (a restarted
+            // controller before its first exposure pass): keep what the
+            // status says rather than write it away and back.
+            let exposure = lock(&ctx.exposure);
+            if compiled
+                .selected_nodes
+                .iter()
+                .any(|n| exposure.contains_key(n))
+            {
+                super::exposure::summary(&compiled.selected_nodes, &exposure)
+            } else {
+                previous.exposure.clone()
+            }
+        },
     };
     write_status(policy, ctx, &previous, next).await?;
     tracing::debug!(policy = %name, full_sync = !fresh, "reconciled");
@@ -385,6 +396,52 @@ async fn apply_inner<E: Ec2>(policy: &FirewallPolicy, ctx: &Context<E>) -> Resul
     ))
 }
 
+/// The status record of a full sync that found (or made) the group as
+/// planned. Its time is when the group first held this plan: a later full
+/// sync of the same generation and inputs that repaired nothing keeps the
+/// previous record as it is, so a periodic resync, or a restart, writes no
+/// status when nothing changed (the last read-back is the
+/// `palisade_controller_last_successful_sync_timestamp_seconds` metric).
+fn cloud_sync_record(
+    last: Option<&crate::api::CloudSync>,
+    generation: i64,
+    inputs: String,
+    drift_repaired: bool,
+) -> crate::api::CloudSync {
+    match last {
+        Some(l) if l.generation == generation && l.inputs == inputs && !drift_repaired => l.clone(),
+        _ => crate::api::CloudSync {
+            generation,
+            inputs,
+            time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::now(),
+            ),
+            drift_repairs: last.map_or(0, |c| c.drift_repairs) + i64::from(drift_repaired),
+        },
+    }
+}
+
+/// Most interfaces one attach or detach Event names.
+const EVENT_SAMPLE: usize = 5;
+
+/// `items` as text: all of them when one, else how many and the first
+/// `limit` (`3 interfaces: a, b, c`, `40 interfaces: a, … and 35 more`).
+fn sample_list(items: &[String], limit: usize) -> String {
+    match items {
+        [one] => one.clone(),
+        _ => {
+            let shown: Vec<&str> = items.iter().take(limit).map(String::as_str).collect();
+            let more = items.len().saturating_sub(limit);
+            let tail = if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            };
+            format!("{} interfaces: {}{tail}", items.len(), shown.join(", "))
+        }
+    }
+}
+
 /// What an Audit policy's status says of its cloud layer.
 fn audit_note(compiled: &CompiledPolicy) -> Option<String> {
     (compiled.cloud.mode == PolicyMode::Audit).then(|| {
@@ -395,15 +452,18 @@ fn audit_note(compiled: &CompiledPolicy) -> Option<String> {
     })
 }
 
-/// A fingerprint of everything a full sync depends on.
+/// A fingerprint of everything a full sync depends on: 16 hex digits
+/// (what the controller remembers per policy, and `status.cloudSync.inputs`;
+/// the text it hashes lists every selected instance).
 fn sync_inputs(policy: &FirewallPolicy, compiled: &CompiledPolicy, facts: &Facts) -> String {
     let instances = selected_instances(compiled, facts);
-    serde_json::json!({
+    let text = serde_json::json!({
         "plan": compiled.cloud,
         "instances": instances,
         "target": policy.spec.security_group,
     })
-    .to_string()
+    .to_string();
+    crate::policy::short_hash(&[&text])
 }
 
 /// Writes `next` when it differs from `previous` (transition times
@@ -931,6 +991,7 @@ async fn sync_group<E: Ec2>(
     }))
     .await;
     let mut kept_on = 0usize;
+    let mut announced: BTreeMap<EniChange, Vec<String>> = BTreeMap::new();
     for result in results {
         let (instance, eni, change, done, along) = result?;
         if !done {
@@ -950,10 +1011,6 @@ async fn sync_group<E: Ec2>(
                 EniChange::Detach => known.eni_groups.retain(|g| g != &group_id),
             }
         }
-        let (reason, what, word) = match change {
-            EniChange::Attach => ("Attached", "attached", "to"),
-            EniChange::Detach => ("Detached", "detached", "from"),
-        };
         let along = if along.is_empty() {
             String::new()
         } else {
@@ -962,12 +1019,27 @@ async fn sync_group<E: Ec2>(
                 along.join(", ")
             )
         };
+        announced
+            .entry(change)
+            .or_default()
+            .push(format!("{eni} of instance {instance}{along}"));
+    }
+    // One Event per kind of change and reconcile, naming a bounded sample:
+    // one per interface was about two Event writes per node added.
+    for (change, interfaces) in announced {
+        let (reason, what, word) = match change {
+            EniChange::Attach => ("Attached", "attached", "to"),
+            EniChange::Detach => ("Detached", "detached", "from"),
+        };
         ctx.publish(
             policy,
             false,
             reason,
             "ModifyNetworkInterfaceAttribute",
-            format!("{what} {group_id} {word} {eni} of instance {instance}{along}"),
+            format!(
+                "{what} {group_id} {word} {}",
+                sample_list(&interfaces, EVENT_SAMPLE)
+            ),
         )
         .await;
     }
@@ -1449,7 +1521,7 @@ async fn companions<E: Ec2>(
     out
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum EniChange {
     Attach,
     Detach,
@@ -1747,6 +1819,37 @@ pub(crate) async fn undo_cloud<E: Ec2>(
 mod tests {
     use super::*;
     use crate::policy::{SgPermission, SgProtocol};
+
+    #[test]
+    fn interface_events_name_a_bounded_sample() {
+        let items: Vec<String> = (0..8).map(|i| format!("eni-{i}")).collect();
+        assert_eq!(sample_list(&items[..1], 5), "eni-0");
+        assert_eq!(sample_list(&items[..2], 5), "2 interfaces: eni-0, eni-1");
+        assert_eq!(
+            sample_list(&items, 5),
+            "8 interfaces: eni-0, eni-1, eni-2, eni-3, eni-4 and 3 more"
+        );
+    }
+
+    #[test]
+    fn a_resync_that_finds_the_group_as_planned_keeps_the_sync_record() {
+        let first = cloud_sync_record(None, 1, "h1".into(), false);
+        assert_eq!((first.generation, first.drift_repairs), (1, 0));
+        // Same generation and inputs, nothing repaired (a resync, or a
+        // restarted controller): the very same record, so no status write.
+        assert_eq!(
+            cloud_sync_record(Some(&first), 1, "h1".into(), false),
+            first
+        );
+        // Drift repaired: counted.
+        let repaired = cloud_sync_record(Some(&first), 1, "h1".into(), true);
+        assert_eq!(repaired.drift_repairs, 1);
+        // New inputs or generation: a new record, the count kept.
+        let moved = cloud_sync_record(Some(&repaired), 1, "h2".into(), false);
+        assert_eq!((moved.inputs.as_str(), moved.drift_repairs), ("h2", 1));
+        let edited = cloud_sync_record(Some(&moved), 2, "h2".into(), false);
+        assert_eq!(edited.generation, 2);
+    }
 
     fn perm(port: i32, v6: bool) -> SgPermission {
         SgPermission {

@@ -41,6 +41,11 @@ use crate::policy::{NodeFacts, PeerRef, Selector, validate};
 #[derive(Debug)]
 pub struct ClusterCache {
     nodes: RwLock<Table<NodeFacts>>,
+    /// Every node's facts as one shared list, rebuilt on the first read
+    /// after a fact changed (`None`): reconciles share it instead of each
+    /// copying every node (at 500 nodes, those copies were the largest
+    /// peak of the controller's heap).
+    snapshot: RwLock<Option<Arc<Vec<NodeFacts>>>>,
     reports: RwLock<Table<Arc<FirewallNode>>>,
     ready: watch::Sender<[bool; 2]>,
     /// Woken when a node fact changes (the peer-slice publisher waits on it).
@@ -51,6 +56,7 @@ impl Default for ClusterCache {
     fn default() -> Self {
         ClusterCache {
             nodes: RwLock::default(),
+            snapshot: RwLock::default(),
             reports: RwLock::default(),
             ready: watch::channel([false; 2]).0,
             nodes_changed: Notify::new(),
@@ -145,9 +151,19 @@ fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 }
 
 impl ClusterCache {
-    /// Every node's facts, by name.
-    pub fn nodes(&self) -> Vec<NodeFacts> {
-        read(&self.nodes).items.values().cloned().collect()
+    /// Every node's facts, by name: one shared snapshot until a fact
+    /// changes.
+    pub fn nodes(&self) -> Arc<Vec<NodeFacts>> {
+        if let Some(s) = read(&self.snapshot).as_ref() {
+            return s.clone();
+        }
+        // Built under the table's read lock and stored only if no change
+        // came in meanwhile (a change clears the snapshot under the
+        // table's write lock, which this read lock excludes).
+        let table = read(&self.nodes);
+        let fresh = Arc::new(table.items.values().cloned().collect::<Vec<_>>());
+        *write(&self.snapshot) = Some(fresh.clone());
+        fresh
     }
 
     /// Every agent report.
@@ -177,15 +193,55 @@ impl ClusterCache {
         event: watcher::Event<Node>,
     ) -> Vec<(Option<NodeFacts>, Option<NodeFacts>)> {
         let event = keyed(event, |n| NodeFacts::from_node(&n));
-        write(&self.nodes).apply(event, |a, b| a == b)
+        let mut table = write(&self.nodes);
+        let changes = table.apply(event, |a, b| a == b);
+        if !changes.is_empty() {
+            *write(&self.snapshot) = None;
+        }
+        changes
     }
 
     /// Folds a FirewallNode event in; returns the (old, new) reports whose
     /// status changed.
     fn report_event(&self, event: watcher::Event<FirewallNode>) -> Vec<Change<Arc<FirewallNode>>> {
-        let event = keyed(event, Arc::new);
+        let event = keyed(event, |r| Arc::new(trim_report(r)));
         write(&self.reports).apply(event, |a, b| a.status == b.status)
     }
+}
+
+/// What the controller keeps of an agent report: its name and uid, and of
+/// its status the policies applied (name, uid, generation), the last
+/// sync's result and time, and the exposure the controller wrote. The
+/// rest — managedFields, labels, annotations, conditions, counts, rule
+/// hashes, Audit counters, the failure message — is read by nothing in
+/// the controller, and a change only there wakes no policy.
+pub fn trim_report(report: FirewallNode) -> FirewallNode {
+    let FirewallNode {
+        metadata, status, ..
+    } = report;
+    let mut trimmed = FirewallNode::new(
+        metadata.name.as_deref().unwrap_or_default(),
+        Default::default(),
+    );
+    trimmed.metadata.uid = metadata.uid;
+    trimmed.status = status.map(|s| crate::api::FirewallNodeStatus {
+        policies: s
+            .policies
+            .into_iter()
+            .map(|p| crate::api::AppliedPolicy {
+                name: p.name,
+                uid: p.uid,
+                generation: p.generation,
+                ..Default::default()
+            })
+            .collect(),
+        last_sync: s
+            .last_sync
+            .map(|l| crate::api::SyncResult { message: None, ..l }),
+        exposure: s.exposure,
+        ..Default::default()
+    });
+    trimmed
 }
 
 /// The selectors of a policy's `nodeSelector` peers (either layer).
@@ -397,6 +453,66 @@ mod tests {
             )),
             ["db", "db-peers"]
         );
+    }
+
+    #[test]
+    fn stored_reports_keep_only_what_the_controller_reads() {
+        let full: FirewallNode = serde_json::from_value(serde_json::json!({
+            "apiVersion": "palisade.dev/v1alpha1", "kind": "FirewallNode",
+            "metadata": {"name": "n1", "uid": "r-uid", "labels": {"a": "b"},
+                "managedFields": [{"manager": "palisade-agent", "operation": "Apply"}]},
+            "spec": {"nodeName": "n1"},
+            "status": {"backend": "nft", "ruleCount": 40, "policyCount": 1,
+                "policies": [{"name": "web", "uid": "p-uid", "generation": 2, "hash": "abc", "mode": "Enforce"}],
+                "lastSync": {"time": "2026-01-01T00:00:00Z", "result": "Failed", "message": "long text"},
+                "exposure": ["tcp/22 from 0.0.0.0/0"],
+                "conditions": [{"type": "Ready", "status": "True", "reason": "Synced", "message": "m",
+                    "lastTransitionTime": "2026-01-01T00:00:00Z"}]}
+        }))
+        .unwrap();
+        let t = trim_report(full.clone());
+        assert_eq!(t.metadata.name.as_deref(), Some("n1"));
+        assert_eq!(t.metadata.uid.as_deref(), Some("r-uid"));
+        assert!(t.metadata.managed_fields.is_none() && t.metadata.labels.is_none());
+        let s = t.status.as_ref().unwrap();
+        assert_eq!(s.policies.len(), 1);
+        let p = &s.policies[0];
+        assert_eq!(
+            (p.name.as_str(), p.uid.as_deref(), p.generation),
+            ("web", Some("p-uid"), 2)
+        );
+        assert!(p.hash.is_empty() && p.mode.is_none());
+        assert_eq!(s.last_sync.as_ref().unwrap().result, "Failed");
+        assert!(s.last_sync.as_ref().unwrap().message.is_none());
+        assert_eq!(s.exposure, ["tcp/22 from 0.0.0.0/0"]);
+        assert!(s.conditions.is_empty() && s.backend.is_none() && s.rule_count == 0);
+        // What the status counts read gives the same answers.
+        let mut policy = crate::policy::testing::policy("web", vec![], None);
+        policy.metadata.uid = Some("p-uid".into());
+        policy.metadata.generation = Some(2);
+        let selected = vec!["n1".to_string()];
+        assert_eq!(
+            crate::controller::status::node_counts(&policy, &selected, &[Arc::new(full)]),
+            crate::controller::status::node_counts(&policy, &selected, &[Arc::new(t)])
+        );
+        // A change the controller does not read (an agent's rule count)
+        // wakes nothing.
+        let cache = ClusterCache::default();
+        let mut r: FirewallNode = serde_json::from_value(serde_json::json!({
+            "apiVersion": "palisade.dev/v1alpha1", "kind": "FirewallNode",
+            "metadata": {"name": "n1"}, "spec": {"nodeName": "n1"},
+            "status": {"ruleCount": 1, "policies": [{"name": "web", "generation": 1, "hash": "a"}]}
+        }))
+        .unwrap();
+        assert_eq!(
+            cache.report_event(watcher::Event::Apply(r.clone())).len(),
+            1
+        );
+        if let Some(s) = r.status.as_mut() {
+            s.rule_count = 2;
+            s.policies[0].hash = "b".into();
+        }
+        assert!(cache.report_event(watcher::Event::Apply(r)).is_empty());
     }
 
     #[test]

@@ -120,7 +120,7 @@ pub(crate) async fn compute<E: Ec2>(
     }
     let scopes = scopes(&ctx.config.vpc_cidrs);
     let mut out = BTreeMap::new();
-    for node in &nodes {
+    for node in nodes.iter() {
         let Some(instance) = node.instance_id().and_then(|id| instances.get(id)) else {
             continue;
         };
@@ -140,38 +140,39 @@ pub(crate) async fn compute<E: Ec2>(
     out
 }
 
-/// Writes each node's exposure to its `FirewallNode` when it changed since
-/// the last write (nodes without a `FirewallNode` are skipped: their agent
-/// creates it).
+/// Writes each node's exposure to its `FirewallNode` when it differs from
+/// what the object says (from the watch cache: a restarted controller
+/// rewrites nothing that is already right; nodes without a `FirewallNode`
+/// are skipped: their agent creates it).
 pub(crate) async fn publish<E: Ec2>(ctx: &Context<E>, computed: &BTreeMap<String, NodeExposure>) {
-    let reports: BTreeSet<String> = ctx
+    let reports: HashMap<String, Vec<String>> = ctx
         .cache
         .reports()
         .iter()
-        .filter_map(|r| r.metadata.name.clone())
+        .filter_map(|r| {
+            let written = r.status.as_ref().map(|s| s.exposure.clone());
+            Some((r.metadata.name.clone()?, written.unwrap_or_default()))
+        })
         .collect();
     let api: Api<FirewallNode> = Api::all(ctx.client.clone());
     for (node, exposure) in computed {
-        if !reports.contains(node) {
+        let Some(written) = reports.get(node) else {
             continue;
-        }
-        let unchanged = lock(&ctx.exposure_written).get(node) == Some(exposure);
-        if unchanged {
+        };
+        let lines = exposure.lines();
+        if *written == lines {
             continue;
         }
         let patch = Patch::Apply(json!({
             "apiVersion": "palisade.dev/v1alpha1",
             "kind": "FirewallNode",
-            "status": {"exposure": exposure.lines()},
+            "status": {"exposure": lines},
         }));
-        match api
+        if let Err(e) = api
             .patch_status(node, &PatchParams::apply(FIELD_MANAGER).force(), &patch)
             .await
         {
-            Ok(_) => {
-                lock(&ctx.exposure_written).insert(node.clone(), exposure.clone());
-            }
-            Err(e) => tracing::warn!(node, error = %e, "writing FirewallNode exposure failed"),
+            tracing::warn!(node, error = %e, "writing FirewallNode exposure failed");
         }
     }
 }

@@ -70,13 +70,13 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
-use kube::runtime::reflector::Store;
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 
 use crate::api::{FirewallNode, FirewallPolicy};
@@ -321,6 +321,8 @@ impl Error {
 #[derive(Debug, Clone)]
 pub(crate) struct SyncMemory {
     pub(crate) generation: i64,
+    /// The fingerprint of that sync's inputs (16 hex digits, not the text:
+    /// that lists every selected instance).
     pub(crate) inputs: String,
     pub(crate) at: Option<Instant>,
     pub(crate) references: crate::policy::Facts,
@@ -363,8 +365,6 @@ pub struct Context<E: Ec2> {
     pub(crate) instances: Mutex<HashMap<String, crate::cloud::InstanceInfo>>,
     /// Each node's exposure, as last computed.
     pub(crate) exposure: Mutex<HashMap<String, exposure::NodeExposure>>,
-    /// Each node's exposure, as last written to its FirewallNode.
-    pub(crate) exposure_written: Mutex<HashMap<String, exposure::NodeExposure>>,
     /// Every policy this controller reconciles, from its watch (set by
     /// [`run`]): what the groups-per-interface check counts.
     pub(crate) policies: std::sync::OnceLock<Store<FirewallPolicy>>,
@@ -425,7 +425,7 @@ impl<E: Ec2> Context<E> {
 
     /// Every Node's facts, by name, from the watch cache (once its initial
     /// list is in: never a half view).
-    pub(crate) async fn node_facts(&self) -> Result<Vec<NodeFacts>, Error> {
+    pub(crate) async fn node_facts(&self) -> Result<Arc<Vec<NodeFacts>>, Error> {
         self.cache.ready().await;
         Ok(self.cache.nodes())
     }
@@ -536,7 +536,6 @@ pub fn context<E: Ec2>(
         groups: effective::GroupCache::default(),
         instances: Mutex::new(HashMap::new()),
         exposure: Mutex::new(HashMap::new()),
-        exposure_written: Mutex::new(HashMap::new()),
         policies: std::sync::OnceLock::new(),
         wake: std::sync::OnceLock::new(),
     })
@@ -551,13 +550,28 @@ pub async fn run<E: Ec2>(
     let client = ctx.client.clone();
     let ctx_metrics = ctx.metrics.clone();
     let ctx_exposure = ctx.clone();
+    let ctx_publisher = ctx.cache.clone();
     let resync = ctx.config.resync;
     let mut policy_watch = watcher::Config::default();
     if let Some(selector) = &ctx.config.policy_selector {
         policy_watch = policy_watch.labels(selector);
     }
-    let controller = Controller::new(Api::<FirewallPolicy>::all(client.clone()), policy_watch);
-    let policies = controller.store();
+    // One policy watch (one LIST at start and failover) feeds the
+    // controller's store, trimmed, and the peer-slice publisher.
+    let (policies, writer) = reflector::store();
+    let (to_publisher, policy_events) = futures::channel::mpsc::unbounded();
+    let shared_watch = ctx.config.policy_selector.is_none();
+    let stream = watcher(Api::<FirewallPolicy>::all(client.clone()), policy_watch)
+        .default_backoff()
+        .modify(trim_policy)
+        .reflect(writer)
+        .inspect_ok(move |e| {
+            if shared_watch {
+                let _ = to_publisher.unbounded_send(peers::policy_event(e));
+            }
+        })
+        .applied_objects();
+    let controller = Controller::for_stream(stream, policies.clone());
     let _ = ctx.policies.set(policies.clone());
     // Nodes and agent reports: one watch each, into the cache; the same
     // task wakes the policies a change concerns, after the cache has it.
@@ -565,8 +579,17 @@ pub async fn run<E: Ec2>(
     let _ = ctx.wake.set(wake.clone());
     let follower = cache::follow(client.clone(), ctx.cache.clone(), policies.clone(), wake);
     // Node addresses for the agents' nodeSelector peers and failsafe,
-    // published while this instance leads.
-    let publisher = peers::publish_from(client, ctx.cache.clone());
+    // published while this instance leads. Slices serve every policy: a
+    // controller that reconciles only some (`--policy-selector`) has the
+    // publisher watch all of them.
+    let publisher = async move {
+        if shared_watch {
+            peers::publish_from(client, ctx_publisher, policy_events).await;
+        } else {
+            let own = peers::own_policy_watch(client.clone());
+            peers::publish_from(client, ctx_publisher, own).await;
+        }
+    };
     let reconciles = controller
         .with_config(
             kube::runtime::controller::Config::default().concurrency(ctx.config.concurrency),
@@ -588,6 +611,14 @@ pub async fn run<E: Ec2>(
         _ = publisher => {}
         _ = pruner => {}
     }
+}
+
+/// What the controller's policy store keeps of a policy: all but
+/// `managedFields` and kubectl's last-applied copy of the object
+/// ([`crate::api::trim_bookkeeping`]); the status stays (reconciles
+/// compare with it).
+pub fn trim_policy(policy: &mut FirewallPolicy) {
+    crate::api::trim_bookkeeping(&mut policy.metadata);
 }
 
 /// Drops, once a minute, the metric series of policies gone from the watch

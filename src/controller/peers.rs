@@ -231,28 +231,54 @@ async fn write(api: &Api<FirewallPeerSlice>, plan: SlicePlan) -> Result<(), kube
     Ok(())
 }
 
+/// One policy watch event reduced to what the publisher reads: the
+/// policy's name and its node-layer peer selectors ([`peer_selectors`]).
+pub type PolicyEvent = watcher::Event<(String, BTreeMap<String, Selector>)>;
+
+/// Reduces a policy watch event to a [`PolicyEvent`] (pure).
+pub fn policy_event(event: &watcher::Event<FirewallPolicy>) -> PolicyEvent {
+    let reduce = |p: &FirewallPolicy| (p.name_any(), peer_selectors(p));
+    match event {
+        watcher::Event::Apply(p) => watcher::Event::Apply(reduce(p)),
+        watcher::Event::InitApply(p) => watcher::Event::InitApply(reduce(p)),
+        watcher::Event::Delete(p) => watcher::Event::Delete(reduce(p)),
+        watcher::Event::Init => watcher::Event::Init,
+        watcher::Event::InitDone => watcher::Event::InitDone,
+    }
+}
+
 /// What the publisher knows besides the nodes (which come from the
 /// controller's [`ClusterCache`]): each policy's selectors, the slices that
 /// exist, and whether each initial list is in.
 #[derive(Default)]
 struct Known {
     selectors: BTreeMap<String, BTreeMap<String, Selector>>,
+    /// During a (re-)list of policies: the names seen so far (the others
+    /// are gone once it is done).
+    listing: Option<std::collections::BTreeSet<String>>,
     slices: BTreeMap<String, FirewallPeerSlice>,
     ready: [bool; 2],
 }
 
 impl Known {
-    fn policy(&mut self, event: watcher::Event<FirewallPolicy>) -> bool {
+    fn policy(&mut self, event: PolicyEvent) -> bool {
         match event {
-            watcher::Event::Apply(p) | watcher::Event::InitApply(p) => {
-                let sel = peer_selectors(&p);
-                let old = self.selectors.insert(p.name_any(), sel.clone());
+            watcher::Event::Apply((name, sel)) | watcher::Event::InitApply((name, sel)) => {
+                if let Some(seen) = &mut self.listing {
+                    seen.insert(name.clone());
+                }
+                let old = self.selectors.insert(name, sel.clone());
                 old.map(|o| o.keys().cloned().collect::<Vec<_>>())
                     != Some(sel.keys().cloned().collect())
             }
-            watcher::Event::Delete(p) => self.selectors.remove(&p.name_any()).is_some(),
-            watcher::Event::Init => false,
+            watcher::Event::Delete((name, _)) => self.selectors.remove(&name).is_some(),
+            watcher::Event::Init => {
+                self.listing = Some(Default::default());
+                false
+            }
             watcher::Event::InitDone => {
+                let seen = self.listing.take().unwrap_or_default();
+                self.selectors.retain(|name, _| seen.contains(name));
                 self.ready[0] = true;
                 true
             }
@@ -287,8 +313,8 @@ impl Known {
     }
 }
 
-/// Runs a publisher with a node cache of its own (for a process that runs
-/// no controller, such as a test): forever.
+/// Runs a publisher with a node cache and a policy watch of its own (for a
+/// process that runs no controller, such as a test): forever.
 pub async fn publish(client: Client) {
     let cache = Arc::new(ClusterCache::default());
     let (wake, mut woken) = futures::channel::mpsc::unbounded();
@@ -298,27 +324,49 @@ pub async fn publish(client: Client) {
     tokio::select! {
         _ = follower => {}
         _ = drain => {}
-        _ = publish_from(client, cache) => {}
+        _ = publish_from(client.clone(), cache, own_policy_watch(client)) => {}
     }
 }
 
-/// Runs the publisher over the controller's `cache` forever (the caller
-/// stops it with the controller).
-pub async fn publish_from(client: Client, cache: Arc<ClusterCache>) {
-    let api: Api<FirewallPeerSlice> = Api::all(client.clone());
-    let policies = watcher(
-        Api::<FirewallPolicy>::all(client.clone()),
+/// A policy watch of the publisher's own, over every policy: for a process
+/// without the controller's, or a controller that watches only some
+/// policies (`--policy-selector`) while slices serve every policy.
+pub fn own_policy_watch(client: Client) -> impl futures::Stream<Item = PolicyEvent> + Send {
+    watcher(
+        Api::<FirewallPolicy>::all(client),
         watcher::Config::default(),
     )
-    .default_backoff();
-    let slices = watcher(api.clone(), watcher::Config::default()).default_backoff();
+    .default_backoff()
+    .filter_map(|e| async move {
+        match e {
+            Ok(e) => Some(policy_event(&e)),
+            Err(e) => {
+                warn!(error = %e, "policy watch error (peer slices); retrying");
+                None
+            }
+        }
+    })
+}
+
+/// Runs the publisher over the controller's `cache` and the policy events
+/// `policies` (the controller's own watch, reduced: no second LIST of
+/// policies) forever; the caller stops it with the controller.
+pub async fn publish_from(
+    client: Client,
+    cache: Arc<ClusterCache>,
+    policies: impl futures::Stream<Item = PolicyEvent> + Send,
+) {
+    let api: Api<FirewallPeerSlice> = Api::all(client.clone());
+    let slices = watcher(api.clone(), watcher::Config::default())
+        .default_backoff()
+        .modify(|s| crate::api::trim_bookkeeping(&mut s.metadata));
     let mut policies = std::pin::pin!(policies);
     let mut slices = std::pin::pin!(slices);
     let mut known = Known::default();
     let mut dirty = false;
     loop {
         let changed = tokio::select! {
-            Some(e) = policies.next() => e.map(|e| known.policy(e)),
+            Some(e) = policies.next() => Ok(known.policy(e)),
             Some(e) = slices.next() => e.map(|e| known.slice(e)),
             _ = cache.nodes_changed.notified() => Ok(true),
             // Let a burst of events settle into one plan.
@@ -429,6 +477,27 @@ mod tests {
                 .iter()
                 .any(|n| n.addresses == ["10.9.9.9"])
         );
+    }
+
+    #[test]
+    fn a_relist_forgets_policies_deleted_meanwhile() {
+        let sel = |text: &str| {
+            let s = Selector::everything();
+            BTreeMap::from([(text.to_string(), s)])
+        };
+        let mut known = Known::default();
+        assert!(!known.policy(watcher::Event::Init));
+        known.policy(watcher::Event::InitApply(("a".into(), sel("x"))));
+        known.policy(watcher::Event::InitApply(("b".into(), sel("y"))));
+        assert!(known.policy(watcher::Event::InitDone));
+        assert_eq!(known.selectors.len(), 2);
+        // The watch expired; "b" was deleted before the re-list.
+        known.policy(watcher::Event::Init);
+        known.policy(watcher::Event::InitApply(("a".into(), sel("x"))));
+        assert!(known.policy(watcher::Event::InitDone));
+        assert_eq!(known.selectors.keys().collect::<Vec<_>>(), ["a"]);
+        // A status-only write (same selectors) changes nothing.
+        assert!(!known.policy(watcher::Event::Apply(("a".into(), sel("x")))));
     }
 
     #[test]

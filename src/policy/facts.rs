@@ -19,9 +19,11 @@ use super::{IpFamily, PolicyError};
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Facts {
-    /// The cluster's nodes (targets of policies and of `nodeSelector` peers).
+    /// The cluster's nodes (targets of policies and of `nodeSelector`
+    /// peers). Shared: the controller hands every reconcile the same
+    /// snapshot of its watch cache rather than a copy of every node each.
     #[serde(default)]
-    pub nodes: Vec<NodeFacts>,
+    pub nodes: std::sync::Arc<Vec<NodeFacts>>,
     /// Security Group id → private addresses of the interfaces in it, as
     /// resolved by the controller. An id missing here is "unresolved".
     #[serde(default)]

@@ -383,7 +383,7 @@ mod tests {
                 compile_policy(&policy, &facts).unwrap_or_else(|e| panic!("{file}: {e}"));
             valid.push(compiled.policy);
         }
-        for node in &facts.nodes {
+        for node in facts.nodes.iter() {
             compile_node(&node.name, &valid, &facts).unwrap();
         }
     }

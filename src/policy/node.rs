@@ -2226,8 +2226,11 @@ mod tests {
         let facts = facts_with_nodes();
         let before = compile_node("web-1", std::slice::from_ref(&p), &facts).unwrap();
         let mut more = facts.clone();
-        more.nodes
-            .push(node("db-2", &[("role", "db")], &["10.0.2.11"]));
+        std::sync::Arc::make_mut(&mut more.nodes).push(node(
+            "db-2",
+            &[("role", "db")],
+            &["10.0.2.11"],
+        ));
         let after = compile_node("web-1", &[p], &more).unwrap();
         assert_eq!(before.ipv4, after.ipv4, "chains unchanged");
         assert_ne!(before.sets, after.sets);

@@ -52,7 +52,8 @@ fn facts() -> Facts {
                 &["10.0.2.6", "2001:db8:0:2::6"],
             ),
             node("n3", &[("role", "web"), ("zone", "b")], &["10.1.3.7"]),
-        ],
+        ]
+        .into(),
         quota: SgQuota {
             rules_per_direction: 10_000,
             ..SgQuota::default()
@@ -629,7 +630,7 @@ proptest! {
     ) {
         let f = facts();
         let a = valid(&policies);
-        for n in &f.nodes {
+        for n in f.nodes.iter() {
             let v = node_verdict(&compile_node(&n.name, &a, &f).unwrap(), &probe);
             if failsafe_allows(&f, &probe) {
                 prop_assert!(matches!(v, NodeVerdict::Accept | NodeVerdict::NotFiltered), "{v:?}");
@@ -658,7 +659,7 @@ proptest! {
         let f = facts();
         let shuffled = reorder(&policies, seed);
         let (a, b) = (valid(&policies), valid(&shuffled));
-        for n in &f.nodes {
+        for n in f.nodes.iter() {
             let x = compile_node(&n.name, &a, &f).unwrap();
             let y = compile_node(&n.name, &b, &f).unwrap();
             prop_assert_eq!(x.hash(), y.hash());
@@ -688,7 +689,7 @@ proptest! {
             prop_assert_eq!((x.ingress, x.egress, x.quota), (y.ingress, y.egress, y.quota));
         }
         let (a, b) = (valid(&policies), valid(&canon));
-        for n in &f.nodes {
+        for n in f.nodes.iter() {
             let (x, y) = (compile_node(&n.name, &a, &f).unwrap(), compile_node(&n.name, &b, &f).unwrap());
             prop_assert_eq!((x.ipv4, x.ipv6, x.sets, x.policies), (y.ipv4, y.ipv6, y.sets, y.policies));
         }
@@ -729,7 +730,7 @@ proptest! {
     fn node_ruleset_allows_exactly_what_the_spec_allows(policies in arb_policies(), probes in prop::collection::vec(arb_probe(), 24)) {
         let f = facts();
         let v = valid(&policies);
-        for n in &f.nodes {
+        for n in f.nodes.iter() {
             let rs = compile_node(&n.name, &v, &f).unwrap();
             for probe in &probes {
                 prop_assert_eq!(node_verdict(&rs, probe), spec_node(&policies, n, probe, &f), "node {} {:?}", n.name, probe);

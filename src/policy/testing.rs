@@ -111,7 +111,8 @@ pub fn facts_with_nodes() -> Facts {
                 &["10.0.1.10", "2001:db8::1:10"],
             ),
             node("db-1", &[("role", "db")], &["10.0.2.10", "2001:db8::2:10"]),
-        ],
+        ]
+        .into(),
         ..Default::default()
     }
 }

@@ -31,7 +31,8 @@ impl DataplaneNode {
                 name: "node".into(),
                 addresses: host.addresses(),
                 ..Default::default()
-            }],
+            }]
+            .into(),
             ..Default::default()
         };
         if let Some(admin) = admin {
