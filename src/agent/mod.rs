@@ -728,6 +728,7 @@ fn policy_fingerprint(p: &FirewallPolicy) -> String {
 /// wakes the sync loop, which lists them and rewrites what differs.
 /// Restarts `nft monitor` if it exits.
 async fn follow_nft_monitor(trigger: Arc<Notify>, dataplane: Dataplane) {
+    let mut restarted = false;
     loop {
         let child = tokio::process::Command::new("nft")
             .arg("monitor")
@@ -737,6 +738,12 @@ async fn follow_nft_monitor(trigger: Arc<Notify>, dataplane: Dataplane) {
             .spawn();
         match child {
             Ok(mut child) => {
+                if restarted {
+                    // Changes made while no monitor ran were seen by
+                    // nobody: read everything back once.
+                    dataplane.invalidate();
+                    trigger.notify_one();
+                }
                 if let Some(out) = child.stdout.take() {
                     let mut lines = tokio::io::BufReader::new(out).lines();
                     let mut parser = MonitorParser::default();
@@ -754,6 +761,7 @@ async fn follow_nft_monitor(trigger: Arc<Notify>, dataplane: Dataplane) {
             }
             Err(e) => warn!(error = %e, "starting nft monitor"),
         }
+        restarted = true;
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
