@@ -1075,40 +1075,23 @@ async fn sync_group<E: Ec2>(
     let effective = if analysed.is_empty() {
         Effective::NotAttached
     } else {
-        match super::effective::attached_groups(
-            ctx.ec2.as_ref(),
-            &ctx.groups,
-            ctx.config.resync.mul_f32(0.9),
-            &ctx.config.cluster_name,
-            (&group_id, &after),
+        // In a shared group, only the rules carrying this policy's marker
+        // are its own; the other members' widen like any other group would.
+        let own = if is_shared {
+            GroupOwnership::Adopted
+        } else {
+            ownership
+        };
+        effective_access(
+            ctx,
+            policy,
+            compiled,
+            facts,
+            (&group_id, &after, own),
             &instances,
             &analysed,
         )
         .await
-        {
-            Ok(groups) => Effective::Analysed(widenings(
-                &compiled.cloud.policy,
-                compiled.cloud.mode,
-                &Intent::of(&compiled.policy, facts, Layer::Cloud),
-                &Intent::of(&compiled.policy, facts, Layer::Node),
-                // In a shared group, only the rules carrying this policy's
-                // marker are its own; the other members' widen like any
-                // other group would.
-                Some((
-                    &group_id,
-                    if is_shared {
-                        GroupOwnership::Adopted
-                    } else {
-                        ownership
-                    },
-                )),
-                &groups,
-            )),
-            Err(e) => {
-                tracing::warn!(policy = %policy.name_any(), error = %e, "reading the other groups on the nodes' interfaces failed");
-                Effective::Unknown(e.to_string())
-            }
-        }
     };
 
     Ok(CloudReport {
@@ -1172,37 +1155,21 @@ async fn sync_composed<E: Ec2>(
         .collect();
     attached.sort();
     ctx.groups.put(&main.id, "", true, main.rules.clone());
-    let effective = match super::effective::attached_groups(
-        ctx.ec2.as_ref(),
-        &ctx.groups,
-        ctx.config.resync.mul_f32(0.9),
-        &ctx.config.cluster_name,
-        (&main.id, &main.rules),
+    let own = if main.shared {
+        GroupOwnership::Adopted
+    } else {
+        GroupOwnership::Created
+    };
+    let effective = effective_access(
+        ctx,
+        policy,
+        compiled,
+        facts,
+        (&main.id, &main.rules, own),
         &placed.instances,
         selected,
     )
-    .await
-    {
-        Ok(groups) => Effective::Analysed(widenings(
-            &compiled.cloud.policy,
-            compiled.cloud.mode,
-            &Intent::of(&compiled.policy, facts, Layer::Cloud),
-            &Intent::of(&compiled.policy, facts, Layer::Node),
-            Some((
-                &main.id,
-                if main.shared {
-                    GroupOwnership::Adopted
-                } else {
-                    GroupOwnership::Created
-                },
-            )),
-            &groups,
-        )),
-        Err(e) => {
-            tracing::warn!(policy = %policy.name_any(), error = %e, "reading the other groups on the nodes' interfaces failed");
-            Effective::Unknown(e.to_string())
-        }
-    };
+    .await;
     tracing::debug!(policy = %policy.name_any(), groups = placed.groups, main = %main.id, "composed sync");
     Ok(CloudReport {
         group: Some(SecurityGroupStatus {
@@ -1519,6 +1486,45 @@ async fn companions<E: Ec2>(
         }
     }
     out
+}
+
+/// What the groups on the selected nodes' interfaces, together with the
+/// policy's own group (`own`: its id, rules after this sync and how the
+/// policy holds it), admit beyond the policy's intent.
+async fn effective_access<E: Ec2>(
+    ctx: &Context<E>,
+    policy: &FirewallPolicy,
+    compiled: &CompiledPolicy,
+    facts: &Facts,
+    own: (&str, &[CurrentSgRule], GroupOwnership),
+    instances: &[InstanceInfo],
+    selected: &[String],
+) -> Effective {
+    let (id, rules, ownership) = own;
+    match super::effective::attached_groups(
+        ctx.ec2.as_ref(),
+        &ctx.groups,
+        ctx.config.resync.mul_f32(0.9),
+        &ctx.config.cluster_name,
+        (id, rules),
+        instances,
+        selected,
+    )
+    .await
+    {
+        Ok(groups) => Effective::Analysed(widenings(
+            &compiled.cloud.policy,
+            compiled.cloud.mode,
+            &Intent::of(&compiled.policy, facts, Layer::Cloud),
+            &Intent::of(&compiled.policy, facts, Layer::Node),
+            Some((id, ownership)),
+            &groups,
+        )),
+        Err(e) => {
+            tracing::warn!(policy = %policy.name_any(), error = %e, "reading the other groups on the nodes' interfaces failed");
+            Effective::Unknown(e.to_string())
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
