@@ -1095,18 +1095,13 @@ async fn sync_group<E: Ec2>(
     };
 
     Ok(CloudReport {
-        group: Some(SecurityGroupStatus {
-            id: group_id,
+        group: Some(group_status(
+            group_id,
             vpc_id,
             owned,
-            ingress_rules: count(Direction::Ingress),
-            egress_rules: count(Direction::Egress),
-            attached: i32::try_from(attached.len()).unwrap_or(i32::MAX),
-            attached_sample: attached
-                .into_iter()
-                .take(crate::api::ATTACHED_SAMPLE)
-                .collect(),
-        }),
+            (count(Direction::Ingress), count(Direction::Egress)),
+            attached,
+        )),
         drift_repaired,
         effective,
         shared: is_shared,
@@ -1172,18 +1167,13 @@ async fn sync_composed<E: Ec2>(
     .await;
     tracing::debug!(policy = %policy.name_any(), groups = placed.groups, main = %main.id, "composed sync");
     Ok(CloudReport {
-        group: Some(SecurityGroupStatus {
-            id: main.id.clone(),
-            vpc_id: main.vpc.clone(),
-            owned: true,
-            ingress_rules: count(Direction::Ingress),
-            egress_rules: count(Direction::Egress),
-            attached: i32::try_from(attached.len()).unwrap_or(i32::MAX),
-            attached_sample: attached
-                .into_iter()
-                .take(crate::api::ATTACHED_SAMPLE)
-                .collect(),
-        }),
+        group: Some(group_status(
+            main.id.clone(),
+            main.vpc.clone(),
+            true,
+            (count(Direction::Ingress), count(Direction::Egress)),
+            attached,
+        )),
         drift_repaired: placed.repaired,
         effective,
         shared: main.shared,
@@ -1486,6 +1476,29 @@ async fn companions<E: Ec2>(
         }
     }
     out
+}
+
+/// A policy's group as its status reports it: the instances it is
+/// attached to are counted, and a bounded sample of them named.
+fn group_status(
+    id: String,
+    vpc_id: Option<String>,
+    owned: bool,
+    (ingress_rules, egress_rules): (i32, i32),
+    attached: Vec<String>,
+) -> SecurityGroupStatus {
+    SecurityGroupStatus {
+        id,
+        vpc_id,
+        owned,
+        ingress_rules,
+        egress_rules,
+        attached: i32::try_from(attached.len()).unwrap_or(i32::MAX),
+        attached_sample: attached
+            .into_iter()
+            .take(crate::api::ATTACHED_SAMPLE)
+            .collect(),
+    }
 }
 
 /// What the groups on the selected nodes' interfaces, together with the
