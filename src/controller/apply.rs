@@ -735,7 +735,7 @@ async fn sync_group<E: Ec2>(
     let class_key = (owned && attaches && shared::composable(policy)).then(|| shared::key(policy));
     let class_lock = class_key
         .as_ref()
-        .map(|k| ctx.eni_lock(&format!("shared/{k}")));
+        .map(|k| ctx.eni_lock(&shared::lock_name(k)));
     let _class_held = match &class_lock {
         Some(l) => Some(l.lock().await),
         None => None,
@@ -1748,7 +1748,9 @@ pub(crate) async fn undo_cloud<E: Ec2>(
         // last member).
         if shared::composable_spec(policy) {
             if let Some(g) = shared::find(ctx, &shared::key(policy)).await? {
-                shared::leave(ctx, policy, &shared::key(policy), &g.id).await?;
+                shared::leave(ctx, policy, &shared::key(policy), &g.id)
+                    .await
+                    .map_err(compose::raced)?;
             }
             // The groups of several selectors holding its own: their
             // interfaces move to groups planned without it first.

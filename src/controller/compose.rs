@@ -53,7 +53,7 @@ use super::apply;
 use super::shared::{self, Candidate};
 use super::{Context, Error, lock};
 use crate::api::FirewallPolicy;
-use crate::cloud::{Ec2, ErrorKind, GroupInfo, InstanceInfo, NewGroup, tags};
+use crate::cloud::{CloudError, Ec2, ErrorKind, GroupInfo, InstanceInfo, NewGroup, tags};
 use crate::policy::{
     CloudPlan, CurrentSgRule, Facts, GroupOwnership, NodeFacts, diff_security_group,
 };
@@ -179,6 +179,23 @@ pub(crate) async fn sync<E: Ec2>(
         drift_possible,
     )
     .await
+    .map_err(raced)
+}
+
+/// A group found by its tags or on an interface that is gone at the next
+/// call was deleted meanwhile (another member's sync or cleanup retired
+/// it; an instance terminated): the sync is retried with fresh reads, not
+/// stalled on as a wrong reference would be.
+pub(crate) fn raced(e: Error) -> Error {
+    match e {
+        Error::Cloud(c) if matches!(c.kind, ErrorKind::NotFound { .. }) => {
+            Error::Cloud(CloudError {
+                kind: ErrorKind::Transient,
+                ..c
+            })
+        }
+        e => e,
+    }
 }
 
 /// `policy` no longer holds selector `selector` in any class (deleted,
@@ -201,7 +218,9 @@ pub(crate) async fn leave<E: Ec2>(
     if tidy.is_empty() {
         return Ok(());
     }
-    place(ctx, policy, None, facts, &[], &tidy, false).await?;
+    place(ctx, policy, None, facts, &[], &tidy, false)
+        .await
+        .map_err(raced)?;
     Ok(())
 }
 
@@ -316,6 +335,14 @@ async fn place<E: Ec2>(
     let mut moved: Vec<BTreeSet<String>> = Vec::new();
     let mut removed: BTreeSet<String> = BTreeSet::new();
     for (class, on) in &classes {
+        // The class's lock is held from finding its group to the last
+        // interface moved onto it: a member leaving concurrently cannot
+        // delete the group in between (it finds it on an interface).
+        let class_lock = (!class.is_empty()).then(|| ctx.eni_lock(&shared::class_lock_key(class)));
+        let _class_held = match &class_lock {
+            Some(l) => Some(l.lock().await),
+            None => None,
+        };
         let target = if class.is_empty() {
             None
         } else {
@@ -417,12 +444,11 @@ async fn place<E: Ec2>(
                         .map(|n| shared::class_of(&candidates, n))
                         .collect()
                 });
+                let class_lock = ctx.eni_lock(&shared::class_lock_key(&class));
+                let _held = class_lock.lock().await;
                 if live.contains(&class) && !shared::class_members(&candidates, &class).is_empty() {
                     ensure(ctx, policy, None, &class, &candidates, facts, &[], false).await?;
                 } else {
-                    let key = shared::class_key(&class);
-                    let class_lock = ctx.eni_lock(&format!("shared/{key}"));
-                    let _held = class_lock.lock().await;
                     if ctx.ec2.enis_in_group(&g.id).await?.is_empty() {
                         apply::retire_group(ctx, policy, &g.id).await?;
                     }
@@ -444,8 +470,9 @@ async fn place<E: Ec2>(
     })
 }
 
-/// The group of class `class`, complete: under the class's lock, found
-/// by its tags (or made), and holding the union of its members' plans.
+/// The group of class `class`, complete: found by its tags (or made), and
+/// holding the union of its members' plans. The caller holds the class's
+/// lock ([`shared::class_lock_key`]).
 /// A class of one policy alone uses that policy's own group: `policy`'s
 /// (found or made, and planned with `own_plan`), or another's as it keeps
 /// it (a shared group is made for it if it has none yet; it moves there at
@@ -462,8 +489,6 @@ async fn ensure<E: Ec2>(
     drift_possible: bool,
 ) -> Result<Target, Error> {
     let key = shared::class_key(class);
-    let class_lock = ctx.eni_lock(&format!("shared/{key}"));
-    let _held = class_lock.lock().await;
     let members = shared::class_members(candidates, class);
     let found = shared::find(ctx, &key).await?;
     let instances: Vec<InstanceInfo> = on.iter().map(|i| (*i).clone()).collect();

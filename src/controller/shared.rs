@@ -131,6 +131,17 @@ pub(crate) fn selector_tag(selector: &str) -> String {
     format!("{}{selector}", tags::SELECTOR_PREFIX)
 }
 
+/// The name of the lock every writer of class `key`'s group holds (one
+/// writer per shared group).
+pub(crate) fn lock_name(key: &str) -> String {
+    format!("shared/{key}")
+}
+
+/// The lock of class `selectors` (see [`lock_name`]).
+pub(crate) fn class_lock_key(selectors: &BTreeSet<String>) -> String {
+    lock_name(&class_key(selectors))
+}
+
 /// The key of a placement class (the selectors of the composable policies
 /// selecting a node): the selector's own key when there is one, as for the
 /// groups of policies with the same selector, else a digest of them all.
@@ -403,7 +414,7 @@ pub(crate) async fn leave<E: Ec2>(
     key: &str,
     group_id: &str,
 ) -> Result<(), Error> {
-    let class_lock = ctx.eni_lock(&format!("shared/{key}"));
+    let class_lock = ctx.eni_lock(&lock_name(key));
     let _held = class_lock.lock().await;
     let all = all_policies(ctx).await;
     let uid = policy.uid().unwrap_or_default();
