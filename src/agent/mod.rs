@@ -42,6 +42,7 @@
 
 pub mod events;
 pub mod metrics;
+pub mod slices;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
@@ -231,6 +232,9 @@ struct Desired {
     problems: Vec<String>,
     /// The policy versions used, by name (the next sync's last good).
     good: BTreeMap<String, Arc<FirewallPolicy>>,
+    /// The `nodeSelector` peers of the policies selecting the node, by
+    /// canonical text: the FirewallPeerSlices the ruleset reads.
+    peer_selectors: BTreeSet<String>,
 }
 
 /// Compiles the desired ruleset from the policies and Nodes (pure).
@@ -249,16 +253,18 @@ fn desired(
     let mut problems = Vec::new();
     let mut meta = BTreeMap::new();
     let mut good = BTreeMap::new();
+    let mut peer_selectors = BTreeSet::new();
+    let me = facts
+        .node(node_name)
+        .cloned()
+        .ok_or_else(|| AgentError::NodeMissing(node_name.to_string()))?;
     for p in policies {
         if p.metadata.deletion_timestamp.is_some() {
             continue;
         }
         let name = p.name_any();
-        let used = match validate(p) {
-            Ok(v) => {
-                valid.push(v);
-                p.clone()
-            }
+        let (used, v) = match validate(p) {
+            Ok(v) => (p.clone(), v),
             Err(e) => {
                 let kept = last_good
                     .get(&name)
@@ -273,15 +279,21 @@ fn desired(
                     p.metadata.generation.unwrap_or_default(),
                     old.metadata.generation.unwrap_or_default()
                 ));
-                valid.push(v);
-                old
+                (old, v)
             }
         };
-        if let Some(status) = &p.status
-            && let Err(e) = facts.add_resolved_peers(&status.resolved_peers)
-        {
-            problems.push(format!("policy {name}: {e}"));
+        // What a policy not selecting the node says matters nothing here:
+        // its slices are not watched, its resolved peers not read (so its
+        // status writes cannot change this ruleset).
+        if v.selects(&me) {
+            peer_selectors.extend(v.node_peer_selectors().map(ToString::to_string));
+            if let Some(status) = &p.status
+                && let Err(e) = facts.add_resolved_peers(&status.resolved_peers)
+            {
+                problems.push(format!("policy {name}: {e}"));
+            }
         }
+        valid.push(v);
         meta.insert(
             name.clone(),
             (used.uid(), used.metadata.generation.unwrap_or_default()),
@@ -309,6 +321,7 @@ fn desired(
         applied,
         problems,
         good,
+        peer_selectors,
     })
 }
 
@@ -321,6 +334,8 @@ struct Agent {
     policies: Store<FirewallPolicy>,
     nodes: Store<Node>,
     peer_slices: Store<FirewallPeerSlice>,
+    /// Which FirewallPeerSlices are watched (those the ruleset reads).
+    slice_scope: slices::Scope,
     api_slices: Store<EndpointSlice>,
     /// The ruleset last applied successfully.
     last_ruleset: Option<NodeRuleset>,
@@ -341,7 +356,11 @@ struct Agent {
 }
 
 impl Agent {
-    async fn sync(&mut self) -> Result<(FirewallNodeStatus, Vec<String>), AgentError> {
+    /// One sync; `None` when it waits for the FirewallPeerSlices its
+    /// policies need (the end of their list wakes it again).
+    async fn sync(&mut self) -> Result<Option<(FirewallNodeStatus, Vec<String>)>, AgentError> {
+        // Before the store is read: the store holds at least this list.
+        let listed = self.slice_scope.listed();
         let me = self
             .nodes
             .get(&ObjectRef::new(&self.config.node_name))
@@ -364,6 +383,10 @@ impl Agent {
             ..Default::default()
         };
         let want = desired(&self.config.node_name, &policies, facts, &self.last_good)?;
+        let scope = self.slice_scope.want(&want.peer_selectors);
+        if listed.as_ref() != Some(&scope) {
+            return Ok(None);
+        }
         let hash = want.ruleset.hash();
         let dataplane = self.dataplane.clone();
         let ruleset = want.ruleset.clone();
@@ -435,7 +458,7 @@ impl Agent {
             // The controller's field (its own field manager): never sent here.
             exposure: Vec::new(),
         };
-        Ok((self.with_audit(status), want.problems))
+        Ok(Some((self.with_audit(status), want.problems)))
     }
 
     /// Deletes the conntrack entries of flows `ruleset` no longer admits in
@@ -623,24 +646,62 @@ impl Agent {
     }
 }
 
-/// Whether a policy watch event can change what the agent enforces: any
-/// event but an applied object whose spec, generation, deletion and
-/// resolved peers are those it had. kube's reflector has already stored
-/// it; a status-only write of the controller (node counts, conditions)
-/// wakes nothing. Conservative: an event it cannot compare wakes the sync.
-fn spec_event(seen: &mut BTreeMap<String, String>, event: &watcher::Event<FirewallPolicy>) -> bool {
+/// What the agent remembers of a policy between its watch events: a hash
+/// of what its ruleset depends on, and its `nodeSelector` (`None` when it
+/// does not parse: taken as selecting the node).
+#[derive(Debug, Clone, PartialEq)]
+struct SeenPolicy {
+    fingerprint: String,
+    selector: Option<crate::policy::Selector>,
+}
+
+impl SeenPolicy {
+    fn of(p: &FirewallPolicy) -> Self {
+        let selector = match &p.spec.node_selector {
+            Some(sel) => crate::policy::Selector::parse(sel, "spec.nodeSelector").ok(),
+            None => Some(crate::policy::Selector::everything()),
+        };
+        SeenPolicy {
+            fingerprint: policy_fingerprint(p),
+            selector,
+        }
+    }
+
+    /// Whether it selects `node` (yes when either is unknown).
+    fn selects(&self, node: Option<&NodeFacts>) -> bool {
+        match (&self.selector, node) {
+            (Some(sel), Some(node)) => sel.matches(&node.labels),
+            _ => true,
+        }
+    }
+}
+
+/// Whether a policy watch event can change what the agent enforces on
+/// `node`: a policy that selects the node before or after the event, whose
+/// spec, generation, deletion or resolved peers changed. kube's reflector
+/// has already stored it; a status-only write of the controller (node
+/// counts, conditions) wakes nothing, and neither does any write of a
+/// policy selecting other nodes only (with 1,000 policies, most of them).
+/// A change of the node's own labels wakes the sync by itself
+/// ([`node_event`]). Conservative: an event it cannot compare wakes it.
+fn spec_event(
+    seen: &mut BTreeMap<String, SeenPolicy>,
+    node: Option<&NodeFacts>,
+    event: &watcher::Event<FirewallPolicy>,
+) -> bool {
     match event {
         watcher::Event::Apply(p) | watcher::Event::InitApply(p) => {
-            let fingerprint = policy_fingerprint(p);
-            let name = p.name_any();
-            let changed = seen.get(&name) != Some(&fingerprint);
-            seen.insert(name, fingerprint);
-            changed
+            let now = SeenPolicy::of(p);
+            let before = seen.insert(p.name_any(), now.clone());
+            match before {
+                Some(before) if before.fingerprint == now.fingerprint => false,
+                Some(before) => before.selects(node) || now.selects(node),
+                None => now.selects(node),
+            }
         }
-        watcher::Event::Delete(p) => {
-            seen.remove(&p.name_any());
-            true
-        }
+        watcher::Event::Delete(p) => seen
+            .remove(&p.name_any())
+            .is_none_or(|before| before.selects(node)),
         _ => true,
     }
 }
@@ -837,17 +898,18 @@ pub async fn run(client: Client, config: AgentConfig) -> Result<(), AgentError> 
     )
     .default_backoff();
     // The controller's published node addresses: small objects that change
-    // only when a selected node joins, leaves or changes address.
-    let (peer_slices, slice_writer) = reflector::store();
-    let slice_watch = reflector::reflector(
+    // only when a selected node joins, leaves or changes address. Only the
+    // slices of the selectors this node's policies use are watched (the
+    // sync sets which: see `slices`).
+    let slice_writer = reflector::store::Writer::<FirewallPeerSlice>::default();
+    let peer_slices = slice_writer.as_reader();
+    let (slice_scope, scope_follower) = slices::scope(&config.failsafe);
+    let slice_watch = slices::follow(
+        client.clone(),
         slice_writer,
-        watcher(
-            Api::<FirewallPeerSlice>::all(client.clone()),
-            watcher::Config::default(),
-        )
-        .modify(|s| crate::api::trim_bookkeeping(&mut s.metadata)),
-    )
-    .default_backoff();
+        scope_follower,
+        trigger.clone(),
+    );
     // The API server's endpoints (one small object).
     let (api_slices, api_writer) = reflector::store();
     let api_watch = reflector::reflector(
@@ -869,11 +931,15 @@ pub async fn run(client: Client, config: AgentConfig) -> Result<(), AgentError> 
             let mut me = None;
             loop {
                 // Only changes wake the sync: a policy's status-only write
-                // leaves spec and generation alone (see `spec_changed`).
+                // leaves spec and generation alone, and a policy that
+                // selects the node neither before nor after an edit changes
+                // nothing here (see `spec_event`).
                 let (what, event) = tokio::select! {
-                    e = policy_watch.next() => ("FirewallPolicies", e.map(|r| r.map(|ev| spec_event(&mut seen, &ev)))),
+                    e = policy_watch.next() => ("FirewallPolicies", e.map(|r| r.map(|ev| {
+                        spec_event(&mut seen, me.as_ref().map(|(_, n)| n), &ev)
+                    }))),
                     e = node_watch.next() => ("Node", e.map(|r| r.map(|ev| node_event(&mut me, &ev)))),
-                    e = slice_watch.next() => ("FirewallPeerSlices", e.map(|r| r.map(|_| true))),
+                    e = &mut slice_watch => return e,
                     e = api_watch.next() => ("EndpointSlices", e.map(|r| r.map(|_| true))),
                 };
                 match event {
@@ -896,6 +962,7 @@ pub async fn run(client: Client, config: AgentConfig) -> Result<(), AgentError> 
         policies,
         nodes,
         peer_slices,
+        slice_scope,
         api_slices,
         last_ruleset: None,
         would_drop: BTreeMap::new(),
@@ -909,13 +976,13 @@ pub async fn run(client: Client, config: AgentConfig) -> Result<(), AgentError> 
         config,
     };
     let sync_loop = async move {
-        // No half view: wait for the initial list of both watches.
-        let (a, b, c) = tokio::join!(
+        // No half view: wait for the initial list of both watches (the
+        // slices' is awaited by the sync, which says which it needs).
+        let (a, b) = tokio::join!(
             agent.policies.wait_until_ready(),
             agent.nodes.wait_until_ready(),
-            agent.peer_slices.wait_until_ready()
         );
-        if a.is_err() || b.is_err() || c.is_err() {
+        if a.is_err() || b.is_err() {
             return AgentError::WatchEnded("initial list");
         }
         info!(
@@ -928,12 +995,16 @@ pub async fn run(client: Client, config: AgentConfig) -> Result<(), AgentError> 
         loop {
             let started = Instant::now();
             let result = agent.sync().await;
-            agent
-                .metrics
-                .sync_duration
-                .observe(started.elapsed().as_secs_f64());
+            if !matches!(result, Ok(None)) {
+                agent
+                    .metrics
+                    .sync_duration
+                    .observe(started.elapsed().as_secs_f64());
+            }
             let wait = match result {
-                Ok((status, problems)) => {
+                // Waiting for the peer slices' list, whose end wakes it.
+                Ok(None) => agent.config.resync.min(agent.config.verify),
+                Ok(Some((status, problems))) => {
                     failures = 0;
                     for p in &problems {
                         warn!(problem = %p, "policy problem");
@@ -1171,7 +1242,12 @@ mod tests {
         )
         .unwrap();
         let mut seen = BTreeMap::new();
-        assert!(spec_event(&mut seen, &watcher::Event::Apply(p.clone())));
+        let me = NodeFacts {
+            name: "n1".into(),
+            ..Default::default()
+        };
+        let me = Some(&me);
+        assert!(spec_event(&mut seen, me, &watcher::Event::Apply(p.clone())));
         let mut status_only = p.clone();
         status_only.status = Some(crate::api::FirewallPolicyStatus {
             warnings: vec!["x".into()],
@@ -1179,6 +1255,7 @@ mod tests {
         });
         assert!(!spec_event(
             &mut seen,
+            me,
             &watcher::Event::Apply(status_only.clone())
         ));
         let mut resolved = status_only.clone();
@@ -1188,10 +1265,53 @@ mod tests {
                 cidrs: vec!["10.0.0.1/32".into()],
             }];
         }
-        assert!(spec_event(&mut seen, &watcher::Event::Apply(resolved)));
+        assert!(spec_event(&mut seen, me, &watcher::Event::Apply(resolved)));
         let mut edited = p;
         edited.metadata.generation = Some(2);
-        assert!(spec_event(&mut seen, &watcher::Event::Apply(edited)));
+        assert!(spec_event(&mut seen, me, &watcher::Event::Apply(edited)));
+    }
+
+    #[test]
+    fn policies_selecting_other_nodes_wake_nothing_until_they_select_this_one() {
+        let policy = |generation: i64, role: &str| -> FirewallPolicy {
+            serde_yaml::from_str(&format!(
+                "apiVersion: palisade.dev/v1alpha1\nkind: FirewallPolicy\nmetadata: {{name: other, generation: {generation}, uid: u1}}\nspec: {{policyTypes: [Ingress], nodeSelector: {{matchLabels: {{role: {role}}}}}}}\n"
+            ))
+            .unwrap()
+        };
+        let me = NodeFacts {
+            name: "n1".into(),
+            labels: [("role".to_string(), "web".to_string())].into(),
+            ..Default::default()
+        };
+        let me = Some(&me);
+        let mut seen = BTreeMap::new();
+        assert!(!spec_event(
+            &mut seen,
+            me,
+            &watcher::Event::Apply(policy(1, "db"))
+        ));
+        assert!(
+            !spec_event(&mut seen, me, &watcher::Event::Apply(policy(2, "cache"))),
+            "an edit among other nodes"
+        );
+        assert!(
+            spec_event(&mut seen, me, &watcher::Event::Apply(policy(3, "web"))),
+            "it now selects this node"
+        );
+        assert!(
+            spec_event(&mut seen, me, &watcher::Event::Apply(policy(4, "db"))),
+            "it no longer does: its rules go"
+        );
+        assert!(!spec_event(
+            &mut seen,
+            me,
+            &watcher::Event::Delete(policy(4, "db"))
+        ));
+        assert!(
+            spec_event(&mut seen, None, &watcher::Event::Apply(policy(5, "db"))),
+            "the node not known yet: wake"
+        );
     }
 
     #[test]
