@@ -242,7 +242,9 @@ struct Desired {
 /// A policy that no longer validates keeps its last valid version (same
 /// uid) rather than losing its rules — dropping them could open a
 /// direction no other policy speaks for — and is reported at that older
-/// generation, so the controller sees the node as not synced.
+/// generation, so the controller sees the node as not synced. Only the
+/// policies selecting the node are validated and compiled (an invalid one
+/// that applied at the last sync too); the others are not reported.
 fn desired(
     node_name: &str,
     policies: &[Arc<FirewallPolicy>],
@@ -263,6 +265,16 @@ fn desired(
             continue;
         }
         let name = p.name_any();
+        // A policy selecting other nodes is not even validated (with 1,000
+        // policies, most of them) unless it applied here at the last sync
+        // (an invalid edit keeps its last valid version: see below).
+        let elsewhere = p.spec.node_selector.as_ref().is_some_and(|sel| {
+            crate::policy::Selector::parse(sel, "spec.nodeSelector")
+                .is_ok_and(|s| !s.matches(&me.labels))
+        });
+        if elsewhere && !last_good.contains_key(&name) {
+            continue;
+        }
         let (used, v) = match validate(p) {
             Ok(v) => (p.clone(), v),
             Err(e) => {
@@ -284,14 +296,15 @@ fn desired(
         };
         // What a policy not selecting the node says matters nothing here:
         // its slices are not watched, its resolved peers not read (so its
-        // status writes cannot change this ruleset).
-        if v.selects(&me) {
-            peer_selectors.extend(v.node_peer_selectors().map(ToString::to_string));
-            if let Some(status) = &p.status
-                && let Err(e) = facts.add_resolved_peers(&status.resolved_peers)
-            {
-                problems.push(format!("policy {name}: {e}"));
-            }
+        // status writes cannot change this ruleset), its version not kept.
+        if !v.selects(&me) {
+            continue;
+        }
+        peer_selectors.extend(v.node_peer_selectors().map(ToString::to_string));
+        if let Some(status) = &p.status
+            && let Err(e) = facts.add_resolved_peers(&status.resolved_peers)
+        {
+            problems.push(format!("policy {name}: {e}"));
         }
         valid.push(v);
         meta.insert(
@@ -1311,6 +1324,40 @@ mod tests {
         assert!(
             spec_event(&mut seen, None, &watcher::Event::Apply(policy(5, "db"))),
             "the node not known yet: wake"
+        );
+    }
+
+    #[test]
+    fn policies_selecting_other_nodes_are_neither_compiled_nor_reported() {
+        let node = NodeFacts {
+            name: "n1".into(),
+            labels: [("role".to_string(), "web".to_string())].into(),
+            ..Default::default()
+        };
+        let policy = |name: &str, role: &str, cidr: &str| -> Arc<FirewallPolicy> {
+            Arc::new(serde_yaml::from_str(&format!(
+                "apiVersion: palisade.dev/v1alpha1\nkind: FirewallPolicy\nmetadata: {{name: {name}, generation: 1, uid: {name}}}\nspec:\n  policyTypes: [Ingress]\n  nodeSelector: {{matchLabels: {{role: {role}}}}}\n  ingress:\n    - {{name: r, protocol: TCP, ports: [{{port: 80}}], peers: [{{cidr: {cidr}}}, {{nodeSelector: {{matchLabels: {{pool: {name}}}}}}}]}}\n"
+            )).unwrap())
+        };
+        let d = desired(
+            "n1",
+            &[
+                policy("mine", "web", "10.0.0.0/8"),
+                policy("elsewhere", "db", "10.0.0.0/8"),
+                // Invalid (host bits set), but not this node's business.
+                policy("broken-elsewhere", "db", "10.0.0.1/8"),
+            ],
+            facts(&node),
+            &BTreeMap::new(),
+        )
+        .unwrap();
+        assert_eq!(d.applied.len(), 1);
+        assert_eq!(d.good.keys().collect::<Vec<_>>(), ["mine"]);
+        assert!(d.problems.is_empty(), "{:?}", d.problems);
+        assert_eq!(
+            d.peer_selectors.into_iter().collect::<Vec<_>>(),
+            ["pool=mine"],
+            "the slices this node reads"
         );
     }
 
