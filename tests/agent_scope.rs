@@ -185,7 +185,9 @@ async fn slices_and_edits_of_policies_elsewhere_cause_no_sync_and_a_policy_movin
             "apiVersion: palisade.dev/v1alpha1\nkind: FirewallPolicy\nmetadata: {{name: scope-other}}\nspec:\n  policyTypes: [Ingress]\n  nodeSelector: {{matchLabels: {{role: {role}}}}}\n  ingress:\n    - name: from-peers\n      protocol: TCP\n      ports: [{{port: {port}}}]\n      peers: [{{nodeSelector: {{matchLabels: {{role: scope-peer}}}}}}]\n"
         )
     };
-    env.apply_yaml(&other(9191, "scope-elsewhere")).await.unwrap();
+    env.apply_yaml(&other(9191, "scope-elsewhere"))
+        .await
+        .unwrap();
     wait_reported(&client, "scope-app", &[("scope-mine", 1)]).await;
     let mut members = vec!["scope-peer".to_string()];
     let mut versions = wait_published(&client, "role=scope-peer", &members).await;
@@ -239,7 +241,12 @@ async fn slices_and_edits_of_policies_elsewhere_cause_no_sync_and_a_policy_movin
     // The policy moves onto this node: the agent fetches the slices of its
     // peer selector and admits exactly their nodes.
     env.apply_yaml(&other(9191, "scope-app")).await.unwrap();
-    wait_reported(&client, "scope-app", &[("scope-mine", 1), ("scope-other", 5)]).await;
+    wait_reported(
+        &client,
+        "scope-app",
+        &[("scope-mine", 1), ("scope-other", 5)],
+    )
+    .await;
     assert_eq!(probe(peer.host(), &app, 9191), Reach::Open, "peer admitted");
     assert_eq!(probe(&outsider, &app, 9191), Reach::TimedOut);
     let set = app

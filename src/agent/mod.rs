@@ -11,7 +11,8 @@
 //!    controller may release them), the node's labels and addresses, the
 //!    peers the controller resolved (`status.resolvedPeers`), the node
 //!    addresses the controller publishes per `nodeSelector` in
-//!    FirewallPeerSlices (watched: the agent never lists Nodes), the API
+//!    FirewallPeerSlices (watched, only those of the node's policies and
+//!    failsafe: see [`slices`]; the agent never lists Nodes), the API
 //!    server's endpoints (flags, then the `kubernetes` EndpointSlice), the
 //!    node's nameservers, and the failsafe list from the flags; a policy
 //!    edited into something invalid keeps its last valid version (reported
