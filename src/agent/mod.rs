@@ -743,12 +743,21 @@ fn node_event(
     }
 }
 
-/// What the agent's policy store keeps of a policy: metadata without
-/// managedFields and kubectl's last-applied copy, the spec, and of the
-/// status only `resolvedPeers` (the controller's conditions, counts and
-/// samples are read by nothing on a node).
+/// What the agent's policy store keeps of a policy: of the metadata its
+/// name, uid, generation, resourceVersion and deletion (labels,
+/// annotations, finalizers, managedFields are read by nothing on a node),
+/// the spec, and of the status only `resolvedPeers` (the controller's
+/// conditions, counts and samples are not read either).
 pub fn trim_policy(p: &mut FirewallPolicy) {
-    crate::api::trim_bookkeeping(&mut p.metadata);
+    let meta = std::mem::take(&mut p.metadata);
+    p.metadata = kube::api::ObjectMeta {
+        name: meta.name,
+        uid: meta.uid,
+        generation: meta.generation,
+        resource_version: meta.resource_version,
+        deletion_timestamp: meta.deletion_timestamp,
+        ..Default::default()
+    };
     if let Some(status) = p.status.take() {
         p.status = Some(crate::api::FirewallPolicyStatus {
             resolved_peers: status.resolved_peers,
@@ -1157,9 +1166,10 @@ mod tests {
         let spec = p.spec.clone();
         trim_policy(&mut p);
         assert!(p.metadata.managed_fields.unwrap_or_default().is_empty());
+        assert!(p.metadata.annotations.is_none());
         assert_eq!(
-            p.metadata.annotations.unwrap().keys().collect::<Vec<_>>(),
-            ["team"]
+            (p.metadata.uid.as_deref(), p.metadata.generation),
+            (Some("u1"), Some(3))
         );
         assert_eq!(p.spec, spec);
         let status = p.status.unwrap();
