@@ -43,6 +43,7 @@
 
 pub mod events;
 pub mod metrics;
+pub mod policies;
 pub mod slices;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -236,6 +237,9 @@ struct Desired {
     /// The `nodeSelector` peers of the policies selecting the node, by
     /// canonical text: the FirewallPeerSlices the ruleset reads.
     peer_selectors: BTreeSet<String>,
+    /// A stored stub selects the node (its labels changed): its rules come
+    /// with the policy watch's new list; nothing is to be programmed yet.
+    stale: bool,
 }
 
 /// Compiles the desired ruleset from the policies and Nodes (pure).
@@ -257,6 +261,7 @@ fn desired(
     let mut meta = BTreeMap::new();
     let mut good = BTreeMap::new();
     let mut peer_selectors = BTreeSet::new();
+    let mut stale = false;
     let me = facts
         .node(node_name)
         .cloned()
@@ -273,6 +278,10 @@ fn desired(
             crate::policy::Selector::parse(sel, "spec.nodeSelector")
                 .is_ok_and(|s| !s.matches(&me.labels))
         });
+        if policies::is_stub(p) {
+            stale |= !elsewhere;
+            continue;
+        }
         if elsewhere && !last_good.contains_key(&name) {
             continue;
         }
@@ -336,6 +345,7 @@ fn desired(
         problems,
         good,
         peer_selectors,
+        stale,
     })
 }
 
@@ -397,6 +407,9 @@ impl Agent {
             ..Default::default()
         };
         let want = desired(&self.config.node_name, &policies, facts, &self.last_good)?;
+        if want.stale {
+            return Ok(None);
+        }
         let scope = self.slice_scope.want(&want.peer_selectors);
         if listed.as_ref() != Some(&scope) {
             return Ok(None);
@@ -681,10 +694,11 @@ impl SeenPolicy {
         }
     }
 
-    /// Whether it selects `node` (yes when either is unknown).
-    fn selects(&self, node: Option<&NodeFacts>) -> bool {
-        match (&self.selector, node) {
-            (Some(sel), Some(node)) => sel.matches(&node.labels),
+    /// Whether it selects the node of `labels` (yes when either is
+    /// unknown).
+    fn selects(&self, labels: Option<&BTreeMap<String, String>>) -> bool {
+        match (&self.selector, labels) {
+            (Some(sel), Some(labels)) => sel.matches(labels),
             _ => true,
         }
     }
@@ -700,7 +714,7 @@ impl SeenPolicy {
 /// ([`node_event`]). Conservative: an event it cannot compare wakes it.
 fn spec_event(
     seen: &mut BTreeMap<String, SeenPolicy>,
-    node: Option<&NodeFacts>,
+    node: Option<&BTreeMap<String, String>>,
     event: &watcher::Event<FirewallPolicy>,
 ) -> bool {
     match event {
@@ -900,16 +914,12 @@ pub async fn run(client: Client, config: AgentConfig) -> Result<(), AgentError> 
     // Every store keeps only what a sync reads (see `trim_policy`,
     // `trim_node`): at 1,000 policies, most of a stored policy was its
     // managedFields and the controller's status.
-    let (policies, policy_writer) = reflector::store();
-    let policy_watch = reflector::reflector(
-        policy_writer,
-        watcher(
-            Api::<FirewallPolicy>::all(client.clone()),
-            watcher::Config::default(),
-        )
-        .modify(trim_policy),
-    )
-    .default_backoff();
+    // Policies selecting other nodes are kept as stubs, for the node's
+    // labels (see `policies`): the watch starts once they are known.
+    let policy_writer = reflector::store::Writer::<FirewallPolicy>::default();
+    let policies = policy_writer.as_reader();
+    let (labels_tx, labels_rx) = tokio::sync::watch::channel(None);
+    let policy_watch = policies::follow(client.clone(), policy_writer, labels_rx, trigger.clone());
     let (nodes, node_writer) = reflector::store();
     let node_watch = reflector::reflector(
         node_writer,
@@ -950,18 +960,27 @@ pub async fn run(client: Client, config: AgentConfig) -> Result<(), AgentError> 
             let mut node_watch = std::pin::pin!(node_watch);
             let mut slice_watch = std::pin::pin!(slice_watch);
             let mut api_watch = std::pin::pin!(api_watch);
-            let mut seen = BTreeMap::new();
-            let mut me = None;
+            let mut me: Option<(Option<String>, NodeFacts)> = None;
             loop {
                 // Only changes wake the sync: a policy's status-only write
                 // leaves spec and generation alone, and a policy that
                 // selects the node neither before nor after an edit changes
-                // nothing here (see `spec_event`).
+                // nothing here (see `spec_event`, run by `policy_watch`).
                 let (what, event) = tokio::select! {
-                    e = policy_watch.next() => ("FirewallPolicies", e.map(|r| r.map(|ev| {
-                        spec_event(&mut seen, me.as_ref().map(|(_, n)| n), &ev)
+                    e = &mut policy_watch => return e,
+                    e = node_watch.next() => ("Node", e.map(|r| r.map(|ev| {
+                        let changed = node_event(&mut me, &ev);
+                        if let Some((_, n)) = &me {
+                            labels_tx.send_if_modified(|l| {
+                                let new = l.as_ref() != Some(&n.labels);
+                                if new {
+                                    *l = Some(n.labels.clone());
+                                }
+                                new
+                            });
+                        }
+                        changed
                     }))),
-                    e = node_watch.next() => ("Node", e.map(|r| r.map(|ev| node_event(&mut me, &ev)))),
                     e = &mut slice_watch => return e,
                     e = api_watch.next() => ("EndpointSlices", e.map(|r| r.map(|_| true))),
                 };
@@ -1266,10 +1285,7 @@ mod tests {
         )
         .unwrap();
         let mut seen = BTreeMap::new();
-        let me = NodeFacts {
-            name: "n1".into(),
-            ..Default::default()
-        };
+        let me = BTreeMap::new();
         let me = Some(&me);
         assert!(spec_event(&mut seen, me, &watcher::Event::Apply(p.clone())));
         let mut status_only = p.clone();
@@ -1303,11 +1319,7 @@ mod tests {
             ))
             .unwrap()
         };
-        let me = NodeFacts {
-            name: "n1".into(),
-            labels: [("role".to_string(), "web".to_string())].into(),
-            ..Default::default()
-        };
+        let me: BTreeMap<String, String> = [("role".to_string(), "web".to_string())].into();
         let me = Some(&me);
         let mut seen = BTreeMap::new();
         assert!(!spec_event(
@@ -1370,6 +1382,36 @@ mod tests {
             ["pool=mine"],
             "the slices this node reads"
         );
+        assert!(!d.stale);
+
+        // Stored as stubs for the node's labels: nothing changes. A stub
+        // that selects the node (its labels changed since) makes it wait
+        // for the policy watch's new list.
+        let db: BTreeMap<String, String> = [("role".to_string(), "db".to_string())].into();
+        let web: BTreeMap<String, String> = [("role".to_string(), "web".to_string())].into();
+        let stub = |role: &str, labels: &BTreeMap<String, String>| {
+            let mut p = (*policy("elsewhere", role, "10.0.0.0/8")).clone();
+            policies::trim_for(&mut p, labels);
+            assert!(policies::is_stub(&p));
+            Arc::new(p)
+        };
+        let mine = policy("mine", "web", "10.0.0.0/8");
+        let d = desired(
+            "n1",
+            &[mine.clone(), stub("db", &web)],
+            facts(&node),
+            &BTreeMap::new(),
+        )
+        .unwrap();
+        assert!(!d.stale && d.applied.len() == 1);
+        let d = desired(
+            "n1",
+            &[mine, stub("web", &db)],
+            facts(&node),
+            &BTreeMap::new(),
+        )
+        .unwrap();
+        assert!(d.stale, "a stub selecting the node is not compiled");
     }
 
     #[test]
