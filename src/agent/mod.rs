@@ -11,7 +11,8 @@
 //!    controller may release them), the node's labels and addresses, the
 //!    peers the controller resolved (`status.resolvedPeers`), the node
 //!    addresses the controller publishes per `nodeSelector` in
-//!    FirewallPeerSlices (watched: the agent never lists Nodes), the API
+//!    FirewallPeerSlices (watched, only those of the node's policies and
+//!    failsafe: see [`slices`]; the agent never lists Nodes), the API
 //!    server's endpoints (flags, then the `kubernetes` EndpointSlice), the
 //!    node's nameservers, and the failsafe list from the flags; a policy
 //!    edited into something invalid keeps its last valid version (reported
@@ -42,6 +43,8 @@
 
 pub mod events;
 pub mod metrics;
+pub mod policies;
+pub mod slices;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
@@ -231,6 +234,12 @@ struct Desired {
     problems: Vec<String>,
     /// The policy versions used, by name (the next sync's last good).
     good: BTreeMap<String, Arc<FirewallPolicy>>,
+    /// The `nodeSelector` peers of the policies selecting the node, by
+    /// canonical text: the FirewallPeerSlices the ruleset reads.
+    peer_selectors: BTreeSet<String>,
+    /// A stored stub selects the node (its labels changed): its rules come
+    /// with the policy watch's new list; nothing is to be programmed yet.
+    stale: bool,
 }
 
 /// Compiles the desired ruleset from the policies and Nodes (pure).
@@ -238,7 +247,9 @@ struct Desired {
 /// A policy that no longer validates keeps its last valid version (same
 /// uid) rather than losing its rules — dropping them could open a
 /// direction no other policy speaks for — and is reported at that older
-/// generation, so the controller sees the node as not synced.
+/// generation, so the controller sees the node as not synced. Only the
+/// policies selecting the node are validated and compiled (an invalid one
+/// that applied at the last sync too); the others are not reported.
 fn desired(
     node_name: &str,
     policies: &[Arc<FirewallPolicy>],
@@ -249,16 +260,33 @@ fn desired(
     let mut problems = Vec::new();
     let mut meta = BTreeMap::new();
     let mut good = BTreeMap::new();
+    let mut peer_selectors = BTreeSet::new();
+    let mut stale = false;
+    let me = facts
+        .node(node_name)
+        .cloned()
+        .ok_or_else(|| AgentError::NodeMissing(node_name.to_string()))?;
     for p in policies {
         if p.metadata.deletion_timestamp.is_some() {
             continue;
         }
         let name = p.name_any();
-        let used = match validate(p) {
-            Ok(v) => {
-                valid.push(v);
-                p.clone()
-            }
+        // A policy selecting other nodes is not even validated (with 1,000
+        // policies, most of them) unless it applied here at the last sync
+        // (an invalid edit keeps its last valid version: see below).
+        let elsewhere = p.spec.node_selector.as_ref().is_some_and(|sel| {
+            crate::policy::Selector::parse(sel, "spec.nodeSelector")
+                .is_ok_and(|s| !s.matches(&me.labels))
+        });
+        if policies::is_stub(p) {
+            stale |= !elsewhere;
+            continue;
+        }
+        if elsewhere && !last_good.contains_key(&name) {
+            continue;
+        }
+        let (used, v) = match validate(p) {
+            Ok(v) => (p.clone(), v),
             Err(e) => {
                 let kept = last_good
                     .get(&name)
@@ -273,15 +301,22 @@ fn desired(
                     p.metadata.generation.unwrap_or_default(),
                     old.metadata.generation.unwrap_or_default()
                 ));
-                valid.push(v);
-                old
+                (old, v)
             }
         };
+        // What a policy not selecting the node says matters nothing here:
+        // its slices are not watched, its resolved peers not read (so its
+        // status writes cannot change this ruleset), its version not kept.
+        if !v.selects(&me) {
+            continue;
+        }
+        peer_selectors.extend(v.node_peer_selectors().map(ToString::to_string));
         if let Some(status) = &p.status
             && let Err(e) = facts.add_resolved_peers(&status.resolved_peers)
         {
             problems.push(format!("policy {name}: {e}"));
         }
+        valid.push(v);
         meta.insert(
             name.clone(),
             (used.uid(), used.metadata.generation.unwrap_or_default()),
@@ -309,6 +344,8 @@ fn desired(
         applied,
         problems,
         good,
+        peer_selectors,
+        stale,
     })
 }
 
@@ -321,6 +358,8 @@ struct Agent {
     policies: Store<FirewallPolicy>,
     nodes: Store<Node>,
     peer_slices: Store<FirewallPeerSlice>,
+    /// Which FirewallPeerSlices are watched (those the ruleset reads).
+    slice_scope: slices::Scope,
     api_slices: Store<EndpointSlice>,
     /// The ruleset last applied successfully.
     last_ruleset: Option<NodeRuleset>,
@@ -341,7 +380,11 @@ struct Agent {
 }
 
 impl Agent {
-    async fn sync(&mut self) -> Result<(FirewallNodeStatus, Vec<String>), AgentError> {
+    /// One sync; `None` when it waits for the FirewallPeerSlices its
+    /// policies need (the end of their list wakes it again).
+    async fn sync(&mut self) -> Result<Option<(FirewallNodeStatus, Vec<String>)>, AgentError> {
+        // Before the store is read: the store holds at least this list.
+        let listed = self.slice_scope.listed();
         let me = self
             .nodes
             .get(&ObjectRef::new(&self.config.node_name))
@@ -364,6 +407,13 @@ impl Agent {
             ..Default::default()
         };
         let want = desired(&self.config.node_name, &policies, facts, &self.last_good)?;
+        if want.stale {
+            return Ok(None);
+        }
+        let scope = self.slice_scope.want(&want.peer_selectors);
+        if listed.as_ref() != Some(&scope) {
+            return Ok(None);
+        }
         let hash = want.ruleset.hash();
         let dataplane = self.dataplane.clone();
         let ruleset = want.ruleset.clone();
@@ -435,7 +485,7 @@ impl Agent {
             // The controller's field (its own field manager): never sent here.
             exposure: Vec::new(),
         };
-        Ok((self.with_audit(status), want.problems))
+        Ok(Some((self.with_audit(status), want.problems)))
     }
 
     /// Deletes the conntrack entries of flows `ruleset` no longer admits in
@@ -623,24 +673,63 @@ impl Agent {
     }
 }
 
-/// Whether a policy watch event can change what the agent enforces: any
-/// event but an applied object whose spec, generation, deletion and
-/// resolved peers are those it had. kube's reflector has already stored
-/// it; a status-only write of the controller (node counts, conditions)
-/// wakes nothing. Conservative: an event it cannot compare wakes the sync.
-fn spec_event(seen: &mut BTreeMap<String, String>, event: &watcher::Event<FirewallPolicy>) -> bool {
+/// What the agent remembers of a policy between its watch events: a hash
+/// of what its ruleset depends on, and its `nodeSelector` (`None` when it
+/// does not parse: taken as selecting the node).
+#[derive(Debug, Clone, PartialEq)]
+struct SeenPolicy {
+    fingerprint: String,
+    selector: Option<crate::policy::Selector>,
+}
+
+impl SeenPolicy {
+    fn of(p: &FirewallPolicy) -> Self {
+        let selector = match &p.spec.node_selector {
+            Some(sel) => crate::policy::Selector::parse(sel, "spec.nodeSelector").ok(),
+            None => Some(crate::policy::Selector::everything()),
+        };
+        SeenPolicy {
+            fingerprint: policy_fingerprint(p),
+            selector,
+        }
+    }
+
+    /// Whether it selects the node of `labels` (yes when either is
+    /// unknown).
+    fn selects(&self, labels: Option<&BTreeMap<String, String>>) -> bool {
+        match (&self.selector, labels) {
+            (Some(sel), Some(labels)) => sel.matches(labels),
+            _ => true,
+        }
+    }
+}
+
+/// Whether a policy watch event can change what the agent enforces on
+/// `node`: a policy that selects the node before or after the event, whose
+/// spec, generation, deletion or resolved peers changed. kube's reflector
+/// has already stored it; a status-only write of the controller (node
+/// counts, conditions) wakes nothing, and neither does any write of a
+/// policy selecting other nodes only (with 1,000 policies, most of them).
+/// A change of the node's own labels wakes the sync by itself
+/// ([`node_event`]). Conservative: an event it cannot compare wakes it.
+fn spec_event(
+    seen: &mut BTreeMap<String, SeenPolicy>,
+    node: Option<&BTreeMap<String, String>>,
+    event: &watcher::Event<FirewallPolicy>,
+) -> bool {
     match event {
         watcher::Event::Apply(p) | watcher::Event::InitApply(p) => {
-            let fingerprint = policy_fingerprint(p);
-            let name = p.name_any();
-            let changed = seen.get(&name) != Some(&fingerprint);
-            seen.insert(name, fingerprint);
-            changed
+            let now = SeenPolicy::of(p);
+            let before = seen.insert(p.name_any(), now.clone());
+            match before {
+                Some(before) if before.fingerprint == now.fingerprint => false,
+                Some(before) => before.selects(node) || now.selects(node),
+                None => now.selects(node),
+            }
         }
-        watcher::Event::Delete(p) => {
-            seen.remove(&p.name_any());
-            true
-        }
+        watcher::Event::Delete(p) => seen
+            .remove(&p.name_any())
+            .is_none_or(|before| before.selects(node)),
         _ => true,
     }
 }
@@ -668,12 +757,21 @@ fn node_event(
     }
 }
 
-/// What the agent's policy store keeps of a policy: metadata without
-/// managedFields and kubectl's last-applied copy, the spec, and of the
-/// status only `resolvedPeers` (the controller's conditions, counts and
-/// samples are read by nothing on a node).
+/// What the agent's policy store keeps of a policy: of the metadata its
+/// name, uid, generation, resourceVersion and deletion (labels,
+/// annotations, finalizers, managedFields are read by nothing on a node),
+/// the spec, and of the status only `resolvedPeers` (the controller's
+/// conditions, counts and samples are not read either).
 pub fn trim_policy(p: &mut FirewallPolicy) {
-    crate::api::trim_bookkeeping(&mut p.metadata);
+    let meta = std::mem::take(&mut p.metadata);
+    p.metadata = kube::api::ObjectMeta {
+        name: meta.name,
+        uid: meta.uid,
+        generation: meta.generation,
+        resource_version: meta.resource_version,
+        deletion_timestamp: meta.deletion_timestamp,
+        ..Default::default()
+    };
     if let Some(status) = p.status.take() {
         p.status = Some(crate::api::FirewallPolicyStatus {
             resolved_peers: status.resolved_peers,
@@ -816,16 +914,12 @@ pub async fn run(client: Client, config: AgentConfig) -> Result<(), AgentError> 
     // Every store keeps only what a sync reads (see `trim_policy`,
     // `trim_node`): at 1,000 policies, most of a stored policy was its
     // managedFields and the controller's status.
-    let (policies, policy_writer) = reflector::store();
-    let policy_watch = reflector::reflector(
-        policy_writer,
-        watcher(
-            Api::<FirewallPolicy>::all(client.clone()),
-            watcher::Config::default(),
-        )
-        .modify(trim_policy),
-    )
-    .default_backoff();
+    // Policies selecting other nodes are kept as stubs, for the node's
+    // labels (see `policies`): the watch starts once they are known.
+    let policy_writer = reflector::store::Writer::<FirewallPolicy>::default();
+    let policies = policy_writer.as_reader();
+    let (labels_tx, labels_rx) = tokio::sync::watch::channel(None);
+    let policy_watch = policies::follow(client.clone(), policy_writer, labels_rx, trigger.clone());
     let (nodes, node_writer) = reflector::store();
     let node_watch = reflector::reflector(
         node_writer,
@@ -837,17 +931,18 @@ pub async fn run(client: Client, config: AgentConfig) -> Result<(), AgentError> 
     )
     .default_backoff();
     // The controller's published node addresses: small objects that change
-    // only when a selected node joins, leaves or changes address.
-    let (peer_slices, slice_writer) = reflector::store();
-    let slice_watch = reflector::reflector(
+    // only when a selected node joins, leaves or changes address. Only the
+    // slices of the selectors this node's policies use are watched (the
+    // sync sets which: see `slices`).
+    let slice_writer = reflector::store::Writer::<FirewallPeerSlice>::default();
+    let peer_slices = slice_writer.as_reader();
+    let (slice_scope, scope_follower) = slices::scope(&config.failsafe);
+    let slice_watch = slices::follow(
+        client.clone(),
         slice_writer,
-        watcher(
-            Api::<FirewallPeerSlice>::all(client.clone()),
-            watcher::Config::default(),
-        )
-        .modify(|s| crate::api::trim_bookkeeping(&mut s.metadata)),
-    )
-    .default_backoff();
+        scope_follower,
+        trigger.clone(),
+    );
     // The API server's endpoints (one small object).
     let (api_slices, api_writer) = reflector::store();
     let api_watch = reflector::reflector(
@@ -865,15 +960,28 @@ pub async fn run(client: Client, config: AgentConfig) -> Result<(), AgentError> 
             let mut node_watch = std::pin::pin!(node_watch);
             let mut slice_watch = std::pin::pin!(slice_watch);
             let mut api_watch = std::pin::pin!(api_watch);
-            let mut seen = BTreeMap::new();
-            let mut me = None;
+            let mut me: Option<(Option<String>, NodeFacts)> = None;
             loop {
                 // Only changes wake the sync: a policy's status-only write
-                // leaves spec and generation alone (see `spec_changed`).
+                // leaves spec and generation alone, and a policy that
+                // selects the node neither before nor after an edit changes
+                // nothing here (see `spec_event`, run by `policy_watch`).
                 let (what, event) = tokio::select! {
-                    e = policy_watch.next() => ("FirewallPolicies", e.map(|r| r.map(|ev| spec_event(&mut seen, &ev)))),
-                    e = node_watch.next() => ("Node", e.map(|r| r.map(|ev| node_event(&mut me, &ev)))),
-                    e = slice_watch.next() => ("FirewallPeerSlices", e.map(|r| r.map(|_| true))),
+                    e = &mut policy_watch => return e,
+                    e = node_watch.next() => ("Node", e.map(|r| r.map(|ev| {
+                        let changed = node_event(&mut me, &ev);
+                        if let Some((_, n)) = &me {
+                            labels_tx.send_if_modified(|l| {
+                                let new = l.as_ref() != Some(&n.labels);
+                                if new {
+                                    *l = Some(n.labels.clone());
+                                }
+                                new
+                            });
+                        }
+                        changed
+                    }))),
+                    e = &mut slice_watch => return e,
                     e = api_watch.next() => ("EndpointSlices", e.map(|r| r.map(|_| true))),
                 };
                 match event {
@@ -896,6 +1004,7 @@ pub async fn run(client: Client, config: AgentConfig) -> Result<(), AgentError> 
         policies,
         nodes,
         peer_slices,
+        slice_scope,
         api_slices,
         last_ruleset: None,
         would_drop: BTreeMap::new(),
@@ -909,13 +1018,13 @@ pub async fn run(client: Client, config: AgentConfig) -> Result<(), AgentError> 
         config,
     };
     let sync_loop = async move {
-        // No half view: wait for the initial list of both watches.
-        let (a, b, c) = tokio::join!(
+        // No half view: wait for the initial list of both watches (the
+        // slices' is awaited by the sync, which says which it needs).
+        let (a, b) = tokio::join!(
             agent.policies.wait_until_ready(),
             agent.nodes.wait_until_ready(),
-            agent.peer_slices.wait_until_ready()
         );
-        if a.is_err() || b.is_err() || c.is_err() {
+        if a.is_err() || b.is_err() {
             return AgentError::WatchEnded("initial list");
         }
         info!(
@@ -928,12 +1037,16 @@ pub async fn run(client: Client, config: AgentConfig) -> Result<(), AgentError> 
         loop {
             let started = Instant::now();
             let result = agent.sync().await;
-            agent
-                .metrics
-                .sync_duration
-                .observe(started.elapsed().as_secs_f64());
+            if !matches!(result, Ok(None)) {
+                agent
+                    .metrics
+                    .sync_duration
+                    .observe(started.elapsed().as_secs_f64());
+            }
             let wait = match result {
-                Ok((status, problems)) => {
+                // Waiting for the peer slices' list, whose end wakes it.
+                Ok(None) => agent.config.resync.min(agent.config.verify),
+                Ok(Some((status, problems))) => {
                     failures = 0;
                     for p in &problems {
                         warn!(problem = %p, "policy problem");
@@ -1072,9 +1185,10 @@ mod tests {
         let spec = p.spec.clone();
         trim_policy(&mut p);
         assert!(p.metadata.managed_fields.unwrap_or_default().is_empty());
+        assert!(p.metadata.annotations.is_none());
         assert_eq!(
-            p.metadata.annotations.unwrap().keys().collect::<Vec<_>>(),
-            ["team"]
+            (p.metadata.uid.as_deref(), p.metadata.generation),
+            (Some("u1"), Some(3))
         );
         assert_eq!(p.spec, spec);
         let status = p.status.unwrap();
@@ -1171,7 +1285,9 @@ mod tests {
         )
         .unwrap();
         let mut seen = BTreeMap::new();
-        assert!(spec_event(&mut seen, &watcher::Event::Apply(p.clone())));
+        let me = BTreeMap::new();
+        let me = Some(&me);
+        assert!(spec_event(&mut seen, me, &watcher::Event::Apply(p.clone())));
         let mut status_only = p.clone();
         status_only.status = Some(crate::api::FirewallPolicyStatus {
             warnings: vec!["x".into()],
@@ -1179,6 +1295,7 @@ mod tests {
         });
         assert!(!spec_event(
             &mut seen,
+            me,
             &watcher::Event::Apply(status_only.clone())
         ));
         let mut resolved = status_only.clone();
@@ -1188,10 +1305,113 @@ mod tests {
                 cidrs: vec!["10.0.0.1/32".into()],
             }];
         }
-        assert!(spec_event(&mut seen, &watcher::Event::Apply(resolved)));
+        assert!(spec_event(&mut seen, me, &watcher::Event::Apply(resolved)));
         let mut edited = p;
         edited.metadata.generation = Some(2);
-        assert!(spec_event(&mut seen, &watcher::Event::Apply(edited)));
+        assert!(spec_event(&mut seen, me, &watcher::Event::Apply(edited)));
+    }
+
+    #[test]
+    fn policies_selecting_other_nodes_wake_nothing_until_they_select_this_one() {
+        let policy = |generation: i64, role: &str| -> FirewallPolicy {
+            serde_yaml::from_str(&format!(
+                "apiVersion: palisade.dev/v1alpha1\nkind: FirewallPolicy\nmetadata: {{name: other, generation: {generation}, uid: u1}}\nspec: {{policyTypes: [Ingress], nodeSelector: {{matchLabels: {{role: {role}}}}}}}\n"
+            ))
+            .unwrap()
+        };
+        let me: BTreeMap<String, String> = [("role".to_string(), "web".to_string())].into();
+        let me = Some(&me);
+        let mut seen = BTreeMap::new();
+        assert!(!spec_event(
+            &mut seen,
+            me,
+            &watcher::Event::Apply(policy(1, "db"))
+        ));
+        assert!(
+            !spec_event(&mut seen, me, &watcher::Event::Apply(policy(2, "cache"))),
+            "an edit among other nodes"
+        );
+        assert!(
+            spec_event(&mut seen, me, &watcher::Event::Apply(policy(3, "web"))),
+            "it now selects this node"
+        );
+        assert!(
+            spec_event(&mut seen, me, &watcher::Event::Apply(policy(4, "db"))),
+            "it no longer does: its rules go"
+        );
+        assert!(!spec_event(
+            &mut seen,
+            me,
+            &watcher::Event::Delete(policy(4, "db"))
+        ));
+        assert!(
+            spec_event(&mut seen, None, &watcher::Event::Apply(policy(5, "db"))),
+            "the node not known yet: wake"
+        );
+    }
+
+    #[test]
+    fn policies_selecting_other_nodes_are_neither_compiled_nor_reported() {
+        let node = NodeFacts {
+            name: "n1".into(),
+            labels: [("role".to_string(), "web".to_string())].into(),
+            ..Default::default()
+        };
+        let policy = |name: &str, role: &str, cidr: &str| -> Arc<FirewallPolicy> {
+            Arc::new(serde_yaml::from_str(&format!(
+                "apiVersion: palisade.dev/v1alpha1\nkind: FirewallPolicy\nmetadata: {{name: {name}, generation: 1, uid: {name}}}\nspec:\n  policyTypes: [Ingress]\n  nodeSelector: {{matchLabels: {{role: {role}}}}}\n  ingress:\n    - {{name: r, protocol: TCP, ports: [{{port: 80}}], peers: [{{cidr: {cidr}}}, {{nodeSelector: {{matchLabels: {{pool: {name}}}}}}}]}}\n"
+            )).unwrap())
+        };
+        let d = desired(
+            "n1",
+            &[
+                policy("mine", "web", "10.0.0.0/8"),
+                policy("elsewhere", "db", "10.0.0.0/8"),
+                // Invalid (host bits set), but not this node's business.
+                policy("broken-elsewhere", "db", "10.0.0.1/8"),
+            ],
+            facts(&node),
+            &BTreeMap::new(),
+        )
+        .unwrap();
+        assert_eq!(d.applied.len(), 1);
+        assert_eq!(d.good.keys().collect::<Vec<_>>(), ["mine"]);
+        assert!(d.problems.is_empty(), "{:?}", d.problems);
+        assert_eq!(
+            d.peer_selectors.into_iter().collect::<Vec<_>>(),
+            ["pool=mine"],
+            "the slices this node reads"
+        );
+        assert!(!d.stale);
+
+        // Stored as stubs for the node's labels: nothing changes. A stub
+        // that selects the node (its labels changed since) makes it wait
+        // for the policy watch's new list.
+        let db: BTreeMap<String, String> = [("role".to_string(), "db".to_string())].into();
+        let web: BTreeMap<String, String> = [("role".to_string(), "web".to_string())].into();
+        let stub = |role: &str, labels: &BTreeMap<String, String>| {
+            let mut p = (*policy("elsewhere", role, "10.0.0.0/8")).clone();
+            policies::trim_for(&mut p, labels);
+            assert!(policies::is_stub(&p));
+            Arc::new(p)
+        };
+        let mine = policy("mine", "web", "10.0.0.0/8");
+        let d = desired(
+            "n1",
+            &[mine.clone(), stub("db", &web)],
+            facts(&node),
+            &BTreeMap::new(),
+        )
+        .unwrap();
+        assert!(!d.stale && d.applied.len() == 1);
+        let d = desired(
+            "n1",
+            &[mine, stub("web", &db)],
+            facts(&node),
+            &BTreeMap::new(),
+        )
+        .unwrap();
+        assert!(d.stale, "a stub selecting the node is not compiled");
     }
 
     #[test]

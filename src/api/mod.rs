@@ -17,6 +17,7 @@ pub use node::{
 };
 pub use peers::{
     FirewallPeerSlice, FirewallPeerSliceSpec, MAX_PEER_SLICE_NODES, PeerNode, SELECTOR_HASH_LABEL,
+    selector_hash,
 };
 pub use policy::{
     ATTACHED_SAMPLE, CloudSync, DeletionPolicy, ExistingConnections, FirewallPolicy,

@@ -17,6 +17,12 @@ pub const MAX_PEER_SLICE_NODES: usize = 100;
 /// Label carrying the 16-hex hash of the slice's selector.
 pub const SELECTOR_HASH_LABEL: &str = "palisade.dev/selector-hash";
 
+/// The [`SELECTOR_HASH_LABEL`] value of a selector's slices (16 hex): what
+/// an agent watches by.
+pub fn selector_hash(selector: &str) -> String {
+    crate::policy::short_hash(&["peer-slices", selector])
+}
+
 /// One shard of the node addresses a selector stands for.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
 #[kube(

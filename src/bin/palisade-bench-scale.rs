@@ -814,6 +814,29 @@ impl Bench {
             .map_or_else(ProcStat::default, |c| proc_stat(c.pid(), self.ticks))
     }
 
+    /// Each real agent's dataplane syncs so far (its
+    /// `palisade_agent_sync_duration_seconds_count`, read inside its
+    /// namespace); 0 when it cannot be read.
+    fn agent_syncs(&self) -> Vec<u64> {
+        self._real
+            .iter()
+            .map(|node| {
+                let script = "exec 3<>/dev/tcp/127.0.0.1/9901; printf 'GET /metrics HTTP/1.0\\r\\n\\r\\n' >&3; cat <&3";
+                node.host()
+                    .exec(&["bash", "-c", script])
+                    .ok()
+                    .and_then(|text| {
+                        text.lines()
+                            .find_map(|l| {
+                                l.strip_prefix("palisade_agent_sync_duration_seconds_count ")
+                            })
+                            .and_then(|v| v.trim().parse::<u64>().ok())
+                    })
+                    .unwrap_or(0)
+            })
+            .collect()
+    }
+
     fn agent_stats(&self) -> Vec<ProcStat> {
         self.agents
             .iter()
@@ -1123,6 +1146,7 @@ impl Bench {
         let bytes0 = self.bytes();
         let c0 = self.controller_stat();
         let a0 = self.agent_stats();
+        let s0 = self.agent_syncs();
         let w0 = watch_events(&self.client).await;
         let started = Instant::now();
         // Nodes first, as a cluster has them before its policies (a cloud
@@ -1152,6 +1176,7 @@ impl Bench {
         let calls = self.proxy.take_calls();
         let c1 = self.controller_stat();
         let a1 = self.agent_stats();
+        let s1 = self.agent_syncs();
         let bytes1 = self.bytes();
         let w1 = watch_events(&self.client).await;
         let wall = started.elapsed().as_secs_f64();
@@ -1180,14 +1205,17 @@ impl Bench {
             c1.cpu - c0.cpu,
             100.0 * (c1.cpu - c0.cpu) / wall
         );
-        for (k, (s1, s0)) in a1.iter().zip(a0.iter()).enumerate() {
+        for (k, (st1, st0)) in a1.iter().zip(a0.iter()).enumerate() {
             println!(
-                "  agent-{k}:    RSS {:.1} MB (peak {:.1} MB; {:.1} MB anonymous, {:.1} MB mapped files), CPU {:.1}s",
-                mb(s1.rss),
-                mb(s1.hwm),
-                mb(s1.anon),
-                mb(s1.file),
-                s1.cpu - s0.cpu
+                "  agent-{k}:    RSS {:.1} MB (peak {:.1} MB; {:.1} MB anonymous, {:.1} MB mapped files), CPU {:.1}s, {} dataplane syncs",
+                mb(st1.rss),
+                mb(st1.hwm),
+                mb(st1.anon),
+                mb(st1.file),
+                st1.cpu - st0.cpu,
+                s1.get(k)
+                    .zip(s0.get(k))
+                    .map_or(0, |(a, b)| a.saturating_sub(*b))
             );
         }
         let needed = self.ec2_needed(had_nodes, nodes, had_policies, policies);
@@ -1252,9 +1280,11 @@ impl Bench {
         let c0 = self.controller_stat();
         let h0 = self.heartbeats.load(Ordering::Relaxed);
         let r0 = self.reconciles().await;
+        let s0 = self.agent_syncs();
         let w0 = watch_events(&self.client).await;
         let started = Instant::now();
         tokio::time::sleep(Duration::from_secs(self.args.window)).await;
+        let s1 = self.agent_syncs();
         let w1 = watch_events(&self.client).await;
         let secs = started.elapsed().as_secs_f64();
         let h = self.heartbeats.load(Ordering::Relaxed) - h0;
@@ -1300,10 +1330,14 @@ impl Bench {
             .max()
             .unwrap_or(0);
         println!(
-            "    bytes to the controller {:.2} MB ({:.0} B per heartbeat), to one agent ≤{:.3} MB",
+            "    bytes to the controller {:.2} MB ({:.0} B per heartbeat), to one agent ≤{:.3} MB; agent dataplane syncs {:?} (resync timer included)",
             mb(down("controller")),
             down("controller") as f64 / (h.max(1) as f64),
-            mb(agent_down)
+            mb(agent_down),
+            s1.iter()
+                .zip(&s0)
+                .map(|(a, b)| a.saturating_sub(*b))
+                .collect::<Vec<_>>()
         );
         print_watch_events(&w0, &w1);
         fig.window_lists = lists;

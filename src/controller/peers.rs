@@ -32,7 +32,7 @@ use crate::api::{
     FirewallPeerSlice, FirewallPeerSliceSpec, FirewallPolicy, Layer, MAX_PEER_SLICE_NODES,
     PeerNode, SELECTOR_HASH_LABEL,
 };
-use crate::policy::{Direction, NodeFacts, PeerRef, Selector, short_hash, validate};
+use crate::policy::{Direction, NodeFacts, PeerRef, Selector, validate};
 
 use super::MANAGER;
 use super::cache::ClusterCache;
@@ -46,10 +46,7 @@ pub struct SlicePlan {
     pub delete: Vec<String>,
 }
 
-/// The label value of a selector's slices (16 hex).
-pub fn selector_hash(selector: &str) -> String {
-    short_hash(&["peer-slices", selector])
-}
+pub use crate::api::selector_hash;
 
 /// The selectors of a policy's node-layer `nodeSelector` peers, by their
 /// canonical text (none for an invalid or deleted policy).

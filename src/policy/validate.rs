@@ -160,6 +160,20 @@ impl ValidPolicy {
     pub fn selects(&self, node: &NodeFacts) -> bool {
         self.selector.matches(&node.labels)
     }
+    /// The `nodeSelector` peers of its node-layer rules, both directions:
+    /// the selectors whose node addresses an agent enforcing it needs.
+    pub fn node_peer_selectors(&self) -> impl Iterator<Item = &Selector> {
+        [&self.ingress, &self.egress]
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|r| r.node)
+            .flat_map(|r| r.peers.iter())
+            .filter_map(|p| match p {
+                PeerRef::Nodes(sel) => Some(sel),
+                _ => None,
+            })
+    }
 }
 
 /// The policies among `policies` that select `node`, sorted by name.
