@@ -55,6 +55,7 @@
 
 mod apply;
 pub mod cache;
+mod classes;
 mod compose;
 pub mod effective;
 pub mod exposure;
@@ -212,6 +213,23 @@ pub enum Error {
         /// The quota.
         limit: u32,
     },
+    /// The composable policies selecting a node have more distinct
+    /// selectors than the tags AWS allows on their composed group hold.
+    #[error(
+        "node {node} is selected by composable policies with {selectors} different nodeSelectors (among them {policy}); their composed Security Group would carry {tags} tags, over AWS's {limit} per resource (at most {} selectors per node); give some of them a group of their own (spec.securityGroup.name) or share selectors", limit - (tags - selectors)
+    )]
+    ClassTooLarge {
+        /// The policy.
+        policy: String,
+        /// A node of the class.
+        node: String,
+        /// Distinct selectors in the class.
+        selectors: usize,
+        /// Tags its group would carry.
+        tags: usize,
+        /// AWS's tags per resource.
+        limit: usize,
+    },
     /// The policy object has no uid or name (never from the apiserver).
     #[error("the policy object lacks metadata.{0}")]
     Metadata(&'static str),
@@ -252,7 +270,9 @@ impl Error {
             Error::NoVpc { .. } | Error::SeveralVpcs { .. } | Error::GroupNameTaken { .. } => {
                 reason::INVALID_REFERENCE
             }
-            Error::InterfaceFull { .. } | Error::SharedOverQuota { .. } => reason::QUOTA_EXCEEDED,
+            Error::InterfaceFull { .. }
+            | Error::SharedOverQuota { .. }
+            | Error::ClassTooLarge { .. } => reason::QUOTA_EXCEEDED,
             Error::Metadata(_) => reason::INVALID_POLICY,
             Error::WaitingForAgents { .. } => "WaitingForAgents",
             Error::Finalizer(e) => match e.as_ref() {
@@ -305,6 +325,7 @@ impl Error {
             | Error::GroupNameTaken { .. }
             | Error::InterfaceFull { .. }
             | Error::SharedOverQuota { .. }
+            | Error::ClassTooLarge { .. }
             | Error::Metadata(_) => true,
             Error::Finalizer(e) => match e.as_ref() {
                 kube::runtime::finalizer::Error::ApplyFailed(e)
@@ -363,6 +384,9 @@ pub struct Context<E: Ec2> {
     /// Instances as the last full syncs described them (interfaces and
     /// their groups), by instance id.
     pub(crate) instances: Mutex<HashMap<String, crate::cloud::InstanceInfo>>,
+    /// The placement classes of the newest snapshot of node facts (see
+    /// `classes`).
+    pub(crate) classes: Mutex<Option<Arc<classes::ClassTable>>>,
     /// Each node's exposure, as last computed.
     pub(crate) exposure: Mutex<HashMap<String, exposure::NodeExposure>>,
     /// Every policy this controller reconciles, from its watch (set by
@@ -443,9 +467,58 @@ impl<E: Ec2> Context<E> {
             .clone()
     }
 
+    /// Takes the locks of interfaces `enis`, then reads their groups: the
+    /// fresh read every change to an interface's group list is made on
+    /// (so concurrent reconciles never drop each other's group), in one
+    /// `DescribeNetworkInterfaces` per [`crate::cloud::MAX_FILTER_VALUES`]
+    /// interfaces instead of one per interface. An interface missing from
+    /// the answer is gone.
+    ///
+    /// The locks are taken each once, in order, so two callers with
+    /// overlapping sets never wait on each other in a cycle; interface
+    /// locks are always the last taken (after a class's lock, never
+    /// before one). They are held until the guards are dropped.
+    pub(crate) async fn lock_interfaces(&self, enis: &[&str]) -> Result<InterfacesHeld, Error> {
+        let ids: std::collections::BTreeSet<&str> = enis.iter().copied().collect();
+        let mut guards = Vec::with_capacity(ids.len());
+        for id in &ids {
+            guards.push(self.eni_lock(id).lock_owned().await);
+        }
+        let ids: Vec<String> = ids.into_iter().map(str::to_string).collect();
+        let groups = self.ec2.groups_of_enis(&ids).await?;
+        Ok(InterfacesHeld {
+            _guards: guards,
+            groups,
+        })
+    }
+
     pub(crate) fn set_rules_managed(&self) {
         let total: i64 = lock(&self.memory).values().map(|m| m.rules).sum();
         self.metrics.rules_managed.set(total);
+    }
+}
+
+/// Interfaces locked by [`Context::lock_interfaces`], with their groups as
+/// read under the locks.
+pub(crate) struct InterfacesHeld {
+    _guards: Vec<tokio::sync::OwnedMutexGuard<()>>,
+    /// The groups of each interface, by id (an interface gone is absent).
+    pub(crate) groups: std::collections::BTreeMap<String, Vec<String>>,
+}
+
+impl InterfacesHeld {
+    /// The groups of `eni` as read under its lock; `NotFound` when it is
+    /// gone.
+    pub(crate) fn of(&self, eni: &str) -> Result<&[String], crate::cloud::CloudError> {
+        self.groups.get(eni).map(Vec::as_slice).ok_or_else(|| {
+            crate::cloud::CloudError::new(
+                "DescribeNetworkInterfaces",
+                crate::cloud::ErrorKind::NotFound {
+                    what: "InvalidNetworkInterfaceID.NotFound".into(),
+                },
+                format!("network interface {eni} not found"),
+            )
+        })
     }
 }
 
@@ -535,6 +608,7 @@ pub fn context<E: Ec2>(
         cache: Arc::default(),
         groups: effective::GroupCache::default(),
         instances: Mutex::new(HashMap::new()),
+        classes: Mutex::new(None),
         exposure: Mutex::new(HashMap::new()),
         policies: std::sync::OnceLock::new(),
         wake: std::sync::OnceLock::new(),
