@@ -1281,6 +1281,7 @@ pub(crate) async fn retire_group<E: Ec2>(
     };
     let ids: Vec<&str> = enis.iter().map(|e| e.id.as_str()).collect();
     detach(ctx, group_id, &ids).await?;
+    ctx.forget_rules(group_id);
     match ctx.ec2.delete_group(group_id).await {
         Ok(()) => {
             ctx.publish(
@@ -1721,6 +1722,7 @@ pub(crate) async fn apply_diff<E: Ec2>(
     diff: &SgDiff,
     current: &[CurrentSgRule],
 ) -> Result<(), Error> {
+    ctx.forget_rules(group_id);
     let name = policy.name_any();
     let mut deferred = Vec::new();
     for direction in DIRECTIONS {

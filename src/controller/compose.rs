@@ -610,11 +610,25 @@ async fn ensure<E: Ec2>(
             });
         }
     }
-    let current = match &found {
-        Some(g) => ctx.ec2.describe_rules(&g.id).await?,
-        None => Vec::new(),
+    // The group's rules as this controller last read or wrote them under
+    // the class's lock, unless a difference there could be drift; read
+    // from EC2 when that would change anything.
+    let remembered = found
+        .as_ref()
+        .filter(|_| !drift_possible)
+        .and_then(|g| ctx.remembered_rules(&g.id));
+    let mut current = match (&found, &remembered) {
+        (Some(_), Some(r)) => r.clone(),
+        (Some(g), None) => ctx.ec2.describe_rules(&g.id).await?,
+        (None, _) => Vec::new(),
     };
-    let union = shared::plan(ctx, &key, &members, facts, &current).await?;
+    let mut union = shared::plan(ctx, &key, &members, facts, &current).await?;
+    if let Some(g) = found.as_ref().filter(|_| remembered.is_some())
+        && !diff_security_group(&union, &current, GroupOwnership::Created).is_empty()
+    {
+        current = ctx.ec2.describe_rules(&g.id).await?;
+        union = shared::plan(ctx, &key, &members, facts, &current).await?;
+    }
     let (id, vpc, created) = match found {
         Some(g) => (g.id, g.vpc_id, false),
         None => {
@@ -645,6 +659,7 @@ async fn ensure<E: Ec2>(
         current
     };
     let (rules, repaired) = write_rules(ctx, policy, &id, &union, &current, drift_possible).await?;
+    ctx.remember_rules(&id, &rules);
     if created || rules != current {
         let others: Vec<FirewallPolicy> = members
             .iter()
@@ -700,40 +715,96 @@ async fn write_rules<E: Ec2>(
     Ok((diff.apply_to(current), drift_possible))
 }
 
+/// Who a group on an interface belongs to, from its tags (set when the
+/// group is made and never changed by Palisade): kept between syncs, so
+/// the groups on the nodes' interfaces are described once, not in every
+/// sync.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Owner {
+    /// Not a group of this cluster's Palisade.
+    Foreign,
+    /// A shared group of this cluster.
+    Shared,
+    /// The own group of the policy with this uid.
+    Policy(String),
+}
+
+impl Owner {
+    fn of(group: &GroupInfo, cluster: &str) -> Self {
+        if group.tags.get(tags::CLUSTER).map(String::as_str) != Some(cluster) {
+            return Owner::Foreign;
+        }
+        if group.tags.contains_key(tags::SHARED) {
+            return Owner::Shared;
+        }
+        match group.tags.get(tags::POLICY_UID) {
+            Some(uid) => Owner::Policy(uid.clone()),
+            None => Owner::Foreign,
+        }
+    }
+
+    /// A placement group: a shared group, or the own group of a
+    /// composable policy (one of `uids`).
+    fn places(&self, uids: &BTreeSet<String>) -> bool {
+        match self {
+            Owner::Foreign => false,
+            Owner::Shared => true,
+            Owner::Policy(uid) => uids.contains(uid),
+        }
+    }
+}
+
 /// Whether each group of `ids` not in `kinds` yet is a placement group
 /// (a shared group of this cluster, or the own group of a composable
-/// policy: one of `uids`), read in one describe.
+/// policy: one of `uids`): from the owners known, the others read in one
+/// describe.
 async fn classify<E: Ec2>(
     ctx: &Context<E>,
     ids: &BTreeSet<String>,
     uids: &BTreeSet<String>,
     kinds: &mut HashMap<String, bool>,
 ) -> Result<(), Error> {
-    let unknown: Vec<String> = ids
-        .iter()
-        .filter(|g| !kinds.contains_key(*g))
-        .cloned()
-        .collect();
+    let mut unknown: Vec<String> = Vec::new();
+    {
+        let owners = lock(&ctx.group_owners);
+        let new: Vec<&String> = ids.iter().filter(|g| !kinds.contains_key(*g)).collect();
+        for g in new {
+            match owners.get(g) {
+                Some(o) => {
+                    kinds.insert(g.clone(), o.places(uids));
+                }
+                None => unknown.push(g.clone()),
+            }
+        }
+    }
     if unknown.is_empty() {
         return Ok(());
     }
     let found = match ctx.ec2.describe_groups(&unknown).await {
         Ok(f) => f,
-        // A group gone since the interface was read: not ours to move.
-        Err(e) if matches!(e.kind, ErrorKind::NotFound { .. }) => Vec::new(),
+        // A group gone since the interface was read (not ours to move):
+        // the others one by one.
+        Err(e) if matches!(e.kind, ErrorKind::NotFound { .. }) => {
+            let mut found = Vec::new();
+            for g in &unknown {
+                match ctx.ec2.describe_groups(std::slice::from_ref(g)).await {
+                    Ok(f) => found.extend(f),
+                    Err(e) if matches!(e.kind, ErrorKind::NotFound { .. }) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            found
+        }
         Err(e) => return Err(e.into()),
     };
     for g in &unknown {
         kinds.insert(g.clone(), false);
     }
+    let mut owners = lock(&ctx.group_owners);
     for g in found {
-        let ours = g.tags.get(tags::CLUSTER) == Some(&ctx.config.cluster_name);
-        let placement = ours
-            && (g.tags.contains_key(tags::SHARED)
-                || g.tags
-                    .get(tags::POLICY_UID)
-                    .is_some_and(|u| uids.contains(u)));
-        kinds.insert(g.id, placement);
+        let owner = Owner::of(&g, &ctx.config.cluster_name);
+        kinds.insert(g.id.clone(), owner.places(uids));
+        owners.insert(g.id, owner);
     }
     Ok(())
 }

@@ -384,6 +384,11 @@ pub struct Context<E: Ec2> {
     /// Instances as the last full syncs described them (interfaces and
     /// their groups), by instance id.
     pub(crate) instances: Mutex<HashMap<String, crate::cloud::InstanceInfo>>,
+    /// The rules of shared groups as a sync last read or wrote them under
+    /// the class's lock, and when (see [`Context::remembered_rules`]).
+    pub(crate) class_rules: Mutex<HashMap<String, (Instant, Vec<crate::policy::CurrentSgRule>)>>,
+    /// Who the groups met on interfaces belong to (see `compose::Owner`).
+    pub(crate) group_owners: Mutex<HashMap<String, compose::Owner>>,
     /// The placement classes of the newest snapshot of node facts (see
     /// `classes`).
     pub(crate) classes: Mutex<Option<Arc<classes::ClassTable>>>,
@@ -417,6 +422,8 @@ impl<E: Ec2> Context<E> {
             m.at = None;
         }
         self.groups.clear();
+        lock(&self.class_rules).clear();
+        lock(&self.group_owners).clear();
     }
 
     pub(crate) async fn publish(
@@ -465,6 +472,35 @@ impl<E: Ec2> Context<E> {
             .entry(eni.to_string())
             .or_default()
             .clone()
+    }
+
+    /// The rules of shared group `id` as a sync of this controller last
+    /// read or wrote them, under the class's lock, less than 90 % of a
+    /// resync ago. A sync whose difference could be drift reads the group
+    /// from EC2 instead; one that finds the union already there in these
+    /// rules writes nothing and reads nothing, and one that would write
+    /// reads the group from EC2 first (rule ids of rules just authorized
+    /// are not known here). Every write to a group's rules forgets them
+    /// ([`apply::apply_diff`]), as does its deletion. So a change made
+    /// out of band is found at the next resync of any member (every resync
+    /// interval), not at every node joining.
+    pub(crate) fn remembered_rules(&self, id: &str) -> Option<Vec<crate::policy::CurrentSgRule>> {
+        let ttl = self.config.resync.mul_f32(0.9);
+        lock(&self.class_rules)
+            .get(id)
+            .filter(|(at, _)| at.elapsed() < ttl)
+            .map(|(_, r)| r.clone())
+    }
+
+    /// Records the rules of shared group `id` as just read or written
+    /// under its class's lock.
+    pub(crate) fn remember_rules(&self, id: &str, rules: &[crate::policy::CurrentSgRule]) {
+        lock(&self.class_rules).insert(id.to_string(), (Instant::now(), rules.to_vec()));
+    }
+
+    /// Forgets the rules of group `id` (written, or deleted).
+    pub(crate) fn forget_rules(&self, id: &str) {
+        lock(&self.class_rules).remove(id);
     }
 
     /// Takes the locks of interfaces `enis`, then reads their groups: the
@@ -609,6 +645,8 @@ pub fn context<E: Ec2>(
         groups: effective::GroupCache::default(),
         instances: Mutex::new(HashMap::new()),
         classes: Mutex::new(None),
+        group_owners: Mutex::new(HashMap::new()),
+        class_rules: Mutex::new(HashMap::new()),
         exposure: Mutex::new(HashMap::new()),
         policies: std::sync::OnceLock::new(),
         wake: std::sync::OnceLock::new(),
