@@ -424,11 +424,11 @@ fn cloud_sync_record(
 }
 
 /// Most interfaces one attach or detach Event names.
-const EVENT_SAMPLE: usize = 5;
+pub(super) const EVENT_SAMPLE: usize = 5;
 
 /// `items` as text: all of them when one, else how many and the first
 /// `limit` (`3 interfaces: a, b, c`, `40 interfaces: a, … and 35 more`).
-fn sample_list(items: &[String], limit: usize) -> String {
+pub(super) fn sample_list(items: &[String], limit: usize) -> String {
     match items {
         [one] => one.clone(),
         _ => {

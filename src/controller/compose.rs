@@ -879,33 +879,45 @@ async fn swap<E: Ec2>(
         );
     }
     let mut removed = BTreeSet::new();
+    let mut moved: Vec<String> = Vec::new();
     for r in results {
         let Some((instance, eni, before, after)) = r? else {
             continue;
         };
-        let out: Vec<&String> = before.iter().filter(|g| !after.contains(g)).collect();
-        removed.extend(out.iter().map(|g| (*g).clone()));
-        let note = match (target, out.is_empty()) {
-            (Some(t), true) => format!("attached {t} to {eni} of instance {instance}"),
-            (Some(t), false) => format!(
-                "moved {eni} of instance {instance} to {t} (replacing {}) in one call",
-                out.iter()
-                    .map(|s| s.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
+        let out: Vec<&str> = before
+            .iter()
+            .filter(|g| !after.contains(g))
+            .map(String::as_str)
+            .collect();
+        removed.extend(out.iter().map(|g| (*g).to_string()));
+        moved.push(match (target, out.is_empty()) {
+            (Some(_), true) => format!("{eni} of instance {instance}"),
+            (Some(_), false) => {
+                format!(
+                    "{eni} of instance {instance} (replacing {})",
+                    out.join(", ")
+                )
+            }
+            (None, _) => format!("{eni} of instance {instance} ({})", out.join(", ")),
+        });
+    }
+    // One Event per class and sync, naming a bounded sample.
+    if !moved.is_empty() {
+        let (reason, note) = match target {
+            Some(t) => (
+                "Attached",
+                format!(
+                    "attached {t}, in one call each, to {}",
+                    apply::sample_list(&moved, apply::EVENT_SAMPLE)
+                ),
             ),
-            (None, _) => format!(
-                "detached {} from {eni} of instance {instance}",
-                out.iter()
-                    .map(|s| s.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
+            None => (
+                "Detached",
+                format!(
+                    "detached placement groups from {}",
+                    apply::sample_list(&moved, apply::EVENT_SAMPLE)
+                ),
             ),
-        };
-        let reason = if target.is_some() {
-            "Attached"
-        } else {
-            "Detached"
         };
         ctx.publish(
             policy,
