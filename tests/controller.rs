@@ -2445,6 +2445,21 @@ async fn twenty_policies_with_different_selectors_compose_into_one_group_per_nod
             if i == 0 || i <= 10 { 2 } else { 1 },
             "{name}"
         );
+        // Every group holding its rules is listed, with its nodes there:
+        // the policies on both nodes are in two groups (one per class).
+        let want: BTreeSet<(String, i32)> = if i <= 10 {
+            BTreeSet::from([(group_a.clone(), 1), (group_b.clone(), 1)])
+        } else {
+            BTreeSet::from([(group_a.clone(), 1)])
+        };
+        let listed: BTreeSet<(String, i32)> = status
+            .groups
+            .iter()
+            .map(|g| (g.id.clone(), g.nodes))
+            .collect();
+        assert_eq!(listed, want, "{name}: {status:?}");
+        assert_eq!(status.group_count, want.len() as i32, "{name}");
+        assert_eq!(status.groups[0].id, status.id, "{name}");
     }
 
     // b joins pools 11..=19: it moves to a's group in one call; ports
@@ -2482,6 +2497,17 @@ async fn twenty_policies_with_different_selectors_compose_into_one_group_per_nod
         1,
         "b's interface moves in one call"
     );
+    // The policies on both nodes now name one group, on both.
+    eventually("one group in status", Duration::from_secs(60), || async {
+        let status = get(&names[1]).await.status?.security_group?;
+        let listed: Vec<(String, i32)> = status
+            .groups
+            .iter()
+            .map(|g| (g.id.clone(), g.nodes))
+            .collect();
+        (status.group_count == 1 && listed == [(group_a.clone(), 2)]).then_some(())
+    })
+    .await;
 
     // All deleted: every group they had is gone, the interfaces as they were.
     for name in &names {

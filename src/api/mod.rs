@@ -21,10 +21,11 @@ pub use peers::{
 };
 pub use policy::{
     ATTACHED_SAMPLE, CloudSync, DeletionPolicy, ExistingConnections, FirewallPolicy,
-    FirewallPolicySpec, FirewallPolicyStatus, FirewallRule, ICMP_TYPE_ANY, IcmpMatch, Layer,
-    MAX_PEERS_PER_RULE, MAX_PORTS_PER_RULE, MAX_RULES_PER_DIRECTION, NodeCounts, NodeSelector,
-    NodeSelectorRequirement, Peer, PolicyMode, PolicyType, PortRange, Protocol, RateLimit,
-    RatePeriod, ResolvedPeer, SecurityGroupStatus, SecurityGroupTarget,
+    FirewallPolicySpec, FirewallPolicyStatus, FirewallRule, GROUPS_SAMPLE, GroupShare,
+    ICMP_TYPE_ANY, IcmpMatch, Layer, MAX_PEERS_PER_RULE, MAX_PORTS_PER_RULE,
+    MAX_RULES_PER_DIRECTION, NodeCounts, NodeSelector, NodeSelectorRequirement, Peer, PolicyMode,
+    PolicyType, PortRange, Protocol, RateLimit, RatePeriod, ResolvedPeer, SecurityGroupStatus,
+    SecurityGroupTarget,
 };
 
 /// kubectl's copy of the last object applied client-side.

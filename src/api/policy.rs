@@ -558,10 +558,35 @@ pub struct SecurityGroupStatus {
     /// small whatever the number of nodes.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub attached_sample: Vec<String>,
+    /// How many Security Groups hold the policy's cloud rules on the nodes
+    /// it selects: 1, or, when its nodes are in several placement classes
+    /// (composed groups), one per class. 0 in a status written before this
+    /// field.
+    #[serde(default)]
+    pub group_count: i32,
+    /// Those groups, with how many of the selected nodes carry each: at
+    /// most 10, most nodes first (`groupCount` counts them all); the first
+    /// is `id`. The status stays small whatever the number of nodes or
+    /// classes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<GroupShare>,
+}
+
+/// One of the Security Groups holding a policy's cloud rules.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GroupShare {
+    /// The group id.
+    pub id: String,
+    /// How many of the policy's selected nodes carry it.
+    pub nodes: i32,
 }
 
 /// Most instance ids `securityGroup.attachedSample` lists.
 pub const ATTACHED_SAMPLE: usize = 10;
+
+/// Most groups `securityGroup.groups` lists.
+pub const GROUPS_SAMPLE: usize = 10;
 
 /// Node counts for a policy.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]

@@ -231,6 +231,51 @@ impl Ec2 for AwsEc2 {
         Ok(out)
     }
 
+    async fn find_groups_any(
+        &self,
+        wanted: &BTreeMap<String, String>,
+        key: &str,
+        values: &[String],
+    ) -> Result<Vec<GroupInfo>, CloudError> {
+        const OP: &str = "DescribeSecurityGroups";
+        let mut out: Vec<GroupInfo> = Vec::new();
+        let mut seen = std::collections::BTreeSet::new();
+        // EC2 takes at most MAX_FILTER_VALUES values in one filter.
+        for chunk in values.chunks(MAX_FILTER_VALUES) {
+            let mut filters: Vec<Filter> = wanted.iter().map(|(k, v)| tag_filter(k, v)).collect();
+            filters.push(
+                Filter::builder()
+                    .name(format!("tag:{key}"))
+                    .set_values(Some(chunk.to_vec()))
+                    .build(),
+            );
+            let mut token: Option<String> = None;
+            loop {
+                let page = self
+                    .call(OP, || async {
+                        self.client
+                            .describe_security_groups()
+                            .set_filters(Some(filters.clone()))
+                            .set_next_token(token.clone())
+                            .send()
+                            .await
+                            .map_err(|e| sdk_error(OP, e))
+                    })
+                    .await?;
+                for g in page.security_groups().iter().map(group_info) {
+                    if seen.insert(g.id.clone()) {
+                        out.push(g);
+                    }
+                }
+                match page.next_token() {
+                    Some(t) if !t.is_empty() => token = Some(t.to_string()),
+                    _ => break,
+                }
+            }
+        }
+        Ok(out)
+    }
+
     async fn describe_groups(&self, ids: &[String]) -> Result<Vec<GroupInfo>, CloudError> {
         const OP: &str = "DescribeSecurityGroups";
         let mut groups = Vec::new();
@@ -520,12 +565,69 @@ impl Ec2 for AwsEc2 {
     }
 
     async fn enis_in_group(&self, group_id: &str) -> Result<Vec<EniInfo>, CloudError> {
-        Ok(self
-            .interfaces_in_group(group_id)
-            .await?
-            .into_iter()
-            .map(|(eni, _)| eni)
-            .collect())
+        self.enis_in_groups(&[group_id.to_string()]).await
+    }
+
+    async fn enis_in_groups(&self, group_ids: &[String]) -> Result<Vec<EniInfo>, CloudError> {
+        let mut out: Vec<EniInfo> = Vec::new();
+        let mut seen = std::collections::BTreeSet::new();
+        // EC2 takes at most MAX_FILTER_VALUES values in one filter.
+        for chunk in group_ids.chunks(MAX_FILTER_VALUES) {
+            for (eni, _) in self.interfaces_in_groups(chunk).await? {
+                if seen.insert(eni.id.clone()) {
+                    out.push(eni);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn groups_of_enis(
+        &self,
+        enis: &[String],
+    ) -> Result<BTreeMap<String, Vec<String>>, CloudError> {
+        const OP: &str = "DescribeNetworkInterfaces";
+        let mut out = BTreeMap::new();
+        // A filter, not `NetworkInterfaceId.N`: an interface gone is left
+        // out instead of failing the whole call. At most MAX_FILTER_VALUES
+        // values in one filter.
+        for chunk in enis.chunks(MAX_FILTER_VALUES) {
+            let filter = Filter::builder()
+                .name("network-interface-id")
+                .set_values(Some(chunk.to_vec()))
+                .build();
+            let mut token: Option<String> = None;
+            loop {
+                let page = self
+                    .call(OP, || async {
+                        self.client
+                            .describe_network_interfaces()
+                            .filters(filter.clone())
+                            .set_next_token(token.clone())
+                            .send()
+                            .await
+                            .map_err(|e| sdk_error(OP, e))
+                    })
+                    .await?;
+                for ni in page.network_interfaces() {
+                    let Some(id) = ni.network_interface_id() else {
+                        continue;
+                    };
+                    out.insert(
+                        id.to_string(),
+                        ni.groups()
+                            .iter()
+                            .filter_map(|g| g.group_id().map(str::to_string))
+                            .collect(),
+                    );
+                }
+                match page.next_token() {
+                    Some(t) if !t.is_empty() => token = Some(t.to_string()),
+                    _ => break,
+                }
+            }
+        }
+        Ok(out)
     }
 
     async fn tag_eni(&self, eni: &str, key: &str, value: &str) -> Result<(), CloudError> {
@@ -565,7 +667,7 @@ impl Ec2 for AwsEc2 {
         let mut out = BTreeMap::new();
         for id in group_ids {
             let mut nets: Vec<IpNet> = self
-                .interfaces_in_group(id)
+                .interfaces_in_groups(std::slice::from_ref(id))
                 .await?
                 .into_iter()
                 .flat_map(|(_, ips)| ips)
@@ -706,13 +808,17 @@ impl AwsEc2 {
         Ok(out)
     }
 
-    /// Interfaces whose groups include `group_id`: (id, groups, addresses).
-    async fn interfaces_in_group(
+    /// Interfaces whose groups include one of `group_ids` (at most
+    /// [`MAX_FILTER_VALUES`]): (id, groups, addresses).
+    async fn interfaces_in_groups(
         &self,
-        group_id: &str,
+        group_ids: &[String],
     ) -> Result<Vec<(EniInfo, Vec<IpNet>)>, CloudError> {
         const OP: &str = "DescribeNetworkInterfaces";
-        let filter = Filter::builder().name("group-id").values(group_id).build();
+        let filter = Filter::builder()
+            .name("group-id")
+            .set_values(Some(group_ids.to_vec()))
+            .build();
         let mut out = Vec::new();
         let mut token: Option<String> = None;
         loop {
@@ -733,7 +839,7 @@ impl AwsEc2 {
                     .iter()
                     .filter_map(|g| g.group_id().map(str::to_string))
                     .collect();
-                if !groups.iter().any(|g| g == group_id) {
+                if !groups.iter().any(|g| group_ids.contains(g)) {
                     continue;
                 }
                 let mut ips: Vec<IpNet> = ni

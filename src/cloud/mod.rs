@@ -231,6 +231,16 @@ pub trait Ec2: Send + Sync + 'static {
         tags: &BTreeMap<String, String>,
     ) -> impl Future<Output = Result<Vec<GroupInfo>, CloudError>> + Send;
 
+    /// Groups carrying every one of `tags` and tag `key` with one of
+    /// `values` (tag filters; one paginated call per
+    /// [`MAX_FILTER_VALUES`] values). No values, no call.
+    fn find_groups_any(
+        &self,
+        tags: &BTreeMap<String, String>,
+        key: &str,
+        values: &[String],
+    ) -> impl Future<Output = Result<Vec<GroupInfo>, CloudError>> + Send;
+
     /// Describes the groups by id; a missing id is `NotFound`.
     fn describe_groups(
         &self,
@@ -302,6 +312,21 @@ pub trait Ec2: Send + Sync + 'static {
         &self,
         group_id: &str,
     ) -> impl Future<Output = Result<Vec<EniInfo>, CloudError>> + Send;
+
+    /// The ENIs whose groups include any of `group_ids`, each once (one
+    /// paginated call per [`MAX_FILTER_VALUES`] ids). No ids, no call.
+    fn enis_in_groups(
+        &self,
+        group_ids: &[String],
+    ) -> impl Future<Output = Result<Vec<EniInfo>, CloudError>> + Send;
+
+    /// The groups of each of `enis`, by ENI (one paginated call per
+    /// [`MAX_FILTER_VALUES`] ids); an ENI that does not exist is left out.
+    /// No ids, no call.
+    fn groups_of_enis(
+        &self,
+        enis: &[String],
+    ) -> impl Future<Output = Result<BTreeMap<String, Vec<String>>, CloudError>> + Send;
 
     /// Sets tag `key` on an ENI.
     fn tag_eni(

@@ -14,10 +14,12 @@ use super::status::{self, CloudState};
 use super::{Context, Error, SyncMemory, lock};
 use super::{compose, shared};
 use crate::api::{
-    DeletionPolicy, FirewallPolicy, FirewallPolicyStatus, Layer, PolicyMode, SecurityGroupStatus,
-    SecurityGroupTarget,
+    DeletionPolicy, FirewallPolicy, FirewallPolicyStatus, GroupShare, Layer, PolicyMode,
+    SecurityGroupStatus, SecurityGroupTarget,
 };
-use crate::cloud::{CloudError, Ec2, ErrorKind, GroupInfo, InstanceInfo, NewGroup, tags};
+use crate::cloud::{
+    CloudError, Ec2, ErrorKind, GroupInfo, InstanceInfo, MAX_FILTER_VALUES, NewGroup, tags,
+};
 use crate::policy::effective::{Intent, widenings};
 use crate::policy::{
     CompiledPolicy, CurrentSgRule, Direction, Facts, GroupOwnership, PeerRef, PlannedPermission,
@@ -422,11 +424,11 @@ fn cloud_sync_record(
 }
 
 /// Most interfaces one attach or detach Event names.
-const EVENT_SAMPLE: usize = 5;
+pub(super) const EVENT_SAMPLE: usize = 5;
 
 /// `items` as text: all of them when one, else how many and the first
 /// `limit` (`3 interfaces: a, b, c`, `40 interfaces: a, … and 35 more`).
-fn sample_list(items: &[String], limit: usize) -> String {
+pub(super) fn sample_list(items: &[String], limit: usize) -> String {
     match items {
         [one] => one.clone(),
         _ => {
@@ -970,26 +972,40 @@ async fn sync_group<E: Ec2>(
     } else {
         HashMap::new()
     };
-    let results = futures::future::join_all(changes.iter().map(|(instance, eni, change)| {
-        let group_id = &group_id;
-        let tag = &tag;
-        let replaced = &replaced;
-        let along: &[String] = match change {
-            EniChange::Attach => companions.get(instance).map_or(&[], Vec::as_slice),
-            EniChange::Detach => &[],
-        };
-        async move {
-            let done = set_membership(ctx, eni, group_id, *change, replaced, along).await?;
-            if !owned && done {
-                match change {
-                    EniChange::Attach => ctx.ec2.tag_eni(eni, tag, &policy.name_any()).await?,
-                    EniChange::Detach => ctx.ec2.untag_eni(eni, tag).await?,
+    // In batches of at most 200 interfaces: their locks, one fresh read
+    // of their groups, then their changes at once.
+    let mut results = Vec::with_capacity(changes.len());
+    for batch in changes.chunks(MAX_FILTER_VALUES) {
+        let enis: Vec<&str> = batch.iter().map(|(_, eni, _)| eni.as_str()).collect();
+        let held = ctx.lock_interfaces(&enis).await?;
+        let held = &held;
+        results.extend(
+            futures::future::join_all(batch.iter().map(|(instance, eni, change)| {
+                let group_id = &group_id;
+                let tag = &tag;
+                let replaced = &replaced;
+                let along: &[String] = match change {
+                    EniChange::Attach => companions.get(instance).map_or(&[], Vec::as_slice),
+                    EniChange::Detach => &[],
+                };
+                async move {
+                    let before = held.of(eni)?;
+                    let done = set_membership(ctx, eni, before, group_id, *change, replaced, along)
+                        .await?;
+                    if !owned && done {
+                        match change {
+                            EniChange::Attach => {
+                                ctx.ec2.tag_eni(eni, tag, &policy.name_any()).await?
+                            }
+                            EniChange::Detach => ctx.ec2.untag_eni(eni, tag).await?,
+                        }
+                    }
+                    Ok::<_, Error>((instance, eni, *change, done, along))
                 }
-            }
-            Ok::<_, Error>((instance, eni, *change, done, along))
-        }
-    }))
-    .await;
+            }))
+            .await,
+        );
+    }
     let mut kept_on = 0usize;
     let mut announced: BTreeMap<EniChange, Vec<String>> = BTreeMap::new();
     for result in results {
@@ -1094,6 +1110,7 @@ async fn sync_group<E: Ec2>(
         .await
     };
 
+    let shares = vec![(group_id.clone(), attached.len())];
     Ok(CloudReport {
         group: Some(group_status(
             group_id,
@@ -1101,6 +1118,7 @@ async fn sync_group<E: Ec2>(
             owned,
             (count(Direction::Ingress), count(Direction::Egress)),
             attached,
+            shares,
         )),
         drift_repaired,
         effective,
@@ -1165,7 +1183,7 @@ async fn sync_composed<E: Ec2>(
         selected,
     )
     .await;
-    tracing::debug!(policy = %policy.name_any(), groups = placed.groups, main = %main.id, "composed sync");
+    tracing::debug!(policy = %policy.name_any(), groups = placed.groups.len(), main = %main.id, "composed sync");
     Ok(CloudReport {
         group: Some(group_status(
             main.id.clone(),
@@ -1173,6 +1191,7 @@ async fn sync_composed<E: Ec2>(
             true,
             (count(Direction::Ingress), count(Direction::Egress)),
             attached,
+            placed.groups,
         )),
         drift_repaired: placed.repaired,
         effective,
@@ -1260,9 +1279,9 @@ pub(crate) async fn retire_group<E: Ec2>(
         Err(e) if matches!(e.kind, ErrorKind::NotFound { .. }) => return Ok(()),
         Err(e) => return Err(e.into()),
     };
-    for eni in enis {
-        set_membership(ctx, &eni.id, group_id, EniChange::Detach, &[], &[]).await?;
-    }
+    let ids: Vec<&str> = enis.iter().map(|e| e.id.as_str()).collect();
+    detach(ctx, group_id, &ids).await?;
+    ctx.forget_rules(group_id);
     match ctx.ec2.delete_group(group_id).await {
         Ok(()) => {
             ctx.publish(
@@ -1479,21 +1498,41 @@ async fn companions<E: Ec2>(
 }
 
 /// A policy's group as its status reports it: the instances it is
-/// attached to are counted, and a bounded sample of them named.
+/// attached to are counted, and a bounded sample of them named; every
+/// group holding its rules (`shares`: each with how many of its selected
+/// nodes carry it) is counted, and the [`crate::api::GROUPS_SAMPLE`] on
+/// most nodes are named (`id` first).
 fn group_status(
     id: String,
     vpc_id: Option<String>,
     owned: bool,
     (ingress_rules, egress_rules): (i32, i32),
     attached: Vec<String>,
+    shares: Vec<(String, usize)>,
 ) -> SecurityGroupStatus {
+    let count = |n: usize| i32::try_from(n).unwrap_or(i32::MAX);
+    let mut by_group: BTreeMap<String, usize> = BTreeMap::new();
+    for (g, n) in shares {
+        *by_group.entry(g).or_default() += n;
+    }
+    let mut shares: Vec<(String, usize)> = by_group.into_iter().collect();
+    shares.sort_by_key(|(g, n)| (*g != id, std::cmp::Reverse(*n), g.clone()));
     SecurityGroupStatus {
+        group_count: count(shares.len()),
+        groups: shares
+            .into_iter()
+            .take(crate::api::GROUPS_SAMPLE)
+            .map(|(id, nodes)| GroupShare {
+                id,
+                nodes: count(nodes),
+            })
+            .collect(),
         id,
         vpc_id,
         owned,
         ingress_rules,
         egress_rules,
-        attached: i32::try_from(attached.len()).unwrap_or(i32::MAX),
+        attached: count(attached.len()),
         attached_sample: attached
             .into_iter()
             .take(crate::api::ATTACHED_SAMPLE)
@@ -1546,10 +1585,34 @@ enum EniChange {
     Detach,
 }
 
-/// Adds or removes `group` in an ENI's groups, keeping the others.
+/// Detaches `group` from interfaces `enis` (other groups kept), in
+/// batches of at most 200 under their locks on one fresh read each;
+/// returns those it left (not an interface gone since, nor one it is the
+/// last group of).
+async fn detach<E: Ec2>(
+    ctx: &Context<E>,
+    group: &str,
+    enis: &[&str],
+) -> Result<Vec<String>, Error> {
+    let mut left = Vec::new();
+    for batch in enis.chunks(MAX_FILTER_VALUES) {
+        let held = ctx.lock_interfaces(batch).await?;
+        for eni in batch {
+            if let Ok(before) = held.of(eni)
+                && set_membership(ctx, eni, before, group, EniChange::Detach, &[], &[]).await?
+            {
+                left.push((*eni).to_string());
+            }
+        }
+    }
+    Ok(left)
+}
+
+/// Adds or removes `group` in an ENI's groups (`before`), keeping the
+/// others.
 ///
-/// Several policies may select one node: the read-modify-write of the
-/// ENI's group list runs under a per-ENI lock, on a fresh read, so
+/// Several policies may select one node: the caller holds the ENI's lock
+/// and read `before` under it ([`Context::lock_interfaces`]), so
 /// concurrent reconciles never drop each other's group. Returns false
 /// when a detach would leave the ENI without any group (AWS requires
 /// one): the group then stays.
@@ -1561,15 +1624,13 @@ enum EniChange {
 async fn set_membership<E: Ec2>(
     ctx: &Context<E>,
     eni: &str,
+    before: &[String],
     group: &str,
     change: EniChange,
     replacing: &[String],
     along: &[String],
 ) -> Result<bool, Error> {
-    let lock = ctx.eni_lock(eni);
-    let _held = lock.lock().await;
-    let before = ctx.ec2.eni_groups(eni).await?;
-    let mut groups = before.clone();
+    let mut groups = before.to_vec();
     match change {
         EniChange::Attach => {
             // The groups it replaces go in the same call.
@@ -1661,6 +1722,7 @@ pub(crate) async fn apply_diff<E: Ec2>(
     diff: &SgDiff,
     current: &[CurrentSgRule],
 ) -> Result<(), Error> {
+    ctx.forget_rules(group_id);
     let name = policy.name_any();
     let mut deferred = Vec::new();
     for direction in DIRECTIONS {
@@ -1764,9 +1826,9 @@ pub(crate) async fn undo_cloud<E: Ec2>(
         if spec.deletion_policy == DeletionPolicy::Delete {
             let groups = ctx.ec2.find_groups(&identity_tags(policy, ctx)).await?;
             for group in groups {
-                for eni in ctx.ec2.enis_in_group(&group.id).await? {
-                    set_membership(ctx, &eni.id, &group.id, EniChange::Detach, &[], &[]).await?;
-                }
+                let enis = ctx.ec2.enis_in_group(&group.id).await?;
+                let ids: Vec<&str> = enis.iter().map(|e| e.id.as_str()).collect();
+                detach(ctx, &group.id, &ids).await?;
                 match ctx.ec2.delete_group(&group.id).await {
                     Ok(()) => {
                         ctx.publish(
@@ -1824,12 +1886,14 @@ pub(crate) async fn undo_cloud<E: Ec2>(
         // Off the interfaces this policy put it on (tagged then), and
         // nowhere else.
         let tag = tags::attached(&id, &policy.uid().unwrap_or_default());
-        for eni in ctx.ec2.enis_in_group(&id).await? {
-            if eni.tags.contains_key(&tag)
-                && set_membership(ctx, &eni.id, &id, EniChange::Detach, &[], &[]).await?
-            {
-                ctx.ec2.untag_eni(&eni.id, &tag).await?;
-            }
+        let enis = ctx.ec2.enis_in_group(&id).await?;
+        let tagged: Vec<&str> = enis
+            .iter()
+            .filter(|e| e.tags.contains_key(&tag))
+            .map(|e| e.id.as_str())
+            .collect();
+        for eni in detach(ctx, &id, &tagged).await? {
+            ctx.ec2.untag_eni(&eni, &tag).await?;
         }
     }
     Ok(())

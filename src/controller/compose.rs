@@ -49,11 +49,13 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use kube::ResourceExt;
 
-use super::apply;
 use super::shared::{self, Candidate};
 use super::{Context, Error, lock};
+use super::{apply, classes};
 use crate::api::FirewallPolicy;
-use crate::cloud::{CloudError, Ec2, ErrorKind, GroupInfo, InstanceInfo, NewGroup, tags};
+use crate::cloud::{
+    CloudError, Ec2, ErrorKind, GroupInfo, InstanceInfo, MAX_FILTER_VALUES, NewGroup, tags,
+};
 use crate::policy::{
     CloudPlan, CurrentSgRule, Facts, GroupOwnership, NodeFacts, diff_security_group,
 };
@@ -80,9 +82,9 @@ pub(crate) struct Placed {
     /// The group of the class holding most of the policy's nodes (the one
     /// its status names), if it selects any.
     pub(crate) main: Option<Target>,
-    /// How many groups the policy's rules are in (one per class of its
-    /// nodes).
-    pub(crate) groups: usize,
+    /// The groups the policy's rules are in (one per class of its
+    /// nodes), each with how many of its selected nodes carry it.
+    pub(crate) groups: Vec<(String, usize)>,
     /// Every instance read, for the effective-access analysis.
     pub(crate) instances: Vec<InstanceInfo>,
     /// A difference found in a group when nothing planned changed.
@@ -109,11 +111,12 @@ pub(crate) async fn needed<E: Ec2>(
 ) -> Result<bool, Error> {
     let all = shared::all_policies(ctx).await;
     let candidates = shared::candidates(&all, Some(policy));
+    let table = classes::table(ctx, &facts.nodes, &candidates);
     let nodes = nodes_by_instance(facts);
     let overlapping = selected.iter().any(|i| {
         nodes
             .get(i.as_str())
-            .is_some_and(|n| shared::class_of(&candidates, n).len() >= 2)
+            .is_some_and(|n| table.class(&n.name).len() >= 2)
     });
     if overlapping {
         return Ok(true);
@@ -130,12 +133,7 @@ async fn selector_groups<E: Ec2>(
     ctx: &Context<E>,
     selector: &str,
 ) -> Result<Vec<GroupInfo>, Error> {
-    let mut wanted = BTreeMap::from([
-        (tags::CLUSTER.to_string(), ctx.config.cluster_name.clone()),
-        (shared::selector_tag(selector), "1".to_string()),
-    ]);
-    wanted.insert(tags::MANAGED_BY.to_string(), tags::MANAGER.to_string());
-    let mut found = ctx.ec2.find_groups(&wanted).await?;
+    let mut found = tagged(ctx, selector).await?;
     if let Some(g) = shared::find(ctx, selector).await?
         && !found.iter().any(|f| f.id == g.id)
     {
@@ -143,6 +141,16 @@ async fn selector_groups<E: Ec2>(
     }
     found.sort_by(|a, b| a.id.cmp(&b.id));
     Ok(found)
+}
+
+/// The groups tagged as holding selector `selector` (one read).
+async fn tagged<E: Ec2>(ctx: &Context<E>, selector: &str) -> Result<Vec<GroupInfo>, Error> {
+    let wanted = BTreeMap::from([
+        (tags::CLUSTER.to_string(), ctx.config.cluster_name.clone()),
+        (shared::selector_tag(selector), "1".to_string()),
+        (tags::MANAGED_BY.to_string(), tags::MANAGER.to_string()),
+    ]);
+    Ok(ctx.ec2.find_groups(&wanted).await?)
 }
 
 /// **Composed sync** of `policy` (composable): every node it selects
@@ -159,7 +167,9 @@ pub(crate) async fn sync<E: Ec2>(
     drift_possible: bool,
 ) -> Result<Placed, Error> {
     let selector = shared::key(policy);
-    let mut tidy = selector_groups(ctx, &selector).await?;
+    // The groups holding its selector (the group of its one-selector
+    // class is found with the classes' groups, in `place`), and its own.
+    let mut tidy = tagged(ctx, &selector).await?;
     for g in ctx
         .ec2
         .find_groups(&apply::identity_tags(policy, ctx))
@@ -176,6 +186,7 @@ pub(crate) async fn sync<E: Ec2>(
         facts,
         selected,
         &tidy,
+        Some(&selector),
         drift_possible,
     )
     .await
@@ -218,17 +229,25 @@ pub(crate) async fn leave<E: Ec2>(
     if tidy.is_empty() {
         return Ok(());
     }
-    place(ctx, policy, None, facts, &[], &tidy, false)
+    place(ctx, policy, None, facts, &[], &tidy, None, false)
         .await
         .map_err(raced)?;
     Ok(())
 }
 
 /// Places `selected` (instances) and every interface carrying one of
-/// `tidy` in their classes (see the module docs); then `tidy` groups no
-/// class used are planned again (a class some node still has) or deleted
-/// (none, and no interface carries them). `own_plan` is the plan of
-/// `policy` when it is a member (else it is leaving).
+/// `tidy` (with the group of `selector`'s one-selector class, if any) in
+/// their classes (see the module docs); then `tidy` groups no class used
+/// are planned again (a class some node still has) or deleted (none, and
+/// no interface carries them). `own_plan` is the plan of `policy` when it
+/// is a member (else it is leaving).
+///
+/// Reads, whatever the number of classes: the groups of the selected
+/// nodes' classes in one call, the interfaces carrying the groups to tidy
+/// in one, the instances, and the tags of the groups on their interfaces
+/// in one (per 200 values each); then per class its group's rules, and
+/// the interfaces to move in one fresh read per 200.
+#[allow(clippy::too_many_arguments)]
 async fn place<E: Ec2>(
     ctx: &Context<E>,
     policy: &FirewallPolicy,
@@ -236,17 +255,37 @@ async fn place<E: Ec2>(
     facts: &Facts,
     selected: &[String],
     tidy: &[GroupInfo],
+    selector: Option<&str>,
     drift_possible: bool,
 ) -> Result<Placed, Error> {
     let all = shared::all_policies(ctx).await;
     // The reconciled copy is the newest: leaving, it is no candidate.
     let candidates = shared::candidates(&all, Some(policy));
+    let table = classes::table(ctx, &facts.nodes, &candidates);
+    let nodes = nodes_by_instance(facts);
+    // The groups of the selected nodes' classes (and of `selector`'s
+    // one-selector class), in one read: a class's group found here is
+    // not looked up again; one not found is, under the class's lock.
+    let mut keys: BTreeSet<String> = selected
+        .iter()
+        .filter_map(|i| nodes.get(i.as_str()))
+        .map(|n| table.class(&n.name))
+        .filter(|c| !c.is_empty())
+        .map(shared::class_key)
+        .collect();
+    keys.extend(selector.map(str::to_string));
+    let known = shared::find_many(ctx, &keys).await?;
+    let mut tidy: Vec<GroupInfo> = tidy.to_vec();
+    if let Some(g) = selector.and_then(|s| known.get(s))
+        && !tidy.iter().any(|t| t.id == g.id)
+    {
+        tidy.push(g.clone());
+    }
     // The interfaces carrying the groups to tidy.
     let mut wanted: BTreeSet<String> = selected.iter().cloned().collect();
-    for g in tidy {
-        for eni in ctx.ec2.enis_in_group(&g.id).await? {
-            wanted.extend(eni.instance_id);
-        }
+    let tidy_ids: Vec<String> = tidy.iter().map(|g| g.id.clone()).collect();
+    for eni in ctx.ec2.enis_in_groups(&tidy_ids).await? {
+        wanted.extend(eni.instance_id);
     }
     let wanted: Vec<String> = wanted.into_iter().collect();
     let instances = if wanted.is_empty() {
@@ -260,30 +299,33 @@ async fn place<E: Ec2>(
             known.insert(i.id.clone(), i.clone());
         }
     }
-    let nodes = nodes_by_instance(facts);
     let mut classes: BTreeMap<BTreeSet<String>, Vec<&InstanceInfo>> = BTreeMap::new();
     for i in instances.iter().filter(|i| i.primary_eni.is_some()) {
         let class = nodes
             .get(i.id.as_str())
-            .map(|n| shared::class_of(&candidates, n))
+            .map(|n| table.class(&n.name).clone())
             .unwrap_or_default();
         classes.entry(class).or_default().push(i);
     }
-    // Before any write: every shared class's union fits the rule quota.
+    // Before any write: every shared class's group can carry its tags,
+    // and its union fits the rule quota.
     for (class, members_on) in &classes {
+        let node = || {
+            members_on
+                .first()
+                .and_then(|i| nodes.get(i.id.as_str()))
+                .map_or_else(String::new, |n| n.name.clone())
+        };
+        tags_fit(policy, class, node)?;
         let members = shared::class_members(&candidates, class);
         if members.len() < 2 {
             continue;
         }
         let union = shared::plan(ctx, &shared::class_key(class), &members, facts, &[]).await?;
         if let Some((direction, family, used)) = union.over_quota() {
-            let node = members_on
-                .first()
-                .and_then(|i| nodes.get(i.id.as_str()))
-                .map_or_else(String::new, |n| n.name.clone());
             return Err(Error::SharedOverQuota {
                 policy: policy.name_any(),
-                node,
+                node: node(),
                 members: members.iter().map(ResourceExt::name_any).collect(),
                 direction,
                 family,
@@ -298,8 +340,9 @@ async fn place<E: Ec2>(
         let mut existing: BTreeSet<String> = tidy.iter().map(|g| g.id.clone()).collect();
         let mut waiting = Vec::new();
         for (class, on) in classes.iter().filter(|(c, _)| !c.is_empty()) {
-            let found = match shared::find(ctx, &shared::class_key(class)).await? {
-                Some(g) => Some(g.id),
+            // Every selected node's class was looked up above.
+            let found = match known.get(&shared::class_key(class)) {
+                Some(g) => Some(g.id.clone()),
                 None => match shared::class_members(&candidates, class).as_slice() {
                     [only] => ctx
                         .ec2
@@ -323,12 +366,18 @@ async fn place<E: Ec2>(
 
     let uids: BTreeSet<String> = candidates.iter().filter_map(|c| c.policy.uid()).collect();
     let mut kinds: HashMap<String, bool> = HashMap::new();
-    for g in tidy {
+    for g in tidy.iter().chain(known.values()) {
         kinds.insert(g.id.clone(), true);
     }
+    // The other groups on the interfaces, in one read.
+    let on_interfaces: BTreeSet<String> = instances
+        .iter()
+        .flat_map(|i| i.eni_groups.iter().cloned())
+        .collect();
+    classify(ctx, &on_interfaces, &uids, &mut kinds).await?;
     let mut used: BTreeSet<String> = BTreeSet::new();
     let mut main: Option<(usize, Target)> = None;
-    let mut groups = 0usize;
+    let mut groups: Vec<(String, usize)> = Vec::new();
     let mut repaired = false;
     let mine = policy.uid();
     // Classes whose interfaces changed, and the groups that left them.
@@ -354,6 +403,7 @@ async fn place<E: Ec2>(
                 &candidates,
                 facts,
                 on,
+                known.get(&shared::class_key(class)),
                 drift_possible,
             )
             .await?;
@@ -385,8 +435,8 @@ async fn place<E: Ec2>(
             .iter()
             .any(|m| m.uid() == mine);
         if let Some(t) = target.filter(|_| holds && own_plan.is_some()) {
-            groups += 1;
             let here = on.iter().filter(|i| selected.contains(&i.id)).count();
+            groups.push((t.id.clone(), here));
             if main
                 .as_ref()
                 .is_none_or(|(n, m)| here > *n || (here == *n && t.id < m.id))
@@ -398,7 +448,6 @@ async fn place<E: Ec2>(
 
     // The groups that left an interface here are tidied too (whoever
     // moved the interface), shared ones and this policy's own.
-    let mut tidy: Vec<GroupInfo> = tidy.to_vec();
     let extra: Vec<String> = removed
         .iter()
         .filter(|g| !used.contains(*g) && !tidy.iter().any(|t| &t.id == *g))
@@ -433,21 +482,26 @@ async fn place<E: Ec2>(
     shared::wake(ctx, &woken);
     // The groups to tidy no class took: planned again while some node is
     // in their class, else deleted once they are on no interface.
-    let mut live: Option<BTreeSet<BTreeSet<String>>> = None;
     for g in tidy.iter().filter(|g| !used.contains(&g.id)) {
         match shared::class_of_group(g) {
             Some(class) => {
-                let live = live.get_or_insert_with(|| {
-                    facts
-                        .nodes
-                        .iter()
-                        .map(|n| shared::class_of(&candidates, n))
-                        .collect()
-                });
                 let class_lock = ctx.eni_lock(&shared::class_lock_key(&class));
                 let _held = class_lock.lock().await;
-                if live.contains(&class) && !shared::class_members(&candidates, &class).is_empty() {
-                    ensure(ctx, policy, None, &class, &candidates, facts, &[], false).await?;
+                if table.live().any(|c| c == &class)
+                    && !shared::class_members(&candidates, &class).is_empty()
+                {
+                    ensure(
+                        ctx,
+                        policy,
+                        None,
+                        &class,
+                        &candidates,
+                        facts,
+                        &[],
+                        None,
+                        false,
+                    )
+                    .await?;
                 } else {
                     if ctx.ec2.enis_in_group(&g.id).await?.is_empty() {
                         apply::retire_group(ctx, policy, &g.id).await?;
@@ -470,9 +524,37 @@ async fn place<E: Ec2>(
     })
 }
 
+/// Refuses a class of several selectors whose group would carry more tags
+/// than AWS allows on a resource (one per selector, plus the class's
+/// own), naming a node of it (`node`) and the numbers: before any write,
+/// rather than a `CreateSecurityGroup` refused half-way through a sync.
+fn tags_fit(
+    policy: &FirewallPolicy,
+    class: &BTreeSet<String>,
+    node: impl FnOnce() -> String,
+) -> Result<(), Error> {
+    if class.len() < 2 {
+        return Ok(());
+    }
+    let tags = shared::creation_tags("", class).len();
+    if tags <= shared::MAX_TAGS {
+        return Ok(());
+    }
+    Err(Error::ClassTooLarge {
+        policy: policy.name_any(),
+        node: node(),
+        selectors: class.len(),
+        tags,
+        limit: shared::MAX_TAGS,
+    })
+}
+
 /// The group of class `class`, complete: found by its tags (or made), and
 /// holding the union of its members' plans. The caller holds the class's
-/// lock ([`shared::class_lock_key`]).
+/// lock ([`shared::class_lock_key`]). `known` is the class's group as
+/// found before the lock was taken: a group exists until its class's
+/// lock is held to delete it (so none is looked up again); when none was
+/// found, it is looked up under the lock, before any is made (no twin).
 /// A class of one policy alone uses that policy's own group: `policy`'s
 /// (found or made, and planned with `own_plan`), or another's as it keeps
 /// it (a shared group is made for it if it has none yet; it moves there at
@@ -486,11 +568,15 @@ async fn ensure<E: Ec2>(
     candidates: &[Candidate],
     facts: &Facts,
     on: &[&InstanceInfo],
+    known: Option<&GroupInfo>,
     drift_possible: bool,
 ) -> Result<Target, Error> {
     let key = shared::class_key(class);
     let members = shared::class_members(candidates, class);
-    let found = shared::find(ctx, &key).await?;
+    let found = match known {
+        Some(g) => Some(g.clone()),
+        None => shared::find(ctx, &key).await?,
+    };
     let instances: Vec<InstanceInfo> = on.iter().map(|i| (*i).clone()).collect();
     if found.is_none()
         && let [only] = members.as_slice()
@@ -524,11 +610,25 @@ async fn ensure<E: Ec2>(
             });
         }
     }
-    let current = match &found {
-        Some(g) => ctx.ec2.describe_rules(&g.id).await?,
-        None => Vec::new(),
+    // The group's rules as this controller last read or wrote them under
+    // the class's lock, unless a difference there could be drift; read
+    // from EC2 when that would change anything.
+    let remembered = found
+        .as_ref()
+        .filter(|_| !drift_possible)
+        .and_then(|g| ctx.remembered_rules(&g.id));
+    let mut current = match (&found, &remembered) {
+        (Some(_), Some(r)) => r.clone(),
+        (Some(g), None) => ctx.ec2.describe_rules(&g.id).await?,
+        (None, _) => Vec::new(),
     };
-    let union = shared::plan(ctx, &key, &members, facts, &current).await?;
+    let mut union = shared::plan(ctx, &key, &members, facts, &current).await?;
+    if let Some(g) = found.as_ref().filter(|_| remembered.is_some())
+        && !diff_security_group(&union, &current, GroupOwnership::Created).is_empty()
+    {
+        current = ctx.ec2.describe_rules(&g.id).await?;
+        union = shared::plan(ctx, &key, &members, facts, &current).await?;
+    }
     let (id, vpc, created) = match found {
         Some(g) => (g.id, g.vpc_id, false),
         None => {
@@ -559,6 +659,7 @@ async fn ensure<E: Ec2>(
         current
     };
     let (rules, repaired) = write_rules(ctx, policy, &id, &union, &current, drift_possible).await?;
+    ctx.remember_rules(&id, &rules);
     if created || rules != current {
         let others: Vec<FirewallPolicy> = members
             .iter()
@@ -614,48 +715,104 @@ async fn write_rules<E: Ec2>(
     Ok((diff.apply_to(current), drift_possible))
 }
 
+/// Who a group on an interface belongs to, from its tags (set when the
+/// group is made and never changed by Palisade): kept between syncs, so
+/// the groups on the nodes' interfaces are described once, not in every
+/// sync.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Owner {
+    /// Not a group of this cluster's Palisade.
+    Foreign,
+    /// A shared group of this cluster.
+    Shared,
+    /// The own group of the policy with this uid.
+    Policy(String),
+}
+
+impl Owner {
+    fn of(group: &GroupInfo, cluster: &str) -> Self {
+        if group.tags.get(tags::CLUSTER).map(String::as_str) != Some(cluster) {
+            return Owner::Foreign;
+        }
+        if group.tags.contains_key(tags::SHARED) {
+            return Owner::Shared;
+        }
+        match group.tags.get(tags::POLICY_UID) {
+            Some(uid) => Owner::Policy(uid.clone()),
+            None => Owner::Foreign,
+        }
+    }
+
+    /// A placement group: a shared group, or the own group of a
+    /// composable policy (one of `uids`).
+    fn places(&self, uids: &BTreeSet<String>) -> bool {
+        match self {
+            Owner::Foreign => false,
+            Owner::Shared => true,
+            Owner::Policy(uid) => uids.contains(uid),
+        }
+    }
+}
+
 /// Whether each group of `ids` not in `kinds` yet is a placement group
 /// (a shared group of this cluster, or the own group of a composable
-/// policy: one of `uids`), read in one describe.
+/// policy: one of `uids`): from the owners known, the others read in one
+/// describe.
 async fn classify<E: Ec2>(
     ctx: &Context<E>,
     ids: &BTreeSet<String>,
     uids: &BTreeSet<String>,
     kinds: &mut HashMap<String, bool>,
 ) -> Result<(), Error> {
-    let unknown: Vec<String> = ids
-        .iter()
-        .filter(|g| !kinds.contains_key(*g))
-        .cloned()
-        .collect();
+    let mut unknown: Vec<String> = Vec::new();
+    {
+        let owners = lock(&ctx.group_owners);
+        let new: Vec<&String> = ids.iter().filter(|g| !kinds.contains_key(*g)).collect();
+        for g in new {
+            match owners.get(g) {
+                Some(o) => {
+                    kinds.insert(g.clone(), o.places(uids));
+                }
+                None => unknown.push(g.clone()),
+            }
+        }
+    }
     if unknown.is_empty() {
         return Ok(());
     }
     let found = match ctx.ec2.describe_groups(&unknown).await {
         Ok(f) => f,
-        // A group gone since the interface was read: not ours to move.
-        Err(e) if matches!(e.kind, ErrorKind::NotFound { .. }) => Vec::new(),
+        // A group gone since the interface was read (not ours to move):
+        // the others one by one.
+        Err(e) if matches!(e.kind, ErrorKind::NotFound { .. }) => {
+            let mut found = Vec::new();
+            for g in &unknown {
+                match ctx.ec2.describe_groups(std::slice::from_ref(g)).await {
+                    Ok(f) => found.extend(f),
+                    Err(e) if matches!(e.kind, ErrorKind::NotFound { .. }) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            found
+        }
         Err(e) => return Err(e.into()),
     };
     for g in &unknown {
         kinds.insert(g.clone(), false);
     }
+    let mut owners = lock(&ctx.group_owners);
     for g in found {
-        let ours = g.tags.get(tags::CLUSTER) == Some(&ctx.config.cluster_name);
-        let placement = ours
-            && (g.tags.contains_key(tags::SHARED)
-                || g.tags
-                    .get(tags::POLICY_UID)
-                    .is_some_and(|u| uids.contains(u)));
-        kinds.insert(g.id, placement);
+        let owner = Owner::of(&g, &ctx.config.cluster_name);
+        kinds.insert(g.id.clone(), owner.places(uids));
+        owners.insert(g.id, owner);
     }
     Ok(())
 }
 
 /// Moves each interface of `on` to `target` in one call with its whole new
 /// list: `target` in, every other placement group out, the rest kept (an
-/// interface is never left without a group). Under the interface's lock,
-/// on a fresh read.
+/// interface is never left without a group). Under the interfaces' locks,
+/// on a fresh read of them (one call per 200, [`Context::lock_interfaces`]).
 async fn swap<E: Ec2>(
     ctx: &Context<E>,
     policy: &FirewallPolicy,
@@ -683,61 +840,84 @@ async fn swap<E: Ec2>(
                 || i.eni_groups.iter().any(placement)
         })
         .collect();
-    let results = futures::future::join_all(pending.iter().map(|i| async move {
-        let Some(eni) = i.primary_eni.as_deref() else {
-            return Ok::<_, Error>(None);
-        };
-        let eni_lock = ctx.eni_lock(eni);
-        let _held = eni_lock.lock().await;
-        let before = ctx.ec2.eni_groups(eni).await?;
-        let mut after: Vec<String> = before.iter().filter(|g| !placement(g)).cloned().collect();
-        if let Some(t) = target
-            && !after.iter().any(|g| g == t)
-        {
-            after.push(t.to_string());
-        }
-        if after.is_empty() {
-            tracing::warn!(eni, "not removing the last group of an interface");
-            return Ok(None);
-        }
-        if after == before {
-            return Ok(None);
-        }
-        ctx.ec2.set_eni_groups(eni, &after).await?;
-        if let Some(known) = lock(&ctx.instances).get_mut(i.id.as_str()) {
-            known.eni_groups = after.clone();
-        }
-        Ok(Some((i.id.clone(), eni.to_string(), before, after)))
-    }))
-    .await;
+    let mut results = Vec::with_capacity(pending.len());
+    for batch in pending.chunks(MAX_FILTER_VALUES) {
+        let enis: Vec<&str> = batch
+            .iter()
+            .filter_map(|i| i.primary_eni.as_deref())
+            .collect();
+        let held = ctx.lock_interfaces(&enis).await?;
+        let held = &held;
+        let placement = &placement;
+        results.extend(
+            futures::future::join_all(batch.iter().map(|i| async move {
+                let Some(eni) = i.primary_eni.as_deref() else {
+                    return Ok::<_, Error>(None);
+                };
+                let before = held.of(eni)?.to_vec();
+                let mut after: Vec<String> =
+                    before.iter().filter(|g| !placement(g)).cloned().collect();
+                if let Some(t) = target
+                    && !after.iter().any(|g| g == t)
+                {
+                    after.push(t.to_string());
+                }
+                if after.is_empty() {
+                    tracing::warn!(eni, "not removing the last group of an interface");
+                    return Ok(None);
+                }
+                if after == before {
+                    return Ok(None);
+                }
+                ctx.ec2.set_eni_groups(eni, &after).await?;
+                if let Some(known) = lock(&ctx.instances).get_mut(i.id.as_str()) {
+                    known.eni_groups = after.clone();
+                }
+                Ok(Some((i.id.clone(), eni.to_string(), before, after)))
+            }))
+            .await,
+        );
+    }
     let mut removed = BTreeSet::new();
+    let mut moved: Vec<String> = Vec::new();
     for r in results {
         let Some((instance, eni, before, after)) = r? else {
             continue;
         };
-        let out: Vec<&String> = before.iter().filter(|g| !after.contains(g)).collect();
-        removed.extend(out.iter().map(|g| (*g).clone()));
-        let note = match (target, out.is_empty()) {
-            (Some(t), true) => format!("attached {t} to {eni} of instance {instance}"),
-            (Some(t), false) => format!(
-                "moved {eni} of instance {instance} to {t} (replacing {}) in one call",
-                out.iter()
-                    .map(|s| s.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
+        let out: Vec<&str> = before
+            .iter()
+            .filter(|g| !after.contains(g))
+            .map(String::as_str)
+            .collect();
+        removed.extend(out.iter().map(|g| (*g).to_string()));
+        moved.push(match (target, out.is_empty()) {
+            (Some(_), true) => format!("{eni} of instance {instance}"),
+            (Some(_), false) => {
+                format!(
+                    "{eni} of instance {instance} (replacing {})",
+                    out.join(", ")
+                )
+            }
+            (None, _) => format!("{eni} of instance {instance} ({})", out.join(", ")),
+        });
+    }
+    // One Event per class and sync, naming a bounded sample.
+    if !moved.is_empty() {
+        let (reason, note) = match target {
+            Some(t) => (
+                "Attached",
+                format!(
+                    "attached {t}, in one call each, to {}",
+                    apply::sample_list(&moved, apply::EVENT_SAMPLE)
+                ),
             ),
-            (None, _) => format!(
-                "detached {} from {eni} of instance {instance}",
-                out.iter()
-                    .map(|s| s.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
+            None => (
+                "Detached",
+                format!(
+                    "detached placement groups from {}",
+                    apply::sample_list(&moved, apply::EVENT_SAMPLE)
+                ),
             ),
-        };
-        let reason = if target.is_some() {
-            "Attached"
-        } else {
-            "Detached"
         };
         ctx.publish(
             policy,
@@ -749,4 +929,34 @@ async fn swap<E: Ec2>(
         .await;
     }
     Ok(removed)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::controller::shared::MAX_TAGS;
+
+    #[test]
+    fn a_class_whose_group_cannot_carry_its_tags_is_refused_naming_a_node() {
+        let p = crate::policy::testing::policy("web", Vec::new(), None);
+        let class =
+            |n: usize| -> BTreeSet<String> { (0..n).map(|i| format!("{i:016x}")).collect() };
+        let fixed = shared::creation_tags("c", &class(2)).len() - 2;
+        let most = MAX_TAGS - fixed;
+        assert_eq!(shared::creation_tags("c", &class(most)).len(), MAX_TAGS);
+        assert!(tags_fit(&p, &class(most), || unreachable!()).is_ok());
+        assert!(tags_fit(&p, &class(1), || unreachable!()).is_ok());
+        let err = tags_fit(&p, &class(most + 1), || "ip-10-0-1-5".to_string()).unwrap_err();
+        assert_eq!(err.reason(), crate::api::conditions::reason::QUOTA_EXCEEDED);
+        assert!(err.is_permanent());
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "node ip-10-0-1-5 is selected by composable policies with {} different nodeSelectors (among them web); their composed Security Group would carry {} tags, over AWS's 50 per resource (at most {most} selectors per node); give some of them a group of their own (spec.securityGroup.name) or share selectors",
+                most + 1,
+                MAX_TAGS + 1
+            )
+        );
+    }
 }

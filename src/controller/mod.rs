@@ -55,6 +55,7 @@
 
 mod apply;
 pub mod cache;
+mod classes;
 mod compose;
 pub mod effective;
 pub mod exposure;
@@ -212,6 +213,23 @@ pub enum Error {
         /// The quota.
         limit: u32,
     },
+    /// The composable policies selecting a node have more distinct
+    /// selectors than the tags AWS allows on their composed group hold.
+    #[error(
+        "node {node} is selected by composable policies with {selectors} different nodeSelectors (among them {policy}); their composed Security Group would carry {tags} tags, over AWS's {limit} per resource (at most {} selectors per node); give some of them a group of their own (spec.securityGroup.name) or share selectors", limit - (tags - selectors)
+    )]
+    ClassTooLarge {
+        /// The policy.
+        policy: String,
+        /// A node of the class.
+        node: String,
+        /// Distinct selectors in the class.
+        selectors: usize,
+        /// Tags its group would carry.
+        tags: usize,
+        /// AWS's tags per resource.
+        limit: usize,
+    },
     /// The policy object has no uid or name (never from the apiserver).
     #[error("the policy object lacks metadata.{0}")]
     Metadata(&'static str),
@@ -252,7 +270,9 @@ impl Error {
             Error::NoVpc { .. } | Error::SeveralVpcs { .. } | Error::GroupNameTaken { .. } => {
                 reason::INVALID_REFERENCE
             }
-            Error::InterfaceFull { .. } | Error::SharedOverQuota { .. } => reason::QUOTA_EXCEEDED,
+            Error::InterfaceFull { .. }
+            | Error::SharedOverQuota { .. }
+            | Error::ClassTooLarge { .. } => reason::QUOTA_EXCEEDED,
             Error::Metadata(_) => reason::INVALID_POLICY,
             Error::WaitingForAgents { .. } => "WaitingForAgents",
             Error::Finalizer(e) => match e.as_ref() {
@@ -305,6 +325,7 @@ impl Error {
             | Error::GroupNameTaken { .. }
             | Error::InterfaceFull { .. }
             | Error::SharedOverQuota { .. }
+            | Error::ClassTooLarge { .. }
             | Error::Metadata(_) => true,
             Error::Finalizer(e) => match e.as_ref() {
                 kube::runtime::finalizer::Error::ApplyFailed(e)
@@ -363,6 +384,14 @@ pub struct Context<E: Ec2> {
     /// Instances as the last full syncs described them (interfaces and
     /// their groups), by instance id.
     pub(crate) instances: Mutex<HashMap<String, crate::cloud::InstanceInfo>>,
+    /// The rules of shared groups as a sync last read or wrote them under
+    /// the class's lock, and when (see [`Context::remembered_rules`]).
+    pub(crate) class_rules: Mutex<HashMap<String, (Instant, Vec<crate::policy::CurrentSgRule>)>>,
+    /// Who the groups met on interfaces belong to (see `compose::Owner`).
+    pub(crate) group_owners: Mutex<HashMap<String, compose::Owner>>,
+    /// The placement classes of the newest snapshot of node facts (see
+    /// `classes`).
+    pub(crate) classes: Mutex<Option<Arc<classes::ClassTable>>>,
     /// Each node's exposure, as last computed.
     pub(crate) exposure: Mutex<HashMap<String, exposure::NodeExposure>>,
     /// Every policy this controller reconciles, from its watch (set by
@@ -393,6 +422,8 @@ impl<E: Ec2> Context<E> {
             m.at = None;
         }
         self.groups.clear();
+        lock(&self.class_rules).clear();
+        lock(&self.group_owners).clear();
     }
 
     pub(crate) async fn publish(
@@ -443,9 +474,87 @@ impl<E: Ec2> Context<E> {
             .clone()
     }
 
+    /// The rules of shared group `id` as a sync of this controller last
+    /// read or wrote them, under the class's lock, less than 90 % of a
+    /// resync ago. A sync whose difference could be drift reads the group
+    /// from EC2 instead; one that finds the union already there in these
+    /// rules writes nothing and reads nothing, and one that would write
+    /// reads the group from EC2 first (rule ids of rules just authorized
+    /// are not known here). Every write to a group's rules forgets them
+    /// ([`apply::apply_diff`]), as does its deletion. So a change made
+    /// out of band is found at the next resync of any member (every resync
+    /// interval), not at every node joining.
+    pub(crate) fn remembered_rules(&self, id: &str) -> Option<Vec<crate::policy::CurrentSgRule>> {
+        let ttl = self.config.resync.mul_f32(0.9);
+        lock(&self.class_rules)
+            .get(id)
+            .filter(|(at, _)| at.elapsed() < ttl)
+            .map(|(_, r)| r.clone())
+    }
+
+    /// Records the rules of shared group `id` as just read or written
+    /// under its class's lock.
+    pub(crate) fn remember_rules(&self, id: &str, rules: &[crate::policy::CurrentSgRule]) {
+        lock(&self.class_rules).insert(id.to_string(), (Instant::now(), rules.to_vec()));
+    }
+
+    /// Forgets the rules of group `id` (written, or deleted).
+    pub(crate) fn forget_rules(&self, id: &str) {
+        lock(&self.class_rules).remove(id);
+    }
+
+    /// Takes the locks of interfaces `enis`, then reads their groups: the
+    /// fresh read every change to an interface's group list is made on
+    /// (so concurrent reconciles never drop each other's group), in one
+    /// `DescribeNetworkInterfaces` per [`crate::cloud::MAX_FILTER_VALUES`]
+    /// interfaces instead of one per interface. An interface missing from
+    /// the answer is gone.
+    ///
+    /// The locks are taken each once, in order, so two callers with
+    /// overlapping sets never wait on each other in a cycle; interface
+    /// locks are always the last taken (after a class's lock, never
+    /// before one). They are held until the guards are dropped.
+    pub(crate) async fn lock_interfaces(&self, enis: &[&str]) -> Result<InterfacesHeld, Error> {
+        let ids: std::collections::BTreeSet<&str> = enis.iter().copied().collect();
+        let mut guards = Vec::with_capacity(ids.len());
+        for id in &ids {
+            guards.push(self.eni_lock(id).lock_owned().await);
+        }
+        let ids: Vec<String> = ids.into_iter().map(str::to_string).collect();
+        let groups = self.ec2.groups_of_enis(&ids).await?;
+        Ok(InterfacesHeld {
+            _guards: guards,
+            groups,
+        })
+    }
+
     pub(crate) fn set_rules_managed(&self) {
         let total: i64 = lock(&self.memory).values().map(|m| m.rules).sum();
         self.metrics.rules_managed.set(total);
+    }
+}
+
+/// Interfaces locked by [`Context::lock_interfaces`], with their groups as
+/// read under the locks.
+pub(crate) struct InterfacesHeld {
+    _guards: Vec<tokio::sync::OwnedMutexGuard<()>>,
+    /// The groups of each interface, by id (an interface gone is absent).
+    pub(crate) groups: std::collections::BTreeMap<String, Vec<String>>,
+}
+
+impl InterfacesHeld {
+    /// The groups of `eni` as read under its lock; `NotFound` when it is
+    /// gone.
+    pub(crate) fn of(&self, eni: &str) -> Result<&[String], crate::cloud::CloudError> {
+        self.groups.get(eni).map(Vec::as_slice).ok_or_else(|| {
+            crate::cloud::CloudError::new(
+                "DescribeNetworkInterfaces",
+                crate::cloud::ErrorKind::NotFound {
+                    what: "InvalidNetworkInterfaceID.NotFound".into(),
+                },
+                format!("network interface {eni} not found"),
+            )
+        })
     }
 }
 
@@ -535,6 +644,9 @@ pub fn context<E: Ec2>(
         cache: Arc::default(),
         groups: effective::GroupCache::default(),
         instances: Mutex::new(HashMap::new()),
+        classes: Mutex::new(None),
+        group_owners: Mutex::new(HashMap::new()),
+        class_rules: Mutex::new(HashMap::new()),
         exposure: Mutex::new(HashMap::new()),
         policies: std::sync::OnceLock::new(),
         wake: std::sync::OnceLock::new(),

@@ -39,7 +39,7 @@
 //!   planned again without it (its rules revoked), or detached and deleted
 //!   when no member is left.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use kube::ResourceExt;
@@ -49,8 +49,8 @@ use super::{Context, Error, lock};
 use crate::api::{DeletionPolicy, FirewallPolicy, PolicyMode};
 use crate::cloud::{Ec2, ErrorKind, GroupInfo, tags};
 use crate::policy::{
-    CloudPlan, CurrentSgRule, Direction, Facts, GroupOwnership, NodeFacts, PlannedPermission,
-    compile_policy, diff_security_group, marker, union_plan,
+    CloudPlan, CurrentSgRule, Direction, Facts, GroupOwnership, PlannedPermission, compile_policy,
+    diff_security_group, marker, union_plan,
 };
 
 /// Whether `policy` may share its group (see the module docs): a policy
@@ -112,8 +112,12 @@ pub(crate) fn group_tags(cluster: &str, key: &str) -> BTreeMap<String, String> {
     ])
 }
 
+/// Most tags AWS allows on one resource (user tags).
+pub(crate) const MAX_TAGS: usize = 50;
+
 /// The tags a shared group is created with: [`group_tags`] and one
-/// [`selector_tag`] per selector of its class.
+/// [`selector_tag`] per selector of its class (so at most
+/// [`MAX_TAGS`] − 3 selectors per class).
 pub(crate) fn creation_tags(
     cluster: &str,
     selectors: &BTreeSet<String>,
@@ -207,8 +211,14 @@ pub(crate) fn candidates(
 }
 
 /// The placement class of `node`: the selectors of the composable
-/// policies selecting it (empty: none does).
-pub(crate) fn class_of(candidates: &[Candidate], node: &NodeFacts) -> BTreeSet<String> {
+/// policies selecting it (empty: none does). Every candidate evaluated:
+/// the reference the controller's [`super::classes::ClassTable`] is
+/// tested against.
+#[cfg(test)]
+pub(crate) fn class_of(
+    candidates: &[Candidate],
+    node: &crate::policy::NodeFacts,
+) -> BTreeSet<String> {
     candidates
         .iter()
         .filter(|c| c.valid.selects(node))
@@ -274,6 +284,27 @@ pub(crate) async fn find<E: Ec2>(ctx: &Context<E>, key: &str) -> Result<Option<G
         .find_groups(&group_tags(&ctx.config.cluster_name, key))
         .await?;
     Ok(found.into_iter().min_by(|a, b| a.id.cmp(&b.id)))
+}
+
+/// The shared groups of classes `keys`, by key (the lowest id of each, as
+/// [`find`]), in one read per 200 keys instead of one per class.
+pub(crate) async fn find_many<E: Ec2>(
+    ctx: &Context<E>,
+    keys: &BTreeSet<String>,
+) -> Result<HashMap<String, GroupInfo>, Error> {
+    let mut fixed = group_tags(&ctx.config.cluster_name, "");
+    fixed.remove(tags::SHARED);
+    let keys: Vec<String> = keys.iter().cloned().collect();
+    let mut out: HashMap<String, GroupInfo> = HashMap::new();
+    for g in ctx.ec2.find_groups_any(&fixed, tags::SHARED, &keys).await? {
+        let Some(k) = g.tags.get(tags::SHARED).cloned() else {
+            continue;
+        };
+        if out.get(&k).is_none_or(|have| g.id < have.id) {
+            out.insert(k, g);
+        }
+    }
+    Ok(out)
 }
 
 /// The name of the shared group of class `key`.
@@ -452,6 +483,7 @@ pub(crate) fn wake<E: Ec2>(ctx: &Context<E>, members: &[FirewallPolicy]) {
 mod tests {
     use super::*;
     use crate::api::{Protocol, SecurityGroupTarget};
+    use crate::policy::NodeFacts;
     use crate::policy::testing::{policy, rule, selector};
 
     fn store_of(policies: Vec<FirewallPolicy>) -> Vec<Arc<FirewallPolicy>> {
