@@ -961,10 +961,11 @@ fn zero_gap_run(backend: Backend) -> BenchResult<()> {
         let r = zero_gap(edits, seed, backend)?;
         let p50 = median(r.edit_times.clone());
         println!(
-            "  zero-gap (seed {seed}): {} edits in {:.1} s (p50 {} each), {} probes, {} lost, {} packets dropped by Palisade, {} full reads, {} model mismatches",
+            "  zero-gap (seed {seed}): {} edits in {:.1} s (p50 {} each, {} checked by their nft monitor echo), {} probes, {} lost, {} packets dropped by Palisade, {} full reads, {} model mismatches",
             r.edits,
             start.elapsed().as_secs_f64(),
             ms(p50),
+            r.echo_checks,
             r.probes,
             r.lost.len(),
             r.gap_drops,

@@ -10,14 +10,36 @@
 //! compares the desired ruleset with the model only: a no-op sync reads
 //! nothing and spawns no process; a change is written as rule-level edits
 //! and set `add`/`del` lines ([`super::model`]), and afterwards only the
-//! chains edited rule by rule are read back (`iptables -S <chain>` each on
-//! the nft backend, one `iptables-save` on legacy, where listing one chain
-//! costs as much): their result depends on the model being right. A chain
-//! written whole (declared, which creates or flushes it, and filled in the
-//! same transaction) holds exactly what was written whatever it held
-//! before, so it is not read again. Nothing is read on the way in. A set
-//! write checks itself: `add` of a present entry and `del` of an absent
-//! one fail it.
+//! chains edited rule by rule are checked (see below): their result
+//! depends on the model being right. A chain written whole (declared,
+//! which creates or flushes it, and filled in the same transaction) holds
+//! exactly what was written whatever it held before, so it is not read
+//! again. Nothing is read on the way in. A set write checks itself: `add`
+//! of a present entry and `del` of an absent one fail it.
+//!
+//! ## The check after a write
+//!
+//! An edit (`-I CHAIN <pos>`, `-D CHAIN <spec>`) gives the desired chain
+//! when the chain held what the model says as it was applied. Two ways to
+//! know it:
+//! - **the `nft monitor` echo** (nft backend, while the agent follows the
+//!   monitor: [`Dataplane::monitor_started`]): the monitor reports every
+//!   committed generation in commit order, with the process that
+//!   committed it. When the generation of each restore that edited a
+//!   chain has been reported with exactly the rules it added and deleted
+//!   per chain, and no other process's change to those chains (nor one
+//!   that invalidates the model) was reported before it, every change the
+//!   write was made on top of is known, and there was none: the check
+//!   passes without running anything. It needs the monitor to have been
+//!   listening since before the model was last verified by a full read,
+//!   and waits for the echo at most [`ECHO_WAIT`] (it comes within a
+//!   millisecond or so); otherwise
+//! - **the listing**: `iptables -S <chain>` of each chain edited on nft,
+//!   one `iptables-save` on legacy (where listing one chain costs as much).
+//!
+//! Either way drift is found as before: another process's change committed
+//! before the write makes the check list the chain; one committed after it
+//! is reported after the echo and repaired by the next sync.
 //!
 //! The model stops being trusted, and the next sync reads everything back
 //! (`iptables-save`, `ip6tables-save`, `ipset save`), diffs against the
@@ -414,8 +436,9 @@ struct MonitorLink {
 }
 
 /// How long a sync waits for its write's echo before checking it by
-/// listing instead (it usually comes within a millisecond).
-const ECHO_WAIT: Duration = Duration::from_millis(100);
+/// listing instead (it usually comes within a millisecond): the default of
+/// [`Dataplane::with_echo_wait`].
+pub const ECHO_WAIT: Duration = Duration::from_millis(100);
 
 /// The iptables/ipset dataplane of one network namespace. Clones share the
 /// model, the spawn counter and the record of their own processes.
@@ -424,6 +447,7 @@ pub struct Dataplane {
     backend: Backend,
     netns: Option<String>,
     verify_period: Duration,
+    echo_wait: Duration,
     cache: Arc<Mutex<Cache>>,
     signals: Arc<(Mutex<Signals>, Condvar)>,
     spawns: Arc<AtomicU64>,
@@ -439,6 +463,7 @@ impl Dataplane {
             backend,
             netns,
             verify_period: DEFAULT_VERIFY_PERIOD,
+            echo_wait: ECHO_WAIT,
             cache: Arc::default(),
             signals: Arc::default(),
             spawns: Arc::default(),
@@ -449,6 +474,13 @@ impl Dataplane {
     /// Verifies the model by a full read at least this often.
     pub fn with_verify_period(mut self, period: Duration) -> Self {
         self.verify_period = period;
+        self
+    }
+
+    /// Waits at most this long for a write's `nft monitor` echo before
+    /// checking the write by listing ([`ECHO_WAIT`] by default).
+    pub fn with_echo_wait(mut self, wait: Duration) -> Self {
+        self.echo_wait = wait;
         self
     }
 
@@ -777,7 +809,7 @@ impl Dataplane {
     /// - a monitor is followed, has reported a generation since before the
     ///   model was last verified by a full read (`verified`), so it has
     ///   reported every change made since, and is not lagging;
-    /// - within [`ECHO_WAIT`], the generation of each restore that edited a
+    /// - within the echo wait ([`ECHO_WAIT`]), the generation of each restore that edited a
     ///   chain was reported, with exactly the rules added and deleted in
     ///   each edited chain that the plan wrote;
     /// - no change by another process to an edited chain (nor one that
@@ -803,7 +835,7 @@ impl Dataplane {
             .copied()
             .filter(|(family, _)| !Self::chains_to_check(plan, *family).is_empty())
             .collect();
-        let deadline = Instant::now() + ECHO_WAIT;
+        let deadline = Instant::now() + self.echo_wait;
         let (_, ready) = &*self.signals;
         let mut signals = self.signals();
         let echoes: Vec<(IpFamily, Generation)> = loop {
@@ -835,7 +867,8 @@ impl Dataplane {
                     link.lagging = true;
                 }
                 tracing::warn!(
-                    "no nft monitor echo of a write within {ECHO_WAIT:?}; checking writes by listing until one comes"
+                    wait = ?self.echo_wait,
+                    "no nft monitor echo of a write in time; checking writes by listing until one comes"
                 );
                 return false;
             }

@@ -190,7 +190,10 @@ fn compile(
 pub fn zero_gap(edits: usize, seed: u64, backend: Backend) -> Result<ZeroGapReport> {
     let net = SimNet::new()?;
     let mut node = DataplaneNode::new(&net, "zg-node", None)?;
-    node.dataplane = Dataplane::new(backend, Some(node.host.netns().to_string()));
+    // An echo late on a loaded machine is waited for: the run checks the
+    // writes the echo checks (every 25 edits, a full read).
+    node.dataplane = Dataplane::new(backend, Some(node.host.netns().to_string()))
+        .with_echo_wait(Duration::from_secs(5));
     let peer = net.add_host("zg-peer")?;
     let _svc = node.host.listen_tcp(PORT)?;
     let _closed = node.host.listen_tcp(CLOSED_PORT)?;
