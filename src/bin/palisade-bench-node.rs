@@ -709,16 +709,19 @@ fn measure(bench: &mut Bench, probes: usize) -> BenchResult<Vec<Figure>> {
     let listed = bench.change(&rs10k, &changed, None)?;
     let echoed = match backend {
         Backend::Nft => {
-            let monitor = FollowedMonitor::start(&bench.dataplane, None)?;
-            if !monitor.wait_live(Duration::from_secs(10)) {
-                return Err("nft monitor reported nothing".into());
+            let monitor = FollowedMonitor::start(&bench.dataplane, Some(bench.node.netns()))?;
+            if monitor.wait_live(Duration::from_secs(30)) {
+                // The echo checks writes once a full read came after the
+                // monitor was live.
+                bench.dataplane.verify(&rs10k)?;
+                let c = bench.change(&rs10k, &changed, Some(&monitor))?;
+                drop(monitor);
+                Some(c)
+            } else {
+                println!("  (nft monitor reported nothing within 30 s: no echo figures)");
+                drop(monitor);
+                None
             }
-            // The echo checks writes once a full read came after the
-            // monitor was live.
-            bench.dataplane.verify(&rs10k)?;
-            let c = bench.change(&rs10k, &changed, Some(&monitor))?;
-            drop(monitor);
-            Some(c)
         }
         Backend::Legacy => None,
     };
