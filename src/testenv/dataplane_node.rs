@@ -182,7 +182,16 @@ impl FollowedMonitor {
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::null())
                 .status();
-            std::thread::sleep(std::time::Duration::from_millis(20));
+            // Not faster: with 10k iptables-nft rules, `nft monitor`
+            // spends a few hundred milliseconds per generation (it fetches
+            // the ruleset again), and nudges every few milliseconds would
+            // keep it behind for good.
+            let nudged = std::time::Instant::now();
+            while !self.dataplane.monitor_live()
+                && nudged.elapsed() < std::time::Duration::from_secs(1)
+            {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
         }
         true
     }
