@@ -15,7 +15,9 @@ use palisade::policy::node::{NodeAction, RuleOrigin};
 use palisade::policy::{Direction, NodeFacts, NodeRuleset};
 use palisade::testenv::{DataplaneNode, Reach, SimHost, SimNet};
 
-const OPEN: Duration = Duration::from_secs(2);
+/// How long a probe expected to get through may take: generous, as the
+/// suite runs on 2 shared cores; a probe that gets through returns at once.
+const OPEN: Duration = Duration::from_secs(10);
 const DROP: Duration = Duration::from_millis(500);
 
 fn policy(yaml: &str) -> FirewallPolicy {
@@ -390,11 +392,10 @@ fn narrowing_cuts_established_flows_only_when_asked() {
         assert_eq!(n, usize::from(cut), "flows cut with {mode}");
         // New connections are refused either way; the open one lives on only with Keep.
         assert_ne!(peer.probe_tcp(to, DROP).unwrap(), Reach::Open);
-        assert_eq!(
-            round_trip(&mut stream, Duration::from_secs(1)),
-            !cut,
-            "{mode}"
-        );
+        // A round trip expected to succeed gets the generous timeout; one
+        // expected to fail must time out.
+        let timeout = if cut { Duration::from_secs(1) } else { OPEN };
+        assert_eq!(round_trip(&mut stream, timeout), !cut, "{mode}");
         let _ = PolicyMode::Enforce;
     }
 }

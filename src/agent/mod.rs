@@ -836,6 +836,9 @@ async fn follow_nft_monitor(trigger: Arc<Notify>, dataplane: Dataplane) {
             .spawn();
         match child {
             Ok(mut child) => {
+                // Its echoes of the dataplane's writes check them once it
+                // has reported anything (see `Dataplane::monitor_started`).
+                dataplane.monitor_started();
                 if restarted {
                     // Changes made while no monitor ran were seen by
                     // nobody: read everything back once.
@@ -854,6 +857,7 @@ async fn follow_nft_monitor(trigger: Arc<Notify>, dataplane: Dataplane) {
                         }
                     }
                 }
+                dataplane.monitor_stopped();
                 let _ = child.kill().await;
                 warn!("nft monitor ended; restarting");
             }

@@ -42,7 +42,7 @@ use palisade::policy::{
     Facts, IpFamily, NodeFacts, NodeRuleset, PrefixListFacts, compile_node, validate,
 };
 use palisade::testenv::zero_gap::zero_gap;
-use palisade::testenv::{SimHost, SimNet};
+use palisade::testenv::{FollowedMonitor, SimHost, SimNet};
 
 type BenchResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
@@ -192,6 +192,8 @@ enum Val {
     Time(Duration),
     Count(f64),
     MiB(f64),
+    /// Does not apply to this backend.
+    None,
 }
 
 impl Val {
@@ -199,6 +201,7 @@ impl Val {
         match self {
             Val::Time(d) => d.as_secs_f64() * 1e3,
             Val::Count(n) | Val::MiB(n) => n,
+            Val::None => 0.0,
         }
     }
 
@@ -207,6 +210,7 @@ impl Val {
             Val::Time(d) => ms(d),
             Val::Count(n) => format!("{n:.0}"),
             Val::MiB(m) => format!("{m:.1} MiB"),
+            Val::None => "-".to_string(),
         }
     }
 }
@@ -353,6 +357,10 @@ struct Change {
     raw_checked: Duration,
     /// Chains written.
     chains: usize,
+    /// Syncs whose write was checked by its `nft monitor` echo.
+    echo_checks: usize,
+    /// Planning and rendering in process (median).
+    planning: Duration,
 }
 
 struct Bench {
@@ -482,25 +490,49 @@ impl Bench {
     /// Ours vs raw for the change `a` → `b` (both already compiled, the
     /// node at `a` with a trusted model): medians over `repeat` rounds of
     /// ours a→b, ours b→a, raw a→b, raw b→a (the raw text is what ours
-    /// wrote; the raw check is the same listings through the tools).
-    fn change(&self, a: &NodeRuleset, b: &NodeRuleset) -> BenchResult<Change> {
-        let (mut ours, mut to_kernel, mut raw, mut raw_checked) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        let mut chains = 0;
+    /// wrote; the raw check is the same listings through the tools). With
+    /// a followed `monitor`, the raw writes are other processes' changes
+    /// to it: each round ends once it has reported them and an untimed
+    /// sync has listed the chain they touched, so the next round starts
+    /// with nothing suspect.
+    fn change(
+        &self,
+        a: &NodeRuleset,
+        b: &NodeRuleset,
+        monitor: Option<&FollowedMonitor>,
+    ) -> BenchResult<Change> {
+        let (mut ours, mut to_kernel, mut raw, mut raw_checked, mut planning) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut chains, mut echo_checks) = (0, 0);
         for _ in 0..self.repeat {
             let start = Instant::now();
             let forward = self.dataplane.sync(b)?;
             ours.push(start.elapsed());
             to_kernel.push(forward.to_kernel);
+            planning.push(forward.planning);
             chains = forward.chains_written;
+            echo_checks += usize::from(forward.checked_by_echo);
             if forward.full_read {
                 return Err("the change was not written from the model".into());
             }
             let back = self.dataplane.sync(a)?;
+            let seen = monitor.map(FollowedMonitor::drift_seen);
             let write = self.raw(&forward.plan.scripts)?;
             raw.push(write);
             raw_checked.push(write + self.raw_check(&forward.plan)?);
             self.raw(&back.plan.scripts)?;
+            if let (Some(m), Some(seen)) = (monitor, seen) {
+                let wait = Instant::now();
+                while m.drift_seen() < seen + 2 {
+                    if wait.elapsed() > Duration::from_secs(10) {
+                        return Err("nft monitor did not report the raw writes".into());
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                if self.dataplane.sync(a)?.wrote() {
+                    return Err("the raw writes left the chain unlike the model".into());
+                }
+            }
         }
         Ok(Change {
             ours: median(ours),
@@ -508,6 +540,8 @@ impl Bench {
             raw: median(raw),
             raw_checked: median(raw_checked),
             chains,
+            echo_checks,
+            planning: median(planning),
         })
     }
 
@@ -635,13 +669,15 @@ fn measure(bench: &mut Bench, probes: usize) -> BenchResult<Vec<Figure>> {
 
     // Programming 10k rules from empty (a fresh dataplane: full read first).
     let rs10k = bench.compile(&linear_policies(10_000, false))?;
-    let (mut ours, mut raw, mut reading) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut ours, mut raw, mut reading, mut planning) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..bench.repeat.min(5) {
         bench.dataplane = Dataplane::new(backend, None);
         let start = Instant::now();
         let report = bench.dataplane.sync(&rs10k)?;
         ours.push(start.elapsed());
         reading.push(report.reading);
+        planning.push(report.planning);
         bench.clean()?;
         raw.push(bench.raw(&report.plan.scripts)?);
         bench.clean()?;
@@ -657,17 +693,39 @@ fn measure(bench: &mut Bench, probes: usize) -> BenchResult<Vec<Figure>> {
         median(ours),
         median(raw),
         &format!(
-            "({} iptables+ip6tables rules; ours reads back first: {} of it)",
+            "({} iptables+ip6tables rules; ours reads back first: {}, plans and renders: {})",
             rs10k.rule_count(),
-            ms(median(reading))
+            ms(median(reading)),
+            ms(median(planning))
         ),
     );
     bench.dataplane = Dataplane::new(backend, None);
     bench.dataplane.sync(&rs10k)?;
 
-    // A one-rule change with 10k rules present.
+    // A one-rule change with 10k rules present: checked by listing the
+    // chain edited, and on nft also with the `nft monitor` followed, as
+    // the agent does, whose echo of the write is its check.
     let changed = bench.compile(&linear_policies(10_000, true))?;
-    let c = bench.change(&rs10k, &changed)?;
+    let listed = bench.change(&rs10k, &changed, None)?;
+    let echoed = match backend {
+        Backend::Nft => {
+            let monitor = FollowedMonitor::start(&bench.dataplane, Some(bench.node.netns()))?;
+            if monitor.wait_live(Duration::from_secs(30)) {
+                // The echo checks writes once a full read came after the
+                // monitor was live.
+                bench.dataplane.verify(&rs10k)?;
+                let c = bench.change(&rs10k, &changed, Some(&monitor))?;
+                drop(monitor);
+                Some(c)
+            } else {
+                println!("  (nft monitor reported nothing within 30 s: no echo figures)");
+                drop(monitor);
+                None
+            }
+        }
+        Backend::Legacy => None,
+    };
+    let c = echoed.as_ref().unwrap_or(&listed);
     table.push(Figure {
         what: "1-rule change at 10k rules, to kernel",
         target: "≤10 ms, ≤2× raw",
@@ -675,25 +733,43 @@ fn measure(bench: &mut Bench, probes: usize) -> BenchResult<Vec<Figure>> {
         raw: Val::Time(c.raw),
     });
     table.push(Figure {
-        what: "  same, with the check after it",
+        what: "  whole sync, checked by its echo",
+        target: "(raw: the write alone)",
+        ours: echoed.as_ref().map_or(Val::None, |e| Val::Time(e.ours)),
+        raw: echoed.as_ref().map_or(Val::None, |e| Val::Time(e.raw)),
+    });
+    table.push(Figure {
+        what: "  whole sync, checked by listing",
         target: "(raw: + the same listing)",
-        ours: Val::Time(c.ours),
-        raw: Val::Time(c.raw_checked),
+        ours: Val::Time(listed.ours),
+        raw: Val::Time(listed.raw_checked),
     });
     row(
         "1-rule change at 10k rules, to kernel",
         c.to_kernel,
         c.raw,
         &format!(
-            "({} chain edited in place; from the sync's start to its restore's exit)",
-            c.chains
+            "({} chain edited in place; from the sync's start to its restore's exit; planning {})",
+            c.chains,
+            ms(c.planning)
         ),
     );
+    if let Some(e) = &echoed {
+        row(
+            "1-rule change at 10k rules, checked by its echo",
+            e.ours,
+            e.raw,
+            &format!(
+                "(whole sync, nft monitor followed: {} of {} checked by the echo; raw: the write alone)",
+                e.echo_checks, bench.repeat
+            ),
+        );
+    }
     row(
-        "1-rule change at 10k rules, whole sync",
-        c.ours,
-        c.raw_checked,
-        "(+ listing the chain edited; raw: the same listing)",
+        "1-rule change at 10k rules, checked by listing",
+        listed.ours,
+        listed.raw_checked,
+        "(whole sync, + listing the chain edited; raw: the same listing)",
     );
 
     // No-op sync.
@@ -820,7 +896,7 @@ fn measure(bench: &mut Bench, probes: usize) -> BenchResult<Vec<Figure>> {
     cidrs[0] = "12.0.0.0/24".parse()?;
     bench.with_prefix_list(cidrs);
     let set_b = bench.compile(&[set_policy()])?;
-    let c = bench.change(&set_a, &set_b)?;
+    let c = bench.change(&set_a, &set_b, None)?;
     table.push(Figure {
         what: "1-entry change in a 100k-entry set",
         target: "≤5 ms",
@@ -888,10 +964,11 @@ fn zero_gap_run(backend: Backend) -> BenchResult<()> {
         let r = zero_gap(edits, seed, backend)?;
         let p50 = median(r.edit_times.clone());
         println!(
-            "  zero-gap (seed {seed}): {} edits in {:.1} s (p50 {} each), {} probes, {} lost, {} packets dropped by Palisade, {} full reads, {} model mismatches",
+            "  zero-gap (seed {seed}): {} edits in {:.1} s (p50 {} each, {} checked by their nft monitor echo), {} probes, {} lost, {} packets dropped by Palisade, {} full reads, {} model mismatches",
             r.edits,
             start.elapsed().as_secs_f64(),
             ms(p50),
+            r.echo_checks,
             r.probes,
             r.lost.len(),
             r.gap_drops,

@@ -10,14 +10,36 @@
 //! compares the desired ruleset with the model only: a no-op sync reads
 //! nothing and spawns no process; a change is written as rule-level edits
 //! and set `add`/`del` lines ([`super::model`]), and afterwards only the
-//! chains edited rule by rule are read back (`iptables -S <chain>` each on
-//! the nft backend, one `iptables-save` on legacy, where listing one chain
-//! costs as much): their result depends on the model being right. A chain
-//! written whole (declared, which creates or flushes it, and filled in the
-//! same transaction) holds exactly what was written whatever it held
-//! before, so it is not read again. Nothing is read on the way in. A set
-//! write checks itself: `add` of a present entry and `del` of an absent
-//! one fail it.
+//! chains edited rule by rule are checked (see below): their result
+//! depends on the model being right. A chain written whole (declared,
+//! which creates or flushes it, and filled in the same transaction) holds
+//! exactly what was written whatever it held before, so it is not read
+//! again. Nothing is read on the way in. A set write checks itself: `add`
+//! of a present entry and `del` of an absent one fail it.
+//!
+//! ## The check after a write
+//!
+//! An edit (`-I CHAIN <pos>`, `-D CHAIN <spec>`) gives the desired chain
+//! when the chain held what the model says as it was applied. Two ways to
+//! know it:
+//! - **the `nft monitor` echo** (nft backend, while the agent follows the
+//!   monitor: [`Dataplane::monitor_started`]): the monitor reports every
+//!   committed generation in commit order, with the process that
+//!   committed it. When the generation of each restore that edited a
+//!   chain has been reported with exactly the rules it added and deleted
+//!   per chain, and no other process's change to those chains (nor one
+//!   that invalidates the model) was reported before it, every change the
+//!   write was made on top of is known, and there was none: the check
+//!   passes without running anything. It needs the monitor to have been
+//!   listening since before the model was last verified by a full read,
+//!   and waits for the echo at most [`ECHO_WAIT`] (it comes within a
+//!   millisecond or so); otherwise
+//! - **the listing**: `iptables -S <chain>` of each chain edited on nft,
+//!   one `iptables-save` on legacy (where listing one chain costs as much).
+//!
+//! Either way drift is found as before: another process's change committed
+//! before the write makes the check list the chain; one committed after it
+//! is reported after the echo and repaired by the next sync.
 //!
 //! The model stops being trusted, and the next sync reads everything back
 //! (`iptables-save`, `ip6tables-save`, `ipset save`), diffs against the
@@ -73,17 +95,18 @@ use std::collections::{BTreeMap, VecDeque};
 use std::io::Write;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::backend::{Backend, Family};
 use super::model::{Model, NodeEdits, SetChange, edit_node, set_delta};
+use super::monitor::Generation;
 pub use super::readback::{
     HookRule, Readback, parse_chain_listing, parse_counters, parse_sets, parse_table,
 };
 use super::render::{
-    ApplyScripts, TEMPORARY_SET_SUFFIX, render_node_edits, render_set_adds, render_set_removals,
-    render_table_with,
+    ApplyScripts, TEMPORARY_SET_SUFFIX, render_node_edits_with, render_set_adds,
+    render_set_removals, render_table_with,
 };
 use crate::policy::node::BuiltinChain;
 use crate::policy::{
@@ -320,7 +343,7 @@ fn plan_with(current: &Readback, desired: &NodeRuleset, model: Option<&Model>) -
 /// `desired`: rule-level edits and set membership changes (pure).
 pub fn plan_from_model(model: &Model, desired: &NodeRuleset) -> Plan {
     let edits = edit_node(model, desired);
-    let scripts = render_node_edits(&edits);
+    let scripts = render_node_edits_with(&edits, Some(model));
     Plan {
         diff: NodeDiff::default(),
         edits: Some(edits),
@@ -362,8 +385,14 @@ pub struct SyncReport {
     /// kernel holds the change): zero when nothing was written.
     pub to_kernel: Duration,
     /// Time spent reading back: the full read, the listings of suspect
-    /// chains and the check of the chains edited.
+    /// chains and the check of the chains edited (or the wait for its
+    /// `nft monitor` echo).
     pub reading: Duration,
+    /// Time spent planning and rendering in process.
+    pub planning: Duration,
+    /// Whether the write was checked by its `nft monitor` echo rather than
+    /// by listing the chains it edited.
+    pub checked_by_echo: bool,
 }
 
 impl SyncReport {
@@ -374,14 +403,42 @@ impl SyncReport {
 }
 
 /// The model and when it was last verified, shared by every clone of a
-/// [`Dataplane`].
+/// [`Dataplane`]; locked for the whole of a sync.
 #[derive(Debug, Default)]
 struct Cache {
     model: Option<Model>,
     verified: Option<Instant>,
+}
+
+/// What the `nft monitor` follower tells the dataplane, under a lock of
+/// its own: the follower never waits for a sync to end, and a sync can
+/// wait for its write's echo.
+#[derive(Debug, Default)]
+struct Signals {
     /// Chains another process changed since (see [`Dataplane::suspect`]).
     suspects: Vec<(IpFamily, String)>,
+    /// The next sync reads everything back ([`Dataplane::invalidate`]).
+    invalidated: bool,
+    /// The `nft monitor` being followed, if any.
+    monitor: Option<MonitorLink>,
+    /// The latest generations the dataplane's own processes committed.
+    echoes: VecDeque<Generation>,
 }
+
+/// A followed `nft monitor`.
+#[derive(Debug, Default)]
+struct MonitorLink {
+    /// When it first reported a generation: it was listening before then.
+    live_since: Option<Instant>,
+    /// An echo did not come in time: writes are checked by listing until
+    /// one does.
+    lagging: bool,
+}
+
+/// How long a sync waits for its write's echo before checking it by
+/// listing instead (it usually comes within a millisecond): the default of
+/// [`Dataplane::with_echo_wait`].
+pub const ECHO_WAIT: Duration = Duration::from_millis(100);
 
 /// The iptables/ipset dataplane of one network namespace. Clones share the
 /// model, the spawn counter and the record of their own processes.
@@ -390,7 +447,9 @@ pub struct Dataplane {
     backend: Backend,
     netns: Option<String>,
     verify_period: Duration,
+    echo_wait: Duration,
     cache: Arc<Mutex<Cache>>,
+    signals: Arc<(Mutex<Signals>, Condvar)>,
     spawns: Arc<AtomicU64>,
     own_pids: Arc<Mutex<VecDeque<u32>>>,
 }
@@ -404,7 +463,9 @@ impl Dataplane {
             backend,
             netns,
             verify_period: DEFAULT_VERIFY_PERIOD,
+            echo_wait: ECHO_WAIT,
             cache: Arc::default(),
+            signals: Arc::default(),
             spawns: Arc::default(),
             own_pids: Arc::default(),
         }
@@ -413,6 +474,13 @@ impl Dataplane {
     /// Verifies the model by a full read at least this often.
     pub fn with_verify_period(mut self, period: Duration) -> Self {
         self.verify_period = period;
+        self
+    }
+
+    /// Waits at most this long for a write's `nft monitor` echo before
+    /// checking the write by listing ([`ECHO_WAIT`] by default).
+    pub fn with_echo_wait(mut self, wait: Duration) -> Self {
+        self.echo_wait = wait;
         self
     }
 
@@ -435,34 +503,88 @@ impl Dataplane {
             .unwrap_or(false)
     }
 
+    fn signals(&self) -> MutexGuard<'_, Signals> {
+        self.signals.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Stops trusting the model of one chain (a Palisade chain, or
     /// `INPUT` / `OUTPUT` for the hooks): the next sync lists it, and a
     /// chain that differs from the model is rewritten whole (a hook out of
     /// place makes it read everything back).
     pub fn suspect(&self, family: IpFamily, chain: &str) {
-        if let Ok(mut c) = self.cache.lock() {
-            let key = (family, chain.to_string());
-            if !c.suspects.contains(&key) {
-                c.suspects.push(key);
-            }
+        let mut signals = self.signals();
+        let key = (family, chain.to_string());
+        if !signals.suspects.contains(&key) {
+            signals.suspects.push(key);
         }
     }
 
     /// Stops trusting the model: the next sync reads everything back.
     pub fn invalidate(&self) {
-        if let Ok(mut c) = self.cache.lock() {
-            c.verified = None;
-        }
+        self.signals().invalidated = true;
     }
 
     /// Whether the next sync would trust the model.
     pub fn model_trusted(&self) -> bool {
-        self.cache
-            .lock()
-            .map(|c| {
-                c.model.is_some() && c.verified.is_some_and(|t| t.elapsed() < self.verify_period)
-            })
-            .unwrap_or(false)
+        let invalidated = self.signals().invalidated;
+        !invalidated
+            && self
+                .cache
+                .lock()
+                .map(|c| {
+                    c.model.is_some()
+                        && c.verified.is_some_and(|t| t.elapsed() < self.verify_period)
+                })
+                .unwrap_or(false)
+    }
+
+    /// An `nft monitor` is (re)started and will be followed: its
+    /// generations are passed to [`super::monitor::note_generation`] in
+    /// order. Until it has reported one, and a full read has happened
+    /// since, writes are still checked by listing.
+    pub fn monitor_started(&self) {
+        let mut signals = self.signals();
+        signals.monitor = Some(MonitorLink::default());
+        signals.echoes.clear();
+    }
+
+    /// Whether a followed `nft monitor` has reported a generation (so it
+    /// is listening).
+    pub fn monitor_live(&self) -> bool {
+        self.signals()
+            .monitor
+            .as_ref()
+            .is_some_and(|m| m.live_since.is_some())
+    }
+
+    /// The followed `nft monitor` ended: writes are checked by listing.
+    pub fn monitor_stopped(&self) {
+        let mut signals = self.signals();
+        signals.monitor = None;
+        signals.echoes.clear();
+        self.signals.1.notify_all();
+    }
+
+    /// Takes one generation reported by the followed `nft monitor` (in
+    /// order); true when one of the dataplane's own processes committed it
+    /// (the echo of its write: kept for the check of that write).
+    pub fn echo(&self, generation: &Generation) -> bool {
+        let own = generation.pid.is_some_and(|p| self.is_own_process(p));
+        let mut signals = self.signals();
+        if let Some(link) = signals.monitor.as_mut() {
+            link.live_since.get_or_insert_with(Instant::now);
+            if own {
+                link.lagging = false;
+            }
+        }
+        if own && signals.monitor.is_some() {
+            if signals.echoes.len() == OWN_PIDS {
+                signals.echoes.pop_front();
+            }
+            signals.echoes.push_back(generation.clone());
+            self.signals.1.notify_all();
+        }
+        own
     }
 
     fn command(&self, program: &str) -> Command {
@@ -482,6 +604,16 @@ impl Dataplane {
         args: &[&str],
         input: Option<&str>,
     ) -> Result<String, DataplaneError> {
+        self.run_tracked(program, args, input).map(|(out, _)| out)
+    }
+
+    /// [`Dataplane::run`], returning the process id too.
+    fn run_tracked(
+        &self,
+        program: &str,
+        args: &[&str],
+        input: Option<&str>,
+    ) -> Result<(String, u32), DataplaneError> {
         let command = format!("{program} {}", args.join(" "));
         let mut cmd = self.command(program);
         cmd.args(args)
@@ -498,11 +630,12 @@ impl Dataplane {
             source,
         })?;
         // Recorded before the tool reads its input, so before it can commit.
+        let pid = child.id();
         if let Ok(mut pids) = self.own_pids.lock() {
             if pids.len() == OWN_PIDS {
                 pids.pop_front();
             }
-            pids.push_back(child.id());
+            pids.push_back(pid);
         }
         if let (Some(text), Some(mut stdin)) = (input, child.stdin.take()) {
             stdin
@@ -519,7 +652,7 @@ impl Dataplane {
                 source,
             })?;
         if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+            Ok((String::from_utf8_lossy(&out.stdout).into_owned(), pid))
         } else {
             Err(DataplaneError::Failed {
                 command,
@@ -594,25 +727,44 @@ impl Dataplane {
 
     /// Runs the scripts of a plan in order; stops at the first failure.
     pub fn apply(&self, plan: &Plan) -> Result<(), DataplaneError> {
+        self.apply_tracked(plan).map(|_| ())
+    }
+
+    /// [`Dataplane::apply`], returning the process id of each table's
+    /// restore (one kernel transaction each).
+    fn apply_tracked(&self, plan: &Plan) -> Result<Vec<(IpFamily, u32)>, DataplaneError> {
+        let mut restores = Vec::new();
         if let Some(text) = &plan.scripts.sets {
             self.run("ipset", &["restore"], Some(text))?;
         }
-        for (family, text) in [
-            (Family::V4, &plan.scripts.ipv4),
-            (Family::V6, &plan.scripts.ipv6),
+        for (family, tools, text) in [
+            (IpFamily::V4, Family::V4, &plan.scripts.ipv4),
+            (IpFamily::V6, Family::V6, &plan.scripts.ipv6),
         ] {
             if let Some(text) = text {
-                self.run(
-                    &self.backend.command(family, "restore"),
+                let (_, pid) = self.run_tracked(
+                    &self.backend.command(tools, "restore"),
                     &["-w", "5", "--noflush"],
                     Some(text),
                 )?;
+                restores.push((family, pid));
             }
         }
         if let Some(text) = &plan.scripts.set_removals {
             self.run("ipset", &["restore"], Some(text))?;
         }
-        Ok(())
+        Ok(restores)
+    }
+
+    /// The chains a write from the model is checked by in `family`: those
+    /// edited rule by rule (see [`Plan::chains_edited`]), and `INPUT` /
+    /// `OUTPUT` when hooks changed.
+    fn chains_to_check(plan: &Plan, family: IpFamily) -> Vec<&str> {
+        let mut names: Vec<&str> = plan.chains_edited(family);
+        if plan.hooks_written(family) {
+            names.extend([BuiltinChain::Input.name(), BuiltinChain::Output.name()]);
+        }
+        names
     }
 
     /// Reads back the chains `plan` edited rule by rule and compares them
@@ -626,10 +778,7 @@ impl Dataplane {
     pub fn check_written(&self, plan: &Plan, desired: &NodeRuleset) -> Result<(), DataplaneError> {
         for (family, tool_family) in [(IpFamily::V4, Family::V4), (IpFamily::V6, Family::V6)] {
             let want = desired.family(family);
-            let mut names: Vec<&str> = plan.chains_edited(family);
-            if plan.hooks_written(family) {
-                names.extend([BuiltinChain::Input.name(), BuiltinChain::Output.name()]);
-            }
+            let names = Self::chains_to_check(plan, family);
             if names.is_empty() {
                 continue;
             }
@@ -654,21 +803,135 @@ impl Dataplane {
         Ok(())
     }
 
+    /// Checks a write from the model by its `nft monitor` echo instead of
+    /// listing the chains it edited; false when the echo cannot tell and
+    /// the listing must run. True only when:
+    /// - a monitor is followed, has reported a generation since before the
+    ///   model was last verified by a full read (`verified`), so it has
+    ///   reported every change made since, and is not lagging;
+    /// - within the echo wait ([`ECHO_WAIT`]), the generation of each restore that edited a
+    ///   chain was reported, with exactly the rules added and deleted in
+    ///   each edited chain that the plan wrote;
+    /// - no change by another process to an edited chain (nor one that
+    ///   invalidates the model) was reported before it: generations come
+    ///   in commit order, so any change the write was made on top of is
+    ///   known by now.
+    ///
+    /// Then each edited chain held what the model says when the edit was
+    /// applied, and so holds the desired rules after it. A change by
+    /// another process committed after the write is reported after the
+    /// echo, and repaired by the next sync as any drift.
+    fn check_by_echo(
+        &self,
+        plan: &Plan,
+        restores: &[(IpFamily, u32)],
+        verified: Option<Instant>,
+    ) -> bool {
+        let Some(edits) = &plan.edits else {
+            return false;
+        };
+        let wanted: Vec<(IpFamily, u32)> = restores
+            .iter()
+            .copied()
+            .filter(|(family, _)| !Self::chains_to_check(plan, *family).is_empty())
+            .collect();
+        let deadline = Instant::now() + self.echo_wait;
+        let (_, ready) = &*self.signals;
+        let mut signals = self.signals();
+        let echoes: Vec<(IpFamily, Generation)> = loop {
+            let Some(link) = signals.monitor.as_mut() else {
+                return false;
+            };
+            let live_before_read =
+                matches!((link.live_since, verified), (Some(l), Some(v)) if l <= v);
+            if link.lagging || !live_before_read {
+                return false;
+            }
+            let found: Option<Vec<(IpFamily, Generation)>> = wanted
+                .iter()
+                .map(|(family, pid)| {
+                    signals
+                        .echoes
+                        .iter()
+                        .rev()
+                        .find(|g| g.pid == Some(*pid))
+                        .map(|g| (*family, g.clone()))
+                })
+                .collect();
+            if let Some(found) = found {
+                break found;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                if let Some(link) = signals.monitor.as_mut() {
+                    link.lagging = true;
+                }
+                tracing::warn!(
+                    wait = ?self.echo_wait,
+                    "no nft monitor echo of a write in time; checking writes by listing until one comes"
+                );
+                return false;
+            }
+            signals = ready
+                .wait_timeout(signals, deadline - now)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|e| e.into_inner().0);
+        };
+        if signals.invalidated {
+            return false;
+        }
+        for (family, generation) in &echoes {
+            let table = match family {
+                IpFamily::V4 => &edits.ipv4,
+                IpFamily::V6 => &edits.ipv6,
+            };
+            let mut expected: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
+            for e in &table.edits {
+                let n = expected.entry(e.chain.as_str()).or_default();
+                n.0 += e.inserts.len();
+                n.1 += e.deletes.len();
+            }
+            for h in &table.add_hooks {
+                expected.entry(h.builtin.name()).or_default().0 += 1;
+            }
+            for h in &table.remove_hooks {
+                expected.entry(h.builtin.name()).or_default().1 += 1;
+            }
+            for (chain, lines) in expected {
+                let key = (*family, chain.to_string());
+                if generation.rule_lines.get(&key).copied().unwrap_or_default() != lines
+                    || signals.suspects.contains(&key)
+                {
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
     /// Takes the node to `desired`, writing only the difference.
     ///
     /// With a trusted model: plans from the model (nothing is run when
-    /// nothing differs), writes the edits, checks what was written, and
-    /// updates the model. Without one, or when that write fails or reads
-    /// back wrong: reads everything back, rewrites whole every chain that
-    /// differs (one transaction per table, not read again), and trusts the
-    /// new model from then on. See the module docs.
+    /// nothing differs), writes the edits, checks what was written (by its
+    /// `nft monitor` echo when it can, else by listing), and updates the
+    /// model. Without one, or when that write fails or reads back wrong:
+    /// reads everything back, rewrites whole every chain that differs (one
+    /// transaction per table, not read again), and trusts the new model
+    /// from then on. See the module docs.
     pub fn sync(&self, desired: &NodeRuleset) -> Result<SyncReport, DataplaneError> {
         let started = Instant::now();
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        let mut trusted = cache
-            .verified
-            .is_some_and(|t| t.elapsed() < self.verify_period);
-        let suspects = std::mem::take(&mut cache.suspects);
+        let (suspects, invalidated) = {
+            let mut signals = self.signals();
+            (
+                std::mem::take(&mut signals.suspects),
+                std::mem::take(&mut signals.invalidated),
+            )
+        };
+        let mut trusted = !invalidated
+            && cache
+                .verified
+                .is_some_and(|t| t.elapsed() < self.verify_period);
         let mut reading = Duration::ZERO;
         if let (true, Some(model), false) = (trusted, cache.model.as_mut(), suspects.is_empty()) {
             let listing = Instant::now();
@@ -677,17 +940,29 @@ impl Dataplane {
         }
         let mut fell_back = false;
         if let (true, Some(model)) = (trusted, &cache.model) {
+            let planning = Instant::now();
             let plan = plan_from_model(model, desired);
+            let planning = planning.elapsed();
             if plan.is_empty() {
                 return Ok(SyncReport {
                     reading,
+                    planning,
                     ..SyncReport::default()
                 });
             }
-            let written = self.apply(&plan).map(|()| started.elapsed());
+            let written = self
+                .apply_tracked(&plan)
+                .map(|restores| (started.elapsed(), restores));
             let checking = Instant::now();
-            match written.and_then(|at| self.check_written(&plan, desired).map(|()| at)) {
-                Ok(to_kernel) => {
+            let verified = cache.verified;
+            let checked = written.and_then(|(at, restores)| {
+                if self.backend == Backend::Nft && self.check_by_echo(&plan, &restores, verified) {
+                    return Ok((at, true));
+                }
+                self.check_written(&plan, desired).map(|()| (at, false))
+            });
+            match checked {
+                Ok((to_kernel, checked_by_echo)) => {
                     reading += checking.elapsed();
                     if let (Some(model), Some(edits)) = (cache.model.as_mut(), &plan.edits) {
                         model.update(desired, edits);
@@ -698,8 +973,10 @@ impl Dataplane {
                         plan,
                         full_read: false,
                         fell_back: false,
+                        checked_by_echo,
                         to_kernel,
                         reading,
+                        planning,
                     });
                 }
                 Err(e) => {
@@ -709,14 +986,29 @@ impl Dataplane {
             }
         }
         cache.verified = None;
-        cache.model = None;
+        let previous = cache.model.take();
         let read_at = Instant::now();
-        let current = self.read()?;
-        reading += read_at.elapsed();
-        // The model of what is about to be written, its rules rendered
-        // once for both.
-        let model = Model::of(desired);
+        // The model of what is about to be written (its rules rendered
+        // once for both, those the previous model has not at all) is made
+        // while the tools read back: it does not depend on what they find.
+        let (current, (model, modelling)) = std::thread::scope(|s| {
+            let model = s.spawn(|| {
+                let start = Instant::now();
+                let model = Model::of_with(desired, previous.as_ref());
+                (model, start.elapsed())
+            });
+            let current = self.read();
+            let read = read_at.elapsed();
+            let model = model
+                .join()
+                .unwrap_or_else(|p| std::panic::resume_unwind(p));
+            (current.map(|c| (c, read)), model)
+        });
+        let (current, read) = current?;
+        reading += read;
+        let planning = Instant::now();
         let plan = plan_with(&current, desired, Some(&model));
+        let planning = planning.elapsed() + modelling;
         let mut to_kernel = Duration::ZERO;
         if !plan.is_empty() {
             // Planned from what was just read, written as whole chains in
@@ -734,8 +1026,10 @@ impl Dataplane {
             plan,
             full_read: true,
             fell_back,
+            checked_by_echo: false,
             to_kernel,
             reading,
+            planning,
         })
     }
 
@@ -780,9 +1074,9 @@ impl Dataplane {
             match (have, got) {
                 (a, b) if a == b => {}
                 (Some(_), _) => {
-                    table
-                        .chains
-                        .insert(chain.clone(), super::model::unknown_chain());
+                    if let Some(rules) = table.chains.get_mut(chain) {
+                        super::model::mark_unknown(rules);
+                    }
                 }
                 (None, Some(_)) => return false,
                 (None, None) => {}
@@ -871,6 +1165,106 @@ fn check_chain(desired: &FamilyRuleset, name: &str, got: &[String]) -> Result<()
 mod tests {
     use super::*;
     use crate::node::readback::known_hooks;
+
+    /// A plan from the model editing one chain of IPv4 (one insert, one
+    /// delete) and the echo a restore with process id `pid` would give it.
+    fn edit_plan(pid: u32, added: usize, deleted: usize) -> (Plan, Generation) {
+        let edits = NodeEdits {
+            ipv4: super::super::model::TableEdits {
+                edits: vec![super::super::model::ChainEdit {
+                    chain: "PAL-I-0123456789".into(),
+                    deletes: vec!["-s 10.0.0.1/32 -j RETURN".into()],
+                    inserts: vec![(Some(1), "-s 10.0.0.2/32 -j RETURN".into())],
+                }],
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let plan = Plan {
+            edits: Some(edits),
+            ..Default::default()
+        };
+        let echo = Generation {
+            pid: Some(pid),
+            touches_palisade: true,
+            chains: vec![(IpFamily::V4, "PAL-I-0123456789".into())],
+            unknown: false,
+            rule_lines: [((IpFamily::V4, "PAL-I-0123456789".into()), (added, deleted))].into(),
+        };
+        (plan, echo)
+    }
+
+    fn own(dp: &Dataplane, pid: u32) {
+        dp.own_pids.lock().unwrap().push_back(pid);
+    }
+
+    #[test]
+    fn a_write_is_checked_by_its_echo_only_when_the_monitor_saw_everything_before_it() {
+        let dp = Dataplane::new(Backend::Nft, None);
+        let (plan, echo) = edit_plan(41, 1, 1);
+        let restores = [(IpFamily::V4, 41)];
+        own(&dp, 41);
+        // No monitor followed: the listing checks.
+        assert!(!dp.check_by_echo(&plan, &restores, Some(Instant::now())));
+        dp.monitor_started();
+        let verified_before_live = Instant::now();
+        std::thread::sleep(Duration::from_millis(1));
+        assert!(dp.echo(&echo), "own generation");
+        assert!(dp.monitor_live());
+        // Live only after the last full read: a change made between the
+        // read and the monitor's start would have been missed.
+        assert!(!dp.check_by_echo(&plan, &restores, Some(verified_before_live)));
+        let verified = Instant::now();
+        assert!(dp.check_by_echo(&plan, &restores, Some(verified)));
+        // Rules written and echoed differ: list.
+        let (plan2, echo2) = edit_plan(42, 2, 1);
+        own(&dp, 42);
+        dp.echo(&echo2);
+        assert!(!dp.check_by_echo(&plan2, &[(IpFamily::V4, 42)], Some(verified)));
+        // Another process changed the edited chain before the write.
+        let (plan3, echo3) = edit_plan(43, 1, 1);
+        own(&dp, 43);
+        dp.suspect(IpFamily::V4, "PAL-I-0123456789");
+        dp.echo(&echo3);
+        assert!(!dp.check_by_echo(&plan3, &[(IpFamily::V4, 43)], Some(verified)));
+        dp.signals().suspects.clear();
+        assert!(dp.check_by_echo(&plan3, &[(IpFamily::V4, 43)], Some(verified)));
+        // A foreign generation is no echo.
+        let mut foreign = echo3.clone();
+        foreign.pid = Some(7);
+        assert!(!dp.echo(&foreign));
+    }
+
+    #[test]
+    fn a_missing_echo_is_waited_for_then_the_listing_checks_until_one_comes() {
+        let dp = Dataplane::new(Backend::Nft, None);
+        let (plan, echo) = edit_plan(51, 1, 1);
+        own(&dp, 51);
+        dp.monitor_started();
+        let mut other = echo.clone();
+        other.pid = Some(9);
+        dp.echo(&other);
+        let verified = Instant::now();
+        // The echo comes from another thread while the check waits.
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                std::thread::sleep(Duration::from_millis(10));
+                dp.echo(&echo);
+            });
+            assert!(dp.check_by_echo(&plan, &[(IpFamily::V4, 51)], Some(verified)));
+        });
+        // None comes: after the wait the listing checks, and goes on
+        // checking without waiting until an echo comes again.
+        let (plan, echo) = edit_plan(52, 1, 1);
+        own(&dp, 52);
+        let start = Instant::now();
+        assert!(!dp.check_by_echo(&plan, &[(IpFamily::V4, 52)], Some(verified)));
+        assert!(start.elapsed() >= ECHO_WAIT);
+        dp.echo(&echo);
+        assert!(dp.check_by_echo(&plan, &[(IpFamily::V4, 52)], Some(verified)));
+        dp.monitor_stopped();
+        assert!(!dp.check_by_echo(&plan, &[(IpFamily::V4, 52)], Some(verified)));
+    }
 
     #[test]
     fn whole_chains_rendered_from_the_model_are_the_same_text() {

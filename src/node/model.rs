@@ -39,18 +39,58 @@ pub struct TableModel {
     pub hooks: BTreeSet<Hook>,
 }
 
+/// The (id, specification) of `chain`'s rules, each specification taken
+/// from `known` (the chain's rules as last written) when it has the id,
+/// rendered otherwise. An id determines its rule's specification (it is a
+/// hash of the family, chain, matches, action and origin), so a rule
+/// already written is never rendered again: a change to a chain of 1,000
+/// rules renders only the rules it adds.
+pub fn chain_specs(
+    chain: &NodeChain,
+    family: IpFamily,
+    known: Option<&[(String, String)]>,
+) -> Vec<(String, String)> {
+    let Some(known) = known.filter(|k| !k.is_empty()) else {
+        return chain
+            .rules
+            .iter()
+            .map(|r| (r.id.clone(), rule_spec(r, family)))
+            .collect();
+    };
+    if known.len() == chain.rules.len()
+        && known
+            .iter()
+            .zip(&chain.rules)
+            .all(|((id, _), r)| *id == r.id)
+    {
+        return known.to_vec();
+    }
+    let by_id: HashMap<&str, &str> = known
+        .iter()
+        .map(|(id, spec)| (id.as_str(), spec.as_str()))
+        .collect();
+    chain
+        .rules
+        .iter()
+        .map(|r| {
+            let spec = match by_id.get(r.id.as_str()) {
+                Some(spec) => spec.to_string(),
+                None => rule_spec(r, family),
+            };
+            (r.id.clone(), spec)
+        })
+        .collect()
+}
+
 impl TableModel {
-    fn of(family: &FamilyRuleset) -> TableModel {
+    fn of(family: &FamilyRuleset, known: Option<&TableModel>) -> TableModel {
         TableModel {
             chains: family
                 .chains
                 .iter()
                 .map(|c| {
-                    let rules = c
-                        .rules
-                        .iter()
-                        .map(|r| (r.id.clone(), rule_spec(r, family.family)))
-                        .collect();
+                    let known = known.and_then(|k| k.chains.get(&c.name));
+                    let rules = chain_specs(c, family.family, known.map(Vec::as_slice));
                     (c.name.clone(), rules)
                 })
                 .collect(),
@@ -75,6 +115,16 @@ pub fn unknown_chain() -> Vec<(String, String)> {
     vec![(UNKNOWN_RULE.to_string(), String::new())]
 }
 
+/// Marks a chain of the model as not known (a listing after drift found
+/// it otherwise): the next plan writes it whole, or deletes it. Its rules
+/// as last written stay, after the mark, for their specifications to be
+/// reused ([`chain_specs`]).
+pub fn mark_unknown(rules: &mut Vec<(String, String)>) {
+    if rules.first().is_none_or(|(id, _)| id != UNKNOWN_RULE) {
+        rules.insert(0, (UNKNOWN_RULE.to_string(), String::new()));
+    }
+}
+
 /// What Palisade last wrote to a node (both families and the sets).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Model {
@@ -89,9 +139,15 @@ pub struct Model {
 impl Model {
     /// The model of a node on which `ruleset` is fully programmed.
     pub fn of(ruleset: &NodeRuleset) -> Model {
+        Model::of_with(ruleset, None)
+    }
+
+    /// [`Model::of`], taking the specifications of rules `known` has
+    /// (a previous model) from it instead of rendering them again.
+    pub fn of_with(ruleset: &NodeRuleset, known: Option<&Model>) -> Model {
         Model {
-            ipv4: TableModel::of(&ruleset.ipv4),
-            ipv6: TableModel::of(&ruleset.ipv6),
+            ipv4: TableModel::of(&ruleset.ipv4, known.map(|k| &k.ipv4)),
+            ipv6: TableModel::of(&ruleset.ipv6, known.map(|k| &k.ipv6)),
             sets: ruleset
                 .sets
                 .iter()
@@ -120,11 +176,8 @@ impl Model {
         ] {
             for name in e.chains_written() {
                 if let Some(chain) = want.chain(name) {
-                    let rules = chain
-                        .rules
-                        .iter()
-                        .map(|r| (r.id.clone(), rule_spec(r, want.family)))
-                        .collect();
+                    let known = table.chains.get(name).map(Vec::as_slice);
+                    let rules = chain_specs(chain, want.family, known);
                     table.chains.insert(name.to_string(), rules);
                 }
             }
@@ -327,25 +380,27 @@ pub fn edit_chain(
     desired: &NodeChain,
     family: IpFamily,
 ) -> Option<ChainEdit> {
-    let want: Vec<(&str, String)> = desired
-        .rules
-        .iter()
-        .map(|r| (r.id.as_str(), rule_spec(r, family)))
-        .collect();
     // Deletes are by text: with two copies of one rule, which one goes
     // would be ambiguous. Palisade never writes copies; a whole write
     // settles whatever did.
-    if !unique(current.iter().map(|(id, _)| id.as_str())) || !unique(want.iter().map(|(id, _)| *id))
+    if !unique(current.iter().map(|(id, _)| id.as_str()))
+        || !unique(desired.rules.iter().map(|r| r.id.as_str()))
     {
         return None;
     }
+    let specs = chain_specs(desired, family, Some(current));
+    let want: Vec<(&str, String)> = specs
+        .into_iter()
+        .zip(&desired.rules)
+        .map(|((_, spec), r)| (r.id.as_str(), spec))
+        .collect();
     let (edit, kept) = edit_rules(&desired.name, current, &want);
     let changed = edit.deletes.len() + edit.inserts.len();
     (changed <= 64 || changed <= kept).then_some(edit)
 }
 
 fn unique<'a>(mut ids: impl Iterator<Item = &'a str>) -> bool {
-    let mut seen = BTreeSet::new();
+    let mut seen = std::collections::HashSet::new();
     ids.all(|id| seen.insert(id))
 }
 
@@ -595,6 +650,51 @@ mod tests {
             assert_eq!(model, Model::of(&after));
             assert!(edit_node(&model, &after).is_empty());
         }
+    }
+
+    #[test]
+    fn specs_already_written_are_reused_and_a_chain_marked_unknown_is_written_whole() {
+        use crate::api::Protocol;
+        use crate::policy::node::compile_node;
+        use crate::policy::testing::*;
+        use crate::policy::validate;
+        let compile = |ps: &[crate::api::FirewallPolicy]| {
+            let valid: Vec<_> = ps.iter().map(|p| validate(p).unwrap()).collect();
+            compile_node("web-1", &valid, &facts_with_nodes()).unwrap()
+        };
+        let before = compile(&[web_policy()]);
+        let mut changed = web_policy();
+        changed.spec.ingress.as_mut().unwrap()[1].peers[0].cidr = Some("198.51.100.0/24".into());
+        let mut r = rule("db", Protocol::Tcp, &[5432], &[]);
+        r.peers.push(node_peer(&[("role", "db")]));
+        let after = compile(&[changed, policy("db", vec![r], None)]);
+        let old = Model::of(&before);
+        // Reused or rendered, every specification is the rendered one.
+        assert_eq!(Model::of_with(&after, Some(&old)), Model::of(&after));
+        for c in &after.ipv4.chains {
+            let known = old.ipv4.chains.get(&c.name).map(Vec::as_slice);
+            let fresh: Vec<_> = c
+                .rules
+                .iter()
+                .map(|r| (r.id.clone(), rule_spec(r, IpFamily::V4)))
+                .collect();
+            assert_eq!(chain_specs(c, IpFamily::V4, known), fresh);
+        }
+        // A chain marked unknown (drift) is written whole, and the model
+        // after the write is the model of what was written.
+        let mut model = old.clone();
+        let chain = before.ipv4.chains.last().unwrap().name.clone();
+        mark_unknown(model.ipv4.chains.get_mut(&chain).unwrap());
+        mark_unknown(model.ipv4.chains.get_mut(&chain).unwrap());
+        assert_eq!(
+            model.ipv4.chains[&chain].len(),
+            old.ipv4.chains[&chain].len() + 1
+        );
+        let edits = edit_node(&model, &before);
+        assert_eq!(edits.ipv4.whole.len(), 1);
+        assert_eq!(edits.ipv4.whole[0].name, chain);
+        model.update(&before, &edits);
+        assert_eq!(model, old);
     }
 
     proptest! {

@@ -18,6 +18,12 @@
 //!
 //! ipsets are not nftables objects and do not appear here: set drift is
 //! found by the periodic full read.
+//!
+//! A generation the dataplane's own process committed is its write's
+//! echo: [`note_generation`] hands it to the dataplane, which takes it as
+//! the check of that write (see [`super::dataplane`], "The check after a
+//! write"). `nft monitor` prints rules without their comments, so the echo
+//! is checked by its rule lines per chain ([`Generation::rule_lines`]).
 
 /// A committed generation, as far as drift detection cares.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -31,6 +37,9 @@ pub struct Generation {
     pub chains: Vec<(IpFamily, String)>,
     /// A change touching Palisade that `chains` does not describe.
     pub unknown: bool,
+    /// Per chain of [`Generation::chains`]: rules added (`add rule`,
+    /// `insert rule`) and deleted (`delete rule`).
+    pub rule_lines: BTreeMap<(IpFamily, String), (usize, usize)>,
 }
 
 /// Groups `nft monitor` lines into generations.
@@ -58,6 +67,21 @@ fn chain_of(line: &str) -> Option<(IpFamily, String)> {
     }
 }
 
+/// Whether a filter-table line adds (`Some(true)`) or deletes
+/// (`Some(false)`) one rule.
+fn rule_line(line: &str) -> Option<bool> {
+    match line
+        .split_whitespace()
+        .take(2)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
+        ["add" | "insert", "rule"] => Some(true),
+        ["delete", "rule"] => Some(false),
+        _ => None,
+    }
+}
+
 fn names_palisade(line: &str) -> bool {
     line.contains("PALISADE-")
         || line.contains("PAL-")
@@ -75,8 +99,19 @@ impl MonitorParser {
             if names_palisade(line) {
                 self.pending.touches_palisade = true;
                 match chain_of(line) {
-                    Some(c) if !self.pending.chains.contains(&c) => self.pending.chains.push(c),
-                    Some(_) => {}
+                    Some(c) => {
+                        if let Some(added) = rule_line(line) {
+                            let n = self.pending.rule_lines.entry(c.clone()).or_default();
+                            if added {
+                                n.0 += 1;
+                            } else {
+                                n.1 += 1;
+                            }
+                        }
+                        if !self.pending.chains.contains(&c) {
+                            self.pending.chains.push(c);
+                        }
+                    }
                     None => self.pending.unknown = true,
                 }
             }
@@ -91,16 +126,19 @@ impl MonitorParser {
     }
 }
 
+use std::collections::BTreeMap;
+
 use super::dataplane::Dataplane;
 use crate::policy::IpFamily;
 
-/// Tells `dataplane` what a generation means for its model: nothing when
-/// it did not touch Palisade or the dataplane's own process committed it;
-/// otherwise the chains it touched are suspect, or the whole model when
-/// the change is not about named chains. True when the dataplane should
-/// sync (drift).
+/// Tells `dataplane` what a generation means for its model, in the order
+/// `nft monitor` reported them: one its own process committed is the echo
+/// of its write (kept for the check of that write, no drift); one that did
+/// not touch Palisade means nothing; otherwise the chains it touched are
+/// suspect, or the whole model when the change is not about named chains.
+/// True when the dataplane should sync (drift).
 pub fn note_generation(dataplane: &Dataplane, generation: &Generation) -> bool {
-    if !generation.touches_palisade || generation.pid.is_some_and(|p| dataplane.is_own_process(p)) {
+    if dataplane.echo(generation) || !generation.touches_palisade {
         return false;
     }
     if generation.unknown {
@@ -110,6 +148,26 @@ pub fn note_generation(dataplane: &Dataplane, generation: &Generation) -> bool {
         dataplane.suspect(*family, chain);
     }
     true
+}
+
+/// Reads `nft monitor` output from `out` to its end on the calling thread,
+/// telling `dataplane` about each generation ([`note_generation`]) and
+/// calling `on_drift` after each that is drift: the blocking counterpart
+/// of the agent's follower, for tests and benchmarks. Calls
+/// [`Dataplane::monitor_started`] first and [`Dataplane::monitor_stopped`]
+/// at the end.
+pub fn follow(dataplane: &Dataplane, out: impl std::io::BufRead, mut on_drift: impl FnMut()) {
+    dataplane.monitor_started();
+    let mut parser = MonitorParser::default();
+    for line in out.lines() {
+        let Ok(line) = line else { break };
+        if let Some(generation) = parser.line(&line)
+            && note_generation(dataplane, &generation)
+        {
+            on_drift();
+        }
+    }
+    dataplane.monitor_stopped();
 }
 
 #[cfg(test)]
@@ -131,6 +189,7 @@ mod tests {
                 touches_palisade: true,
                 chains: vec![(IpFamily::V4, "PAL-I-0123456789".into())],
                 unknown: false,
+                rule_lines: [((IpFamily::V4, "PAL-I-0123456789".into()), (1, 0))].into(),
             })
         );
         p.line("add rule ip filter KUBE-SERVICES counter return");
@@ -150,7 +209,18 @@ mod tests {
                 touches_palisade: true,
                 chains: vec![(IpFamily::V6, "INPUT".into())],
                 unknown: false,
+                rule_lines: [((IpFamily::V6, "INPUT".into()), (0, 2))].into(),
             })
+        );
+        p.line("insert rule ip filter PAL-I-0123456789 ip saddr 10.0.0.3 counter return");
+        p.line("add rule ip filter PAL-I-0123456789 ip saddr 10.0.0.4 counter return");
+        p.line("delete rule ip filter PAL-I-0123456789 handle 3");
+        let g = p
+            .line("# new generation 21 by process 8 (iptables-nft-re)")
+            .unwrap();
+        assert_eq!(
+            g.rule_lines,
+            [((IpFamily::V4, "PAL-I-0123456789".into()), (2, 1))].into()
         );
         p.line("delete table ip filter");
         let g = p.line("# new generation 21 by process 9 (nft)").unwrap();

@@ -5,6 +5,7 @@
 //! `OUTPUT` and `PAL-*` sets are read; rules are known by the ids in their
 //! comments, never by parsing their matches.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use ipnet::IpNet;
@@ -48,48 +49,73 @@ impl Readback {
     }
 }
 
-/// Splits a line of `iptables-save` output into words, honouring double
-/// quotes and backslash escapes as iptables-restore does.
-fn words(line: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut cur = String::new();
-    let mut in_word = false;
-    let mut quoted = false;
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        match c {
-            '\\' if quoted => {
-                if let Some(n) = chars.next() {
-                    cur.push(n);
-                }
-            }
-            '"' => {
-                quoted = !quoted;
-                in_word = true;
-            }
-            c if c.is_whitespace() && !quoted => {
-                if in_word {
-                    out.push(std::mem::take(&mut cur));
-                    in_word = false;
-                }
-            }
-            c => {
-                cur.push(c);
-                in_word = true;
-            }
-        }
-    }
-    if in_word {
-        out.push(cur);
-    }
-    out
+/// The words of a line of `iptables-save` output, honouring double
+/// quotes and backslash escapes as iptables-restore does; lazily, and
+/// borrowed from the line unless quoting changed them (a read-back of 10k
+/// rules splits 10k lines, but needs only two words of each).
+struct Words<'a> {
+    rest: &'a str,
 }
 
-fn comment_of(words: &[String]) -> Option<&str> {
-    words
-        .windows(2)
-        .find(|w| w[0] == "--comment")
-        .map(|w| w[1].as_str())
+impl<'a> Iterator for Words<'a> {
+    type Item = Cow<'a, str>;
+
+    fn next(&mut self) -> Option<Cow<'a, str>> {
+        let s = self.rest.trim_start();
+        if s.is_empty() {
+            self.rest = s;
+            return None;
+        }
+        let end = s
+            .find(|c: char| c.is_whitespace() || c == '"')
+            .unwrap_or(s.len());
+        if !s[end..].starts_with('"') {
+            self.rest = &s[end..];
+            return Some(Cow::Borrowed(&s[..end]));
+        }
+        let mut word = String::new();
+        let mut quoted = false;
+        let mut consumed = s.len();
+        let mut chars = s.char_indices();
+        while let Some((i, c)) = chars.next() {
+            match c {
+                '\\' if quoted => {
+                    if let Some((_, n)) = chars.next() {
+                        word.push(n);
+                    }
+                }
+                '"' => quoted = !quoted,
+                c if c.is_whitespace() && !quoted => {
+                    consumed = i;
+                    break;
+                }
+                c => word.push(c),
+            }
+        }
+        self.rest = &s[consumed..];
+        Some(Cow::Owned(word))
+    }
+}
+
+#[cfg(test)]
+fn words(line: &str) -> Vec<String> {
+    Words { rest: line }.map(Cow::into_owned).collect()
+}
+
+/// The first word of a rule (`CHAIN -m ...`: its chain) and the Palisade
+/// id in its first comment, if any.
+fn chain_and_id(rule: &str) -> Option<(Cow<'_, str>, Option<String>)> {
+    let mut words = Words { rest: rule };
+    let chain = words.next()?;
+    while let Some(word) = words.next() {
+        if word == "--comment" {
+            let id = words
+                .next()
+                .and_then(|c| rule_id_from_comment(&c).map(str::to_string));
+            return Some((chain, id));
+        }
+    }
+    Some((chain, None))
 }
 
 /// The hooks Palisade may write, by id.
@@ -115,9 +141,8 @@ pub fn parse_counters(save: &str) -> Vec<(String, u64)> {
             let rest = line.strip_prefix('[')?;
             let (counters, rule) = rest.split_once("] ")?;
             let packets: u64 = counters.split(':').next()?.parse().ok()?;
-            let w = words(rule.strip_prefix("-A ")?);
-            let id = comment_of(&w).and_then(rule_id_from_comment)?;
-            Some((id.to_string(), packets))
+            let (_, id) = chain_and_id(rule.strip_prefix("-A ")?)?;
+            Some((id?, packets))
         })
         .collect()
 }
@@ -149,18 +174,20 @@ pub fn parse_table(save: &str) -> (TableState, Vec<HookRule>) {
         let Some(rest) = line.strip_prefix("-A ") else {
             continue;
         };
-        let w = words(rest);
-        let Some(chain) = w.first() else { continue };
-        let id = comment_of(&w).and_then(rule_id_from_comment);
-        if is_palisade_chain(chain) {
-            state
-                .chains
-                .entry(chain.clone())
-                .or_default()
-                .push(id.unwrap_or("?").to_string());
+        let Some((chain, id)) = chain_and_id(rest) else {
+            continue;
+        };
+        if is_palisade_chain(&chain) {
+            let id = id.unwrap_or_else(|| "?".to_string());
+            match state.chains.get_mut(chain.as_ref()) {
+                Some(ids) => ids.push(id),
+                None => {
+                    state.chains.insert(chain.into_owned(), vec![id]);
+                }
+            }
             continue;
         }
-        let slot = match chain.as_str() {
+        let slot = match chain.as_ref() {
             "INPUT" => 0,
             "OUTPUT" => 1,
             _ => continue,
@@ -246,17 +273,14 @@ pub fn parse_chain_listing(listing: &str, chain: &str) -> Option<Vec<String>> {
         let Some(rest) = line.strip_prefix("-A ") else {
             continue;
         };
-        let w = words(rest);
-        if w.first().map(String::as_str) != Some(chain) {
+        let Some((name, id)) = chain_and_id(rest) else {
+            continue;
+        };
+        if name != chain {
             continue;
         }
         found = true;
-        ids.push(
-            comment_of(&w)
-                .and_then(rule_id_from_comment)
-                .unwrap_or("?")
-                .to_string(),
-        );
+        ids.push(id.unwrap_or_else(|| "?".to_string()));
     }
     found.then_some(ids)
 }
@@ -281,6 +305,22 @@ mod tests {
             ]
         );
         assert_eq!(words(r#"a "q\"x" """#), ["a", "q\"x", ""]);
+        assert_eq!(words("  a\tb  "), ["a", "b"]);
+        assert_eq!(words(r#"x"y z"w v"#), ["xy zw", "v"]);
+        assert_eq!(
+            chain_and_id(
+                r#"PAL-I-0 -s 10.0.0.1/32 -m comment --comment "palisade:0123456789abcdef a b" -j RETURN"#
+            ),
+            Some(("PAL-I-0".into(), Some("0123456789abcdef".to_string())))
+        );
+        assert_eq!(
+            chain_and_id("PAL-I-0 -m comment --comment palisade:0123456789abcdef -j X"),
+            Some(("PAL-I-0".into(), Some("0123456789abcdef".to_string())))
+        );
+        assert_eq!(
+            chain_and_id("INPUT -j ACCEPT"),
+            Some(("INPUT".into(), None))
+        );
     }
 
     #[test]

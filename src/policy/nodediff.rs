@@ -180,7 +180,11 @@ fn diff_table(current: &TableState, desired: &FamilyRuleset) -> TableDiff {
     let write_chains = desired
         .chains
         .iter()
-        .filter(|c| current.chains.get(&c.name) != Some(&c.rule_ids()))
+        .filter(|c| {
+            current.chains.get(&c.name).is_none_or(|ids| {
+                ids.len() != c.rules.len() || ids.iter().zip(&c.rules).any(|(id, r)| *id != r.id)
+            })
+        })
         .cloned()
         .collect();
     let wanted: BTreeSet<&str> = desired.chains.iter().map(|c| c.name.as_str()).collect();

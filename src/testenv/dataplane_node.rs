@@ -92,3 +92,117 @@ impl DataplaneNode {
             .collect())
     }
 }
+
+/// `nft monitor` followed for a [`Dataplane`], as the agent follows it
+/// ([`crate::node::monitor::follow`] on a thread of its own): its echoes
+/// check the dataplane's writes, other processes' generations make chains
+/// suspect. Killed, and its reader joined, when dropped.
+pub struct FollowedMonitor {
+    child: std::process::Child,
+    reader: Option<std::thread::JoinHandle<()>>,
+    drift: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    dataplane: Dataplane,
+    netns: Option<String>,
+}
+
+impl FollowedMonitor {
+    /// Starts `nft monitor` in network namespace `netns` (`ip netns exec`),
+    /// or in the calling thread's namespace when `None`, and follows it.
+    pub fn start(dataplane: &Dataplane, netns: Option<&str>) -> Result<FollowedMonitor> {
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = std::process::Command::new("ip");
+                c.args(["netns", "exec", ns, "nft", "monitor"]);
+                c
+            }
+            None => {
+                let mut c = std::process::Command::new("nft");
+                c.arg("monitor");
+                c
+            }
+        };
+        let mut child = cmd
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| Error::Invalid(format!("starting nft monitor: {e}")))?;
+        let Some(out) = child.stdout.take() else {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(Error::Invalid("nft monitor: no stdout".into()));
+        };
+        let drift = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let reader = {
+            let (dataplane, drift) = (dataplane.clone(), drift.clone());
+            std::thread::spawn(move || {
+                crate::node::monitor::follow(&dataplane, std::io::BufReader::new(out), || {
+                    drift.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                });
+            })
+        };
+        Ok(FollowedMonitor {
+            child,
+            reader: Some(reader),
+            drift,
+            dataplane: dataplane.clone(),
+            netns: netns.map(str::to_string),
+        })
+    }
+
+    /// Generations of other processes that touched Palisade, so far.
+    pub fn drift_seen(&self) -> usize {
+        self.drift.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Waits until the monitor has reported a generation (it is
+    /// listening), at most `timeout`; true when it has. Meanwhile commits
+    /// generations that touch nothing (a table added and deleted in one
+    /// transaction, in the monitor's namespace) for it to report.
+    pub fn wait_live(&self, timeout: std::time::Duration) -> bool {
+        let start = std::time::Instant::now();
+        let nudge = "add table ip palisade_monitor_probe; delete table ip palisade_monitor_probe";
+        while !self.dataplane.monitor_live() {
+            if start.elapsed() > timeout {
+                return false;
+            }
+            let mut cmd = match &self.netns {
+                Some(ns) => {
+                    let mut c = std::process::Command::new("ip");
+                    c.args(["netns", "exec", ns, "nft", nudge]);
+                    c
+                }
+                None => {
+                    let mut c = std::process::Command::new("nft");
+                    c.arg(nudge);
+                    c
+                }
+            };
+            let _ = cmd
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status();
+            // Not faster: with 10k iptables-nft rules, `nft monitor`
+            // spends a few hundred milliseconds per generation (it fetches
+            // the ruleset again), and nudges every few milliseconds would
+            // keep it behind for good.
+            let nudged = std::time::Instant::now();
+            while !self.dataplane.monitor_live()
+                && nudged.elapsed() < std::time::Duration::from_secs(1)
+            {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        }
+        true
+    }
+}
+
+impl Drop for FollowedMonitor {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+    }
+}

@@ -60,7 +60,7 @@ pub mod reaper;
 pub mod zero_gap;
 
 pub use cloud::{AVAILABILITY_ZONE, SimCloud, VPC_CIDR};
-pub use dataplane_node::DataplaneNode;
+pub use dataplane_node::{DataplaneNode, FollowedMonitor};
 pub use env::{AWS_REGION, StartOptions, TestEnv, aws_ec2_for, client_from_kubeconfig};
 pub use install::chart_dir;
 pub use kubelet::KubeletNode;

@@ -48,6 +48,9 @@ pub struct ZeroGapReport {
     /// Full reads made to check the model (every 25 edits and at the end)
     /// that found something to write: the model was wrong.
     pub model_mismatches: usize,
+    /// Edits checked by their `nft monitor` echo rather than by listing
+    /// the chains they edited (nft: the monitor is followed throughout).
+    pub echo_checks: usize,
     /// Whether a port no version allows stayed closed at the end (and its
     /// dropped probe was counted by a DROP rule).
     pub enforced: bool,
@@ -187,7 +190,10 @@ fn compile(
 pub fn zero_gap(edits: usize, seed: u64, backend: Backend) -> Result<ZeroGapReport> {
     let net = SimNet::new()?;
     let mut node = DataplaneNode::new(&net, "zg-node", None)?;
-    node.dataplane = Dataplane::new(backend, Some(node.host.netns().to_string()));
+    // An echo late on a loaded machine is waited for: the run checks the
+    // writes the echo checks (every 25 edits, a full read).
+    node.dataplane = Dataplane::new(backend, Some(node.host.netns().to_string()))
+        .with_echo_wait(Duration::from_secs(5));
     let peer = net.add_host("zg-peer")?;
     let _svc = node.host.listen_tcp(PORT)?;
     let _closed = node.host.listen_tcp(CLOSED_PORT)?;
@@ -205,7 +211,22 @@ pub fn zero_gap(edits: usize, seed: u64, backend: Backend) -> Result<ZeroGapRepo
     let mut rng = fastrand::Rng::with_seed(seed);
     let (policies, lists) = version(&mut rng, peer_addrs)?;
     let mut last = compile(&node, &policies, &lists)?;
+    // On nft the monitor is followed as the agent follows it: writes are
+    // checked by their echo once it is live and a full read came after.
+    let monitor = match backend {
+        Backend::Nft => Some(super::FollowedMonitor::start(
+            &node.dataplane,
+            Some(node.host.netns()),
+        )?),
+        Backend::Legacy => None,
+    };
     let first = node.dataplane.sync(&last).map_err(dataplane_error)?;
+    if let Some(m) = &monitor
+        && !m.wait_live(Duration::from_secs(10))
+    {
+        return Err(Error::Invalid("nft monitor reported nothing".into()));
+    }
+    node.dataplane.verify(&last).map_err(dataplane_error)?;
     let mut report = ZeroGapReport {
         full_reads: usize::from(first.full_read),
         ..Default::default()
@@ -242,6 +263,7 @@ pub fn zero_gap(edits: usize, seed: u64, backend: Backend) -> Result<ZeroGapRepo
                     report.edit_times.push(t.elapsed());
                 }
                 report.full_reads += usize::from(sync.full_read);
+                report.echo_checks += usize::from(sync.checked_by_echo);
                 let check = (n + 1) % 25 == 0 || n + 1 == edits;
                 if check && node.dataplane.verify(&rs).map_err(dataplane_error)?.wrote() {
                     report.model_mismatches += 1;
