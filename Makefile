@@ -91,4 +91,4 @@ bench-scale: testbin ## N nodes × P policies: converge time, apiserver requests
 	fi
 
 bench-node: testbin ## Node dataplane, release build, nft and legacy: each figure beside the raw iptables-restore/ipset baseline of the same text (ours, raw, ratio); zero-gap at 1,000 edits (needs root)
-	$(CARGO) run --release --quiet --features testenv --bin palisade-bench-node
+	$(CARGO) run --profile bench-node --quiet --features testenv --bin palisade-bench-node
