@@ -37,6 +37,8 @@ pub struct Metrics {
     /// Unix time of the last sync that left the node holding exactly its
     /// ruleset; 0 until the first.
     pub last_successful_sync: Gauge<f64, AtomicU64>,
+    /// Wake-ups of the sync loop, by source (see [`super::wake`]).
+    pub wakeups: Family<super::wake::WakeLabels, Counter>,
     /// Set once the agent has seen every policy and its Node and synced.
     pub ready: AtomicBool,
 }
@@ -103,7 +105,14 @@ impl Default for Metrics {
             "Unix time of the last sync that left the node holding exactly its ruleset (0: none yet)",
             last_successful_sync.clone(),
         );
+        let wakeups = Family::<super::wake::WakeLabels, Counter>::default();
+        registry.register(
+            "wakeups",
+            "Wake-ups of the sync loop by an event, by source (policy, node, peer_slice, endpoints, nft_monitor); the resync timer is not counted",
+            wakeups.clone(),
+        );
         Metrics {
+            wakeups,
             audit_would_drop,
             flows_cut,
             last_successful_sync,

@@ -45,6 +45,7 @@ pub mod events;
 pub mod metrics;
 pub mod policies;
 pub mod slices;
+pub mod wake;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
@@ -61,7 +62,6 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 use tokio::io::AsyncBufReadExt;
-use tokio::sync::Notify;
 use tracing::{info, warn};
 
 use crate::api::{
@@ -825,7 +825,7 @@ fn policy_fingerprint(p: &FirewallPolicy) -> String {
 /// chains (of everything, when the change is not about named chains) and
 /// wakes the sync loop, which lists them and rewrites what differs.
 /// Restarts `nft monitor` if it exits.
-async fn follow_nft_monitor(trigger: Arc<Notify>, dataplane: Dataplane) {
+async fn follow_nft_monitor(trigger: wake::Wake, dataplane: Dataplane) {
     let mut restarted = false;
     loop {
         let child = tokio::process::Command::new("nft")
@@ -843,7 +843,7 @@ async fn follow_nft_monitor(trigger: Arc<Notify>, dataplane: Dataplane) {
                     // Changes made while no monitor ran were seen by
                     // nobody: read everything back once.
                     dataplane.invalidate();
-                    trigger.notify_one();
+                    trigger.wake(wake::Source::NftMonitor);
                 }
                 if let Some(out) = child.stdout.take() {
                     let mut lines = tokio::io::BufReader::new(out).lines();
@@ -853,7 +853,7 @@ async fn follow_nft_monitor(trigger: Arc<Notify>, dataplane: Dataplane) {
                             continue;
                         };
                         if note_generation(&dataplane, &generation) {
-                            trigger.notify_one();
+                            trigger.wake(wake::Source::NftMonitor);
                         }
                     }
                 }
@@ -913,7 +913,7 @@ pub async fn run(client: Client, config: AgentConfig) -> Result<(), AgentError> 
             Err(e) => warn!(error = %e, %addr, "cannot serve metrics"),
         }
     }
-    let trigger = Arc::new(Notify::new());
+    let trigger = wake::Wake::new(metrics.wakeups.clone());
 
     // Every store keeps only what a sync reads (see `trim_policy`,
     // `trim_node`): at 1,000 policies, most of a stored policy was its
@@ -972,7 +972,7 @@ pub async fn run(client: Client, config: AgentConfig) -> Result<(), AgentError> 
                 // nothing here (see `spec_event`, run by `policy_watch`).
                 let (what, event) = tokio::select! {
                     e = &mut policy_watch => return e,
-                    e = node_watch.next() => ("Node", e.map(|r| r.map(|ev| {
+                    e = node_watch.next() => (wake::Source::Node, e.map(|r| r.map(|ev| {
                         let changed = node_event(&mut me, &ev);
                         if let Some((_, n)) = &me {
                             labels_tx.send_if_modified(|l| {
@@ -986,13 +986,20 @@ pub async fn run(client: Client, config: AgentConfig) -> Result<(), AgentError> 
                         changed
                     }))),
                     e = &mut slice_watch => return e,
-                    e = api_watch.next() => ("EndpointSlices", e.map(|r| r.map(|_| true))),
+                    e = api_watch.next() => (wake::Source::Endpoints, e.map(|r| r.map(|_| true))),
                 };
                 match event {
-                    Some(Ok(true)) => trigger.notify_one(),
+                    Some(Ok(true)) => trigger.wake(what),
                     Some(Ok(false)) => {}
-                    Some(Err(e)) => warn!(error = %e, what, "watch error; retrying"),
-                    None => return AgentError::WatchEnded(what),
+                    Some(Err(e)) => {
+                        warn!(error = %e, what = what.as_str(), "watch error; retrying")
+                    }
+                    None => {
+                        return AgentError::WatchEnded(match what {
+                            wake::Source::Node => "Node",
+                            _ => "EndpointSlices",
+                        });
+                    }
                 }
             }
         }
@@ -1087,7 +1094,7 @@ pub async fn run(client: Client, config: AgentConfig) -> Result<(), AgentError> 
             tokio::pin!(deadline);
             loop {
                 tokio::select! {
-                    _ = trigger.notified() => {
+                    _ = trigger.woken() => {
                         // Let a burst of events settle into one sync.
                         tokio::time::sleep(Duration::from_millis(20)).await;
                     }

@@ -22,13 +22,12 @@
 //!   before or after it makes wakes the sync.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 use futures::StreamExt;
 use kube::runtime::reflector::store::Writer;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::api::{FirewallPolicy, FirewallPolicySpec};
@@ -78,7 +77,7 @@ pub async fn follow(
     client: Client,
     mut writer: Writer<FirewallPolicy>,
     mut labels: watch::Receiver<Option<Labels>>,
-    trigger: Arc<Notify>,
+    trigger: super::wake::Wake,
 ) -> AgentError {
     let api: Api<FirewallPolicy> = Api::all(client);
     let mut seen: BTreeMap<String, SeenPolicy> = BTreeMap::new();
@@ -111,7 +110,7 @@ pub async fn follow(
                     Some(Ok(event)) => {
                         writer.apply_watcher_event(&event);
                         if spec_event(&mut seen, Some(&current), &event) {
-                            trigger.notify_one();
+                            trigger.wake(super::wake::Source::Policy);
                         }
                     }
                     Some(Err(e)) => warn!(error = %e, "FirewallPolicies watch error; retrying"),

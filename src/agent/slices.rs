@@ -26,13 +26,12 @@
 //!   wakes only for those in scope.
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
 
 use futures::StreamExt;
 use kube::runtime::reflector::store::Writer;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::api::{FirewallPeerSlice, SELECTOR_HASH_LABEL, selector_hash};
@@ -150,7 +149,7 @@ pub async fn follow(
     client: Client,
     mut writer: Writer<FirewallPeerSlice>,
     mut follower: ScopeFollower,
-    trigger: Arc<Notify>,
+    trigger: super::wake::Wake,
 ) -> AgentError {
     let api: Api<FirewallPeerSlice> = Api::all(client);
     loop {
@@ -170,7 +169,7 @@ pub async fn follow(
             writer.apply_watcher_event(&watcher::Event::Init);
             writer.apply_watcher_event(&watcher::Event::InitDone);
             follower.listed.send_replace(Some(scope));
-            trigger.notify_one();
+            trigger.wake(super::wake::Source::PeerSlice);
             if follower.want.changed().await.is_err() {
                 return AgentError::WatchEnded("FirewallPeerSlice scope");
             }
@@ -206,7 +205,7 @@ pub async fn follow(
                             follower.listed.send_replace(Some(scope.clone()));
                         }
                         if in_scope(&scope, &event) {
-                            trigger.notify_one();
+                            trigger.wake(super::wake::Source::PeerSlice);
                         }
                     }
                     Some(Err(e)) => warn!(error = %e, "FirewallPeerSlices watch error; retrying"),
@@ -222,6 +221,7 @@ pub async fn follow(
 mod tests {
     use super::*;
     use crate::api::{FirewallPeerSliceSpec, PeerNode};
+    use std::sync::Arc;
 
     fn slice(selector: &str) -> FirewallPeerSlice {
         FirewallPeerSlice::new(
