@@ -384,6 +384,8 @@ pub struct SyncReport {
     /// From the start of the sync until its last write returned (the
     /// kernel holds the change): zero when nothing was written.
     pub to_kernel: Duration,
+    /// Time spent in the restore tools (spawn to exit).
+    pub writing: Duration,
     /// Time spent reading back: the full read, the listings of suspect
     /// chains and the check of the chains edited (or the wait for its
     /// `nft monitor` echo).
@@ -950,9 +952,11 @@ impl Dataplane {
                     ..SyncReport::default()
                 });
             }
+            let write = Instant::now();
             let written = self
                 .apply_tracked(&plan)
                 .map(|restores| (started.elapsed(), restores));
+            let writing = write.elapsed();
             let checking = Instant::now();
             let verified = cache.verified;
             let checked = written.and_then(|(at, restores)| {
@@ -975,6 +979,7 @@ impl Dataplane {
                         fell_back: false,
                         checked_by_echo,
                         to_kernel,
+                        writing,
                         reading,
                         planning,
                     });
@@ -1008,14 +1013,18 @@ impl Dataplane {
         reading += read;
         let planning = Instant::now();
         let plan = plan_with(&current, desired, Some(&model));
-        let planning = planning.elapsed() + modelling;
+        // Wall time: the model was made while the tools read back.
+        let planning = planning.elapsed() + modelling.saturating_sub(read);
         let mut to_kernel = Duration::ZERO;
+        let mut writing = Duration::ZERO;
         if !plan.is_empty() {
+            let write = Instant::now();
             // Planned from what was just read, written as whole chains in
             // one transaction per table: no check after it (on 10k rules
             // it would cost as much as the write). A change made meanwhile
             // by someone else is theirs to announce: the monitor sees it.
             self.apply(&plan)?;
+            writing = write.elapsed();
             to_kernel = started.elapsed();
         }
         cache.model = Some(model);
@@ -1028,6 +1037,7 @@ impl Dataplane {
             fell_back,
             checked_by_echo: false,
             to_kernel,
+            writing,
             reading,
             planning,
         })
