@@ -7,6 +7,11 @@ use std::sync::Arc;
 use aws_sdk_ec2::Client;
 use aws_sdk_ec2::config::http::HttpResponse;
 use aws_sdk_ec2::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_ec2::operation::describe_instances::DescribeInstancesOutput;
+use aws_sdk_ec2::operation::describe_network_interfaces::DescribeNetworkInterfacesOutput;
+use aws_sdk_ec2::operation::describe_security_group_rules::DescribeSecurityGroupRulesOutput;
+use aws_sdk_ec2::operation::describe_security_groups::DescribeSecurityGroupsOutput;
+use aws_sdk_ec2::operation::get_managed_prefix_list_entries::GetManagedPrefixListEntriesOutput;
 use aws_sdk_ec2::types::{
     Filter, IpPermission, IpRange, Ipv6Range, PrefixListId, ResourceType, SecurityGroupRuleRequest,
     SecurityGroupRuleUpdate, Tag, TagSpecification, UserIdGroupPair,
@@ -199,6 +204,33 @@ impl AwsEc2 {
         }
         result
     }
+
+    /// Every page of a paginated call: `request(token)` makes one request
+    /// (each page retried by [`AwsEc2::call`]), until EC2 returns no
+    /// next token. The pages, in order.
+    async fn pages<O, F, Fut>(
+        &self,
+        operation: &'static str,
+        mut request: F,
+        next_token: fn(&O) -> Option<&str>,
+    ) -> Result<Vec<O>, CloudError>
+    where
+        F: FnMut(Option<String>) -> Fut,
+        Fut: std::future::Future<Output = Result<O, CloudError>>,
+    {
+        let mut pages = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let page = self.call(operation, || request(token.clone())).await?;
+            token = next_token(&page)
+                .filter(|t| !t.is_empty())
+                .map(str::to_string);
+            pages.push(page);
+            if token.is_none() {
+                return Ok(pages);
+            }
+        }
+    }
 }
 
 impl Ec2 for AwsEc2 {
@@ -208,27 +240,24 @@ impl Ec2 for AwsEc2 {
     ) -> Result<Vec<GroupInfo>, CloudError> {
         const OP: &str = "DescribeSecurityGroups";
         let filters: Vec<Filter> = wanted.iter().map(|(k, v)| tag_filter(k, v)).collect();
-        let mut out = Vec::new();
-        let mut token: Option<String> = None;
-        loop {
-            let page = self
-                .call(OP, || async {
-                    self.client
+        let pages = self
+            .pages(
+                OP,
+                |token| {
+                    let request = self
+                        .client
                         .describe_security_groups()
                         .set_filters(Some(filters.clone()))
-                        .set_next_token(token.clone())
-                        .send()
-                        .await
-                        .map_err(|e| sdk_error(OP, e))
-                })
-                .await?;
-            out.extend(page.security_groups().iter().map(group_info));
-            match page.next_token() {
-                Some(t) if !t.is_empty() => token = Some(t.to_string()),
-                _ => break,
-            }
-        }
-        Ok(out)
+                        .set_next_token(token);
+                    async move { request.send().await.map_err(|e| sdk_error(OP, e)) }
+                },
+                DescribeSecurityGroupsOutput::next_token,
+            )
+            .await?;
+        Ok(pages
+            .iter()
+            .flat_map(|page| page.security_groups().iter().map(group_info))
+            .collect())
     }
 
     async fn find_groups_any(
@@ -249,27 +278,26 @@ impl Ec2 for AwsEc2 {
                     .set_values(Some(chunk.to_vec()))
                     .build(),
             );
-            let mut token: Option<String> = None;
-            loop {
-                let page = self
-                    .call(OP, || async {
-                        self.client
+            let pages = self
+                .pages(
+                    OP,
+                    |token| {
+                        let request = self
+                            .client
                             .describe_security_groups()
                             .set_filters(Some(filters.clone()))
-                            .set_next_token(token.clone())
-                            .send()
-                            .await
-                            .map_err(|e| sdk_error(OP, e))
-                    })
-                    .await?;
-                for g in page.security_groups().iter().map(group_info) {
-                    if seen.insert(g.id.clone()) {
-                        out.push(g);
-                    }
-                }
-                match page.next_token() {
-                    Some(t) if !t.is_empty() => token = Some(t.to_string()),
-                    _ => break,
+                            .set_next_token(token);
+                        async move { request.send().await.map_err(|e| sdk_error(OP, e)) }
+                    },
+                    DescribeSecurityGroupsOutput::next_token,
+                )
+                .await?;
+            for g in pages
+                .iter()
+                .flat_map(|page| page.security_groups().iter().map(group_info))
+            {
+                if seen.insert(g.id.clone()) {
+                    out.push(g);
                 }
             }
         }
@@ -299,45 +327,41 @@ impl Ec2 for AwsEc2 {
     async fn describe_rules(&self, group_id: &str) -> Result<Vec<CurrentSgRule>, CloudError> {
         const OP: &str = "DescribeSecurityGroupRules";
         let filter = Filter::builder().name("group-id").values(group_id).build();
-        let mut rules = Vec::new();
-        let mut token: Option<String> = None;
-        loop {
-            let page = self
-                .call(OP, || async {
-                    self.client
+        let pages = self
+            .pages(
+                OP,
+                |token| {
+                    let request = self
+                        .client
                         .describe_security_group_rules()
                         .filters(filter.clone())
-                        .set_next_token(token.clone())
-                        .send()
-                        .await
-                        .map_err(|e| sdk_error(OP, e))
-                })
-                .await?;
-            for r in page.security_group_rules() {
-                if r.group_id().is_some_and(|g| g != group_id) {
-                    continue;
-                }
-                let fields = AwsRuleFields {
-                    rule_id: r.security_group_rule_id().unwrap_or_default(),
-                    is_egress: r.is_egress().unwrap_or(false),
-                    ip_protocol: r.ip_protocol().unwrap_or("-1"),
-                    from_port: r.from_port(),
-                    to_port: r.to_port(),
-                    cidr_ipv4: r.cidr_ipv4(),
-                    cidr_ipv6: r.cidr_ipv6(),
-                    referenced_group_id: r.referenced_group_info().and_then(|g| g.group_id()),
-                    prefix_list_id: r.prefix_list_id(),
-                    description: r.description(),
-                };
-                let rule = CurrentSgRule::from_aws(&fields).map_err(|e| {
-                    CloudError::new(OP, ErrorKind::Invalid, format!("in {group_id}: {e}"))
-                })?;
-                rules.push(rule);
+                        .set_next_token(token);
+                    async move { request.send().await.map_err(|e| sdk_error(OP, e)) }
+                },
+                DescribeSecurityGroupRulesOutput::next_token,
+            )
+            .await?;
+        let mut rules = Vec::new();
+        for r in pages.iter().flat_map(|page| page.security_group_rules()) {
+            if r.group_id().is_some_and(|g| g != group_id) {
+                continue;
             }
-            match page.next_token() {
-                Some(t) if !t.is_empty() => token = Some(t.to_string()),
-                _ => break,
-            }
+            let fields = AwsRuleFields {
+                rule_id: r.security_group_rule_id().unwrap_or_default(),
+                is_egress: r.is_egress().unwrap_or(false),
+                ip_protocol: r.ip_protocol().unwrap_or("-1"),
+                from_port: r.from_port(),
+                to_port: r.to_port(),
+                cidr_ipv4: r.cidr_ipv4(),
+                cidr_ipv6: r.cidr_ipv6(),
+                referenced_group_id: r.referenced_group_info().and_then(|g| g.group_id()),
+                prefix_list_id: r.prefix_list_id(),
+                description: r.description(),
+            };
+            let rule = CurrentSgRule::from_aws(&fields).map_err(|e| {
+                CloudError::new(OP, ErrorKind::Invalid, format!("in {group_id}: {e}"))
+            })?;
+            rules.push(rule);
         }
         rules.sort();
         Ok(rules)
@@ -596,35 +620,31 @@ impl Ec2 for AwsEc2 {
                 .name("network-interface-id")
                 .set_values(Some(chunk.to_vec()))
                 .build();
-            let mut token: Option<String> = None;
-            loop {
-                let page = self
-                    .call(OP, || async {
-                        self.client
+            let pages = self
+                .pages(
+                    OP,
+                    |token| {
+                        let request = self
+                            .client
                             .describe_network_interfaces()
                             .filters(filter.clone())
-                            .set_next_token(token.clone())
-                            .send()
-                            .await
-                            .map_err(|e| sdk_error(OP, e))
-                    })
-                    .await?;
-                for ni in page.network_interfaces() {
-                    let Some(id) = ni.network_interface_id() else {
-                        continue;
-                    };
-                    out.insert(
-                        id.to_string(),
-                        ni.groups()
-                            .iter()
-                            .filter_map(|g| g.group_id().map(str::to_string))
-                            .collect(),
-                    );
-                }
-                match page.next_token() {
-                    Some(t) if !t.is_empty() => token = Some(t.to_string()),
-                    _ => break,
-                }
+                            .set_next_token(token);
+                        async move { request.send().await.map_err(|e| sdk_error(OP, e)) }
+                    },
+                    DescribeNetworkInterfacesOutput::next_token,
+                )
+                .await?;
+            for ni in pages.iter().flat_map(|page| page.network_interfaces()) {
+                let Some(id) = ni.network_interface_id() else {
+                    continue;
+                };
+                out.insert(
+                    id.to_string(),
+                    ni.groups()
+                        .iter()
+                        .filter_map(|g| g.group_id().map(str::to_string))
+                        .collect(),
+                );
             }
         }
         Ok(out)
@@ -708,30 +728,25 @@ impl Ec2 for AwsEc2 {
             } else {
                 IpFamily::V4
             };
-            let mut cidrs = Vec::new();
-            let mut token: Option<String> = None;
-            loop {
-                let page = self
-                    .call(ENTRIES, || async {
-                        self.client
+            let pages = self
+                .pages(
+                    ENTRIES,
+                    |token| {
+                        let request = self
+                            .client
                             .get_managed_prefix_list_entries()
                             .prefix_list_id(id)
-                            .set_next_token(token.clone())
-                            .send()
-                            .await
-                            .map_err(|e| sdk_error(ENTRIES, e))
-                    })
-                    .await?;
-                cidrs.extend(
-                    page.entries()
-                        .iter()
-                        .filter_map(|e| e.cidr()?.parse::<IpNet>().ok()),
-                );
-                match page.next_token() {
-                    Some(t) if !t.is_empty() => token = Some(t.to_string()),
-                    _ => break,
-                }
-            }
+                            .set_next_token(token);
+                        async move { request.send().await.map_err(|e| sdk_error(ENTRIES, e)) }
+                    },
+                    GetManagedPrefixListEntriesOutput::next_token,
+                )
+                .await?;
+            let cidrs: Vec<IpNet> = pages
+                .iter()
+                .flat_map(|page| page.entries())
+                .filter_map(|e| e.cidr()?.parse::<IpNet>().ok())
+                .collect();
             out.insert(
                 id.to_string(),
                 PrefixListFacts {
@@ -756,54 +771,54 @@ impl AwsEc2 {
             .name("instance-id")
             .set_values(Some(ids.to_vec()))
             .build();
-        let mut out = Vec::new();
-        let mut token: Option<String> = None;
-        loop {
-            let page = self
-                .call(OP, || async {
-                    self.client
+        let pages = self
+            .pages(
+                OP,
+                |token| {
+                    let request = self
+                        .client
                         .describe_instances()
                         .filters(filter.clone())
-                        .set_next_token(token.clone())
-                        .send()
-                        .await
-                        .map_err(|e| sdk_error(OP, e))
-                })
-                .await?;
-            for instance in page.reservations().iter().flat_map(|r| r.instances()) {
-                let primary = instance
-                    .network_interfaces()
-                    .iter()
-                    .find(|ni| ni.attachment().and_then(|a| a.device_index()) == Some(0));
-                let primary = primary.or(instance.network_interfaces().first());
-                out.push(InstanceInfo {
-                    id: instance.instance_id().unwrap_or_default().to_string(),
-                    vpc_id: instance.vpc_id().map(str::to_string),
-                    primary_eni: primary
-                        .and_then(|p| p.network_interface_id())
-                        .map(str::to_string),
-                    private_ips: primary
-                        .map(|p| {
-                            p.private_ip_addresses()
-                                .iter()
-                                .filter_map(|a| a.private_ip_address().map(str::to_string))
-                                .collect()
-                        })
-                        .unwrap_or_default(),
-                    eni_groups: primary
-                        .map(|p| {
-                            p.groups()
-                                .iter()
-                                .filter_map(|g| g.group_id().map(str::to_string))
-                                .collect()
-                        })
-                        .unwrap_or_default(),
-                });
-            }
-            match page.next_token() {
-                Some(t) if !t.is_empty() => token = Some(t.to_string()),
-                _ => break,
-            }
+                        .set_next_token(token);
+                    async move { request.send().await.map_err(|e| sdk_error(OP, e)) }
+                },
+                DescribeInstancesOutput::next_token,
+            )
+            .await?;
+        let mut out = Vec::new();
+        for instance in pages
+            .iter()
+            .flat_map(|page| page.reservations())
+            .flat_map(|r| r.instances())
+        {
+            let primary = instance
+                .network_interfaces()
+                .iter()
+                .find(|ni| ni.attachment().and_then(|a| a.device_index()) == Some(0));
+            let primary = primary.or(instance.network_interfaces().first());
+            out.push(InstanceInfo {
+                id: instance.instance_id().unwrap_or_default().to_string(),
+                vpc_id: instance.vpc_id().map(str::to_string),
+                primary_eni: primary
+                    .and_then(|p| p.network_interface_id())
+                    .map(str::to_string),
+                private_ips: primary
+                    .map(|p| {
+                        p.private_ip_addresses()
+                            .iter()
+                            .filter_map(|a| a.private_ip_address().map(str::to_string))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                eni_groups: primary
+                    .map(|p| {
+                        p.groups()
+                            .iter()
+                            .filter_map(|g| g.group_id().map(str::to_string))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            });
         }
         Ok(out)
     }
@@ -819,58 +834,54 @@ impl AwsEc2 {
             .name("group-id")
             .set_values(Some(group_ids.to_vec()))
             .build();
-        let mut out = Vec::new();
-        let mut token: Option<String> = None;
-        loop {
-            let page = self
-                .call(OP, || async {
-                    self.client
+        let pages = self
+            .pages(
+                OP,
+                |token| {
+                    let request = self
+                        .client
                         .describe_network_interfaces()
                         .filters(filter.clone())
-                        .set_next_token(token.clone())
-                        .send()
-                        .await
-                        .map_err(|e| sdk_error(OP, e))
-                })
-                .await?;
-            for ni in page.network_interfaces() {
-                let groups: Vec<String> = ni
-                    .groups()
-                    .iter()
-                    .filter_map(|g| g.group_id().map(str::to_string))
-                    .collect();
-                if !groups.iter().any(|g| group_ids.contains(g)) {
-                    continue;
-                }
-                let mut ips: Vec<IpNet> = ni
-                    .private_ip_addresses()
-                    .iter()
-                    .filter_map(|a| a.private_ip_address().and_then(host_net))
-                    .collect();
-                ips.extend(
-                    ni.ipv6_addresses()
-                        .iter()
-                        .filter_map(|a| a.ipv6_address().and_then(host_net)),
-                );
-                let eni = EniInfo {
-                    id: ni.network_interface_id().unwrap_or_default().to_string(),
-                    groups,
-                    instance_id: ni
-                        .attachment()
-                        .and_then(|a| a.instance_id())
-                        .map(str::to_string),
-                    tags: ni
-                        .tag_set()
-                        .iter()
-                        .filter_map(|t| Some((t.key()?.to_string(), t.value()?.to_string())))
-                        .collect(),
-                };
-                out.push((eni, ips));
+                        .set_next_token(token);
+                    async move { request.send().await.map_err(|e| sdk_error(OP, e)) }
+                },
+                DescribeNetworkInterfacesOutput::next_token,
+            )
+            .await?;
+        let mut out = Vec::new();
+        for ni in pages.iter().flat_map(|page| page.network_interfaces()) {
+            let groups: Vec<String> = ni
+                .groups()
+                .iter()
+                .filter_map(|g| g.group_id().map(str::to_string))
+                .collect();
+            if !groups.iter().any(|g| group_ids.contains(g)) {
+                continue;
             }
-            match page.next_token() {
-                Some(t) if !t.is_empty() => token = Some(t.to_string()),
-                _ => break,
-            }
+            let mut ips: Vec<IpNet> = ni
+                .private_ip_addresses()
+                .iter()
+                .filter_map(|a| a.private_ip_address().and_then(host_net))
+                .collect();
+            ips.extend(
+                ni.ipv6_addresses()
+                    .iter()
+                    .filter_map(|a| a.ipv6_address().and_then(host_net)),
+            );
+            let eni = EniInfo {
+                id: ni.network_interface_id().unwrap_or_default().to_string(),
+                groups,
+                instance_id: ni
+                    .attachment()
+                    .and_then(|a| a.instance_id())
+                    .map(str::to_string),
+                tags: ni
+                    .tag_set()
+                    .iter()
+                    .filter_map(|t| Some((t.key()?.to_string(), t.value()?.to_string())))
+                    .collect(),
+            };
+            out.push((eni, ips));
         }
         Ok(out)
     }
