@@ -467,7 +467,7 @@ pub(crate) fn wake<E: Ec2>(ctx: &Context<E>, members: &[FirewallPolicy]) {
         let mut memory = lock(&ctx.memory);
         for uid in &uids {
             if let Some(m) = memory.get_mut(uid) {
-                m.at = None;
+                m.due = None;
             }
         }
     }

@@ -4,7 +4,7 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use crate::api::conditions::{self, reason};
-use crate::api::{Condition, FirewallNode, FirewallPolicy, NodeCounts};
+use crate::api::{Condition, FirewallNode, FirewallPolicy, FirewallPolicyStatus, NodeCounts};
 
 /// Where the cloud layer of a policy stands after a reconcile.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -149,7 +149,7 @@ fn condition(type_: &str, ok: bool, reason: &str, message: String, generation: i
         reason: reason.to_string(),
         message,
         observed_generation: Some(generation),
-        last_transition_time: Some(Time(k8s_openapi::jiff::Timestamp::now())),
+        last_transition_time: Some(now_as_stored()),
     }
 }
 
@@ -268,6 +268,24 @@ pub fn conditions(
             c
         })
         .collect()
+}
+
+/// Now, as a status stores it: `metav1.Time` is written in whole seconds,
+/// so a time kept with its fraction would never equal its stored copy.
+pub fn now_as_stored() -> Time {
+    let now = k8s_openapi::jiff::Timestamp::now();
+    Time(k8s_openapi::jiff::Timestamp::from_second(now.as_second()).unwrap_or(now))
+}
+
+/// `status` as the apiserver stores and returns it: what a reconcile
+/// compares with the status it read, so a status that survives the round
+/// trip is written once, never again while nothing changes (times lose
+/// their fraction of a second; an empty list and an absent one read back
+/// alike).
+pub fn as_stored(status: FirewallPolicyStatus) -> FirewallPolicyStatus {
+    serde_json::to_value(&status)
+        .and_then(serde_json::from_value)
+        .unwrap_or(status)
 }
 
 /// Conditions equal but for their transition times.
