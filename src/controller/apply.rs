@@ -265,7 +265,22 @@ async fn apply_inner<E: Ec2>(policy: &FirewallPolicy, ctx: &Context<E>) -> Resul
                 .as_ref()
                 .is_some_and(|c| c.generation == generation && c.inputs == inputs_hash);
         let previous_shared = memory.as_ref().map(|m| m.shared);
-        let report = if shared::no_group(policy) {
+        // Nothing of an earlier spec can be left on AWS: the policy was
+        // never edited, or a full sync of this very generation completed
+        // (this process's, or the one its status records), which tidied
+        // what earlier generations left. A policy without cloud rules
+        // then costs no EC2 call at all.
+        let nothing_left = policy.metadata.generation == Some(1)
+            || memory.as_ref().is_some_and(|m| m.generation == generation)
+            || last_sync.as_ref().is_some_and(|c| c.generation == generation);
+        let report = if shared::no_group(policy) && nothing_left {
+            CloudReport {
+                group: None,
+                drift_repaired: false,
+                effective: Effective::NotAttached,
+                shared: false,
+            }
+        } else if shared::no_group(policy) {
             drop_groups(policy, ctx).await?
         } else {
             sync_group(
@@ -302,7 +317,9 @@ async fn apply_inner<E: Ec2>(policy: &FirewallPolicy, ctx: &Context<E>) -> Resul
         let now = shared::composable(policy).then(|| shared::key(policy));
         let before = match &memory {
             Some(m) => m.selector.clone(),
-            None if now.is_none() && shared::composable_spec(policy) => Some(shared::key(policy)),
+            None if now.is_none() && shared::composable_spec(policy) && !nothing_left => {
+                Some(shared::key(policy))
+            }
             None => None,
         };
         if let Some(old) = before.filter(|old| now.as_ref() != Some(old)) {

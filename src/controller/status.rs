@@ -389,4 +389,26 @@ mod tests {
         let labels: Vec<_> = PolicyState::ALL.iter().map(|s| s.label()).collect();
         assert_eq!(labels, ["ready", "reconciling", "stalled"]);
     }
+
+    #[test]
+    fn a_status_compares_as_the_apiserver_stores_it() {
+        // A time with a fraction of a second reads back without it: kept
+        // as is, a record never equals its stored copy.
+        let fine = Time(k8s_openapi::jiff::Timestamp::from_nanosecond(1_700_000_000_123_456_789).unwrap());
+        let status = FirewallPolicyStatus {
+            cloud_sync: Some(crate::api::CloudSync {
+                generation: 1,
+                inputs: "x".into(),
+                time: fine.clone(),
+                drift_repairs: 0,
+            }),
+            ..Default::default()
+        };
+        let stored: FirewallPolicyStatus =
+            serde_json::from_value(serde_json::to_value(&status).unwrap()).unwrap();
+        assert_ne!(stored, status, "the fraction is lost on the way");
+        assert_eq!(as_stored(status.clone()), stored);
+        assert_eq!(as_stored(stored.clone()), stored);
+        assert_eq!(now_as_stored().0.subsec_nanosecond(), 0);
+    }
 }
