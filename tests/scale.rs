@@ -293,7 +293,11 @@ async fn node_heartbeats_cause_no_list_and_a_restart_one_list_per_resource() {
         after.1 - before.1
     );
     assert_eq!(after.0 - before.0, 0, "no reconcile once a restart settled");
-    assert_eq!(after.1 - before.1, 0, "no status write once a restart settled");
+    assert_eq!(
+        after.1 - before.1,
+        0,
+        "no status write once a restart settled"
+    );
     let _ = stop.send(());
     let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
 

@@ -272,7 +272,9 @@ async fn apply_inner<E: Ec2>(policy: &FirewallPolicy, ctx: &Context<E>) -> Resul
         // then costs no EC2 call at all.
         let nothing_left = policy.metadata.generation == Some(1)
             || memory.as_ref().is_some_and(|m| m.generation == generation)
-            || last_sync.as_ref().is_some_and(|c| c.generation == generation);
+            || last_sync
+                .as_ref()
+                .is_some_and(|c| c.generation == generation);
         let report = if shared::no_group(policy) && nothing_left {
             CloudReport {
                 group: None,

@@ -394,7 +394,8 @@ mod tests {
     fn a_status_compares_as_the_apiserver_stores_it() {
         // A time with a fraction of a second reads back without it: kept
         // as is, a record never equals its stored copy.
-        let fine = Time(k8s_openapi::jiff::Timestamp::from_nanosecond(1_700_000_000_123_456_789).unwrap());
+        let fine =
+            Time(k8s_openapi::jiff::Timestamp::from_nanosecond(1_700_000_000_123_456_789).unwrap());
         let status = FirewallPolicyStatus {
             cloud_sync: Some(crate::api::CloudSync {
                 generation: 1,
