@@ -24,7 +24,13 @@
 //! selected instances once, and writes nothing when nothing differs. A
 //! reconcile whose inputs (generation, plan, instances) did not change
 //! since the last full sync, less than a resync interval ago, makes no EC2
-//! call at all: status writes and agent reports cost nothing on AWS.
+//! call at all: status writes and agent reports cost nothing on AWS. The
+//! next full sync of each policy falls at random in the last quarter of
+//! the resync interval (`Context::next_due`), so policies synced together
+//! resync spread out; a full sync that finds nothing changed writes no
+//! status (it is compared as the apiserver stores it, times to the
+//! second). A policy without cloud rules has no group and makes no EC2
+//! call once nothing of an earlier spec can be left.
 //!
 //! When the quota leaves no room for old and new rules side by side, the
 //! new rules that do not fit are authorized right after the revoke (a
