@@ -1391,22 +1391,28 @@ impl Bench {
         let d0 = self.controller_relay.down.load(Ordering::Relaxed);
         let started = Instant::now();
         self.start_controller().await?;
-        // Quiet: no controller request but watches and no EC2 call for 15 s.
+        // Quiet: no controller request but watches, no EC2 call and no
+        // reconcile for 15 s (a reconcile that finds nothing changed makes
+        // no request: counted from the controller's metrics).
         let mut tally = Tally::new();
         let mut quiet_since = Instant::now();
         let mut last_active = 0.0;
         let mut seen_calls = 0;
+        let mut seen_reconciles = 0;
         while quiet_since.elapsed() < Duration::from_secs(15)
             && started.elapsed() < Duration::from_secs(self.args.timeout)
         {
             tokio::time::sleep(Duration::from_secs(1)).await;
             let t = self.audit.take()?;
             let n_calls = self.proxy.calls().len();
+            let n_reconciles = self.reconciles().await;
             let active = t
                 .get("controller")
                 .is_some_and(|m| m.keys().any(|(v, _)| v != "watch"))
-                || n_calls != seen_calls;
+                || n_calls != seen_calls
+                || n_reconciles != seen_reconciles;
             seen_calls = n_calls;
+            seen_reconciles = n_reconciles;
             if active {
                 quiet_since = Instant::now();
                 last_active = started.elapsed().as_secs_f64();
@@ -1422,7 +1428,7 @@ impl Bench {
         let nodes = self.instances.len();
         let (left, sample) = self.unconverged(nodes).await?;
         println!(
-            "  controller busy for {last_active:.1}s after start, then quiet 15s; {} policies still converged{}",
+            "  controller busy for {last_active:.1}s after start ({seen_reconciles} reconciles), then quiet 15s; {} policies still converged{}",
             self.policies.len() - left,
             if left > 0 {
                 format!(" (not: {left}; e.g. {sample})")
