@@ -2177,10 +2177,18 @@ async fn a_policy_without_cloud_rules_takes_no_slot_and_a_new_node_takes_every_g
     };
 
     // Node-layer rules only: no group is created or attached, and the
-    // status says why.
+    // status says why; attached or not (`attachToNodes: false`), such a
+    // new policy costs no EC2 call at all.
+    ctl.proxy.take_calls();
     create_policy(&policy(test, "ctl-slots-node", "web", vec![node_only()])).await;
-    let no_group = || async {
-        let p = get("ctl-slots-node").await;
+    let mut unattached = policy(test, "ctl-slots-unattached", "web", vec![node_only()]);
+    unattached.spec.security_group = Some(SecurityGroupTarget {
+        attach_to_nodes: Some(false),
+        ..Default::default()
+    });
+    create_policy(&unattached).await;
+    let no_group_of = |name: &'static str| async move {
+        let p = get(name).await;
         let s = p.status.as_ref()?;
         let (status, reason, _) = condition(&p, "CloudSynced")?;
         (s.observed_generation == p.metadata.generation
@@ -2189,9 +2197,18 @@ async fn a_policy_without_cloud_rules_takes_no_slot_and_a_new_node_takes_every_g
             && s.security_group.is_none())
         .then_some(())
     };
+    let no_group = || no_group_of("ctl-slots-node");
     eventually("no group", Duration::from_secs(60), no_group).await;
+    eventually("no group, unattached", Duration::from_secs(60), || {
+        no_group_of("ctl-slots-unattached")
+    })
+    .await;
+    let calls = ctl.proxy.take_calls();
+    assert!(calls.is_empty(), "no EC2 call for them: {calls:?}");
     assert!(own_groups_of(&ec2, "ctl-slots-node").await.is_empty());
+    assert!(own_groups_of(&ec2, "ctl-slots-unattached").await.is_empty());
     assert_eq!(eni_groups(&web).await, default_groups);
+    delete_and_wait("ctl-slots-unattached").await;
 
     // A cloud rule added: the group is created, filled and attached.
     set_ingress(

@@ -91,9 +91,13 @@ async fn settle(metrics: &Metrics, at_least: u64) {
 }
 
 fn scale_config() -> Config {
+    resync_every(Duration::from_secs(300))
+}
+
+fn resync_every(resync: Duration) -> Config {
     Config {
         cluster_name: "scale".into(),
-        resync: Duration::from_secs(300),
+        resync,
         stalled_retry: Duration::from_secs(600),
         concurrency: 4,
         quota: SgQuota::default(),
@@ -278,6 +282,84 @@ async fn node_heartbeats_cause_no_list_and_a_restart_one_list_per_resource() {
         assert_eq!(*n, 1, "one LIST of {resource} on a restart: {lists:?}");
     }
     assert_eq!(writes, 0, "the stored status was already right");
+    // And then it is quiet: the restart's reconciles stop (nothing they
+    // wrote or read wakes a policy again), through more heartbeats.
+    let before = (reconciles(&metrics), restart_counts(&client).await.1);
+    beat(&nodes, 12).await;
+    let after = (reconciles(&metrics), restart_counts(&client).await.1);
+    println!(
+        "after the restart: {} reconciles, {} status writes in 12 heartbeats",
+        after.0 - before.0,
+        after.1 - before.1
+    );
+    assert_eq!(after.0 - before.0, 0, "no reconcile once a restart settled");
+    assert_eq!(
+        after.1 - before.1,
+        0,
+        "no status write once a restart settled"
+    );
     let _ = stop.send(());
     let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+
+    // Resyncs that find nothing changed write nothing, also for a status
+    // this very process wrote (its times kept to the second the apiserver
+    // stores, so they compare equal with what it reads back): a controller
+    // resyncing every 4 s, a policy edited under it, then heartbeats for a
+    // few resyncs.
+    let metrics = Arc::new(Metrics::default());
+    let ctx = controller::context(
+        client.clone(),
+        Arc::new(ec2_for(&env.ec2_endpoint())),
+        resync_every(Duration::from_secs(4)),
+        metrics.clone(),
+    );
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(controller::run(ctx, async move {
+        let _ = stopped.await;
+    }));
+    let policies: Api<FirewallPolicy> = Api::all(client.clone());
+    let edited = policies
+        .patch(
+            "scale-web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"ingress": [
+                {"name": "http", "protocol": "TCP", "ports": [{"port": 80}, {"port": 8080}],
+                 "peers": [{"cidr": "0.0.0.0/0"}]}]}})),
+        )
+        .await
+        .unwrap();
+    let generation = edited.metadata.generation;
+    for _ in 0..60 {
+        let p = policies.get("scale-web").await.unwrap();
+        if p.status.and_then(|s| s.observed_generation) == generation {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // (No `settle`: resyncs every few seconds never leave 3 s quiet.)
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (lists_before, writes_before) = restart_counts(&client).await;
+    let reconciles_before = reconciles(&metrics);
+    // 12 heartbeats, 6 s: at least one resync of each policy.
+    beat(&nodes, 12).await;
+    beat(&nodes, 12).await;
+    let (lists_after, writes_after) = restart_counts(&client).await;
+    let resynced = reconciles(&metrics) - reconciles_before;
+    let writes = writes_after - writes_before;
+    let lists: u64 = lists_after.iter().sum::<u64>() - lists_before.iter().sum::<u64>();
+    println!("resyncs: {resynced} reconciles, {writes} status writes, {lists} LISTs");
+    assert!(resynced >= 2, "each policy resynced: {resynced} reconciles");
+    assert_eq!(writes, 0, "a resync that changes nothing writes no status");
+    assert_eq!(lists, 0, "no LIST at a resync");
+    let _ = stop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+}
+
+/// `n` heartbeats, one every 500 ms, round the nodes.
+async fn beat(nodes: &Api<Node>, n: usize) {
+    for b in 0..n {
+        let i = b % 12;
+        heartbeat(nodes, &format!("scale-n{i}"), &format!("10.77.0.{}", i + 1)).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }

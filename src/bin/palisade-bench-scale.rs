@@ -114,8 +114,9 @@ struct Args {
     /// Seconds a step may take to converge.
     #[arg(long, default_value_t = 1200)]
     timeout: u64,
-    /// Attach the group of node-layer-only policies to their nodes too
-    /// (exceeds 5 groups per interface unless groups are composed).
+    /// Leave `attachToNodes` unset on node-layer-only policies (by
+    /// default it is `false`, as in the recorded runs); either way such a
+    /// policy has no group.
     #[arg(long)]
     attach_all: bool,
     /// The agents' iptables backend. The recorded runs (docs/scale.md)
@@ -251,11 +252,12 @@ fn policy_object(i: usize, attach_all: bool) -> FirewallPolicy {
                 layers: (!s.cloud).then(|| vec![Layer::Node]),
                 ..Default::default()
             }]),
-            // A policy without cloud rules still gets its own (empty) group
-            // today; on every node it selects, ~5 % + 4.5 % of P of them
-            // would exceed AWS's 5 groups per interface. Until such groups
-            // are composed away, they stay unattached (`--attach-all`
-            // attaches them).
+            // Kept as the recorded runs had it (docs/scale.md): a policy
+            // without cloud rules once got its own (empty) group, and
+            // attached, ~5 % + 4.5 % of P of them per node would have
+            // exceeded AWS's 5 groups per interface. Such a policy now has
+            // no group, attached or not (`--attach-all` changes nothing
+            // the interfaces carry).
             security_group: (!s.cloud && !attach_all).then(|| SecurityGroupTarget {
                 attach_to_nodes: Some(false),
                 ..Default::default()
@@ -1058,7 +1060,8 @@ impl Bench {
                 .iter()
                 .any(|c| c.type_ == "Ready" && c.status == "True");
             let attached = status.security_group.as_ref().map_or(0, |g| g.attached);
-            let attaches = shape.cloud || self.args.attach_all;
+            // A policy without cloud rules has no group to attach.
+            let attaches = shape.cloud;
             let ok = status.observed_generation == p.metadata.generation
                 && ready
                 && counts.selected == want
@@ -1159,7 +1162,21 @@ impl Bench {
         }
         let reports = self.report(nodes).await?;
         let written = started.elapsed().as_secs_f64();
-        let converge = self.wait_converged(nodes, started).await?;
+        let converge = match self.wait_converged(nodes, started).await {
+            Ok(t) => t,
+            Err(e) => {
+                // What the step cost until it gave up.
+                let (left, _) = self.unconverged(nodes).await.unwrap_or_default();
+                println!(
+                    "  not converged after {:.0}s: {} of {} policies converged",
+                    started.elapsed().as_secs_f64(),
+                    self.policies.len().saturating_sub(left),
+                    self.policies.len()
+                );
+                ec2_line(&self.proxy.calls(), 0);
+                return Err(e);
+            }
+        };
         // Let the tail (status writes, EC2 reads) finish before counting.
         let tail = Instant::now();
         let mut seen = self.proxy.calls().len();
@@ -1220,6 +1237,14 @@ impl Bench {
         }
         let needed = self.ec2_needed(had_nodes, nodes, had_policies, policies);
         let (mutating, describe) = ec2_line(&calls, needed);
+        if added_nodes == 0 && policies > had_policies {
+            let added = policies - had_policies;
+            println!(
+                "  per new policy: {:.2} EC2 calls, converged at {:.2} policies/s",
+                calls.len() as f64 / added as f64,
+                added as f64 / converge.max(0.001)
+            );
+        }
         let lists = count(&tally, "controller", "list") + count_prefix(&tally, "agent", "list");
         let policy_writes: u64 = tally.get("controller").map_or(0, |m| {
             m.iter()
@@ -1366,22 +1391,28 @@ impl Bench {
         let d0 = self.controller_relay.down.load(Ordering::Relaxed);
         let started = Instant::now();
         self.start_controller().await?;
-        // Quiet: no controller request but watches and no EC2 call for 15 s.
+        // Quiet: no controller request but watches, no EC2 call and no
+        // reconcile for 15 s (a reconcile that finds nothing changed makes
+        // no request: counted from the controller's metrics).
         let mut tally = Tally::new();
         let mut quiet_since = Instant::now();
         let mut last_active = 0.0;
         let mut seen_calls = 0;
+        let mut seen_reconciles = 0;
         while quiet_since.elapsed() < Duration::from_secs(15)
             && started.elapsed() < Duration::from_secs(self.args.timeout)
         {
             tokio::time::sleep(Duration::from_secs(1)).await;
             let t = self.audit.take()?;
             let n_calls = self.proxy.calls().len();
+            let n_reconciles = self.reconciles().await;
             let active = t
                 .get("controller")
                 .is_some_and(|m| m.keys().any(|(v, _)| v != "watch"))
-                || n_calls != seen_calls;
+                || n_calls != seen_calls
+                || n_reconciles != seen_reconciles;
             seen_calls = n_calls;
+            seen_reconciles = n_reconciles;
             if active {
                 quiet_since = Instant::now();
                 last_active = started.elapsed().as_secs_f64();
@@ -1397,7 +1428,7 @@ impl Bench {
         let nodes = self.instances.len();
         let (left, sample) = self.unconverged(nodes).await?;
         println!(
-            "  controller busy for {last_active:.1}s after start, then quiet 15s; {} policies still converged{}",
+            "  controller busy for {last_active:.1}s after start ({seen_reconciles} reconciles), then quiet 15s; {} policies still converged{}",
             self.policies.len() - left,
             if left > 0 {
                 format!(" (not: {left}; e.g. {sample})")

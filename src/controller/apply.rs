@@ -200,8 +200,10 @@ async fn apply_inner<E: Ec2>(policy: &FirewallPolicy, ctx: &Context<E>) -> Resul
     let fresh = memory.as_ref().is_some_and(|m| {
         m.generation == generation
             && m.inputs == inputs
-            && m.at
-                .is_some_and(|at| at.elapsed() < ctx.config.resync.mul_f32(0.9))
+            // (A timer that fires a hair early still finds it due.)
+            && m.due.is_some_and(|due| {
+                due.saturating_duration_since(Instant::now()) > Duration::from_millis(100)
+            })
     });
 
     let previous = policy.status.clone().unwrap_or_default();
@@ -263,7 +265,24 @@ async fn apply_inner<E: Ec2>(policy: &FirewallPolicy, ctx: &Context<E>) -> Resul
                 .as_ref()
                 .is_some_and(|c| c.generation == generation && c.inputs == inputs_hash);
         let previous_shared = memory.as_ref().map(|m| m.shared);
-        let report = if shared::no_group(policy) {
+        // Nothing of an earlier spec can be left on AWS: the policy was
+        // never edited, or a full sync of this very generation completed
+        // (this process's, or the one its status records), which tidied
+        // what earlier generations left. A policy without cloud rules
+        // then costs no EC2 call at all.
+        let nothing_left = policy.metadata.generation == Some(1)
+            || memory.as_ref().is_some_and(|m| m.generation == generation)
+            || last_sync
+                .as_ref()
+                .is_some_and(|c| c.generation == generation);
+        let report = if shared::no_group(policy) && nothing_left {
+            CloudReport {
+                group: None,
+                drift_repaired: false,
+                effective: Effective::NotAttached,
+                shared: false,
+            }
+        } else if shared::no_group(policy) {
             drop_groups(policy, ctx).await?
         } else {
             sync_group(
@@ -300,7 +319,9 @@ async fn apply_inner<E: Ec2>(policy: &FirewallPolicy, ctx: &Context<E>) -> Resul
         let now = shared::composable(policy).then(|| shared::key(policy));
         let before = match &memory {
             Some(m) => m.selector.clone(),
-            None if now.is_none() && shared::composable_spec(policy) => Some(shared::key(policy)),
+            None if now.is_none() && shared::composable_spec(policy) && !nothing_left => {
+                Some(shared::key(policy))
+            }
             None => None,
         };
         if let Some(old) = before.filter(|old| now.as_ref() != Some(old)) {
@@ -320,7 +341,7 @@ async fn apply_inner<E: Ec2>(policy: &FirewallPolicy, ctx: &Context<E>) -> Resul
             SyncMemory {
                 generation,
                 inputs: inputs.clone(),
-                at: Some(Instant::now()),
+                due: Some(ctx.next_due()),
                 references: Facts {
                     security_groups: facts.security_groups.clone(),
                     prefix_lists: facts.prefix_lists.clone(),
@@ -386,16 +407,14 @@ async fn apply_inner<E: Ec2>(policy: &FirewallPolicy, ctx: &Context<E>) -> Resul
     };
     write_status(policy, ctx, &previous, next).await?;
     tracing::debug!(policy = %name, full_sync = !fresh, "reconciled");
-    let since = lock(&ctx.memory)
+    // Next when its full sync is due (spread: see `Context::next_due`).
+    let wait = lock(&ctx.memory)
         .get(&uid)
-        .and_then(|m| m.at)
-        .map_or(Duration::ZERO, |at| at.elapsed());
-    Ok(Action::requeue(
-        ctx.config
-            .resync
-            .saturating_sub(since)
-            .max(Duration::from_secs(1)),
-    ))
+        .and_then(|m| m.due)
+        .map_or(ctx.config.resync, |due| {
+            due.saturating_duration_since(Instant::now())
+        });
+    Ok(Action::requeue(wait.max(Duration::from_secs(1))))
 }
 
 /// The status record of a full sync that found (or made) the group as
@@ -415,9 +434,7 @@ fn cloud_sync_record(
         _ => crate::api::CloudSync {
             generation,
             inputs,
-            time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-                k8s_openapi::jiff::Timestamp::now(),
-            ),
+            time: status::now_as_stored(),
             drift_repairs: last.map_or(0, |c| c.drift_repairs) + i64::from(drift_repaired),
         },
     }
@@ -490,6 +507,11 @@ async fn write_status<E: Ec2>(
     next: FirewallPolicyStatus,
 ) -> Result<bool, Error> {
     ctx.metrics.observe_status(&policy.name_any(), &next);
+    // Compared as the apiserver would store it (times in whole seconds, an
+    // empty list as none): a field that does not survive the round trip
+    // would otherwise differ at every reconcile and make each one a patch
+    // that changes nothing.
+    let next = status::as_stored(next);
     let same = previous.observed_generation == next.observed_generation
         && previous.security_group == next.security_group
         && previous.nodes == next.nodes
@@ -1556,7 +1578,7 @@ async fn effective_access<E: Ec2>(
     match super::effective::attached_groups(
         ctx.ec2.as_ref(),
         &ctx.groups,
-        ctx.config.resync.mul_f32(0.9),
+        ctx.fresh_for(),
         &ctx.config.cluster_name,
         (id, rules),
         instances,

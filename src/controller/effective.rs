@@ -11,8 +11,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-
 use crate::api::conditions::Condition;
 
 use crate::api::conditions::{self, reason};
@@ -260,7 +258,7 @@ pub fn condition(previous: &[Condition], generation: i64, effective: &Effective)
         .iter()
         .find(|c| c.type_ == conditions::EFFECTIVE_ACCESS && c.status == status)
         .and_then(|c| c.last_transition_time.clone())
-        .unwrap_or_else(|| Time(k8s_openapi::jiff::Timestamp::now()));
+        .unwrap_or_else(super::status::now_as_stored);
     Condition {
         type_: conditions::EFFECTIVE_ACCESS.to_string(),
         status: status.to_string(),

@@ -24,7 +24,13 @@
 //! selected instances once, and writes nothing when nothing differs. A
 //! reconcile whose inputs (generation, plan, instances) did not change
 //! since the last full sync, less than a resync interval ago, makes no EC2
-//! call at all: status writes and agent reports cost nothing on AWS.
+//! call at all: status writes and agent reports cost nothing on AWS. The
+//! next full sync of each policy falls at random in the last quarter of
+//! the resync interval (`Context::next_due`), so policies synced together
+//! resync spread out; a full sync that finds nothing changed writes no
+//! status (it is compared as the apiserver stores it, times to the
+//! second). A policy without cloud rules has no group and makes no EC2
+//! call once nothing of an earlier spec can be left.
 //!
 //! When the quota leaves no room for old and new rules side by side, the
 //! new rules that do not fit are authorized right after the revoke (a
@@ -337,6 +343,10 @@ impl Error {
     }
 }
 
+/// The part of the resync interval by which a policy's next full sync is
+/// brought forward at random (see [`Context::next_due`]).
+pub(crate) const RESYNC_SPREAD: f64 = 0.25;
+
 /// What the last full cloud sync of one policy saw, so reconciles with the
 /// same inputs skip EC2 until the next resync.
 #[derive(Debug, Clone)]
@@ -345,7 +355,9 @@ pub(crate) struct SyncMemory {
     /// The fingerprint of that sync's inputs (16 hex digits, not the text:
     /// that lists every selected instance).
     pub(crate) inputs: String,
-    pub(crate) at: Option<Instant>,
+    /// When the next full sync is due (`None`: at the next reconcile; see
+    /// [`Context::next_due`]).
+    pub(crate) due: Option<Instant>,
     pub(crate) references: crate::policy::Facts,
     pub(crate) rules: i64,
     /// The group as that sync left it (newer than a status read from a
@@ -419,7 +431,7 @@ impl<E: Ec2> Context<E> {
     /// reads its group back from EC2 (what the resync timer does).
     pub fn expire_sync_memory(&self) {
         for m in lock(&self.memory).values_mut() {
-            m.at = None;
+            m.due = None;
         }
         self.groups.clear();
         lock(&self.class_rules).clear();
@@ -485,11 +497,29 @@ impl<E: Ec2> Context<E> {
     /// out of band is found at the next resync of any member (every resync
     /// interval), not at every node joining.
     pub(crate) fn remembered_rules(&self, id: &str) -> Option<Vec<crate::policy::CurrentSgRule>> {
-        let ttl = self.config.resync.mul_f32(0.9);
+        let ttl = self.fresh_for();
         lock(&self.class_rules)
             .get(id)
             .filter(|(at, _)| at.elapsed() < ttl)
             .map(|(_, r)| r.clone())
+    }
+
+    /// When a full sync made now is next due: the resync interval less a
+    /// random part of up to [`RESYNC_SPREAD`] of it, so policies synced
+    /// together (a restart, a burst of new policies, a scale-up) are read
+    /// back spread over time, not in one burst every interval.
+    pub(crate) fn next_due(&self) -> Instant {
+        let cut = self.config.resync.mul_f64(RESYNC_SPREAD * fastrand::f64());
+        Instant::now() + self.config.resync.saturating_sub(cut)
+    }
+
+    /// How long what a sync read from EC2 (a shared group's rules, the
+    /// other groups on the nodes' interfaces) is used again instead of
+    /// read: less than the earliest a full sync can be due
+    /// ([`Context::next_due`]), so every resync reads what it checks for
+    /// drift.
+    pub(crate) fn fresh_for(&self) -> Duration {
+        self.config.resync.mul_f64(0.95 * (1.0 - RESYNC_SPREAD))
     }
 
     /// Records the rules of shared group `id` as just read or written

@@ -73,26 +73,40 @@ pub(crate) fn has_cloud_rules(policy: &FirewallPolicy) -> bool {
 }
 
 /// Whether Palisade creates no group for `policy`: a group it would create
-/// only for this policy (what makes it [`composable_spec`]) that would hold
+/// only for this policy (nothing of its own to keep: no `id`, `name`,
+/// `vpcId` or `tags`, `Enforce`, `deletionPolicy: Delete`) that would hold
 /// no permission, since the policy has no cloud-layer rule. Such a group
-/// admits nothing and would only take one of the interface's few group
-/// slots. A direction the policy does not govern is left to the node's
-/// other groups, as it is for every policy (the default egress rule a new
-/// group is born with is not the policy's).
+/// admits nothing: attached, it would only take one of the interface's few
+/// group slots; unattached (`attachToNodes: false`), it would serve
+/// nothing at all, yet cost a group and its reads at every sync. A
+/// direction the policy does not govern is left to the node's other
+/// groups, as it is for every policy (the default egress rule a new group
+/// is born with is not the policy's).
 pub(crate) fn no_group(policy: &FirewallPolicy) -> bool {
-    composable_spec(policy) && !has_cloud_rules(policy)
+    plain_spec(policy) && !has_cloud_rules(policy)
 }
 
 /// Whether the spec of `policy` lets it share its group (being deleted or
 /// not).
 pub(crate) fn composable_spec(policy: &FirewallPolicy) -> bool {
+    plain_spec(policy)
+        && policy
+            .spec
+            .security_group
+            .clone()
+            .unwrap_or_default()
+            .attaches()
+}
+
+/// Whether the group of `policy` would be Palisade's own with nothing of
+/// the policy's to keep apart (see [`no_group`]), attached or not.
+fn plain_spec(policy: &FirewallPolicy) -> bool {
     let spec = policy.spec.security_group.clone().unwrap_or_default();
     policy.spec.mode == PolicyMode::Enforce
         && spec.id.is_none()
         && spec.name.is_none()
         && spec.vpc_id.is_none()
         && spec.tags.as_ref().is_none_or(BTreeMap::is_empty)
-        && spec.attaches()
         && spec.deletion_policy == DeletionPolicy::Delete
         && crate::policy::validate(policy).is_ok()
 }
@@ -467,7 +481,7 @@ pub(crate) fn wake<E: Ec2>(ctx: &Context<E>, members: &[FirewallPolicy]) {
         let mut memory = lock(&ctx.memory);
         for uid in &uids {
             if let Some(m) = memory.get_mut(uid) {
-                m.at = None;
+                m.due = None;
             }
         }
     }
@@ -577,6 +591,13 @@ mod tests {
             rule.layers = Some(vec![crate::api::Layer::Node]);
         }
         assert!(no_group(&node_only) && !composable(&node_only));
+        // Unattached, it needs no group either.
+        let mut unattached = node_only.clone();
+        unattached.spec.security_group = Some(SecurityGroupTarget {
+            attach_to_nodes: Some(false),
+            ..Default::default()
+        });
+        assert!(no_group(&unattached) && !composable_spec(&unattached));
         let all = store_of(vec![web_a.clone(), node_only]);
         assert_eq!(
             class_of(&candidates(&all, None), &web_node),

@@ -4,7 +4,7 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use crate::api::conditions::{self, reason};
-use crate::api::{Condition, FirewallNode, FirewallPolicy, NodeCounts};
+use crate::api::{Condition, FirewallNode, FirewallPolicy, FirewallPolicyStatus, NodeCounts};
 
 /// Where the cloud layer of a policy stands after a reconcile.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -149,7 +149,7 @@ fn condition(type_: &str, ok: bool, reason: &str, message: String, generation: i
         reason: reason.to_string(),
         message,
         observed_generation: Some(generation),
-        last_transition_time: Some(Time(k8s_openapi::jiff::Timestamp::now())),
+        last_transition_time: Some(now_as_stored()),
     }
 }
 
@@ -270,6 +270,24 @@ pub fn conditions(
         .collect()
 }
 
+/// Now, as a status stores it: `metav1.Time` is written in whole seconds,
+/// so a time kept with its fraction would never equal its stored copy.
+pub fn now_as_stored() -> Time {
+    let now = k8s_openapi::jiff::Timestamp::now();
+    Time(k8s_openapi::jiff::Timestamp::from_second(now.as_second()).unwrap_or(now))
+}
+
+/// `status` as the apiserver stores and returns it: what a reconcile
+/// compares with the status it read, so a status that survives the round
+/// trip is written once, never again while nothing changes (times lose
+/// their fraction of a second; an empty list and an absent one read back
+/// alike).
+pub fn as_stored(status: FirewallPolicyStatus) -> FirewallPolicyStatus {
+    serde_json::to_value(&status)
+        .and_then(serde_json::from_value)
+        .unwrap_or(status)
+}
+
 /// Conditions equal but for their transition times.
 pub fn same_conditions(a: &[Condition], b: &[Condition]) -> bool {
     a.len() == b.len()
@@ -370,5 +388,28 @@ mod tests {
         assert_eq!(PolicyState::of(&stalled), PolicyState::Stalled);
         let labels: Vec<_> = PolicyState::ALL.iter().map(|s| s.label()).collect();
         assert_eq!(labels, ["ready", "reconciling", "stalled"]);
+    }
+
+    #[test]
+    fn a_status_compares_as_the_apiserver_stores_it() {
+        // A time with a fraction of a second reads back without it: kept
+        // as is, a record never equals its stored copy.
+        let fine =
+            Time(k8s_openapi::jiff::Timestamp::from_nanosecond(1_700_000_000_123_456_789).unwrap());
+        let status = FirewallPolicyStatus {
+            cloud_sync: Some(crate::api::CloudSync {
+                generation: 1,
+                inputs: "x".into(),
+                time: fine.clone(),
+                drift_repairs: 0,
+            }),
+            ..Default::default()
+        };
+        let stored: FirewallPolicyStatus =
+            serde_json::from_value(serde_json::to_value(&status).unwrap()).unwrap();
+        assert_ne!(stored, status, "the fraction is lost on the way");
+        assert_eq!(as_stored(status.clone()), stored);
+        assert_eq!(as_stored(stored.clone()), stored);
+        assert_eq!(now_as_stored().0.subsec_nanosecond(), 0);
     }
 }
