@@ -149,10 +149,7 @@ pub(crate) async fn publish<E: Ec2>(ctx: &Context<E>, computed: &BTreeMap<String
         .cache
         .reports()
         .iter()
-        .filter_map(|r| {
-            let written = r.status.as_ref().map(|s| s.exposure.clone());
-            Some((r.metadata.name.clone()?, written.unwrap_or_default()))
-        })
+        .map(|r| (r.name.clone(), r.exposure.clone()))
         .collect();
     let api: Api<FirewallNode> = Api::all(ctx.client.clone());
     for (node, exposure) in computed {
