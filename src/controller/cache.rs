@@ -104,10 +104,15 @@ impl<T: Clone> Table<T> {
                 if let Some(seen) = &mut self.listing {
                     seen.insert(name.clone());
                 }
-                let old = self.items.insert(name, item.clone());
-                match old {
-                    Some(o) if same(&o, &item) => vec![],
-                    o => vec![(o, Some(item))],
+                // An unchanged object (a heartbeat) keeps the stored copy:
+                // the snapshot of node facts shares its labels, and a copy
+                // replaced by an equal one would be held twice.
+                match self.items.get(&name) {
+                    Some(o) if same(o, &item) => vec![],
+                    _ => {
+                        let old = self.items.insert(name, item.clone());
+                        vec![(old, Some(item))]
+                    }
                 }
             }
             watcher::Event::Delete((name, _)) => match self.items.remove(&name) {
@@ -788,11 +793,16 @@ mod tests {
             conditions: Some(vec![Default::default()]),
             ..Default::default()
         });
+        let before = cache.nodes();
         assert!(
             cache
                 .node_event(watcher::Event::Apply(n.clone().into()))
                 .is_empty()
         );
+        // The table kept its copy, which the snapshot shares.
+        let stored = read(&cache.nodes).items["n1"].labels.clone();
+        assert!(stored.shares(&before[0].labels));
+        assert!(Arc::ptr_eq(&before, &cache.nodes()));
         n.metadata.labels = Some(
             [("role".to_string(), "web".to_string())]
                 .into_iter()

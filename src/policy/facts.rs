@@ -161,10 +161,9 @@ impl FromIterator<(String, String)> for Labels {
 }
 
 impl Labels {
-    /// The labels to change, copied first if another [`NodeFacts`] shares
-    /// them.
-    pub fn make_mut(&mut self) -> &mut BTreeMap<String, String> {
-        std::sync::Arc::make_mut(&mut self.0)
+    /// Whether `other` is this very copy (not only equal).
+    pub fn shares(&self, other: &Labels) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
     }
 }
 
