@@ -976,9 +976,9 @@ pub async fn run(client: Client, config: AgentConfig) -> Result<(), AgentError> 
                         let changed = node_event(&mut me, &ev);
                         if let Some((_, n)) = &me {
                             labels_tx.send_if_modified(|l| {
-                                let new = l.as_ref() != Some(&n.labels);
+                                let new = l.as_ref() != Some(&*n.labels);
                                 if new {
-                                    *l = Some(n.labels.clone());
+                                    *l = Some((*n.labels).clone());
                                 }
                                 new
                             });

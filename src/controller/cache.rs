@@ -46,7 +46,9 @@ pub struct ClusterCache {
     /// copying every node (at 500 nodes, those copies were the largest
     /// peak of the controller's heap).
     snapshot: RwLock<Option<Arc<Vec<NodeFacts>>>>,
-    reports: RwLock<Table<Arc<FirewallNode>>>,
+    reports: RwLock<Table<Arc<Report>>>,
+    /// Policy names and uids shared by the reports.
+    names: std::sync::Mutex<Names>,
     ready: watch::Sender<[bool; 2]>,
     /// Woken when a node fact changes (the peer-slice publisher waits on it).
     pub(crate) nodes_changed: Notify,
@@ -58,6 +60,7 @@ impl Default for ClusterCache {
             nodes: RwLock::default(),
             snapshot: RwLock::default(),
             reports: RwLock::default(),
+            names: std::sync::Mutex::default(),
             ready: watch::channel([false; 2]).0,
             nodes_changed: Notify::new(),
         }
@@ -101,10 +104,15 @@ impl<T: Clone> Table<T> {
                 if let Some(seen) = &mut self.listing {
                     seen.insert(name.clone());
                 }
-                let old = self.items.insert(name, item.clone());
-                match old {
-                    Some(o) if same(&o, &item) => vec![],
-                    o => vec![(o, Some(item))],
+                // An unchanged object (a heartbeat) keeps the stored copy:
+                // the snapshot of node facts shares its labels, and a copy
+                // replaced by an equal one would be held twice.
+                match self.items.get(&name) {
+                    Some(o) if same(o, &item) => vec![],
+                    _ => {
+                        let old = self.items.insert(name, item.clone());
+                        vec![(old, Some(item))]
+                    }
                 }
             }
             watcher::Event::Delete((name, _)) => match self.items.remove(&name) {
@@ -130,7 +138,7 @@ impl<T: Clone> Table<T> {
 
 fn keyed<K: kube::Resource, T>(
     event: watcher::Event<K>,
-    f: impl Fn(K) -> T,
+    f: impl FnOnce(K) -> T,
 ) -> watcher::Event<(String, T)> {
     let pair = |k: K| (k.name_any(), f(k));
     match event {
@@ -167,7 +175,7 @@ impl ClusterCache {
     }
 
     /// Every agent report.
-    pub fn reports(&self) -> Vec<Arc<FirewallNode>> {
+    pub fn reports(&self) -> Vec<Arc<Report>> {
         read(&self.reports).items.values().cloned().collect()
     }
 
@@ -190,9 +198,9 @@ impl ClusterCache {
     /// whose facts Palisade uses changed.
     fn node_event(
         &self,
-        event: watcher::Event<Node>,
+        event: watcher::Event<NodeView>,
     ) -> Vec<(Option<NodeFacts>, Option<NodeFacts>)> {
-        let event = keyed(event, |n| NodeFacts::from_node(&n));
+        let event = keyed(event, |n| n.facts());
         let mut table = write(&self.nodes);
         let changes = table.apply(event, |a, b| a == b);
         if !changes.is_empty() {
@@ -203,45 +211,239 @@ impl ClusterCache {
 
     /// Folds a FirewallNode event in; returns the (old, new) reports whose
     /// status changed.
-    fn report_event(&self, event: watcher::Event<FirewallNode>) -> Vec<Change<Arc<FirewallNode>>> {
-        let event = keyed(event, |r| Arc::new(trim_report(r)));
-        write(&self.reports).apply(event, |a, b| a.status == b.status)
+    fn report_event(&self, event: watcher::Event<FirewallNode>) -> Vec<Change<Arc<Report>>> {
+        let event = {
+            let mut names = self
+                .names
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            keyed(event, |r| Arc::new(Report::new(r, &mut names)))
+        };
+        write(&self.reports).apply(event, |a, b| a == b)
     }
 }
 
-/// What the controller keeps of an agent report: its name and uid, and of
-/// its status the policies applied (name, uid, generation), the last
-/// sync's result and time, and the exposure the controller wrote. The
-/// rest — managedFields, labels, annotations, conditions, counts, rule
-/// hashes, Audit counters, the failure message — is read by nothing in
-/// the controller, and a change only there wakes no policy.
-pub fn trim_report(report: FirewallNode) -> FirewallNode {
-    let FirewallNode {
-        metadata, status, ..
-    } = report;
-    let mut trimmed = FirewallNode::new(
-        metadata.name.as_deref().unwrap_or_default(),
-        Default::default(),
-    );
-    trimmed.metadata.uid = metadata.uid;
-    trimmed.status = status.map(|s| crate::api::FirewallNodeStatus {
-        policies: s
-            .policies
-            .into_iter()
-            .map(|p| crate::api::AppliedPolicy {
-                name: p.name,
-                uid: p.uid,
-                generation: p.generation,
+/// What the controller keeps of an agent report: the node's name, the
+/// policies applied (name, uid, generation), whether the last sync failed,
+/// and the exposure the controller wrote. The rest — managedFields,
+/// labels, annotations, conditions, counts, rule hashes, Audit counters,
+/// the sync's time and message — is read by nothing in the controller, and
+/// a change only there wakes no policy.
+///
+/// A node lists every policy selecting it (≈ 100 at 5,000 nodes × 1,000
+/// policies in `make bench-scale`), so this is the controller's largest
+/// per-node × per-policy store: each applied policy is 40 bytes, its name
+/// and uid shared between every report that lists it (see [`Names`]),
+/// where the trimmed `FirewallNode` took ≈ 220 (the whole `AppliedPolicy`
+/// with the list's spare capacity, and the name and uid copied per node).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Report {
+    /// The node (the `FirewallNode`'s name).
+    pub name: String,
+    /// The policies the agent applied, as it lists them.
+    pub applied: Box<[Applied]>,
+    /// The agent's last sync failed.
+    pub failed: bool,
+    /// `status.exposure`, as last written (by this controller).
+    pub exposure: Vec<String>,
+}
+
+/// One policy an agent reports applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applied {
+    /// The policy's name.
+    pub name: Arc<str>,
+    /// Its uid, when the agent knew it.
+    pub uid: Option<Arc<str>>,
+    /// The generation applied.
+    pub generation: i64,
+}
+
+impl Report {
+    /// Keeps what the controller reads of `report` (see [`Report`]),
+    /// sharing policy names and uids through `names`.
+    pub fn new(report: FirewallNode, names: &mut Names) -> Self {
+        let status = report.status.unwrap_or_default();
+        Report {
+            name: report.metadata.name.unwrap_or_default(),
+            applied: status
+                .policies
+                .iter()
+                .map(|p| Applied {
+                    name: names.get(&p.name),
+                    uid: p.uid.as_deref().map(|u| names.get(u)),
+                    generation: p.generation,
+                })
+                .collect(),
+            failed: status.last_sync.is_some_and(|s| s.result == "Failed"),
+            exposure: status.exposure,
+        }
+    }
+
+    /// Whether the agent lists the policy `name` (and `uid`, when both
+    /// know it), at `generation` if given.
+    pub fn lists(&self, name: &str, uid: Option<&str>, generation: Option<i64>) -> bool {
+        self.applied.iter().any(|p| {
+            *p.name == *name
+                && generation.is_none_or(|g| g == p.generation)
+                && (p.uid.is_none() || uid.is_none() || p.uid.as_deref() == uid)
+        })
+    }
+}
+
+impl From<FirewallNode> for Report {
+    fn from(report: FirewallNode) -> Self {
+        Report::new(report, &mut Names::default())
+    }
+}
+
+/// Policy names and uids, one copy each however many reports list them.
+/// Strings no report holds any more are dropped once the set has doubled
+/// since the last sweep, so it stays within twice the names in use.
+#[derive(Debug, Default)]
+pub struct Names {
+    set: std::collections::HashSet<Arc<str>>,
+    swept: usize,
+}
+
+impl Names {
+    /// The shared copy of `s`.
+    pub fn get(&mut self, s: &str) -> Arc<str> {
+        if let Some(a) = self.set.get(s) {
+            return a.clone();
+        }
+        if self.set.len() >= 2 * self.swept.max(64) {
+            self.set.retain(|a| Arc::strong_count(a) > 1);
+            self.swept = self.set.len();
+        }
+        let a: Arc<str> = Arc::from(s);
+        self.set.insert(a.clone());
+        a
+    }
+
+    /// How many strings are held.
+    pub fn len(&self) -> usize {
+        self.set.len()
+    }
+
+    /// Whether none is held.
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty()
+    }
+}
+
+/// A Node as the controller's watch decodes it: only what [`NodeFacts`]
+/// reads (name, labels, `providerID`, addresses) and what the watch itself
+/// needs (uid, resourceVersion). The rest of an EKS node's 7.5 KB —
+/// `managedFields` (decoded as untyped JSON maps), images, conditions,
+/// node info, capacity — is skipped while parsing instead of allocated and
+/// dropped: a page of 500 full Nodes of the initial list was the largest
+/// peak of the controller's heap at a restart (≈ 25 of its 36 MB at 1,000
+/// nodes, heaptrack), and every heartbeat decoded a whole Node.
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+#[serde(from = "RawNode")]
+pub struct NodeView(Node);
+
+impl NodeView {
+    /// The facts Palisade uses.
+    pub fn facts(&self) -> NodeFacts {
+        NodeFacts::from_node(&self.0)
+    }
+}
+
+impl From<Node> for NodeView {
+    /// Keeps of `node` what the watch would have decoded.
+    fn from(node: Node) -> Self {
+        RawNode {
+            metadata: RawMeta {
+                name: node.metadata.name,
+                uid: node.metadata.uid,
+                resource_version: node.metadata.resource_version,
+                labels: node.metadata.labels,
+            },
+            spec: node.spec.map(|s| RawSpec {
+                provider_id: s.provider_id,
+            }),
+            status: node.status.map(|s| RawStatus {
+                addresses: s.addresses,
+            }),
+        }
+        .into()
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct RawNode {
+    metadata: RawMeta,
+    spec: Option<RawSpec>,
+    status: Option<RawStatus>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawMeta {
+    name: Option<String>,
+    uid: Option<String>,
+    resource_version: Option<String>,
+    labels: Option<BTreeMap<String, String>>,
+}
+
+#[derive(serde::Deserialize)]
+struct RawSpec {
+    #[serde(rename = "providerID")]
+    provider_id: Option<String>,
+}
+
+#[derive(serde::Deserialize)]
+struct RawStatus {
+    addresses: Option<Vec<k8s_openapi::api::core::v1::NodeAddress>>,
+}
+
+impl From<RawNode> for NodeView {
+    fn from(raw: RawNode) -> Self {
+        use k8s_openapi::api::core::v1::{NodeSpec, NodeStatus};
+        NodeView(Node {
+            metadata: kube::api::ObjectMeta {
+                name: raw.metadata.name,
+                uid: raw.metadata.uid,
+                resource_version: raw.metadata.resource_version,
+                labels: raw.metadata.labels,
                 ..Default::default()
-            })
-            .collect(),
-        last_sync: s
-            .last_sync
-            .map(|l| crate::api::SyncResult { message: None, ..l }),
-        exposure: s.exposure,
-        ..Default::default()
-    });
-    trimmed
+            },
+            spec: raw.spec.map(|s| NodeSpec {
+                provider_id: s.provider_id,
+                ..Default::default()
+            }),
+            status: raw.status.map(|s| NodeStatus {
+                addresses: s.addresses,
+                ..Default::default()
+            }),
+        })
+    }
+}
+
+impl kube::Resource for NodeView {
+    type DynamicType = ();
+    type Scope = <Node as kube::Resource>::Scope;
+
+    fn kind(dt: &()) -> std::borrow::Cow<'_, str> {
+        <Node as kube::Resource>::kind(dt)
+    }
+    fn group(dt: &()) -> std::borrow::Cow<'_, str> {
+        <Node as kube::Resource>::group(dt)
+    }
+    fn version(dt: &()) -> std::borrow::Cow<'_, str> {
+        <Node as kube::Resource>::version(dt)
+    }
+    fn plural(dt: &()) -> std::borrow::Cow<'_, str> {
+        <Node as kube::Resource>::plural(dt)
+    }
+    fn meta(&self) -> &kube::api::ObjectMeta {
+        &self.0.metadata
+    }
+    fn meta_mut(&mut self) -> &mut kube::api::ObjectMeta {
+        &mut self.0.metadata
+    }
 }
 
 /// The selectors of a policy's `nodeSelector` peers (either layer).
@@ -291,20 +493,19 @@ pub fn policies_for_node_change(
 /// The policies a change of one agent report concerns (pure): those it
 /// lists before or after, and those still waiting on nodes.
 pub fn policies_for_report_change(
-    old: Option<&FirewallNode>,
-    new: Option<&FirewallNode>,
+    old: Option<&Report>,
+    new: Option<&Report>,
     policies: &[Arc<FirewallPolicy>],
 ) -> Vec<ObjectRef<FirewallPolicy>> {
-    let listed: BTreeSet<String> = old
+    let listed: BTreeSet<&str> = old
         .into_iter()
         .chain(new)
-        .flat_map(|r| r.status.iter())
-        .flat_map(|s| s.policies.iter().map(|p| p.name.clone()))
+        .flat_map(|r| r.applied.iter().map(|p| &*p.name))
         .collect();
     policies
         .iter()
         .filter(|p| {
-            listed.contains(&p.name_any())
+            listed.contains(p.name_any().as_str())
                 || p.status
                     .as_ref()
                     .and_then(|s| s.nodes.as_ref())
@@ -323,8 +524,11 @@ pub async fn follow(
     policies: Store<FirewallPolicy>,
     trigger: UnboundedSender<ObjectRef<FirewallPolicy>>,
 ) {
-    let nodes =
-        watcher(Api::<Node>::all(client.clone()), watcher::Config::default()).default_backoff();
+    let nodes = watcher(
+        Api::<NodeView>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff();
     let reports =
         watcher(Api::<FirewallNode>::all(client), watcher::Config::default()).default_backoff();
     let mut nodes = std::pin::pin!(nodes);
@@ -470,31 +674,34 @@ mod tests {
                     "lastTransitionTime": "2026-01-01T00:00:00Z"}]}
         }))
         .unwrap();
-        let t = trim_report(full.clone());
-        assert_eq!(t.metadata.name.as_deref(), Some("n1"));
-        assert_eq!(t.metadata.uid.as_deref(), Some("r-uid"));
-        assert!(t.metadata.managed_fields.is_none() && t.metadata.labels.is_none());
-        let s = t.status.as_ref().unwrap();
-        assert_eq!(s.policies.len(), 1);
-        let p = &s.policies[0];
+        let mut names = Names::default();
+        let t = Report::new(full.clone(), &mut names);
+        assert_eq!(t.name, "n1");
+        assert_eq!(t.applied.len(), 1);
+        let p = &t.applied[0];
         assert_eq!(
-            (p.name.as_str(), p.uid.as_deref(), p.generation),
+            (&*p.name, p.uid.as_deref(), p.generation),
             ("web", Some("p-uid"), 2)
         );
-        assert!(p.hash.is_empty() && p.mode.is_none());
-        assert_eq!(s.last_sync.as_ref().unwrap().result, "Failed");
-        assert!(s.last_sync.as_ref().unwrap().message.is_none());
-        assert_eq!(s.exposure, ["tcp/22 from 0.0.0.0/0"]);
-        assert!(s.conditions.is_empty() && s.backend.is_none() && s.rule_count == 0);
+        assert!(t.failed);
+        assert_eq!(t.exposure, ["tcp/22 from 0.0.0.0/0"]);
+        // Another node's report shares the policy's name and uid.
+        let mut other = full.clone();
+        other.metadata.name = Some("n2".into());
+        let o = Report::new(other, &mut names);
+        assert!(Arc::ptr_eq(&o.applied[0].name, &p.name));
+        assert_eq!(names.len(), 2);
+        assert!(t.lists("web", Some("p-uid"), Some(2)));
+        assert!(t.lists("web", None, Some(2)) && t.lists("web", Some("p-uid"), None));
+        assert!(!t.lists("web", Some("other-uid"), Some(2)));
+        assert!(!t.lists("web", Some("p-uid"), Some(3)) && !t.lists("db", None, None));
         // What the status counts read gives the same answers.
         let mut policy = crate::policy::testing::policy("web", vec![], None);
         policy.metadata.uid = Some("p-uid".into());
         policy.metadata.generation = Some(2);
         let selected = vec!["n1".to_string()];
-        assert_eq!(
-            crate::controller::status::node_counts(&policy, &selected, &[Arc::new(full)]),
-            crate::controller::status::node_counts(&policy, &selected, &[Arc::new(t)])
-        );
+        let counts = crate::controller::status::node_counts(&policy, &selected, &[Arc::new(t)]);
+        assert_eq!((counts.selected, counts.synced, counts.failed), (1, 1, 0));
         // A change the controller does not read (an agent's rule count)
         // wakes nothing.
         let cache = ClusterCache::default();
@@ -516,34 +723,101 @@ mod tests {
     }
 
     #[test]
+    fn names_no_report_holds_are_dropped() {
+        let mut names = Names::default();
+        let kept = names.get("kept");
+        for i in 0..1000 {
+            let _ = names.get(&format!("gone-{i}"));
+        }
+        // Swept whenever the set doubled: never more than twice the
+        // strings in use (here 1) plus the sweep's floor.
+        assert!(names.len() <= 128, "{}", names.len());
+        assert!(Arc::ptr_eq(&names.get("kept"), &kept));
+    }
+
+    #[test]
+    fn the_node_watch_decodes_only_the_facts() {
+        let json = serde_json::json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": "ip-10-0-0-7.ec2.internal", "uid": "n-uid", "resourceVersion": "42",
+                "labels": {"kubernetes.io/os": "linux", "palisade.dev/pool": "a"},
+                "annotations": {"node.alpha.kubernetes.io/ttl": "0"},
+                "managedFields": [{"manager": "kubelet", "operation": "Update", "apiVersion": "v1",
+                    "fieldsType": "FieldsV1", "fieldsV1": {"f:status": {"f:conditions": {".": {}}}}}]},
+            "spec": {"providerID": "aws:///us-east-1a/i-0abc", "podCIDR": "10.1.0.0/24"},
+            "status": {
+                "addresses": [{"type": "InternalIP", "address": "10.0.0.7"},
+                    {"type": "InternalIP", "address": "fd00::7"},
+                    {"type": "Hostname", "address": "ip-10-0-0-7.ec2.internal"}],
+                "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
+                    "lastHeartbeatTime": "2026-01-01T00:00:00Z", "lastTransitionTime": "2026-01-01T00:00:00Z"}],
+                "images": [{"names": ["registry/image@sha256:00"], "sizeBytes": 1}],
+                "nodeInfo": {"architecture": "amd64", "bootID": "b", "containerRuntimeVersion": "c",
+                    "kernelVersion": "k", "kubeProxyVersion": "", "kubeletVersion": "v", "machineID": "m",
+                    "operatingSystem": "linux", "osImage": "o", "systemUUID": "s"}
+            }
+        });
+        let full: Node = serde_json::from_value(json.clone()).unwrap();
+        let view: NodeView = serde_json::from_value(json).unwrap();
+        assert_eq!(view.facts(), NodeFacts::from_node(&full));
+        assert_eq!(view.facts().addresses.len(), 2);
+        assert_eq!(view.facts().instance_id(), Some("i-0abc"));
+        use kube::Resource;
+        assert_eq!(view.meta().resource_version.as_deref(), Some("42"));
+        assert_eq!(view.meta().uid.as_deref(), Some("n-uid"));
+        // What is not read is not kept.
+        assert!(view.meta().managed_fields.is_none() && view.meta().annotations.is_none());
+        let status = view.0.status.as_ref().unwrap();
+        assert!(
+            status.images.is_none() && status.conditions.is_none() && status.node_info.is_none()
+        );
+        // The same view from a Node object (tests and the watch agree).
+        assert_eq!(NodeView::from(full).facts(), view.facts());
+        assert_eq!(NodeView::url_path(&(), None), "/api/v1/nodes");
+    }
+
+    #[test]
     fn heartbeats_change_no_fact() {
         let cache = ClusterCache::default();
         let mut n = Node::default();
         n.metadata.name = Some("n1".into());
-        assert_eq!(cache.node_event(watcher::Event::Apply(n.clone())).len(), 1);
+        assert_eq!(
+            cache
+                .node_event(watcher::Event::Apply(n.clone().into()))
+                .len(),
+            1
+        );
         // A heartbeat: conditions and resourceVersion move, the facts do not.
         n.metadata.resource_version = Some("42".into());
         n.status = Some(k8s_openapi::api::core::v1::NodeStatus {
             conditions: Some(vec![Default::default()]),
             ..Default::default()
         });
+        let before = cache.nodes();
         assert!(
             cache
-                .node_event(watcher::Event::Apply(n.clone()))
+                .node_event(watcher::Event::Apply(n.clone().into()))
                 .is_empty()
         );
+        // The table kept its copy, which the snapshot shares.
+        let stored = read(&cache.nodes).items["n1"].labels.clone();
+        assert!(stored.shares(&before[0].labels));
+        assert!(Arc::ptr_eq(&before, &cache.nodes()));
         n.metadata.labels = Some(
             [("role".to_string(), "web".to_string())]
                 .into_iter()
                 .collect(),
         );
-        assert_eq!(cache.node_event(watcher::Event::Apply(n)).len(), 1);
+        assert_eq!(cache.node_event(watcher::Event::Apply(n.into())).len(), 1);
         // A re-list (after a failover or an expired watch) that no longer
         // delivers n1: it is gone, and that is a change.
         assert!(cache.node_event(watcher::Event::Init).is_empty());
         let mut m = Node::default();
         m.metadata.name = Some("n2".into());
-        assert_eq!(cache.node_event(watcher::Event::InitApply(m)).len(), 1);
+        assert_eq!(
+            cache.node_event(watcher::Event::InitApply(m.into())).len(),
+            1
+        );
         let gone = cache.node_event(watcher::Event::InitDone);
         assert_eq!(gone.len(), 1);
         assert_eq!(gone[0].0.as_ref().map(|n| n.name.as_str()), Some("n1"));

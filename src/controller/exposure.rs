@@ -77,8 +77,14 @@ pub(crate) async fn compute<E: Ec2>(
         ..Default::default()
     };
     // Node-layer inbound intent per node: the union of the Enforce
-    // policies governing its inbound traffic (None: no such policy).
-    let mut node_intent: HashMap<String, Vec<SgPermission>> = HashMap::new();
+    // policies governing its inbound traffic (None: no such policy). Each
+    // policy's list once, and per node the indices of its policies' lists:
+    // a copy of each list for every node it selects held one copy per
+    // (node, policy) pair at once (5 MB of the 21 MB heap peak at 1,000
+    // nodes × 200 policies, heaptrack; ≈ 25 times that at 5,000 × 1,000).
+    // Each node's union is put together when it is judged.
+    let mut lists: Vec<Vec<SgPermission>> = Vec::new();
+    let mut node_intent: HashMap<String, Vec<usize>> = HashMap::new();
     for policy in policies {
         if policy.metadata.deletion_timestamp.is_some() || policy.spec.mode != PolicyMode::Enforce {
             continue;
@@ -90,11 +96,12 @@ pub(crate) async fn compute<E: Ec2>(
         let Some(ingress) = intent.direction(Direction::Ingress) else {
             continue;
         };
+        lists.push(ingress.to_vec());
         for node in &compiled.selected_nodes {
             node_intent
                 .entry(node.clone())
                 .or_default()
-                .extend(ingress.iter().cloned());
+                .push(lists.len() - 1);
         }
     }
     let instances = lock(&ctx.instances).clone();
@@ -127,8 +134,10 @@ pub(crate) async fn compute<E: Ec2>(
         let Some(union) = ctx.groups.ingress_union(&instance.eni_groups) else {
             continue;
         };
-        let intent = node_intent.get(&node.name).map(Vec::as_slice);
-        let (open, more) = exposure(&union, intent, &scopes);
+        let intent: Option<Vec<SgPermission>> = node_intent
+            .get(&node.name)
+            .map(|ix| ix.iter().flat_map(|&i| lists[i].iter().cloned()).collect());
+        let (open, more) = exposure(&union, intent.as_deref(), &scopes);
         out.insert(
             node.name.clone(),
             NodeExposure {
@@ -149,10 +158,7 @@ pub(crate) async fn publish<E: Ec2>(ctx: &Context<E>, computed: &BTreeMap<String
         .cache
         .reports()
         .iter()
-        .filter_map(|r| {
-            let written = r.status.as_ref().map(|s| s.exposure.clone());
-            Some((r.metadata.name.clone()?, written.unwrap_or_default()))
-        })
+        .map(|r| (r.name.clone(), r.exposure.clone()))
         .collect();
     let api: Api<FirewallNode> = Api::all(ctx.client.clone());
     for (node, exposure) in computed {

@@ -86,7 +86,7 @@ use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 
-use crate::api::{FirewallNode, FirewallPolicy};
+use crate::api::FirewallPolicy;
 use crate::cloud::{CloudError, Ec2, ErrorKind};
 use crate::policy::{NodeFacts, PolicyError, SgQuota};
 
@@ -474,7 +474,7 @@ impl<E: Ec2> Context<E> {
     }
 
     /// Every agent report, from the watch cache.
-    pub(crate) async fn reports(&self) -> Result<Vec<Arc<FirewallNode>>, Error> {
+    pub(crate) async fn reports(&self) -> Result<Vec<Arc<cache::Report>>, Error> {
         self.cache.ready().await;
         Ok(self.cache.reports())
     }

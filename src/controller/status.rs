@@ -4,7 +4,10 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use crate::api::conditions::{self, reason};
-use crate::api::{Condition, FirewallNode, FirewallPolicy, FirewallPolicyStatus, NodeCounts};
+use std::sync::Arc;
+
+use super::cache::Report;
+use crate::api::{Condition, FirewallPolicy, FirewallPolicyStatus, NodeCounts};
 
 /// Where the cloud layer of a policy stands after a reconcile.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,7 +78,7 @@ impl PolicyState {
 pub fn node_counts(
     policy: &FirewallPolicy,
     selected: &[String],
-    reports: &[std::sync::Arc<FirewallNode>],
+    reports: &[Arc<Report>],
 ) -> NodeCounts {
     let name = policy.metadata.name.as_deref().unwrap_or_default();
     let uid = policy.metadata.uid.as_deref();
@@ -84,29 +87,17 @@ pub fn node_counts(
     let mut failed = 0;
     // By name, once: a search per selected node made this N² (measured by
     // `make bench-scale`).
-    let by_name: std::collections::HashMap<&str, &FirewallNode> = reports
+    let by_name: std::collections::HashMap<&str, &Report> = reports
         .iter()
-        .filter_map(|r| Some((r.metadata.name.as_deref()?, r.as_ref())))
+        .map(|r| (r.name.as_str(), r.as_ref()))
         .collect();
     for node in selected {
         let Some(report) = by_name.get(node.as_str()) else {
             continue;
         };
-        let Some(status) = &report.status else {
-            continue;
-        };
-        let applied = status.policies.iter().any(|p| {
-            p.name == name
-                && p.generation == generation
-                && (p.uid.is_none() || uid.is_none() || p.uid.as_deref() == uid)
-        });
-        if applied {
+        if report.lists(name, uid, Some(generation)) {
             synced += 1;
-        } else if status
-            .last_sync
-            .as_ref()
-            .is_some_and(|s| s.result == "Failed")
-        {
+        } else if report.failed {
             failed += 1;
         }
     }
@@ -121,22 +112,13 @@ pub fn node_counts(
 
 /// Nodes whose agent still lists `policy` (by name, and uid when both
 /// know it): the finalizer stays until this is empty.
-pub fn nodes_still_enforcing(
-    policy: &FirewallPolicy,
-    reports: &[std::sync::Arc<FirewallNode>],
-) -> Vec<String> {
+pub fn nodes_still_enforcing(policy: &FirewallPolicy, reports: &[Arc<Report>]) -> Vec<String> {
     let name = policy.metadata.name.as_deref().unwrap_or_default();
     let uid = policy.metadata.uid.as_deref();
     let mut nodes: Vec<String> = reports
         .iter()
-        .filter(|r| {
-            r.status.as_ref().is_some_and(|s| {
-                s.policies.iter().any(|p| {
-                    p.name == name && (p.uid.is_none() || uid.is_none() || p.uid.as_deref() == uid)
-                })
-            })
-        })
-        .filter_map(|r| r.metadata.name.clone())
+        .filter(|r| r.lists(name, uid, None))
+        .map(|r| r.name.clone())
         .collect();
     nodes.sort();
     nodes
@@ -304,10 +286,9 @@ pub fn same_conditions(a: &[Condition], b: &[Condition]) -> bool {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::api::{AppliedPolicy, FirewallNodeSpec, FirewallNodeStatus};
-    use std::sync::Arc;
+    use crate::api::{AppliedPolicy, FirewallNode, FirewallNodeSpec, FirewallNodeStatus};
 
-    fn report(node: &str, policy: &str, generation: i64) -> Arc<FirewallNode> {
+    fn report(node: &str, policy: &str, generation: i64) -> Arc<Report> {
         let mut n = FirewallNode::new(
             node,
             FirewallNodeSpec {
@@ -324,7 +305,7 @@ mod tests {
             }],
             ..Default::default()
         });
-        Arc::new(n)
+        Arc::new(Report::from(n))
     }
 
     fn get<'a>(c: &'a [Condition], t: &str) -> &'a Condition {

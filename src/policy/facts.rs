@@ -82,7 +82,7 @@ pub struct NodeFacts {
     pub name: String,
     /// `metadata.labels`.
     #[serde(default)]
-    pub labels: BTreeMap<String, String>,
+    pub labels: Labels,
     /// The node's `InternalIP` addresses (IPv4 and IPv6).
     #[serde(default)]
     pub addresses: Vec<IpAddr>,
@@ -107,7 +107,7 @@ impl NodeFacts {
         addresses.dedup();
         Self {
             name: node.metadata.name.clone().unwrap_or_default(),
-            labels: node.metadata.labels.clone().unwrap_or_default(),
+            labels: node.metadata.labels.clone().unwrap_or_default().into(),
             addresses,
             provider_id: node.spec.as_ref().and_then(|s| s.provider_id.clone()),
         }
@@ -123,6 +123,47 @@ impl NodeFacts {
             .rsplit('/')
             .next()?;
         id.starts_with("i-").then_some(id)
+    }
+}
+
+/// A node's labels, shared between copies of its [`NodeFacts`]: the
+/// controller's snapshot of every node (rebuilt after each node change,
+/// while reconciles may still hold the previous one) copies each node's
+/// facts, and the labels are most of them (≈ 3 KB of an EKS node's 21).
+/// Reads as the map (`Deref`); built from one like it.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Labels(std::sync::Arc<BTreeMap<String, String>>);
+
+impl std::ops::Deref for Labels {
+    type Target = BTreeMap<String, String>;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl From<BTreeMap<String, String>> for Labels {
+    fn from(map: BTreeMap<String, String>) -> Self {
+        Labels(std::sync::Arc::new(map))
+    }
+}
+
+impl<const N: usize> From<[(String, String); N]> for Labels {
+    fn from(pairs: [(String, String); N]) -> Self {
+        BTreeMap::from(pairs).into()
+    }
+}
+
+impl FromIterator<(String, String)> for Labels {
+    fn from_iter<I: IntoIterator<Item = (String, String)>>(iter: I) -> Self {
+        iter.into_iter().collect::<BTreeMap<_, _>>().into()
+    }
+}
+
+impl Labels {
+    /// Whether `other` is this very copy (not only equal).
+    pub fn shares(&self, other: &Labels) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
     }
 }
 

@@ -182,7 +182,7 @@ pub use cloud::{
 pub use error::PolicyError;
 pub use facts::{
     AllowVerdict, EC2_DNS, EC2_METADATA, EC2_TIME, Facts, Failsafe, FailsafePort, FailsafeScope,
-    NodeFacts, PrefixListFacts, SgQuota,
+    Labels, NodeFacts, PrefixListFacts, SgQuota,
 };
 pub(crate) use hash::short_hash;
 pub use node::{

@@ -95,7 +95,7 @@ pub fn selector(pairs: &[(&str, &str)]) -> NodeSelector {
 pub fn node(name: &str, pairs: &[(&str, &str)], addrs: &[&str]) -> NodeFacts {
     NodeFacts {
         name: name.into(),
-        labels: labels(pairs),
+        labels: labels(pairs).into(),
         addresses: addrs.iter().map(|a| a.parse().expect("address")).collect(),
         provider_id: Some(format!("aws:///eu-west-1a/i-{:017x}", name.len())),
     }
