@@ -446,23 +446,104 @@ impl kube::Resource for NodeView {
     }
 }
 
-/// The selectors of a policy's `nodeSelector` peers (either layer).
-fn peer_selectors(policy: &FirewallPolicy) -> Vec<Selector> {
-    let Ok(valid) = validate(policy) else {
-        return Vec::new();
-    };
-    [
-        crate::policy::Direction::Ingress,
-        crate::policy::Direction::Egress,
-    ]
-    .into_iter()
-    .flat_map(|d| valid.rules(d).unwrap_or_default().to_vec())
-    .flat_map(|r| r.peers)
-    .filter_map(|p| match p {
-        PeerRef::Nodes(sel) => Some(sel),
-        _ => None,
-    })
-    .collect()
+/// How one policy judges a node change: the policy validated (`None`:
+/// invalid, so every node change concerns it and its reconcile says why)
+/// and the selectors of its `nodeSelector` peers (either layer).
+#[derive(Debug, Clone)]
+struct Judge {
+    valid: Option<crate::policy::ValidPolicy>,
+    peers: Vec<Selector>,
+}
+
+impl Judge {
+    fn of(policy: &FirewallPolicy) -> Judge {
+        let Ok(valid) = validate(policy) else {
+            return Judge {
+                valid: None,
+                peers: Vec::new(),
+            };
+        };
+        let peers = [
+            crate::policy::Direction::Ingress,
+            crate::policy::Direction::Egress,
+        ]
+        .into_iter()
+        .flat_map(|d| valid.rules(d).unwrap_or_default().to_vec())
+        .flat_map(|r| r.peers)
+        .filter_map(|p| match p {
+            PeerRef::Nodes(sel) => Some(sel),
+            _ => None,
+        })
+        .collect();
+        Judge {
+            valid: Some(valid),
+            peers,
+        }
+    }
+
+    /// Whether a change between these versions of a node concerns the
+    /// policy: it selects the node before or after, or matches it as a
+    /// peer before or after.
+    fn concerns(&self, versions: &[&NodeFacts]) -> bool {
+        let selects = match &self.valid {
+            Some(v) => versions.iter().any(|n| v.selects(n)),
+            None => true,
+        };
+        selects
+            || self
+                .peers
+                .iter()
+                .any(|sel| versions.iter().any(|n| sel.matches(&n.labels)))
+    }
+}
+
+/// Each policy's [`Judge`], made once per generation: a node joining a
+/// cluster of P policies used to validate all P (twice) on every change.
+#[derive(Debug, Default)]
+pub struct NodeJudges {
+    /// uid → (generation, judge).
+    by_uid: std::collections::HashMap<String, (i64, Judge)>,
+}
+
+impl NodeJudges {
+    /// [`policies_for_node_change`], judging each policy from memory when
+    /// its uid and generation are those last judged (a spec edit bumps the
+    /// generation; a policy without either is judged afresh).
+    pub fn policies_for_node_change(
+        &mut self,
+        old: Option<&NodeFacts>,
+        new: Option<&NodeFacts>,
+        policies: &[Arc<FirewallPolicy>],
+    ) -> Vec<ObjectRef<FirewallPolicy>> {
+        let versions: Vec<&NodeFacts> = old.into_iter().chain(new).collect();
+        if self.by_uid.len() > 2 * policies.len() + 16 {
+            // Forget deleted policies now and then.
+            let live: BTreeSet<&str> = policies
+                .iter()
+                .filter_map(|p| p.metadata.uid.as_deref())
+                .collect();
+            self.by_uid.retain(|uid, _| live.contains(uid.as_str()));
+        }
+        policies
+            .iter()
+            .filter(|p| {
+                let key = p.metadata.uid.as_ref().zip(p.metadata.generation);
+                let Some((uid, generation)) = key else {
+                    return Judge::of(p).concerns(&versions);
+                };
+                match self.by_uid.get(uid) {
+                    Some((g, judge)) if *g == generation => judge.concerns(&versions),
+                    _ => {
+                        let judge = Judge::of(p);
+                        let concerns = judge.concerns(&versions);
+                        self.by_uid.insert(uid.clone(), (generation, judge));
+                        concerns
+                    }
+                }
+            })
+            .map(|p| ObjectRef::from_obj(p.as_ref()))
+            .collect()
+    }
 }
 
 /// The policies a change of one node's facts concerns (pure): those that
@@ -476,16 +557,7 @@ pub fn policies_for_node_change(
     let versions: Vec<&NodeFacts> = old.into_iter().chain(new).collect();
     policies
         .iter()
-        .filter(|p| {
-            let selects = match validate(p) {
-                Ok(v) => versions.iter().any(|n| v.selects(n)),
-                Err(_) => true,
-            };
-            let peer = peer_selectors(p)
-                .iter()
-                .any(|sel| versions.iter().any(|n| sel.matches(&n.labels)));
-            selects || peer
-        })
+        .filter(|p| Judge::of(p).concerns(&versions))
         .map(|p| ObjectRef::from_obj(p.as_ref()))
         .collect()
 }
@@ -533,6 +605,7 @@ pub async fn follow(
         watcher(Api::<FirewallNode>::all(client), watcher::Config::default()).default_backoff();
     let mut nodes = std::pin::pin!(nodes);
     let mut reports = std::pin::pin!(reports);
+    let mut judges = NodeJudges::default();
     loop {
         let wake: Vec<ObjectRef<FirewallPolicy>> = tokio::select! {
             Some(e) = nodes.next() => match e {
@@ -549,7 +622,7 @@ pub async fn follow(
                     let state = policies.state();
                     changes
                         .iter()
-                        .flat_map(|(o, n)| policies_for_node_change(o.as_ref(), n.as_ref(), &state))
+                        .flat_map(|(o, n)| judges.policies_for_node_change(o.as_ref(), n.as_ref(), &state))
                         .collect()
                 }
                 Err(e) => {
@@ -657,6 +730,63 @@ mod tests {
             )),
             ["db", "db-peers"]
         );
+    }
+
+    #[test]
+    fn judges_remembered_per_generation_wake_what_the_pure_judgement_wakes() {
+        let with_meta = |mut p: FirewallPolicy, uid: &str, generation: i64| {
+            p.metadata.uid = Some(uid.into());
+            p.metadata.generation = Some(generation);
+            p
+        };
+        let mut web = policy("web", vec![], None);
+        web.spec.node_selector = Some(selector(&[("role", "web")]));
+        let mut r = rule("from-web", crate::api::Protocol::Tcp, &[5432], &[]);
+        r.peers.push(node_peer(&[("role", "web")]));
+        let mut db = policy("db", vec![r], None);
+        db.spec.node_selector = Some(selector(&[("role", "db")]));
+        let mut all: Vec<Arc<FirewallPolicy>> = vec![
+            Arc::new(with_meta(web.clone(), "u-web", 1)),
+            Arc::new(with_meta(db, "u-db", 1)),
+            // No uid or generation: judged afresh every time.
+            Arc::new(policy("bare", vec![], None)),
+        ];
+        let mut judges = NodeJudges::default();
+        let changes = [
+            (None, Some(node("n1", "web"))),
+            (Some(node("n1", "web")), Some(node("n1", "db"))),
+            (Some(node("n2", "cache")), None),
+        ];
+        let check = |judges: &mut NodeJudges, all: &[Arc<FirewallPolicy>]| {
+            for (old, new) in &changes {
+                assert_eq!(
+                    names(judges.policies_for_node_change(old.as_ref(), new.as_ref(), all)),
+                    names(policies_for_node_change(old.as_ref(), new.as_ref(), all)),
+                );
+            }
+        };
+        check(&mut judges, &all);
+        assert_eq!(judges.by_uid.len(), 2, "remembered by uid and generation");
+        // An edit (next generation) is judged again: web now selects caches.
+        web.spec.node_selector = Some(selector(&[("role", "cache")]));
+        all[0] = Arc::new(with_meta(web, "u-web", 2));
+        check(&mut judges, &all);
+        assert_eq!(
+            names(judges.policies_for_node_change(Some(&node("n2", "cache")), None, &all)),
+            ["bare", "web"]
+        );
+        // Deleted policies are forgotten once memory outgrows the live set.
+        for i in 0..40 {
+            let extra = vec![Arc::new(with_meta(
+                policy("x", vec![], None),
+                &format!("u-{i}"),
+                1,
+            ))];
+            judges.policies_for_node_change(None, Some(&node("n9", "x")), &extra);
+        }
+        // Pruned above twice the one live policy plus 16, before the next
+        // is remembered.
+        assert!(judges.by_uid.len() <= 19, "{}", judges.by_uid.len());
     }
 
     #[test]
