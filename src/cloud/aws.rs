@@ -233,31 +233,31 @@ impl AwsEc2 {
     }
 }
 
+/// Every page of `self.client.$method()`, set up by `$setup` (given the
+/// request builder), through [`AwsEc2::pages`]: each page retried.
+macro_rules! all_pages {
+    ($self:ident, $op:expr, $method:ident, $output:ty, |$b:ident| $setup:expr) => {
+        $self
+            .pages(
+                $op,
+                |token| {
+                    let $b = $self.client.$method().set_next_token(token);
+                    let request = $setup;
+                    async move { request.send().await.map_err(|e| sdk_error($op, e)) }
+                },
+                <$output>::next_token,
+            )
+            .await
+    };
+}
+
 impl Ec2 for AwsEc2 {
     async fn find_groups(
         &self,
         wanted: &BTreeMap<String, String>,
     ) -> Result<Vec<GroupInfo>, CloudError> {
-        const OP: &str = "DescribeSecurityGroups";
         let filters: Vec<Filter> = wanted.iter().map(|(k, v)| tag_filter(k, v)).collect();
-        let pages = self
-            .pages(
-                OP,
-                |token| {
-                    let request = self
-                        .client
-                        .describe_security_groups()
-                        .set_filters(Some(filters.clone()))
-                        .set_next_token(token);
-                    async move { request.send().await.map_err(|e| sdk_error(OP, e)) }
-                },
-                DescribeSecurityGroupsOutput::next_token,
-            )
-            .await?;
-        Ok(pages
-            .iter()
-            .flat_map(|page| page.security_groups().iter().map(group_info))
-            .collect())
+        self.groups_matching(filters).await
     }
 
     async fn find_groups_any(
@@ -266,7 +266,6 @@ impl Ec2 for AwsEc2 {
         key: &str,
         values: &[String],
     ) -> Result<Vec<GroupInfo>, CloudError> {
-        const OP: &str = "DescribeSecurityGroups";
         let mut out: Vec<GroupInfo> = Vec::new();
         let mut seen = std::collections::BTreeSet::new();
         // EC2 takes at most MAX_FILTER_VALUES values in one filter.
@@ -278,24 +277,7 @@ impl Ec2 for AwsEc2 {
                     .set_values(Some(chunk.to_vec()))
                     .build(),
             );
-            let pages = self
-                .pages(
-                    OP,
-                    |token| {
-                        let request = self
-                            .client
-                            .describe_security_groups()
-                            .set_filters(Some(filters.clone()))
-                            .set_next_token(token);
-                        async move { request.send().await.map_err(|e| sdk_error(OP, e)) }
-                    },
-                    DescribeSecurityGroupsOutput::next_token,
-                )
-                .await?;
-            for g in pages
-                .iter()
-                .flat_map(|page| page.security_groups().iter().map(group_info))
-            {
+            for g in self.groups_matching(filters).await? {
                 if seen.insert(g.id.clone()) {
                     out.push(g);
                 }
@@ -327,20 +309,13 @@ impl Ec2 for AwsEc2 {
     async fn describe_rules(&self, group_id: &str) -> Result<Vec<CurrentSgRule>, CloudError> {
         const OP: &str = "DescribeSecurityGroupRules";
         let filter = Filter::builder().name("group-id").values(group_id).build();
-        let pages = self
-            .pages(
-                OP,
-                |token| {
-                    let request = self
-                        .client
-                        .describe_security_group_rules()
-                        .filters(filter.clone())
-                        .set_next_token(token);
-                    async move { request.send().await.map_err(|e| sdk_error(OP, e)) }
-                },
-                DescribeSecurityGroupRulesOutput::next_token,
-            )
-            .await?;
+        let pages = all_pages!(
+            self,
+            OP,
+            describe_security_group_rules,
+            DescribeSecurityGroupRulesOutput,
+            |b| b.filters(filter.clone())
+        )?;
         let mut rules = Vec::new();
         for r in pages.iter().flat_map(|page| page.security_group_rules()) {
             if r.group_id().is_some_and(|g| g != group_id) {
@@ -620,20 +595,13 @@ impl Ec2 for AwsEc2 {
                 .name("network-interface-id")
                 .set_values(Some(chunk.to_vec()))
                 .build();
-            let pages = self
-                .pages(
-                    OP,
-                    |token| {
-                        let request = self
-                            .client
-                            .describe_network_interfaces()
-                            .filters(filter.clone())
-                            .set_next_token(token);
-                        async move { request.send().await.map_err(|e| sdk_error(OP, e)) }
-                    },
-                    DescribeNetworkInterfacesOutput::next_token,
-                )
-                .await?;
+            let pages = all_pages!(
+                self,
+                OP,
+                describe_network_interfaces,
+                DescribeNetworkInterfacesOutput,
+                |b| b.filters(filter.clone())
+            )?;
             for ni in pages.iter().flat_map(|page| page.network_interfaces()) {
                 let Some(id) = ni.network_interface_id() else {
                     continue;
@@ -728,20 +696,13 @@ impl Ec2 for AwsEc2 {
             } else {
                 IpFamily::V4
             };
-            let pages = self
-                .pages(
-                    ENTRIES,
-                    |token| {
-                        let request = self
-                            .client
-                            .get_managed_prefix_list_entries()
-                            .prefix_list_id(id)
-                            .set_next_token(token);
-                        async move { request.send().await.map_err(|e| sdk_error(ENTRIES, e)) }
-                    },
-                    GetManagedPrefixListEntriesOutput::next_token,
-                )
-                .await?;
+            let pages = all_pages!(
+                self,
+                ENTRIES,
+                get_managed_prefix_list_entries,
+                GetManagedPrefixListEntriesOutput,
+                |b| b.prefix_list_id(id)
+            )?;
             let cidrs: Vec<IpNet> = pages
                 .iter()
                 .flat_map(|page| page.entries())
@@ -761,6 +722,22 @@ impl Ec2 for AwsEc2 {
 }
 
 impl AwsEc2 {
+    /// Every group matching all of `filters`, all pages.
+    async fn groups_matching(&self, filters: Vec<Filter>) -> Result<Vec<GroupInfo>, CloudError> {
+        const OP: &str = "DescribeSecurityGroups";
+        let pages = all_pages!(
+            self,
+            OP,
+            describe_security_groups,
+            DescribeSecurityGroupsOutput,
+            |b| b.set_filters(Some(filters.clone()))
+        )?;
+        Ok(pages
+            .iter()
+            .flat_map(|page| page.security_groups().iter().map(group_info))
+            .collect())
+    }
+
     /// One DescribeInstances of at most [`MAX_FILTER_VALUES`] ids, all pages.
     async fn describe_instance_chunk(
         &self,
@@ -771,20 +748,8 @@ impl AwsEc2 {
             .name("instance-id")
             .set_values(Some(ids.to_vec()))
             .build();
-        let pages = self
-            .pages(
-                OP,
-                |token| {
-                    let request = self
-                        .client
-                        .describe_instances()
-                        .filters(filter.clone())
-                        .set_next_token(token);
-                    async move { request.send().await.map_err(|e| sdk_error(OP, e)) }
-                },
-                DescribeInstancesOutput::next_token,
-            )
-            .await?;
+        let pages = all_pages!(self, OP, describe_instances, DescribeInstancesOutput, |b| b
+            .filters(filter.clone()))?;
         let mut out = Vec::new();
         for instance in pages
             .iter()
@@ -834,20 +799,13 @@ impl AwsEc2 {
             .name("group-id")
             .set_values(Some(group_ids.to_vec()))
             .build();
-        let pages = self
-            .pages(
-                OP,
-                |token| {
-                    let request = self
-                        .client
-                        .describe_network_interfaces()
-                        .filters(filter.clone())
-                        .set_next_token(token);
-                    async move { request.send().await.map_err(|e| sdk_error(OP, e)) }
-                },
-                DescribeNetworkInterfacesOutput::next_token,
-            )
-            .await?;
+        let pages = all_pages!(
+            self,
+            OP,
+            describe_network_interfaces,
+            DescribeNetworkInterfacesOutput,
+            |b| b.filters(filter.clone())
+        )?;
         let mut out = Vec::new();
         for ni in pages.iter().flat_map(|page| page.network_interfaces()) {
             let groups: Vec<String> = ni
