@@ -110,6 +110,8 @@ fn exported() -> Vec<(String, Vec<String>)> {
             direction: "ingress".into(),
         })
         .set(0);
+    palisade::agent::wake::Wake::new(agent.wakeups.clone())
+        .wake(palisade::agent::wake::Source::Policy);
     let text = controller.encode() + &agent.render();
     let families: Vec<(String, Vec<String>)> = text
         .lines()
