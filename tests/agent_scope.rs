@@ -14,6 +14,7 @@ use k8s_openapi::api::core::v1::Node;
 use kube::Api;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use palisade::api::{FirewallNode, FirewallPeerSlice, FirewallPolicy, SELECTOR_HASH_LABEL};
+use palisade::testenv::reports::wait_reported;
 use palisade::testenv::{Reach, SimHost, SimNet, SimNode, TestEnv};
 use serde_json::json;
 
@@ -76,38 +77,6 @@ async fn wait_published(client: &kube::Client, selector: &str, want: &[String]) 
         assert!(
             start.elapsed() < Duration::from_secs(30),
             "slices of {selector} list {nodes:?}, want {want:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// The (name, generation) of every policy the node's agent reports.
-async fn reported(client: &kube::Client, node: &str) -> Option<Vec<(String, i64)>> {
-    let fwn = Api::<FirewallNode>::all(client.clone())
-        .get_opt(node)
-        .await
-        .ok()??;
-    let status = fwn.status?;
-    (status.last_sync?.result == "Success").then(|| {
-        status
-            .policies
-            .iter()
-            .map(|p| (p.name.clone(), p.generation))
-            .collect()
-    })
-}
-
-async fn wait_reported(client: &kube::Client, node: &str, want: &[(&str, i64)]) {
-    let want: Vec<(String, i64)> = want.iter().map(|(n, g)| (n.to_string(), *g)).collect();
-    let start = Instant::now();
-    loop {
-        let got = reported(client, node).await;
-        if got.as_ref() == Some(&want) {
-            return;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "{node} reports {got:?}, want {want:?}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -57,6 +57,7 @@ mod node;
 mod pki;
 mod process;
 pub mod reaper;
+pub mod reports;
 pub mod zero_gap;
 
 pub use cloud::{AVAILABILITY_ZONE, SimCloud, VPC_CIDR};
