@@ -77,18 +77,15 @@ bench: bench-controller bench-node ## Both benchmarks (they print figures; nothi
 bench-controller: testbin ## EC2 calls and latency of the controller per scenario (local environment)
 	$(CARGO) run --quiet --features testenv --bin palisade-bench-controller
 
-# BENCH_SCALE_PROFILE=release runs the controller and agents from a release
-# build (the RSS users see; a debug binary maps tens of MB of code), at the
-# cost of that build; the bench itself stays a debug build.
+# The controller, agents and the bench driver are built with the Cargo
+# profile BENCH_SCALE_PROFILE: debug (the default, as the tests build them),
+# bench-node (release, aws-sdk-ec2 unoptimised: minutes once `make
+# bench-node` has built it) or release (what users run; an hour or more of
+# build on 2 cores).
 BENCH_SCALE_PROFILE ?= debug
-bench-scale: testbin ## N nodes × P policies: converge time, apiserver requests (audit log) and bytes per component, RSS/CPU, EC2 calls vs AWS's bound, steady state, restart (BENCH_SCALE_ARGS=--quick for a smoke run; BENCH_SCALE_PROFILE=release for release binaries)
-	$(CARGO) build --quiet --features testenv --bin palisade-bench-scale --bin palisade-controller --bin palisade-agent
-	@if [ "$(BENCH_SCALE_PROFILE)" = release ]; then \
-		$(CARGO) build --quiet --release --bin palisade-controller --bin palisade-agent && \
-		$(CARGO_TARGET_DIR)/debug/palisade-bench-scale --binaries $(CARGO_TARGET_DIR)/release $(BENCH_SCALE_ARGS); \
-	else \
-		$(CARGO_TARGET_DIR)/debug/palisade-bench-scale $(BENCH_SCALE_ARGS); \
-	fi
+bench-scale: testbin ## N nodes × P policies: converge time, apiserver requests (audit log) and bytes per component, RSS/CPU, EC2 calls vs AWS's bound, steady state, restart (BENCH_SCALE_ARGS=--quick for a smoke run; BENCH_SCALE_PROFILE=bench-node|release for optimised binaries)
+	$(CARGO) build --quiet --profile $(BENCH_SCALE_PROFILE:debug=dev) --features testenv --bin palisade-bench-scale --bin palisade-controller --bin palisade-agent
+	$(CARGO_TARGET_DIR)/$(BENCH_SCALE_PROFILE)/palisade-bench-scale $(BENCH_SCALE_ARGS)
 
 bench-node: testbin ## Node dataplane, release build, nft and legacy: each figure beside the raw iptables-restore/ipset baseline of the same text (ours, raw, ratio); zero-gap at 1,000 edits (needs root)
 	$(CARGO) run --profile bench-node --quiet --features testenv --bin palisade-bench-node

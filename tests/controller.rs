@@ -2321,6 +2321,82 @@ async fn a_policy_without_cloud_rules_takes_no_slot_and_a_new_node_takes_every_g
     ctl.stop().await;
 }
 
+/// Upgrading from a controller that gave a node-layer policy with
+/// `attachToNodes: false` an empty group of its own: the first sync of the
+/// new one deletes that group (its status records it) rather than forget
+/// it, though the policy was never edited.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_empty_group_an_older_controller_made_is_deleted_on_the_first_sync() {
+    let test = "oldgroup";
+    let env = env().await;
+    let ec2 = direct();
+    let mut r = tcp("ssh", &[22], &["10.0.0.0/8"]);
+    r.layers = Some(vec![palisade::api::Layer::Node]);
+    let mut p = policy(test, "ctl-oldgroup", "web", vec![r]);
+    p.spec.security_group = Some(SecurityGroupTarget {
+        attach_to_nodes: Some(false),
+        ..Default::default()
+    });
+    // No controller runs for this test yet: the older one's work, by hand.
+    let created = create_policy(&p).await;
+    let uid = created.metadata.uid.clone().unwrap();
+    let vpc = env.sim_cloud().await.unwrap().vpc_id.clone();
+    let tag = |k: &str, v: &str| aws_sdk_ec2::types::Tag::builder().key(k).value(v).build();
+    let group = env
+        .ec2_client()
+        .create_security_group()
+        .group_name(format!("palisade-ctl-oldgroup-{uid}"))
+        .description("an older controller's empty group")
+        .vpc_id(&vpc)
+        .tag_specifications(
+            aws_sdk_ec2::types::TagSpecification::builder()
+                .resource_type(aws_sdk_ec2::types::ResourceType::SecurityGroup)
+                .tags(tag(tags::CLUSTER, "ctrl-tests"))
+                .tags(tag(tags::POLICY, "ctl-oldgroup"))
+                .tags(tag(tags::POLICY_UID, &uid))
+                .tags(tag(tags::MANAGED_BY, tags::MANAGER))
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap()
+        .group_id()
+        .unwrap()
+        .to_string();
+    let status = serde_json::json!({ "status": {
+        "observedGeneration": 1,
+        "securityGroup": { "id": group, "vpcId": vpc, "owned": true,
+            "ingressRules": 0, "egressRules": 0, "attached": 0 },
+    }});
+    policies()
+        .await
+        .patch_status(
+            "ctl-oldgroup",
+            &PatchParams::default(),
+            &Patch::Merge(&status),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        own_groups_of(&ec2, "ctl-oldgroup").await,
+        std::slice::from_ref(&group)
+    );
+
+    let ctl = Running::start(test, Duration::from_secs(300), 60).await;
+    eventually("the old group deleted", Duration::from_secs(60), || async {
+        let p = get("ctl-oldgroup").await;
+        let (status, reason, _) = condition(&p, "CloudSynced")?;
+        (status == "True"
+            && reason == "NoCloudRules"
+            && p.status.as_ref()?.security_group.is_none())
+        .then_some(())
+    })
+    .await;
+    assert!(own_groups_of(&ec2, "ctl-oldgroup").await.is_empty());
+    delete_and_wait("ctl-oldgroup").await;
+    ctl.stop().await;
+}
+
 /// The tcp ports from 10.0.0.0/8 the groups on `node`'s interface admit
 /// together, read as one consistent view (read again should a group go
 /// between the two reads), and those groups.

@@ -755,14 +755,19 @@ fn sibling(name: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-/// "debug" or "release", from the binaries' directory name.
-fn build_kind() -> &'static str {
-    match BINARIES.get() {
-        Some(d) if d.ends_with("release") => "release",
-        Some(_) => "the build in --binaries",
-        None if cfg!(debug_assertions) => "debug",
-        None => "release",
-    }
+/// The Cargo profile the controller and agents were built with, from
+/// their directory's name (`debug`, `release`, `bench-node`).
+fn build_kind() -> String {
+    let dir = match BINARIES.get() {
+        Some(d) => Some(d.clone()),
+        None => std::env::current_exe()
+            .ok()
+            .and_then(|e| e.parent().map(PathBuf::from)),
+    };
+    dir.as_deref().and_then(|d| d.file_name()).map_or_else(
+        || "unknown".to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    )
 }
 
 fn log_file(env: &TestEnv, name: &str) -> anyhow::Result<std::fs::File> {
@@ -783,6 +788,9 @@ impl Bench {
             .envs(endpoint_env)
             .env("KUBECONFIG", &self.controller_kubeconfig)
             .env("RUST_LOG", "warn")
+            // As the chart and manifests run it (docs/scale.md, "What
+            // holds the memory"); `--controller-env` overrides it.
+            .env("MALLOC_ARENA_MAX", "2")
             .envs(self.args.controller_env.iter().cloned())
             .args([
                 "--cluster-name",

@@ -265,16 +265,20 @@ async fn apply_inner<E: Ec2>(policy: &FirewallPolicy, ctx: &Context<E>) -> Resul
                 .as_ref()
                 .is_some_and(|c| c.generation == generation && c.inputs == inputs_hash);
         let previous_shared = memory.as_ref().map(|m| m.shared);
-        // Nothing of an earlier spec can be left on AWS: the policy was
-        // never edited, or a full sync of this very generation completed
-        // (this process's, or the one its status records), which tidied
-        // what earlier generations left. A policy without cloud rules
-        // then costs no EC2 call at all.
-        let nothing_left = policy.metadata.generation == Some(1)
-            || memory.as_ref().is_some_and(|m| m.generation == generation)
-            || last_sync
-                .as_ref()
-                .is_some_and(|c| c.generation == generation);
+        // Nothing of an earlier spec can be left on AWS: no group is
+        // recorded (memory, else status), and the policy was never edited
+        // or a full sync of this very generation completed (this
+        // process's, or the one its status records), which tidied what
+        // earlier generations left. A policy without cloud rules then
+        // costs no EC2 call at all. (A recorded group: an older
+        // controller gave node-layer policies with `attachToNodes: false`
+        // an empty group of their own; the first sync deletes it.)
+        let nothing_left = last_group.is_none()
+            && (policy.metadata.generation == Some(1)
+                || memory.as_ref().is_some_and(|m| m.generation == generation)
+                || last_sync
+                    .as_ref()
+                    .is_some_and(|c| c.generation == generation));
         let report = if shared::no_group(policy) && nothing_left {
             CloudReport {
                 group: None,

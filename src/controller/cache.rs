@@ -19,8 +19,9 @@
 //!   Node change wakes the policies that select it before or after, that
 //!   match it as a peer before or after (a policy whose group is on a node
 //!   it no longer selects selected it before: it is woken and detaches).
-//!   A FirewallNode wakes the policies it lists (before or after)
-//!   and those still waiting on nodes.
+//!   A FirewallNode wakes the policies it lists (before or after), and
+//!   those still waiting on nodes only when its sync turned failed or
+//!   recovered.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, RwLock};
@@ -563,7 +564,12 @@ pub fn policies_for_node_change(
 }
 
 /// The policies a change of one agent report concerns (pure): those it
-/// lists before or after, and those still waiting on nodes.
+/// lists before or after; and, when the agent's last sync turned failed or
+/// back, those still waiting on nodes (a node that failed counts as
+/// `failed` for every policy selecting it that its report does not list,
+/// see [`crate::controller::status::node_counts`]). Any other change —
+/// a new report listing nothing, a heartbeat-like rewrite, the exposure
+/// this controller wrote — concerns only the policies it lists.
 pub fn policies_for_report_change(
     old: Option<&Report>,
     new: Option<&Report>,
@@ -574,14 +580,16 @@ pub fn policies_for_report_change(
         .chain(new)
         .flat_map(|r| r.applied.iter().map(|p| &*p.name))
         .collect();
+    let failed_flipped = old.is_some_and(|r| r.failed) != new.is_some_and(|r| r.failed);
     policies
         .iter()
         .filter(|p| {
             listed.contains(p.name_any().as_str())
-                || p.status
-                    .as_ref()
-                    .and_then(|s| s.nodes.as_ref())
-                    .is_none_or(|n| n.synced < n.selected)
+                || (failed_flipped
+                    && p.status
+                        .as_ref()
+                        .and_then(|s| s.nodes.as_ref())
+                        .is_none_or(|n| n.synced < n.selected))
         })
         .map(|p| ObjectRef::from_obj(p.as_ref()))
         .collect()
@@ -787,6 +795,68 @@ mod tests {
         // Pruned above twice the one live policy plus 16, before the next
         // is remembered.
         assert!(judges.by_uid.len() <= 19, "{}", judges.by_uid.len());
+    }
+
+    #[test]
+    fn a_report_wakes_what_it_lists_and_waiting_policies_only_when_failure_flips() {
+        use crate::api::{FirewallPolicyStatus, NodeCounts};
+        let with_counts = |name: &str, synced: i32, selected: i32| {
+            let mut p = crate::policy::testing::policy(name, vec![], None);
+            p.status = Some(FirewallPolicyStatus {
+                nodes: Some(NodeCounts {
+                    selected,
+                    synced,
+                    ..NodeCounts::default()
+                }),
+                ..FirewallPolicyStatus::default()
+            });
+            Arc::new(p)
+        };
+        // `web` is listed; `db` waits on nodes; `done` is synced everywhere.
+        let policies = vec![
+            with_counts("web", 1, 1),
+            with_counts("db", 0, 2),
+            with_counts("done", 2, 2),
+        ];
+        let report = |failed: bool, listed: &[&str]| Report {
+            name: "n1".into(),
+            applied: listed
+                .iter()
+                .map(|n| Applied {
+                    name: Arc::from(*n),
+                    uid: None,
+                    generation: 1,
+                })
+                .collect(),
+            failed,
+            exposure: Vec::new(),
+        };
+        let ok = report(false, &["web"]);
+        let again = report(false, &["web"]);
+        let failed = report(true, &["web"]);
+        let wake = |o: Option<&Report>, n: Option<&Report>| {
+            names(policies_for_report_change(o, n, &policies))
+        };
+        // A new report, a rewrite, a deletion: the policies it lists.
+        assert_eq!(wake(None, Some(&ok)), ["web"]);
+        assert_eq!(wake(Some(&ok), Some(&again)), ["web"]);
+        assert_eq!(wake(Some(&ok), None), ["web"]);
+        // The agent's sync failing, or recovering, changes the `failed`
+        // count of the policies still waiting on nodes.
+        assert_eq!(wake(Some(&ok), Some(&failed)), ["db", "web"]);
+        assert_eq!(wake(Some(&failed), Some(&ok)), ["db", "web"]);
+        assert_eq!(wake(Some(&failed), None), ["db", "web"]);
+        // A policy not reconciled yet (no counts) waits too.
+        let fresh = vec![Arc::new(crate::policy::testing::policy(
+            "new",
+            vec![],
+            None,
+        ))];
+        assert!(policies_for_report_change(None, Some(&ok), &fresh).is_empty());
+        assert_eq!(
+            names(policies_for_report_change(None, Some(&failed), &fresh)),
+            ["new"]
+        );
     }
 
     #[test]
