@@ -134,6 +134,41 @@ async fn agents_filter_follow_labels_repair_drift_and_converge_after_restart() {
     assert_eq!(probe(&peer, &n2, 8080), Reach::Open);
     assert!(!save(&n1).contains("PALISADE"), "{}", save(&n1));
 
+    // Its FirewallNode deleted under the running agent (the agent applies
+    // the object once, then writes only its status): the next report
+    // makes it again, owned by the Node.
+    let fwns = Api::<FirewallNode>::all(client.clone());
+    fwns.delete("agent-n1", &DeleteParams::default())
+        .await
+        .unwrap();
+    let start = Instant::now();
+    while fwns.get_opt("agent-n1").await.unwrap().is_some() {
+        assert!(start.elapsed() < Duration::from_secs(15), "not deleted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let relabel = |role: &'static str| {
+        let nodes = nodes.clone();
+        async move {
+            nodes
+                .patch(
+                    "agent-n1",
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"metadata": {"labels": {"role": role}}})),
+                )
+                .await
+                .unwrap();
+        }
+    };
+    relabel("web").await;
+    wait_reported(&client, "agent-n1", &[("agent-web", 1)]).await;
+    let again = fwns.get("agent-n1").await.unwrap();
+    assert_eq!(
+        again.metadata.owner_references.as_ref().unwrap()[0].name,
+        "agent-n1"
+    );
+    relabel("db").await;
+    wait_reported(&client, "agent-n1", &[]).await;
+
     // Drift: a flushed chain is repaired (nft monitor; the 10 s timer is the backstop).
     let before = save(&n2);
     n2.host()

@@ -375,6 +375,10 @@ struct Agent {
     /// The uid of this node's Node: the FirewallNode's owner, so it is
     /// garbage-collected with the Node.
     node_uid: Option<String>,
+    /// The owner the FirewallNode object was last applied with: it is
+    /// applied again only when that changes or the object is gone, so a
+    /// sync that reports costs one write, its status.
+    object_owner: Option<Option<String>>,
     /// Events on this node's FirewallNode.
     events: events::NodeEvents,
 }
@@ -633,8 +637,38 @@ impl Agent {
 
     async fn write_status(&mut self, status: &FirewallNodeStatus) -> Result<(), AgentError> {
         let api: Api<FirewallNode> = Api::all(self.client.clone());
-        let name = &self.config.node_name;
+        let name = self.config.node_name.clone();
+        if self.object_owner.as_ref() != Some(&self.node_uid) {
+            self.apply_object(&api).await?;
+        }
         let pp = PatchParams::apply(FIELD_MANAGER).force();
+        let patch = Patch::Apply(json!({
+            "apiVersion": "palisade.dev/v1alpha1",
+            "kind": "FirewallNode",
+            "status": status,
+        }));
+        let context = || format!("writing FirewallNode {name} status");
+        match api.patch_status(&name, &pp, &patch).await {
+            Ok(written) => {
+                self.events.set_uid(written.metadata.uid);
+                Ok(())
+            }
+            // Deleted since it was applied (by a user, or with its Node):
+            // made again.
+            Err(kube::Error::Api(e)) if e.code == 404 => {
+                self.apply_object(&api).await?;
+                api.patch_status(&name, &pp, &patch)
+                    .await
+                    .map(|_| ())
+                    .map_err(kube_err(context()))
+            }
+            Err(e) => Err(kube_err(context())(e)),
+        }
+    }
+
+    /// Creates this node's FirewallNode, or sets its owner: the Node.
+    async fn apply_object(&mut self, api: &Api<FirewallNode>) -> Result<(), AgentError> {
+        let name = &self.config.node_name;
         let mut metadata = json!({"name": name});
         if let Some(uid) = &self.node_uid {
             metadata["ownerReferences"] = json!([{
@@ -647,7 +681,7 @@ impl Agent {
         let written = api
             .patch(
                 name,
-                &pp,
+                &PatchParams::apply(FIELD_MANAGER).force(),
                 &Patch::Apply(json!({
                     "apiVersion": "palisade.dev/v1alpha1",
                     "kind": "FirewallNode",
@@ -658,17 +692,7 @@ impl Agent {
             .await
             .map_err(kube_err(format!("creating FirewallNode {name}")))?;
         self.events.set_uid(written.metadata.uid);
-        api.patch_status(
-            name,
-            &pp,
-            &Patch::Apply(json!({
-                "apiVersion": "palisade.dev/v1alpha1",
-                "kind": "FirewallNode",
-                "status": status,
-            })),
-        )
-        .await
-        .map_err(kube_err(format!("writing FirewallNode {name} status")))?;
+        self.object_owner = Some(self.node_uid.clone());
         Ok(())
     }
 }
@@ -1024,6 +1048,7 @@ pub async fn run(client: Client, config: AgentConfig) -> Result<(), AgentError> 
         last_status: None,
         last_good: BTreeMap::new(),
         node_uid: None,
+        object_owner: None,
         events: events::NodeEvents::new(client.clone(), &config.node_name),
         client,
         config,

@@ -1156,6 +1156,7 @@ impl Bench {
         self.proxy.take_calls();
         let bytes0 = self.bytes();
         let c0 = self.controller_stat();
+        let r0 = self.reconciles().await;
         let a0 = self.agent_stats();
         let s0 = self.agent_syncs();
         let w0 = watch_events(&self.client).await;
@@ -1200,6 +1201,7 @@ impl Bench {
         let tally = self.audit.take()?;
         let calls = self.proxy.take_calls();
         let c1 = self.controller_stat();
+        let reconciles = self.reconciles().await.saturating_sub(r0);
         let a1 = self.agent_stats();
         let s1 = self.agent_syncs();
         let bytes1 = self.bytes();
@@ -1222,7 +1224,7 @@ impl Bench {
         }
         print_watch_events(&w0, &w1);
         println!(
-            "  controller: RSS {:.0} MB (peak {:.0} MB; now {:.0} MB anonymous, {:.0} MB mapped files), CPU {:.1}s ({:.0}% of one core over {wall:.0}s)",
+            "  controller: RSS {:.0} MB (peak {:.0} MB; now {:.0} MB anonymous, {:.0} MB mapped files), CPU {:.1}s ({:.0}% of one core over {wall:.0}s), {reconciles} reconciles",
             mb(c1.rss),
             mb(c1.hwm),
             mb(c1.anon),
