@@ -241,12 +241,20 @@ fn policy(test: &str, name: &str, role: &str, ingress: Vec<FirewallRule>) -> Fir
 /// A merge patch of the one field, as `kubectl patch` would: no conflict
 /// with the controller's status writes.
 async fn set_mode(name: &str, mode: palisade::api::PolicyMode) {
-    let patch = serde_json::json!({ "spec": { "mode": mode } });
-    policies()
-        .await
-        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .unwrap();
+    merge_patch(name, serde_json::json!({ "spec": { "mode": mode } }), false).await;
+}
+
+/// A merge patch of policy `name`, as `kubectl patch --type merge` would;
+/// of its status subresource (what a controller writes) if `status`.
+async fn merge_patch(name: &str, patch: serde_json::Value, status: bool) {
+    let api = policies().await;
+    let (pp, patch) = (PatchParams::default(), Patch::Merge(&patch));
+    if status {
+        api.patch_status(name, &pp, &patch).await
+    } else {
+        api.patch(name, &pp, &patch).await
+    }
+    .unwrap();
 }
 
 async fn policies() -> Api<FirewallPolicy> {
@@ -705,12 +713,7 @@ async fn a_restarted_controller_makes_no_twin_and_retain_keeps_the_group() {
 
     // As if the controller died after creating the group but before
     // writing the status.
-    let wipe = serde_json::json!({ "status": null });
-    policies()
-        .await
-        .patch_status("ctl-restart", &PatchParams::default(), &Patch::Merge(&wipe))
-        .await
-        .unwrap();
+    merge_patch("ctl-restart", serde_json::json!({ "status": null }), true).await;
     let proxy = Arc::new(FaultProxy::start(&env.ec2_endpoint()).unwrap());
     let ctl = Running::start_with(test, Duration::from_secs(300), 60, proxy.clone()).await;
     assert_eq!(wait_cloud_synced("ctl-restart").await, group);
@@ -1661,15 +1664,7 @@ async fn a_shared_group_is_repaired_and_a_member_moves_out_without_a_gap() {
     let patch = serde_json::json!({ "spec": { "nodeSelector": { "matchExpressions": [
         { "key": "role", "operator": "Exists" }
     ] } } });
-    policies()
-        .await
-        .patch(
-            "ctl-sdrift-2",
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
-        .await
-        .unwrap();
+    merge_patch("ctl-sdrift-2", patch, false).await;
     let both: BTreeSet<i32> = [22, 80].into();
     let composed = eventually("moved", Duration::from_secs(60), || async {
         let (ports, groups) = admitted(&ec2, &node).await;
@@ -2141,12 +2136,12 @@ async fn release_deletes_groups_drops_finalizers_and_names_what_it_left() {
 /// Sets the ingress rules of policy `name` (a merge patch of the one
 /// field, as `kubectl patch` would).
 async fn set_ingress(name: &str, ingress: Vec<FirewallRule>) {
-    let patch = serde_json::json!({ "spec": { "ingress": ingress } });
-    policies()
-        .await
-        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .unwrap();
+    merge_patch(
+        name,
+        serde_json::json!({ "spec": { "ingress": ingress } }),
+        false,
+    )
+    .await;
 }
 
 /// The groups Palisade created for policy `name` alone, found in moto by
@@ -2341,42 +2336,24 @@ async fn an_empty_group_an_older_controller_made_is_deleted_on_the_first_sync() 
     let created = create_policy(&p).await;
     let uid = created.metadata.uid.clone().unwrap();
     let vpc = env.sim_cloud().await.unwrap().vpc_id.clone();
+    let group = foreign_group(&format!("palisade-ctl-oldgroup-{uid}"), &[]).await;
     let tag = |k: &str, v: &str| aws_sdk_ec2::types::Tag::builder().key(k).value(v).build();
-    let group = env
-        .ec2_client()
-        .create_security_group()
-        .group_name(format!("palisade-ctl-oldgroup-{uid}"))
-        .description("an older controller's empty group")
-        .vpc_id(&vpc)
-        .tag_specifications(
-            aws_sdk_ec2::types::TagSpecification::builder()
-                .resource_type(aws_sdk_ec2::types::ResourceType::SecurityGroup)
-                .tags(tag(tags::CLUSTER, "ctrl-tests"))
-                .tags(tag(tags::POLICY, "ctl-oldgroup"))
-                .tags(tag(tags::POLICY_UID, &uid))
-                .tags(tag(tags::MANAGED_BY, tags::MANAGER))
-                .build(),
-        )
+    env.ec2_client()
+        .create_tags()
+        .resources(&group)
+        .tags(tag(tags::CLUSTER, "ctrl-tests"))
+        .tags(tag(tags::POLICY, "ctl-oldgroup"))
+        .tags(tag(tags::POLICY_UID, &uid))
+        .tags(tag(tags::MANAGED_BY, tags::MANAGER))
         .send()
         .await
-        .unwrap()
-        .group_id()
-        .unwrap()
-        .to_string();
+        .unwrap();
     let status = serde_json::json!({ "status": {
         "observedGeneration": 1,
         "securityGroup": { "id": group, "vpcId": vpc, "owned": true,
             "ingressRules": 0, "egressRules": 0, "attached": 0 },
     }});
-    policies()
-        .await
-        .patch_status(
-            "ctl-oldgroup",
-            &PatchParams::default(),
-            &Patch::Merge(&status),
-        )
-        .await
-        .unwrap();
+    merge_patch("ctl-oldgroup", status, true).await;
     assert_eq!(
         own_groups_of(&ec2, "ctl-oldgroup").await,
         std::slice::from_ref(&group)
