@@ -568,54 +568,33 @@ impl Ec2 for AwsEc2 {
     }
 
     async fn enis_in_groups(&self, group_ids: &[String]) -> Result<Vec<EniInfo>, CloudError> {
-        let mut out: Vec<EniInfo> = Vec::new();
-        let mut seen = std::collections::BTreeSet::new();
-        // EC2 takes at most MAX_FILTER_VALUES values in one filter.
-        for chunk in group_ids.chunks(MAX_FILTER_VALUES) {
-            for (eni, _) in self.interfaces_in_groups(chunk).await? {
-                if seen.insert(eni.id.clone()) {
-                    out.push(eni);
-                }
-            }
-        }
-        Ok(out)
+        Ok(self
+            .interfaces_in_groups(group_ids)
+            .await?
+            .into_iter()
+            .map(|(eni, _)| eni)
+            .collect())
     }
 
     async fn groups_of_enis(
         &self,
         enis: &[String],
     ) -> Result<BTreeMap<String, Vec<String>>, CloudError> {
-        const OP: &str = "DescribeNetworkInterfaces";
-        let mut out = BTreeMap::new();
         // A filter, not `NetworkInterfaceId.N`: an interface gone is left
-        // out instead of failing the whole call. At most MAX_FILTER_VALUES
-        // values in one filter.
-        for chunk in enis.chunks(MAX_FILTER_VALUES) {
-            let filter = Filter::builder()
-                .name("network-interface-id")
-                .set_values(Some(chunk.to_vec()))
-                .build();
-            let pages = all_pages!(
-                self,
-                OP,
-                describe_network_interfaces,
-                DescribeNetworkInterfacesOutput,
-                |b| b.filters(filter.clone())
-            )?;
-            for ni in pages.iter().flat_map(|page| page.network_interfaces()) {
-                let Some(id) = ni.network_interface_id() else {
-                    continue;
-                };
-                out.insert(
-                    id.to_string(),
-                    ni.groups()
-                        .iter()
-                        .filter_map(|g| g.group_id().map(str::to_string))
-                        .collect(),
-                );
-            }
-        }
-        Ok(out)
+        // out instead of failing the whole call.
+        Ok(self
+            .interfaces_where("network-interface-id", enis)
+            .await?
+            .iter()
+            .filter_map(|ni| {
+                let groups = ni
+                    .groups()
+                    .iter()
+                    .filter_map(|g| g.group_id().map(str::to_string))
+                    .collect();
+                Some((ni.network_interface_id()?.to_string(), groups))
+            })
+            .collect())
     }
 
     async fn tag_eni(&self, eni: &str, key: &str, value: &str) -> Result<(), CloudError> {
@@ -788,26 +767,47 @@ impl AwsEc2 {
         Ok(out)
     }
 
-    /// Interfaces whose groups include one of `group_ids` (at most
-    /// [`MAX_FILTER_VALUES`]): (id, groups, addresses).
+    /// The interfaces matching `filter` = any of `values`, each once: one
+    /// filter of at most [`MAX_FILTER_VALUES`] values per request, every
+    /// page.
+    async fn interfaces_where(
+        &self,
+        filter: &str,
+        values: &[String],
+    ) -> Result<Vec<aws_sdk_ec2::types::NetworkInterface>, CloudError> {
+        const OP: &str = "DescribeNetworkInterfaces";
+        let mut out = Vec::new();
+        let mut seen = std::collections::BTreeSet::new();
+        for chunk in values.chunks(MAX_FILTER_VALUES) {
+            let f = Filter::builder()
+                .name(filter)
+                .set_values(Some(chunk.to_vec()))
+                .build();
+            let pages = all_pages!(
+                self,
+                OP,
+                describe_network_interfaces,
+                DescribeNetworkInterfacesOutput,
+                |b| b.filters(f.clone())
+            )?;
+            for ni in pages.iter().flat_map(|page| page.network_interfaces()) {
+                if seen.insert(ni.network_interface_id().unwrap_or_default().to_string()) {
+                    out.push(ni.clone());
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Interfaces whose groups include one of `group_ids`: (id, groups,
+    /// addresses).
     async fn interfaces_in_groups(
         &self,
         group_ids: &[String],
     ) -> Result<Vec<(EniInfo, Vec<IpNet>)>, CloudError> {
-        const OP: &str = "DescribeNetworkInterfaces";
-        let filter = Filter::builder()
-            .name("group-id")
-            .set_values(Some(group_ids.to_vec()))
-            .build();
-        let pages = all_pages!(
-            self,
-            OP,
-            describe_network_interfaces,
-            DescribeNetworkInterfacesOutput,
-            |b| b.filters(filter.clone())
-        )?;
+        let interfaces = self.interfaces_where("group-id", group_ids).await?;
         let mut out = Vec::new();
-        for ni in pages.iter().flat_map(|page| page.network_interfaces()) {
+        for ni in &interfaces {
             let groups: Vec<String> = ni
                 .groups()
                 .iter()
